@@ -1,0 +1,66 @@
+# llmp: every entry point a user, CI or a benchmark needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON_SYSTEM ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+LLMP := $(VENV)/bin/llmp
+BENCHES := dataset training registry inference gateway
+
+.PHONY: help install protos protos-check lint test test-unit test-integration test-e2e test-reliability \
+        up down status demo bench $(addprefix bench-,$(BENCHES)) clean
+
+help: ## list the targets
+	@grep -hE '^[a-z%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
+
+$(PY):
+	$(PYTHON_SYSTEM) -m venv $(VENV)
+
+install: $(PY) ## install llmp and its pinned dependencies into .venv (from requirements.lock)
+	$(PIP) install --quiet --upgrade "pip==26.3"
+	$(PIP) install --quiet --no-deps -r requirements.lock
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+
+protos: ## regenerate gen/ from protos/
+	$(PY) scripts/gen_protos.py
+
+protos-check: ## fail when gen/ is out of date with protos/
+	$(PY) scripts/gen_protos.py --check
+
+lint: ## ruff over the hand-written code
+	$(VENV)/bin/ruff check services gateway cli tests bench scripts
+
+test: protos-check ## every test: unit, integration (real PostgreSQL, S3, broker, Triton) and end to end
+	$(PY) -m pytest tests -q
+
+test-unit: ## unit tests only
+	$(PY) -m pytest tests/unit -q
+
+test-integration: ## integration tests against real servers
+	$(PY) -m pytest tests/integration -q
+
+test-e2e: ## the whole stack through the gateway
+	$(PY) -m pytest tests/e2e -q
+
+test-reliability: ## faults, load and bad input
+	$(PY) -m pytest tests/reliability -q
+
+up: ## start the local stack (PostgreSQL, S3, broker, Triton, services, worker, gateway)
+	$(LLMP) up
+
+down: ## stop what `make up` started
+	$(LLMP) down
+
+status: ## show the local stack
+	$(LLMP) status
+
+demo: up ## the main job end to end: corpus -> dataset -> training -> registry -> Triton -> completion
+	$(PY) -m cli.demo
+
+bench: $(addprefix bench-,$(BENCHES)) ## every benchmark
+
+bench-%: ## one benchmark: bench-dataset, bench-training, bench-registry, bench-inference, bench-gateway
+	$(PY) -m bench.$*
+
+clean: down ## remove local state
+	rm -rf .llmp

@@ -1,0 +1,155 @@
+"""Typed configuration from `LLMP_*` environment variables.
+
+Read once, in `main()`, with `Settings.from_env()`, and passed down; nothing reads the environment
+at import time. `VARIABLES` is the single list of settings: the README table and the compose check
+are generated from / tested against it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from services.common import topology
+from services.common.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One `LLMP_*` setting: its name, default and meaning."""
+
+    name: str
+    default: str
+    help: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("LLMP_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/llmp",
+             "PostgreSQL URL (libpq form). `make up` uses it when reachable, else starts an embedded server."),
+    Variable("LLMP_S3_ENDPOINT", f"127.0.0.1:{topology.S3_PORT}", "S3 server host:port (MinIO, SeaweedFS, AWS)."),
+    Variable("LLMP_S3_ACCESS_KEY", "llmp", "S3 access key."),
+    Variable("LLMP_S3_SECRET_KEY", "llmp-secret-key", "S3 secret key."),
+    Variable("LLMP_S3_SECURE", "false", "Use HTTPS to reach S3."),
+    Variable("LLMP_S3_REGION", "us-east-1", "S3 region."),
+    Variable("LLMP_S3_BUCKET", "llmp", "Bucket holding datasets, checkpoints, models and the Triton repository."),
+    Variable("LLMP_BROKER_URL", f"redis://127.0.0.1:{topology.REDIS_PORT}/0",
+             "Celery broker (Redis or RabbitMQ). `make up` uses it when reachable, else a local SQLite broker."),
+    Variable("LLMP_RESULT_BACKEND", "", "Celery result backend; empty means none (state lives in PostgreSQL)."),
+    Variable("LLMP_TRITON_GRPC_URL", f"127.0.0.1:{topology.TRITON_GRPC_PORT}", "Triton gRPC endpoint."),
+    Variable("LLMP_TRITON_HTTP_URL", f"127.0.0.1:{topology.TRITON_HTTP_PORT}", "Triton HTTP endpoint."),
+    Variable("LLMP_TRITON_MODEL_REPOSITORY", "",
+             "Triton model repository (a local path or s3:// URL); empty means .llmp/triton-models locally."),
+    *(
+        Variable(service.addr_env, f"127.0.0.1:{service.port}", f"Address of the {service.name} gRPC service.")
+        for service in topology.GRPC_SERVICES
+    ),
+    Variable("LLMP_BIND_HOST", "127.0.0.1", "Interface servers listen on (0.0.0.0 in containers)."),
+    Variable("LLMP_GATEWAY_PORT", str(topology.GATEWAY_PORT), "REST gateway port."),
+    Variable("LLMP_ADMIN_KEY", "", "Bootstrap admin API key; generated into .llmp/admin.key when empty."),
+    Variable("LLMP_STATE_DIR", ".llmp", "Local state: logs, pids, embedded servers' data, admin key."),
+    Variable("LLMP_LOG_LEVEL", "INFO", "Log level."),
+    Variable("LLMP_LOG_FORMAT", "json", "`json` (one object per line) or `text`."),
+    Variable("LLMP_SHUTDOWN_GRACE", "10", "Seconds a server drains in-flight calls after SIGTERM."),
+    Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
+    Variable("LLMP_MAX_BODY_BYTES", str(1024**2), "Largest JSON request body the gateway accepts."),
+)
+DEFAULTS = {variable.name: variable.default for variable in VARIABLES}
+
+
+def _flag(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise InvalidArgument(f"{name} must be true or false, not {value!r}")
+
+
+def _positive_int(value: str, name: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidArgument(f"{name} must be an integer, not {value!r}") from None
+    if number <= 0:
+        raise InvalidArgument(f"{name} must be positive, not {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    secure: bool
+    region: str
+    bucket: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a llmp process is configured with."""
+
+    database_url: str
+    s3: S3Settings
+    broker_url: str
+    result_backend: str
+    triton_grpc_url: str
+    triton_http_url: str
+    triton_model_repository: str
+    service_addrs: Mapping[str, str]  # service name -> host:port
+    bind_host: str
+    gateway_port: int
+    admin_key: str
+    state_dir: Path
+    log_level: str
+    log_format: str
+    shutdown_grace: float
+    max_upload_bytes: int
+    max_body_bytes: int
+    raw: Mapping[str, str] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Resolve every setting from `env` (default: the process environment) over the defaults."""
+        source = os.environ if env is None else env
+        unknown = sorted(key for key in source if key.startswith("LLMP_") and key not in DEFAULTS)
+        if unknown:
+            raise InvalidArgument(f"unknown setting(s) {', '.join(unknown)}; see the README's configuration table")
+        values = {name: source.get(name, default) for name, default in DEFAULTS.items()}
+        log_format = values["LLMP_LOG_FORMAT"]
+        if log_format not in {"json", "text"}:
+            raise InvalidArgument(f"LLMP_LOG_FORMAT must be json or text, not {log_format!r}")
+        return cls(
+            database_url=values["LLMP_DATABASE_URL"],
+            s3=S3Settings(
+                endpoint=values["LLMP_S3_ENDPOINT"],
+                access_key=values["LLMP_S3_ACCESS_KEY"],
+                secret_key=values["LLMP_S3_SECRET_KEY"],
+                secure=_flag(values["LLMP_S3_SECURE"], "LLMP_S3_SECURE"),
+                region=values["LLMP_S3_REGION"],
+                bucket=values["LLMP_S3_BUCKET"],
+            ),
+            broker_url=values["LLMP_BROKER_URL"],
+            result_backend=values["LLMP_RESULT_BACKEND"],
+            triton_grpc_url=values["LLMP_TRITON_GRPC_URL"],
+            triton_http_url=values["LLMP_TRITON_HTTP_URL"],
+            triton_model_repository=values["LLMP_TRITON_MODEL_REPOSITORY"],
+            service_addrs={s.name: values[s.addr_env] for s in topology.GRPC_SERVICES},
+            bind_host=values["LLMP_BIND_HOST"],
+            gateway_port=_positive_int(values["LLMP_GATEWAY_PORT"], "LLMP_GATEWAY_PORT"),
+            admin_key=values["LLMP_ADMIN_KEY"],
+            state_dir=Path(values["LLMP_STATE_DIR"]),
+            log_level=values["LLMP_LOG_LEVEL"].upper(),
+            log_format=log_format,
+            shutdown_grace=float(_positive_int(values["LLMP_SHUTDOWN_GRACE"], "LLMP_SHUTDOWN_GRACE")),
+            max_upload_bytes=_positive_int(values["LLMP_MAX_UPLOAD_BYTES"], "LLMP_MAX_UPLOAD_BYTES"),
+            max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),
+            raw=values,
+        )
+
+    def listen_addr(self, service: topology.GrpcService) -> str:
+        """Where `service` listens: the bind host on the port of its advertised address."""
+        port = self.service_addrs[service.name].rsplit(":", 1)[-1]
+        return f"{self.bind_host}:{port}"

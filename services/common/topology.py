@@ -1,0 +1,49 @@
+"""The platform's components, their ports and the settings that wire them together.
+
+One table that the local launcher, the docker-compose check and the README all read, so a port or
+variable cannot drift between the two ways of running llmp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    """A gRPC service of llmp."""
+
+    name: str  # short name, also the proto package: llmp.<name>.v1
+    port: int  # default gRPC port
+    metrics_port: int  # Prometheus /metrics over HTTP
+    addr_env: str  # LLMP_<NAME>_ADDR: where clients reach it (host:port)
+    module: str  # python -m <module> starts it
+
+
+DATASET = GrpcService("dataset", 50051, 9151, "LLMP_DATASET_ADDR", "services.dataset.server")
+TRAINING = GrpcService("training", 50052, 9152, "LLMP_TRAINING_ADDR", "services.training.server")
+REGISTRY = GrpcService("registry", 50053, 9153, "LLMP_REGISTRY_ADDR", "services.registry.server")
+INFERENCE = GrpcService("inference", 50054, 9154, "LLMP_INFERENCE_ADDR", "services.inference.server")
+
+GRPC_SERVICES: tuple[GrpcService, ...] = (DATASET, TRAINING, REGISTRY, INFERENCE)
+SERVICES_BY_NAME = {service.name: service for service in GRPC_SERVICES}
+
+GATEWAY_PORT = 8080
+GATEWAY_MODULE = "gateway.server"
+# The Celery app that runs training jobs on the `gpu` queue.
+WORKER_APP = "services.training.worker"
+
+TRITON_HTTP_PORT = 8000
+TRITON_GRPC_PORT = 8001
+TRITON_METRICS_PORT = 8002
+S3_PORT = 9000
+POSTGRES_PORT = 5432
+REDIS_PORT = 6379
+
+# Every port the local stack listens on, by component (checked against docker-compose.yml).
+PORTS: dict[str, tuple[int, ...]] = {
+    "gateway": (GATEWAY_PORT,),
+    **{service.name: (service.port,) for service in GRPC_SERVICES},
+    "triton": (TRITON_HTTP_PORT, TRITON_GRPC_PORT, TRITON_METRICS_PORT),
+    "s3": (S3_PORT,),
+}
