@@ -8,9 +8,9 @@ are generated from / tested against it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from services.common import topology
 from services.common.errors import InvalidArgument

@@ -1,0 +1,141 @@
+"""API keys: stored hashed in PostgreSQL, each with a role and a tenant; per-key rate limits.
+
+A key looks like `llmp_<id>_<secret>`: the id finds the row, the secret is compared by its SHA-256
+(keys are 256-bit random, so a slow password hash adds nothing). The bootstrap admin key comes from
+`LLMP_ADMIN_KEY` (or `.llmp/admin.key`, generated when unset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common import errors
+from services.common.config import Settings
+from services.common.db import Database
+from services.common.grpc_server import Caller
+
+ROLES = ("admin", "developer", "inference")
+KEY_PREFIX = "llmp"
+BOOTSTRAP_ID = "bootstrap"
+DEFAULT_TENANT = "default"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str, str]:
+    """(key id, secret, full key) for a fresh API key."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return key_id, secret, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def parse_key(full_key: str) -> tuple[str, str]:
+    prefix, _, rest = full_key.partition("_")
+    key_id, _, secret = rest.partition("_")
+    if prefix != KEY_PREFIX or not key_id or not secret:
+        raise errors.Unauthenticated("malformed API key")
+    return key_id, secret
+
+
+def admin_key(settings: Settings) -> str:
+    """The bootstrap admin key: LLMP_ADMIN_KEY, else the one in the state dir (created if missing)."""
+    if settings.admin_key:
+        return settings.admin_key
+    path = Path(settings.state_dir) / "admin.key"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _, _, key = new_key()
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` requests per second sustained, bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, _Bucket] = {}
+
+    def take(self, key_id: str, rate: float | None = None) -> None:
+        rate = rate or self.rate
+        now = time.monotonic()
+        bucket = self._buckets.setdefault(key_id, _Bucket(self.burst, now))
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens < 1:
+            raise errors.RateLimited(f"rate limit of {rate:g} requests/s exceeded for this key",
+                                     retry_after=(1 - bucket.tokens) / rate)
+        bucket.tokens -= 1
+
+
+class KeyStore:
+    """API keys in PostgreSQL."""
+
+    def __init__(self, db: Database, bootstrap_key: str) -> None:
+        self.db = db
+        self.bootstrap_key = bootstrap_key
+        self._cache: dict[str, tuple[float, Caller, float]] = {}  # full key -> (expires, caller, rate)
+
+    async def authenticate(self, full_key: str) -> tuple[Caller, float]:
+        """The caller a key stands for and its rate limit (requests/s); Unauthenticated otherwise."""
+        if hmac.compare_digest(full_key.encode(), self.bootstrap_key.encode()):
+            return Caller(tenant=DEFAULT_TENANT, key_id=BOOTSTRAP_ID, role="admin"), 0.0
+        cached = self._cache.get(full_key)
+        if cached and cached[0] > time.monotonic():
+            return cached[1], cached[2]
+        key_id, secret = parse_key(full_key)
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT tenant, role, secret_sha256, rate_limit FROM api_keys WHERE id = %s AND revoked_at IS NULL",
+                (key_id,))
+            row = await cursor.fetchone()
+        if row is None or not hmac.compare_digest(row["secret_sha256"], hash_secret(secret)):
+            raise errors.Unauthenticated("unknown or revoked API key")
+        caller = Caller(tenant=row["tenant"], key_id=key_id, role=row["role"])
+        self._cache[full_key] = (time.monotonic() + 5.0, caller, row["rate_limit"])  # revocation within 5 s
+        return caller, row["rate_limit"]
+
+    async def create(self, *, tenant: str, role: str, name: str, rate_limit: float, created_by: str) -> dict:
+        if role not in ROLES:
+            raise errors.ValidationFailed(f"role must be one of {', '.join(ROLES)}")
+        key_id, secret, full_key = new_key()
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO api_keys (id, tenant, role, name, secret_sha256, rate_limit, created_by) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id, tenant, role, name, rate_limit, created_at",
+                (key_id, tenant, role, name, hash_secret(secret), rate_limit, created_by))
+            row = await cursor.fetchone()
+        return {**_public(row), "key": full_key}
+
+    async def list(self) -> list[dict]:
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT id, tenant, role, name, rate_limit, created_at, revoked_at FROM api_keys ORDER BY created_at")
+            return [_public(row) for row in await cursor.fetchall()]
+
+    async def revoke(self, key_id: str) -> None:
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL", (key_id,))
+            if cursor.rowcount == 0:
+                raise errors.NotFound(f"API key {key_id} not found")
+        self._cache.clear()
+
+
+def _public(row: dict) -> dict:
+    return {key: (value.isoformat() if hasattr(value, "isoformat") else value) for key, value in row.items()}

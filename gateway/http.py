@@ -1,0 +1,191 @@
+"""HTTP semantics every view shares: the route table entry, JSON bodies validated against schemas,
+strong ETags with conditional requests (RFC 9110 §8.8, §13), Cache-Control, and calls to services.
+
+A view module (`gateway/views/<resource>.py`) exports `ROUTES: list[Route]`; `gateway/routes.py`
+gathers them into the one table the app and `/openapi.json` are built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from gateway.state import CALLER, CLIENTS
+from services.common import errors
+from services.common.grpc_server import Caller
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Roles allowed to call a route; admin may call everything.
+ADMIN, DEVELOPER, INFERENCE = "admin", "developer", "inference"
+ALL_ROLES = (ADMIN, DEVELOPER, INFERENCE)
+BUILDERS = (ADMIN, DEVELOPER)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One REST route: how it is served, who may call it, and how it is documented."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    roles: tuple[str, ...] = BUILDERS  # empty tuple: public, no API key needed
+    body: dict | None = None  # JSON Schema of the request body (JSON routes)
+    query: dict[str, dict] = field(default_factory=dict)  # query parameter -> JSON Schema
+    responses: dict[int, str] = field(default_factory=dict)  # extra statuses to document
+    tag: str = ""
+
+
+# -- request side -------------------------------------------------------------------------------
+
+def caller(request: web.Request) -> Caller:
+    """The authenticated caller (set by the auth middleware)."""
+    return request[CALLER]
+
+
+async def read_json(request: web.Request, schema: dict | None = None) -> dict:
+    """The request's JSON object, validated against `schema` (422 naming the field on failure)."""
+    raw = await request.read()
+    if not raw:
+        raise errors.InvalidArgument("request body is empty; a JSON object is required")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError as error:
+        raise errors.InvalidArgument(f"request body is not UTF-8: {error.reason} at byte {error.start}") from None
+    except json.JSONDecodeError as error:
+        raise errors.InvalidArgument(f"malformed JSON at line {error.lineno} column {error.colno}: {error.msg}") \
+            from None
+    if not isinstance(body, dict):
+        raise errors.InvalidArgument("request body must be a JSON object")
+    if schema is not None:
+        validate(body, schema)
+    return body
+
+
+def validate(value: Any, schema: dict) -> None:
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    if problems:
+        first = problems[0]
+        where = ".".join(str(part) for part in first.absolute_path) or "body"
+        raise errors.ValidationFailed(f"{where}: {first.message}")
+
+
+def query_int(request: web.Request, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.ValidationFailed(f"query parameter {name} must be an integer, not {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise errors.ValidationFailed(f"query parameter {name} must be within [{minimum}, {maximum}]")
+    return value
+
+
+# -- calling services ---------------------------------------------------------------------------
+
+async def rpc(request: web.Request, service: str, method: str, message: Message, *,
+              timeout: float | None = 30.0) -> Any:
+    """Call `service.method` as the request's caller; domain errors propagate to the error middleware."""
+    return await request.app[CLIENTS].call(service, method, message, caller=request.get(CALLER), timeout=timeout)
+
+
+def to_dict(message: Message) -> dict:
+    """A protobuf message as the JSON object the REST API shows (proto field names, defaults included)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+# -- response side: ETags and conditional requests ------------------------------------------------
+
+def etag_of(payload: Any) -> str:
+    """A strong ETag derived from the canonical JSON of the representation."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return '"' + hashlib.sha256(canonical).hexdigest()[:32] + '"'
+
+
+def _tags(header: str) -> list[str]:
+    """Entity tags of an If-Match / If-None-Match header ('*' stays '*')."""
+    return [part.strip() for part in header.split(",") if part.strip()]
+
+
+def _opaque(tag: str) -> str:
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def none_match(header: str | None, current: str | None) -> bool:
+    """True when If-None-Match matches the current representation (weak comparison, RFC 9110 §13.1.2)."""
+    if header is None or current is None:
+        return False
+    tags = _tags(header)
+    return "*" in tags or _opaque(current) in {_opaque(tag) for tag in tags}
+
+
+def check_if_match(request: web.Request, current: str | None, *, required: bool) -> None:
+    """Enforce If-Match (strong comparison) and If-None-Match: * on a state-changing request.
+
+    `current` is the resource's ETag, None when it does not exist. `required`: a missing precondition
+    is 428 rather than allowed.
+    """
+    if_match = request.headers.get("If-Match")
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None:
+        if _tags(if_none_match) == ["*"]:
+            if current is not None:
+                raise errors.PreconditionFailed("the resource already exists (If-None-Match: *)")
+            return
+        if none_match(if_none_match, current):
+            raise errors.PreconditionFailed("If-None-Match matched the current representation")
+    if if_match is None:
+        if required and current is not None and if_none_match is None:
+            raise errors.PreconditionRequired(
+                "this change needs If-Match with the resource's current ETag (GET it first)")
+        if required and current is None and if_none_match is None:
+            raise errors.PreconditionRequired("creating this resource needs If-None-Match: *")
+        return
+    tags = _tags(if_match)
+    if current is None:
+        raise errors.PreconditionFailed("If-Match given but the resource does not exist")
+    if "*" in tags:
+        return
+    if current.startswith("W/") or current not in tags:  # strong comparison: weak tags never match
+        raise errors.PreconditionFailed(f"If-Match does not match the current ETag {current}")
+
+
+def json_response(request: web.Request, payload: Any, *, status: int = 200,
+                  cache_control: str = "private, no-cache", etag: str | None = None,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response; GETs carry a strong ETag and honour If-None-Match with 304.
+
+    A 304 carries the same ETag, Cache-Control and Vary the 200 would (RFC 9110 §15.4.5).
+    """
+    all_headers = {"Cache-Control": cache_control, "Vary": "Authorization", **(headers or {})}
+    if request.method in {"GET", "HEAD"} and status == 200:
+        tag = etag or etag_of(payload)
+        all_headers["ETag"] = tag
+        if none_match(request.headers.get("If-None-Match"), tag):
+            return web.Response(status=304, headers=all_headers)
+    elif etag:
+        all_headers["ETag"] = etag
+    body = json.dumps(payload, separators=(",", ":"), default=str)
+    return web.Response(status=status, text=body, content_type="application/json", headers=all_headers)
+
+
+def error_response(error: errors.LlmpError) -> web.Response:
+    mapping = errors.mapping_for(error)
+    headers = {"Cache-Control": "no-store"}
+    if error.retry_after is not None or mapping.http_status in {429, 503}:
+        headers["Retry-After"] = str(max(1, round(error.retry_after or 1)))
+    return web.Response(status=mapping.http_status, text=json.dumps(errors.http_body(error)),
+                        content_type="application/json", headers=headers)

@@ -1,0 +1,21 @@
+"""The one route table of the REST API, gathered from the view modules."""
+
+from __future__ import annotations
+
+from gateway.http import Route
+from gateway.views import keys, system
+
+# Resource view modules register here as they land (datasets, training_jobs, models, deployments, completions).
+VIEW_MODULES = [system, keys]
+
+
+def all_routes() -> list[Route]:
+    table: list[Route] = []
+    for module in VIEW_MODULES:
+        table.extend(module.ROUTES)
+    seen: set[tuple[str, str]] = set()
+    for route in table:
+        if (route.method, route.path) in seen:
+            raise RuntimeError(f"route {route.method} {route.path} declared twice")
+        seen.add((route.method, route.path))
+    return table

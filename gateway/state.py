@@ -1,0 +1,20 @@
+"""Typed application state (`web.AppKey`s), importable by the app and every view without cycles."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import KeyStore, RateLimiter
+from services.common.config import Settings
+from services.common.db import Database
+from services.common.grpc_client import ServiceClients
+from services.common.grpc_server import Caller
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+DATABASE: web.AppKey[Database] = web.AppKey("database", Database)
+KEYS: web.AppKey[KeyStore] = web.AppKey("keys", KeyStore)
+LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
+CLIENTS: web.AppKey[ServiceClients] = web.AppKey("clients", ServiceClients)
+ROUTE_TABLE: web.AppKey[list] = web.AppKey("routes", list)
+# The authenticated caller of the current request (set by the auth middleware).
+CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)

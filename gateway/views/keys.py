@@ -1,0 +1,44 @@
+"""`/v1/api-keys`: API key management (admin only)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.http import ADMIN, Route, caller, json_response, read_json
+from gateway.state import KEYS
+
+CREATE_KEY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["tenant", "role"],
+    "properties": {
+        "tenant": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+        "role": {"enum": ["admin", "developer", "inference"]},
+        "name": {"type": "string", "maxLength": 200},
+        "rate_limit": {"type": "number", "exclusiveMinimum": 0, "maximum": 100000},
+    },
+}
+
+
+async def create_key(request: web.Request) -> web.Response:
+    body = await read_json(request, CREATE_KEY)
+    created = await request.app[KEYS].create(tenant=body["tenant"], role=body["role"], name=body.get("name", ""),
+                                             rate_limit=body.get("rate_limit", 50.0), created_by=caller(request).key_id)
+    return json_response(request, created, status=201, cache_control="no-store")
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    return json_response(request, {"api_keys": await request.app[KEYS].list()})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    await request.app[KEYS].revoke(request.match_info["key_id"])
+    return web.Response(status=204, headers={"Cache-Control": "no-store"})
+
+
+ROUTES = [
+    Route("POST", "/v1/api-keys", create_key, "Create an API key (the secret is shown once)", roles=(ADMIN,),
+          body=CREATE_KEY, tag="api-keys"),
+    Route("GET", "/v1/api-keys", list_keys, "List API keys", roles=(ADMIN,), tag="api-keys"),
+    Route("DELETE", "/v1/api-keys/{key_id}", revoke_key, "Revoke an API key", roles=(ADMIN,), tag="api-keys"),
+]

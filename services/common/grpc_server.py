@@ -1,0 +1,253 @@
+"""The async gRPC server every llmp service runs on.
+
+`GrpcApp` wires what each service would otherwise repeat: the interceptor chain (request ids,
+logging and Prometheus metrics, then the one exception → status mapping), the standard
+`grpc.health.v1` service driven by honest readiness checks, server reflection, a Prometheus
+endpoint, and the shutdown order SIGTERM → NOT_SERVING → drain in-flight calls → stop → close pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import errors, logs, metrics
+from services.common.config import Settings
+from services.common.topology import GrpcService
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+TENANT_KEY, KEY_ID_KEY, ROLE_KEY = "llmp-tenant", "llmp-key-id", "llmp-role"
+READINESS_INTERVAL = 2.0  # seconds between readiness probes of the backends
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a call acts for, as authenticated by the gateway."""
+
+    tenant: str
+    key_id: str
+    role: str
+
+
+def caller_from_context(context: grpc.aio.ServicerContext) -> Caller:
+    """The caller a gateway (or trusted peer) put in the call's metadata; no tenant is an error."""
+    values = dict(context.invocation_metadata() or ())
+    tenant = values.get(TENANT_KEY, "")
+    if not tenant:
+        raise errors.Unauthenticated("call carries no tenant (llmp-tenant metadata)")
+    return Caller(tenant=tenant, key_id=values.get(KEY_ID_KEY, ""), role=values.get(ROLE_KEY, ""))
+
+
+def _method_parts(full_method: str) -> tuple[str, str]:
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost: set the request id, count and time every call, log its outcome."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _method_parts(handler_call_details.method)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        incoming_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+
+        def observe(code: str, started: float) -> None:
+            elapsed = time.perf_counter() - started
+            metrics.GRPC_REQUESTS.labels(service, method, code).inc()
+            metrics.GRPC_LATENCY.labels(service, method).observe(elapsed)
+            log.info("rpc", extra={"rpc": f"{service}/{method}", "code": code, "ms": round(elapsed * 1000, 1)})
+
+        return _wrap(handler, incoming_id, observe)
+
+
+def _code_of(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+@asynccontextmanager
+async def _call_scope(context: grpc.aio.ServicerContext, request_id: str, observe) -> AsyncIterator[None]:
+    """Scope one call: its request id in every log line, domain errors mapped to status codes."""
+    token = logs.request_id.set(request_id)
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        yield
+    except errors.LlmpError as error:
+        mapping = errors.mapping_for(error)
+        code = mapping.grpc_code.name
+        context.set_trailing_metadata(errors.to_grpc_metadata(error))
+        await context.abort(mapping.grpc_code, error.message)
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except grpc.aio.AbortError:  # the handler aborted on purpose: keep its status
+        code = _code_of(context)
+        raise
+    except Exception:
+        code = "INTERNAL"
+        log.exception("unhandled error")
+        context.set_trailing_metadata(errors.to_grpc_metadata(errors.Internal("internal error")))
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+    finally:
+        observe(code if code != "OK" else _code_of(context), started)
+        logs.request_id.reset(token)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, request_id: str, observe) -> grpc.RpcMethodHandler:
+    """Wrap any kind of handler (unary or streaming either way) in `_call_scope`."""
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def single_response(request, context):
+            async with _call_scope(context, request_id, observe):
+                return await inner(request, context)
+
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return factory(single_response, handler.request_deserializer, handler.response_serializer)
+
+    streaming = handler.unary_stream or handler.stream_stream
+
+    async def streamed_response(request, context):
+        async with _call_scope(context, request_id, observe):
+            async for item in streaming(request, context):
+                yield item
+
+    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return factory(streamed_response, handler.request_deserializer, handler.response_serializer)
+
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+
+
+class GrpcApp:
+    """One service's gRPC server and its lifecycle."""
+
+    def __init__(self, settings: Settings, service: GrpcService, *, max_message_bytes: int = 64 * 1024 * 1024):
+        self.settings = settings
+        self.service = service
+        self.server = grpc.aio.server(
+            interceptors=[ObservabilityInterceptor()],
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes),
+                     ("grpc.so_reuseport", 0)],
+        )
+        self.health = health.aio.HealthServicer()
+        self.service_names: list[str] = []
+        self.readiness: dict[str, ReadinessCheck] = {}
+        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.failing: dict[str, str] = {}  # readiness check -> why it fails, empty when ready
+        self.port: int | None = None
+        self._stopping = asyncio.Event()
+
+    def add_servicer(self, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any,
+                     full_service_name: str) -> None:
+        add_to_server(servicer, self.server)
+        self.service_names.append(full_service_name)
+
+    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
+        self.readiness[name] = check
+
+    def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
+        self.shutdown_hooks.append(hook)
+
+    async def _set_all(self, status: int) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def probe(self) -> dict[str, str]:
+        """Run every readiness check once; update the health status; return what fails."""
+        failing: dict[str, str] = {}
+        for name, check in self.readiness.items():
+            try:
+                await asyncio.wait_for(check(), timeout=5)
+            except Exception as error:  # any failure means not ready; the reason is reported
+                failing[name] = str(error) or type(error).__name__
+        if failing != self.failing:
+            log.warning("readiness changed", extra={"failing": failing}) if failing else log.info("ready")
+        self.failing = failing
+        if not self._stopping.is_set():
+            serving = health_pb2.HealthCheckResponse.SERVING
+            await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING if failing else serving)
+        return failing
+
+    async def _watch_readiness(self) -> None:
+        while not self._stopping.is_set():
+            await self.probe()
+            try:
+                await asyncio.wait_for(self._stopping.wait(), READINESS_INTERVAL)
+            except TimeoutError:
+                pass
+
+    async def start(self, listen_addr: str | None = None) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0 in tests)."""
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        address = listen_addr or self.settings.listen_addr(self.service)
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise errors.Unavailable(f"cannot listen on {address}")
+        await self.server.start()
+        await self.probe()
+        self._watcher = asyncio.create_task(self._watch_readiness())
+        log.info("serving", extra={"service": self.service.name, "address": address})
+        return self.port
+
+    async def stop(self) -> None:
+        """NOT_SERVING first (so balancers stop sending), then drain in-flight calls, then close."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra={"grace_s": self.settings.shutdown_grace})
+        await self.server.stop(self.settings.shutdown_grace)
+        if hasattr(self, "_watcher"):
+            self._watcher.cancel()
+        for hook in reversed(self.shutdown_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        log.info("stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down in order."""
+        metrics.serve(self.service.metrics_port, self.settings.bind_host)
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await stop_requested.wait()
+        log.info("signal received, shutting down")
+        await self.stop()
+
+
+def run_main(main: Callable[[Settings], Awaitable[None]], component: str) -> None:
+    """Process entry for a service: settings once, logging, then the async main."""
+    settings = Settings.from_env()
+    logs.configure(settings, component)
+    try:
+        asyncio.run(main(settings))
+    except errors.LlmpError as error:
+        log.error("startup failed: %s", error.message)
+        raise SystemExit(1) from None

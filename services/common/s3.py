@@ -1,0 +1,227 @@
+"""S3 through the `minio` SDK: one bucket, multipart uploads, and a SHA-256 for every object.
+
+Every object llmp writes carries its SHA-256 as user metadata (`x-amz-meta-sha256`), computed while
+the bytes stream through, so readers can verify what they download without a second pass over S3.
+The SDK is synchronous: async code calls these methods through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+
+from services.common.config import S3Settings
+from services.common.errors import Internal, NotFound, Unavailable
+
+SHA256_META = "sha256"
+PART_SIZE = 16 * 1024 * 1024  # multipart part size; S3's minimum is 5 MiB
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+    def as_dict(self, role: str = "") -> dict:
+        return {"key": self.key, "size": self.size, "sha256": self.sha256, **({"role": role} if role else {})}
+
+
+class _HashingReader(io.RawIOBase):
+    """A file-like view of an iterable of byte chunks that hashes and counts what is read."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = b""
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        if size < 0:
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ObjectStore:
+    """The llmp bucket on an S3 server."""
+
+    def __init__(self, settings: S3Settings, *, timeout: float = 30.0) -> None:
+        self.bucket = settings.bucket
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3.0, read=timeout), maxsize=16,
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        )
+        self.client = Minio(settings.endpoint, access_key=settings.access_key, secret_key=settings.secret_key,
+                            secure=settings.secure, region=settings.region, http_client=http)
+
+    # -- health ---------------------------------------------------------------------------------
+    def ensure_bucket(self) -> None:
+        try:
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
+        except S3Error as error:
+            if error.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise Unavailable(f"S3 bucket {self.bucket}: {error.code}: {error.message}") from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
+
+    def check(self) -> None:
+        """Readiness: the server answers and the bucket exists."""
+        try:
+            present = self.client.bucket_exists(self.bucket)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
+            raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
+        if not present:
+            raise Unavailable(f"S3 bucket {self.bucket} does not exist", retry_after=2)
+
+    # -- writes ---------------------------------------------------------------------------------
+    def put_stream(self, key: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream",
+                   ) -> StoredObject:
+        """Upload an iterable of chunks of unknown total length (multipart), hashing as it goes.
+
+        S3 wants the SHA-256 as metadata at the start of the upload, but a stream's digest is known
+        only at the end: the bytes are spooled to a temporary file while hashing (bounded memory),
+        then uploaded from it with the digest attached.
+        """
+        with tempfile.TemporaryFile() as spool:
+            digest = hashlib.sha256()
+            for chunk in chunks:
+                digest.update(chunk)
+                spool.write(chunk)
+            size = spool.tell()
+            spool.seek(0)
+            return self._put(key, spool, size, digest.hexdigest(), content_type)
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> StoredObject:
+        digest = sha256_file(path)
+        with open(path, "rb") as handle:
+            return self._put(key, handle, os.fstat(handle.fileno()).st_size, digest, content_type)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
+        return self._put(key, io.BytesIO(data), len(data), hashlib.sha256(data).hexdigest(), content_type)
+
+    def _put(self, key: str, handle, size: int, sha256: str, content_type: str) -> StoredObject:
+        try:
+            self.client.put_object(self.bucket, key, handle, size, content_type=content_type,
+                                   part_size=PART_SIZE, metadata={SHA256_META: sha256})
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise Unavailable(f"S3 unreachable while writing {key}: {error}", retry_after=2) from error
+        return StoredObject(key, size, sha256)
+
+    def copy(self, source_key: str, destination_key: str) -> StoredObject:
+        """Server-side copy that keeps the recorded SHA-256 (verified present)."""
+        source = self.stat(source_key)
+        try:
+            self.client.copy_object(self.bucket, destination_key, CopySource(self.bucket, source_key))
+        except S3Error as error:
+            raise Internal(f"S3 copy {source_key} -> {destination_key}: {error.code}") from error
+        return StoredObject(destination_key, source.size, source.sha256)
+
+    # -- reads ----------------------------------------------------------------------------------
+    def stat(self, key: str) -> StoredObject:
+        try:
+            info = self.client.stat_object(self.bucket, key)
+        except S3Error as error:
+            if error.code in {"NoSuchKey", "NoSuchObject", "NotFound"}:
+                raise NotFound(f"object {key} not found") from error
+            raise Internal(f"S3 stat {key}: {error.code}") from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
+        metadata = {name.lower(): value for name, value in (info.metadata or {}).items()}
+        return StoredObject(key, info.size or 0, metadata.get(f"x-amz-meta-{SHA256_META}", ""))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except NotFound:
+            return False
+        return True
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as error:
+            if error.code in {"NoSuchKey", "NoSuchObject"}:
+                raise NotFound(f"object {key} not found") from error
+            raise Internal(f"S3 get {key}: {error.code}") from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
+        try:
+            yield from response.stream(chunk_size)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.iter_chunks(key))
+
+    def download(self, key: str, path: Path, expected_sha256: str | None = None) -> StoredObject:
+        """Download to `path` atomically, verifying the SHA-256 (the expected one, else the recorded one)."""
+        expected = expected_sha256 or self.stat(key).sha256
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        digest, size = hashlib.sha256(), 0
+        with open(partial, "wb") as handle:
+            for chunk in self.iter_chunks(key):
+                digest.update(chunk)
+                size += len(chunk)
+                handle.write(chunk)
+        if expected and digest.hexdigest() != expected:
+            partial.unlink()
+            raise Internal(f"checksum mismatch for {key}: expected {expected}, got {digest.hexdigest()}")
+        partial.replace(path)
+        return StoredObject(key, size, digest.hexdigest())
+
+    def list(self, prefix: str) -> list[StoredObject]:
+        """Every object under `prefix` with its size (SHA-256 needs a stat: use `stat` when required)."""
+        try:
+            return [StoredObject(item.object_name, item.size or 0, "")
+                    for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
+
+    # -- deletes --------------------------------------------------------------------------------
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; return how many were deleted."""
+        if not prefix or not prefix.endswith("/"):
+            raise Internal(f"refusing to delete prefix {prefix!r}: it must end with '/'")
+        keys = [DeleteObject(item.key) for item in self.list(prefix)]
+        errors = list(self.client.remove_objects(self.bucket, keys)) if keys else []
+        if errors:
+            raise Internal(f"S3 could not delete {len(errors)} object(s) under {prefix}: {errors[0]}")
+        return len(keys)

@@ -1,0 +1,62 @@
+import hashlib
+import os
+
+import pytest
+
+from services.common import errors, s3
+from services.common.config import S3Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(settings):
+    object_store = s3.ObjectStore(settings.s3)
+    object_store.ensure_bucket()
+    object_store.ensure_bucket()  # idempotent
+    return object_store
+
+
+def test_streamed_multipart_upload_records_sha256(store, tmp_path):
+    data = os.urandom(s3.PART_SIZE + 3 * 1024 * 1024)  # forces two parts
+    chunks = (data[i:i + 1_000_003] for i in range(0, len(data), 1_000_003))
+    stored = store.put_stream("t/big.bin", chunks)
+    assert stored.size == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.stat("t/big.bin") == stored
+    downloaded = store.download("t/big.bin", tmp_path / "big.bin")
+    assert (tmp_path / "big.bin").read_bytes() == data and downloaded.sha256 == stored.sha256
+
+
+def test_download_refuses_a_checksum_mismatch_and_leaves_no_file(store, tmp_path):
+    store.put_bytes("t/small", b"hello")
+    with pytest.raises(errors.Internal, match="checksum mismatch"):
+        store.download("t/small", tmp_path / "small", expected_sha256="0" * 64)
+    assert not (tmp_path / "small").exists() and not (tmp_path / "small.partial").exists()
+
+
+def test_copy_list_and_delete_prefix(store):
+    store.put_bytes("p/a", b"a")
+    store.put_bytes("p/sub/b", b"bb")
+    copied = store.copy("p/a", "q/a")
+    assert copied.sha256 == hashlib.sha256(b"a").hexdigest() and store.get_bytes("q/a") == b"a"
+    assert sorted(item.key for item in store.list("p/")) == ["p/a", "p/sub/b"]
+    assert store.delete_prefix("p/") == 2
+    assert store.list("p/") == [] and not store.exists("p/a")
+    with pytest.raises(errors.Internal):
+        store.delete_prefix("")
+
+
+def test_missing_object_is_not_found(store):
+    with pytest.raises(errors.NotFound):
+        store.stat("nope/none")
+    with pytest.raises(errors.NotFound):
+        store.get_bytes("nope/none")
+
+
+def test_unreachable_server_is_unavailable():
+    from cli.servers import free_port
+
+    dead = s3.ObjectStore(S3Settings(f"127.0.0.1:{free_port()}", "a", "b", False, "us-east-1", "bucket"), timeout=2)
+    with pytest.raises(errors.Unavailable):
+        dead.check()

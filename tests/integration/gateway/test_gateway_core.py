@@ -1,0 +1,104 @@
+"""The gateway's own behaviour against real PostgreSQL: auth, roles, keys, errors, readiness, OpenAPI."""
+
+import pytest
+
+from gateway.app import init_app
+
+pytestmark = pytest.mark.integration
+ADMIN_KEY = "llmp_bootstrap_test-admin-secret"
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings_env):
+    from services.common.config import Settings
+
+    settings = Settings.from_env({**settings_env, "LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_MAX_BODY_BYTES": "2048"})
+    return await aiohttp_client(init_app(settings))
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_liveness_and_openapi_are_public(client):
+    response = await client.get("/healthz")
+    assert response.status == 200 and (await response.json()) == {"status": "ok"}
+    assert response.headers["X-Request-Id"]
+    document = await (await client.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    assert "/v1/api-keys" in document["paths"] and "post" in document["paths"]["/v1/api-keys"]
+
+
+async def test_readiness_names_every_backend_that_is_down(client):
+    response = await client.get("/readyz")
+    body = await response.json()
+    assert response.status == 503 and response.headers["Retry-After"]
+    assert body["backends"]["postgresql"] == "SERVING"  # the real database is up
+    assert set(body["failing"]) == {"dataset", "training", "registry", "inference"}  # no service runs here
+
+
+async def test_protected_routes_need_a_valid_key(client):
+    assert (await client.get("/v1/api-keys")).status == 401
+    response = await client.get("/v1/api-keys", headers=auth("llmp_nope_nope"))
+    assert response.status == 401
+    assert (await response.json())["error"]["type"] == "unauthenticated"
+    assert (await client.get("/v1/api-keys", headers=auth(ADMIN_KEY))).status == 200
+
+
+async def test_admin_creates_keys_with_roles_and_tenants(client):
+    created = await client.post("/v1/api-keys", json={"tenant": "acme", "role": "developer", "name": "ci"},
+                                headers=auth(ADMIN_KEY))
+    assert created.status == 201
+    key = (await created.json())["key"]
+    # A developer may not manage keys.
+    denied = await client.get("/v1/api-keys", headers=auth(key))
+    assert denied.status == 403 and (await denied.json())["error"]["type"] == "permission_denied"
+    listed = await (await client.get("/v1/api-keys", headers=auth(ADMIN_KEY))).json()
+    row = next(item for item in listed["api_keys"] if item["tenant"] == "acme")
+    assert "secret_sha256" not in row and "key" not in row  # the secret is never shown again
+    assert (await client.delete(f"/v1/api-keys/{row['id']}", headers=auth(ADMIN_KEY))).status == 204
+    assert (await client.delete(f"/v1/api-keys/{row['id']}", headers=auth(ADMIN_KEY))).status == 404
+
+
+@pytest.mark.parametrize("body, status, kind", [
+    (b"{not json", 400, "invalid_argument"),
+    (b"[1, 2]", 400, "invalid_argument"),
+    (b"\xff\xfe", 400, "invalid_argument"),
+    (b'{"tenant": "acme", "role": "root"}', 422, "validation_failed"),
+    (b'{"tenant": "acme", "role": "developer", "state": "READY"}', 422, "validation_failed"),
+    (b'{"tenant": "acme", "role": "developer", "name": "' + b"x" * 4000 + b'"}', 413, "payload_too_large"),
+])
+async def test_bad_input_gets_the_right_4xx_and_one_error_shape(client, body, status, kind):
+    response = await client.post("/v1/api-keys", data=body, headers={**auth(ADMIN_KEY),
+                                                                      "Content-Type": "application/json"})
+    assert response.status == status
+    assert (await response.json())["error"]["type"] == kind
+
+
+async def test_unknown_route_and_method_use_the_error_shape(client):
+    missing = await client.get("/v1/nothing-here")
+    assert missing.status == 404 and (await missing.json())["error"]["type"] == "not_found"
+    wrong = await client.put("/healthz")
+    assert wrong.status == 405 and "GET" in wrong.headers["Allow"]
+
+
+async def test_get_has_etag_and_304(client):
+    first = await client.get("/v1/api-keys", headers=auth(ADMIN_KEY))
+    tag = first.headers["ETag"]
+    again = await client.get("/v1/api-keys", headers={**auth(ADMIN_KEY), "If-None-Match": tag})
+    assert again.status == 304 and again.headers["ETag"] == tag
+    assert again.headers["Cache-Control"] == first.headers["Cache-Control"]
+
+
+async def test_rate_limit_answers_429_with_retry_after(client):
+    created = await client.post("/v1/api-keys", json={"tenant": "acme", "role": "inference", "rate_limit": 0.5},
+                                headers=auth(ADMIN_KEY))
+    key = (await created.json())["key"]
+    statuses = []
+    for _ in range(120):  # the burst allowance is 100 requests
+        response = await client.get("/v1/api-keys", headers=auth(key))
+        statuses.append(response.status)
+        if response.status == 429:
+            assert int(response.headers["Retry-After"]) >= 1
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {403}
