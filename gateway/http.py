@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,9 +103,39 @@ async def rpc(request: web.Request, service: str, method: str, message: Message,
 
 
 def to_dict(message: Message) -> dict:
-    """A protobuf message as the JSON object the REST API shows (proto field names, defaults included)."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    """A protobuf message as the JSON object the REST API shows: proto field names, defaults included,
+    enum values without their proto prefix (`VERSION_STATE_READY` → `READY`)."""
+    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=True)
+    return _strip_enums(as_dict, _enum_names(message.DESCRIPTOR))
+
+
+def _enum_names(descriptor, seen: set | None = None) -> dict[str, str]:
+    """Every enum value name reachable from a message type → its REST spelling."""
+    seen = set() if seen is None else seen
+    if descriptor.full_name in seen:
+        return {}
+    seen.add(descriptor.full_name)
+    names: dict[str, str] = {}
+    for field_descriptor in descriptor.fields:
+        if field_descriptor.enum_type is not None:
+            values = [value.name for value in field_descriptor.enum_type.values]
+            prefix = os.path.commonprefix(values)
+            prefix = prefix[:prefix.rfind("_") + 1]
+            names.update({value: value[len(prefix):] for value in values})
+        elif field_descriptor.message_type is not None:
+            names.update(_enum_names(field_descriptor.message_type, seen))
+    return names
+
+
+def _strip_enums(value: Any, names: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {key: _strip_enums(item, names) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strip_enums(item, names) for item in value]
+    if isinstance(value, str):
+        return names.get(value, value)
+    return value
 
 
 # -- response side: ETags and conditional requests ------------------------------------------------

@@ -1,0 +1,153 @@
+"""`/v1/models…`: the registry — versions, lineage, aliases with history, exports."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from llmp.common.v1 import common_pb2
+from llmp.registry.v1 import registry_pb2
+
+from gateway.http import (
+    Route,
+    caller,
+    check_if_match,
+    etag_of,
+    json_response,
+    query_int,
+    read_json,
+    rpc,
+    to_dict,
+)
+from services.common import errors
+
+NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"}
+SET_ALIAS = {
+    "type": "object", "additionalProperties": False, "required": ["version"],
+    "properties": {"version": {"type": "integer", "minimum": 1}, "reason": {"type": "string", "maxLength": 500}},
+}
+CREATE_EXPORT = {
+    "type": "object", "additionalProperties": False, "required": ["format"],
+    "properties": {"format": {"enum": ["onnx", "onnx-int8", "torchscript"]}},
+}
+
+
+def _version_number(request: web.Request) -> int:
+    raw = request.match_info["version"]
+    if not raw.isdigit() or int(raw) < 1:
+        raise errors.ValidationFailed(f"version must be a positive integer, not {raw!r}")
+    return int(raw)
+
+
+def _page(request: web.Request) -> common_pb2.PageRequest:
+    return common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, minimum=1, maximum=1000),
+                                  page_token=request.query.get("page_token", ""))
+
+
+def present_version(version: registry_pb2.ModelVersion) -> dict:
+    """A model version as the API shows it: name/version at the top, parity reports as objects."""
+    body = to_dict(version)
+    body["name"], body["version"] = version.ref.name, version.ref.version
+    for export in body.get("exports", []):
+        report = export.pop("parity_report_json", "")
+        export["parity"] = json.loads(report) if report else None
+    return body
+
+
+async def list_models(request: web.Request) -> web.Response:
+    response = await rpc(request, "registry", "ListModels", registry_pb2.ListModelsRequest(page=_page(request)))
+    return json_response(request, {"models": [to_dict(model) for model in response.models],
+                                   "next_page_token": response.page.next_page_token})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    model = await rpc(request, "registry", "GetModel", registry_pb2.GetModelRequest(name=name))
+    versions = await rpc(request, "registry", "ListModelVersions",
+                         registry_pb2.ListModelVersionsRequest(name=name, page=_page(request)))
+    return json_response(request, {**to_dict(model.model),
+                                   "versions": [present_version(v) for v in versions.versions],
+                                   "next_page_token": versions.page.next_page_token})
+
+
+async def get_version(request: web.Request) -> web.Response:
+    response = await rpc(request, "registry", "GetModelVersion", registry_pb2.GetModelVersionRequest(
+        name=request.match_info["name"], version=_version_number(request)))
+    # READY versions are immutable except for exports and aliases, which the ETag covers.
+    return json_response(request, present_version(response.version))
+
+
+async def delete_version(request: web.Request) -> web.Response:
+    name, version = request.match_info["name"], _version_number(request)
+    if request.headers.get("If-Match"):
+        current = await rpc(request, "registry", "GetModelVersion",
+                            registry_pb2.GetModelVersionRequest(name=name, version=version))
+        check_if_match(request, etag_of(present_version(current.version)), required=False)
+    await rpc(request, "registry", "DeleteModelVersion",
+              registry_pb2.DeleteModelVersionRequest(name=name, version=version))
+    return web.Response(status=204, headers={"Cache-Control": "no-store"})
+
+
+def _alias_etag(alias: registry_pb2.Alias) -> str:
+    return f'"{alias.etag}"'
+
+
+async def get_alias(request: web.Request) -> web.Response:
+    response = await rpc(request, "registry", "GetAlias", registry_pb2.GetAliasRequest(
+        model_name=request.match_info["name"], alias=request.match_info["alias"]))
+    return json_response(request, to_dict(response.alias), etag=_alias_etag(response.alias))
+
+
+async def put_alias(request: web.Request) -> web.Response:
+    """Create with If-None-Match: *, move with If-Match: <ETag>; the registry checks atomically."""
+    body = await read_json(request, SET_ALIAS)
+    if_match = request.headers.get("If-Match", "").strip()
+    must_not_exist = request.headers.get("If-None-Match", "").strip() == "*"
+    if not if_match and not must_not_exist:
+        raise errors.PreconditionRequired("moving an alias needs If-Match with its ETag; creating one needs "
+                                          "If-None-Match: *")
+    if if_match.startswith("W/"):
+        raise errors.PreconditionFailed("If-Match needs a strong ETag")
+    response = await rpc(request, "registry", "SetAlias", registry_pb2.SetAliasRequest(
+        model_name=request.match_info["name"], alias=request.match_info["alias"], version=body["version"],
+        expected_etag=if_match.strip('"'), must_not_exist=must_not_exist, actor=caller(request).key_id,
+        reason=body.get("reason", "")))
+    return json_response(request, to_dict(response.alias), status=201 if must_not_exist else 200,
+                         cache_control="no-store", etag=_alias_etag(response.alias))
+
+
+async def alias_history(request: web.Request) -> web.Response:
+    response = await rpc(request, "registry", "ListAliasHistory", registry_pb2.ListAliasHistoryRequest(
+        model_name=request.match_info["name"], alias=request.match_info["alias"]))
+    return json_response(request, {"entries": [to_dict(entry) for entry in response.entries]})
+
+
+async def create_export(request: web.Request) -> web.Response:
+    body = await read_json(request, CREATE_EXPORT)
+    response = await rpc(request, "registry", "CreateExport", registry_pb2.CreateExportRequest(
+        model=common_pb2.ModelRef(name=request.match_info["name"], version=_version_number(request)),
+        format=body["format"]))
+    export = to_dict(response.export)
+    report = export.pop("parity_report_json", "")
+    export["parity"] = json.loads(report) if report else None
+    return json_response(request, export, status=202, cache_control="no-store")
+
+
+VERSION = "/v1/models/{name}/versions/{version}"
+ALIAS = "/v1/models/{name}/aliases/{alias}"
+PAGING = {"page_size": {"type": "integer", "minimum": 1, "maximum": 1000}, "page_token": {"type": "string"}}
+ROUTES = [
+    Route("GET", "/v1/models", list_models, "List registered models", query=PAGING, tag="models"),
+    Route("GET", "/v1/models/{name}", get_model, "A model with its versions and aliases", query=PAGING,
+          tag="models"),
+    Route("GET", VERSION, get_version, "A model version: artifacts with SHA-256, lineage, metrics, exports",
+          tag="models"),
+    Route("DELETE", VERSION, delete_version, "Delete a version (409 while deployed)", tag="models",
+          responses={409: "In use by a deployment", 412: "If-Match did not match"}),
+    Route("GET", ALIAS, get_alias, "The version an alias points at", tag="models"),
+    Route("PUT", ALIAS, put_alias, "Create (If-None-Match: *) or move (If-Match) an alias", body=SET_ALIAS,
+          tag="models", responses={412: "ETag mismatch", 428: "Precondition required"}),
+    Route("GET", ALIAS + "/history", alias_history, "Audit trail of an alias's moves", tag="models"),
+    Route("POST", VERSION + "/exports", create_export, "Export a version (onnx, onnx-int8, torchscript)",
+          body=CREATE_EXPORT, tag="models"),
+]
