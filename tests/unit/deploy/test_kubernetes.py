@@ -1,0 +1,284 @@
+"""deploy/: the kustomize overlays render, validate against the Kubernetes schemas, and agree with the
+topology, the LLMP_* settings and docker-compose.yml.
+
+Rendering uses tests/unit/deploy/kustomize_render.py (no kustomize binary needed); schemas come from
+the `kubernetes-validate` package (the Kubernetes OpenAPI as JSON Schema, strict: unknown fields fail).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kustomize_render import UnsupportedFeature, containers, render
+
+from services.common import topology
+from services.common.config import DEFAULTS, Settings
+
+ROOT = Path(__file__).resolve().parents[3]
+KUBERNETES_VERSION = "1.30"  # the oldest release the manifests target (native sidecars, gRPC probes)
+ISTIO_KINDS = {"PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication", "Gateway",
+               "VirtualService", "DestinationRule"}
+WORKLOADS = {"Deployment", "StatefulSet"}
+LLMP_IMAGES = {"dataset", "training", "registry", "inference", "gateway"}
+GPU_WORKLOADS = {"training-worker", "triton"}
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == kind}
+
+
+def workloads(objects: list[dict]) -> list[dict]:
+    return [obj for obj in objects if obj["kind"] in WORKLOADS]
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def llmp_containers(objects: list[dict]):
+    for obj in workloads(objects):
+        for container in containers(obj):
+            name = container["image"].rsplit("/", 1)[-1].split(":")[0].split("@")[0]
+            if name in LLMP_IMAGES:
+                yield obj, container
+
+
+def config_env(objects: list[dict]) -> dict[str, str]:
+    env = dict(by_kind(objects, "ConfigMap")["llmp-config"]["data"])
+    secret = by_kind(objects, "Secret").get("llmp-secrets")
+    if secret:
+        env.update(secret["stringData"])
+    return env
+
+
+# -- rendering and schemas -------------------------------------------------------------------------
+
+def test_overlays_render_every_component(overlay):
+    _, objects = overlay
+    names = {obj["metadata"]["name"] for obj in workloads(objects)}
+    assert {"gateway", "training-worker", "triton", "postgres", "redis", "minio",
+            *(service.name for service in topology.GRPC_SERVICES)} <= names
+    assert all(obj["metadata"].get("namespace") == "llmp" for obj in objects if obj["kind"] != "Namespace")
+
+
+def test_every_manifest_parses():
+    files = [*ROOT.glob("deploy/**/*.yaml"), *ROOT.glob("istio/*.yaml")]
+    assert len(files) > 15
+    for path in files:
+        assert all(isinstance(doc, dict) for doc in yaml.safe_load_all(path.read_text()) if doc is not None), path
+
+
+def test_renderer_refuses_features_it_does_not_implement(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
+    with pytest.raises(UnsupportedFeature):
+        render(tmp_path)
+
+
+def test_core_objects_validate_against_the_kubernetes_schemas(overlay):
+    name, objects = overlay
+    without_schema = set()
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            without_schema.add(obj["kind"])
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{name}: {obj['kind']}/{obj['metadata']['name']} at {list(error.path)}: {error.message}")
+    # Only Istio's custom resources lack a schema here; test_istio.py checks them.
+    assert without_schema <= ISTIO_KINDS
+
+
+def test_schema_validation_catches_a_wrong_field(prod):
+    deployment = copy.deepcopy(by_kind(prod, "Deployment")["dataset"])
+    pod_spec(deployment)["containers"][0]["readinessProbe"]["grpc"]["prot"] = 50051
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+# -- agreement with the topology and the settings --------------------------------------------------
+
+@pytest.mark.parametrize("service", topology.GRPC_SERVICES, ids=lambda s: s.name)
+def test_grpc_services_have_named_grpc_ports_and_grpc_health_probes(prod, service):
+    svc = by_kind(prod, "Service")[service.name]
+    port = next(p for p in svc["spec"]["ports"] if p["port"] == service.port)
+    assert port["name"] == f"grpc-{service.name}" and port.get("appProtocol") == "grpc"
+    selected = [obj for obj in workloads(prod)
+                if selects(svc["spec"]["selector"], obj["spec"]["template"]["metadata"]["labels"])]
+    assert selected
+    for obj in selected:
+        container = pod_spec(obj)["containers"][0]
+        assert container["args"] == ["python", "-m", service.module]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports[port["targetPort"]] == service.port
+        assert ports["http-metrics"] == service.metrics_port
+        assert container["readinessProbe"]["grpc"]["port"] == service.port
+        assert container["startupProbe"]["grpc"]["port"] == service.port
+
+
+def test_gateway_service_and_probes(prod):
+    svc = by_kind(prod, "Service")["gateway"]
+    assert [p["port"] for p in svc["spec"]["ports"]] == [topology.GATEWAY_PORT]
+    container = pod_spec(by_kind(prod, "Deployment")["gateway"])["containers"][0]
+    assert container["args"] == ["python", "-m", topology.GATEWAY_MODULE]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_every_service_selects_pods_and_targets_their_ports(overlay):
+    _, objects = overlay
+    for name, svc in by_kind(objects, "Service").items():
+        pods = [obj for obj in workloads(objects)
+                if selects(svc["spec"]["selector"], obj["spec"]["template"]["metadata"]["labels"])]
+        assert pods, f"Service {name} selects no pods"
+        for port in svc["spec"]["ports"]:
+            for obj in pods:
+                offered = {p.get("name"): p["containerPort"] for c in containers(obj) for p in c.get("ports", [])}
+                assert port["targetPort"] in offered, f"Service {name} targets {port['targetPort']}"
+
+
+def test_settings_are_known_variables_that_parse(overlay):
+    name, objects = overlay
+    config = by_kind(objects, "ConfigMap")["llmp-config"]["data"]
+    base_secret = next(o for o in render(ROOT / "deploy" / "base") if o["metadata"]["name"] == "llmp-secrets")
+    keys = set(config) | set(base_secret["stringData"])
+    assert keys <= set(DEFAULTS), f"unknown: {sorted(keys - set(DEFAULTS))}"
+    settings = Settings.from_env({**config, **base_secret["stringData"]})
+    services = by_kind(objects, "Service")
+    for addr in [*settings.service_addrs.values(), settings.s3.endpoint, settings.triton_grpc_url,
+                 settings.triton_http_url, settings.broker_url.split("//")[1].split("/")[0],
+                 settings.database_url.split("@")[1].split("/")[0]]:
+        host, port = addr.rsplit(":", 1)
+        assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, addr
+    for service in topology.GRPC_SERVICES:
+        assert settings.listen_addr(service) == f"0.0.0.0:{service.port}"
+    assert settings.gateway_port == topology.GATEWAY_PORT
+
+
+def test_same_settings_as_docker_compose(prod):
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose_env = compose["x-llmp-env"]
+    # Production's settings, with the keys of the (out-of-band) Secret as the base defines them.
+    env = {**config_env(render(ROOT / "deploy" / "base")), **config_env(prod)}
+    # Compose interpolates credentials and the log level from the host's environment.
+    interpolated = {key for key, value in compose_env.items() if "${" in str(value)}
+    for key, value in compose_env.items():
+        assert key in env, f"{key} is set in compose but not on Kubernetes"
+        if key not in interpolated:
+            assert env[key] == str(value), key
+
+
+def test_llmp_containers_take_the_settings_and_run_as_non_root(overlay):
+    _, objects = overlay
+    found = 0
+    for obj, container in llmp_containers(objects):
+        found += 1
+        refs = container.get("envFrom", [])
+        assert {"configMapRef": {"name": "llmp-config"}} in refs and {"secretRef": {"name": "llmp-secrets"}} in refs
+        for variable in container.get("env", []):
+            assert not variable["name"].startswith("LLMP_") or variable["name"] in DEFAULTS
+        pod_security = pod_spec(obj).get("securityContext", {})
+        assert pod_security.get("runAsNonRoot") is True and pod_security.get("runAsUser", 0) != 0
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert found >= 7  # 4 services, the canary inference track, the worker, the gateway
+
+
+def test_every_container_requests_resources_and_pins_its_image(overlay):
+    name, objects = overlay
+    for obj in objects:
+        for container in containers(obj):
+            requests = container.get("resources", {}).get("requests", {})
+            assert {"cpu", "memory"} <= set(requests), f"{obj['metadata']['name']}/{container['name']}"
+            image = container["image"]
+            tag = image.rsplit(":", 1)[-1]
+            assert ":" in image and tag != "latest", image
+            if image.split("/")[-1].split(":")[0] in LLMP_IMAGES:
+                assert image.startswith("registry."), f"{name}: {image} is not from the overlay's registry"
+
+
+def test_gpu_workloads_request_gpus_on_gpu_nodes_and_nothing_else_does(overlay):
+    _, objects = overlay
+    for obj in workloads(objects):
+        spec = pod_spec(obj)
+        gpus = [c["resources"].get("limits", {}).get("nvidia.com/gpu") for c in spec["containers"]]
+        if obj["metadata"]["name"] in GPU_WORKLOADS:
+            assert all(gpu and int(gpu) >= 1 for gpu in gpus)
+            assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        else:
+            assert not any(gpus), f"{obj['metadata']['name']} asks for a GPU"
+
+
+def test_training_worker_and_triton_run_what_compose_runs(prod):
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    worker = pod_spec(by_kind(prod, "Deployment")["training-worker"])["containers"][0]
+    assert worker["args"][:4] == ["celery", "--app", topology.WORKER_APP, "worker"]
+    assert worker["args"][worker["args"].index("--queues") + 1] == "gpu"
+    assert worker["image"].endswith("/llmp/training:0.1.0")
+    triton = pod_spec(by_kind(prod, "Deployment")["triton"])["containers"][0]
+    assert triton["image"] == compose["triton"]["image"]
+    assert triton["args"] == compose["triton"]["command"]
+    ports = {p["containerPort"] for p in triton["ports"]}
+    assert set(topology.PORTS["triton"]) == ports
+
+
+def test_every_workload_has_a_disruption_budget(overlay):
+    _, objects = overlay
+    budgets = list(by_kind(objects, "PodDisruptionBudget").values())
+    for obj in workloads(objects):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        matching = [b for b in budgets if selects(b["spec"]["selector"]["matchLabels"], labels)]
+        assert len(matching) == 1, f"{obj['metadata']['name']}: {len(matching)} budgets"
+
+
+def test_references_resolve(overlay):
+    name, objects = overlay
+    accounts = by_kind(objects, "ServiceAccount")
+    config_maps = by_kind(objects, "ConfigMap")
+    secrets_needed = set()
+    for obj in [*workloads(objects), *by_kind(objects, "Job").values()]:
+        spec = pod_spec(obj)
+        assert spec["serviceAccountName"] in accounts
+        for container in containers(obj):
+            for ref in container.get("envFrom", []):
+                if "configMapRef" in ref:
+                    assert ref["configMapRef"]["name"] in config_maps
+                else:
+                    secrets_needed.add(ref["secretRef"]["name"])
+            for variable in container.get("env", []):
+                secret_ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                if secret_ref:
+                    secrets_needed.add(secret_ref["name"])
+    assert secrets_needed == {"llmp-secrets", "llmp-postgres"}
+    present = set(by_kind(objects, "Secret"))
+    if name == "prod":
+        assert not present, "production credentials never live in the repository"
+    else:
+        assert secrets_needed <= present
+
+
+def test_dev_credentials_agree_with_each_other(dev):
+    secrets = by_kind(dev, "Secret")
+    url = secrets["llmp-secrets"]["stringData"]["LLMP_DATABASE_URL"]
+    assert f":{secrets['llmp-postgres']['stringData']['password']}@postgres:" in url
+
+
+def test_prod_scales_the_serving_path(prod, dev):
+    prod_deployments, dev_deployments = by_kind(prod, "Deployment"), by_kind(dev, "Deployment")
+    for name in ("gateway", "inference"):
+        assert prod_deployments[name]["spec"]["replicas"] >= 2 > dev_deployments[name]["spec"]["replicas"]
+    assert pod_spec(prod_deployments["gateway"])["containers"][0]["resources"]["requests"]["cpu"] == "1"
+    assert by_kind(dev, "ConfigMap")["llmp-config"]["data"]["LLMP_LOG_LEVEL"] == "DEBUG"
+    assert by_kind(prod, "ConfigMap")["llmp-config"]["data"]["LLMP_LOG_LEVEL"] == "INFO"
+
+
+def test_namespace_joins_the_mesh(overlay):
+    _, objects = overlay
+    assert by_kind(objects, "Namespace")["llmp"]["metadata"]["labels"]["istio-injection"] == "enabled"
