@@ -19,6 +19,7 @@ from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
 from gateway.http import error_response
 from gateway.state import CALLER, CLIENTS, DATABASE, KEYS, LIMITER, ROUTE_TABLE, SETTINGS
+from gateway.views import completions
 from services.common import errors, logs
 from services.common.config import Settings
 from services.common.db import Database
@@ -128,6 +129,7 @@ def init_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[LIMITER] = RateLimiter(rate=50, burst=100)
     app[ROUTE_TABLE] = table
+    app[completions.CACHE] = completions.ResponseCache()
     app.cleanup_ctx.append(_resources)
     for route in table:
         app.router.add_route(route.method, route.path, route.handler)

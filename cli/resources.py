@@ -1,0 +1,261 @@
+"""`llmp dataset|train|jobs|models|deploy|complete|keys`: the REST API from the command line.
+
+Tables for people, `--json` for scripts; long work (training) shows a live progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cli.client import ApiError, Client
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, args.key)
+
+
+def _print(args: argparse.Namespace, payload, columns: list[str] | None = None, rows_key: str | None = None) -> None:
+    if args.json or columns is None:
+        print(json.dumps(payload, indent=2))
+        return
+    rows = payload.get(rows_key, []) if rows_key else [payload]
+    widths = {c: max([len(c)] + [len(str(_get(row, c))) for row in rows]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(_get(row, c)).ljust(widths[c]) for c in columns))
+
+
+def _get(row: dict, dotted: str):
+    value = row
+    for part in dotted.split("."):
+        value = value.get(part, "") if isinstance(value, dict) else ""
+    return value
+
+
+def dataset_create(args) -> int:
+    query = {"name": args.name, "tokenizer": args.tokenizer, "format": args.format, "vocab_size": args.vocab_size,
+             "split_seed": args.split_seed}
+    data = Path(args.file)
+    print(f"uploading {data.stat().st_size / 1e6:.1f} MB …", file=sys.stderr)
+    created = _client(args).upload("/v1/datasets", data, query=query)
+    _print(args, created, ["name", "version", "state"])
+    return 0
+
+
+def dataset_list(args) -> int:
+    _print(args, _client(args).call("GET", "/v1/datasets"), ["name", "latest_version"], "datasets")
+    return 0
+
+
+def dataset_show(args) -> int:
+    path = f"/v1/datasets/{args.name}" + (f"/versions/{args.version}" if args.version else "")
+    _print(args, _client(args).call("GET", path))
+    return 0
+
+
+def train(args) -> int:
+    spec = json.loads(Path(args.spec).read_text()) if args.spec else {
+        "dataset": {"name": args.dataset, "version": args.dataset_version},
+        "model": {"family": args.family, "n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
+                  "block_size": args.block_size},
+        "hyperparameters": {"max_steps": args.max_steps, "batch_size": args.batch_size,
+                            "learning_rate": args.learning_rate},
+        "distributed": {"mode": args.mode, "nproc_per_node": args.nproc_per_node, "nnodes": 1},
+    }
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+    job = _client(args).call("POST", "/v1/training-jobs", spec, headers=headers)
+    _print(args, job, ["id", "state"])
+    return watch(args, job["id"]) if args.watch else 0
+
+
+def watch(args, job_id: str | None = None) -> int:
+    """Follow a job until it ends, with a progress bar from its state."""
+    client = _client(args)
+    job_id = job_id or args.id
+    while True:
+        job = client.call("GET", f"/v1/training-jobs/{job_id}")
+        progress = job.get("progress") or {}
+        done, total = int(progress.get("done") or 0), int(progress.get("total") or 0)
+        fraction = done / total if total else 0.0
+        loss = ((job.get("latest_metrics") or {}).get("values") or {}).get("train_loss")
+        bar = "#" * int(fraction * 30) + "." * (30 - int(fraction * 30))
+        print(f"\r{job['state']:10s} [{bar}] {done}/{total} steps" + (f"  loss {loss:.4f}" if loss else ""),
+              end="", file=sys.stderr, flush=True)
+        if job["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
+            print(file=sys.stderr)
+            _print(args, job, ["id", "state", "model_version.name", "model_version.version", "error"])
+            return 0 if job["state"] == "SUCCEEDED" else 1
+        time.sleep(1)
+
+
+def jobs_list(args) -> int:
+    _print(args, _client(args).call("GET", "/v1/training-jobs"), ["id", "state", "progress.done", "progress.total"],
+           "jobs")
+    return 0
+
+
+def jobs_cancel(args) -> int:
+    _print(args, _client(args).call("DELETE", f"/v1/training-jobs/{args.id}"), ["id", "state"])
+    return 0
+
+
+def models_list(args) -> int:
+    _print(args, _client(args).call("GET", "/v1/models"), ["name", "latest_version", "version_count"], "models")
+    return 0
+
+
+def models_show(args) -> int:
+    path = f"/v1/models/{args.name}" + (f"/versions/{args.version}" if args.version else "")
+    _print(args, _client(args).call("GET", path))
+    return 0
+
+
+def models_alias(args) -> int:
+    client = _client(args)
+    path = f"/v1/models/{args.name}/aliases/{args.alias}"
+    try:
+        _, etag = client.call_with_etag(path)
+        headers = {"If-Match": etag}
+    except ApiError as error:
+        if error.status != 404:
+            raise
+        headers = {"If-None-Match": "*"}
+    _print(args, client.call("PUT", path, {"version": args.version, "reason": args.reason}, headers=headers))
+    return 0
+
+
+def models_export(args) -> int:
+    _print(args, _client(args).call("POST", f"/v1/models/{args.name}/versions/{args.version}/exports",
+                                    {"format": args.format}), ["format", "state"])
+    return 0
+
+
+def deploy(args) -> int:
+    client = _client(args)
+    path = f"/v1/deployments/{args.name}"
+    body: dict = {"model": args.model, "stable": args.stable}
+    if args.canary:
+        body["canary"] = {"version": args.canary, "weight": args.canary_weight}
+    try:
+        _, etag = client.call_with_etag(path)
+        headers = {"If-Match": etag}
+    except ApiError as error:
+        if error.status != 404:
+            raise
+        headers = {"If-None-Match": "*"}
+    _print(args, client.call("PUT", path, body, headers=headers), ["name", "state"])
+    return 0
+
+
+def complete(args) -> int:
+    body = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens,
+            "temperature": args.temperature}
+    if args.seed is not None:
+        body["seed"] = args.seed
+    answer = _client(args).call("POST", "/v1/completions", body)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(args.prompt + answer["choices"][0]["text"])
+    return 0
+
+
+def keys_create(args) -> int:
+    _print(args, _client(args).call("POST", "/v1/api-keys", {"tenant": args.tenant, "role": args.role,
+                                                              "name": args.name or ""}), ["id", "tenant", "role", "key"])
+    return 0
+
+
+def _run(handler):
+    def wrapped(args) -> int:
+        try:
+            return handler(args)
+        except ApiError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="gateway URL (default LLMP_URL or http://127.0.0.1:8080)")
+    common.add_argument("--key", help="API key (default LLMP_API_KEY, LLMP_ADMIN_KEY or .llmp/admin.key)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def group(name: str, help_text: str) -> argparse._SubParsersAction:
+        return commands.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True)
+
+    def command(parent, name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, help=help_text, parents=[common])
+        parser.set_defaults(func=_run(handler))
+        return parser
+
+    datasets = group("dataset", "create and inspect datasets")
+    create = command(datasets, "create", dataset_create, "create a dataset version from a file")
+    create.add_argument("file")
+    create.add_argument("--name", required=True)
+    create.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe")
+    create.add_argument("--vocab-size", type=int)
+    create.add_argument("--format", choices=["text", "jsonl", "pairs"], default="text")
+    create.add_argument("--split-seed", type=int)
+    command(datasets, "list", dataset_list, "list datasets")
+    show = command(datasets, "show", dataset_show, "show a dataset or one version")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?")
+
+    trainer = command(commands, "train", train, "submit a training job")
+    trainer.add_argument("--spec", help="a JSON job spec (SPEC.md shape); overrides the flags below")
+    trainer.add_argument("--dataset")
+    trainer.add_argument("--dataset-version", type=int, default=1)
+    trainer.add_argument("--family", choices=["gpt2", "bert", "t5"], default="gpt2")
+    for flag, default in (("--n-layer", 2), ("--n-head", 4), ("--n-embd", 128), ("--block-size", 128),
+                          ("--max-steps", 200), ("--batch-size", 16), ("--nproc-per-node", 1)):
+        trainer.add_argument(flag, type=int, default=default)
+    trainer.add_argument("--learning-rate", type=float, default=1e-3)
+    trainer.add_argument("--mode", choices=["ddp", "local-sgd", "async"], default="ddp")
+    trainer.add_argument("--idempotency-key")
+    trainer.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+
+    jobs = group("jobs", "follow and cancel training jobs")
+    command(jobs, "list", jobs_list, "list jobs")
+    command(jobs, "watch", watch, "follow a job until it ends").add_argument("id")
+    command(jobs, "cancel", jobs_cancel, "cancel a job").add_argument("id")
+
+    models = group("models", "the model registry")
+    command(models, "list", models_list, "list models")
+    show = command(models, "show", models_show, "show a model or one version")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?")
+    alias = command(models, "alias", models_alias, "point an alias at a version")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", type=int)
+    alias.add_argument("--reason", default="")
+    export = command(models, "export", models_export, "export a version")
+    export.add_argument("name")
+    export.add_argument("version", type=int)
+    export.add_argument("--format", choices=["onnx", "onnx-int8", "torchscript"], default="onnx")
+
+    deployer = command(commands, "deploy", deploy, "deploy a model to Triton (with an optional canary)")
+    deployer.add_argument("name")
+    deployer.add_argument("--model", required=True)
+    deployer.add_argument("--stable", required=True, help="version number or alias")
+    deployer.add_argument("--canary", help="canary version number or alias")
+    deployer.add_argument("--canary-weight", type=int, default=10)
+
+    completer = command(commands, "complete", complete, "generate a completion")
+    completer.add_argument("model", help="deployment name")
+    completer.add_argument("prompt")
+    completer.add_argument("--max-tokens", type=int, default=64)
+    completer.add_argument("--temperature", type=float, default=0.0)
+    completer.add_argument("--seed", type=int)
+
+    keys = group("keys", "API keys (admin)")
+    creator = command(keys, "create", keys_create, "create an API key")
+    creator.add_argument("--tenant", required=True)
+    creator.add_argument("--role", choices=["admin", "developer", "inference"], required=True)
+    creator.add_argument("--name")

@@ -1,0 +1,153 @@
+"""`POST /v1/completions`: OpenAI-compatible text completion, streamed as Server-Sent Events on request.
+
+Deterministic requests (temperature 0) are answered from a response cache keyed by the deployment's
+ETag (which changes whenever its versions or weights change) and the request, so a change of
+deployment invalidates every cached answer at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections import OrderedDict
+
+from aiohttp import web
+from llmp.inference.v1 import inference_pb2
+from prometheus_client import Counter
+
+from gateway.http import ALL_ROLES, Route, json_response, read_json, rpc
+from gateway.state import CALLER, CLIENTS
+from services.common import errors
+
+COMPLETION = {
+    "type": "object", "additionalProperties": False, "required": ["model", "prompt"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "description": "deployment name"},
+        "prompt": {"type": "string", "minLength": 1},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer"},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "stream": {"type": "boolean"},
+        "user": {"type": "string", "maxLength": 200},
+        "n": {"const": 1},
+    },
+}
+CACHE_HITS = Counter("llmp_completion_cache_total", "Deterministic completion cache lookups", ["result"])
+TOKENS = Counter("llmp_deployment_tokens_total", "Tokens served per deployment", ["deployment", "kind"])
+
+
+class ResponseCache:
+    """A bounded LRU of deterministic completions."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, dict] = OrderedDict()
+
+    def get(self, key: str) -> dict | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: str, value: dict) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+
+CACHE: web.AppKey[ResponseCache] = web.AppKey("completion_cache", ResponseCache)
+
+
+def _generate_request(body: dict, routing_key: str) -> inference_pb2.GenerateRequest:
+    stop = body.get("stop") or []
+    sampling = inference_pb2.SamplingParameters(
+        temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
+        stop=[stop] if isinstance(stop, str) else stop)
+    if "seed" in body:
+        sampling.seed = body["seed"]
+    return inference_pb2.GenerateRequest(deployment=body["model"], prompt=body["prompt"],
+                                         max_tokens=body.get("max_tokens", 16), sampling=sampling,
+                                         routing_key=routing_key)
+
+
+def _openai_body(completion_id: str, created: int, deployment: str, completion: inference_pb2.Completion) -> dict:
+    return {
+        "id": completion_id, "object": "text_completion", "created": created, "model": deployment,
+        "choices": [{"text": completion.text, "index": 0, "logprobs": None,
+                     "finish_reason": completion.finish_reason or "stop"}],
+        "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                  "total_tokens": completion.prompt_tokens + completion.completion_tokens},
+        "system_fingerprint": f"{completion.model}-v{completion.model_version}",
+    }
+
+
+async def complete(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request, COMPLETION)
+    routing_key = body.get("user") or request.headers.get("X-Request-Id", "")
+    message = _generate_request(body, routing_key)
+    if body.get("stream"):
+        return await _stream(request, body, message)
+    cache_key = None
+    if body.get("temperature", 1.0) == 0:
+        deployment = await rpc(request, "inference", "GetDeployment",
+                               inference_pb2.GetDeploymentRequest(name=body["model"]))
+        canonical = json.dumps({k: v for k, v in body.items() if k not in {"user", "stream"}}, sort_keys=True)
+        tenant = request[CALLER].tenant
+        cache_key = hashlib.sha256(f"{tenant}|{deployment.deployment.etag}|{canonical}".encode()).hexdigest()
+        cached = request.app[CACHE].get(cache_key)
+        if cached is not None:
+            CACHE_HITS.labels("hit").inc()
+            return json_response(request, cached, cache_control="no-store", headers={"X-Cache": "hit"})
+        CACHE_HITS.labels("miss").inc()
+    response = await rpc(request, "inference", "Generate", message, timeout=120)
+    completion = response.completion
+    TOKENS.labels(body["model"], "prompt").inc(completion.prompt_tokens)
+    TOKENS.labels(body["model"], "completion").inc(completion.completion_tokens)
+    answer = _openai_body(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body["model"], completion)
+    if cache_key is not None:
+        request.app[CACHE].put(cache_key, answer)
+    return json_response(request, answer, cache_control="no-store",
+                         headers={"X-Cache": "miss"} if cache_key else None)
+
+
+async def _stream(request: web.Request, body: dict, message: inference_pb2.GenerateRequest) -> web.StreamResponse:
+    """OpenAI-style SSE: one `text_completion` chunk per piece of text, then `data: [DONE]`."""
+    stream = request.app[CLIENTS].stream("inference", "GenerateStream",
+                                         inference_pb2.GenerateStreamRequest(request=message),
+                                         caller=request.get(CALLER), timeout=120)
+    first = await anext(aiter(stream), None)  # errors before the first chunk still get a proper status
+    completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    chunk = first
+    try:
+        while chunk is not None:
+            payload = {"id": completion_id, "object": "text_completion", "created": created, "model": body["model"],
+                       "choices": [{"text": chunk.text, "index": 0, "logprobs": None,
+                                    "finish_reason": chunk.finish_reason or None}]}
+            if chunk.HasField("summary"):
+                summary = chunk.summary
+                payload["usage"] = {"prompt_tokens": summary.prompt_tokens,
+                                    "completion_tokens": summary.completion_tokens,
+                                    "total_tokens": summary.prompt_tokens + summary.completion_tokens}
+                TOKENS.labels(body["model"], "completion").inc(summary.completion_tokens)
+            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+            chunk = await anext(stream, None)
+    except errors.LlmpError as error:  # headers are sent: report in-band, as OpenAI does
+        await response.write(f"data: {json.dumps(errors.http_body(error))}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+ROUTES = [
+    Route("POST", "/v1/completions", complete, "OpenAI-compatible text completion (stream: true for SSE)",
+          roles=ALL_ROLES, body=COMPLETION, tag="completions",
+          responses={404: "Unknown deployment", 400: "Prompt longer than the model's context"}),
+]

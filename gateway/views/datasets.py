@@ -1,0 +1,242 @@
+"""`/v1/datasets…`: create dataset versions from streamed uploads or S3, inspect, follow and delete them.
+
+The upload is never read whole: the request body (raw, or the first file part of a multipart form)
+is forwarded chunk by chunk through the client-streaming `DatasetService/CreateDataset`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+from aiohttp import web
+from llmp.common.v1 import common_pb2
+from llmp.dataset.v1 import dataset_pb2 as pb
+
+from gateway.http import Route, caller, check_if_match, etag_of, json_response, query_int, rpc, to_dict
+from gateway.state import CALLER, CLIENTS, SETTINGS
+from services.common import errors
+from services.common.grpc_client import call_metadata, domain_error
+
+CHUNK = 1024 * 1024
+FORMATS = {"text": pb.CORPUS_FORMAT_TEXT, "jsonl": pb.CORPUS_FORMAT_JSONL, "pairs": pb.CORPUS_FORMAT_PAIRS}
+MODES = {"blank-line": pb.DOCUMENT_MODE_BLANK_LINE, "line": pb.DOCUMENT_MODE_LINE}
+TOKENIZERS = {"bpe": pb.TOKENIZER_KIND_BPE, "char": pb.TOKENIZER_KIND_CHAR}
+CREATE_QUERY = {
+    "name": {"type": "string"}, "format": {"enum": list(FORMATS)}, "document_mode": {"enum": list(MODES)},
+    "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
+    "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": {"type": "integer"}, "split_seed": {"type": "integer"},
+    "min_doc_chars": {"type": "integer"}, "max_doc_chars": {"type": "integer"}, "source": {"type": "string"},
+    "fractions": {"type": "string", "description": "train,validation,test,calibration e.g. 0.9,0.05,0.03,0.02"},
+    "wait": {"type": "boolean"},
+}
+
+
+def present_version(version: pb.DatasetVersion) -> dict:
+    """The REST shape: splits by name, the manifest with its objects' SHA-256 and size."""
+    body = _integers(to_dict(version), version.DESCRIPTOR)
+    body["splits"] = {split.pop("name"): split for split in body.get("splits", [])}
+    body["manifest"] = {"key": body.pop("manifest_key"), "objects": body.pop("objects")}
+    for unset in ("finished_at", "created_at"):
+        body.setdefault(unset, None)
+    return body
+
+
+def _integers(value, descriptor):
+    """Proto JSON spells 64-bit integers as strings; these counts and sizes are numbers in the REST API."""
+    if isinstance(value, list):
+        return [_integers(item, descriptor) for item in value]
+    if not isinstance(value, dict):
+        return value
+    for field_descriptor in descriptor.fields:
+        name = field_descriptor.name
+        if name not in value:
+            continue
+        if field_descriptor.message_type is not None and field_descriptor.message_type.name != "Timestamp":
+            value[name] = _integers(value[name], field_descriptor.message_type)
+        elif field_descriptor.type in (field_descriptor.TYPE_INT64, field_descriptor.TYPE_UINT64):
+            value[name] = int(value[name])
+    return value
+
+
+def _choice(request: web.Request, name: str, table: dict[str, int]) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return 0
+    if value not in table:
+        raise errors.ValidationFailed(f"{name}: must be one of {', '.join(table)}, not {value!r}")
+    return table[value]
+
+
+def _fractions(request: web.Request) -> pb.SplitFractions | None:
+    raw = request.query.get("fractions")
+    if raw is None:
+        return None
+    try:
+        shares = [float(part) for part in raw.split(",")]
+    except ValueError:
+        raise errors.ValidationFailed(f"fractions: four comma-separated numbers, not {raw!r}") from None
+    if len(shares) != 4:
+        raise errors.ValidationFailed(f"fractions: four comma-separated numbers, not {raw!r}")
+    return pb.SplitFractions(train=shares[0], validation=shares[1], test=shares[2], calibration=shares[3])
+
+
+def create_options(request: web.Request) -> pb.DatasetOptions:
+    query = request.query
+    if not query.get("name"):
+        raise errors.ValidationFailed("name: the dataset name is required (?name=…)")
+    return pb.DatasetOptions(
+        name=query["name"], format=_choice(request, "format", FORMATS),
+        document_mode=_choice(request, "document_mode", MODES), tokenizer=_choice(request, "tokenizer", TOKENIZERS),
+        text_field=query.get("text_field", ""), prompt_field=query.get("prompt_field", ""),
+        completion_field=query.get("completion_field", ""),
+        vocab_size=query_int(request, "vocab_size", 0, minimum=0, maximum=1 << 20),
+        split_seed=query_int(request, "split_seed", 0, minimum=0, maximum=(1 << 63) - 1),
+        min_doc_chars=query_int(request, "min_doc_chars", 0, minimum=0, maximum=(1 << 31) - 1),
+        max_doc_chars=query_int(request, "max_doc_chars", 0, minimum=0, maximum=(1 << 31) - 1),
+        fractions=_fractions(request), source_uri=query.get("source", ""),
+        wait=query.get("wait", "false").lower() in {"1", "true", "yes"},
+    )
+
+
+async def _body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The corpus bytes: the first file part of a multipart form, else the raw body; at most `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(f"upload of {request.content_length} bytes exceeds the limit of {limit} bytes")
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        part = await reader.next()
+        while part is not None and not getattr(part, "filename", None):
+            part = await reader.next()
+        if part is None:
+            raise errors.ValidationFailed("multipart upload has no file part")
+        read = part.read_chunk
+    else:
+        read = request.content.read
+    size = 0
+    while True:
+        chunk = await read(CHUNK)
+        if not chunk:
+            return
+        size += len(chunk)
+        if size > limit:
+            raise errors.PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+        yield chunk
+
+
+async def create_dataset(request: web.Request) -> web.Response:
+    options = create_options(request)
+    limit = request.app[SETTINGS].max_upload_bytes
+
+    upload_error: list[errors.LlmpError] = []
+
+    async def messages() -> AsyncIterator[pb.CreateDatasetRequest]:
+        yield pb.CreateDatasetRequest(options=options)
+        if not options.source_uri:
+            try:
+                async for chunk in _body_chunks(request, limit):
+                    yield pb.CreateDatasetRequest(chunk=chunk)
+            except errors.LlmpError as error:  # gRPC cancels the call; the reason is reported below
+                upload_error.append(error)
+                raise
+
+    stub = request.app[CLIENTS].stub("dataset")
+    try:
+        response = await stub.CreateDataset(messages(), metadata=call_metadata(caller(request)))
+    except grpc.aio.AioRpcError as error:
+        raise (upload_error[0] if upload_error else domain_error(error)) from None
+    version = response.version
+    location = f"/v1/datasets/{version.name}/versions/{version.version}"
+    status = 202 if version.state == pb.VERSION_STATE_PENDING else (201 if response.created else 200)
+    return json_response(request, present_version(version), status=status, cache_control="no-store",
+                         headers={"Location": location})
+
+
+async def list_datasets(request: web.Request) -> web.Response:
+    response = await rpc(request, "dataset", "ListDatasets", pb.ListDatasetsRequest(page=_page(request)))
+    datasets = [{"name": d.name, "version_count": d.version_count, "latest": present_version(d.latest),
+                 "created_at": to_dict(d).get("created_at")} for d in response.datasets]
+    return json_response(request, {"datasets": datasets, "next_page_token": response.page.next_page_token})
+
+
+async def get_dataset(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    response = await rpc(request, "dataset", "ListDatasetVersions",
+                         pb.ListDatasetVersionsRequest(name=name, page=_page(request)))
+    return json_response(request, {"name": name, "versions": [present_version(v) for v in response.versions],
+                                   "next_page_token": response.page.next_page_token})
+
+
+async def _version(request: web.Request) -> pb.DatasetVersion:
+    response = await rpc(request, "dataset", "GetDatasetVersion", pb.GetDatasetVersionRequest(
+        name=request.match_info["name"], version=_version_number(request)))
+    return response.version
+
+
+async def get_version(request: web.Request) -> web.Response:
+    version = await _version(request)
+    # READY and FAILED versions never change again: caches may keep them.
+    cache = "private, no-cache" if version.state == pb.VERSION_STATE_PENDING else "private, max-age=3600"
+    return json_response(request, present_version(version), cache_control=cache)
+
+
+async def delete_version(request: web.Request) -> web.Response:
+    version = await _version(request)
+    check_if_match(request, etag_of(present_version(version)), required=False)
+    response = await rpc(request, "dataset", "DeleteDatasetVersion", pb.DeleteDatasetVersionRequest(
+        name=version.name, version=version.version))
+    return json_response(request, {"name": version.name, "version": version.version,
+                                   "objects_deleted": response.objects_deleted}, cache_control="no-store")
+
+
+async def version_events(request: web.Request) -> web.StreamResponse:
+    """Ingest progress as Server-Sent Events until the version is READY or FAILED."""
+    message = pb.WatchIngestRequest(name=request.match_info["name"], version=_version_number(request))
+    events = request.app[CLIENTS].stream("dataset", "WatchIngest", message, caller=request.get(CALLER))
+    first = await anext(aiter(events), None)  # an unknown version is a 404, not an empty stream
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    event, sequence = first, 0
+    while event is not None:
+        sequence += 1
+        payload = to_dict(event)
+        if event.HasField("version"):
+            payload["version"] = present_version(event.version)
+        kind = "version" if event.HasField("version") else "progress"
+        await response.write(f"id: {sequence}\nevent: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+        event = await anext(events, None)
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+def _version_number(request: web.Request) -> int:
+    raw = request.match_info["version"]
+    if not raw.isdigit() or int(raw) < 1:
+        raise errors.InvalidArgument(f"version must be a positive integer, not {raw!r}")
+    return int(raw)
+
+
+def _page(request: web.Request) -> common_pb2.PageRequest:
+    return common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, minimum=1, maximum=1000),
+                                  page_token=request.query.get("page_token", ""))
+
+
+PAGING = {"page_size": {"type": "integer"}, "page_token": {"type": "string"}}
+VERSION = "/v1/datasets/{name}/versions/{version}"
+ROUTES = [
+    Route("POST", "/v1/datasets", create_dataset,
+          "Create a dataset version from the body (raw or multipart) or ?source=s3://… → 202 while it is built",
+          query=CREATE_QUERY, tag="datasets",
+          responses={200: "Same corpus and options: the existing version", 201: "Created READY (?wait=true)",
+                     202: "Accepted, PENDING", 413: "Upload over the limit"}),
+    Route("GET", "/v1/datasets", list_datasets, "List datasets with their latest version", query=PAGING,
+          tag="datasets"),
+    Route("GET", "/v1/datasets/{name}", get_dataset, "A dataset's versions, newest first", query=PAGING,
+          tag="datasets"),
+    Route("GET", VERSION, get_version, "A version: splits, tokens, tokenizer, manifest checksums", tag="datasets"),
+    Route("GET", VERSION + "/events", version_events, "Ingest progress (text/event-stream)", tag="datasets"),
+    Route("DELETE", VERSION, delete_version, "Delete a version (409 while a model's lineage points at it)",
+          tag="datasets", responses={409: "A model version's lineage uses it"}),
+]

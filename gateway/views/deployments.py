@@ -1,0 +1,78 @@
+"""`/v1/deployments/{name}`: a model's stable version (and optional weighted canary) on Triton."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from llmp.inference.v1 import inference_pb2
+
+from gateway.http import Route, json_response, read_json, rpc, to_dict
+
+PUT_DEPLOYMENT = {
+    "type": "object", "additionalProperties": False, "required": ["model", "stable"],
+    "properties": {
+        "model": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"},
+        "stable": {"oneOf": [{"type": "integer", "minimum": 1},
+                             {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"}],
+                   "description": "a version number or an alias"},
+        "canary": {"type": ["object", "null"], "additionalProperties": False, "required": ["version", "weight"],
+                   "properties": {"version": {"type": "integer", "minimum": 1},
+                                  "weight": {"type": "integer", "minimum": 0, "maximum": 100}}},
+    },
+}
+
+
+def present(deployment: inference_pb2.Deployment) -> dict:
+    body = to_dict(deployment)
+    body["stable"] = body.pop("stable_version")
+    body["canary"] = to_dict(deployment.canary) if deployment.HasField("canary") else None
+    return body
+
+
+def _etag(deployment: inference_pb2.Deployment) -> str:
+    return f'"{deployment.etag}"'
+
+
+async def list_deployments(request: web.Request) -> web.Response:
+    response = await rpc(request, "inference", "ListDeployments", inference_pb2.ListDeploymentsRequest())
+    return json_response(request, {"deployments": [present(d) for d in response.deployments]})
+
+
+async def get_deployment(request: web.Request) -> web.Response:
+    response = await rpc(request, "inference", "GetDeployment",
+                         inference_pb2.GetDeploymentRequest(name=request.match_info["name"]))
+    return json_response(request, present(response.deployment), etag=_etag(response.deployment))
+
+
+async def put_deployment(request: web.Request) -> web.Response:
+    """Create (If-None-Match: *) or change (If-Match) a deployment; the service checks the ETag atomically,
+    loads the new version, waits for Triton to report it ready, then moves traffic."""
+    body = await read_json(request, PUT_DEPLOYMENT)
+    stable = body["stable"]
+    message = inference_pb2.PutDeploymentRequest(
+        name=request.match_info["name"], model=body["model"],
+        stable_version=stable if isinstance(stable, int) else 0,
+        stable_alias=stable if isinstance(stable, str) else "",
+        if_match=request.headers.get("If-Match", ""), if_none_match=request.headers.get("If-None-Match", ""),
+        wait=False)
+    if body.get("canary"):
+        message.canary.CopyFrom(inference_pb2.Canary(version=body["canary"]["version"],
+                                                     weight=body["canary"]["weight"]))
+    response = await rpc(request, "inference", "PutDeployment", message, timeout=600)
+    return json_response(request, present(response.deployment), status=201 if response.created else 200,
+                         cache_control="no-store", etag=_etag(response.deployment))
+
+
+async def delete_deployment(request: web.Request) -> web.Response:
+    await rpc(request, "inference", "DeleteDeployment", inference_pb2.DeleteDeploymentRequest(
+        name=request.match_info["name"], if_match=request.headers.get("If-Match", "")), timeout=120)
+    return web.Response(status=204, headers={"Cache-Control": "no-store"})
+
+
+DEPLOYMENT = "/v1/deployments/{name}"
+ROUTES = [
+    Route("GET", "/v1/deployments", list_deployments, "List deployments", tag="deployments"),
+    Route("GET", DEPLOYMENT, get_deployment, "A deployment: versions, canary weight, state", tag="deployments"),
+    Route("PUT", DEPLOYMENT, put_deployment, "Deploy (If-None-Match: * to create, If-Match to change)",
+          body=PUT_DEPLOYMENT, tag="deployments", responses={412: "ETag mismatch", 428: "Precondition required"}),
+    Route("DELETE", DEPLOYMENT, delete_deployment, "Drain and delete a deployment", tag="deployments"),
+]

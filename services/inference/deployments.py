@@ -1,0 +1,296 @@
+"""Deployments: a name → a stable model version and an optional canary taking `weight`% of requests.
+
+Rows live in PostgreSQL (`inference_deployments`); what requests route to lives in memory (`Router`),
+and only ever points at versions Triton reports ready. A change loads the new versions first, waits
+for readiness, then swaps the route in one step, so no request fails during it; versions no route uses
+any more are unloaded once their in-flight requests finish. Deleting removes the route, drains, then
+deletes the row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.db import Database
+from services.common.errors import (
+    AlreadyExists,
+    NotFound,
+    PreconditionFailed,
+    Unavailable,
+    ValidationFailed,
+)
+from services.inference import model_repository
+from services.inference.generation import ServedVersion
+from services.inference.model_source import ModelSource
+from services.inference.triton_engine import TritonEngine
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What a client asks for."""
+
+    name: str
+    model: str
+    stable_version: int
+    canary_version: int | None = None
+    canary_weight: int = 0
+
+    def validate(self) -> "DeploymentSpec":
+        for value, what in ((self.name, "deployment name"), (self.model, "model name")):
+            if not NAME.match(value or ""):
+                raise ValidationFailed(f"{what} {value!r} must be 1-63 lowercase letters, digits, '-', '_' or '.'")
+        if self.stable_version < 1:
+            raise ValidationFailed("stable version must be a positive integer")
+        if self.canary_version is not None:
+            if self.canary_version < 1:
+                raise ValidationFailed("canary version must be a positive integer")
+            if not 0 <= self.canary_weight <= 100:
+                raise ValidationFailed(f"canary weight must be between 0 and 100, not {self.canary_weight}")
+        elif self.canary_weight:
+            raise ValidationFailed("a canary weight needs a canary version")
+        return self
+
+    def versions(self) -> tuple[int, ...]:
+        return (self.stable_version,) + ((self.canary_version,) if self.canary_version else ())
+
+
+def etag_of(row: dict) -> str:
+    content = "|".join(str(row.get(key)) for key in (
+        "name", "model", "stable_version", "canary_version", "canary_weight", "state", "message", "updated_at"))
+    return '"' + hashlib.sha256(content.encode()).hexdigest()[:32] + '"'
+
+
+def canary_bucket(routing_key: str) -> int:
+    """0-99, stable for a key: requests with the same key reach the same version."""
+    return int.from_bytes(hashlib.sha256(routing_key.encode()).digest()[:8], "big") % 100
+
+
+@dataclass
+class Route:
+    stable: ServedVersion
+    canary: ServedVersion | None = None
+    weight: int = 0
+
+    def pick(self, routing_key: str) -> tuple[ServedVersion, bool]:
+        if self.canary is None or self.weight <= 0:
+            return self.stable, False
+        bucket = canary_bucket(routing_key) if routing_key else random.randrange(100)
+        return (self.canary, True) if bucket < self.weight else (self.stable, False)
+
+
+@dataclass
+class _Loaded:
+    served: ServedVersion
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Deployments:
+    """The deployments of every tenant, their rows, routes and the Triton models behind them."""
+
+    def __init__(self, db: Database, engine: TritonEngine, source: ModelSource, repository: Path,
+                 batching: model_repository.BatchingConfig | None = None) -> None:
+        self.db = db
+        self.engine = engine
+        self.source = source
+        self.repository = repository
+        self.batching = batching or model_repository.BatchingConfig()
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.loaded: dict[str, _Loaded] = {}  # triton name -> loaded version
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._changes: dict[tuple[str, str], asyncio.Lock] = {}
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    async def get(self, tenant: str, name: str) -> dict:
+        async with self.db.pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT * FROM inference_deployments WHERE tenant = %s AND name = %s", (tenant, name))).fetchone()
+        if row is None:
+            raise NotFound(f"deployment {name!r} not found")
+        return row
+
+    async def list(self, tenant: str) -> list[dict]:
+        async with self.db.pool.connection() as conn:
+            return await (await conn.execute(
+                "SELECT * FROM inference_deployments WHERE tenant = %s ORDER BY name", (tenant,))).fetchall()
+
+    def triton_models(self, tenant: str, row: dict) -> dict[str, str]:
+        versions = [row["stable_version"]] + ([row["canary_version"]] if row["canary_version"] else [])
+        return {str(v): model_repository.triton_model_name(tenant, row["model"], v) for v in versions}
+
+    # -- changes --------------------------------------------------------------------------------------
+
+    async def put(self, tenant: str, spec: DeploymentSpec, *, if_match: str = "", if_none_match: str = "",
+                  wait: bool = False) -> tuple[dict, bool]:
+        """Store the deployment as LOADING, load its versions (in the background unless `wait`), then route."""
+        spec.validate()
+        for version in spec.versions():
+            await self.source.resolve(tenant, spec.model, version, "")
+        lock = self._changes.setdefault((tenant, spec.name), asyncio.Lock())
+        async with self.db.transaction() as conn:
+            current = await (await conn.execute(
+                "SELECT * FROM inference_deployments WHERE tenant = %s AND name = %s FOR UPDATE",
+                (tenant, spec.name))).fetchone()
+            if current is not None and if_none_match == "*":
+                raise AlreadyExists(f"deployment {spec.name!r} already exists")
+            if if_match and (current is None or current["etag"] != if_match):
+                raise PreconditionFailed(f"deployment {spec.name!r} does not match If-Match {if_match}")
+            row = {"name": spec.name, "model": spec.model, "stable_version": spec.stable_version,
+                   "canary_version": spec.canary_version, "canary_weight": spec.canary_weight,
+                   "state": "LOADING", "message": ""}
+            stored = await (await conn.execute(
+                """INSERT INTO inference_deployments
+                       (tenant, name, model, stable_version, canary_version, canary_weight, state, message, etag)
+                   VALUES (%(tenant)s, %(name)s, %(model)s, %(stable_version)s, %(canary_version)s,
+                           %(canary_weight)s, 'LOADING', '', '')
+                   ON CONFLICT (tenant, name) DO UPDATE SET model = EXCLUDED.model,
+                       stable_version = EXCLUDED.stable_version, canary_version = EXCLUDED.canary_version,
+                       canary_weight = EXCLUDED.canary_weight, state = 'LOADING', message = '', updated_at = now()
+                   RETURNING *""", {"tenant": tenant, **row})).fetchone()
+            stored["etag"] = etag_of(stored)
+            await conn.execute("UPDATE inference_deployments SET etag = %s WHERE tenant = %s AND name = %s",
+                               (stored["etag"], tenant, spec.name))
+        task = asyncio.create_task(self._activate(tenant, spec, lock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if wait:
+            await asyncio.shield(task)
+            stored = await self.get(tenant, spec.name)
+        return stored, current is None
+
+    async def _activate(self, tenant: str, spec: DeploymentSpec, lock: asyncio.Lock) -> None:
+        async with lock:
+            try:
+                stable = await self._ensure_loaded(tenant, spec.model, spec.stable_version)
+                canary = (await self._ensure_loaded(tenant, spec.model, spec.canary_version)
+                          if spec.canary_version else None)
+            except Exception as error:  # any failure marks the deployment FAILED with the reason
+                log.warning("deployment failed", extra={"deployment": spec.name, "error": str(error)})
+                await self._set_state(tenant, spec.name, "FAILED", str(error) or type(error).__name__)
+                return
+            previous = self.routes.get((tenant, spec.name))
+            self.routes[(tenant, spec.name)] = Route(stable, canary, spec.canary_weight)
+            await self._set_state(tenant, spec.name, "READY", "")
+            if previous is not None:
+                await self._release_unused([previous.stable, previous.canary])
+
+    async def _set_state(self, tenant: str, name: str, state: str, message: str) -> None:
+        async with self.db.transaction() as conn:
+            row = await (await conn.execute(
+                """UPDATE inference_deployments SET state = %s, message = %s, updated_at = now()
+                   WHERE tenant = %s AND name = %s RETURNING *""", (state, message, tenant, name))).fetchone()
+            if row is not None:
+                await conn.execute("UPDATE inference_deployments SET etag = %s WHERE tenant = %s AND name = %s",
+                                   (etag_of(row), tenant, name))
+
+    async def _ensure_loaded(self, tenant: str, model: str, version: int) -> ServedVersion:
+        name = model_repository.triton_model_name(tenant, model, version)
+        async with self._load_locks.setdefault(name, asyncio.Lock()):
+            loaded = self.loaded.get(name)
+            if loaded is not None and await self.engine.is_ready(name):
+                return loaded.served
+            files = await self.source.fetch(tenant, model, version)
+            await asyncio.to_thread(model_repository.write_model, self.repository, name, files.onnx_dir,
+                                    self.batching)
+            await self.engine.load(name)
+            if not await self.engine.is_ready(name):
+                raise Unavailable(f"Triton loaded {name} but does not report it ready", retry_after=2)
+            served = ServedVersion(model, version, name, files.spec(), await asyncio.to_thread(files.tokenizer),
+                                   files.digest)
+            loaded = _Loaded(served)
+            loaded.idle.set()
+            self.loaded[name] = loaded
+            log.info("model loaded", extra={"triton_model": name})
+            return served
+
+    async def _release_unused(self, versions) -> None:
+        used = self._routed_names()
+        for served in versions:
+            if served is None or served.triton_name in used:
+                continue
+            loaded = self.loaded.get(served.triton_name)
+            if loaded is None:
+                continue
+            try:
+                await asyncio.wait_for(loaded.idle.wait(), DRAIN_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("drain timed out", extra={"triton_model": served.triton_name})
+            # A new route may have picked it up while draining.
+            if served.triton_name in self._routed_names():
+                continue
+            self.loaded.pop(served.triton_name, None)
+            try:
+                await self.engine.unload(served.triton_name)
+            except Exception as error:  # unloading is housekeeping; the route is already gone
+                log.warning("unload failed", extra={"triton_model": served.triton_name, "error": str(error)})
+            await asyncio.to_thread(model_repository.remove_model, self.repository, served.triton_name)
+
+    def _routed_names(self) -> set[str]:
+        return {v.triton_name for route in self.routes.values() for v in (route.stable, route.canary) if v}
+
+    async def delete(self, tenant: str, name: str, *, if_match: str = "") -> None:
+        row = await self.get(tenant, name)
+        if if_match and row["etag"] != if_match:
+            raise PreconditionFailed(f"deployment {name!r} does not match If-Match {if_match}")
+        async with self._changes.setdefault((tenant, name), asyncio.Lock()):
+            route = self.routes.pop((tenant, name), None)
+            async with self.db.transaction() as conn:
+                await conn.execute("DELETE FROM inference_deployments WHERE tenant = %s AND name = %s", (tenant, name))
+            if route is not None:
+                await self._release_unused([route.stable, route.canary])
+
+    async def restore(self) -> None:
+        """At start: reload every deployment that was READY or LOADING (e.g. after a restart)."""
+        async with self.db.pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT * FROM inference_deployments WHERE state IN ('READY', 'LOADING')")).fetchall()
+        for row in rows:
+            spec = DeploymentSpec(row["name"], row["model"], row["stable_version"], row["canary_version"],
+                                  row["canary_weight"])
+            task = asyncio.create_task(self._activate(row["tenant"], spec,
+                                                      self._changes.setdefault((row["tenant"], row["name"]),
+                                                                               asyncio.Lock())))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- routing --------------------------------------------------------------------------------------
+
+    async def route(self, tenant: str, name: str, routing_key: str) -> tuple[ServedVersion, bool]:
+        route = self.routes.get((tenant, name))
+        if route is None:
+            row = await self.get(tenant, name)  # NotFound when it does not exist
+            if row["state"] == "FAILED":
+                raise Unavailable(f"deployment {name!r} failed: {row['message']}", retry_after=5)
+            raise Unavailable(f"deployment {name!r} is still loading", retry_after=2)
+        return route.pick(routing_key)
+
+    def acquire(self, served: ServedVersion) -> None:
+        loaded = self.loaded.get(served.triton_name)
+        if loaded is not None:
+            loaded.in_flight += 1
+            loaded.idle.clear()
+
+    def release(self, served: ServedVersion) -> None:
+        loaded = self.loaded.get(served.triton_name)
+        if loaded is not None:
+            loaded.in_flight -= 1
+            if loaded.in_flight <= 0:
+                loaded.in_flight = 0
+                loaded.idle.set()

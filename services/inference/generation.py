@@ -1,0 +1,138 @@
+"""Text generation over Triton: tokenize, prefill once, then one token per step with the KV cache in Triton.
+
+`generate` yields `Chunk`s (new text and token ids) as tokens are chosen; the non-streaming RPC joins
+them, so streaming and non-streaming outputs are the same by construction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerFast
+
+from services.common.errors import BadRequest, DeadlineExceeded, ValidationFailed
+from services.inference.sampling import SamplingParams, StopScanner, choose
+from services.inference.triton_engine import TritonEngine, new_sequence_id
+from services.registry.onnx_export import DecoderSpec
+
+MAX_PROMPT_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """A model version as loaded in Triton, with what generation needs beside it."""
+
+    model: str
+    version: int
+    triton_name: str
+    spec: DecoderSpec
+    tokenizer: PreTrainedTokenizerFast
+    digest: str = ""
+
+    @property
+    def eos_token_id(self) -> int | None:
+        if self.spec.eos_token_id is not None:
+            return self.spec.eos_token_id
+        return self.tokenizer.eos_token_id
+
+
+@dataclass
+class Chunk:
+    text: str  # new text released by this step (may be empty while a stop sequence is undecided)
+    token_ids: list[int]  # tokens chosen since the previous chunk
+    finish_reason: str = ""  # set on the last chunk: "stop" (EOS or a stop sequence) or "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_s: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def encode_prompt(served: ServedVersion, prompt: str, max_tokens: int) -> list[int]:
+    """Token ids of the prompt, after checking it and max_tokens against the model's context."""
+    if not prompt:
+        raise ValidationFailed("prompt must not be empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValidationFailed(f"prompt must be at most {MAX_PROMPT_CHARS} characters")
+    if max_tokens < 1:
+        raise ValidationFailed(f"max_tokens must be at least 1, not {max_tokens}")
+    ids = served.tokenizer.encode(prompt, add_special_tokens=False)
+    if not ids:
+        raise ValidationFailed("prompt encodes to no tokens")
+    context = served.spec.context_length
+    if len(ids) + max_tokens > context:
+        raise BadRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                         f"context length of {context} tokens")
+    return ids
+
+
+async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list[int], max_tokens: int,
+                   params: SamplingParams, *, deadline: float | None = None,
+                   stats: GenerationStats | None = None) -> AsyncIterator[Chunk]:
+    """Decode up to `max_tokens` tokens after `prompt_ids`. `deadline` is a `time.monotonic()` instant."""
+    stats = stats or GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    rng = params.rng()
+    scanner = StopScanner(params.stop)
+    eos = served.eos_token_id
+    sequence_id = new_sequence_id()
+    generated: list[int] = []
+    pending: list[int] = []
+    feed = prompt_ids
+    start, finished = True, False
+    try:
+        while True:
+            last = len(generated) + 1 >= max_tokens
+            logits = await engine.step(served.triton_name, sequence_id, feed, start=start, end=last,
+                                       timeout=_remaining(deadline))
+            finished = last
+            start = False
+            token = choose(logits, params, rng)
+            if stats.first_token_s is None:
+                stats.first_token_s = time.perf_counter() - stats.started
+            if token == eos:
+                yield _final(scanner, served, generated, pending, "stop", stats)
+                return
+            generated.append(token)
+            pending.append(token)
+            stats.completion_tokens = len(generated)
+            text = served.tokenizer.decode(generated, skip_special_tokens=True)
+            release = scanner.feed(text)
+            if scanner.stopped:
+                yield Chunk(release, pending, "stop", stats.prompt_tokens, len(generated))
+                return
+            if last:
+                yield Chunk(release + scanner.flush(text), pending, "length", stats.prompt_tokens, len(generated))
+                return
+            if release:
+                yield Chunk(release, pending, "", stats.prompt_tokens, len(generated))
+                pending = []
+            feed = [token]
+    finally:
+        if not finished:  # stopped early (EOS, stop sequence, error, client gone): free Triton's state
+            try:
+                await engine.step(served.triton_name, sequence_id, [], end=True, timeout=5)
+            except Exception:  # best effort; Triton evicts idle state anyway
+                pass
+
+
+def _final(scanner: StopScanner, served: ServedVersion, generated: list[int], pending: list[int], reason: str,
+           stats: GenerationStats) -> Chunk:
+    text = served.tokenizer.decode(generated, skip_special_tokens=True)
+    return Chunk(scanner.flush(text), pending, reason, stats.prompt_tokens, len(generated))
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("deadline exceeded during generation")
+    return left

@@ -1,0 +1,116 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p (nucleus).
+
+The same order of operations as Hugging Face's logits warpers (temperature, then top-k, then top-p),
+on numpy, with a per-request `numpy.random.Generator` so a seed reproduces a sample exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.errors import ValidationFailed
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy (top_k/top_p/seed are then ignored)."""
+
+    temperature: float = 0.0  # 0 = greedy; else logits are divided by it (0 < t <= 2)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p (0 < p <= 1)
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    seed: int | None = None  # makes sampling reproducible; None = fresh entropy
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingParams":
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValidationFailed(f"temperature must be between 0 and 2, not {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValidationFailed(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0:
+            raise ValidationFailed(f"top_k must be 0 (off) or positive, not {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValidationFailed(f"seed must be between 0 and 2^63-1, not {self.seed}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise ValidationFailed(f"at most {MAX_STOP_SEQUENCES} stop sequences, not {len(self.stop)}")
+        for stop in self.stop:
+            if not stop or len(stop) > MAX_STOP_LENGTH:
+                raise ValidationFailed(f"each stop sequence must have 1-{MAX_STOP_LENGTH} characters")
+        return self
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
+
+
+def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The next token id from a [vocab] logits vector."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < scores.shape[0]:
+        kth = np.partition(scores, -params.top_k)[-params.top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        # Keep every token up to and including the one that crosses top_p (at least one).
+        cut = int(np.searchsorted(cumulative, params.top_p, side="left")) + 1
+        keep = np.zeros_like(probs, dtype=bool)
+        keep[order[:cut]] = True
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(probs.shape[0], p=probs))
+
+
+class StopScanner:
+    """Incremental text with stop sequences: what may be shown so far, and whether a stop was hit.
+
+    Text that could still turn into a stop sequence (a suffix that is a prefix of one) and an
+    incomplete multi-byte character are held back until the next token decides.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.emitted = 0  # characters of the text already released
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Given the whole generated text so far, return the newly releasable part."""
+        for stop in self.stops:
+            index = text.find(stop)
+            if index != -1:
+                self.stopped = True
+                release = text[self.emitted:index] if index > self.emitted else ""
+                self.emitted = max(self.emitted, index)
+                return release
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text) - 1
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:length]):
+                    safe = min(safe, len(text) - length)
+                    break
+        if safe <= self.emitted:
+            return ""
+        release = text[self.emitted:safe]
+        self.emitted = safe
+        return release
+
+    def flush(self, text: str) -> str:
+        """At the end (no stop hit): release what was held back."""
+        if self.stopped or len(text) <= self.emitted:
+            return ""
+        release = text[self.emitted:]
+        self.emitted = len(text)
+        return release

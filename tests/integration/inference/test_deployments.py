@@ -1,0 +1,73 @@
+"""Deployments: canary split, sticky routing, changes under load without failures, preconditions, delete."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from llmp.inference.v1 import inference_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+
+async def test_canary_split_holds_within_bounds_and_is_sticky(service):
+    response = await service.deploy(stable=1, canary=(2, 30))
+    assert response.deployment.state == "READY" and response.deployment.canary.weight == 30
+    served = [await service.generate("O", max_tokens=1, routing_key=f"user-{i}") for i in range(300)]
+    canary = sum(c.canary for c in served)
+    assert all(c.model_version == (2 if c.canary else 1) for c in served)
+    # Binomial(300, 0.3): mean 90, sd ~7.9; 4 sd either side.
+    assert 58 <= canary <= 122, canary
+    again = [await service.generate("O", max_tokens=1, routing_key=f"user-{i}") for i in range(40)]
+    assert [c.model_version for c in again] == [c.model_version for c in served[:40]]
+
+
+async def test_change_under_load_fails_no_request(service):
+    await service.deploy(stable=1)
+    failures, versions, stop = [], [], asyncio.Event()
+
+    async def client(i: int) -> None:
+        while not stop.is_set():
+            try:
+                versions.append((await service.generate(f"ROMEO {i}:", max_tokens=4)).model_version)
+            except grpc.aio.AioRpcError as error:
+                failures.append(error)
+
+    tasks = [asyncio.create_task(client(i)) for i in range(6)]
+    await asyncio.sleep(1)
+    changed = await service.deploy(stable=2)
+    await asyncio.sleep(1)
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert changed.deployment.state == "READY" and changed.deployment.stable_version == 2
+    assert failures == []
+    assert 1 in versions and versions[-1] == 2
+
+
+async def test_preconditions_get_list_and_delete(service):
+    created = await service.deploy(name="tiny-a", stable=1, if_none_match="*")
+    assert created.created
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.deploy(name="tiny-a", stable=1, if_none_match="*")
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.deploy(name="tiny-a", stable=2, if_match='"stale"')
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    shown = (await service.call("GetDeployment", pb.GetDeploymentRequest(name="tiny-a"))).deployment
+    assert shown.etag == created.deployment.etag and shown.triton_models == {"1": "m-acme-tiny-v1"}
+    listed = await service.call("ListDeployments", pb.ListDeploymentsRequest())
+    assert [d.name for d in listed.deployments] == ["tiny-a"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-a", if_match='"stale"'))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-a", if_match=shown.etag))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.generate("O", deployment="tiny-a")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unknown_version_is_not_found(service):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.deploy(name="tiny-b", stable=9)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

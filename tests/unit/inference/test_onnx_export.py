@@ -1,0 +1,114 @@
+"""The exported ONNX decoder computes what the PyTorch model computes, prefix and incremental steps alike."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from services.registry.onnx_export import DecoderSpec, export_decoder_onnx
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=101, n_positions=64, eos_token_id=100,
+                        bos_token_id=100)
+    model = GPT2LMHeadModel(config).eval()
+    model_dir = tmp_path_factory.mktemp("model")
+    model.save_pretrained(model_dir)
+    return model, model_dir
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    _, model_dir = tiny_model
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    spec = export_decoder_onnx(model_dir, out)
+    return spec, ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]), out
+
+
+def empty_past(spec: DecoderSpec, batch: int) -> dict[str, np.ndarray]:
+    shape = (batch, spec.n_head, 0, spec.head_dim)
+    return {name: np.zeros(shape, np.float32) for name in spec.input_names if name.startswith("past_key_values.")}
+
+
+def present_as_past(spec: DecoderSpec, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    named = dict(zip(spec.output_names, outputs, strict=True))
+    return {name: named[name.replace("past_key_values.", "present.")]
+            for name in spec.input_names if name.startswith("past_key_values.")}
+
+
+def test_graph_has_the_contracted_inputs_and_outputs(exported):
+    spec, session, out = exported
+    assert [i.name for i in session.get_inputs()] == list(spec.input_names)
+    assert [o.name for o in session.get_outputs()] == list(spec.output_names)
+    assert spec.input_names[:3] == ("input_ids", "attention_mask", "position_ids")
+    assert "past_key_values.1.value" in spec.input_names and "present.1.value" in spec.output_names
+    written = DecoderSpec.from_json((out.parent / "decoder.json").read_text())
+    assert written == spec
+    assert (spec.n_layer, spec.n_head, spec.head_dim, spec.vocab_size, spec.context_length) == (2, 2, 32, 101, 64)
+    assert json.loads(spec.to_json())["eos_token_id"] == 100
+
+
+def test_prefix_then_incremental_step_match_pytorch(exported, tiny_model):
+    spec, session, _ = exported
+    model, _ = tiny_model
+    prompt = torch.tensor([[5, 17, 42, 8, 99, 3, 61]])
+    n = prompt.shape[1]
+    outputs = session.run(None, {
+        "input_ids": prompt.numpy(), "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None], **empty_past(spec, 1),
+    })
+    with torch.no_grad():
+        expected = model(prompt).logits.numpy()
+    assert outputs[0].shape == (1, n, spec.vocab_size)
+    np.testing.assert_allclose(outputs[0], expected, atol=TOLERANCE, rtol=0)
+    assert outputs[1].shape == (1, spec.n_head, n, spec.head_dim)
+
+    # One incremental step: only the new token goes in, the prefix comes from the past.
+    next_token = np.array([[int(expected[0, -1].argmax())]])
+    step = session.run(None, {
+        "input_ids": next_token, "attention_mask": np.ones((1, n + 1), np.int64),
+        "position_ids": np.array([[n]], np.int64), **present_as_past(spec, outputs),
+    })
+    with torch.no_grad():
+        full = model(torch.cat([prompt, torch.from_numpy(next_token)], dim=1)).logits.numpy()
+    assert step[0].shape == (1, 1, spec.vocab_size)
+    np.testing.assert_allclose(step[0][0, -1], full[0, -1], atol=TOLERANCE, rtol=0)
+    assert step[1].shape[2] == n + 1
+
+
+def test_left_padded_batch_matches_each_sequence_alone(exported, tiny_model):
+    """Batched decoding pads shorter pasts on the left; the mask must make the padding invisible."""
+    spec, session, _ = exported
+    model, _ = tiny_model
+    short, long = [7, 8, 9], [1, 2, 3, 4, 5, 6]
+    width = len(long)
+    ids = np.array([[0] * (width - len(short)) + short, long], np.int64)
+    mask = np.array([[0] * (width - len(short)) + [1] * len(short), [1] * width], np.int64)
+    positions = np.array([[0] * (width - len(short)) + list(range(len(short))), list(range(width))], np.int64)
+    outputs = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                 **empty_past(spec, 2)})
+    with torch.no_grad():
+        alone_short = model(torch.tensor([short])).logits.numpy()[0, -1]
+        alone_long = model(torch.tensor([long])).logits.numpy()[0, -1]
+    np.testing.assert_allclose(outputs[0][0, -1], alone_short, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(outputs[0][1, -1], alone_long, atol=TOLERANCE, rtol=0)
+
+    # A step for both, still padded on the left.
+    step = session.run(None, {
+        "input_ids": np.array([[11], [12]], np.int64), "attention_mask": np.concatenate([mask, [[1], [1]]], axis=1),
+        "position_ids": np.array([[len(short)], [len(long)]], np.int64), **present_as_past(spec, outputs),
+    })
+    with torch.no_grad():
+        expect_short = model(torch.tensor([short + [11]])).logits.numpy()[0, -1]
+        expect_long = model(torch.tensor([long + [12]])).logits.numpy()[0, -1]
+    np.testing.assert_allclose(step[0][0, -1], expect_short, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(step[0][1, -1], expect_long, atol=TOLERANCE, rtol=0)
