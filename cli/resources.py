@@ -165,8 +165,8 @@ def complete(args) -> int:
 
 
 def keys_create(args) -> int:
-    _print(args, _client(args).call("POST", "/v1/api-keys", {"tenant": args.tenant, "role": args.role,
-                                                              "name": args.name or ""}), ["id", "tenant", "role", "key"])
+    body = {"tenant": args.tenant, "role": args.role, "name": args.name or ""}
+    _print(args, _client(args).call("POST", "/v1/api-keys", body), ["id", "tenant", "role", "key"])
     return 0
 
 

@@ -39,6 +39,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_RESULT_BACKEND", "", "Celery result backend; empty means none (state lives in PostgreSQL)."),
     Variable("LLMP_TRITON_GRPC_URL", f"127.0.0.1:{topology.TRITON_GRPC_PORT}", "Triton gRPC endpoint."),
     Variable("LLMP_TRITON_HTTP_URL", f"127.0.0.1:{topology.TRITON_HTTP_PORT}", "Triton HTTP endpoint."),
+    Variable("LLMP_TRITON_METRICS_PORT", str(topology.TRITON_METRICS_PORT), "Triton metrics port (launcher)."),
     Variable("LLMP_TRITON_MODEL_REPOSITORY", "",
              "Triton model repository (a local path or s3:// URL); empty means .llmp/triton-models locally."),
     *(
@@ -54,6 +55,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_SHUTDOWN_GRACE", "10", "Seconds a server drains in-flight calls after SIGTERM."),
     Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
     Variable("LLMP_MAX_BODY_BYTES", str(1024**2), "Largest JSON request body the gateway accepts."),
+    Variable("LLMP_UP_TIMEOUT", "120", "Seconds `llmp up` waits for one component to become healthy."),
+    Variable("LLMP_URL", "", "Gateway URL the `llmp` CLI talks to; empty means http://127.0.0.1:$LLMP_GATEWAY_PORT."),
+    Variable("LLMP_API_KEY", "", "API key the `llmp` CLI sends; empty means the admin key."),
 )
 DEFAULTS = {variable.name: variable.default for variable in VARIABLES}
 
