@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from gateway.http import Route
-from gateway.views import completions, deployments, keys, models, system, training_jobs
+from gateway.views import completions, datasets, deployments, keys, models, system, training_jobs
 
 # Resource view modules register here as they land (datasets, training_jobs, models, deployments, completions).
-VIEW_MODULES = [system, keys, training_jobs, models, deployments, completions]
+VIEW_MODULES = [system, keys, datasets, training_jobs, models, deployments, completions]
 
 
 def all_routes() -> list[Route]:

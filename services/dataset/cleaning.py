@@ -1,0 +1,97 @@
+"""Normalise documents and find duplicates: exact (hash of the normalised text) and near (MinHash LSH).
+
+Normalisation (what "the same document" means):
+- Unicode NFC; line breaks to `\\n`; control characters other than `\\n` and `\\t` removed;
+- on each line: trailing whitespace removed, runs of whitespace after the indentation collapsed to one
+  space (indentation is kept: code and verse depend on it);
+- at most one blank line in a row; no blank lines at the start or end.
+
+Near duplicates are documents whose word-trigram sets have a Jaccard similarity of at least the
+threshold, estimated with `datasketch`'s MinHash and found through its LSH index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Hashable
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+
+NUM_PERM = 128  # MinHash permutations: ~0.09 standard error on a Jaccard estimate
+SHINGLE_WORDS = 3  # words per shingle
+
+_NEWLINES = re.compile(r"\r\n?|[\u2028\u2029\x85]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_INNER_SPACE = re.compile(r"(?<=\S)[^\S\n]+")
+_TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.MULTILINE)
+_BLANK_RUNS = re.compile(r"\n{3,}")
+_WORD = re.compile(r"\w+")
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def normalise(text: str) -> str:
+    """The canonical form of a document (see the module docstring)."""
+    text = unicodedata.normalize("NFC", text)
+    text = _NEWLINES.sub("\n", text)
+    text = _CONTROL.sub("", text)
+    text = _TRAILING_SPACE.sub("", text)
+    text = _INNER_SPACE.sub(" ", text)
+    text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip("\n")
+
+
+def exact_key(text: str) -> bytes:
+    """Key of exact duplicates: a 128-bit hash of the normalised text."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def leak_key(text: str) -> bytes:
+    """Key of exact duplicates for the leakage check: case, punctuation and spacing ignored."""
+    return hashlib.blake2b(_NOT_WORD.sub("", text.casefold()).encode("utf-8"), digest_size=16).digest()
+
+
+def shingles(text: str) -> set[bytes]:
+    """Word trigrams of the case-folded text (the whole text for documents of fewer words)."""
+    words = _WORD.findall(text.casefold())
+    if len(words) <= SHINGLE_WORDS:
+        return {" ".join(words).encode("utf-8")}
+    return {" ".join(words[i:i + SHINGLE_WORDS]).encode("utf-8") for i in range(len(words) - SHINGLE_WORDS + 1)}
+
+
+def signature(text: str) -> MinHash:
+    """MinHash of the document's shingles."""
+    minhash = MinHash(num_perm=NUM_PERM)
+    minhash.update_batch(list(shingles(text)))
+    return minhash
+
+
+class NearDuplicateIndex:
+    """An LSH index of MinHash signatures that answers "is there a near copy of this already?".
+
+    LSH banding is a soft threshold: pairs just above it are missed a quarter of the time with the
+    textbook parameters. The index therefore asks LSH for candidates at a lower threshold, weighted
+    against false negatives, and keeps the candidates whose estimated Jaccard similarity (from the
+    stored signatures) reaches the real threshold.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._lsh = MinHashLSH(threshold=max(0.3, threshold - 0.15), num_perm=NUM_PERM, weights=(0.2, 0.8))
+        self._signatures: dict[Hashable, np.ndarray] = {}
+
+    def find(self, minhash: MinHash) -> list[Hashable]:
+        """Keys of indexed documents whose estimated similarity to `minhash` reaches the threshold."""
+        values = minhash.hashvalues
+        return [key for key in self._lsh.query(minhash)
+                if np.count_nonzero(self._signatures[key] == values) >= self.threshold * NUM_PERM]
+
+    def add(self, key: Hashable, minhash: MinHash) -> None:
+        self._lsh.insert(key, minhash)
+        self._signatures[key] = minhash.hashvalues.astype(np.uint32)  # hash values are 32-bit
+
+    def remove(self, key: Hashable) -> None:
+        self._lsh.remove(key)
+        del self._signatures[key]

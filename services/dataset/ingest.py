@@ -1,0 +1,137 @@
+"""Receive a corpus into a spool file and parse it into documents, one line at a time.
+
+Nothing here holds a whole corpus in memory: `receive` streams chunks to a file while hashing and
+counting them, and `parse` reads that file line by line. Errors name the line (and, for bad UTF-8,
+the byte offset) so a user can find the problem in a file of millions of lines.
+
+- `text`: documents separated by blank lines (`blank-line`) or one per non-empty line (`line`).
+- `jsonl`: one JSON object per line, the document in `text_field`; blank lines are skipped.
+- `pairs`: one JSON object per line with `prompt_field` and `completion_field`; the document is the
+  prompt immediately followed by the completion (put the separator you want in either).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from services.common.errors import InvalidArgument, PayloadTooLarge, ValidationFailed
+from services.dataset.options import DatasetOptions
+
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Received:
+    """What `receive` wrote: its size and SHA-256."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document as parsed, before cleaning."""
+
+    text: str
+    line: int  # 1-based line where the document starts
+    end_offset: int  # byte offset just past the document's last line (for progress)
+
+
+def receive(chunks: Iterable[bytes], spool: BinaryIO, limit: int) -> Received:
+    """Write `chunks` to `spool`, refusing more than `limit` bytes in all."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"corpus exceeds the upload limit of {limit} bytes")
+        digest.update(chunk)
+        spool.write(chunk)
+    spool.flush()
+    return Received(size, digest.hexdigest())
+
+
+def _decoded_lines(handle: BinaryIO) -> Iterator[tuple[int, str, int]]:
+    """(line number, text without the line break, offset past the line) for each line of `handle`."""
+    offset = 0
+    for number, raw in enumerate(handle, start=1):
+        start = offset
+        offset += len(raw)
+        if number == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+            start += len(BOM)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            bad = raw[error.start:error.start + 1].hex()
+            raise InvalidArgument(f"line {number}: invalid UTF-8 (byte 0x{bad} at byte offset "
+                                  f"{start + error.start} of the corpus)") from None
+        yield number, text.rstrip("\r\n"), offset
+
+
+def _text_documents(lines: Iterator[tuple[int, str, int]], mode: str) -> Iterator[Document]:
+    if mode == "line":
+        for number, text, offset in lines:
+            if text.strip():
+                yield Document(text, number, offset)
+        return
+    block: list[str] = []
+    first = end = 0
+    for number, text, offset in lines:
+        if text.strip():
+            if not block:
+                first = number
+            block.append(text)
+            end = offset
+        elif block:
+            yield Document("\n".join(block), first, end)
+            block = []
+    if block:
+        yield Document("\n".join(block), first, end)
+
+
+def _json_objects(lines: Iterator[tuple[int, str, int]]) -> Iterator[tuple[int, dict, int]]:
+    for number, text, offset in lines:
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidArgument(f"line {number}: not valid JSON: {error.msg} (column {error.colno})") from None
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"line {number}: expected a JSON object, got {type(value).__name__}")
+        yield number, value, offset
+
+
+def _field(record: dict, name: str, number: int) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        found = "missing" if value is None else f"a {type(value).__name__}"
+        raise ValidationFailed(f"line {number}: field {name!r} must be a string, but it is {found}")
+    return value
+
+
+def parse(handle: BinaryIO, options: DatasetOptions) -> Iterator[Document]:
+    """The documents of the corpus in `handle` (opened in binary mode), in order."""
+    lines = _decoded_lines(handle)
+    if options.format == "text":
+        yield from _text_documents(lines, options.document_mode)
+    elif options.format == "jsonl":
+        for number, record, offset in _json_objects(lines):
+            yield Document(_field(record, options.text_field, number), number, offset)
+    else:
+        for number, record, offset in _json_objects(lines):
+            prompt = _field(record, options.prompt_field, number)
+            completion = _field(record, options.completion_field, number)
+            yield Document(prompt + completion, number, offset)
+
+
+def validate(handle: BinaryIO, options: DatasetOptions) -> int:
+    """Parse the whole corpus once, raising on the first bad line; return the number of documents."""
+    count = sum(1 for _ in parse(handle, options))
+    if count == 0:
+        raise ValidationFailed("the corpus holds no documents")
+    return count

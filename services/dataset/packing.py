@@ -1,0 +1,107 @@
+"""Tokenize documents and pack them into flat, sharded token arrays.
+
+A shard is a raw little-endian array of token ids (`uint16` when the vocabulary fits, else `uint32`),
+each document followed by EOS, exactly as nanoGPT-style loaders `np.memmap` it. Shards are cut at a
+fixed number of tokens, so a document may continue in the next shard; concatenating a split's shards
+in order gives its whole token stream.
+
+Documents are encoded in batches with the tokenizer's parallel `encode_batch_fast` (no offsets) and
+flattened straight into a NumPy array, so memory stays bounded by one batch and one shard.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
+BATCH_CHARS = 1 << 20  # characters encoded per call
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    """The smallest unsigned little-endian type that holds every id of the vocabulary."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.bin"
+
+
+class ShardWriter:
+    """Appends token arrays to `folder/shard-NNNNN.bin` files of at most `shard_tokens` tokens each."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> None:
+        if shard_tokens <= 0:
+            raise ValueError(f"shard_tokens must be positive, not {shard_tokens}")
+        self.folder, self.dtype, self.shard_tokens = folder, np.dtype(dtype), shard_tokens
+        self.paths: list[Path] = []
+        self.tokens = 0
+        self._handle = None
+        self._room = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype, copy=False)
+        while ids.size:
+            if self._room == 0:
+                self._next_shard()
+            head, ids = ids[:self._room], ids[self._room:]
+            head.tofile(self._handle)
+            self._room -= head.size
+            self.tokens += head.size
+
+    def close(self) -> list[Path]:
+        """Finish the last shard; return every shard's path in order."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        return self.paths
+
+    def _next_shard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        path = self.folder / shard_name(len(self.paths))
+        self.paths.append(path)
+        self._handle = open(path, "wb")
+        self._room = self.shard_tokens
+
+
+def _batches(texts: Iterable[str], budget: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= budget:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int, dtype: np.dtype,
+           batch_chars: int = BATCH_CHARS) -> Iterator[np.ndarray]:
+    """Token arrays of consecutive batches of `texts`, each document followed by `eos_id`."""
+    eos = [eos_id]
+    for batch in _batches(texts, batch_chars):
+        encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+        yield np.fromiter(itertools.chain.from_iterable(e.ids + eos for e in encodings), dtype)
+
+
+def pack(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int, writer: ShardWriter,
+         batch_chars: int = BATCH_CHARS) -> int:
+    """Tokenize `texts` into `writer`; return the number of tokens written."""
+    before = writer.tokens
+    for ids in encode(tokenizer, texts, eos_id, writer.dtype, batch_chars):
+        writer.write(ids)
+    return writer.tokens - before
+
+
+def read_tokens(paths: Iterable[Path], dtype: np.dtype) -> np.ndarray:
+    """The concatenated token stream of shards (for verification and tests)."""
+    arrays = [np.fromfile(path, dtype=np.dtype(dtype)) for path in paths]
+    return np.concatenate(arrays) if arrays else np.empty(0, dtype=np.dtype(dtype))

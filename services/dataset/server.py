@@ -1,0 +1,61 @@
+"""The dataset service process: wiring and lifecycle. Start with `python -m services.dataset.server`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from llmp.dataset.v1 import dataset_pb2_grpc
+
+from services.common import topology
+from services.common.config import Settings
+from services.common.db import Database
+from services.common.grpc_client import ServiceClients
+from services.common.grpc_server import GrpcApp, run_main
+from services.common.s3 import ObjectStore
+from services.dataset.ingestion import Ingestor
+from services.dataset.lineage import registry_lineage
+from services.dataset.servicer import DatasetServicer
+from services.dataset.versions import ModelsUsing, VersionStore
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+SERVICE_NAME = "llmp.dataset.v1.DatasetService"
+
+
+async def build_app(settings: Settings, *, models_using: ModelsUsing | None = None,
+                    shard_tokens: int | None = None) -> GrpcApp:
+    """The service's gRPC app, connected to PostgreSQL and S3, not yet started."""
+    db = await Database.connect(settings.database_url, component="dataset", migrations_dir=MIGRATIONS)
+    store = ObjectStore(settings.s3)
+    await asyncio.to_thread(store.ensure_bucket)
+    versions = VersionStore(db, store)
+    interrupted = await versions.fail_interrupted()
+    if interrupted:
+        log.warning("failed versions left PENDING by a previous run", extra={"count": interrupted})
+    ingestor = Ingestor(versions, settings.s3, settings.state_dir / "dataset-work", settings.max_upload_bytes,
+                        shard_tokens=shard_tokens)
+    clients = ServiceClients(settings)
+    app = GrpcApp(settings, topology.DATASET)
+    app.add_servicer(dataset_pb2_grpc.add_DatasetServiceServicer_to_server,
+                     DatasetServicer(ingestor, versions, models_using or registry_lineage(clients)), SERVICE_NAME)
+    app.add_readiness_check("postgresql", db.check)
+    app.add_readiness_check("s3", lambda: asyncio.to_thread(store.check))
+    app.on_shutdown(db.close)
+    app.on_shutdown(clients.close)
+    app.on_shutdown(ingestor.close)  # hooks run in reverse: builds are failed before the pool closes
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    app = await build_app(settings)
+    await app.run()
+
+
+def main() -> None:
+    run_main(serve, "dataset")
+
+
+if __name__ == "__main__":
+    main()

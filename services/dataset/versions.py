@@ -1,0 +1,282 @@
+"""Dataset versions: rows in PostgreSQL, objects in S3, and the rules that keep the two consistent.
+
+- A version is reserved PENDING under a content address (corpus SHA-256 + canonical options);
+  reserving the same address again returns the live version instead (idempotent create).
+- It becomes READY only after every object is uploaded and verified against the server's size and
+  recorded SHA-256, and the manifest written — in one transaction that also records its statistics.
+- A failed ingest deletes whatever it uploaded and marks the row FAILED with the reason.
+- Version numbers come from a per-dataset counter and are never reused, even after a delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from psycopg.types.json import Jsonb
+
+from services.common.db import Database
+from services.common.errors import Conflict, Internal, InvalidArgument, NotFound
+from services.common.s3 import ObjectStore, StoredObject
+from services.dataset.options import SPLITS, DatasetOptions
+from services.dataset.pipeline import Built
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000
+# models_using(tenant, name, version) -> "model:version" strings whose lineage points at the version
+ModelsUsing = Callable[[str, str, int], Awaitable[list[str]]]
+
+
+@dataclass
+class VersionRow:
+    """One dataset version as stored."""
+
+    id: int
+    tenant: str
+    name: str
+    version: int
+    state: str
+    digest: str
+    options: DatasetOptions
+    source_bytes: int
+    stats: dict = field(default_factory=dict)
+    objects: list[dict] = field(default_factory=list)
+    manifest_key: str = ""
+    error: str = ""
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: dict) -> "VersionRow":
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        values["options"] = DatasetOptions.from_dict(row["options"])
+        return cls(**values)
+
+    @property
+    def prefix(self) -> str:
+        return version_prefix(self.tenant, self.name, self.version)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    name: str
+    version_count: int
+    latest: VersionRow
+    created_at: datetime
+
+
+def version_prefix(tenant: str, name: str, version: int) -> str:
+    return f"datasets/{tenant}/{name}/v{version}/"
+
+
+def content_digest(corpus_sha256: str, options: DatasetOptions) -> str:
+    """The content address of a version."""
+    return hashlib.sha256(f"{corpus_sha256}\n{options.canonical()}".encode()).hexdigest()
+
+
+def page_size(requested: int) -> int:
+    return DEFAULT_PAGE_SIZE if requested <= 0 else min(requested, MAX_PAGE_SIZE)
+
+
+def encode_token(value) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+
+def decode_token(token: str):
+    try:
+        return json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(f"page_token {token!r} is not one this service issued") from None
+
+
+_COLUMNS = ("id, tenant, name, version, state, digest, options, source_bytes, stats, objects, manifest_key, "
+            "error, created_at, finished_at")
+
+
+class VersionStore:
+    """Reads and writes dataset versions."""
+
+    def __init__(self, db: Database, store: ObjectStore) -> None:
+        self.db = db
+        self.store = store
+
+    # -- create ---------------------------------------------------------------------------------
+    async def reserve(self, tenant: str, options: DatasetOptions, digest: str,
+                      source_bytes: int) -> tuple[VersionRow, bool]:
+        """A new PENDING version for this content, or the live one that already has it (created False)."""
+        async with self.db.transaction() as conn:
+            await conn.execute("INSERT INTO datasets (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                               (tenant, options.name))
+            await conn.execute("SELECT 1 FROM datasets WHERE tenant = %s AND name = %s FOR UPDATE",
+                               (tenant, options.name))
+            cursor = await conn.execute(
+                f"SELECT {_COLUMNS} FROM dataset_versions WHERE tenant = %s AND name = %s AND digest = %s "
+                "AND state <> 'FAILED'", (tenant, options.name, digest))
+            existing = await cursor.fetchone()
+            if existing:
+                return VersionRow.from_row(existing), False
+            cursor = await conn.execute(
+                "UPDATE datasets SET last_version = last_version + 1 WHERE tenant = %s AND name = %s "
+                "RETURNING last_version", (tenant, options.name))
+            version = (await cursor.fetchone())["last_version"]
+            cursor = await conn.execute(
+                f"INSERT INTO dataset_versions (tenant, name, version, state, digest, options, source_bytes) "
+                f"VALUES (%s, %s, %s, 'PENDING', %s, %s, %s) RETURNING {_COLUMNS}",
+                (tenant, options.name, version, digest, Jsonb(options.as_dict()), source_bytes))
+            row = VersionRow.from_row(await cursor.fetchone())
+        log.info("dataset version reserved", extra={"dataset": options.name, "version": version})
+        return row, True
+
+    async def publish(self, row: VersionRow, built: Built) -> VersionRow:
+        """Upload the built files, verify them, write the manifest, and mark the version READY."""
+        uploads: list[tuple[Path, str, str]] = [
+            (path, f"{row.prefix}tokenizer/{path.name}", "tokenizer") for path in built.tokenizer_files]
+        for name in SPLITS:
+            shards = built.splits[name].shards
+            uploads += [(path, f"{row.prefix}{name}/{path.name}", f"{name}-shard") for path in shards]
+        objects = [await asyncio.to_thread(self._upload_verified, path, key, role) for path, key, role in uploads]
+        stats = {
+            "splits": {name: {**built.splits[name].stats(),
+                              "shards": [f"{row.prefix}{name}/{path.name}" for path in built.splits[name].shards]}
+                       for name in SPLITS},
+            "cleaning": vars(built.cleaning).copy(),
+            "tokenizer": {**built.tokenizer.as_dict(), "prefix": f"{row.prefix}tokenizer/"},
+            "dtype": built.dtype.name,
+        }
+        manifest = {
+            "name": row.name, "version": row.version, "tenant": row.tenant, "format": row.options.format,
+            "digest": row.digest, "dtype": built.dtype.name, "vocab_size": built.tokenizer.vocab_size,
+            "eos_token_id": built.tokenizer.eos_token_id, "pad_token_id": built.tokenizer.pad_token_id,
+            "tokenizer": {"kind": built.tokenizer.kind, "vocab_size": built.tokenizer.vocab_size,
+                          "prefix": f"{row.prefix}tokenizer/"},
+            "splits": stats["splits"], "cleaning": stats["cleaning"], "options": row.options.as_dict(),
+            "objects": objects,
+        }
+        manifest_key = f"{row.prefix}manifest.json"
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        stored = await asyncio.to_thread(self.store.put_bytes, manifest_key, data, "application/json")
+        await asyncio.to_thread(self._verify, stored)
+        objects.append(stored.as_dict("manifest"))
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                f"UPDATE dataset_versions SET state = 'READY', stats = %s, objects = %s, manifest_key = %s, "
+                f"finished_at = now() WHERE id = %s AND state = 'PENDING' RETURNING {_COLUMNS}",
+                (Jsonb(stats), Jsonb(objects), manifest_key, row.id))
+            updated = await cursor.fetchone()
+        if updated is None:
+            raise Conflict(f"dataset {row.name} version {row.version} stopped being PENDING while it was built")
+        log.info("dataset version ready", extra={"dataset": row.name, "version": row.version,
+                                                 "objects": len(objects)})
+        return VersionRow.from_row(updated)
+
+    def _upload_verified(self, path: Path, key: str, role: str) -> dict:
+        stored = self.store.put_file(key, path)
+        self._verify(stored)
+        return stored.as_dict(role)
+
+    def _verify(self, expected: StoredObject) -> None:
+        """The server holds `expected.size` bytes with `expected.sha256` recorded, or Internal."""
+        found = self.store.stat(expected.key)
+        if (found.size, found.sha256) != (expected.size, expected.sha256):
+            raise Internal(f"S3 object {expected.key} failed verification: stored {found.size} bytes "
+                           f"sha256 {found.sha256!r}, wrote {expected.size} bytes sha256 {expected.sha256}")
+
+    async def fail(self, row: VersionRow, reason: str) -> None:
+        """Remove what the version uploaded and mark it FAILED with `reason`."""
+        try:
+            await asyncio.to_thread(self.store.delete_prefix, row.prefix)
+        finally:
+            async with self.db.transaction() as conn:
+                await conn.execute(
+                    "UPDATE dataset_versions SET state = 'FAILED', error = %s, stats = '{}', objects = '[]', "
+                    "manifest_key = '', finished_at = now() WHERE id = %s AND state = 'PENDING'", (reason, row.id))
+        log.warning("dataset version failed", extra={"dataset": row.name, "version": row.version, "reason": reason})
+
+    async def fail_interrupted(self) -> int:
+        """At start: versions left PENDING by a process that died can never finish; fail them."""
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(f"SELECT {_COLUMNS} FROM dataset_versions WHERE state = 'PENDING'")
+            rows = [VersionRow.from_row(row) for row in await cursor.fetchall()]
+        for row in rows:
+            await self.fail(row, "ingest interrupted: the dataset service stopped before the version was ready")
+        return len(rows)
+
+    # -- read -----------------------------------------------------------------------------------
+    async def get(self, tenant: str, name: str, version: int) -> VersionRow:
+        """A version; `version` 0 means the latest READY one."""
+        async with self.db.pool.connection() as conn:
+            if version:
+                cursor = await conn.execute(
+                    f"SELECT {_COLUMNS} FROM dataset_versions WHERE tenant = %s AND name = %s AND version = %s",
+                    (tenant, name, version))
+            else:
+                cursor = await conn.execute(
+                    f"SELECT {_COLUMNS} FROM dataset_versions WHERE tenant = %s AND name = %s AND state = 'READY' "
+                    "ORDER BY version DESC LIMIT 1", (tenant, name))
+            row = await cursor.fetchone()
+        if row is None:
+            which = f"version {version}" if version else "READY version"
+            raise NotFound(f"dataset {name} has no {which}")
+        return VersionRow.from_row(row)
+
+    async def list_versions(self, tenant: str, name: str, size: int, token: str) -> tuple[list[VersionRow], str]:
+        """A page of a dataset's versions, newest first, and the next page's token."""
+        before = int(decode_token(token)) if token else None
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute("SELECT 1 FROM datasets WHERE tenant = %s AND name = %s", (tenant, name))
+            if await cursor.fetchone() is None:
+                raise NotFound(f"dataset {name} not found")
+            cursor = await conn.execute(
+                f"SELECT {_COLUMNS} FROM dataset_versions WHERE tenant = %s AND name = %s "
+                "AND (%s::bigint IS NULL OR version < %s) ORDER BY version DESC LIMIT %s",
+                (tenant, name, before, before, size + 1))
+            rows = [VersionRow.from_row(row) for row in await cursor.fetchall()]
+        next_token = encode_token(rows[size - 1].version) if len(rows) > size else ""
+        return rows[:size], next_token
+
+    async def list_datasets(self, tenant: str, size: int, token: str) -> tuple[list[DatasetSummary], str]:
+        """A page of the tenant's datasets that have versions, by name, and the next page's token."""
+        after = str(decode_token(token)) if token else ""
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT DISTINCT ON (v.name) {', '.join('v.' + c.strip() for c in _COLUMNS.split(','))}, "
+                "d.created_at AS dataset_created_at, "
+                "count(*) OVER (PARTITION BY v.name) AS version_count "
+                "FROM dataset_versions v JOIN datasets d USING (tenant, name) "
+                "WHERE v.tenant = %s AND v.name > %s ORDER BY v.name, v.version DESC LIMIT %s",
+                (tenant, after, size + 1))
+            rows = await cursor.fetchall()
+        summaries = [DatasetSummary(row["name"], row["version_count"], VersionRow.from_row(row),
+                                    row["dataset_created_at"]) for row in rows]
+        next_token = encode_token(summaries[size - 1].name) if len(summaries) > size else ""
+        return summaries[:size], next_token
+
+    # -- delete ---------------------------------------------------------------------------------
+    async def delete(self, tenant: str, name: str, version: int, models_using: ModelsUsing) -> int:
+        """Delete a finished version that no model's lineage uses; return the objects removed."""
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                f"SELECT {_COLUMNS} FROM dataset_versions WHERE tenant = %s AND name = %s AND version = %s "
+                "FOR UPDATE", (tenant, name, version))
+            found = await cursor.fetchone()
+            if found is None:
+                raise NotFound(f"dataset {name} has no version {version}")
+            row = VersionRow.from_row(found)
+            if row.state == "PENDING":
+                raise Conflict(f"dataset {name} version {version} is still being ingested")
+            users = await models_using(tenant, name, version)
+            if users:
+                raise Conflict(f"dataset {name} version {version} is in the lineage of model version(s) "
+                               f"{', '.join(users[:5])}{' and more' if len(users) > 5 else ''}")
+            await conn.execute("DELETE FROM dataset_versions WHERE id = %s", (row.id,))
+        removed = await asyncio.to_thread(self.store.delete_prefix, row.prefix)
+        log.info("dataset version deleted", extra={"dataset": name, "version": version, "objects": removed})
+        return removed
