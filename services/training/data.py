@@ -1,0 +1,183 @@
+"""Reading a dataset version (docs/CONTRACTS.md) into batches that resume exactly.
+
+A version is a `manifest.json`, a `tokenizer/` folder and per split `{split}/shard-{i:05d}.bin` files of
+flat little-endian token ids. `fetch_dataset` downloads it once per node, verifying every SHA-256;
+`LocalDataset` memory-maps the shards as one token stream per split.
+
+Training order is a pure function of (seed, position): the train stream is cut into `W` windows of
+`block_size` tokens (shifted each epoch by a seeded offset, so window boundaries move), each epoch
+visits them in a seeded permutation, and global sample `g` is window `perm_{g // W}[g % W]`. Rank `r`
+of `world` takes samples `position + j * world + r` for `j < batch_size`, then every rank advances the
+position by `batch_size * world`. The position is therefore one integer, identical on every rank;
+restoring it restores the exact sequence of batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.common.errors import ValidationFailed
+
+SPLITS = ("train", "validation", "test", "calibration")
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+class TokenStream:
+    """The shards of one split as a single read-only sequence of token ids."""
+
+    def __init__(self, paths: list[Path], dtype: np.dtype) -> None:
+        self.shards = [np.memmap(path, dtype=dtype, mode="r") for path in paths if path.stat().st_size]
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])  # [n_shards + 1]
+        self.tokens = int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        offset = start - int(self.starts[shard])
+        while filled < length:
+            piece = self.shards[shard][offset:offset + length - filled]
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            shard, offset = shard + 1, 0
+        return out
+
+
+@dataclass(frozen=True)
+class LocalDataset:
+    """A dataset version on local disk: its manifest, shards and tokenizer folder."""
+
+    root: Path
+    manifest: dict
+    dataset_sha256: str  # SHA-256 of manifest.json: identifies the version's exact content
+    tokenizer_sha256: str  # SHA-256 over the tokenizer files' (name, SHA-256) pairs
+
+    @classmethod
+    def open(cls, root: Path) -> LocalDataset:
+        raw = (root / "manifest.json").read_bytes()
+        manifest = json.loads(raw)
+        if manifest.get("dtype") not in DTYPES:
+            raise ValidationFailed(f"dataset manifest dtype {manifest.get('dtype')!r} is not uint16 or uint32")
+        return cls(root, manifest, hashlib.sha256(raw).hexdigest(), _tokenizer_digest(root / "tokenizer"))
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.manifest["splits"].get(split, {}).get("shards"))
+
+    def stream(self, split: str) -> TokenStream:
+        shards = self.manifest["splits"].get(split, {}).get("shards", [])
+        return TokenStream([self.root / _relative(key) for key in shards], DTYPES[self.manifest["dtype"]])
+
+
+def _relative(key: str) -> str:
+    """A manifest key relative to the version's prefix `datasets/{tenant}/{name}/v{n}/` (manifests may
+    list full keys or relative ones)."""
+    parts = key.split("/")
+    return "/".join(parts[4:]) if parts[0] == "datasets" and len(parts) > 4 else key
+
+
+def _tokenizer_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.is_file():
+            digest.update(f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def fetch_dataset(store, manifest_key: str, root: Path) -> LocalDataset:
+    """Download a dataset version (manifest, shards, tokenizer files) under `root`, verifying SHA-256.
+
+    Idempotent: files already present with the right digest are kept, so a resumed job on the same
+    node does not download again.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    store.download(manifest_key, root / "manifest.json")
+    manifest = json.loads((root / "manifest.json").read_bytes())
+    prefix = manifest_key.rsplit("/", 1)[0] + "/"
+    digests = {_relative(obj["key"]): obj.get("sha256") for obj in manifest.get("objects", [])}
+    wanted = {_relative(key) for split in manifest["splits"].values() for key in split.get("shards", [])}
+    wanted |= {name for name in digests if name.startswith("tokenizer/")}
+    if not any(name.startswith("tokenizer/") for name in wanted):
+        wanted |= {obj.key[len(prefix):] for obj in store.list(prefix + "tokenizer/")}
+    for name in sorted(wanted):
+        path, expected = root / name, digests.get(name)
+        if expected and path.exists() and _sha256(path) == expected:
+            continue
+        store.download(prefix + name, path, expected_sha256=expected)
+    return LocalDataset.open(root)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class TrainBatches:
+    """Micro-batches of one rank, in the deterministic order described in the module docstring.
+
+    `position` is the number of global samples all ranks have consumed; set it to resume.
+    """
+
+    def __init__(self, stream: TokenStream, block_size: int, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, position: int = 0) -> None:
+        if stream.tokens < block_size:
+            raise ValidationFailed(f"model.block_size is {block_size} but the split has only {stream.tokens} tokens")
+        self.stream, self.block_size, self.batch_size = stream, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.position = position
+        self.windows = stream.tokens // block_size  # W, the same every epoch
+        self._epoch: int | None = None
+        self._order = np.empty(0, dtype=np.int64)
+        self._offset = 0
+
+    def _layout(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            slack = self.stream.tokens - self.windows * self.block_size  # in [0, block_size)
+            self._offset = int(rng.integers(0, slack + 1))
+            self._order = rng.permutation(self.windows)
+            self._epoch = epoch
+
+    def sample(self, index: int) -> np.ndarray:
+        """Global sample `index`: block_size tokens."""
+        epoch, within = divmod(index, self.windows)
+        self._layout(epoch)
+        start = self._offset + int(self._order[within]) * self.block_size
+        return self.stream.read(start, self.block_size)
+
+    def indices(self) -> list[int]:
+        """The global sample indices of this rank's next micro-batch."""
+        return [self.position + j * self.world_size + self.rank for j in range(self.batch_size)]
+
+    def next(self) -> torch.Tensor:
+        """This rank's next micro-batch: int64 [batch_size, block_size]; advances the position."""
+        batch = np.stack([self.sample(index) for index in self.indices()])
+        self.position += self.batch_size * self.world_size
+        return torch.from_numpy(batch)
+
+
+def eval_batches(stream: TokenStream, block_size: int, batch_size: int, n_batches: int, *, rank: int = 0,
+                 world_size: int = 1) -> list[torch.Tensor]:
+    """A fixed evaluation set: `n_batches` micro-batches of windows spread evenly over the split,
+    dealt round-robin to the ranks (rank r gets batches r, r + world, …)."""
+    windows = max(1, stream.tokens // block_size)
+    total = n_batches * batch_size
+    starts = (np.linspace(0, windows, num=total, endpoint=False).astype(np.int64) % windows) * block_size
+    batches = []
+    for b in range(rank, n_batches, world_size):
+        rows = [stream.read(int(s), block_size) for s in starts[b * batch_size:(b + 1) * batch_size]]
+        batches.append(torch.from_numpy(np.stack(rows)))
+    return batches

@@ -1,0 +1,216 @@
+"""A training job's specification: dataset, model, hyper-parameters and distributed layout.
+
+The shape is the `POST /v1/training-jobs` body of SPEC.md. `JobSpec.from_dict` parses and
+`validate()` checks it; both raise `ValidationFailed` naming the offending field (e.g.
+`hyperparameters.learning_rate`), so the coordinator refuses a bad spec at submit (422) and the
+runtime never discovers it. `to_dict()` is the resolved spec, every default filled in, that travels in
+the job file and is stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.errors import ValidationFailed
+
+FAMILIES = ("gpt2", "bert", "t5")
+MODES = ("ddp", "local-sgd", "async")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class DatasetRef:
+    """Which dataset version the job trains on (only READY versions are accepted by the coordinator)."""
+
+    name: str = ""  # dataset name; required
+    version: int = 0  # dataset version, >= 1; required
+
+
+@dataclass
+class ModelRef:
+    """A registry model version to initialise the weights from."""
+
+    name: str = ""  # registered model name
+    version: int = 0  # its version, >= 1
+
+
+@dataclass
+class ModelSpec:
+    """The architecture, built from a Transformers config (see `models.py`)."""
+
+    family: str = "gpt2"  # gpt2 (decoder, causal LM), bert (encoder, masked LM), t5 (encoder-decoder)
+    n_layer: int = 4  # transformer blocks (per stack for t5)
+    n_head: int = 4  # attention heads; must divide n_embd
+    n_embd: int = 128  # hidden size
+    block_size: int = 128  # tokens per training sequence (the model's context for gpt2/bert)
+    dropout: float = 0.0  # dropout on embeddings, residuals and attention; 0 for small data is fine
+    init_from: ModelRef | None = None  # start from a registry version instead of from scratch
+
+
+@dataclass
+class HyperParameters:
+    """Optimisation: AdamW, linear warmup then cosine decay to `min_learning_rate` (nanoGPT's recipe)."""
+
+    batch_size: int = 16  # sequences per micro-batch per process
+    max_steps: int = 1000  # optimizer steps
+    learning_rate: float = 6e-4  # peak learning rate, reached at the end of warmup
+    min_learning_rate: float = 6e-5  # floor of the cosine decay, reached at max_steps
+    warmup_steps: int = 100  # linear warmup from 0 to learning_rate; may be 0
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (not on biases and norms)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay (0.95 is steadier than 0.999 for LMs)
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_interval: int = 100  # evaluate on the validation split every N steps (and at the end)
+    eval_batches: int = 20  # micro-batches per evaluation (split across processes)
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 disables
+    checkpoint_interval: int = 0  # checkpoint every N steps; 0 means every eval_interval; always at the end
+    log_interval: int = 10  # emit a train event every N steps
+    precision: str = "fp32"  # fp32, or bf16 autocast (weights and optimizer stay fp32)
+    seed: int = 1337  # seeds the initial weights, data order, masking and dropout
+    mlm_probability: float = 0.15  # bert only: fraction of tokens masked
+
+    @property
+    def effective_checkpoint_interval(self) -> int:
+        return self.checkpoint_interval or self.eval_interval
+
+
+@dataclass
+class DistributedSpec:
+    """How the job is spread over processes (see `distributed.py` for the modes)."""
+
+    mode: str = "ddp"  # ddp (all-reduce every step), local-sgd (periodic averaging), async (overlapped averaging)
+    nproc_per_node: int = 1  # processes per node (one per GPU on GPU machines)
+    nnodes: int = 1  # nodes, each joining the same rendezvous
+    sync_interval: int = 8  # local-sgd and async: optimizer steps between model averagings
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass
+class JobSpec:
+    dataset: DatasetRef = field(default_factory=DatasetRef)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    hyperparameters: HyperParameters = field(default_factory=HyperParameters)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JobSpec:
+        """Parse a JSON-like dict; unknown fields and wrong types raise `ValidationFailed` naming the field."""
+        spec = _build(cls, data, "")
+        spec.validate()
+        return spec
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check every rule; the first broken one raises `ValidationFailed` naming its field."""
+        d, m, h, x = self.dataset, self.model, self.hyperparameters, self.distributed
+        _check(bool(d.name.strip()), "dataset.name", "is required")
+        _check(d.version >= 1, "dataset.version", "must be >= 1")
+        _check(m.family in FAMILIES, "model.family", f"must be one of {', '.join(FAMILIES)}")
+        _check(1 <= m.n_layer <= 128, "model.n_layer", "must be between 1 and 128")
+        _check(1 <= m.n_head <= 128, "model.n_head", "must be between 1 and 128")
+        _check(1 <= m.n_embd <= 16384, "model.n_embd", "must be between 1 and 16384")
+        _check(m.n_embd % m.n_head == 0, "model.n_embd", f"must be a multiple of model.n_head ({m.n_head})")
+        _check(2 <= m.block_size <= 32768, "model.block_size", "must be between 2 and 32768")
+        _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        if m.init_from is not None:
+            _check(bool(m.init_from.name.strip()), "model.init_from.name", "is required")
+            _check(m.init_from.version >= 1, "model.init_from.version", "must be >= 1")
+        _check(1 <= h.batch_size <= 65536, "hyperparameters.batch_size", "must be between 1 and 65536")
+        _check(1 <= h.max_steps <= 10_000_000, "hyperparameters.max_steps", "must be between 1 and 10000000")
+        _check(0.0 < h.learning_rate <= 1.0, "hyperparameters.learning_rate", "must be in (0, 1]")
+        _check(0.0 <= h.min_learning_rate <= h.learning_rate, "hyperparameters.min_learning_rate",
+               "must be in [0, learning_rate]")
+        _check(0 <= h.warmup_steps <= h.max_steps, "hyperparameters.warmup_steps", "must be in [0, max_steps]")
+        _check(0.0 <= h.weight_decay <= 1.0, "hyperparameters.weight_decay", "must be in [0, 1]")
+        _check(0.0 <= h.beta1 < 1.0, "hyperparameters.beta1", "must be in [0, 1)")
+        _check(0.0 <= h.beta2 < 1.0, "hyperparameters.beta2", "must be in [0, 1)")
+        _check(h.grad_clip >= 0.0, "hyperparameters.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(1 <= h.grad_accum <= 4096, "hyperparameters.grad_accum", "must be between 1 and 4096")
+        _check(h.eval_interval >= 1, "hyperparameters.eval_interval", "must be >= 1")
+        _check(h.eval_batches >= 1, "hyperparameters.eval_batches", "must be >= 1")
+        _check(h.early_stopping_patience >= 0, "hyperparameters.early_stopping_patience", "must be >= 0")
+        _check(h.checkpoint_interval >= 0, "hyperparameters.checkpoint_interval", "must be >= 0")
+        _check(h.log_interval >= 1, "hyperparameters.log_interval", "must be >= 1")
+        _check(h.precision in PRECISIONS, "hyperparameters.precision", f"must be one of {', '.join(PRECISIONS)}")
+        _check(0 <= h.seed < 2**32, "hyperparameters.seed", "must be in [0, 2**32)")
+        _check(0.0 < h.mlm_probability < 1.0, "hyperparameters.mlm_probability", "must be in (0, 1)")
+        _check(x.mode in MODES, "distributed.mode", f"must be one of {', '.join(MODES)}")
+        _check(1 <= x.nproc_per_node <= 64, "distributed.nproc_per_node", "must be between 1 and 64")
+        _check(1 <= x.nnodes <= 64, "distributed.nnodes", "must be between 1 and 64")
+        _check(x.sync_interval >= 1, "distributed.sync_interval", "must be >= 1")
+
+    def check_dataset(self, vocab_size: int, train_tokens: int, validation_tokens: int) -> None:
+        """Rules that need the dataset's manifest (the coordinator has it at submit, the runtime at start)."""
+        _check(vocab_size >= 2, "dataset", f"has a vocabulary of {vocab_size} tokens")
+        needed = self.model.block_size + 1
+        _check(train_tokens >= needed, "model.block_size",
+               f"is {self.model.block_size} but the train split has only {train_tokens} tokens")
+        _check(validation_tokens >= needed, "model.block_size",
+               f"is {self.model.block_size} but the validation split has only {validation_tokens} tokens")
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValidationFailed(f"{name} {message}")
+
+
+_SCALARS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Instantiate the dataclass `cls` from `data`, checking names and types field by field."""
+    if not isinstance(data, dict):
+        raise ValidationFailed(f"{path.rstrip('.') or 'spec'} must be an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValidationFailed(f"{path}{unknown[0]} is not a known field")
+    values = {}
+    for name, value in data.items():
+        kind = _FIELD_TYPES[cls][name]
+        where = f"{path}{name}"
+        if dataclasses.is_dataclass(kind):
+            values[name] = None if value is None and name == "init_from" else _build(kind, value, where + ".")
+        else:
+            values[name] = _scalar(kind, value, where)
+    return cls(**values)
+
+
+def _scalar(kind: type, value: Any, where: str) -> Any:
+    # bool is an int in Python: refuse it explicitly; accept integral floats for ints (JSON writers differ).
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValidationFailed(f"{where} must be {_SCALARS[kind]}")
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValidationFailed(f"{where} must be a string")
+        return value
+    if isinstance(value, str):
+        raise ValidationFailed(f"{where} must be {_SCALARS[kind]}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValidationFailed(f"{where} must be an integer")
+        return int(value)
+    return float(value)
+
+
+# Field types resolved once (the annotations are strings under `from __future__ import annotations`).
+_FIELD_TYPES: dict[type, dict[str, type]] = {
+    DatasetRef: {"name": str, "version": int},
+    ModelRef: {"name": str, "version": int},
+    ModelSpec: {"family": str, "n_layer": int, "n_head": int, "n_embd": int, "block_size": int,
+                "dropout": float, "init_from": ModelRef},
+    HyperParameters: {f.name: {"int": int, "float": float, "str": str}[f.type]
+                      for f in dataclasses.fields(HyperParameters)},
+    DistributedSpec: {f.name: {"int": int, "float": float, "str": str}[f.type]
+                      for f in dataclasses.fields(DistributedSpec)},
+    JobSpec: {"dataset": DatasetRef, "model": ModelSpec, "hyperparameters": HyperParameters,
+              "distributed": DistributedSpec},
+}

@@ -1,0 +1,445 @@
+"""The training runtime: what `torchrun` runs on every process of a job.
+
+    torchrun --nproc-per-node N -m services.training.train --job-dir DIR [--job FILE] [--events PATH]
+
+`--job` (default `DIR/job.json`) is the job file the worker writes:
+
+    {"tenant": str, "job_id": str,
+     "spec": JobSpec.to_dict(),                         # see spec.py
+     "dataset_manifest_key": "datasets/{tenant}/{name}/v{n}/manifest.json",
+     "init_from_prefix": "models/{tenant}/{name}/v{n}/" | null}   # a save_pretrained folder in S3
+
+S3 is reached with `services.common.s3.ObjectStore` configured from the `LLMP_S3_*` environment.
+`DIR` is node-local scratch: the dataset and tokenizer are downloaded there once per node.
+A job resumes by itself: when the job already has a complete checkpoint it continues from the
+latest one, bit-exactly on CPU.
+
+Events (rank 0 only) are JSON lines, one object per line, on stdout or appended to `--events PATH`.
+Every event has `event` (its kind), `time` (Unix seconds) and `step` (optimizer steps done):
+
+- `started`: `world_size`, `mode`, `device`, `precision`, `parameters`, `resumed_from` (step or null),
+  `max_steps`, `tokens_per_step`, `environment` {python, torch, transformers, cuda, hardware, …}
+- `train` (every `log_interval` steps): `loss` (mean over ranks and micro-batches), `learning_rate`,
+  `tokens_per_second` (all ranks, since the last train event), `tokens` (seen so far), `mfu` (GPU only)
+- `eval` (every `eval_interval` steps and at the end): `validation_loss`, `perplexity`, `best_validation_loss`
+- `checkpoint`: `prefix`, `seconds`
+- `early_stop`: `best_validation_loss`, `evaluations_without_improvement`
+- `finished`: `final_prefix`, `metrics` {train_loss, validation_loss, validation_perplexity,
+  test_loss, test_perplexity, best_validation_loss, tokens, tokens_per_second, steps, stopped_early}
+- `stopped`: `checkpoint` (prefix): stopped on purpose after a checkpoint (`--stop-after-step`, for
+  tests and preemption); the process exits 0 and a later launch resumes from that checkpoint
+- `failed`: `error` (then the process exits non-zero)
+
+A run that exits 0 has emitted `finished` or `stopped` last; torchrun reports any other exit as 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+import transformers
+
+from services.common.errors import Conflict
+from services.training import checkpoints, data, distributed, models
+from services.training.checkpoints import JobLayout
+from services.training.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 FLOP/s by GPU name
+
+
+@dataclass
+class Job:
+    tenant: str
+    job_id: str
+    spec: JobSpec
+    dataset_manifest_key: str = ""
+    init_from_prefix: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Job:
+        return cls(tenant=raw["tenant"], job_id=raw["job_id"], spec=JobSpec.from_dict(raw["spec"]),
+                   dataset_manifest_key=raw.get("dataset_manifest_key", ""),
+                   init_from_prefix=raw.get("init_from_prefix"))
+
+    def to_dict(self) -> dict:
+        return {"tenant": self.tenant, "job_id": self.job_id, "spec": self.spec.to_dict(),
+                "dataset_manifest_key": self.dataset_manifest_key, "init_from_prefix": self.init_from_prefix}
+
+    @property
+    def layout(self) -> JobLayout:
+        return JobLayout(self.tenant, self.job_id)
+
+
+class Events:
+    """The JSON-lines event sink (rank 0 writes, other ranks stay silent)."""
+
+    def __init__(self, sink: TextIO | None) -> None:
+        self.sink = sink
+
+    def emit(self, kind: str, step: int, **fields) -> None:
+        if self.sink is None:
+            return
+        self.sink.write(json.dumps({"event": kind, "time": round(time.time(), 3), "step": step, **fields}) + "\n")
+        self.sink.flush()
+
+
+def environment(device: torch.device) -> dict:
+    """Hardware and software the run used (recorded in lineage)."""
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda, "platform": platform.platform()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["hardware"] = {"gpu": props.name, "gpu_memory_bytes": props.total_memory,
+                            "gpu_count": torch.cuda.device_count()}
+    else:
+        info["hardware"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    return info
+
+
+def lr_factor(step: int, hp) -> float:
+    """Learning rate at optimizer step `step` (0-based) over the peak: linear warmup, cosine to the floor."""
+    if step < hp.warmup_steps:
+        return (step + 1) / (hp.warmup_steps + 1)
+    span = max(1, hp.max_steps - hp.warmup_steps)
+    progress = min(1.0, (step - hp.warmup_steps) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (hp.min_learning_rate + cosine * (hp.learning_rate - hp.min_learning_rate)) / hp.learning_rate
+
+
+def make_optimizer(model: torch.nn.Module, hp) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on biases and norm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for every parameter (CPU and CUDA); deterministic, and what HF Trainer defaults to.
+    return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=True)
+
+
+def _seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+@dataclass
+class Progress:
+    """The loop's counters, checkpointed in state.json."""
+
+    step: int = 0
+    best_validation_loss: float | None = None
+    evaluations_without_improvement: int = 0
+    stopped_early: bool = False
+    tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+class Run:
+    """One process's part of a training job."""
+
+    def __init__(self, job: Job, ctx: distributed.Context, dataset: data.LocalDataset, *, store=None,
+                 work_dir: Path, events: Events) -> None:
+        self.job, self.ctx, self.dataset, self.store = job, ctx, dataset, store
+        self.work_dir, self.events = work_dir, events  # work_dir: node-local, shared by the node's ranks
+        spec = job.spec
+        self.spec, self.hp = spec, spec.hyperparameters
+        manifest = dataset.manifest
+        self.vocab = models.Vocabulary(int(manifest["vocab_size"]), int(manifest["eos_token_id"]),
+                                       int(manifest.get("pad_token_id", manifest["eos_token_id"])))
+        self.train_stream, self.validation_stream = dataset.stream("train"), dataset.stream("validation")
+        spec.check_dataset(self.vocab.size, self.train_stream.tokens, self.validation_stream.tokens)
+        self.progress = Progress()
+        self.resumed_from: int | None = None
+        self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+                         if self.hp.precision == "bf16" else nullcontext())
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        ctx, hp = self.ctx, self.hp
+        latest = checkpoints.latest_step(self.store, self.job.layout) if self.store else None
+        restored = None
+        if latest is not None:
+            restored = checkpoints.fetch(self.store, self.job.layout, latest, ctx, self.work_dir / "resume")
+            self._check_lineage(restored.state)
+            init_dir = restored.folder / "model"
+        else:
+            init_dir = self._fetch_init()
+        self.model = models.build_model(self.spec.model, self.vocab, seed=hp.seed, init_dir=init_dir)
+        self.model.to(ctx.device).train()
+        self.optimizer = make_optimizer(self.model, hp)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, hp))
+        self.sync = distributed.synchronizer(self.spec.distributed.mode, ctx, self.spec.distributed.sync_interval)
+        self.batches = data.TrainBatches(self.train_stream, self.spec.model.block_size, hp.batch_size,
+                                         seed=hp.seed, rank=ctx.rank, world_size=ctx.world_size)
+        torch.manual_seed(_seed_for(hp.seed, ctx.rank, 1))  # dropout: distinct per rank
+        if restored is not None:
+            self._restore(restored)
+        self.wrapped = self.sync.wrap(self.model)
+        self.flops_per_token = models.flops_per_token(self.model, self.spec.model.block_size)
+
+    def _fetch_init(self) -> Path | None:
+        prefix = self.job.init_from_prefix
+        if not prefix:
+            return None
+        dest = self.work_dir / "init"
+        if self.ctx.local_rank == 0:
+            for obj in self.store.list(prefix):
+                name = obj.key[len(prefix):]
+                if "/" not in name and name.endswith((".json", ".safetensors")):
+                    self.store.download(obj.key, dest / name)
+        self.ctx.barrier()
+        return dest
+
+    def _check_lineage(self, state: dict) -> None:
+        for name, ours in (("dataset_sha256", self.dataset.dataset_sha256),
+                           ("tokenizer_sha256", self.dataset.tokenizer_sha256)):
+            if state.get(name) != ours:
+                raise Conflict(f"checkpoint step {state.get('step')} was trained on a different {name[:-7]} "
+                               f"({state.get(name)} != {ours})")
+
+    def _restore(self, restored: checkpoints.Restored) -> None:
+        mine = restored.load(checkpoints.rank_file(self.ctx.rank))
+        if self.sync.per_rank_state:
+            self.model.load_state_dict(mine["model"])
+            self.optimizer.load_state_dict(mine["optimizer"])
+        else:
+            self.optimizer.load_state_dict(restored.load("optimizer.pt"))
+        self.scheduler.load_state_dict(restored.load("scheduler.pt"))
+        self.sync.load_state_dict(mine["sync"])
+        checkpoints.set_rng_state(mine["rng"], self.ctx.device)
+        state = restored.state
+        self.batches.position = int(state["data_position"])
+        self.progress = Progress(step=state["step"], best_validation_loss=state["best_validation_loss"],
+                                 evaluations_without_improvement=state["evaluations_without_improvement"],
+                                 stopped_early=state["stopped_early"], tokens=state["tokens"],
+                                 metrics=state["metrics"])
+        self.resumed_from = restored.step
+        self.ctx.barrier()  # every rank of the node has read the shared files
+        if self.ctx.local_rank == 0:
+            shutil.rmtree(restored.folder, ignore_errors=True)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    @property
+    def tokens_per_step(self) -> int:
+        return self.hp.batch_size * self.spec.model.block_size * self.hp.grad_accum * self.ctx.world_size
+
+    def loss(self, module: torch.nn.Module, tokens: torch.Tensor, generator_seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(generator_seed)
+        inputs = models.model_inputs(self.spec.model.family, tokens, self.vocab, generator, self.hp.mlm_probability)
+        inputs = {name: value.to(self.ctx.device, non_blocking=True) for name, value in inputs.items()}
+        with self.autocast:
+            return module(**inputs).loss
+
+    def train_step(self) -> float:
+        """One optimizer step (grad_accum micro-batches); returns this rank's mean micro-batch loss."""
+        hp, total = self.hp, 0.0
+        for micro in range(hp.grad_accum):
+            seed = _seed_for(hp.seed, 2, self.batches.position, self.ctx.rank)
+            tokens = self.batches.next()
+            with self.sync.no_sync(self.wrapped, skip=micro < hp.grad_accum - 1):
+                loss = self.loss(self.wrapped, tokens, seed)
+                (loss / hp.grad_accum).backward()
+            total += loss.detach().float()
+        if hp.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.progress.step += 1
+        self.progress.tokens += self.tokens_per_step
+        self.sync.after_step(self.model, self.progress.step)  # before zero_grad: averagers skip grad-less params
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / hp.grad_accum
+
+    @torch.no_grad()
+    def evaluate(self, stream: data.TokenStream) -> float:
+        """Mean loss over the fixed evaluation batches of `stream`, all ranks together."""
+        self.model.eval()
+        batches = data.eval_batches(stream, self.spec.model.block_size, self.hp.batch_size, self.hp.eval_batches,
+                                    rank=self.ctx.rank, world_size=self.ctx.world_size)
+        total = torch.zeros(2, dtype=torch.float64)
+        for index, tokens in enumerate(batches):
+            seed = _seed_for(self.hp.seed, 3, index * self.ctx.world_size + self.ctx.rank)
+            total += torch.tensor([self.loss(self.model, tokens, seed).double().item(), 1.0], dtype=torch.float64)
+        self.model.train()
+        total = self.ctx.all_reduce_sum(total)
+        return float(total[0] / total[1])
+
+    def run(self, stop_after_step: int | None = None) -> int:
+        ctx, hp, progress = self.ctx, self.hp, self.progress
+        self.events.emit("started", progress.step, world_size=ctx.world_size, mode=self.spec.distributed.mode,
+                         device=str(ctx.device), precision=hp.precision,
+                         parameters=models.parameter_count(self.model), resumed_from=self.resumed_from,
+                         max_steps=hp.max_steps, tokens_per_step=self.tokens_per_step,
+                         environment=environment(ctx.device))
+        interval = hp.effective_checkpoint_interval
+        window_start, window_tokens = time.perf_counter(), 0
+        self.loop_seconds, loop_start = 0.0, time.perf_counter()
+        last_saved = self.resumed_from
+        while progress.step < hp.max_steps and not progress.stopped_early:
+            loss = self.train_step()
+            window_tokens += self.tokens_per_step
+            step = progress.step
+            if step % hp.log_interval == 0 or step == hp.max_steps:
+                mean = float(ctx.all_reduce_sum(torch.tensor([float(loss)], dtype=torch.float64))[0] / ctx.world_size)
+                elapsed = time.perf_counter() - window_start
+                rate = window_tokens / elapsed if elapsed > 0 else 0.0
+                progress.metrics.update(train_loss=mean, tokens_per_second=rate)
+                extra = {}
+                if ctx.device.type == "cuda":
+                    extra["mfu"] = self._mfu(rate)
+                self.events.emit("train", step, loss=mean, learning_rate=self.scheduler.get_last_lr()[0],
+                                 tokens_per_second=rate, tokens=progress.tokens, **extra)
+                window_start, window_tokens = time.perf_counter(), 0
+            if step % hp.eval_interval == 0 or step == hp.max_steps:
+                self._evaluate_and_decide(step)
+            if self.store is not None and (step % interval == 0 or step == hp.max_steps or progress.stopped_early):
+                prefix = self.checkpoint()
+                last_saved = step
+                if stop_after_step is not None and step >= stop_after_step and step < hp.max_steps:
+                    self.events.emit("stopped", step, checkpoint=prefix)
+                    return 0
+        self.loop_seconds = time.perf_counter() - loop_start
+        if self.store is not None and last_saved != progress.step:
+            self.checkpoint()
+        self.finish()
+        return 0
+
+    def _mfu(self, tokens_per_second: float) -> float | None:
+        name = torch.cuda.get_device_properties(self.ctx.device).name
+        peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+        if peak is None:
+            return None
+        return self.flops_per_token * tokens_per_second / (peak * self.ctx.world_size)
+
+    def _evaluate_and_decide(self, step: int) -> None:
+        progress, patience = self.progress, self.hp.early_stopping_patience
+        validation = self.evaluate(self.validation_stream)
+        if progress.best_validation_loss is None or validation < progress.best_validation_loss:
+            progress.best_validation_loss, progress.evaluations_without_improvement = validation, 0
+        else:
+            progress.evaluations_without_improvement += 1
+        progress.metrics.update(validation_loss=validation, validation_perplexity=_perplexity(validation))
+        self.events.emit("eval", step, validation_loss=validation, perplexity=_perplexity(validation),
+                         best_validation_loss=progress.best_validation_loss)
+        if patience and progress.evaluations_without_improvement >= patience and step < self.hp.max_steps:
+            progress.stopped_early = True
+            self.events.emit("early_stop", step, best_validation_loss=progress.best_validation_loss,
+                             evaluations_without_improvement=progress.evaluations_without_improvement)
+
+    def checkpoint(self) -> str:
+        started, progress = time.perf_counter(), self.progress
+        rank_state = {"rng": checkpoints.rng_state(self.ctx.device), "sync": self.sync.state_dict()}
+        if self.sync.per_rank_state:
+            rank_state["model"] = {k: v.cpu() for k, v in self.model.state_dict().items()}
+            rank_state["optimizer"] = self.optimizer.state_dict()
+        state = {
+            "data_position": self.batches.position, "spec": self.spec.to_dict(),
+            "dataset_manifest_key": self.job.dataset_manifest_key,
+            "dataset_sha256": self.dataset.dataset_sha256, "tokenizer_sha256": self.dataset.tokenizer_sha256,
+            "best_validation_loss": progress.best_validation_loss,
+            "evaluations_without_improvement": progress.evaluations_without_improvement,
+            "stopped_early": progress.stopped_early, "tokens": progress.tokens, "metrics": progress.metrics,
+            "mode": self.spec.distributed.mode,
+        }
+        main = self.ctx.is_main
+        prefix = checkpoints.save(
+            self.store, self.job.layout, progress.step, self.ctx, self.work_dir / "checkpoints", rank_state=rank_state,
+            model=self.model if main else None, optimizer_state=self.optimizer.state_dict() if main else None,
+            scheduler_state=self.scheduler.state_dict() if main else None, state=state if main else None,
+        )
+        self.events.emit("checkpoint", progress.step, prefix=prefix, seconds=round(time.perf_counter() - started, 3))
+        return prefix
+
+    def finish(self) -> dict:
+        """Equalise the replicas, measure the test split, write the final model and metrics (rank 0)."""
+        progress = self.progress
+        self.sync.finalize(self.model)
+        metrics = dict(progress.metrics, steps=progress.step, tokens=progress.tokens,
+                       best_validation_loss=progress.best_validation_loss, stopped_early=progress.stopped_early)
+        if self.dataset.has_split("test"):
+            test = self.evaluate(self.dataset.stream("test"))
+            metrics.update(test_loss=test, test_perplexity=_perplexity(test))
+        final_prefix = None
+        if self.store is not None and self.ctx.is_main:
+            final_prefix = self.job.layout.final
+            local = self.work_dir / "final"  # rank 0 only
+            shutil.rmtree(local, ignore_errors=True)
+            self.model.save_pretrained(local, safe_serialization=True)
+            for path in self.dataset.tokenizer_dir.iterdir():
+                if path.is_file():
+                    shutil.copy(path, local / path.name)
+            checkpoints.upload_folder(self.store, local, final_prefix)
+            self.store.put_bytes(self.job.layout.metrics, json.dumps(metrics, indent=1).encode(),
+                                 content_type="application/json")
+        self.ctx.barrier()
+        self.metrics = metrics
+        self.events.emit("finished", progress.step, final_prefix=final_prefix, metrics=metrics)
+        return metrics
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.training.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--job-dir", type=Path, required=True, help="node-local scratch directory")
+    parser.add_argument("--job", type=Path, help="job file (default: JOB_DIR/job.json)")
+    parser.add_argument("--events", type=Path, help="append JSON-lines events here (default: stdout)")
+    parser.add_argument("--stop-after-step", type=int, help="stop after the first checkpoint at or after this "
+                                                            "step (tests, preemption)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.common import logs
+    from services.common.config import Settings
+    from services.common.s3 import ObjectStore
+
+    args = parse_args(argv)
+    settings = Settings.from_env()
+    logs.configure(settings, "training-runtime")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    job = Job.from_dict(json.loads((args.job or args.job_dir / "job.json").read_text()))
+    ctx = distributed.init()
+    sink = None
+    if ctx.is_main:
+        sink = open(args.events, "a") if args.events else sys.stdout
+    events = Events(sink)
+    try:
+        store = ObjectStore(settings.s3)
+        node_dir = args.job_dir
+        if ctx.local_rank == 0:
+            data.fetch_dataset(store, job.dataset_manifest_key, node_dir / "dataset")
+        ctx.barrier()
+        dataset = data.LocalDataset.open(node_dir / "dataset")
+        run = Run(job, ctx, dataset, store=store, work_dir=node_dir, events=events)
+        run.setup()
+        return run.run(stop_after_step=args.stop_after_step)
+    except Exception as error:
+        log.exception("training failed")
+        events.emit("failed", 0, error=f"{type(error).__name__}: {error}")
+        return 1
+    finally:
+        distributed.shutdown(ctx)
+        if sink is not None and sink is not sys.stdout:
+            sink.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
