@@ -67,7 +67,7 @@ def wait_for(client: Client, path: str, field: str, done: set[str], failed: set[
 
 
 def progress_bar(done: float, total: float, width: int = 30) -> str:
-    fraction = 0.0 if not total else min(1.0, done / total)
+    fraction = 0.0 if not total else min(1.0, float(done) / float(total))
     filled = int(fraction * width)
     return "[" + "#" * filled + "." * (width - filled) + f"] {fraction * 100:5.1f}%"
 

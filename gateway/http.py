@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 from aiohttp import web
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.state import CALLER, CLIENTS
@@ -104,37 +105,50 @@ async def rpc(request: web.Request, service: str, method: str, message: Message,
 
 def to_dict(message: Message) -> dict:
     """A protobuf message as the JSON object the REST API shows: proto field names, defaults included,
-    enum values without their proto prefix (`VERSION_STATE_READY` → `READY`)."""
+    64-bit integers as JSON numbers (proto3 JSON would quote them) and enum values without their
+    proto prefix (`VERSION_STATE_READY` → `READY`)."""
     as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True,
                                         always_print_fields_with_no_presence=True)
-    return _strip_enums(as_dict, _enum_names(message.DESCRIPTOR))
+    return _restyle(as_dict, message.DESCRIPTOR)
 
 
-def _enum_names(descriptor, seen: set | None = None) -> dict[str, str]:
-    """Every enum value name reachable from a message type → its REST spelling."""
-    seen = set() if seen is None else seen
-    if descriptor.full_name in seen:
-        return {}
-    seen.add(descriptor.full_name)
-    names: dict[str, str] = {}
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def _enum_name(value: str, enum_type) -> str:
+    names = [item.name for item in enum_type.values]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[:prefix.rfind("_") + 1]
+    return value[len(prefix):] if value.startswith(prefix) else value
+
+
+def _restyle_value(value: Any, field_descriptor) -> Any:
+    if field_descriptor.type in _INT64 and isinstance(value, str):
+        return int(value)
+    if field_descriptor.enum_type is not None and isinstance(value, str):
+        return _enum_name(value, field_descriptor.enum_type)
+    message_type = field_descriptor.message_type
+    well_known = message_type is not None and message_type.full_name.startswith("google.protobuf")
+    if message_type is not None and isinstance(value, dict) and not well_known:
+        return _restyle(value, message_type)
+    return value
+
+
+def _restyle(value: dict, descriptor) -> dict:
     for field_descriptor in descriptor.fields:
-        if field_descriptor.enum_type is not None:
-            values = [value.name for value in field_descriptor.enum_type.values]
-            prefix = os.path.commonprefix(values)
-            prefix = prefix[:prefix.rfind("_") + 1]
-            names.update({value: value[len(prefix):] for value in values})
-        elif field_descriptor.message_type is not None:
-            names.update(_enum_names(field_descriptor.message_type, seen))
-    return names
-
-
-def _strip_enums(value: Any, names: dict[str, str]) -> Any:
-    if isinstance(value, dict):
-        return {key: _strip_enums(item, names) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_strip_enums(item, names) for item in value]
-    if isinstance(value, str):
-        return names.get(value, value)
+        name = field_descriptor.name
+        if name not in value:
+            continue
+        item = value[name]
+        message_type = field_descriptor.message_type
+        if message_type is not None and message_type.GetOptions().map_entry:
+            value_field = message_type.fields_by_name["value"]
+            value[name] = {key: _restyle_value(entry, value_field) for key, entry in item.items()}
+        elif isinstance(item, list):
+            value[name] = [_restyle_value(entry, field_descriptor) for entry in item]
+        else:
+            value[name] = _restyle_value(item, field_descriptor)
     return value
 
 

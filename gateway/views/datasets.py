@@ -35,29 +35,12 @@ CREATE_QUERY = {
 
 def present_version(version: pb.DatasetVersion) -> dict:
     """The REST shape: splits by name, the manifest with its objects' SHA-256 and size."""
-    body = _integers(to_dict(version), version.DESCRIPTOR)
+    body = to_dict(version)
     body["splits"] = {split.pop("name"): split for split in body.get("splits", [])}
     body["manifest"] = {"key": body.pop("manifest_key"), "objects": body.pop("objects")}
     for unset in ("finished_at", "created_at"):
         body.setdefault(unset, None)
     return body
-
-
-def _integers(value, descriptor):
-    """Proto JSON spells 64-bit integers as strings; these counts and sizes are numbers in the REST API."""
-    if isinstance(value, list):
-        return [_integers(item, descriptor) for item in value]
-    if not isinstance(value, dict):
-        return value
-    for field_descriptor in descriptor.fields:
-        name = field_descriptor.name
-        if name not in value:
-            continue
-        if field_descriptor.message_type is not None and field_descriptor.message_type.name != "Timestamp":
-            value[name] = _integers(value[name], field_descriptor.message_type)
-        elif field_descriptor.type in (field_descriptor.TYPE_INT64, field_descriptor.TYPE_UINT64):
-            value[name] = int(value[name])
-    return value
 
 
 def _choice(request: web.Request, name: str, table: dict[str, int]) -> int:
