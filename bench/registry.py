@@ -1,0 +1,150 @@
+"""Registering and downloading a checkpoint through the registry, against raw S3 put + get of the same bytes.
+
+One run, one SeaweedFS (started here on free ports), one PostgreSQL database (created here on the
+server at LLMP_DATABASE_URL's host, dropped after), the registry service in-process on a free port:
+
+- project:  upload the save_pretrained folder to a training prefix (`ObjectStore.put_file`, SHA-256
+  recorded), `RegisterModelVersion` (server-side copy to the version prefix, every object read back and
+  its SHA-256 verified, READY in one transaction), then `DownloadArtifact` of every file over gRPC with the
+  client verifying size and SHA-256;
+- baseline: the `minio` SDK's own `fput_object` + `fget_object` of the same files to the same server
+  (no checksums): the limit of moving the bytes there and back.
+
+Best of `--repeats` interleaved rounds. Throughput is checkpoint megabytes per second of the whole
+round trip; the BENCH line's ratio is project / baseline (higher is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psycopg
+from llmp.registry.v1 import registry_pb2 as pb
+from llmp.registry.v1 import registry_pb2_grpc
+from minio import Minio
+
+from cli import servers
+from services.common import topology
+from services.common.config import Settings
+from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.registry import server
+from services.registry.client import download_artifact
+
+ACCESS, SECRET = "llmp-bench", "llmp-bench-secret"
+
+
+def make_checkpoint(folder: Path, megabytes: int) -> None:
+    """A save_pretrained-shaped folder whose weights file is ~`megabytes` MB of random float32."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    per_tensor = 16 * 1024 * 1024 // 4
+    tensors = {f"h.{i}.weight": rng.standard_normal(per_tensor, dtype=np.float32)
+               for i in range(max(1, megabytes // 16))}
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": len(tensors)}))
+    (folder / "generation_config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+
+
+async def project_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
+                        round_no: int) -> tuple[float, dict[str, float]]:
+    metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "bench"), (ROLE_KEY, "developer"))
+    prefix = f"jobs/{tenant}/bench-{round_no}/final/"
+    started = time.perf_counter()
+    files = sorted(path for path in folder.iterdir() if path.is_file())
+    await asyncio.gather(*(asyncio.to_thread(registry.store.put_file, prefix + path.name, path) for path in files))
+    uploaded = time.perf_counter()
+    version = (await stub.RegisterModelVersion(pb.RegisterModelVersionRequest(
+        model_name="bench", source_prefix=prefix), metadata=metadata)).version
+    registered = time.perf_counter()
+    await asyncio.gather(*(download_artifact(stub, "bench", version.ref.version, artifact.path, out / artifact.path,
+                                             metadata=metadata) for artifact in version.artifacts))
+    finished = time.perf_counter()
+    for artifact in version.artifacts:
+        (out / artifact.path).unlink()
+    phases = {"upload": uploaded - started, "register": registered - uploaded, "download": finished - registered}
+    return finished - started, phases
+
+
+def baseline_round(client: Minio, bucket: str, folder: Path, out: Path, round_no: int) -> float:
+    started = time.perf_counter()
+    files = sorted(path for path in folder.iterdir() if path.is_file())
+    for path in files:
+        client.fput_object(bucket, f"baseline/{round_no}/{path.name}", str(path))
+    for path in files:
+        client.fget_object(bucket, f"baseline/{round_no}/{path.name}", str(out / path.name))
+    elapsed = time.perf_counter() - started
+    for path in files:
+        (out / path.name).unlink()
+    return elapsed
+
+
+async def run(options: argparse.Namespace) -> None:
+    admin_url = os.environ.get("LLMP_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin_url = admin_url.rsplit("/", 1)[0] + "/postgres"
+    database = f"llmp_bench_{uuid.uuid4().hex[:10]}"
+    with tempfile.TemporaryDirectory(prefix="llmp-bench-registry-") as scratch:
+        root = Path(scratch)
+        ports = servers.SeaweedPorts.free()
+        weed = servers.start_seaweedfs(root / "weed", ports, ACCESS, SECRET, root / "weed.log")
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{database}"')
+        env = {"LLMP_DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{database}",
+               "LLMP_S3_ENDPOINT": f"127.0.0.1:{ports.s3}", "LLMP_S3_ACCESS_KEY": ACCESS,
+               "LLMP_S3_SECRET_KEY": SECRET, "LLMP_S3_BUCKET": "llmp-bench", "LLMP_LOG_LEVEL": "WARNING",
+               **{service.addr_env: f"127.0.0.1:{servers.free_port()}" for service in topology.GRPC_SERVICES}}
+        registry = None
+        try:
+            settings = Settings.from_env(env)
+            registry = await server.build(settings)
+            port = await registry.app.start("127.0.0.1:0")
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            folder, out = root / "checkpoint", root / "out"
+            out.mkdir()
+            make_checkpoint(folder, options.megabytes)
+            size_mb = sum(path.stat().st_size for path in folder.iterdir()) / 1e6
+            raw = Minio(f"127.0.0.1:{ports.s3}", access_key=ACCESS, secret_key=SECRET, secure=False)
+            best = {"project": float("inf"), "baseline": float("inf")}
+            for round_no in range(options.repeats):
+                best["baseline"] = min(best["baseline"], await asyncio.to_thread(
+                    baseline_round, raw, settings.s3.bucket, folder, out, round_no))
+                elapsed, phases = await project_round(registry, stub, folder, out, "bench", round_no)
+                best["project"] = min(best["project"], elapsed)
+                detail = " ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items())
+                print(f"round {round_no + 1}: project {elapsed:.2f}s ({detail}); best project {best['project']:.2f}s "
+                      f"baseline {best['baseline']:.2f}s ({size_mb:.0f} MB)", flush=True)
+            await channel.close()
+        finally:
+            if registry is not None:
+                await registry.app.stop()
+            servers.stop(weed)
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    project, baseline = size_mb / best["project"], size_mb / best["baseline"]
+    print(f"BENCH registry project={project:.1f}MB/s baseline={baseline:.1f}MB/s ratio={project / baseline:.2f} "
+          f"(minio SDK fput_object+fget_object of the same {size_mb:.0f} MB checkpoint to the same SeaweedFS, "
+          "no checksums; project = upload + register with SHA-256 verification + verified gRPC download)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--megabytes", type=int, default=512, help="checkpoint size (default 512)")
+    parser.add_argument("--repeats", type=int, default=3)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

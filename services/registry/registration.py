@@ -1,0 +1,277 @@
+"""Atomic registration of model versions, and the sweep that collects what interrupted ones left.
+
+A registration runs in three steps:
+1. one short transaction takes the next number from the model's counter row (locked `FOR UPDATE`, so
+   concurrent registrations get distinct consecutive numbers) and inserts the version PENDING;
+2. every object under the source prefix is copied server-side to `models/{tenant}/{name}/v{n}/` and
+   read back to verify its SHA-256 against the one recorded at upload (a heartbeat keeps the
+   PENDING row's lease alive meanwhile);
+3. one transaction records the artifacts and flips the row to READY, only if it is still PENDING.
+
+Readers only see READY rows, so a registration that dies anywhere before step 3 commits never shows.
+Its PENDING row outlives its heartbeat lease; `sweep` then marks it FAILED and deletes its objects,
+and also deletes any object under `models/` that belongs to no PENDING or READY version.
+A failed registration's number is not reused (as in MLflow): FAILED rows keep it, hidden from readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from psycopg.types.json import Jsonb
+
+from services.common.db import Database
+from services.common.errors import Conflict, Internal, NotFound, ValidationFailed
+from services.common.grpc_server import Caller
+from services.common.s3 import ObjectStore, StoredObject
+from services.registry import layout
+
+log = logging.getLogger(__name__)
+
+COPY_PARALLELISM = 4  # objects copied and verified at once
+HEARTBEAT_SECONDS = 5.0  # how often a running registration renews its lease
+LEASE_SECONDS = 120.0  # a PENDING row whose heartbeat is older than this is abandoned
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What produced a version."""
+
+    dataset_name: str = ""
+    dataset_version: int = 0
+    training_job_id: str = ""
+    code_version: str = ""
+    environment: dict[str, str] = field(default_factory=dict)
+    parent_name: str = ""
+    parent_version: int = 0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A request to register the save_pretrained folder at `source_prefix` as a new version."""
+
+    model_name: str
+    source_prefix: str
+    lineage: Lineage = field(default_factory=Lineage)
+    metrics: dict[str, float] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    abandoned: int  # PENDING registrations marked FAILED
+    collected: int  # FAILED / DELETING versions whose objects were removed
+    orphan_objects: int  # objects under models/ deleted because no live version owns them
+
+
+def _validate(request: Registration) -> None:
+    layout.validate_name(request.model_name, "model name")
+    if not request.source_prefix or not request.source_prefix.endswith("/"):
+        raise ValidationFailed(f"source_prefix {request.source_prefix!r} must be a non-empty S3 prefix ending in '/'")
+    if request.source_prefix.startswith("models/"):
+        raise ValidationFailed("source_prefix must not point inside the registry's own models/ prefix")
+    lineage = request.lineage
+    if lineage.dataset_name:
+        layout.validate_name(lineage.dataset_name, "lineage dataset name")
+        layout.validate_version(lineage.dataset_version, "lineage dataset version")
+    if lineage.parent_name:
+        layout.validate_name(lineage.parent_name, "lineage parent model name")
+        layout.validate_version(lineage.parent_version, "lineage parent version")
+    for key, value in request.metrics.items():
+        if not key or value != value:  # NaN is not a metric
+            raise ValidationFailed(f"metric {key!r} must have a name and a number")
+
+
+def copy_verified(store: ObjectStore, source_key: str, destination_key: str) -> StoredObject:
+    """Copy one object server-side, then read the copy back and check its SHA-256 and size.
+
+    The expected digest is the one recorded when the source was uploaded (`ObjectStore` writes it as
+    metadata); a source without one is hashed first.
+    """
+    source = store.stat(source_key)
+    expected = source.sha256 or _hash_object(store, source_key)[0]
+    store.copy(source_key, destination_key)
+    actual, size = _hash_object(store, destination_key)
+    if actual != expected or size != source.size:
+        raise Internal(f"checksum mismatch copying {source_key}: expected {expected} ({source.size} bytes), "
+                       f"stored {actual} ({size} bytes)")
+    return StoredObject(destination_key, size, actual)
+
+
+def _hash_object(store: ObjectStore, key: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    for chunk in store.iter_chunks(key, 4 * 1024 * 1024):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+async def register(db: Database, store: ObjectStore, caller: Caller, request: Registration, *,
+                   heartbeat_seconds: float = HEARTBEAT_SECONDS) -> tuple[str, int]:
+    """Register `request` as the next version of its model; returns (name, version), READY."""
+    _validate(request)
+    sources = [obj for obj in await asyncio.to_thread(store.list, request.source_prefix)
+               if not obj.key.endswith("/")]
+    paths = {obj.key[len(request.source_prefix):]: obj for obj in sources}
+    if not paths:
+        raise NotFound(f"no objects under source prefix {request.source_prefix!r}")
+    if "config.json" not in paths or not any(name in paths for name in layout.WEIGHT_FILES):
+        raise ValidationFailed(f"{request.source_prefix} is not a save_pretrained folder: it needs config.json "
+                               f"and one of {', '.join(layout.WEIGHT_FILES)}")
+
+    tenant, name = caller.tenant, request.model_name
+    registration_id = uuid.uuid4()
+    async with db.transaction() as conn:
+        await conn.execute("INSERT INTO registry_models (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                           (tenant, name))
+        row = await (await conn.execute(
+            "SELECT next_version FROM registry_models WHERE tenant = %s AND name = %s FOR UPDATE",
+            (tenant, name))).fetchone()
+        version = row["next_version"]
+        await conn.execute("UPDATE registry_models SET next_version = next_version + 1 "
+                           "WHERE tenant = %s AND name = %s", (tenant, name))
+        lineage = request.lineage
+        await conn.execute(
+            """INSERT INTO registry_versions (tenant, name, version, state, registration_id, source_prefix, prefix,
+                   dataset_name, dataset_version, training_job_id, code_version, environment, parent_name,
+                   parent_version, metrics, description, created_by)
+               VALUES (%s, %s, %s, 'PENDING', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+            (tenant, name, version, registration_id, request.source_prefix,
+             layout.version_prefix(tenant, name, version), lineage.dataset_name, lineage.dataset_version,
+             lineage.training_job_id, lineage.code_version, Jsonb(dict(lineage.environment)), lineage.parent_name,
+             lineage.parent_version, Jsonb(dict(request.metrics)), request.description, caller.key_id))
+    log.info("registering", extra={"model": name, "version": version, "objects": len(paths)})
+
+    prefix = layout.version_prefix(tenant, name, version)
+    heartbeat = asyncio.create_task(_heartbeat(db, registration_id, heartbeat_seconds))
+    try:
+        limit = asyncio.Semaphore(COPY_PARALLELISM)
+
+        async def one(path: str) -> tuple[str, StoredObject]:
+            async with limit:
+                return path, await asyncio.to_thread(copy_verified, store, paths[path].key, prefix + path)
+
+        copied = await asyncio.gather(*(one(path) for path in sorted(paths)))
+        heartbeat.cancel()
+        digest = layout.content_digest((path, obj.sha256) for path, obj in copied)
+        async with db.transaction() as conn:
+            updated = await conn.execute(
+                "UPDATE registry_versions SET state = 'READY', ready_at = now(), digest = %s "
+                "WHERE registration_id = %s AND state = 'PENDING'", (digest, registration_id))
+            if updated.rowcount != 1:
+                raise Conflict(f"registration of {name} v{version} was abandoned (lease expired) before it finished")
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO registry_artifacts (tenant, name, version, path, key, size, sha256, role) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    [(tenant, name, version, path, obj.key, obj.size, obj.sha256, layout.role_of(path))
+                     for path, obj in copied])
+    except BaseException as error:
+        heartbeat.cancel()
+        await _abandon(db, store, registration_id, prefix, error)
+        raise
+    log.info("registered", extra={"model": name, "version": version, "digest": digest})
+    return name, version
+
+
+async def _heartbeat(db: Database, registration_id: uuid.UUID, every: float) -> None:
+    """Renew the PENDING row's lease. A missed beat is only logged: if the lease runs out, the sweep fails
+    the registration and the final transaction refuses to mark it READY."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            async with db.pool.connection() as conn:
+                await conn.execute("UPDATE registry_versions SET heartbeat_at = now() "
+                                   "WHERE registration_id = %s AND state = 'PENDING'", (registration_id,))
+        except Exception as error:  # PostgreSQL briefly unreachable: try again next beat
+            log.warning("registration heartbeat failed: %s", error)
+
+
+async def _abandon(db: Database, store: ObjectStore, registration_id: uuid.UUID, prefix: str,
+                   error: BaseException) -> None:
+    """Best effort after a failure we saw: mark FAILED and delete what was copied (the sweep retries)."""
+    with contextlib.suppress(Exception):
+        async with db.pool.connection() as conn:
+            await conn.execute("UPDATE registry_versions SET state = 'FAILED', error = %s "
+                               "WHERE registration_id = %s AND state = 'PENDING'",
+                               (f"{type(error).__name__}: {error}"[:2000], registration_id))
+        await asyncio.to_thread(store.delete_prefix, prefix)
+        async with db.pool.connection() as conn:
+            await conn.execute("UPDATE registry_versions SET collected_at = now() "
+                               "WHERE registration_id = %s AND state = 'FAILED'", (registration_id,))
+
+
+async def sweep(db: Database, store: ObjectStore, *, lease_seconds: float = LEASE_SECONDS,
+                scan_orphans: bool = True) -> SweepReport:
+    """Fail abandoned registrations, collect FAILED / DELETING versions' objects, delete orphans."""
+    async with db.pool.connection() as conn:
+        abandoned = await (await conn.execute(
+            """UPDATE registry_versions SET state = 'FAILED',
+                      error = 'registration interrupted: no heartbeat for ' || %s || ' s'
+               WHERE state = 'PENDING' AND heartbeat_at < now() - make_interval(secs => %s)
+               RETURNING tenant, name, version""", (str(lease_seconds), lease_seconds))).fetchall()
+        unsettled = await (await conn.execute(
+            "SELECT tenant, name, version, state, prefix FROM registry_versions "
+            "WHERE state IN ('FAILED', 'DELETING') AND collected_at IS NULL")).fetchall()
+    for row in abandoned:
+        log.warning("abandoned registration", extra={"model": row["name"], "version": row["version"]})
+    for row in unsettled:
+        await asyncio.to_thread(store.delete_prefix, row["prefix"])
+        async with db.pool.connection() as conn:
+            if row["state"] == "DELETING":
+                await conn.execute("DELETE FROM registry_versions WHERE tenant = %s AND name = %s AND version = %s "
+                                   "AND state = 'DELETING'", (row["tenant"], row["name"], row["version"]))
+            else:
+                await conn.execute("UPDATE registry_versions SET collected_at = now() WHERE tenant = %s AND "
+                                   "name = %s AND version = %s", (row["tenant"], row["name"], row["version"]))
+    orphans = await _delete_orphans(db, store) if scan_orphans else 0
+    return SweepReport(abandoned=len(abandoned), collected=len(unsettled), orphan_objects=orphans)
+
+
+async def _delete_orphans(db: Database, store: ObjectStore) -> int:
+    """Delete objects under models/ whose version is neither PENDING nor READY (e.g. written by a zombie)."""
+    objects = await asyncio.to_thread(store.list, "models/")
+    owners: dict[tuple[str, str, int], list[str]] = {}
+    for obj in objects:
+        owner = layout.parse_version_key(obj.key)
+        if owner is not None:
+            owners.setdefault(owner, []).append(obj.key)
+    if not owners:
+        return 0
+    async with db.pool.connection() as conn:
+        live = await (await conn.execute(
+            "SELECT tenant, name, version FROM registry_versions WHERE state IN ('PENDING', 'READY') "
+            "AND (tenant, name, version) IN (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]))",
+            ([t for t, _, _ in owners], [n for _, n, _ in owners], [v for _, _, v in owners]))).fetchall()
+    alive = {(row["tenant"], row["name"], row["version"]) for row in live}
+    deleted = 0
+    for owner, keys in owners.items():
+        if owner in alive:
+            continue
+        for key in keys:
+            await asyncio.to_thread(store.delete, key)
+            deleted += 1
+        log.warning("deleted orphaned objects", extra={"prefix": layout.version_prefix(*owner), "objects": len(keys)})
+    return deleted
+
+
+async def sweep_forever(db: Database, store: ObjectStore, every: float, lease_seconds: float = LEASE_SECONDS,
+                        also: Callable[[], Awaitable[object]] | None = None) -> None:
+    """The periodic sweep the server runs (a task cancelled at shutdown); `also` runs each period too."""
+    while True:
+        try:
+            report = await sweep(db, store, lease_seconds=lease_seconds)
+            if report.abandoned or report.collected or report.orphan_objects:
+                log.info("sweep", extra=dataclasses.asdict(report))
+            if also is not None:
+                await also()
+        except Exception:
+            log.exception("sweep failed; retrying next period")
+        await asyncio.sleep(every)

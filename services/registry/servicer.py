@@ -1,0 +1,204 @@
+"""gRPC handlers of `llmp.registry.v1.RegistryService`: validate, convert, call the domain modules."""
+# ruff: noqa: N802 (gRPC method names are the proto's CamelCase)
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from llmp.common.v1 import common_pb2
+from llmp.registry.v1 import registry_pb2 as pb
+from llmp.registry.v1 import registry_pb2_grpc
+
+from services.common.db import Database
+from services.common.grpc_server import caller_from_context
+from services.common.s3 import ObjectStore
+from services.registry import aliases, catalog, downloads, layout, registration
+from services.registry.exports import Exports
+
+SERVICE_NAME = "llmp.registry.v1.RegistryService"
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def export_message(row: dict[str, Any]) -> pb.Export:
+    return pb.Export(
+        id=str(row["id"]), model=common_pb2.ModelRef(name=row["name"], version=row["version"]), format=row["format"],
+        state=pb.ExportState.Value(f"EXPORT_STATE_{row['state']}"),
+        parity_report_json=json.dumps(row["parity"], sort_keys=True) if row["parity"] else "", error=row["error"],
+        artifacts=[pb.Artifact(path=item["path"], object=common_pb2.StoredObject(
+            key=item["key"], size=item["size"], sha256=item["sha256"], role=item.get("role", "")))
+            for item in row["artifacts"]],
+        triton_repository_prefix=row["triton_prefix"], triton_model_name=row["triton_model"],
+        created_at=_timestamp(row["created_at"]), updated_at=_timestamp(row["updated_at"]),
+    )
+
+
+def version_message(view: catalog.VersionView) -> pb.ModelVersion:
+    row = view.row
+    return pb.ModelVersion(
+        ref=common_pb2.ModelRef(name=row["name"], version=row["version"]),
+        state=pb.VersionState.Value(f"VERSION_STATE_{row['state']}"),
+        artifacts=[pb.Artifact(path=item["path"], object=common_pb2.StoredObject(
+            key=item["key"], size=item["size"], sha256=item["sha256"], role=item["role"])) for item in view.artifacts],
+        lineage=pb.Lineage(
+            dataset=common_pb2.DatasetRef(name=row["dataset_name"], version=row["dataset_version"]),
+            training_job_id=row["training_job_id"], code_version=row["code_version"],
+            environment={str(k): str(v) for k, v in row["environment"].items()},
+            parent=common_pb2.ModelRef(name=row["parent_name"], version=row["parent_version"])),
+        metrics={str(k): float(v) for k, v in row["metrics"].items()},
+        exports=[export_message(item) for item in view.exports], aliases=view.aliases, deployments=view.deployments,
+        digest=row["digest"], prefix=row["prefix"], source_prefix=row["source_prefix"], created_by=row["created_by"],
+        created_at=_timestamp(row["created_at"]), ready_at=_timestamp(row["ready_at"]),
+        description=row["description"],
+    )
+
+
+def alias_message(row: dict[str, Any]) -> pb.Alias:
+    return pb.Alias(model_name=row["name"], alias=row["alias"], version=row["version"], etag=row["etag"],
+                    updated_at=_timestamp(row["updated_at"]), updated_by=row["updated_by"])
+
+
+def model_message(row: dict[str, Any]) -> pb.Model:
+    return pb.Model(name=row["name"], latest_version=row["latest_version"], version_count=row["version_count"],
+                    aliases=[alias_message(item) for item in row["aliases"]], created_at=_timestamp(row["created_at"]))
+
+
+def _ref(ref: common_pb2.ModelRef) -> tuple[str, int]:
+    return layout.validate_name(ref.name, "model name"), layout.validate_version(ref.version)
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, db: Database, store: ObjectStore, exports: Exports) -> None:
+        self.db, self.store, self.exports = db, store, exports
+
+    async def RegisterModelVersion(self, request: pb.RegisterModelVersionRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        lineage = request.lineage
+        name, version = await registration.register(self.db, self.store, caller, registration.Registration(
+            model_name=request.model_name, source_prefix=request.source_prefix,
+            lineage=registration.Lineage(
+                dataset_name=lineage.dataset.name, dataset_version=lineage.dataset.version,
+                training_job_id=lineage.training_job_id, code_version=lineage.code_version,
+                environment=dict(lineage.environment), parent_name=lineage.parent.name,
+                parent_version=lineage.parent.version),
+            metrics=dict(request.metrics), description=request.description))
+        view = await catalog.get_version(self.db, caller.tenant, name, version)
+        return pb.RegisterModelVersionResponse(version=version_message(view))
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        row = await catalog.get_model(self.db, caller.tenant, layout.validate_name(request.name, "model name"))
+        return pb.GetModelResponse(model=model_message(row))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        rows, token = await catalog.list_models(self.db, caller.tenant, request.page.page_size, request.page.page_token)
+        return pb.ListModelsResponse(models=[model_message(row) for row in rows],
+                                     page=common_pb2.PageResponse(next_page_token=token))
+
+    async def GetModelVersion(self, request: pb.GetModelVersionRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name, version = _ref(common_pb2.ModelRef(name=request.name, version=request.version))
+        view = await catalog.get_version(self.db, caller.tenant, name, version)
+        return pb.GetModelVersionResponse(version=version_message(view))
+
+    async def ListModelVersions(self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name = layout.validate_name(request.name, "model name")
+        views, token = await catalog.list_versions(self.db, caller.tenant, name, request.page.page_size,
+                                                   request.page.page_token)
+        return pb.ListModelVersionsResponse(versions=[version_message(view) for view in views],
+                                            page=common_pb2.PageResponse(next_page_token=token))
+
+    async def ListModelVersionsByDataset(self, request: pb.ListModelVersionsByDatasetRequest,
+                                         context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name = layout.validate_name(request.dataset.name, "dataset name")
+        version = layout.validate_version(request.dataset.version, "dataset version")
+        found = await catalog.list_by_dataset(self.db, caller.tenant, name, version)
+        return pb.ListModelVersionsByDatasetResponse(
+            versions=[common_pb2.ModelRef(name=model, version=number) for model, number in found])
+
+    async def DeleteModelVersion(self, request: pb.DeleteModelVersionRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name, version = _ref(common_pb2.ModelRef(name=request.name, version=request.version))
+        deleted = await catalog.delete_version(self.db, self.store, caller.tenant, name, version)
+        return pb.DeleteModelVersionResponse(objects_deleted=deleted)
+
+    async def SetAlias(self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        row = await aliases.set_alias(
+            self.db, caller.tenant, request.model_name, request.alias, request.version,
+            expected_etag=request.expected_etag, must_not_exist=request.must_not_exist,
+            actor=request.actor or caller.key_id, reason=request.reason)
+        return pb.SetAliasResponse(alias=alias_message(row))
+
+    async def GetAlias(self, request: pb.GetAliasRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        row = await aliases.get_alias(self.db, caller.tenant, request.model_name, request.alias)
+        return pb.GetAliasResponse(alias=alias_message(row))
+
+    async def ListAliasHistory(self, request: pb.ListAliasHistoryRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        rows = await aliases.history(self.db, caller.tenant, request.model_name, request.alias)
+        return pb.ListAliasHistoryResponse(entries=[pb.AliasHistoryEntry(
+            sequence=row["sequence"], alias=row["alias"], from_version=row["from_version"],
+            to_version=row["to_version"], actor=row["actor"], reason=row["reason"], at=_timestamp(row["at"]))
+            for row in rows])
+
+    async def ResolveAlias(self, request: pb.ResolveAliasRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        row = await aliases.get_alias(self.db, caller.tenant, request.model_name, request.alias)
+        view = await catalog.get_version(self.db, caller.tenant, row["name"], row["version"])
+        return pb.ResolveAliasResponse(version=version_message(view), alias=alias_message(row))
+
+    async def CreateExport(self, request: pb.CreateExportRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name, version = _ref(request.model)
+        row = await self.exports.create(caller.tenant, name, version, request.format)
+        return pb.CreateExportResponse(export=export_message(row))
+
+    async def GetExport(self, request: pb.GetExportRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name, version = _ref(request.model)
+        row = await self.exports.get(caller.tenant, name, version, request.format)
+        return pb.GetExportResponse(export=export_message(row))
+
+    async def MarkDeployed(self, request: pb.MarkDeployedRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name, version = _ref(request.model)
+        found = await catalog.mark_deployed(self.db, caller.tenant, name, version, request.deployment,
+                                            request.export_format)
+        return pb.MarkDeployedResponse(deployments=found)
+
+    async def UnmarkDeployed(self, request: pb.UnmarkDeployedRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name, version = _ref(request.model)
+        found = await catalog.unmark_deployed(self.db, caller.tenant, name, version, request.deployment)
+        return pb.UnmarkDeployedResponse(deployments=found)
+
+    async def DownloadArtifact(self, request: pb.DownloadArtifactRequest,
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadArtifactResponse]:
+        caller = caller_from_context(context)
+        name, version = _ref(request.model)
+        found = await downloads.find_artifact(self.db, caller.tenant, name, version, request.path)
+        first = True
+        async for offset, data in downloads.stream(self.store, found["key"], found["size"], found["sha256"]):
+            if first:
+                yield pb.DownloadArtifactResponse(data=data, offset=offset, size=found["size"], sha256=found["sha256"])
+                first = False
+            else:
+                yield pb.DownloadArtifactResponse(data=data, offset=offset)
+        if first:  # an empty object still announces its size and digest
+            yield pb.DownloadArtifactResponse(size=0, sha256=found["sha256"])
