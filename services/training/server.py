@@ -1,0 +1,113 @@
+"""The training service process: `python -m services.training.server`.
+
+Wires the coordinator (PostgreSQL), the Celery dispatcher (the `gpu` queue on LLMP_BROKER_URL), the
+dataset service (specs are checked against READY dataset versions at submit) and the lease
+maintenance loop into the gRPC server. The jobs themselves run in Celery workers (worker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from llmp.dataset.v1 import dataset_pb2
+from llmp.training.v1 import training_pb2_grpc
+
+from services.common import topology
+from services.common.config import Settings
+from services.common.db import Database
+from services.common.errors import NotFound, Unavailable, ValidationFailed
+from services.common.grpc_client import ServiceClients
+from services.common.grpc_server import Caller, GrpcApp, run_main
+from services.training.coordinator import Coordinator, DatasetCheck
+from services.training.servicer import TrainingServicer
+from services.training.spec import JobSpec
+from services.training.worker import CeleryDispatcher, make_producer
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def dataset_checker(clients: ServiceClients) -> DatasetCheck:
+    """Refuse a spec whose dataset version is missing, not READY, or too small for it (422 naming why)."""
+
+    async def check(caller: Caller, spec: JobSpec) -> str:
+        name, number = spec.dataset.name, spec.dataset.version
+        try:
+            response = await clients.call("dataset", "GetDatasetVersion",
+                                          dataset_pb2.GetDatasetVersionRequest(name=name, version=number),
+                                          caller=caller)
+        except NotFound:
+            raise ValidationFailed(f"dataset {name} version {number} does not exist") from None
+        version = response.version
+        if version.state != dataset_pb2.VERSION_STATE_READY:
+            state = dataset_pb2.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
+            raise ValidationFailed(f"dataset {name} version {number} is {state}, not READY")
+        tokens = {split.name: split.tokens for split in version.splits}
+        spec.check_dataset(version.tokenizer.vocab_size, tokens.get("train", 0), tokens.get("validation", 0))
+        return version.manifest_key
+
+    return check
+
+
+def broker_checker(producer):
+    """Readiness of the Celery broker: a connection opens within two seconds."""
+
+    def connect() -> None:
+        with producer.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    async def check() -> None:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(connect), 4)
+        except Exception as error:  # kombu raises many kinds; any of them means not ready
+            raise Unavailable(f"Celery broker unreachable: {error or type(error).__name__}", retry_after=2) from error
+
+    return check
+
+
+async def build(settings: Settings) -> GrpcApp:
+    """The service wired and ready to start (tests start it on a port of their choosing)."""
+    db = await Database.connect(settings.database_url, component="training", migrations_dir=MIGRATIONS)
+    clients = ServiceClients(settings)
+    producer = make_producer(settings)
+    coordinator = Coordinator(db, CeleryDispatcher(producer), check_dataset=dataset_checker(clients))
+
+    app = GrpcApp(settings, topology.TRAINING)
+    app.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(coordinator),
+                     "llmp.training.v1.TrainingService")
+    app.add_readiness_check("postgresql", db.check)
+    app.add_readiness_check("broker", broker_checker(producer))
+
+    maintenance_stop = asyncio.Event()
+    maintenance = asyncio.create_task(coordinator.maintain(maintenance_stop))
+
+    async def stop_maintenance() -> None:
+        maintenance_stop.set()
+        await maintenance
+
+    async def close_producer() -> None:
+        producer.close()
+
+    # Hooks run in reverse: maintenance stops first, the pools close last.
+    app.on_shutdown(db.close)
+    app.on_shutdown(clients.close)
+    app.on_shutdown(close_producer)
+    app.on_shutdown(stop_maintenance)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Run the service until SIGTERM."""
+    app = await build(settings)
+    await app.run()
+
+
+def main() -> None:
+    run_main(serve, "training")
+
+
+if __name__ == "__main__":
+    main()

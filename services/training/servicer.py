@@ -1,0 +1,134 @@
+"""gRPC handlers of `llmp.training.v1.TrainingService`: read the caller, convert, call the coordinator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
+from llmp.common.v1 import common_pb2
+from llmp.training.v1 import training_pb2, training_pb2_grpc
+
+from services.common.errors import InvalidArgument
+from services.common.grpc_server import caller_from_context
+from services.training.coordinator import Coordinator, Event, Job, JobState
+
+_STATE_PREFIX = "JOB_STATE_"
+# Series GetJobMetrics returns as curves; every other metric is reported once, in `final`.
+SERIES = ("train_loss", "validation_loss", "learning_rate", "tokens_per_second", "validation_perplexity", "mfu")
+
+
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """The fields the sender set (proto3 `optional` presence, non-default plain scalars), natively typed.
+
+    Unset fields stay absent so the spec's defaults apply (unlike MessageToDict, int64s stay ints).
+    """
+    values: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        values[field.name] = message_to_dict(value) if field.message_type is not None else value
+    return values
+
+
+def spec_to_proto(spec: dict[str, Any]) -> training_pb2.JobSpec:
+    return json_format.ParseDict(spec, training_pb2.JobSpec(), ignore_unknown_fields=True)
+
+
+def state_to_proto(state: JobState) -> int:
+    return training_pb2.JobState.Value(_STATE_PREFIX + state.value)
+
+
+def state_from_proto(value: int) -> JobState:
+    name = training_pb2.JobState.Name(value) if value in training_pb2.JobState.values() else ""
+    if not name or value == training_pb2.JOB_STATE_UNSPECIFIED:
+        raise InvalidArgument(f"states: {value} is not a job state")
+    return JobState(name.removeprefix(_STATE_PREFIX))
+
+
+def _timestamp(message, field: str, value) -> None:
+    if value is not None:
+        getattr(message, field).FromDatetime(value)
+
+
+def job_to_proto(job: Job) -> training_pb2.Job:
+    message = training_pb2.Job(
+        id=job.id, state=state_to_proto(job.state), spec=spec_to_proto(job.spec), priority=job.priority,
+        idempotency_key=job.idempotency_key or "", model_name=job.model_name,
+        progress=common_pb2.Progress(phase="train", done=job.step, total=job.max_steps, unit="steps",
+                                     message=job.error),
+        latest_metrics=training_pb2.MetricsSnapshot(step=job.metrics_step, values=job.latest_metrics),
+        error=job.error, attempt=job.attempt, cancel_requested=job.cancel_requested,
+        output_prefix=job.output_prefix)
+    if job.model_version is not None:
+        message.model_version.CopyFrom(common_pb2.ModelRef(name=job.model_name, version=job.model_version))
+    environment = struct_pb2.Struct()
+    environment.update(job.environment)
+    message.environment.CopyFrom(environment)
+    for field in ("created_at", "started_at", "finished_at", "updated_at"):
+        _timestamp(message, field, getattr(job, field))
+    return message
+
+
+def event_to_proto(event: Event) -> training_pb2.WatchJobResponse:
+    message = training_pb2.WatchJobResponse(sequence=event.sequence)
+    message.time.FromDatetime(event.created_at)
+    payload = event.payload
+    if event.kind == "state":
+        message.state_changed.CopyFrom(training_pb2.StateChanged(
+            state=state_to_proto(JobState(payload["state"])), reason=payload.get("reason", ""),
+            attempt=payload.get("attempt", 0)))
+    elif event.kind == "progress":
+        message.progress.CopyFrom(common_pb2.Progress(phase="train", done=payload["step"],
+                                                      total=payload.get("max_steps", 0), unit="steps"))
+    elif event.kind == "metrics":
+        message.metrics.CopyFrom(training_pb2.MetricsRecorded(step=payload["step"], values=payload["values"]))
+    elif event.kind == "checkpoint":
+        message.checkpoint.CopyFrom(training_pb2.CheckpointSaved(step=payload.get("step") or 0,
+                                                                 prefix=payload.get("prefix", "")))
+    return message
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    async def SubmitJob(self, request, context):  # noqa: N802 (gRPC method names)
+        caller = caller_from_context(context)
+        job, created = await self.coordinator.submit(
+            caller, message_to_dict(request.spec), idempotency_key=request.idempotency_key,
+            priority=request.priority, model_name=request.model_name)
+        return training_pb2.SubmitJobResponse(job=job_to_proto(job), created=created)
+
+    async def GetJob(self, request, context):  # noqa: N802
+        job = await self.coordinator.get(caller_from_context(context).tenant, request.id)
+        return training_pb2.GetJobResponse(job=job_to_proto(job))
+
+    async def ListJobs(self, request, context):  # noqa: N802
+        tenant = caller_from_context(context).tenant
+        jobs, token = await self.coordinator.list(
+            tenant, states=[state_from_proto(value) for value in request.states],
+            page_size=request.page.page_size, page_token=request.page.page_token)
+        return training_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs],
+                                             page=common_pb2.PageResponse(next_page_token=token))
+
+    async def CancelJob(self, request, context):  # noqa: N802
+        job = await self.coordinator.cancel(caller_from_context(context).tenant, request.id)
+        return training_pb2.CancelJobResponse(job=job_to_proto(job))
+
+    async def GetJobMetrics(self, request, context):  # noqa: N802
+        series = await self.coordinator.metrics(caller_from_context(context).tenant, request.id)
+        response = training_pb2.GetJobMetricsResponse()
+        for name, points in series.items():
+            if name in SERIES:
+                target = getattr(response, name)
+                for step, value, recorded_at in points:
+                    point = target.add(step=step, value=value)
+                    point.time.FromDatetime(recorded_at)
+            else:
+                response.final[name] = points[-1][1]
+        return response
+
+    async def WatchJob(self, request, context) -> AsyncIterator[training_pb2.WatchJobResponse]:  # noqa: N802
+        tenant = caller_from_context(context).tenant
+        async for event in self.coordinator.watch(tenant, request.id, request.after_sequence):
+            yield event_to_proto(event)

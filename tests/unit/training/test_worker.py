@@ -1,0 +1,304 @@
+"""A real Celery worker process on a real broker runs real `torchrun` jobs: success, cancel, priorities.
+
+The worker is started here (`celery -A services.training.worker worker -Q gpu -c 1`) on an empty
+Redis database of its own; jobs are submitted through the coordinator with the Celery dispatcher.
+The registry service is stood in for by a small gRPC server that records RegisterModelVersion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import redis
+from llmp.common.v1 import common_pb2
+from llmp.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from cli import servers
+from services.common.config import Settings
+from services.common.db import Database
+from services.common.grpc_server import Caller
+from services.common.s3 import ObjectStore
+from services.training import worker as worker_module
+from services.training.coordinator import Coordinator, JobState
+from services.training.worker import CeleryDispatcher, EventTail, Outcome, make_producer, translate_event
+
+from .conftest import upload_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[3]
+TENANT = "acme"  # the tenant conftest.write_dataset writes under
+
+
+def test_translate_event_maps_runtime_events_to_updates():
+    outcome = Outcome()
+    train = translate_event({"event": "train", "step": 4, "loss": 3.2, "learning_rate": 1e-3,
+                             "tokens_per_second": 900.0, "tokens": 1024}, outcome)
+    assert train.step == 4 and train.metrics == {"train_loss": 3.2, "learning_rate": 1e-3,
+                                                 "tokens_per_second": 900.0}
+    evaluation = translate_event({"event": "eval", "step": 8, "validation_loss": 2.0, "perplexity": 7.39}, outcome)
+    assert evaluation.metrics == {"validation_loss": 2.0, "validation_perplexity": 7.39}
+    started = translate_event({"event": "started", "step": 0, "world_size": 2, "environment": {"torch": "2"}},
+                              outcome)
+    assert started.environment == {"torch": "2", "world_size": 2}
+    finished = translate_event({"event": "finished", "step": 24, "final_prefix": "jobs/a/j/final/",
+                                "metrics": {"test_loss": 1.5, "test_perplexity": 4.48, "stopped_early": False,
+                                            "best_validation_loss": None}}, outcome)
+    assert outcome.finished and outcome.final_prefix == "jobs/a/j/final/"
+    assert finished.metrics == {"test_loss": 1.5, "test_perplexity": 4.48}
+    assert translate_event({"event": "failed", "step": 0, "error": "boom"}, outcome) is None
+    assert outcome.error == "boom"
+
+
+def test_event_tail_returns_only_complete_new_lines(tmp_path):
+    path = tmp_path / "events.jsonl"
+    tail = EventTail(path)
+    assert tail.read() == []
+    path.write_text('{"event": "a"}\n{"event": "b"')
+    assert tail.read() == [{"event": "a"}]
+    with open(path, "a") as handle:
+        handle.write('}\n')
+    assert tail.read() == [{"event": "b"}]
+    assert tail.read() == []
+
+
+# --- a real worker ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def broker_url() -> str:
+    """An empty Redis database of its own (other engineers' tests use others), flushed afterwards."""
+    candidates = list(range(1, 15))
+    random.shuffle(candidates)
+    for number in candidates:
+        client = redis.Redis(host="127.0.0.1", port=6379, db=number)
+        if client.dbsize() == 0:
+            client.set("llmp-test-claim", "training-worker")
+            yield f"redis://127.0.0.1:6379/{number}"
+            client.flushdb()
+            client.close()
+            return
+        client.close()
+    pytest.fail("no empty Redis database for the worker test")
+
+
+class RecordingRegistry(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[tuple[registry_pb2.RegisterModelVersionRequest, dict]] = []
+        self.refuse = 0  # answer UNAVAILABLE this many times first (a registry restarting)
+
+    async def RegisterModelVersion(self, request, context):  # noqa: N802 (gRPC method name)
+        if self.refuse:
+            self.refuse -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "registry restarting")
+        self.requests.append((request, dict(context.invocation_metadata())))
+        return registry_pb2.RegisterModelVersionResponse(
+            version=registry_pb2.ModelVersion(ref=common_pb2.ModelRef(name=request.model_name,
+                                                                      version=len(self.requests))))
+
+
+@pytest.fixture
+async def registry():
+    servicer = RecordingRegistry()
+    server = grpc.aio.server()
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    servicer.address = f"127.0.0.1:{port}"
+    yield servicer
+    await server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def manifest_key(settings, tiny_dataset) -> str:
+    store = ObjectStore(settings.s3)
+    store.ensure_bucket()
+    root, manifest = tiny_dataset
+    return upload_dataset(store, root, manifest)
+
+
+@pytest.fixture
+def worker_env(settings_env, broker_url, registry, tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMP_")} | settings_env
+    env |= {"LLMP_BROKER_URL": broker_url, "LLMP_REGISTRY_ADDR": registry.address,
+            "LLMP_STATE_DIR": str(tmp_path / "state"), "OMP_NUM_THREADS": "1"}
+    return env
+
+
+@pytest.fixture
+def celery_worker(worker_env, tmp_path):
+    """A real worker process on the `gpu` queue; stopped (and checked gone) afterwards."""
+    log_path = tmp_path / "worker.log"
+    command = [sys.executable, "-m", "celery", "-A", "services.training.worker", "worker", "-Q", "gpu", "-c", "1",
+               "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle",
+               "--without-heartbeat", "-l", "info"]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + 90
+    while "ready." not in log_path.read_text(errors="replace"):
+        assert process.poll() is None, servers.log_tail(log_path)
+        assert time.monotonic() < deadline, "worker not ready" + servers.log_tail(log_path)
+        time.sleep(0.3)
+    process.log_path = log_path
+    yield process
+    servers.stop(process, timeout=20)
+
+
+@pytest.fixture
+async def coordinator(settings, broker_url, manifest_key):
+    db = await Database.connect(settings.database_url, component="training",
+                                migrations_dir=Path(worker_module.__file__).parent / "migrations", max_size=4)
+    async with db.pool.connection() as conn:
+        await conn.execute("TRUNCATE training_jobs CASCADE")
+    producer = make_producer(Settings.from_env({**settings.raw, "LLMP_BROKER_URL": broker_url}))
+
+    async def dataset_ready(caller, spec) -> str:
+        return manifest_key
+
+    yield Coordinator(db, CeleryDispatcher(producer), check_dataset=dataset_ready, lease_seconds=6)
+    producer.close()
+    await db.close()
+
+
+def spec(max_steps: int) -> dict:
+    return {"dataset": {"name": "shakespeare", "version": 1},
+            "model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
+            "hyperparameters": {"batch_size": 8, "max_steps": max_steps, "learning_rate": 3e-3,
+                                "min_learning_rate": 3e-4, "warmup_steps": 2, "eval_interval": 8,
+                                "eval_batches": 2, "log_interval": 2, "seed": 7},
+            "distributed": {"mode": "ddp", "nproc_per_node": 1}}
+
+
+CALLER = Caller(tenant=TENANT, key_id="key-7", role="developer")
+
+
+async def wait_for(coordinator: Coordinator, job_id: str, predicate, timeout: float, worker=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await coordinator.get(TENANT, job_id)
+        if predicate(job):
+            return job
+        if time.monotonic() > deadline:
+            tail = servers.log_tail(worker.log_path) if worker is not None else ""
+            raise AssertionError(f"job {job_id} still {job.state} (step {job.step}, error {job.error!r}){tail}")
+        await asyncio.sleep(0.3)
+
+
+def job_processes(job_id: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(job_id in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return [p for p in found if p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_worker_runs_torchrun_to_success_and_registers_the_model(coordinator, celery_worker, registry,
+                                                                      settings):
+    registry.refuse = 2  # the worker retries while the registry is unavailable
+    job, _ = await coordinator.submit(CALLER, spec(max_steps=16), model_name="tiny-shakespeare")
+    done = await wait_for(coordinator, job.id, lambda j: j.state in {"SUCCEEDED", "FAILED", "CANCELLED"}, 300,
+                          celery_worker)
+    assert done.state == JobState.SUCCEEDED, done.error
+    assert done.model_version == 1 and done.step == 16 and done.attempt == 1
+    assert done.environment["world_size"] == 1 and "torch" in done.environment
+    series = await coordinator.metrics(TENANT, job.id)
+    steps = [step for step, _, _ in series["train_loss"]]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert series["train_loss"][-1][1] < series["train_loss"][0][1]  # it learned
+    assert [step for step, _, _ in series["validation_loss"]] == [8, 16]
+    assert "test_perplexity" in series
+    # The registry got the contract's request: the final folder, lineage and metrics, as the job's tenant.
+    assert registry.refuse == 0 and len(registry.requests) == 1
+    request, metadata = registry.requests[0]
+    assert request.model_name == "tiny-shakespeare" and request.source_prefix == f"jobs/{TENANT}/{job.id}/final/"
+    assert request.lineage.training_job_id == job.id and request.lineage.dataset.name == "shakespeare"
+    assert request.lineage.dataset.version == 1 and request.lineage.code_version
+    assert "test_perplexity" in request.metrics and metadata["llmp-tenant"] == TENANT
+    store = ObjectStore(settings.s3)
+    assert store.exists(f"jobs/{TENANT}/{job.id}/final/model.safetensors")
+    kinds = [event.kind for event in await coordinator.events(TENANT, job.id)]
+    assert kinds[:2] == ["state", "state"] and kinds[-1] == "state" and "checkpoint" in kinds
+
+
+async def test_cancel_stops_the_process_group_within_seconds_and_frees_the_worker(coordinator, celery_worker):
+    long_job, _ = await coordinator.submit(CALLER, spec(max_steps=100_000))
+    await wait_for(coordinator, long_job.id, lambda j: j.state == "RUNNING" and j.step >= 2, 240, celery_worker)
+    processes = job_processes(long_job.id)
+    assert len(processes) >= 2  # torchrun and its worker process
+    started = time.monotonic()
+    await coordinator.cancel(TENANT, long_job.id)
+    cancelled = await wait_for(coordinator, long_job.id, lambda j: j.state == "CANCELLED", 30, celery_worker)
+    elapsed = time.monotonic() - started
+    assert cancelled.state == JobState.CANCELLED and elapsed < 15, elapsed
+    assert not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert job_processes(long_job.id) == []
+    # The worker is free: the next job is claimed at once.
+    next_job, _ = await coordinator.submit(CALLER, spec(max_steps=2))
+    await wait_for(coordinator, next_job.id, lambda j: j.state != "QUEUED", 30, celery_worker)
+    await coordinator.cancel(TENANT, next_job.id)
+    await wait_for(coordinator, next_job.id, lambda j: j.state in {"CANCELLED", "SUCCEEDED"}, 60, celery_worker)
+    print(json.dumps({"cancel_seconds": round(elapsed, 2)}))
+
+
+async def test_killed_worker_leaves_no_process_and_its_job_resumes_elsewhere(coordinator, worker_env, tmp_path):
+    """Kill a worker mid-run: its torchrun tree dies with it, the lease expires, the job is re-dispatched
+    and a new worker resumes it from the last checkpoint."""
+    job, _ = await coordinator.submit(CALLER, spec(max_steps=24))
+    runner = ("import asyncio; from services.common.config import Settings; "
+              "from services.training.worker import NodeRunner; "
+              "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}').run()))")
+    with open(tmp_path / "first.log", "ab") as log_file:  # one task, as a Celery pool child runs it
+        first = subprocess.Popen([sys.executable, "-c", runner.format(name="doomed")], cwd=ROOT, env=worker_env,
+                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(e.kind == "checkpoint" for e in await coordinator.events(TENANT, job.id)):
+            assert time.monotonic() < deadline and first.poll() is None, servers.log_tail(tmp_path / "first.log")
+            await asyncio.sleep(0.3)
+    finally:
+        first.kill()  # the worker process dies without any cleanup of its own
+        first.wait()
+    deadline = time.monotonic() + 15
+    while job_processes(job.id):
+        assert time.monotonic() < deadline, "torchrun outlived its worker"
+        await asyncio.sleep(0.2)
+    assert (await coordinator.get(TENANT, job.id)).state == JobState.RUNNING
+    await asyncio.sleep(6.5)  # the 6 s lease runs out
+    assert await coordinator.reap() == [job.id]
+    requeued = await coordinator.get(TENANT, job.id)
+    assert requeued.state == JobState.QUEUED and requeued.attempt == 1
+    second = await asyncio.create_subprocess_exec(  # async: this loop serves the stand-in registry meanwhile
+        sys.executable, "-c", runner.format(name="rescuer"), cwd=ROOT, env=worker_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(second.communicate(), 300)
+    done = await coordinator.get(TENANT, job.id)
+    assert stdout.decode().strip().endswith("succeeded"), done.error + stderr.decode()[-3000:]
+    assert done.state == JobState.SUCCEEDED and done.attempt == 2 and done.step == 24
+    assert done.environment["resumed_from"] >= 8  # resumed from a checkpoint, not from scratch
+
+
+async def test_two_node_job_joins_one_c10d_rendezvous(coordinator, worker_env, registry):
+    """nnodes=2: two workers (here on one machine) each claim a node and join node 0's c10d rendezvous."""
+    job, _ = await coordinator.submit(CALLER, {**spec(max_steps=8), "distributed": {"mode": "ddp", "nnodes": 2}})
+    runner = ("import asyncio; from services.common.config import Settings; "
+              "from services.training.worker import NodeRunner; "
+              "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}').run()))")
+    nodes = [await asyncio.create_subprocess_exec(
+        sys.executable, "-c", runner.format(name=f"node-{i}"), cwd=ROOT, env=worker_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE) for i in range(2)]
+    results = [await asyncio.wait_for(node.communicate(), 300) for node in nodes]
+    outcomes = sorted(stdout.decode().strip().splitlines()[-1] for stdout, _ in results)
+    done = await coordinator.get(TENANT, job.id)
+    assert outcomes == ["released", "succeeded"], done.error + results[0][1].decode()[-2000:]
+    assert done.state == JobState.SUCCEEDED and done.environment["world_size"] == 2
+    assert done.rdzv_endpoint and done.step == 8
