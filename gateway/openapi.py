@@ -19,6 +19,8 @@ _STANDARD_ERRORS = {400: "Malformed request", 401: "Missing or unknown API key",
 def document(routes: list[Route], version: str = "0.1.0") -> dict:
     paths: dict[str, dict] = {}
     for route in routes:
+        if route.tag == "console":  # HTML and static files for browsers, not part of the JSON API
+            continue
         operation: dict = {
             "summary": route.summary,
             "operationId": f"{route.method.lower()}_{re.sub(r'[^a-zA-Z0-9]+', '_', route.path).strip('_')}",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from gateway.http import Route
-from gateway.views import completions, datasets, deployments, keys, models, system, training_jobs
+from gateway.views import completions, console, datasets, deployments, keys, models, system, training_jobs
 
-# Resource view modules register here as they land (datasets, training_jobs, models, deployments, completions).
-VIEW_MODULES = [system, keys, datasets, training_jobs, models, deployments, completions]
+# Every view module, in the order /openapi.json lists them.
+VIEW_MODULES = [system, keys, datasets, training_jobs, models, deployments, completions, console]
 
 
 def all_routes() -> list[Route]:

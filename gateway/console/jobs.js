@@ -1,0 +1,139 @@
+// Training jobs: the list with progress, and one job with its loss curves, live from the event stream.
+
+import { api, events } from "./api.js";
+import { badge, count, encode, facts, h, link, number, progressBar, shortId, table, when } from "./dom.js";
+import { poll, sleep } from "./live.js";
+import { lineChart } from "./plot.js";
+
+const FINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
+const latest = (job, name) => job.latest_metrics?.values?.[name];
+
+function jobsTable(jobs) {
+  return table([
+    ["Job", (j) => link(`#/jobs/${encode(j.id)}`, shortId(j.id))],
+    ["State", (j) => badge(j.state)],
+    ["Progress", (j) => progressBar(j.progress?.done, j.progress?.total)],
+    ["Dataset", (j) => `${j.spec?.dataset?.name} v${j.spec?.dataset?.version}`],
+    ["Model", (j) => `${j.spec?.model?.family} ${j.spec?.model?.n_layer}×${j.spec?.model?.n_embd}`],
+    ["Train loss", (j) => number(latest(j, "train_loss"))],
+    ["Validation loss", (j) => number(latest(j, "validation_loss"))],
+    ["Registered", (j) => (j.model_version ? link(`#/models/${encode(j.model_version.name)}/versions/${j.model_version.version}`,
+      `${j.model_version.name} v${j.model_version.version}`) : "—")],
+    ["Submitted", (j) => when(j.created_at)],
+  ], jobs, { id: "jobs-table", class: "grid", empty: "No training jobs yet." });
+}
+
+export async function list(_, signal) {
+  const load = () => api("/v1/training-jobs?page_size=100", { signal });
+  const first = await load();
+  const holder = h("div", {}, jobsTable(first.jobs));
+  poll(signal, 3000, load, (data) => holder.replaceChildren(jobsTable(data.jobs)), { initial: first });
+  return h("div", {}, h("h1", {}, "Training jobs"), holder);
+}
+
+// The job's metric series keyed by step, so replayed and live events never draw a point twice.
+class Curves {
+  static NAMES = ["train_loss", "validation_loss", "learning_rate", "tokens_per_second"];
+
+  constructor(metrics) {
+    this.series = Object.fromEntries(Curves.NAMES.map((name) => [name, new Map()]));
+    for (const name of Curves.NAMES) {
+      for (const point of metrics[name] ?? []) this.series[name].set(point.step, point.value);
+    }
+  }
+
+  record(step, values) {
+    for (const [name, value] of Object.entries(values ?? {})) this.series[name]?.set(step, value);
+  }
+
+  points(name) {
+    return [...this.series[name]].map(([step, value]) => ({ step, value }));
+  }
+}
+
+function summary(job) {
+  const spec = job.spec ?? {}, model = spec.model ?? {}, hp = spec.hyperparameters ?? {}, dist = spec.distributed ?? {};
+  return facts([
+    ["State", badge(job.state)],
+    ["Progress", progressBar(job.progress?.done, job.progress?.total)],
+    ["Dataset", link(`#/datasets/${encode(spec.dataset?.name ?? "")}`, `${spec.dataset?.name} v${spec.dataset?.version}`)],
+    ["Model", `${model.family}: ${model.n_layer} layers, ${model.n_head} heads, width ${model.n_embd}, context ${model.block_size}`],
+    ["Optimisation", `${count(hp.max_steps)} steps, batch ${hp.batch_size}×${hp.grad_accum}, lr ${number(hp.learning_rate)} → ${number(hp.min_learning_rate)}, ${hp.precision}`],
+    ["Distributed", `${dist.mode}, ${dist.nnodes} node(s) × ${dist.nproc_per_node} process(es)`],
+    ["Attempt", job.attempt],
+    ["Registered", job.model_version ? link(`#/models/${encode(job.model_version.name)}/versions/${job.model_version.version}`,
+      `${job.model_version.name} v${job.model_version.version}`) : ""],
+    ["Error", job.error ? h("span", { class: "error" }, job.error) : ""],
+    ["Submitted", when(job.created_at)], ["Started", when(job.started_at)], ["Finished", when(job.finished_at)],
+  ], { id: "job-summary" });
+}
+
+function charts(curves) {
+  return [
+    h("figure", { id: "loss-chart" }, h("figcaption", {}, "Loss"),
+      lineChart([{ name: "train_loss", points: curves.points("train_loss") },
+        { name: "validation_loss", points: curves.points("validation_loss") }], { title: "Loss" })),
+    h("div", { class: "pair" },
+      h("figure", { id: "lr-chart" }, h("figcaption", {}, "Learning rate"),
+        lineChart([{ name: "learning_rate", points: curves.points("learning_rate") }], { height: 180 })),
+      h("figure", { id: "throughput-chart" }, h("figcaption", {}, "Tokens per second"),
+        lineChart([{ name: "tokens_per_second", points: curves.points("tokens_per_second") }], { height: 180 }))),
+  ];
+}
+
+function finalMetrics(metrics) {
+  const rows = Object.entries(metrics.final ?? {}).sort();
+  if (!rows.length) return null;
+  return h("section", {}, h("h2", {}, "Final metrics"),
+    table([["Metric", ([name]) => name], ["Value", ([, value]) => number(value)]], rows, { id: "final-metrics" }));
+}
+
+export async function show([id], signal) {
+  const path = `/v1/training-jobs/${encode(id)}`;
+  let [job, metrics] = await Promise.all([api(path, { signal }), api(`${path}/metrics`, { signal })]);
+  const curves = new Curves(metrics);
+  const head = h("div", {}, summary(job));
+  const plots = h("div", { class: "charts" }, charts(curves));
+  const tail = h("div", {}, finalMetrics(metrics));
+  const cancel = h("button", {
+    type: "button", class: "danger", hidden: FINAL.has(job.state),
+    onclick: async () => { cancel.disabled = true; await api(path, { method: "DELETE" }).catch(() => {}); },
+  }, "Cancel job");
+
+  let pending = false;
+  const redraw = () => { // at most one redraw per frame, however fast events arrive
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; plots.replaceChildren(...charts(curves)); });
+  };
+  const refresh = async () => {
+    [job, metrics] = await Promise.all([api(path, { signal }), api(`${path}/metrics`, { signal })]);
+    for (const name of Curves.NAMES) for (const p of metrics[name] ?? []) curves.series[name].set(p.step, p.value);
+    head.replaceChildren(summary(job));
+    tail.replaceChildren(finalMetrics(metrics) ?? "");
+    cancel.hidden = FINAL.has(job.state);
+    redraw();
+  };
+
+  (async () => { // follow the job live until it ends or the user leaves
+    while (!signal.aborted && !FINAL.has(job.state)) {
+      try {
+        for await (const event of events(`${path}/events`, { signal })) {
+          const data = event.data;
+          if (data.metrics) { curves.record(data.metrics.step, data.metrics.values); redraw(); }
+          if (data.progress) { job.progress = data.progress; head.replaceChildren(summary(job)); }
+          if (data.state_changed) { await refresh(); }
+        }
+        await refresh(); // the stream ends after the final state
+      } catch (error) {
+        if (signal.aborted || error.status === 401 || error.status === 404) return;
+        await sleep(2000, signal); // the gateway or the service restarted: reconnect
+      }
+    }
+  })();
+
+  return h("div", { id: "job", "data-job-id": id },
+    h("p", {}, link("#/jobs", "← Training jobs")),
+    h("h1", {}, `Job ${shortId(id)} `, cancel),
+    head, plots, tail);
+}

@@ -1,0 +1,103 @@
+// The registry: models with their aliases and the aliases' history, versions with lineage,
+// metrics, artifacts with SHA-256 and exports with their parity reports.
+
+import { api } from "./api.js";
+import { badge, bytes, encode, facts, h, link, number, shortId, table, when } from "./dom.js";
+
+const versionLink = (name, version) => link(`#/models/${encode(name)}/versions/${version}`, `v${version}`);
+
+export async function list(_, signal) {
+  const { models } = await api("/v1/models?page_size=200", { signal });
+  return h("div", {}, h("h1", {}, "Models"), table([
+    ["Name", (m) => link(`#/models/${encode(m.name)}`, m.name)],
+    ["Latest", (m) => (m.latest_version ? versionLink(m.name, m.latest_version) : "—")],
+    ["Versions", (m) => m.version_count],
+    ["Aliases", (m) => m.aliases.map((a) => `${a.alias} → v${a.version}`).join(", ") || "—"],
+    ["Created", (m) => when(m.created_at)],
+  ], models, { id: "models-table", class: "grid", empty: "No models registered yet." }));
+}
+
+function lineageCells(lineage = {}) {
+  const dataset = lineage.dataset?.name
+    ? link(`#/datasets/${encode(lineage.dataset.name)}`, `${lineage.dataset.name} v${lineage.dataset.version}`) : "—";
+  const job = lineage.training_job_id ? link(`#/jobs/${encode(lineage.training_job_id)}`, shortId(lineage.training_job_id)) : "—";
+  return { dataset, job };
+}
+
+function aliasSection(name, alias, history) {
+  return h("section", { class: "card alias", "data-alias": alias.alias },
+    h("h3", {}, `${alias.alias} → `, versionLink(name, alias.version)),
+    h("p", { class: "muted" }, `moved ${when(alias.updated_at)} by ${alias.updated_by || "—"}`),
+    table([
+      ["#", (e) => e.sequence],
+      ["From", (e) => (e.from_version ? `v${e.from_version}` : "(created)")],
+      ["To", (e) => `v${e.to_version}`],
+      ["Who", (e) => e.actor || "—"],
+      ["Why", (e) => e.reason || "—"],
+      ["When", (e) => when(e.at)],
+    ], history, { class: "alias-history", empty: "No moves recorded." }));
+}
+
+export async function show([name], signal) {
+  const model = await api(`/v1/models/${encode(name)}`, { signal });
+  const histories = await Promise.all(model.aliases.map((alias) =>
+    api(`/v1/models/${encode(name)}/aliases/${encode(alias.alias)}/history`, { signal })));
+  return h("div", {},
+    h("p", {}, link("#/models", "← Models")),
+    h("h1", {}, `Model ${name}`),
+    h("h2", {}, "Versions"),
+    table([
+      ["Version", (v) => versionLink(name, v.version)],
+      ["State", (v) => badge(v.state)],
+      ["Dataset", (v) => lineageCells(v.lineage).dataset],
+      ["Job", (v) => lineageCells(v.lineage).job],
+      ["Validation loss", (v) => number(v.metrics?.validation_loss ?? v.metrics?.best_validation_loss)],
+      ["Aliases", (v) => v.aliases.join(", ") || "—"],
+      ["Deployments", (v) => v.deployments.join(", ") || "—"],
+      ["Exports", (v) => v.exports.map((e) => `${e.format} ${e.state}`).join(", ") || "—"],
+      ["Registered", (v) => when(v.created_at)],
+    ], model.versions, { id: "model-versions", class: "grid" }),
+    h("h2", {}, "Aliases"),
+    model.aliases.length
+      ? h("div", { id: "aliases" }, model.aliases.map((alias, i) => aliasSection(name, alias, histories[i].entries)))
+      : h("p", { class: "empty" }, "No aliases."));
+}
+
+function parity(report) {
+  if (!report) return "—";
+  const verdict = report.passed ? "passed" : "failed";
+  return `${verdict} (max |Δlogit| ${number(report.max_abs_logit_diff)} ≤ ${number(report.threshold)})`;
+}
+
+export async function version([name, number_], signal) {
+  const v = await api(`/v1/models/${encode(name)}/versions/${number_}`, { signal });
+  const lineage = v.lineage ?? {};
+  const cells = lineageCells(lineage);
+  const environment = Object.entries(lineage.environment ?? {}).sort();
+  return h("div", {},
+    h("p", {}, link(`#/models/${encode(name)}`, `← Model ${name}`)),
+    h("h1", {}, `${name} v${v.version} `, badge(v.state)),
+    facts([
+      ["Digest", h("code", {}, v.digest)], ["Prefix", h("code", {}, v.prefix)],
+      ["Registered by", v.created_by], ["Registered", when(v.created_at)], ["Ready", when(v.ready_at)],
+      ["Aliases", v.aliases.join(", ")], ["Deployments", v.deployments.join(", ")], ["Description", v.description],
+    ]),
+    h("section", { id: "lineage" }, h("h2", {}, "Lineage"), facts([
+      ["Dataset", cells.dataset],
+      ["Training job", cells.job],
+      ["Trained from", lineage.parent?.name ? versionLink(lineage.parent.name, lineage.parent.version) : "scratch"],
+      ["Code", lineage.code_version ? h("code", {}, lineage.code_version) : ""],
+    ]), environment.length ? h("details", {}, h("summary", {}, "Environment"),
+      table([["Key", ([key]) => key], ["Value", ([, value]) => value]], environment)) : null),
+    h("section", {}, h("h2", {}, "Metrics"),
+      table([["Metric", ([key]) => key], ["Value", ([, value]) => number(value)]],
+        Object.entries(v.metrics ?? {}).sort(), { id: "version-metrics" })),
+    h("section", {}, h("h2", {}, "Artifacts"), table([
+      ["Path", (a) => h("code", {}, a.path)], ["Role", (a) => a.object?.role], ["Size", (a) => bytes(a.object?.size)],
+      ["SHA-256", (a) => h("code", { class: "digest" }, a.object?.sha256)],
+    ], v.artifacts, { id: "artifacts" })),
+    h("section", {}, h("h2", {}, "Exports"), table([
+      ["Format", (e) => e.format], ["State", (e) => badge(e.state)], ["Parity", (e) => parity(e.parity)],
+      ["Error", (e) => e.error || "—"], ["Updated", (e) => when(e.updated_at)],
+    ], v.exports, { id: "exports", empty: "Not exported yet." })));
+}
