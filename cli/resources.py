@@ -137,7 +137,8 @@ def models_export(args) -> int:
 def deploy(args) -> int:
     client = _client(args)
     path = f"/v1/deployments/{args.name}"
-    body: dict = {"model": args.model, "stable": args.stable}
+    stable = int(args.stable) if args.stable.isdigit() else args.stable  # a version number or an alias
+    body: dict = {"model": args.model, "stable": stable}
     if args.canary:
         body["canary"] = {"version": args.canary, "weight": args.canary_weight}
     try:
@@ -244,7 +245,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     deployer.add_argument("name")
     deployer.add_argument("--model", required=True)
     deployer.add_argument("--stable", required=True, help="version number or alias")
-    deployer.add_argument("--canary", help="canary version number or alias")
+    deployer.add_argument("--canary", type=int, help="canary version number")
     deployer.add_argument("--canary-weight", type=int, default=10)
 
     completer = command(commands, "complete", complete, "generate a completion")
