@@ -3,12 +3,16 @@
 One run, one SeaweedFS (started here on free ports), one PostgreSQL database (created here on the
 server at LLMP_DATABASE_URL's host, dropped after), the registry service in-process on a free port:
 
-- project:  upload the save_pretrained folder to a training prefix (`ObjectStore.put_file`, SHA-256
-  recorded), `RegisterModelVersion` (server-side copy to the version prefix, every object read back and
-  its SHA-256 verified, READY in one transaction), then `DownloadArtifact` of every file over gRPC with the
-  client verifying size and SHA-256;
+- project:  `ReserveModelVersion`, upload the save_pretrained folder straight into the version's prefix
+  (parallel multipart, SHA-256 computed from the bytes sent), `CommitModelVersion` (the registry reads
+  every object back and checks its size and SHA-256, READY in one transaction), then download every
+  artifact straight from S3 (parallel ranged GETs) verifying size and SHA-256 against the registry's
+  record (`services.registry.client.fetch_artifact`, what services with S3 access use);
 - baseline: the `minio` SDK's own `fput_object` + `fget_object` of the same files to the same server
   (no checksums): the limit of moving the bytes there and back.
+
+`--copy-path` measures the older way instead (upload to a training prefix with `put_file`,
+`RegisterModelVersion` copying server-side and verifying, `DownloadArtifact` over gRPC).
 
 Best of `--repeats` interleaved rounds. Throughput is checkpoint megabytes per second of the whole
 round trip; the BENCH line's ratio is project / baseline (higher is better).
@@ -37,7 +41,7 @@ from services.common import topology
 from services.common.config import Settings
 from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.registry import server
-from services.registry.client import download_artifact
+from services.registry.client import download_artifact, fetch_artifact, upload_model_version
 
 ACCESS, SECRET = "llmp-bench", "llmp-bench-secret"
 
@@ -59,6 +63,21 @@ def make_checkpoint(folder: Path, megabytes: int) -> None:
 
 async def project_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
                         round_no: int) -> tuple[float, dict[str, float]]:
+    metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "bench"), (ROLE_KEY, "developer"))
+    started = time.perf_counter()
+    version = await upload_model_version(stub, registry.store, "bench", folder, metadata=metadata)
+    registered = time.perf_counter()
+    await asyncio.gather(*(asyncio.to_thread(fetch_artifact, registry.store, artifact, out / artifact.path)
+                           for artifact in version.artifacts))
+    finished = time.perf_counter()
+    for artifact in version.artifacts:
+        (out / artifact.path).unlink()
+    phases = {"upload+commit": registered - started, "download": finished - registered}
+    return finished - started, phases
+
+
+async def copy_path_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
+                          round_no: int) -> tuple[float, dict[str, float]]:
     metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "bench"), (ROLE_KEY, "developer"))
     prefix = f"jobs/{tenant}/bench-{round_no}/final/"
     started = time.perf_counter()
@@ -121,7 +140,8 @@ async def run(options: argparse.Namespace) -> None:
             for round_no in range(options.repeats):
                 best["baseline"] = min(best["baseline"], await asyncio.to_thread(
                     baseline_round, raw, settings.s3.bucket, folder, out, round_no))
-                elapsed, phases = await project_round(registry, stub, folder, out, "bench", round_no)
+                measure = copy_path_round if options.copy_path else project_round
+                elapsed, phases = await measure(registry, stub, folder, out, "bench", round_no)
                 best["project"] = min(best["project"], elapsed)
                 detail = " ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items())
                 print(f"round {round_no + 1}: project {elapsed:.2f}s ({detail}); best project {best['project']:.2f}s "
@@ -136,13 +156,17 @@ async def run(options: argparse.Namespace) -> None:
     project, baseline = size_mb / best["project"], size_mb / best["baseline"]
     print(f"BENCH registry project={project:.1f}MB/s baseline={baseline:.1f}MB/s ratio={project / baseline:.2f} "
           f"(minio SDK fput_object+fget_object of the same {size_mb:.0f} MB checkpoint to the same SeaweedFS, "
-          "no checksums; project = upload + register with SHA-256 verification + verified gRPC download)")
+          "no checksums; project = " + ("upload + copying register + verified gRPC download)" if options.copy_path
+                                        else "reserve + upload + commit with read-back SHA-256 verification + "
+                                             "SHA-256-verified S3 download)"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=int, default=512, help="checkpoint size (default 512)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--copy-path", action="store_true",
+                        help="measure RegisterModelVersion (copy) + gRPC download instead of reserve/commit")
     asyncio.run(run(parser.parse_args()))
 
 

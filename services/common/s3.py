@@ -2,16 +2,22 @@
 
 Every object llmp writes carries its SHA-256 as user metadata (`x-amz-meta-sha256`), computed while
 the bytes stream through, so readers can verify what they download without a second pass over S3.
+The one exception is `upload_file`, which hashes in the same pass as it uploads (no metadata, since
+S3 wants it before the first byte) for callers that record the digest themselves, like the registry.
+Large objects move as parallel multipart uploads and parallel ranged GETs, hashed in order.
 The SDK is synchronous: async code calls these methods through `asyncio.to_thread`.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
+import itertools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from services.common.errors import Internal, NotFound, Unavailable
 SHA256_META = "sha256"
 PART_SIZE = 16 * 1024 * 1024  # multipart part size; S3's minimum is 5 MiB
 CHUNK = 1024 * 1024
+PARALLEL_PARTS = 4  # parts uploaded, or ranges downloaded, at once per object
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,24 @@ class StoredObject:
 
     def as_dict(self, role: str = "") -> dict:
         return {"key": self.key, "size": self.size, "sha256": self.sha256, **({"role": role} if role else {})}
+
+
+class _HashingFile(io.RawIOBase):
+    """A read-only view of an open file that hashes and counts the bytes as they are read, in order."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
 
 
 class _HashingReader(io.RawIOBase):
@@ -125,20 +150,38 @@ class ObjectStore:
             return self._put(key, spool, size, digest.hexdigest(), content_type)
 
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> StoredObject:
+        """Upload a file with its SHA-256 recorded as metadata (hashed first: S3 wants it up front)."""
         digest = sha256_file(path)
         with open(path, "rb") as handle:
             return self._put(key, handle, os.fstat(handle.fileno()).st_size, digest, content_type)
+
+    def upload_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> StoredObject:
+        """Upload a file in one pass, hashing the very bytes sent; no SHA-256 metadata.
+
+        For callers that keep the digest themselves and verify the stored object against it (the
+        registry's reserve / upload / commit flow): one read of the file instead of two.
+        """
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            reader = _HashingFile(handle)
+            self._write(key, reader, size, content_type, {})
+        if reader.size != size:
+            raise Internal(f"{path} changed size while it was uploaded to {key}")
+        return StoredObject(key, size, reader.digest.hexdigest())
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         return self._put(key, io.BytesIO(data), len(data), hashlib.sha256(data).hexdigest(), content_type)
 
     def _put(self, key: str, handle, size: int, sha256: str, content_type: str) -> StoredObject:
+        self._write(key, handle, size, content_type, {SHA256_META: sha256})
+        return StoredObject(key, size, sha256)
+
+    def _write(self, key: str, handle, size: int, content_type: str, metadata: dict[str, str]) -> None:
         try:
-            self.client.put_object(self.bucket, key, handle, size, content_type=content_type,
-                                   part_size=PART_SIZE, metadata={SHA256_META: sha256})
+            self.client.put_object(self.bucket, key, handle, size, content_type=content_type, part_size=PART_SIZE,
+                                   num_parallel_uploads=PARALLEL_PARTS, metadata=metadata or None)
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise Unavailable(f"S3 unreachable while writing {key}: {error}", retry_after=2) from error
-        return StoredObject(key, size, sha256)
 
     def copy(self, source_key: str, destination_key: str) -> StoredObject:
         """Server-side copy that keeps the recorded SHA-256 (verified present)."""
@@ -188,21 +231,66 @@ class ObjectStore:
         return b"".join(self.iter_chunks(key))
 
     def download(self, key: str, path: Path, expected_sha256: str | None = None) -> StoredObject:
-        """Download to `path` atomically, verifying the SHA-256 (the expected one, else the recorded one)."""
-        expected = expected_sha256 or self.stat(key).sha256
+        """Download to `path` atomically, verifying the SHA-256 (the expected one, else the recorded one).
+
+        An object larger than one part comes as `PARALLEL_PARTS` ranged GETs in flight, written and
+        hashed strictly in order (memory stays under PARALLEL_PARTS + 1 parts).
+        """
+        stat = self.stat(key)
+        expected = expected_sha256 or stat.sha256
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         digest, size = hashlib.sha256(), 0
-        with open(partial, "wb") as handle:
-            for chunk in self.iter_chunks(key):
-                digest.update(chunk)
-                size += len(chunk)
-                handle.write(chunk)
-        if expected and digest.hexdigest() != expected:
+        try:
+            with open(partial, "wb") as handle:
+                for chunk in self._read_ranges(key, stat.size) if stat.size > PART_SIZE else self.iter_chunks(key):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    handle.write(chunk)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        if (expected and digest.hexdigest() != expected) or size != stat.size:
             partial.unlink()
-            raise Internal(f"checksum mismatch for {key}: expected {expected}, got {digest.hexdigest()}")
+            raise Internal(f"checksum mismatch for {key}: expected {expected} ({stat.size} bytes), "
+                           f"got {digest.hexdigest()} ({size} bytes)")
         partial.replace(path)
         return StoredObject(key, size, digest.hexdigest())
+
+    def _read_ranges(self, key: str, size: int) -> Iterator[bytes]:
+        """The object as consecutive PART_SIZE ranges, fetched PARALLEL_PARTS at a time, yielded in order."""
+        offsets = iter(range(0, size, PART_SIZE))
+        with ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="s3-range") as pool:
+            pending = collections.deque(pool.submit(self._get_range, key, offset, min(PART_SIZE, size - offset))
+                                        for offset in itertools.islice(offsets, PARALLEL_PARTS))
+            try:
+                while pending:
+                    data = pending.popleft().result()
+                    offset = next(offsets, None)
+                    if offset is not None:
+                        pending.append(pool.submit(self._get_range, key, offset, min(PART_SIZE, size - offset)))
+                    yield data
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def _get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, key, offset=offset, length=length)
+        except S3Error as error:
+            if error.code in {"NoSuchKey", "NoSuchObject"}:
+                raise NotFound(f"object {key} not found") from error
+            raise Internal(f"S3 get {key}: {error.code}") from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
+        try:
+            data = response.read()
+        finally:
+            response.close()
+            response.release_conn()
+        if len(data) != length:
+            raise Internal(f"S3 get {key}: range at {offset} returned {len(data)} bytes, expected {length}")
+        return data
 
     def list(self, prefix: str) -> list[StoredObject]:
         """Every object under `prefix` with its size (SHA-256 needs a stat: use `stat` when required)."""

@@ -1,7 +1,15 @@
-"""Client side of the registry's streaming download: write the artifact to disk, verifying size and SHA-256."""
+"""Client side of the registry: register a folder by reserve / upload / commit, and download artifacts verified.
+
+`upload_model_version` is the fast registration: the bytes go once, straight into the version's own
+prefix (parallel multipart, hashed while sent), and the registry verifies them in place. Callers with
+S3 access download with `fetch_artifact` (parallel ranged GETs, SHA-256 checked against the registry's
+record); others use the `DownloadArtifact` stream through `download_artifact`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,8 +17,69 @@ from pathlib import Path
 from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 
-from services.common.errors import Internal
-from services.common.s3 import StoredObject
+from services.common.errors import Internal, ValidationFailed
+from services.common.s3 import ObjectStore, StoredObject
+
+UPLOAD_PARALLELISM = 4  # files uploaded at once (each large one also sends its parts in parallel)
+
+
+async def upload_model_version(stub, store: ObjectStore, model_name: str, folder: Path, *,
+                               lineage: pb.Lineage | None = None, metrics: dict[str, float] | None = None,
+                               description: str = "", metadata: Sequence[tuple[str, str]] = (),
+                               timeout: float | None = 600) -> pb.ModelVersion:
+    """Register the save_pretrained folder `folder` as the next version of `model_name`; returns it READY.
+
+    ReserveModelVersion, upload every file under the returned prefix while renewing the reservation,
+    then CommitModelVersion with each file's size and SHA-256 (the registry reads them back to check).
+    """
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    if not files:
+        raise ValidationFailed(f"{folder} holds no files")
+    metadata = tuple(metadata)
+    reservation = await stub.ReserveModelVersion(pb.ReserveModelVersionRequest(
+        model_name=model_name, lineage=lineage, metrics=metrics or {}, description=description),
+        metadata=metadata, timeout=timeout)
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(reservation.lease_seconds / 4)
+            await stub.RenewModelVersionReservation(pb.RenewModelVersionReservationRequest(
+                reservation_id=reservation.reservation_id), metadata=metadata, timeout=timeout)
+
+    limit = asyncio.Semaphore(UPLOAD_PARALLELISM)
+
+    async def upload(path: Path) -> pb.DeclaredArtifact:
+        relative = path.relative_to(folder).as_posix()
+        async with limit:
+            stored = await asyncio.to_thread(store.upload_file, reservation.prefix + relative, path)
+        return pb.DeclaredArtifact(path=relative, size=stored.size, sha256=stored.sha256)
+
+    renewing = asyncio.create_task(renew())
+    try:
+        uploading = asyncio.gather(*(upload(path) for path in files))
+        done, _ = await asyncio.wait({uploading, renewing}, return_when=asyncio.FIRST_COMPLETED)
+        if renewing in done:  # the reservation was lost (renewal refused): stop uploading
+            uploading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await uploading
+            renewing.result()
+        declared = uploading.result()
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await renewing
+    response = await stub.CommitModelVersion(pb.CommitModelVersionRequest(
+        reservation_id=reservation.reservation_id, artifacts=declared), metadata=metadata, timeout=timeout)
+    return response.version
+
+
+def fetch_artifact(store: ObjectStore, artifact: pb.Artifact, destination: Path) -> StoredObject:
+    """Download one artifact of a version straight from S3, checking the registry's size and SHA-256."""
+    stored = store.download(artifact.object.key, destination, expected_sha256=artifact.object.sha256)
+    if stored.size != artifact.object.size:
+        destination.unlink(missing_ok=True)
+        raise Internal(f"{artifact.object.key}: got {stored.size} bytes, the registry recorded {artifact.object.size}")
+    return stored
 
 
 async def download_artifact(stub, name: str, version: int, path: str, destination: Path, *,

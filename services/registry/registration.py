@@ -1,6 +1,16 @@
 """Atomic registration of model versions, and the sweep that collects what interrupted ones left.
 
-A registration runs in three steps:
+Two ways in, one guarantee: a version is READY only once every object under its own prefix has been
+read back by the registry and matched the size and SHA-256 recorded for it, in one transaction.
+
+- **Reserve, upload, commit** (the fast path: the bytes are written once, where they stay):
+  `reserve` allocates the next number PENDING and returns the version's prefix and a reservation id;
+  the caller uploads the save_pretrained folder straight there (parallel multipart, hashing as it
+  sends) and renews the reservation while it does; `commit` lists the prefix, requires exactly the
+  declared files, reads every object back hashing it, and flips the row to READY with the artifacts.
+- **Register from a source prefix** (`register`), for callers that already uploaded elsewhere:
+
+A registration from a source prefix runs in three steps:
 1. one short transaction takes the next number from the model's counter row (locked `FOR UPDATE`, so
    concurrent registrations get distinct consecutive numbers) and inserts the version PENDING;
 2. every object under the source prefix is copied server-side to `models/{tenant}/{name}/v{n}/` and
@@ -8,7 +18,8 @@ A registration runs in three steps:
    PENDING row's lease alive meanwhile);
 3. one transaction records the artifacts and flips the row to READY, only if it is still PENDING.
 
-Readers only see READY rows, so a registration that dies anywhere before step 3 commits never shows.
+Readers only see READY rows, so a registration that dies anywhere before step 3 (or before `commit`)
+never shows.
 Its PENDING row outlives its heartbeat lease; `sweep` then marks it FAILED and deletes its objects,
 and also deletes any object under `models/` that belongs to no PENDING or READY version.
 A failed registration's number is not reused (as in MLflow): FAILED rows keep it, hidden from readers.
@@ -22,7 +33,7 @@ import dataclasses
 import hashlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from psycopg.types.json import Jsonb
@@ -71,12 +82,34 @@ class SweepReport:
     orphan_objects: int  # objects under models/ deleted because no live version owns them
 
 
-def _validate(request: Registration) -> None:
+@dataclass(frozen=True)
+class Reservation:
+    """A PENDING version handed to a caller that uploads into `prefix` and then commits."""
+
+    name: str
+    version: int
+    reservation_id: uuid.UUID
+    prefix: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class DeclaredArtifact:
+    """What the uploader says it stored at `path` (relative to the version prefix)."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+def _validate(request: Registration, *, reserving: bool = False) -> None:
     layout.validate_name(request.model_name, "model name")
-    if not request.source_prefix or not request.source_prefix.endswith("/"):
-        raise ValidationFailed(f"source_prefix {request.source_prefix!r} must be a non-empty S3 prefix ending in '/'")
-    if request.source_prefix.startswith("models/"):
-        raise ValidationFailed("source_prefix must not point inside the registry's own models/ prefix")
+    if not reserving:
+        if not request.source_prefix or not request.source_prefix.endswith("/"):
+            raise ValidationFailed(
+                f"source_prefix {request.source_prefix!r} must be a non-empty S3 prefix ending in '/'")
+        if request.source_prefix.startswith("models/"):
+            raise ValidationFailed("source_prefix must not point inside the registry's own models/ prefix")
     lineage = request.lineage
     if lineage.dataset_name:
         layout.validate_name(lineage.dataset_name, "lineage dataset name")
@@ -87,6 +120,13 @@ def _validate(request: Registration) -> None:
     for key, value in request.metrics.items():
         if not key or value != value:  # NaN is not a metric
             raise ValidationFailed(f"metric {key!r} must have a name and a number")
+
+
+def _check_folder(paths: Iterable[str], where: str) -> None:
+    paths = set(paths)
+    if "config.json" not in paths or not any(name in paths for name in layout.WEIGHT_FILES):
+        raise ValidationFailed(f"{where} is not a save_pretrained folder: it needs config.json "
+                               f"and one of {', '.join(layout.WEIGHT_FILES)}")
 
 
 def copy_verified(store: ObjectStore, source_key: str, destination_key: str) -> StoredObject:
@@ -103,6 +143,15 @@ def copy_verified(store: ObjectStore, source_key: str, destination_key: str) -> 
         raise Internal(f"checksum mismatch copying {source_key}: expected {expected} ({source.size} bytes), "
                        f"stored {actual} ({size} bytes)")
     return StoredObject(destination_key, size, actual)
+
+
+def verify_in_place(store: ObjectStore, key: str, expected: DeclaredArtifact) -> StoredObject:
+    """Read a stored object back and check it has the declared size and SHA-256."""
+    actual, size = _hash_object(store, key)
+    if actual != expected.sha256 or size != expected.size:
+        raise Internal(f"checksum mismatch for {key}: declared {expected.sha256} ({expected.size} bytes), "
+                       f"stored {actual} ({size} bytes)")
+    return StoredObject(key, size, actual)
 
 
 def _hash_object(store: ObjectStore, key: str) -> tuple[str, int]:
@@ -122,12 +171,115 @@ async def register(db: Database, store: ObjectStore, caller: Caller, request: Re
     paths = {obj.key[len(request.source_prefix):]: obj for obj in sources}
     if not paths:
         raise NotFound(f"no objects under source prefix {request.source_prefix!r}")
-    if "config.json" not in paths or not any(name in paths for name in layout.WEIGHT_FILES):
-        raise ValidationFailed(f"{request.source_prefix} is not a save_pretrained folder: it needs config.json "
-                               f"and one of {', '.join(layout.WEIGHT_FILES)}")
+    _check_folder(paths, request.source_prefix)
 
     tenant, name = caller.tenant, request.model_name
     registration_id = uuid.uuid4()
+    version = await _insert_pending(db, caller, request, registration_id)
+    log.info("registering", extra={"model": name, "version": version, "objects": len(paths)})
+
+    prefix = layout.version_prefix(tenant, name, version)
+    heartbeat = asyncio.create_task(_heartbeat(db, registration_id, heartbeat_seconds))
+    try:
+        limit = asyncio.Semaphore(COPY_PARALLELISM)
+
+        async def one(path: str) -> tuple[str, StoredObject]:
+            async with limit:
+                return path, await asyncio.to_thread(copy_verified, store, paths[path].key, prefix + path)
+
+        copied = await asyncio.gather(*(one(path) for path in sorted(paths)))
+        heartbeat.cancel()
+        digest = await _mark_ready(db, caller.tenant, name, version, registration_id, copied)
+    except BaseException as error:
+        heartbeat.cancel()
+        await _abandon(db, store, registration_id, prefix, error)
+        raise
+    log.info("registered", extra={"model": name, "version": version, "digest": digest})
+    return name, version
+
+
+async def reserve(db: Database, caller: Caller, request: Registration,
+                  lease_seconds: float = LEASE_SECONDS) -> Reservation:
+    """Allocate the next version PENDING (lineage and metrics recorded now) for the caller to upload into."""
+    _validate(request, reserving=True)
+    registration_id = uuid.uuid4()
+    version = await _insert_pending(db, caller, request, registration_id)
+    log.info("reserved", extra={"model": request.model_name, "version": version})
+    return Reservation(request.model_name, version, registration_id,
+                       layout.version_prefix(caller.tenant, request.model_name, version), lease_seconds)
+
+
+async def _pending_row(conn, caller: Caller, reservation_id: uuid.UUID, *, committed_ok: bool = False) -> dict:
+    row = await (await conn.execute(
+        "SELECT name, version, state, prefix, source_prefix FROM registry_versions "
+        "WHERE tenant = %s AND registration_id = %s", (caller.tenant, reservation_id))).fetchone()
+    if row is None or row["source_prefix"] != "":
+        raise NotFound(f"no reservation {reservation_id}")
+    if row["state"] != "PENDING" and not (committed_ok and row["state"] == "READY"):
+        raise Conflict(f"reservation {reservation_id} of {row['name']} v{row['version']} is {row['state']}, "
+                       "not PENDING (abandoned, or already committed)")
+    return row
+
+
+async def renew(db: Database, caller: Caller, reservation_id: uuid.UUID) -> Reservation:
+    """Keep a reservation alive while its caller uploads (Conflict once the sweep has abandoned it)."""
+    async with db.transaction() as conn:
+        row = await _pending_row(conn, caller, reservation_id)
+        await conn.execute("UPDATE registry_versions SET heartbeat_at = now() WHERE registration_id = %s",
+                           (reservation_id,))
+    return Reservation(row["name"], row["version"], reservation_id, row["prefix"], LEASE_SECONDS)
+
+
+async def commit(db: Database, store: ObjectStore, caller: Caller, reservation_id: uuid.UUID,
+                 declared: list[DeclaredArtifact], *, heartbeat_seconds: float = HEARTBEAT_SECONDS) -> tuple[str, int]:
+    """Verify every object under the reservation's prefix in place and mark the version READY.
+
+    The prefix must hold exactly the declared files; each is read back and must have its declared size
+    and SHA-256. Any mismatch fails the version (FAILED, objects collected): the caller reserves again.
+    Committing a reservation that is already READY (a retry) returns it as it is.
+    """
+    async with db.pool.connection() as conn:
+        row = await _pending_row(conn, caller, reservation_id, committed_ok=True)
+    name, version, prefix = row["name"], row["version"], row["prefix"]
+    if row["state"] == "READY":
+        return name, version
+    heartbeat = asyncio.create_task(_heartbeat(db, reservation_id, heartbeat_seconds))
+    try:
+        wanted = {}
+        for item in declared:
+            if not item.path or item.path.startswith("/") or ".." in item.path.split("/") or item.path in wanted:
+                raise ValidationFailed(f"artifact path {item.path!r} must be relative, unique, without '..'")
+            if len(item.sha256) != 64 or item.size < 0:
+                raise ValidationFailed(f"artifact {item.path!r} needs its size and hex SHA-256")
+            wanted[item.path] = item
+        _check_folder(wanted, f"reservation of {name} v{version}")
+        stored = {obj.key[len(prefix):] for obj in await asyncio.to_thread(store.list, prefix)}
+        if stored != set(wanted):
+            raise ValidationFailed(f"{prefix} does not hold exactly the declared files: missing "
+                                   f"{sorted(set(wanted) - stored)}, undeclared {sorted(stored - set(wanted))}")
+        limit = asyncio.Semaphore(COPY_PARALLELISM)
+
+        async def one(path: str) -> tuple[str, StoredObject]:
+            async with limit:
+                return path, await asyncio.to_thread(verify_in_place, store, prefix + path, wanted[path])
+
+        verified = await asyncio.gather(*(one(path) for path in sorted(wanted)))
+        heartbeat.cancel()
+        digest = await _mark_ready(db, caller.tenant, name, version, reservation_id, verified)
+    except BaseException as error:
+        heartbeat.cancel()
+        await _abandon(db, store, reservation_id, prefix, error)
+        raise
+    log.info("committed", extra={"model": name, "version": version, "digest": digest})
+    return name, version
+
+
+async def _insert_pending(db: Database, caller: Caller, request: Registration, registration_id: uuid.UUID) -> int:
+    """Take the model's next number (its counter row locked: gapless, no duplicates) and insert it PENDING.
+
+    A reservation has an empty source_prefix: its objects are uploaded into the version prefix itself.
+    """
+    tenant, name = caller.tenant, request.model_name
     async with db.transaction() as conn:
         await conn.execute("INSERT INTO registry_models (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                            (tenant, name))
@@ -147,38 +299,26 @@ async def register(db: Database, store: ObjectStore, caller: Caller, request: Re
              layout.version_prefix(tenant, name, version), lineage.dataset_name, lineage.dataset_version,
              lineage.training_job_id, lineage.code_version, Jsonb(dict(lineage.environment)), lineage.parent_name,
              lineage.parent_version, Jsonb(dict(request.metrics)), request.description, caller.key_id))
-    log.info("registering", extra={"model": name, "version": version, "objects": len(paths)})
+    return version
 
-    prefix = layout.version_prefix(tenant, name, version)
-    heartbeat = asyncio.create_task(_heartbeat(db, registration_id, heartbeat_seconds))
-    try:
-        limit = asyncio.Semaphore(COPY_PARALLELISM)
 
-        async def one(path: str) -> tuple[str, StoredObject]:
-            async with limit:
-                return path, await asyncio.to_thread(copy_verified, store, paths[path].key, prefix + path)
-
-        copied = await asyncio.gather(*(one(path) for path in sorted(paths)))
-        heartbeat.cancel()
-        digest = layout.content_digest((path, obj.sha256) for path, obj in copied)
-        async with db.transaction() as conn:
-            updated = await conn.execute(
-                "UPDATE registry_versions SET state = 'READY', ready_at = now(), digest = %s "
-                "WHERE registration_id = %s AND state = 'PENDING'", (digest, registration_id))
-            if updated.rowcount != 1:
-                raise Conflict(f"registration of {name} v{version} was abandoned (lease expired) before it finished")
-            async with conn.cursor() as cursor:
-                await cursor.executemany(
-                    "INSERT INTO registry_artifacts (tenant, name, version, path, key, size, sha256, role) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(tenant, name, version, path, obj.key, obj.size, obj.sha256, layout.role_of(path))
-                     for path, obj in copied])
-    except BaseException as error:
-        heartbeat.cancel()
-        await _abandon(db, store, registration_id, prefix, error)
-        raise
-    log.info("registered", extra={"model": name, "version": version, "digest": digest})
-    return name, version
+async def _mark_ready(db: Database, tenant: str, name: str, version: int, registration_id: uuid.UUID,
+                      artifacts: list[tuple[str, StoredObject]]) -> str:
+    """One transaction: READY (only if still PENDING) with its verified artifacts; returns the content digest."""
+    digest = layout.content_digest((path, obj.sha256) for path, obj in artifacts)
+    async with db.transaction() as conn:
+        updated = await conn.execute(
+            "UPDATE registry_versions SET state = 'READY', ready_at = now(), digest = %s "
+            "WHERE registration_id = %s AND state = 'PENDING'", (digest, registration_id))
+        if updated.rowcount != 1:
+            raise Conflict(f"registration of {name} v{version} was abandoned (lease expired) before it finished")
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO registry_artifacts (tenant, name, version, path, key, size, sha256, role) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                [(tenant, name, version, path, obj.key, obj.size, obj.sha256, layout.role_of(path))
+                 for path, obj in artifacts])
+    return digest
 
 
 async def _heartbeat(db: Database, registration_id: uuid.UUID, every: float) -> None:
@@ -202,6 +342,10 @@ async def _abandon(db: Database, store: ObjectStore, registration_id: uuid.UUID,
             await conn.execute("UPDATE registry_versions SET state = 'FAILED', error = %s "
                                "WHERE registration_id = %s AND state = 'PENDING'",
                                (f"{type(error).__name__}: {error}"[:2000], registration_id))
+            row = await (await conn.execute("SELECT state FROM registry_versions WHERE registration_id = %s",
+                                            (registration_id,))).fetchone()
+        if row is None or row["state"] != "FAILED":  # a concurrent commit of the same reservation won
+            return
         await asyncio.to_thread(store.delete_prefix, prefix)
         async with db.pool.connection() as conn:
             await conn.execute("UPDATE registry_versions SET collected_at = now() "

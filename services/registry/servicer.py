@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -15,6 +16,7 @@ from llmp.registry.v1 import registry_pb2 as pb
 from llmp.registry.v1 import registry_pb2_grpc
 
 from services.common.db import Database
+from services.common.errors import NotFound
 from services.common.grpc_server import caller_from_context
 from services.common.s3 import ObjectStore
 from services.registry import aliases, catalog, downloads, layout, registration
@@ -74,6 +76,20 @@ def model_message(row: dict[str, Any]) -> pb.Model:
                     aliases=[alias_message(item) for item in row["aliases"]], created_at=_timestamp(row["created_at"]))
 
 
+def _lineage(lineage: pb.Lineage) -> registration.Lineage:
+    return registration.Lineage(
+        dataset_name=lineage.dataset.name, dataset_version=lineage.dataset.version,
+        training_job_id=lineage.training_job_id, code_version=lineage.code_version,
+        environment=dict(lineage.environment), parent_name=lineage.parent.name, parent_version=lineage.parent.version)
+
+
+def _reservation_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"no reservation {value!r}") from None
+
+
 def _ref(ref: common_pb2.ModelRef) -> tuple[str, int]:
     return layout.validate_name(ref.name, "model name"), layout.validate_version(ref.version)
 
@@ -84,17 +100,35 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def RegisterModelVersion(self, request: pb.RegisterModelVersionRequest, context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)
-        lineage = request.lineage
         name, version = await registration.register(self.db, self.store, caller, registration.Registration(
-            model_name=request.model_name, source_prefix=request.source_prefix,
-            lineage=registration.Lineage(
-                dataset_name=lineage.dataset.name, dataset_version=lineage.dataset.version,
-                training_job_id=lineage.training_job_id, code_version=lineage.code_version,
-                environment=dict(lineage.environment), parent_name=lineage.parent.name,
-                parent_version=lineage.parent.version),
+            model_name=request.model_name, source_prefix=request.source_prefix, lineage=_lineage(request.lineage),
             metrics=dict(request.metrics), description=request.description))
         view = await catalog.get_version(self.db, caller.tenant, name, version)
         return pb.RegisterModelVersionResponse(version=version_message(view))
+
+    async def ReserveModelVersion(self, request: pb.ReserveModelVersionRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        reservation = await registration.reserve(self.db, caller, registration.Registration(
+            model_name=request.model_name, source_prefix="", lineage=_lineage(request.lineage),
+            metrics=dict(request.metrics), description=request.description))
+        return pb.ReserveModelVersionResponse(
+            ref=common_pb2.ModelRef(name=reservation.name, version=reservation.version),
+            reservation_id=str(reservation.reservation_id), prefix=reservation.prefix,
+            lease_seconds=reservation.lease_seconds)
+
+    async def RenewModelVersionReservation(self, request: pb.RenewModelVersionReservationRequest,
+                                           context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        reservation = await registration.renew(self.db, caller, _reservation_id(request.reservation_id))
+        return pb.RenewModelVersionReservationResponse(lease_seconds=reservation.lease_seconds)
+
+    async def CommitModelVersion(self, request: pb.CommitModelVersionRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name, version = await registration.commit(
+            self.db, self.store, caller, _reservation_id(request.reservation_id),
+            [registration.DeclaredArtifact(item.path, item.size, item.sha256) for item in request.artifacts])
+        view = await catalog.get_version(self.db, caller.tenant, name, version)
+        return pb.CommitModelVersionResponse(version=version_message(view))
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)

@@ -60,3 +60,21 @@ def test_unreachable_server_is_unavailable():
     dead = s3.ObjectStore(S3Settings(f"127.0.0.1:{free_port()}", "a", "b", False, "us-east-1", "bucket"), timeout=2)
     with pytest.raises(errors.Unavailable):
         dead.check()
+
+
+def test_upload_file_hashes_in_one_pass_and_download_fetches_ranges_in_order(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(s3, "PARALLEL_PARTS", 2)  # fewer in flight than there are ranges
+    data = os.urandom(2 * s3.PART_SIZE + 5 * 1024 * 1024)  # three parts up, three ranges down
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    uploaded = store.upload_file("t/one-pass.bin", source)
+    assert uploaded.size == len(data) and uploaded.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.stat("t/one-pass.bin").sha256 == ""  # no metadata: the caller keeps the digest
+    fetched = store.download("t/one-pass.bin", tmp_path / "copy.bin", expected_sha256=uploaded.sha256)
+    assert fetched == s3.StoredObject("t/one-pass.bin", len(data), uploaded.sha256)
+    assert (tmp_path / "copy.bin").read_bytes() == data
+    with pytest.raises(errors.Internal, match="checksum mismatch"):
+        store.download("t/one-pass.bin", tmp_path / "bad.bin", expected_sha256="0" * 64)
+    assert not (tmp_path / "bad.bin").exists() and not (tmp_path / "bad.bin.partial").exists()
+    recorded = store.put_file("t/recorded.bin", source)  # put_file still records the SHA-256 up front
+    assert store.stat("t/recorded.bin").sha256 == recorded.sha256 == uploaded.sha256

@@ -208,6 +208,73 @@ class RegisterModelVersionResponse(_message.Message):
     version: ModelVersion
     def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
 
+class ReserveModelVersionRequest(_message.Message):
+    __slots__ = ("model_name", "lineage", "metrics", "description")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    lineage: Lineage
+    metrics: _containers.ScalarMap[str, float]
+    description: str
+    def __init__(self, model_name: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ReserveModelVersionResponse(_message.Message):
+    __slots__ = ("ref", "reservation_id", "prefix", "lease_seconds")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ref: _common_pb2.ModelRef
+    reservation_id: str
+    prefix: str
+    lease_seconds: float
+    def __init__(self, ref: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reservation_id: _Optional[str] = ..., prefix: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class RenewModelVersionReservationRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class RenewModelVersionReservationResponse(_message.Message):
+    __slots__ = ("lease_seconds",)
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_seconds: float
+    def __init__(self, lease_seconds: _Optional[float] = ...) -> None: ...
+
+class DeclaredArtifact(_message.Message):
+    __slots__ = ("path", "size", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class CommitModelVersionRequest(_message.Message):
+    __slots__ = ("reservation_id", "artifacts")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    artifacts: _containers.RepeatedCompositeFieldContainer[DeclaredArtifact]
+    def __init__(self, reservation_id: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[DeclaredArtifact, _Mapping]]] = ...) -> None: ...
+
+class CommitModelVersionResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: ModelVersion
+    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
+
 class GetModelRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,21 @@ class RegistryServiceStub:
                 request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.RegisterModelVersionRequest.SerializeToString,
                 response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.RegisterModelVersionResponse.FromString,
                 _registered_method=True)
+        self.ReserveModelVersion = channel.unary_unary(
+                '/llmp.registry.v1.RegistryService/ReserveModelVersion',
+                request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.ReserveModelVersionRequest.SerializeToString,
+                response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.ReserveModelVersionResponse.FromString,
+                _registered_method=True)
+        self.RenewModelVersionReservation = channel.unary_unary(
+                '/llmp.registry.v1.RegistryService/RenewModelVersionReservation',
+                request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.RenewModelVersionReservationRequest.SerializeToString,
+                response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.RenewModelVersionReservationResponse.FromString,
+                _registered_method=True)
+        self.CommitModelVersion = channel.unary_unary(
+                '/llmp.registry.v1.RegistryService/CommitModelVersion',
+                request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.CommitModelVersionRequest.SerializeToString,
+                response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.CommitModelVersionResponse.FromString,
+                _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/llmp.registry.v1.RegistryService/GetModel',
                 request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetModelRequest.SerializeToString,
@@ -126,6 +141,35 @@ class RegistryServiceServicer:
         save_pretrained folder in S3. The objects are copied to the version's prefix and their SHA-256
         verified; the version becomes READY in one transaction and is returned READY. Concurrent
         registrations of one model get distinct consecutive version numbers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReserveModelVersion(self, request, context):
+        """The fast way to register, with no copy: allocate the model's next version PENDING (same gapless
+        numbering as RegisterModelVersion; lineage and metrics recorded now) and return its own S3 prefix
+        and a reservation id. The caller uploads the save_pretrained folder straight into that prefix,
+        calls RenewModelVersionReservation at least every lease_seconds / 2 while it does, then
+        CommitModelVersion. A reservation whose lease runs out is FAILED and its objects collected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewModelVersionReservation(self, request, context):
+        """Keep a reservation alive. FAILED_PRECONDITION once it was abandoned (or committed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitModelVersion(self, request, context):
+        """Finish a reservation: the version's prefix must hold exactly the declared files; the registry
+        reads every object back and checks its size and SHA-256 against the declared ones, then marks
+        the version READY with its artifacts in one transaction and returns it. Any mismatch is INTERNAL
+        and fails the reservation (its objects are collected). Committing a READY reservation again
+        returns the version unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -253,6 +297,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.RegisterModelVersionRequest.FromString,
                     response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.RegisterModelVersionResponse.SerializeToString,
             ),
+            'ReserveModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveModelVersion,
+                    request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.ReserveModelVersionRequest.FromString,
+                    response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.ReserveModelVersionResponse.SerializeToString,
+            ),
+            'RenewModelVersionReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewModelVersionReservation,
+                    request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.RenewModelVersionReservationRequest.FromString,
+                    response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.RenewModelVersionReservationResponse.SerializeToString,
+            ),
+            'CommitModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitModelVersion,
+                    request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.CommitModelVersionRequest.FromString,
+                    response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.CommitModelVersionResponse.SerializeToString,
+            ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
                     request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetModelRequest.FromString,
@@ -357,6 +416,87 @@ class RegistryService:
             '/llmp.registry.v1.RegistryService/RegisterModelVersion',
             llmp_dot_registry_dot_v1_dot_registry__pb2.RegisterModelVersionRequest.SerializeToString,
             llmp_dot_registry_dot_v1_dot_registry__pb2.RegisterModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.registry.v1.RegistryService/ReserveModelVersion',
+            llmp_dot_registry_dot_v1_dot_registry__pb2.ReserveModelVersionRequest.SerializeToString,
+            llmp_dot_registry_dot_v1_dot_registry__pb2.ReserveModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewModelVersionReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.registry.v1.RegistryService/RenewModelVersionReservation',
+            llmp_dot_registry_dot_v1_dot_registry__pb2.RenewModelVersionReservationRequest.SerializeToString,
+            llmp_dot_registry_dot_v1_dot_registry__pb2.RenewModelVersionReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.registry.v1.RegistryService/CommitModelVersion',
+            llmp_dot_registry_dot_v1_dot_registry__pb2.CommitModelVersionRequest.SerializeToString,
+            llmp_dot_registry_dot_v1_dot_registry__pb2.CommitModelVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,129 @@
+"""Reserve / upload / commit: the bytes go once into the version's own prefix and are verified in place."""
+
+import asyncio
+import hashlib
+import uuid
+
+import grpc
+import pytest
+from llmp.common.v1 import common_pb2
+from llmp.registry.v1 import registry_pb2 as pb
+
+from services.registry import registration
+from services.registry.client import fetch_artifact, upload_model_version
+
+pytestmark = pytest.mark.integration
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_upload_into_the_reserved_prefix_then_commit(client, registry, checkpoint, source, tmp_path):
+    lineage = pb.Lineage(dataset=common_pb2.DatasetRef(name="corpus", version=2), training_job_id="job-9")
+    version = await upload_model_version(client.stub, registry.store, "direct", checkpoint, lineage=lineage,
+                                         metrics={"validation_loss": 0.5}, metadata=client.metadata)
+    assert (version.ref.version, version.state) == (1, pb.VERSION_STATE_READY)
+    assert version.source_prefix == "" and version.prefix == f"models/{client.tenant}/direct/v1/"
+    files = {path.name: path for path in checkpoint.iterdir()}
+    assert {item.path: item.object.sha256 for item in version.artifacts} == {
+        name: sha256_of(path) for name, path in files.items()}
+    assert all(item.object.key == version.prefix + item.path for item in version.artifacts)
+    assert version.lineage.dataset.name == "corpus" and dict(version.metrics) == {"validation_loss": 0.5}
+    by_dataset = await client.call("ListModelVersionsByDataset", pb.ListModelVersionsByDatasetRequest(
+        dataset=common_pb2.DatasetRef(name="corpus", version=2)))
+    assert [(ref.name, ref.version) for ref in by_dataset.versions] == [("direct", 1)]
+    weights = next(item for item in version.artifacts if item.path == "model.safetensors")
+    fetch_artifact(registry.store, weights, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == files["model.safetensors"].read_bytes()
+    # The copy path and reservations share one counter: numbers stay gapless and distinct.
+    copied = await client.register("direct", source[0])
+    assert copied.ref.version == 2
+
+
+async def test_concurrent_reservations_get_distinct_gapless_numbers(client):
+    replies = await asyncio.gather(*(client.call("ReserveModelVersion", pb.ReserveModelVersionRequest(
+        model_name="crowd")) for _ in range(6)))
+    assert sorted(reply.ref.version for reply in replies) == list(range(1, 7))
+    assert len({reply.reservation_id for reply in replies}) == 6
+    # Readers do not see reservations.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.call("GetModelVersion", pb.GetModelVersionRequest(name="crowd", version=1))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def reserve_and_upload(client, registry, checkpoint) -> tuple[pb.ReserveModelVersionResponse, list]:
+    reply = await client.call("ReserveModelVersion", pb.ReserveModelVersionRequest(model_name="checked"))
+    declared = []
+    for path in sorted(checkpoint.iterdir()):
+        stored = await asyncio.to_thread(registry.store.upload_file, reply.prefix + path.name, path)
+        declared.append(pb.DeclaredArtifact(path=path.name, size=stored.size, sha256=stored.sha256))
+    return reply, declared
+
+
+async def version_row(registry, tenant: str, name: str, version: int) -> dict:
+    async with registry.db.pool.connection() as conn:
+        return await (await conn.execute(
+            "SELECT state, collected_at FROM registry_versions WHERE tenant = %s AND name = %s AND version = %s",
+            (tenant, name, version))).fetchone()
+
+
+async def test_commit_refuses_a_checksum_mismatch_and_collects_the_objects(client, registry, checkpoint):
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+    # The stored config.json is not what was declared (overwritten after the upload).
+    registry.store.put_bytes(reply.prefix + "config.json", b'{"tampered": true}')
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL and "config.json" in caught.value.details()
+    row = await version_row(registry, client.tenant, "checked", reply.ref.version)
+    assert row["state"] == "FAILED" and row["collected_at"] is not None
+    assert registry.store.list(reply.prefix) == []
+    for method, request in (("CommitModelVersion", pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared)),
+            ("RenewModelVersionReservation", pb.RenewModelVersionReservationRequest(
+                reservation_id=reply.reservation_id))):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.call(method, request)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_commit_needs_exactly_the_declared_files(client, registry, checkpoint):
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+    registry.store.put_bytes(reply.prefix + "stray.bin", b"not declared")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stray.bin" in caught.value.details()
+    assert (await version_row(registry, client.tenant, "checked", reply.ref.version))["state"] == "FAILED"
+
+    again, declared = await reserve_and_upload(client, registry, checkpoint)
+    assert again.ref.version == reply.ref.version + 1
+    committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+        reservation_id=again.reservation_id, artifacts=declared))
+    assert committed.version.state == pb.VERSION_STATE_READY
+    retried = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+        reservation_id=again.reservation_id, artifacts=declared))  # a retry answers the same version
+    assert retried.version.ref == committed.version.ref and retried.version.digest == committed.version.digest
+    stranger = type(client)(registry.stub, registry, "someone-else")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stranger.call("RenewModelVersionReservation", pb.RenewModelVersionReservationRequest(
+            reservation_id=again.reservation_id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_abandoned_reservation_is_swept(client, registry, checkpoint):
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+    renewed = await client.call("RenewModelVersionReservation", pb.RenewModelVersionReservationRequest(
+        reservation_id=reply.reservation_id))
+    assert renewed.lease_seconds == registration.LEASE_SECONDS
+    async with registry.db.pool.connection() as conn:
+        await conn.execute("UPDATE registry_versions SET heartbeat_at = now() - interval '1 hour' "
+                           "WHERE registration_id = %s", (uuid.UUID(reply.reservation_id),))
+    report = await registration.sweep(registry.db, registry.store, lease_seconds=60, scan_orphans=False)
+    assert report.abandoned >= 1 and report.collected >= 1
+    assert registry.store.list(reply.prefix) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
