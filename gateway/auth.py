@@ -23,6 +23,8 @@ ROLES = ("admin", "developer", "inference")
 KEY_PREFIX = "llmp"
 BOOTSTRAP_ID = "bootstrap"
 DEFAULT_TENANT = "default"
+BOOTSTRAP_CALLER = Caller(tenant=DEFAULT_TENANT, key_id=BOOTSTRAP_ID, role="admin")
+CACHE_SECONDS = 5.0  # a revoked key (through another gateway replica) stops working within this
 
 
 def hash_secret(secret: str) -> str:
@@ -58,7 +60,7 @@ def admin_key(settings: Settings) -> str:
     return key
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     tokens: float
     updated: float
@@ -74,7 +76,9 @@ class RateLimiter:
     def take(self, key_id: str, rate: float | None = None) -> None:
         rate = rate or self.rate
         now = time.monotonic()
-        bucket = self._buckets.setdefault(key_id, _Bucket(self.burst, now))
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = self._buckets[key_id] = _Bucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         if bucket.tokens < 1:
@@ -91,13 +95,20 @@ class KeyStore:
         self.bootstrap_key = bootstrap_key
         self._cache: dict[str, tuple[float, Caller, float]] = {}  # full key -> (expires, caller, rate)
 
+    def cached(self, full_key: str) -> tuple[Caller, float] | None:
+        """The caller and rate limit of a key checked within the last few seconds (no await, no query)."""
+        cached = self._cache.get(full_key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1], cached[2]
+        return None
+
     async def authenticate(self, full_key: str) -> tuple[Caller, float]:
         """The caller a key stands for and its rate limit (requests/s); Unauthenticated otherwise."""
         if hmac.compare_digest(full_key.encode(), self.bootstrap_key.encode()):
-            return Caller(tenant=DEFAULT_TENANT, key_id=BOOTSTRAP_ID, role="admin"), 0.0
-        cached = self._cache.get(full_key)
-        if cached and cached[0] > time.monotonic():
-            return cached[1], cached[2]
+            return BOOTSTRAP_CALLER, 0.0
+        cached = self.cached(full_key)
+        if cached is not None:
+            return cached
         key_id, secret = parse_key(full_key)
         async with self.db.pool.connection() as conn:
             cursor = await conn.execute(
@@ -107,7 +118,7 @@ class KeyStore:
         if row is None or not hmac.compare_digest(row["secret_sha256"], hash_secret(secret)):
             raise errors.Unauthenticated("unknown or revoked API key")
         caller = Caller(tenant=row["tenant"], key_id=key_id, role=row["role"])
-        self._cache[full_key] = (time.monotonic() + 5.0, caller, row["rate_limit"])  # revocation within 5 s
+        self._cache[full_key] = (time.monotonic() + CACHE_SECONDS, caller, row["rate_limit"])
         return caller, row["rate_limit"]
 
     async def create(self, *, tenant: str, role: str, name: str, rate_limit: float, created_by: str) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +175,8 @@ def none_match(header: str | None, current: str | None) -> bool:
     """True when If-None-Match matches the current representation (weak comparison, RFC 9110 §13.1.2)."""
     if header is None or current is None:
         return False
+    if header == current:  # the common case: a client sending back the one ETag it was given
+        return True
     tags = _tags(header)
     return "*" in tags or _opaque(current) in {_opaque(tag) for tag in tags}
 
@@ -208,17 +212,70 @@ def check_if_match(request: web.Request, current: str | None, *, required: bool)
         raise errors.PreconditionFailed(f"If-Match does not match the current ETag {current}")
 
 
+# Every representation behind an API key depends on the key's tenant and role.
+VARY = "Authorization"
+
+
+class ValidatorCache:
+    """The validators (ETag, Cache-Control, Vary) of representations known not to change for a while,
+    per tenant and path, so that a conditional GET of one is answered 304 without a service round trip.
+
+    Only views that know a representation is immutable (a READY dataset version) put entries here, each
+    for at most the `max-age` they already grant clients, so the gateway never answers anything a
+    client's own cache would not. Any unsafe request (PUT, POST, DELETE…) through this gateway forgets
+    its path and everything under it; the TTL bounds what another replica's change can leave behind.
+    Keys include the tenant: another tenant's request for the same path never sees an entry.
+    """
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str], tuple[float, dict[str, str]]] = OrderedDict()
+
+    def lookup(self, tenant: str, path: str) -> dict[str, str] | None:
+        item = self._items.get((tenant, path))
+        if item is None:
+            return None
+        if item[0] <= time.monotonic():
+            del self._items[(tenant, path)]
+            return None
+        return item[1]
+
+    def remember(self, tenant: str, path: str, headers: dict[str, str], ttl: float) -> None:
+        self._items[(tenant, path)] = (time.monotonic() + ttl, headers)
+        self._items.move_to_end((tenant, path))
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def forget(self, tenant: str, path: str) -> None:
+        """Forget `path` and every path under it (a DELETE of a dataset forgets its versions)."""
+        below = path.rstrip("/") + "/"
+        for key in [key for key in self._items if key[0] == tenant and (key[1] == path or key[1].startswith(below)
+                                                                        or key[1].startswith(path + "?"))]:
+            del self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+VALIDATORS: web.AppKey[ValidatorCache] = web.AppKey("validators", ValidatorCache)
+
+
 def json_response(request: web.Request, payload: Any, *, status: int = 200,
                   cache_control: str = "private, no-cache", etag: str | None = None,
-                  headers: dict[str, str] | None = None) -> web.Response:
+                  headers: dict[str, str] | None = None, immutable_for: float = 0.0) -> web.Response:
     """A JSON response; GETs carry a strong ETag and honour If-None-Match with 304.
 
     A 304 carries the same ETag, Cache-Control and Vary the 200 would (RFC 9110 §15.4.5).
+    `immutable_for`: seconds this representation is known not to change; the gateway then answers
+    If-None-Match for it itself (`ValidatorCache`). Give it only for representations that cannot change.
     """
-    all_headers = {"Cache-Control": cache_control, "Vary": "Authorization", **(headers or {})}
+    all_headers = {"Cache-Control": cache_control, "Vary": VARY, **(headers or {})}
     if request.method in {"GET", "HEAD"} and status == 200:
         tag = etag or etag_of(payload)
         all_headers["ETag"] = tag
+        who = request.get(CALLER)
+        if immutable_for > 0 and who is not None and VALIDATORS in request.app:
+            request.app[VALIDATORS].remember(who.tenant, request.path_qs, dict(all_headers), immutable_for)
         if none_match(request.headers.get("If-None-Match"), tag):
             return web.Response(status=304, headers=all_headers)
     elif etag:
@@ -229,7 +286,7 @@ def json_response(request: web.Request, payload: Any, *, status: int = 200,
 
 def error_response(error: errors.LlmpError) -> web.Response:
     mapping = errors.mapping_for(error)
-    headers = {"Cache-Control": "no-store"}
+    headers = {"Cache-Control": "no-store", "Vary": VARY}
     if error.retry_after is not None or mapping.http_status in {429, 503}:
         headers["Retry-After"] = str(max(1, round(error.retry_after or 1)))
     return web.Response(status=mapping.http_status, text=json.dumps(errors.http_body(error)),

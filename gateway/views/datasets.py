@@ -20,6 +20,10 @@ from services.common import errors
 from services.common.grpc_client import call_metadata, domain_error
 
 CHUNK = 1024 * 1024
+FINAL_MAX_AGE = 3600  # seconds clients may keep a READY/FAILED version without asking again
+# Seconds the gateway answers If-None-Match for a READY/FAILED version itself (well under FINAL_MAX_AGE;
+# a DELETE through this gateway forgets it at once, one through another replica within this bound).
+REVALIDATE_LOCALLY = 60.0
 FORMATS = {"text": pb.CORPUS_FORMAT_TEXT, "jsonl": pb.CORPUS_FORMAT_JSONL, "pairs": pb.CORPUS_FORMAT_PAIRS}
 MODES = {"blank-line": pb.DOCUMENT_MODE_BLANK_LINE, "line": pb.DOCUMENT_MODE_LINE}
 TOKENIZERS = {"bpe": pb.TOKENIZER_KIND_BPE, "char": pb.TOKENIZER_KIND_CHAR}
@@ -160,8 +164,10 @@ async def _version(request: web.Request) -> pb.DatasetVersion:
 async def get_version(request: web.Request) -> web.Response:
     version = await _version(request)
     # READY and FAILED versions never change again: caches may keep them.
-    cache = "private, no-cache" if version.state == pb.VERSION_STATE_PENDING else "private, max-age=3600"
-    return json_response(request, present_version(version), cache_control=cache)
+    if version.state == pb.VERSION_STATE_PENDING:
+        return json_response(request, present_version(version))
+    return json_response(request, present_version(version), cache_control=f"private, max-age={FINAL_MAX_AGE}",
+                         immutable_for=REVALIDATE_LOCALLY)
 
 
 async def delete_version(request: web.Request) -> web.Response:

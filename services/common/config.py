@@ -55,6 +55,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_SHUTDOWN_GRACE", "10", "Seconds a server drains in-flight calls after SIGTERM."),
     Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
     Variable("LLMP_MAX_BODY_BYTES", str(1024**2), "Largest JSON request body the gateway accepts."),
+    Variable("LLMP_OTEL_ENDPOINT", "",
+             "OTLP/gRPC collector for traces, e.g. http://otel-collector:4317; empty means no tracing."),
     Variable("LLMP_UP_TIMEOUT", "120", "Seconds `llmp up` waits for one component to become healthy."),
     Variable("LLMP_URL", "", "Gateway URL the `llmp` CLI talks to; empty means http://127.0.0.1:$LLMP_GATEWAY_PORT."),
     Variable("LLMP_API_KEY", "", "API key the `llmp` CLI sends; empty means the admin key."),

@@ -1,0 +1,235 @@
+"""Conditional GETs answered 304 through the real gateway, against a bare aiohttp handler returning a constant.
+
+One run, one SeaweedFS (started here on free ports), one PostgreSQL database (created here on the
+server at LLMP_DATABASE_URL's host, dropped after), the dataset service in-process on a free port, and
+in this same process two aiohttp servers on free ports:
+
+- project:  the gateway (`init_app`, every middleware: request id + metrics, error bodies, API key
+  authentication with a developer key, role check, per-key rate limit set out of the way, query check,
+  the conditional-GET fast path) answering `GET /v1/datasets/{name}/versions/1` with
+  `If-None-Match: <its ETag>` → 304. A READY dataset version is immutable, so after the first GET the
+  gateway answers revalidations itself, without a gRPC round trip (see `gateway.http.ValidatorCache`);
+- baseline: a bare aiohttp application with one handler returning a constant 2-byte body (the limit of
+  aiohttp on this machine).
+
+The load comes from a separate process (`--load`), the same for both: a raw asyncio HTTP/1.1 client
+holding `--connections` keep-alive connections, each sending the next request when the previous answer
+is complete. Best of `--rounds` interleaved rounds of `--seconds` each; requests per second; the BENCH
+line's ratio is project / baseline (higher is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import psycopg
+from aiohttp import web
+
+from cli import servers
+from services.common import topology
+from services.common.config import Settings
+
+ACCESS, SECRET = "llmp-bench", "llmp-bench-secret"
+ADMIN_KEY = "llmp_bootstrap_bench-gateway-admin"
+CORPUS = "\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(400))
+
+
+# -- the load generator (runs in its own process) ------------------------------------------------
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection sending `request` again as soon as each answer is complete."""
+
+    def __init__(self, request: bytes, statuses: Counter, deadline: float, closed: asyncio.Future) -> None:
+        self.request, self.statuses, self.deadline, self.closed = request, statuses, deadline, closed
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end].lower()
+            status = int(head[9:12])
+            length = 0
+            at = head.find(b"\r\ncontent-length:")
+            if at >= 0 and status != 304:  # a 304 has no body whatever its headers say
+                stop = head.find(b"\r\n", at + 2)
+                length = int(head[at + 17:stop if stop >= 0 else len(head)])
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return
+            self.buffer = self.buffer[total:]
+            self.statuses[status] += 1
+            if time.monotonic() < self.deadline:
+                self.transport.write(self.request)
+            else:
+                self.transport.close()
+                return
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def _load(host: str, port: int, path: str, headers: list[str], seconds: float, connections: int) -> dict:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", *headers, "", ""]
+    request = "\r\n".join(lines).encode()
+    loop = asyncio.get_running_loop()
+    statuses: Counter = Counter()
+    started = time.monotonic()
+    deadline = started + seconds
+    closed = [loop.create_future() for _ in range(connections)]
+    for future in closed:
+        await loop.create_connection(lambda f=future: _Connection(request, statuses, deadline, f), host, port)
+    await asyncio.wait_for(asyncio.gather(*closed), timeout=seconds + 30)
+    elapsed = time.monotonic() - started
+    return {"statuses": {str(k): v for k, v in statuses.items()}, "seconds": elapsed}
+
+
+def load_main(options: argparse.Namespace) -> None:
+    result = asyncio.run(_load(options.host, options.port, options.path, options.header, options.seconds,
+                               options.connections))
+    print(json.dumps(result), flush=True)
+
+
+def _measure(port: int, path: str, headers: list[str], expect: int, options: argparse.Namespace) -> float:
+    """Requests/s the load process got, every answer having status `expect`."""
+    command = [sys.executable, "-m", "bench.gateway", "--load", "--host", "127.0.0.1", "--port", str(port),
+               "--path", path, "--seconds", str(options.seconds), "--connections", str(options.connections)]
+    for header in headers:
+        command += ["--header", header]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    statuses = result["statuses"]
+    if set(statuses) != {str(expect)}:
+        raise RuntimeError(f"expected only {expect} answers from {path}, got {statuses}")
+    return statuses[str(expect)] / result["seconds"]
+
+
+# -- the servers under test ------------------------------------------------------------------------
+
+async def _constant(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = servers.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+async def _prepare(port: int) -> tuple[str, list[str]]:
+    """A developer key and a READY dataset version through the gateway; its path and the request headers."""
+    base = f"http://127.0.0.1:{port}"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/api-keys", headers=admin,
+                                json={"tenant": "bench", "role": "developer", "rate_limit": 100000}) as response:
+            assert response.status == 201, await response.text()
+            key = (await response.json())["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        async with session.post(f"{base}/v1/datasets?name=bench&tokenizer=char&wait=true", headers=auth,
+                                data=CORPUS.encode()) as response:
+            assert response.status in {200, 201}, await response.text()
+            path = (response.headers["Location"])
+        async with session.get(base + path, headers=auth) as response:
+            assert response.status == 200 and (await response.json())["state"] == "READY"
+            etag = response.headers["ETag"]
+        async with session.get(base + path, headers={**auth, "If-None-Match": etag}) as response:
+            assert response.status == 304 and response.headers["ETag"] == etag
+    return path, [f"Authorization: Bearer {key}", f"If-None-Match: {etag}"]
+
+
+async def run(options: argparse.Namespace) -> None:
+    from gateway.app import init_app
+    from services.dataset import server as dataset_server
+
+    admin_url = os.environ.get("LLMP_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin_url = admin_url.rsplit("/", 1)[0] + "/postgres"
+    database = f"llmp_bench_{uuid.uuid4().hex[:10]}"
+    with tempfile.TemporaryDirectory(prefix="llmp-bench-gateway-") as scratch:
+        root = Path(scratch)
+        ports = servers.SeaweedPorts.free()
+        weed = servers.start_seaweedfs(root / "weed", ports, ACCESS, SECRET, root / "weed.log")
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{database}"')
+        env = {"LLMP_DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{database}",
+               "LLMP_S3_ENDPOINT": f"127.0.0.1:{ports.s3}", "LLMP_S3_ACCESS_KEY": ACCESS,
+               "LLMP_S3_SECRET_KEY": SECRET, "LLMP_S3_BUCKET": "llmp-bench", "LLMP_LOG_LEVEL": "WARNING",
+               "LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_STATE_DIR": str(root / "state"),
+               **{service.addr_env: f"127.0.0.1:{servers.free_port()}" for service in topology.GRPC_SERVICES}}
+        dataset, runners = None, []
+        try:
+            settings = Settings.from_env(env)
+            dataset = await dataset_server.build_app(settings, models_using=_no_lineage)
+            await dataset.start(settings.listen_addr(topology.DATASET))
+            gateway_runner, gateway_port = await _serve(init_app(settings))
+            bare = web.Application()
+            bare.router.add_get("/constant", _constant)
+            bare_runner, bare_port = await _serve(bare)
+            runners = [gateway_runner, bare_runner]
+            path, headers = await _prepare(gateway_port)
+            best = {"project": 0.0, "baseline": 0.0}
+            for round_no in range(options.rounds):
+                baseline = await asyncio.to_thread(_measure, bare_port, "/constant", [], 200, options)
+                project = await asyncio.to_thread(_measure, gateway_port, path, headers, 304, options)
+                best = {"project": max(best["project"], project), "baseline": max(best["baseline"], baseline)}
+                print(f"round {round_no + 1}: project {project:.0f} req/s, baseline {baseline:.0f} req/s",
+                      flush=True)
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+            if dataset is not None:
+                await dataset.stop()
+            servers.stop(weed)
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    project, baseline = best["project"], best["baseline"]
+    print(f"BENCH gateway project={project:.0f}req/s baseline={baseline:.0f}req/s ratio={project / baseline:.2f} "
+          f"(a bare aiohttp handler returning a constant, same machine and load process, {options.connections} "
+          "keep-alive connections; project = authenticated GET of a READY dataset version with If-None-Match "
+          "answered 304 through every gateway middleware)")
+
+
+async def _no_lineage(tenant: str, name: str, version: int) -> list[str]:
+    return []  # no registry runs here: no model version uses the bench's dataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of one measurement (default 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)  # the load process
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--header", action="append", default=[], help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.load:
+        load_main(options)
+    else:
+        asyncio.run(run(options))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The gateway's pieces without servers: the validator cache, the token bucket, the OpenAPI document."""
+
+import pytest
+from openapi_spec_validator import validate
+
+from gateway import app as gateway_app
+from gateway import openapi, routes
+from gateway.auth import RateLimiter
+from gateway.http import ValidatorCache
+from services.common import errors
+
+HEADERS = {"ETag": '"a"', "Cache-Control": "private, max-age=3600", "Vary": "Authorization"}
+
+
+def test_validator_cache_is_per_tenant_and_forgets_a_path_and_what_is_below_it():
+    cache = ValidatorCache()
+    cache.remember("alpha", "/v1/datasets/d/versions/1", HEADERS, 60)
+    cache.remember("alpha", "/v1/datasets/d/versions/1?x=1", HEADERS, 60)
+    cache.remember("alpha", "/v1/datasets/dd/versions/1", HEADERS, 60)
+    cache.remember("beta", "/v1/datasets/d/versions/1", HEADERS, 60)
+    assert cache.lookup("alpha", "/v1/datasets/d/versions/1") == HEADERS
+    assert cache.lookup("gamma", "/v1/datasets/d/versions/1") is None
+    cache.forget("alpha", "/v1/datasets/d")
+    assert cache.lookup("alpha", "/v1/datasets/d/versions/1") is None
+    assert cache.lookup("alpha", "/v1/datasets/d/versions/1?x=1") is None
+    assert cache.lookup("alpha", "/v1/datasets/dd/versions/1") == HEADERS  # a sibling, not below
+    assert cache.lookup("beta", "/v1/datasets/d/versions/1") == HEADERS  # another tenant's entry stays
+
+
+def test_validator_cache_entries_expire_and_the_cache_is_bounded():
+    cache = ValidatorCache(capacity=2)
+    cache.remember("t", "/gone", HEADERS, -1)
+    assert cache.lookup("t", "/gone") is None
+    for path in ("/a", "/b", "/c"):
+        cache.remember("t", path, HEADERS, 60)
+    assert len(cache) == 2 and cache.lookup("t", "/a") is None and cache.lookup("t", "/c") == HEADERS
+
+
+def test_token_bucket_allows_the_burst_then_429_with_retry_after():
+    limiter = RateLimiter(rate=1, burst=3)
+    for _ in range(3):
+        limiter.take("k")
+    with pytest.raises(errors.RateLimited) as raised:
+        limiter.take("k")
+    assert 0 < raised.value.retry_after <= 1
+    limiter.take("other")  # buckets are per key
+
+
+def test_openapi_document_is_valid_and_documents_every_route_and_request_schema():
+    table = routes.all_routes()
+    document = openapi.document(table)
+    validate(document)  # raises on an invalid OpenAPI 3.1 document
+    for route in table:
+        if route.tag == "console":  # the browser console's HTML and files are not part of the JSON API
+            continue
+        operation = document["paths"][route.path][route.method.lower()]
+        if route.body is not None:
+            assert operation["requestBody"]["content"]["application/json"]["schema"] == route.body
+        assert {p["name"] for p in operation["parameters"] if p["in"] == "query"} == set(route.query)
+        assert ("security" in operation) and (operation["security"] == ([{"apiKey": []}] if route.roles else []))
+
+
+def test_every_get_route_also_serves_head():
+    table = routes.all_routes()
+    served = {(route.method, route.path) for route in gateway_app._with_head(table)}
+    assert all(("HEAD", route.path) in served for route in table if route.method == "GET")
+
+
+def test_request_ids_are_unique_without_a_system_call_each():
+    ids = {next(gateway_app._request_ids) for _ in range(1000)}
+    assert len(ids) == 1000 and len({i[:16] for i in ids}) == 1
