@@ -686,6 +686,13 @@ def up(environ: Mapping[str, str], only: Iterable[str] | None = None, timeout: f
         try:
             for level in start_levels(names):
                 todo = [n for n in level if not (n in state.records and healthy(state.records[n], env))]
+                # Still running but not ready (a dependency was down, and was just restarted): it recovers
+                # by itself. Restarting it would collide with its own port; forgetting it would orphan it.
+                recovering = [n for n in todo if state.records.get(n) is not None
+                              and state.records[n].mode in ("process", "embedded") and state.records[n].alive()]
+                todo = [n for n in todo if n not in recovering]
+                for name in recovering:
+                    _await_recovery(launch, state.records[name])
                 for name in todo:
                     state.records.pop(name, None)
                 if not todo:
@@ -709,6 +716,16 @@ def up(environ: Mapping[str, str], only: Iterable[str] | None = None, timeout: f
                 dirs.clear()
             raise
     return state
+
+
+def _await_recovery(launch: Launch, record: Record) -> None:
+    """Wait until a component `up` left running is healthy again; StackError when it does not recover."""
+    log = Path(record.log) if record.log else None
+    try:
+        servers.wait_until(lambda: healthy(record, launch.env), launch.timeout, None, log,
+                           f"{record.name} (running, not ready)", launch.cancel)
+    except TimeoutError as error:
+        raise StackError(f"{record.name} runs (pid {record.pid}) but did not become ready: {error}") from error
 
 
 def _start_level(launch: Launch, names: list[str]) -> dict[str, tuple[Record, dict[str, str]]]:

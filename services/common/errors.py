@@ -173,6 +173,24 @@ def from_grpc(code: grpc.StatusCode, details: str | None, metadata) -> LlmpError
     return cls(message, retry_after=float(retry_after) if retry_after is not None else None)
 
 
+def from_exception(error: BaseException) -> LlmpError | None:
+    """The domain error a library exception that escaped a handler stands for, or None when it is a bug.
+
+    PostgreSQL unreachable or gone mid-query (psycopg `OperationalError`, the pool's `PoolTimeout`) is
+    503 Unavailable, not a 500: the caller should retry. A value PostgreSQL refuses to store or compare
+    (`DataError`: NUL bytes in text, a number out of range) comes from the request, so it is
+    InvalidArgument. Both server sides (the gRPC interceptor, the gateway's error middleware) use it.
+    """
+    import psycopg  # every llmp process has it; imported here so errors.py stays light for the CLI
+    from psycopg_pool import PoolTimeout
+
+    if isinstance(error, (psycopg.OperationalError, PoolTimeout)):
+        return Unavailable(f"PostgreSQL unavailable: {str(error).strip() or type(error).__name__}", retry_after=2)
+    if isinstance(error, psycopg.DataError):
+        return InvalidArgument(f"invalid value: {str(error).strip().splitlines()[0]}")
+    return None
+
+
 def http_body(error: LlmpError) -> dict:
     """The one error body of the REST API."""
     return {"error": {"type": error.type, "message": error.message}}

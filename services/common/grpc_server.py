@@ -102,7 +102,14 @@ async def _call_scope(context: grpc.aio.ServicerContext, request_id: str, observ
     except grpc.aio.AbortError:  # the handler aborted on purpose: keep its status
         code = _code_of(context)
         raise
-    except Exception:
+    except Exception as error:
+        translated = errors.from_exception(error)
+        if translated is not None:  # a backend down, or input the database refuses: not a bug
+            mapping = errors.mapping_for(translated)
+            code = mapping.grpc_code.name
+            log.warning("rpc failed: %s", translated.message)
+            context.set_trailing_metadata(errors.to_grpc_metadata(translated))
+            await context.abort(mapping.grpc_code, translated.message)
         code = "INTERNAL"
         log.exception("unhandled error")
         context.set_trailing_metadata(errors.to_grpc_metadata(errors.Internal("internal error")))
