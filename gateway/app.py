@@ -31,13 +31,14 @@ from prometheus_client import Counter, Histogram
 from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
 from gateway.http import VALIDATORS, Route, ValidatorCache, error_response, none_match
-from gateway.state import CALLER, CLIENTS, DATABASE, KEYS, LIMITER, ROUTE_TABLE, SETTINGS
+from gateway.state import CALLER, CLIENTS, DATABASE, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
 from gateway.views import completions
 from services.common import errors, logs
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
 from services.common.metrics import LATENCY_BUCKETS
+from services.common.s3 import ObjectStore
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -128,7 +129,12 @@ async def error_bodies(request: web.Request, handler) -> web.StreamResponse:
         if http_error.status == 405:
             response.headers["Allow"] = http_error.headers.get("Allow", "")
         return response
-    except Exception:
+    except ConnectionResetError:  # the client went away mid-body: its fault, and nobody is listening
+        return error_response(errors.InvalidArgument("request body cut short: the connection was reset"))
+    except Exception as error:
+        known = errors.from_exception(error)
+        if known is not None:
+            return error_response(known)
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(errors.Internal(f"internal error (request id {logs.request_id.get()})"))
 
@@ -187,6 +193,7 @@ async def _resources(app: web.Application):
     app[DATABASE] = database
     app[KEYS] = KeyStore(database, admin_key(settings))
     app[CLIENTS] = ServiceClients(settings)
+    app[OBJECT_STORE] = ObjectStore(settings.s3, timeout=3)
     yield
     await app[CLIENTS].close()
     await database.close()

@@ -97,6 +97,17 @@ def query_int(request: web.Request, name: str, default: int, *, minimum: int = 0
     return value
 
 
+MAX_VERSION = 2**63 - 1  # versions are int64 on the wire
+
+
+def path_version(request: web.Request) -> int:
+    """The `{version}` path parameter: a positive int64, else 400 naming it."""
+    raw = request.match_info["version"]
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_VERSION:
+        raise errors.InvalidArgument(f"version must be an integer from 1 to {MAX_VERSION}, not {raw!r}")
+    return int(raw)
+
+
 # -- calling services ---------------------------------------------------------------------------
 
 async def rpc(request: web.Request, service: str, method: str, message: Message, *,

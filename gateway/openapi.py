@@ -21,6 +21,15 @@ def document(routes: list[Route], version: str = "0.1.0") -> dict:
     for route in routes:
         if route.tag == "console":  # HTML and static files for browsers, not part of the JSON API
             continue
+        errors = dict(_STANDARD_ERRORS)
+        if "{" in route.path:
+            errors[404] = "No such resource (or another tenant's)"
+        if route.body is not None:
+            errors[413] = "Body too large"
+        errors.update(route.responses)
+        success = {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
+        if route.method == "GET":
+            success["304"] = {"description": "Not modified (If-None-Match matched the ETag)"}
         operation: dict = {
             "summary": route.summary,
             "operationId": f"{route.method.lower()}_{re.sub(r'[^a-zA-Z0-9]+', '_', route.path).strip('_')}",
@@ -33,10 +42,10 @@ def document(routes: list[Route], version: str = "0.1.0") -> dict:
                 for name, schema in route.query.items()
             ],
             "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                **success,
                 **{str(status): {"description": text,
                                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-                   for status, text in {**_STANDARD_ERRORS, **route.responses}.items()},
+                   for status, text in errors.items()},
             },
         }
         if route.roles:

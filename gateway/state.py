@@ -9,9 +9,11 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import Caller
+from services.common.s3 import ObjectStore
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 DATABASE: web.AppKey[Database] = web.AppKey("database", Database)
+OBJECT_STORE: web.AppKey[ObjectStore] = web.AppKey("object_store", ObjectStore)  # readiness only
 KEYS: web.AppKey[KeyStore] = web.AppKey("keys", KeyStore)
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
 CLIENTS: web.AppKey[ServiceClients] = web.AppKey("clients", ServiceClients)

@@ -14,7 +14,7 @@ from aiohttp import web
 from llmp.common.v1 import common_pb2
 from llmp.dataset.v1 import dataset_pb2 as pb
 
-from gateway.http import Route, caller, check_if_match, etag_of, json_response, query_int, rpc, to_dict
+from gateway.http import Route, caller, check_if_match, etag_of, json_response, path_version, query_int, rpc, to_dict
 from gateway.state import CALLER, CLIENTS, SETTINGS
 from services.common import errors
 from services.common.grpc_client import call_metadata, domain_error
@@ -157,7 +157,7 @@ async def get_dataset(request: web.Request) -> web.Response:
 
 async def _version(request: web.Request) -> pb.DatasetVersion:
     response = await rpc(request, "dataset", "GetDatasetVersion", pb.GetDatasetVersionRequest(
-        name=request.match_info["name"], version=_version_number(request)))
+        name=request.match_info["name"], version=path_version(request)))
     return response.version
 
 
@@ -181,7 +181,7 @@ async def delete_version(request: web.Request) -> web.Response:
 
 async def version_events(request: web.Request) -> web.StreamResponse:
     """Ingest progress as Server-Sent Events until the version is READY or FAILED."""
-    message = pb.WatchIngestRequest(name=request.match_info["name"], version=_version_number(request))
+    message = pb.WatchIngestRequest(name=request.match_info["name"], version=path_version(request))
     events = request.app[CLIENTS].stream("dataset", "WatchIngest", message, caller=request.get(CALLER))
     first = await anext(aiter(events), None)  # an unknown version is a 404, not an empty stream
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
@@ -198,13 +198,6 @@ async def version_events(request: web.Request) -> web.StreamResponse:
         event = await anext(events, None)
     await response.write(b"data: [DONE]\n\n")
     return response
-
-
-def _version_number(request: web.Request) -> int:
-    raw = request.match_info["version"]
-    if not raw.isdigit() or int(raw) < 1:
-        raise errors.InvalidArgument(f"version must be a positive integer, not {raw!r}")
-    return int(raw)
 
 
 def _page(request: web.Request) -> common_pb2.PageRequest:

@@ -14,6 +14,7 @@ from gateway.http import (
     check_if_match,
     etag_of,
     json_response,
+    path_version,
     query_int,
     read_json,
     rpc,
@@ -30,13 +31,6 @@ CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],
     "properties": {"format": {"enum": ["onnx", "onnx-int8", "torchscript"]}},
 }
-
-
-def _version_number(request: web.Request) -> int:
-    raw = request.match_info["version"]
-    if not raw.isdigit() or int(raw) < 1:
-        raise errors.ValidationFailed(f"version must be a positive integer, not {raw!r}")
-    return int(raw)
 
 
 def _page(request: web.Request) -> common_pb2.PageRequest:
@@ -72,13 +66,13 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def get_version(request: web.Request) -> web.Response:
     response = await rpc(request, "registry", "GetModelVersion", registry_pb2.GetModelVersionRequest(
-        name=request.match_info["name"], version=_version_number(request)))
+        name=request.match_info["name"], version=path_version(request)))
     # READY versions are immutable except for exports and aliases, which the ETag covers.
     return json_response(request, present_version(response.version))
 
 
 async def delete_version(request: web.Request) -> web.Response:
-    name, version = request.match_info["name"], _version_number(request)
+    name, version = request.match_info["name"], path_version(request)
     if request.headers.get("If-Match"):
         current = await rpc(request, "registry", "GetModelVersion",
                             registry_pb2.GetModelVersionRequest(name=name, version=version))
@@ -125,7 +119,7 @@ async def alias_history(request: web.Request) -> web.Response:
 async def create_export(request: web.Request) -> web.Response:
     body = await read_json(request, CREATE_EXPORT)
     response = await rpc(request, "registry", "CreateExport", registry_pb2.CreateExportRequest(
-        model=common_pb2.ModelRef(name=request.match_info["name"], version=_version_number(request)),
+        model=common_pb2.ModelRef(name=request.match_info["name"], version=path_version(request)),
         format=body["format"]))
     export = to_dict(response.export)
     report = export.pop("parity_report_json", "")

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import openapi
 from gateway.http import Route, json_response
-from gateway.state import DATABASE, ROUTE_TABLE, SETTINGS
+from gateway.state import DATABASE, OBJECT_STORE, ROUTE_TABLE, SETTINGS
 from services.common.grpc_client import health_check
 from services.common.topology import GRPC_SERVICES
 
@@ -19,7 +19,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when PostgreSQL answers and every gRPC service reports SERVING; else 503 naming the rest."""
+    """Ready when PostgreSQL and S3 answer and every gRPC service reports SERVING; else 503 naming the rest."""
     settings = request.app[SETTINGS]
 
     async def database() -> str:
@@ -29,9 +29,17 @@ async def readyz(request: web.Request) -> web.Response:
             return f"DOWN: {error}"
         return "SERVING"
 
-    names = ["postgresql", *(service.name for service in GRPC_SERVICES)]
+    async def object_store() -> str:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(request.app[OBJECT_STORE].check), timeout=3)
+        except Exception as error:
+            return f"DOWN: {error or 'timeout'}"
+        return "SERVING"
+
+    names = ["postgresql", "s3", *(service.name for service in GRPC_SERVICES)]
     statuses = await asyncio.gather(
-        database(), *(health_check(settings.service_addrs[service.name], timeout=2) for service in GRPC_SERVICES))
+        database(), object_store(),
+        *(health_check(settings.service_addrs[service.name], timeout=2) for service in GRPC_SERVICES))
     backends = dict(zip(names, statuses, strict=True))
     failing = sorted(name for name, status in backends.items() if status != "SERVING")
     body = {"status": "ready" if not failing else "not ready", "backends": backends, "failing": failing}

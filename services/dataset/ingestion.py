@@ -83,6 +83,9 @@ class Ingestor:
             with open(spool, "rb") as handle:
                 await asyncio.to_thread(ingest.validate, handle, options)
             digest = content_digest(received.sha256, options)
+            # A version is only reserved when it can be built: with S3 away, refuse now (503) rather than
+            # accept and fail later.
+            await asyncio.to_thread(self.store.check)
             row, created = await self.versions.reserve(tenant, options, digest, received.size)
             if created:
                 running = _Running(received.size)

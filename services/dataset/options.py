@@ -111,6 +111,8 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, key = rest.partition("/")
     if not bucket or not key:
         raise ValidationFailed(f"source_uri {uri!r} must look like s3://bucket/key")
+    if any(segment in {".", ".."} for segment in key.split("/")):
+        raise ValidationFailed(f"source_uri {uri!r}: '.' and '..' segments are not allowed in the key")
     return bucket, key
 
 

@@ -87,25 +87,10 @@ def test_hostile_names_in_paths_are_4xx(stack, template, name):
     assert time.monotonic() - started < 5  # pg_sleep never ran
 
 
-# Findings of this suite not yet fixed where they live (the owners apply them; see the issue 9 report). Each is
-# a strict xfail, so the fix turns it into a failure that asks for the marker (and KNOWN_5XX) to go.
-VERSION_OVERFLOW = pytest.mark.xfail(strict=True, reason="gateway/views/{models,datasets}.py _version_number "
-                                                         "accepts versions above 2**63-1; protobuf raises ValueError")
-S3_DOT_SEGMENTS = pytest.mark.xfail(strict=True, reason="an s3:// source with '..' segments reaches minio's "
-                                                        "check_object_name ValueError in the dataset service")
-TRUNCATED_BODY = pytest.mark.xfail(strict=True, reason="gateway: a body cut short (ConnectionResetError in "
-                                                       "request.read) is logged and counted as a 500")
-
-
-def KNOWN_5XX(path: str) -> bool:  # noqa: N802 (reads as a constant: the list of known findings)
-    """A 5xx the fuzzer may meet that is a reported finding (VERSION_OVERFLOW), not a new one."""
-    return "/versions/" in path and any(part.isdigit() and int(part) > 2**63 - 1 for part in path.split("/"))
-
-
 @pytest.mark.parametrize("path", [
-    pytest.param("/v1/models/x/versions/99999999999999999999999", marks=VERSION_OVERFLOW),
+    "/v1/models/x/versions/99999999999999999999999",
     "/v1/datasets/x/versions/0",
-    pytest.param("/v1/datasets/x/versions/99999999999999999999999", marks=VERSION_OVERFLOW),
+    "/v1/datasets/x/versions/99999999999999999999999",
     "/v1/models/x/versions/-1", "/v1/models/x/versions/1e3"])
 def test_out_of_range_versions_are_4xx(stack, path):
     assert_error(stack.http("GET", path), 400, 404, 422)
@@ -127,8 +112,8 @@ def test_hostile_query_parameters_are_4xx_or_ignored(stack, path, params):
     {"name": "../../x", "tokenizer": "char"}, {"name": "x'; DROP TABLE datasets; --", "tokenizer": "char"},
     {"name": "ok", "tokenizer": "bogus"}, {"name": "ok", "vocab_size": "-5"},
     {"name": "ok", "source": "file:///etc/passwd"},
-    pytest.param({"name": "ok", "source": "s3://other-bucket/../../x"}, marks=S3_DOT_SEGMENTS),
-    pytest.param({"name": "ok", "source": "s3://llmp/../../etc/passwd"}, marks=S3_DOT_SEGMENTS), {"name": "ok\x00"},
+    {"name": "ok", "source": "s3://other-bucket/../../x"},
+    {"name": "ok", "source": "s3://llmp/../../etc/passwd"}, {"name": "ok\x00"},
 ])
 def test_hostile_dataset_uploads_are_4xx(stack, query):
     response = stack.http("POST", "/v1/datasets", params=query, data=b"hello world\n")
@@ -174,7 +159,6 @@ def test_a_slow_body_is_served_and_does_not_block_others(stack):
     assert answer and answer[0].startswith(b"HTTP/1.1 422"), answer[:1]
 
 
-@TRUNCATED_BODY
 def test_a_truncated_body_never_becomes_a_5xx(stack):
     head = (f"POST /v1/training-jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {stack.admin_key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n").encode()
@@ -277,8 +261,6 @@ def test_the_openapi_fuzzer_finds_no_5xx_and_no_undocumented_shape(stack, operat
         response = stack.http(method.upper(), url, params=query, data=body,
                               headers={"Content-Type": "application/json"}, timeout=30)
         seen.append((method, path, response.status_code))
-        if response.status_code == 500 and KNOWN_5XX(url):
-            return
         assert response.status_code < 500, (method, url, query, body, response.status_code, response.text[:300])
         if response.status_code >= 400 and response.status_code != 405:
             jsonschema.validate(response.json(), openapi.ERROR_SCHEMA)
@@ -290,8 +272,6 @@ def test_the_openapi_fuzzer_finds_no_5xx_and_no_undocumented_shape(stack, operat
     assert stack.http("GET", "/readyz").status_code == 200  # and nothing it sent broke a backend
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/openapi.py documents neither 404 on routes with path parameters, "
-                                       "413 on routes with a body, nor the 204 of a DELETE (issue 9 report)")
 def test_every_status_the_api_answers_is_documented(stack, operations):
     document, found = operations
     missing = []

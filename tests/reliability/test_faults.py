@@ -75,9 +75,7 @@ def test_s3_stopped_then_back(stack):
         upload, elapsed = timed(stack, "POST", "/v1/datasets", params={"name": "rel-s3-down", "tokenizer": "char"},
                                 data=b"some text while S3 is away\n" * 50)
         assert_unavailable_not_broken(upload, elapsed)
-        if upload.status_code == 202:  # accepted anyway (see the xfail below): it must fail, not hang
-            version = f"/v1/datasets/rel-s3-down/versions/{upload.json()['version']}"
-            until(lambda: stack.http("GET", version).json()["state"] == "FAILED", DEADLINE, "upload FAILED")
+        assert upload.status_code == 503, upload.text[:300]  # refused now, not accepted and failed later
         listing, elapsed = timed(stack, "GET", "/v1/datasets")
         assert_unavailable_not_broken(listing, elapsed)
     finally:
@@ -89,8 +87,6 @@ def test_s3_stopped_then_back(stack):
     assert created.status_code in {200, 201, 202}, created.text[:300]
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/views/system.py: /readyz probes PostgreSQL and the services but "
-                                       "not S3, so it names the services S3 made NOT_SERVING, not s3")
 def test_readyz_names_s3_when_s3_is_down(stack):
     s3 = stack.record("s3")
     os.killpg(s3["pid"], signal.SIGKILL)
@@ -101,8 +97,6 @@ def test_readyz_names_s3_when_s3_is_down(stack):
         stack.restore()
 
 
-@pytest.mark.xfail(strict=True, reason="services/dataset: CreateDataset accepts an upload (202 PENDING) while its "
-                                       "S3 readiness check fails, then marks it FAILED; it should answer 503")
 def test_an_upload_while_s3_is_down_is_refused_with_503(stack):
     s3 = stack.record("s3")
     os.killpg(s3["pid"], signal.SIGKILL)
@@ -139,8 +133,6 @@ def test_postgresql_stopped_then_back(stack):
         assert stack.http("GET", path).status_code == 200, path
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/auth.py KeyStore.authenticate lets psycopg's OperationalError "
-                                       "escape to the error middleware: 500 instead of 503 while PostgreSQL is down")
 def test_a_database_key_gets_503_while_postgresql_is_down(stack):
     postgres = stack.record("postgres")
     servers.stop_postgres(Path(postgres["detail"]), timeout=20)

@@ -3,6 +3,7 @@
 import pytest
 
 from gateway.app import init_app
+from services.common.s3 import ObjectStore
 
 pytestmark = pytest.mark.integration
 ADMIN_KEY = "llmp_bootstrap_test-admin-secret"
@@ -13,6 +14,7 @@ async def client(aiohttp_client, settings_env):
     from services.common.config import Settings
 
     settings = Settings.from_env({**settings_env, "LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_MAX_BODY_BYTES": "2048"})
+    ObjectStore(settings.s3).ensure_bucket()  # what the services do at start
     return await aiohttp_client(init_app(settings))
 
 
@@ -33,7 +35,7 @@ async def test_readiness_names_every_backend_that_is_down(client):
     response = await client.get("/readyz")
     body = await response.json()
     assert response.status == 503 and response.headers["Retry-After"]
-    assert body["backends"]["postgresql"] == "SERVING"  # the real database is up
+    assert body["backends"]["postgresql"] == body["backends"]["s3"] == "SERVING"  # the real servers are up
     assert set(body["failing"]) == {"dataset", "training", "registry", "inference"}  # no service runs here
 
 
