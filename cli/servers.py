@@ -32,6 +32,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports: every socket stays bound until all are picked, so the kernel
+    cannot hand the same port out twice (as consecutive `free_port()` calls sometimes do)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -67,8 +82,14 @@ class SeaweedPorts:
 
     @classmethod
     def free(cls, s3: int | None = None) -> "SeaweedPorts":
-        return cls(s3=s3 or free_port(), master=free_port(), volume=free_port(), filer=free_port(),
-                   master_grpc=free_port(), volume_grpc=free_port(), filer_grpc=free_port(), s3_grpc=free_port())
+        picked = free_ports(8)
+        if s3 is None:
+            s3, *others = picked
+        else:  # the caller's S3 port (free now, so the kernel may pick it) must not be handed out again
+            others = [port for port in picked if port != s3][:7]
+        master, volume, filer, master_grpc, volume_grpc, filer_grpc, s3_grpc = others
+        return cls(s3=s3, master=master, volume=volume, filer=filer, master_grpc=master_grpc,
+                   volume_grpc=volume_grpc, filer_grpc=filer_grpc, s3_grpc=s3_grpc)
 
     def grpc_flags(self) -> list[str]:
         flags = []

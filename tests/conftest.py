@@ -62,8 +62,8 @@ def settings_env(database_url, s3_endpoint, tmp_path_factory) -> dict[str, str]:
     }
     from services.common import topology
 
-    for service in topology.GRPC_SERVICES:
-        env[service.addr_env] = f"127.0.0.1:{servers.free_port()}"
+    for service, port in zip(topology.GRPC_SERVICES, servers.free_ports(len(topology.GRPC_SERVICES)), strict=True):
+        env[service.addr_env] = f"127.0.0.1:{port}"
     return env
 
 

@@ -53,20 +53,22 @@ def stack(tmp_path_factory):
         admin.execute(f'CREATE DATABASE "{name}"')
     admin_key = f"llmp_e2e_{uuid.uuid4().hex}"
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLMP_")}
+    s3, triton_http, triton_grpc, triton_metrics, gateway, *service_ports = servers.free_ports(
+        5 + len(topology.GRPC_SERVICES))
     env.update({
         "LLMP_STATE_DIR": str(tmp_path_factory.mktemp("llmp-state")),
         "LLMP_DATABASE_URL": ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}",
         "LLMP_BROKER_URL": "redis://127.0.0.1:6379/14",
-        "LLMP_S3_ENDPOINT": f"127.0.0.1:{servers.free_port()}",
-        "LLMP_TRITON_HTTP_URL": f"127.0.0.1:{servers.free_port()}",
-        "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{servers.free_port()}",
-        "LLMP_TRITON_METRICS_PORT": str(servers.free_port()),
-        "LLMP_GATEWAY_PORT": str(servers.free_port()),
+        "LLMP_S3_ENDPOINT": f"127.0.0.1:{s3}",
+        "LLMP_TRITON_HTTP_URL": f"127.0.0.1:{triton_http}",
+        "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{triton_grpc}",
+        "LLMP_TRITON_METRICS_PORT": str(triton_metrics),
+        "LLMP_GATEWAY_PORT": str(gateway),
         "LLMP_ADMIN_KEY": admin_key,
         "LLMP_LOG_FORMAT": "json",
     })
-    for service in topology.GRPC_SERVICES:
-        env[service.addr_env] = f"127.0.0.1:{servers.free_port()}"
+    for service, port in zip(topology.GRPC_SERVICES, service_ports, strict=True):
+        env[service.addr_env] = f"127.0.0.1:{port}"
     running = Stack(env, admin_key)
     started = time.monotonic()
     up = running.llmp("up")
