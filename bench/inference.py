@@ -1,37 +1,41 @@
-"""Inference benchmark: generated tokens/s with 16 concurrent clients through the inference service (Triton
-with dynamic batching and a server-side KV cache) vs Hugging Face `model.generate` called sequentially in
-one process on the same model; plus time to first token and time per output token for a single request,
-through the service vs calling Triton directly (the hops' overhead).
+"""Inference benchmark: generated tokens/s with 16 concurrent clients through the REST gateway
+(`POST /v1/completions` → gRPC inference service → Triton with the service's step batching and a
+server-side KV cache) vs Hugging Face `model.generate` called sequentially in one process on the same
+model; plus time to first token and time per output token of a single streamed request through the
+gateway vs the same generation code calling Triton directly (the hops' overhead).
 
-Run: `make bench-inference` (python -m bench.inference). Needs PostgreSQL at LLMP_TEST_DATABASE_URL
-(default 127.0.0.1:5432); starts its own tritonserver on free ports. BENCH line last.
+Topology as deployed: tritonserver, the inference service and the gateway each run as their own process
+on free ports (the inference service reads the model from a local tree in the registry's layout); this
+process is the HTTP client and the baseline. Needs PostgreSQL at LLMP_TEST_DATABASE_URL (default
+127.0.0.1:5432). Run: `make bench-inference` (python -m bench.inference). BENCH line last.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import secrets
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import grpc
+import aiohttp
 import psycopg
 import torch
-from llmp.inference.v1 import inference_pb2 as pb
-from llmp.inference.v1 import inference_pb2_grpc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from cli.servers import free_port, stop
+from cli.servers import TritonPorts, free_port, http_ok, port_open, start_triton, stop, wait_until
 from services.common.config import Settings
-from services.common.grpc_server import TENANT_KEY
-from services.inference import server
-from services.inference.generation import GenerationStats, generate
-from services.inference.local_triton import TritonPorts, start_triton
+from services.inference import model_repository
+from services.inference.generation import GenerationStats, ServedVersion, generate
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.inference.sampling import SamplingParams
 from services.inference.triton_engine import TritonEngine
@@ -39,6 +43,8 @@ from services.registry.onnx_export import export_model_onnx
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 ADMIN_URL = os.environ.get("LLMP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+TENANT = "default"  # the bootstrap admin key's tenant
+MODEL = DEPLOYMENT = "bench"
 
 
 def build_model(root: Path, n_layer: int, n_embd: int, context: int):
@@ -54,7 +60,7 @@ def build_model(root: Path, n_layer: int, n_embd: int, context: int):
     model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=4, n_embd=n_embd, vocab_size=len(tokenizer),
                                        n_positions=context, eos_token_id=eos, bos_token_id=eos)).eval()
     export_model_onnx(model, root / "export" / "model.onnx")
-    publish_local_version(root, "bench", "bench", 1, root / "export", root / "tokenizer")
+    publish_local_version(root, TENANT, MODEL, 1, root / "export", root / "tokenizer")
     return model, tokenizer
 
 
@@ -70,39 +76,69 @@ def hf_sequential(model, tokenizer, prompts: list[str], max_tokens: int) -> tupl
     return tokens, time.perf_counter() - started
 
 
-async def service_concurrent(stub, prompts: list[str], max_tokens: int, clients: int) -> tuple[int, float]:
-    metadata = ((TENANT_KEY, "bench"),)
+# -- the inference service as its own process ------------------------------------------------------------
+
+async def serve_inference(root: Path) -> None:
+    """`python -m bench.inference --serve-inference ROOT`: the service on LLMP_INFERENCE_ADDR until SIGTERM."""
+    from services.inference import server
+
+    app, _ = await server.build(Settings.from_env(), LocalModelSource(root))
+    await app.start()
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+    await stopping.wait()
+    await app.stop()
+
+
+def spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+# -- clients -----------------------------------------------------------------------------------------------
+
+async def gateway_concurrent(http: aiohttp.ClientSession, url: str, prompts: list[str], max_tokens: int,
+                             clients: int) -> tuple[int, float]:
     queue = list(prompts)
     total = 0
 
-    async def client():
+    async def client() -> None:
         nonlocal total
         while queue:
-            prompt = queue.pop()
-            response = await stub.Generate(pb.GenerateRequest(deployment="bench", prompt=prompt, max_tokens=max_tokens),
-                                           metadata=metadata)
-            total += response.completion.completion_tokens
+            body = {"model": DEPLOYMENT, "prompt": queue.pop(), "max_tokens": max_tokens, "temperature": 0}
+            async with http.post(f"{url}/v1/completions", json=body) as response:
+                answer = await response.json()
+                if response.status != 200:
+                    raise RuntimeError(f"completion failed: {response.status} {answer}")
+                total += answer["usage"]["completion_tokens"]
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return total, time.perf_counter() - started
 
 
-async def single_stream(stub, prompt: str, max_tokens: int) -> tuple[float, float]:
-    """(time to first token, time per output token after it) through the service, streamed."""
-    request = pb.GenerateStreamRequest(request=pb.GenerateRequest(deployment="bench", prompt=prompt,
-                                                                  max_tokens=max_tokens))
+async def gateway_single(http: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> tuple[float, float]:
+    """(time to first token, time per output token after it) of one streamed completion through the gateway."""
+    body = {"model": DEPLOYMENT, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     started = time.perf_counter()
     first, tokens = None, 0
-    async for message in stub.GenerateStream(request, metadata=((TENANT_KEY, "bench"),)):
-        tokens += len(message.token_ids)
-        if first is None and message.token_ids:
-            first = time.perf_counter() - started
+    async with http.post(f"{url}/v1/completions", json=body) as response:
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if first is None:
+                first = time.perf_counter() - started
+            if "usage" in event:
+                tokens = event["usage"]["completion_tokens"]
     total = time.perf_counter() - started
     return first, (total - first) / max(1, tokens - 1)
 
 
-async def single_direct(engine: TritonEngine, served, prompt: str, max_tokens: int) -> tuple[float, float]:
+async def direct_single(engine: TritonEngine, served: ServedVersion, prompt: str,
+                        max_tokens: int) -> tuple[float, float]:
+    """The same generation code, in this process, straight to Triton: no gateway, no inference service hop."""
     stats = GenerationStats()
     ids = served.tokenizer.encode(prompt)
     tokens = 0
@@ -112,53 +148,85 @@ async def single_direct(engine: TritonEngine, served, prompt: str, max_tokens: i
     return stats.first_token_s, (total - stats.first_token_s) / max(1, tokens - 1)
 
 
+async def deploy(http: aiohttp.ClientSession, url: str) -> None:
+    async with http.put(f"{url}/v1/deployments/{DEPLOYMENT}", json={"model": MODEL, "stable": 1},
+                        headers={"If-None-Match": "*"}) as response:
+        if response.status not in (200, 201):
+            raise RuntimeError(f"deploy failed: {response.status} {await response.text()}")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        async with http.get(f"{url}/v1/deployments/{DEPLOYMENT}") as response:
+            state = (await response.json()).get("state")
+        if state == "READY":
+            return
+        if state == "FAILED":
+            raise RuntimeError("deployment failed")
+        await asyncio.sleep(0.2)
+    raise TimeoutError("deployment did not become READY")
+
+
 async def main_async(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="llmp-bench-inference-"))
     model, tokenizer = build_model(work, args.n_layer, args.n_embd, args.context)
     text = SHAKESPEARE.read_text()
-    prompts = [text[i * 97:i * 97 + 60] for i in range(args.requests)]
+    # Distinct prompts everywhere: the gateway caches deterministic completions, a repeat would be a hit.
+    prompts = [text[i * 97:i * 97 + 60] for i in range(args.requests + args.single + 4)]
+    warmup, single, measured = prompts[:4], prompts[4:4 + args.single], prompts[4 + args.single:]
     db_name = f"llmp_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{db_name}"')
     ports = TritonPorts.free()
-    process = start_triton(work / "repository", ports, work / "triton.log")
+    repository = work / "repository"
+    gateway_port, admin_key = free_port(), secrets.token_urlsafe(24)
+    env = {"LLMP_DATABASE_URL": ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}", "LLMP_STATE_DIR": str(work),
+           "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{ports.grpc}", "LLMP_TRITON_MODEL_REPOSITORY": str(repository),
+           "LLMP_INFERENCE_ADDR": f"127.0.0.1:{free_port()}", "LLMP_GATEWAY_PORT": str(gateway_port),
+           "LLMP_ADMIN_KEY": admin_key, "LLMP_LOG_LEVEL": "WARNING", "LLMP_LOG_FORMAT": "text"}
+    processes = [start_triton(repository, ports, work / "triton.log")]
     try:
-        settings = Settings.from_env({
-            "LLMP_DATABASE_URL": ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}", "LLMP_STATE_DIR": str(work),
-            "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{ports.grpc}", "LLMP_TRITON_MODEL_REPOSITORY": str(work / "repository"),
-            "LLMP_INFERENCE_ADDR": f"127.0.0.1:{free_port()}", "LLMP_LOG_LEVEL": "WARNING", "LLMP_LOG_FORMAT": "text"})
-        app, deployments = await server.build(settings, LocalModelSource(work))
-        port = await app.start("127.0.0.1:0")
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        await stub.PutDeployment(pb.PutDeploymentRequest(name="bench", model="bench", stable_version=1, wait=True),
-                                 metadata=((TENANT_KEY, "bench"),))
-        await service_concurrent(stub, prompts[:4], 4, 4)  # warm up
-        served, _ = await deployments.route("bench", "bench", "")
-        ttft_s, tpot_s, ttft_d, tpot_d = [], [], [], []
-        for prompt in prompts[:args.single]:
-            a, b = await single_stream(stub, prompt, args.max_tokens)
-            c, d = await single_direct(deployments.engine, served, prompt, args.max_tokens)
-            ttft_s.append(a), tpot_s.append(b), ttft_d.append(c), tpot_d.append(d)
-        tokens, elapsed = await service_concurrent(stub, prompts, args.max_tokens, args.clients)
-        await channel.close()
-        await app.stop()
+        processes.append(spawn([sys.executable, "-m", "bench.inference", "--serve-inference", str(work)], env,
+                               work / "inference.log"))
+        processes.append(spawn([sys.executable, "-m", "gateway.server"], env, work / "gateway.log"))
+        url = f"http://127.0.0.1:{gateway_port}"
+        host, port = env["LLMP_INFERENCE_ADDR"].rsplit(":", 1)
+        wait_until(lambda: port_open(host, int(port)), 120, processes[1], work / "inference.log", "inference")
+        wait_until(lambda: http_ok(f"{url}/healthz"), 120, processes[2], work / "gateway.log", "gateway")
+        headers = {"Authorization": f"Bearer {admin_key}"}
+        connector = aiohttp.TCPConnector(limit=args.clients + 4)
+        async with aiohttp.ClientSession(headers=headers, connector=connector) as http:
+            await deploy(http, url)
+            await gateway_concurrent(http, url, warmup, 4, 4)
+            engine = TritonEngine(f"127.0.0.1:{ports.grpc}")
+            files = await LocalModelSource(work).fetch(TENANT, MODEL, 1)
+            served = ServedVersion(MODEL, 1, model_repository.triton_model_name(TENANT, MODEL, 1), files.spec(),
+                                   files.tokenizer())
+            ttft_g, tpot_g, ttft_d, tpot_d = [], [], [], []
+            for prompt in single:
+                a, b = await gateway_single(http, url, prompt, args.max_tokens)
+                c, d = await direct_single(engine, served, prompt, args.max_tokens)
+                ttft_g.append(a), tpot_g.append(b), ttft_d.append(c), tpot_d.append(d)
+            await engine.close()
+            tokens, elapsed = await gateway_concurrent(http, url, measured, args.max_tokens, args.clients)
     finally:
-        stop(process)
+        for process in reversed(processes):
+            stop(process)
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-    hf_tokens, hf_elapsed = hf_sequential(model, tokenizer, prompts, args.max_tokens)
+    hf_tokens, hf_elapsed = hf_sequential(model, tokenizer, measured, args.max_tokens)
     project, baseline = tokens / elapsed, hf_tokens / hf_elapsed
     ms = lambda values: statistics.median(values) * 1000  # noqa: E731
+    overhead = lambda a, b: 100 * (statistics.median(a) / statistics.median(b) - 1)  # noqa: E731
     print(f"model: GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} vocab={len(tokenizer)}; "
-          f"{args.requests} requests x {args.max_tokens} tokens; cpus={os.cpu_count()}")
-    print(f"service, {args.clients} concurrent clients: {tokens} tokens in {elapsed:.2f}s = {project:.1f} tok/s")
+          f"{len(measured)} requests x {args.max_tokens} tokens; cpus={os.cpu_count()}")
+    print(f"gateway, {args.clients} concurrent clients: {tokens} tokens in {elapsed:.2f}s = {project:.1f} tok/s")
     print(f"HF generate, sequential: {hf_tokens} tokens in {hf_elapsed:.2f}s = {baseline:.1f} tok/s")
-    print(f"single request TTFT: service {ms(ttft_s):.2f} ms, Triton direct {ms(ttft_d):.2f} ms")
-    print(f"single request time per output token: service {ms(tpot_s):.2f} ms, Triton direct {ms(tpot_d):.2f} ms "
-          f"(overhead {100 * (statistics.median(tpot_s) / statistics.median(tpot_d) - 1):.1f}%)")
+    print(f"single request TTFT: gateway {ms(ttft_g):.2f} ms, Triton direct {ms(ttft_d):.2f} ms "
+          f"(overhead {overhead(ttft_g, ttft_d):.1f}%)")
+    print(f"single request time per output token: gateway {ms(tpot_g):.2f} ms, Triton direct {ms(tpot_d):.2f} ms "
+          f"(overhead {overhead(tpot_g, tpot_d):.1f}%)")
     print(f"BENCH inference project={project:.1f}tok/s baseline={baseline:.1f}tok/s ratio={project / baseline:.2f} "
-          f"(HF model.generate called sequentially in one process, same model, greedy)")
+          f"(HF model.generate called sequentially in one process, same model, greedy; project through the "
+          f"REST gateway, {args.clients} concurrent clients)")
 
 
 def main() -> None:
@@ -170,7 +238,15 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--context", type=int, default=256)
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--serve-inference", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_inference:
+        from services.common import logs
+
+        logs.configure(Settings.from_env(), "inference")
+        asyncio.run(serve_inference(args.serve_inference))
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

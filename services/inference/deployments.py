@@ -15,7 +15,6 @@ import logging
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from services.common.db import Database
 from services.common.errors import (
@@ -71,6 +70,10 @@ def etag_of(row: dict) -> str:
     return '"' + hashlib.sha256(content.encode()).hexdigest()[:32] + '"'
 
 
+def _row_versions(row: dict) -> set[tuple[str, int]]:
+    return {(row["model"], v) for v in (row["stable_version"], row["canary_version"]) if v}
+
+
 def canary_bucket(routing_key: str) -> int:
     """0-99, stable for a key: requests with the same key reach the same version."""
     return int.from_bytes(hashlib.sha256(routing_key.encode()).digest()[:8], "big") % 100
@@ -99,7 +102,8 @@ class _Loaded:
 class Deployments:
     """The deployments of every tenant, their rows, routes and the Triton models behind them."""
 
-    def __init__(self, db: Database, engine: TritonEngine, source: ModelSource, repository: Path,
+    def __init__(self, db: Database, engine: TritonEngine, source: ModelSource,
+                 repository: model_repository.Repository,
                  batching: model_repository.BatchingConfig | None = None) -> None:
         self.db = db
         self.engine = engine
@@ -148,6 +152,10 @@ class Deployments:
                 raise AlreadyExists(f"deployment {spec.name!r} already exists")
             if if_match and (current is None or current["etag"] != if_match):
                 raise PreconditionFailed(f"deployment {spec.name!r} does not match If-Match {if_match}")
+            # The registry refuses a version whose export cannot be deployed, and from now on refuses to
+            # delete it; a failure here rolls the change back.
+            for version in spec.versions():
+                await self.source.mark_deployed(tenant, spec.model, version, spec.name)
             row = {"name": spec.name, "model": spec.model, "stable_version": spec.stable_version,
                    "canary_version": spec.canary_version, "canary_weight": spec.canary_weight,
                    "state": "LOADING", "message": ""}
@@ -163,7 +171,8 @@ class Deployments:
             stored["etag"] = etag_of(stored)
             await conn.execute("UPDATE inference_deployments SET etag = %s WHERE tenant = %s AND name = %s",
                                (stored["etag"], tenant, spec.name))
-        task = asyncio.create_task(self._activate(tenant, spec, lock))
+        replaced = _row_versions(current) - {(spec.model, v) for v in spec.versions()} if current else set()
+        task = asyncio.create_task(self._activate(tenant, spec, lock, replaced))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if wait:
@@ -171,7 +180,9 @@ class Deployments:
             stored = await self.get(tenant, spec.name)
         return stored, current is None
 
-    async def _activate(self, tenant: str, spec: DeploymentSpec, lock: asyncio.Lock) -> None:
+    async def _activate(self, tenant: str, spec: DeploymentSpec, lock: asyncio.Lock,
+                        replaced: set[tuple[str, int]] = frozenset()) -> None:
+        """Load, then route; `replaced` are the (model, version)s the deployment served before the change."""
         async with lock:
             try:
                 stable = await self._ensure_loaded(tenant, spec.model, spec.stable_version)
@@ -186,6 +197,15 @@ class Deployments:
             await self._set_state(tenant, spec.name, "READY", "")
             if previous is not None:
                 await self._release_unused([previous.stable, previous.canary])
+            await self._unmark(tenant, spec.name, replaced)
+
+    async def _unmark(self, tenant: str, name: str, versions) -> None:
+        for model, version in versions:
+            try:
+                await self.source.unmark_deployed(tenant, model, version, name)
+            except Exception as error:  # the registry keeps a stale mark: deleting that version stays refused
+                log.warning("unmark failed", extra={"deployment": name, "model": model, "version": version,
+                                                    "error": str(error)})
 
     async def _set_state(self, tenant: str, name: str, state: str, message: str) -> None:
         async with self.db.transaction() as conn:
@@ -203,8 +223,7 @@ class Deployments:
             if loaded is not None and await self.engine.is_ready(name):
                 return loaded.served
             files = await self.source.fetch(tenant, model, version)
-            await asyncio.to_thread(model_repository.write_model, self.repository, name, files.onnx_dir,
-                                    self.batching)
+            await asyncio.to_thread(self.repository.write, name, files.onnx_dir, self.batching)
             await self.engine.load(name)
             if not await self.engine.is_ready(name):
                 raise Unavailable(f"Triton loaded {name} but does not report it ready", retry_after=2)
@@ -236,7 +255,7 @@ class Deployments:
                 await self.engine.unload(served.triton_name)
             except Exception as error:  # unloading is housekeeping; the route is already gone
                 log.warning("unload failed", extra={"triton_model": served.triton_name, "error": str(error)})
-            await asyncio.to_thread(model_repository.remove_model, self.repository, served.triton_name)
+            await asyncio.to_thread(self.repository.remove, served.triton_name)
 
     def _routed_names(self) -> set[str]:
         return {v.triton_name for route in self.routes.values() for v in (route.stable, route.canary) if v}
@@ -251,6 +270,7 @@ class Deployments:
                 await conn.execute("DELETE FROM inference_deployments WHERE tenant = %s AND name = %s", (tenant, name))
             if route is not None:
                 await self._release_unused([route.stable, route.canary])
+            await self._unmark(tenant, name, _row_versions(row))
 
     async def restore(self) -> None:
         """At start: reload every deployment that was READY or LOADING (e.g. after a restart)."""

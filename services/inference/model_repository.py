@@ -1,20 +1,33 @@
 """The Triton model repository the inference service owns (`LLMP_TRITON_MODEL_REPOSITORY`).
 
-One Triton model per registry model version, named `m-<tenant>-<model>-v<version>` (Triton names
-allow letters, digits, '-', '_' and '.'), laid out as Triton expects:
+One Triton model per registry model version, named `m-<tenant>-` + the registry's
+`layout.triton_model_name` (`<model>-v<version>`): the tenant prefix keeps two tenants' models of the
+same name apart in one Triton. Laid out as Triton expects:
 
     <repository>/<triton name>/config.pbtxt
     <repository>/<triton name>/1/model.py      (services/inference/triton_model/model.py)
     <repository>/<triton name>/1/model.onnx    (the registry's ONNX export)
     <repository>/<triton name>/1/decoder.json  (its DecoderSpec)
+
+The repository is a local folder (`make up`: the local tritonserver reads it) or, in the compose and
+Kubernetes form `s3://host:port/bucket/prefix`, a prefix in S3 written through `ObjectStore`, which the
+NGC tritonserver reads (its Python backend then needs numpy and onnxruntime in its image).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+from services.common.config import Settings
+from services.common.errors import InvalidArgument
+from services.common.s3 import ObjectStore
+from services.registry import layout
 
 TEMPLATE_DIR = Path(__file__).parent / "triton_model"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -25,12 +38,14 @@ class BatchingConfig:
     """How Triton batches the decoding steps of concurrent requests."""
 
     max_batch_size: int = 64  # most steps one ORT call runs together
-    max_queue_delay_us: int = 2000  # how long the first queued step waits for company
+    # How long Triton holds a request for company. The service already sends every step it has as one
+    # request, so waiting would only add latency; 0 still merges requests queued meanwhile (replicas).
+    max_queue_delay_us: int = 0
     intra_op_threads: int = 1  # ORT threads per call (the machine is shared)
 
 
 def triton_model_name(tenant: str, model: str, version: int) -> str:
-    return f"m-{_UNSAFE.sub('_', tenant)}-{_UNSAFE.sub('_', model)}-v{version}"
+    return f"m-{_UNSAFE.sub('_', tenant)}-{layout.triton_model_name(_UNSAFE.sub('_', model), version)}"
 
 
 def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingConfig = BatchingConfig()) -> Path:
@@ -64,3 +79,60 @@ def _link_or_copy(source: Path, target: Path) -> None:
         target.hardlink_to(source)
     except OSError:
         shutil.copy2(source, target)
+
+
+class Repository(Protocol):
+    def write(self, name: str, onnx_dir: Path, batching: BatchingConfig) -> None:
+        """Write (or refresh) model `name` from an export folder."""
+
+    def remove(self, name: str) -> None:
+        """Delete model `name` (after Triton unloaded it)."""
+
+
+@dataclass(frozen=True)
+class LocalRepository:
+    """A folder the local tritonserver reads (`--model-repository=<root>`)."""
+
+    root: Path
+
+    def write(self, name: str, onnx_dir: Path, batching: BatchingConfig) -> None:
+        write_model(self.root, name, onnx_dir, batching)
+
+    def remove(self, name: str) -> None:
+        remove_model(self.root, name)
+
+
+@dataclass(frozen=True)
+class S3Repository:
+    """A prefix in S3 the NGC tritonserver reads (`--model-repository=s3://host:port/bucket/prefix`)."""
+
+    store: ObjectStore
+    prefix: str  # "" or ending in "/"
+
+    def write(self, name: str, onnx_dir: Path, batching: BatchingConfig) -> None:
+        with tempfile.TemporaryDirectory(prefix="llmp-triton-model-") as scratch:
+            write_model(Path(scratch), name, onnx_dir, batching)
+            self.store.ensure_bucket()
+            self.store.delete_prefix(f"{self.prefix}{name}/")
+            for path in sorted((Path(scratch) / name).rglob("*")):
+                if path.is_file():
+                    self.store.put_file(f"{self.prefix}{name}/{path.relative_to(Path(scratch) / name)}", path)
+
+    def remove(self, name: str) -> None:
+        self.store.delete_prefix(f"{self.prefix}{name}/")
+
+
+def open_repository(settings: Settings) -> Repository:
+    """LLMP_TRITON_MODEL_REPOSITORY as a repository: a local path (default `<state dir>/triton-models`) or
+    `s3://host:port/bucket[/prefix]` (S3 credentials and TLS from the LLMP_S3_* settings)."""
+    configured = settings.triton_model_repository
+    if not configured.startswith("s3://"):
+        root = Path(configured) if configured else settings.state_dir / "triton-models"
+        root.mkdir(parents=True, exist_ok=True)
+        return LocalRepository(root)
+    endpoint, _, path = configured.removeprefix("s3://").partition("/")
+    bucket, _, prefix = path.partition("/")
+    if not endpoint or not bucket:
+        raise InvalidArgument(f"LLMP_TRITON_MODEL_REPOSITORY {configured!r} must look like s3://host:port/bucket/prefix")
+    store = ObjectStore(dataclasses.replace(settings.s3, endpoint=endpoint, bucket=bucket))
+    return S3Repository(store, prefix.strip("/") + "/" if prefix.strip("/") else "")

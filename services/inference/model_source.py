@@ -6,8 +6,12 @@ A version's files follow the registry's S3 layout (docs/CONTRACTS.md), rooted at
     <root>/models/<tenant>/<name>/v<version>/exports/onnx/model.onnx, decoder.json
 
 `LocalModelSource` reads such a tree directly (tests, benchmarks, and deploying a folder by hand).
-`S3ModelSource` resolves aliases through the registry service and mirrors a version's tokenizer and
-ONNX export from S3 into a local cache in that same layout, verifying each object's SHA-256.
+`S3ModelSource` asks the registry service: aliases through `ResolveAlias`, the version's artifacts
+through `GetModelVersion`, its ONNX export through `GetExport(format="onnx")`, which must be READY (an
+export that failed its parity check cannot be deployed), and it mirrors the tokenizer and the export's
+`model.onnx` and `decoder.json` from S3 into a local cache in that same layout, verifying each object's
+SHA-256 against the registry's record. While a deployment serves a version, the registry knows
+(`MarkDeployed` with the export format, `UnmarkDeployed`), so deleting that version is refused (409).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerFast
 
-from services.common.errors import NotFound, Unavailable
+from services.common.errors import Conflict, NotFound, Unavailable
 from services.registry.onnx_export import DecoderSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FORMAT = "onnx"  # what the Triton model runs (services/inference/triton_model/model.py)
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,13 @@ class ModelSource(Protocol):
         """The version number `version` (when > 0) or `alias` points at; NotFound when neither exists."""
 
     async def fetch(self, tenant: str, model: str, version: int) -> VersionFiles:
-        """The version's tokenizer and ONNX export as local files."""
+        """The version's tokenizer and ONNX export as local files; Conflict when the export is not READY."""
+
+    async def mark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
+        """Record that `deployment` serves the version (Conflict when its ONNX export cannot be deployed)."""
+
+    async def unmark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
+        """Forget that `deployment` serves the version."""
 
 
 def version_dir(root: Path, tenant: str, model: str, version: int) -> Path:
@@ -73,6 +84,7 @@ class LocalModelSource:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.deployed: dict[tuple[str, str, int], set[str]] = {}  # what the registry would record
 
     async def resolve(self, tenant: str, model: str, version: int, alias: str) -> int:
         if version > 0:
@@ -91,6 +103,13 @@ class LocalModelSource:
             raise NotFound(f"model {model} version {version} has no ONNX export")
         return VersionFiles(model, version, target, onnx_dir)
 
+    async def mark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
+        await self.fetch(tenant, model, version)  # NotFound without an export
+        self.deployed.setdefault((tenant, model, version), set()).add(deployment)
+
+    async def unmark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
+        self.deployed.get((tenant, model, version), set()).discard(deployment)
+
 
 class S3ModelSource:
     """Versions from the registry: aliases through its gRPC API, files straight from S3 (SHA-256 checked)."""
@@ -100,39 +119,73 @@ class S3ModelSource:
         self.store = store  # services.common.s3.ObjectStore
         self.cache_root = cache_root
 
+    @staticmethod
+    def _caller(tenant: str):
+        from services.common.grpc_server import Caller
+
+        return Caller(tenant=tenant, key_id="inference", role="admin")
+
+    async def _call(self, tenant: str, method: str, request):
+        return await self.clients.call("registry", method, request, caller=self._caller(tenant))
+
     async def resolve(self, tenant: str, model: str, version: int, alias: str) -> int:
         from llmp.registry.v1 import registry_pb2
 
-        from services.common.grpc_server import Caller
-
-        caller = Caller(tenant=tenant, key_id="inference", role="admin")
         if version > 0:
-            await self.clients.call("registry", "GetModelVersion",
-                                    registry_pb2.GetModelVersionRequest(name=model, version=version), caller=caller)
+            await self._call(tenant, "GetModelVersion",
+                             registry_pb2.GetModelVersionRequest(name=model, version=version))
             return version
-        request = registry_pb2.ResolveAliasRequest(model_name=model, alias=alias)
-        response = await self.clients.call("registry", "ResolveAlias", request, caller=caller)
+        response = await self._call(tenant, "ResolveAlias", registry_pb2.ResolveAliasRequest(model_name=model,
+                                                                                             alias=alias))
         return int(response.version.ref.version)
 
     async def fetch(self, tenant: str, model: str, version: int) -> VersionFiles:
-        prefix = f"models/{tenant}/{model}/v{version}/"
+        from llmp.common.v1 import common_pb2
+        from llmp.registry.v1 import registry_pb2
+
+        ref = common_pb2.ModelRef(name=model, version=version)
+        export = (await self._call(tenant, "GetExport",
+                                   registry_pb2.GetExportRequest(model=ref, format=EXPORT_FORMAT))).export
+        state = registry_pb2.ExportState.Name(export.state).removeprefix("EXPORT_STATE_")
+        if state != "READY":
+            raise Conflict(f"the {EXPORT_FORMAT} export of model {model} v{version} is {state}, not READY: "
+                           "it cannot be deployed" + (f" ({export.error})" if export.error else ""))
+        listed = (await self._call(tenant, "GetModelVersion",
+                                   registry_pb2.GetModelVersionRequest(name=model, version=version))).version
+        # path inside the version -> (S3 key, sha256): the tokenizer files and the export's decoder files
+        wanted = {a.path: (a.object.key, a.object.sha256) for a in listed.artifacts if a.path in TOKENIZER_FILES}
+        export_dir = f"exports/{EXPORT_FORMAT}/"
+        wanted.update({a.path: (a.object.key, a.object.sha256) for a in export.artifacts
+                       if a.path in (export_dir + "model.onnx", export_dir + "decoder.json")})
+        for required in ("tokenizer.json", export_dir + "model.onnx", export_dir + "decoder.json"):
+            if required not in wanted:
+                raise NotFound(f"model {model} version {version} has no {required} in the registry")
         target = version_dir(self.cache_root, tenant, model, version)
-        wanted = [f"{prefix}{name}" for name in TOKENIZER_FILES] + [
-            f"{prefix}exports/onnx/model.onnx", f"{prefix}exports/onnx/decoder.json"]
 
         def mirror() -> None:
-            for key in wanted:
-                if not self.store.exists(key):
-                    if key.endswith(("model.onnx", "decoder.json", "tokenizer.json")):
-                        raise NotFound(f"model {model} version {version} has no {key[len(prefix):]} in S3")
-                    continue
-                stat = self.store.stat(key)
-                path = target / key[len(prefix):]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.store.download(key, path, expected_sha256=stat.sha256 or None)
+            for path, (key, sha256) in wanted.items():
+                local = target / path
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self.store.download(key, local, expected_sha256=sha256 or None)
 
         try:
             await asyncio.to_thread(mirror)
         except OSError as error:
             raise Unavailable(f"cannot fetch model {model} v{version} from S3: {error}", retry_after=2) from error
-        return VersionFiles(model, version, target, target / "exports" / "onnx")
+        digest = next((a.object.sha256 for a in export.artifacts if a.path == export_dir + "model.onnx"), "")
+        return VersionFiles(model, version, target, target / "exports" / EXPORT_FORMAT, digest)
+
+    async def mark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
+        from llmp.common.v1 import common_pb2
+        from llmp.registry.v1 import registry_pb2
+
+        await self._call(tenant, "MarkDeployed", registry_pb2.MarkDeployedRequest(
+            model=common_pb2.ModelRef(name=model, version=version), deployment=deployment,
+            export_format=EXPORT_FORMAT))
+
+    async def unmark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
+        from llmp.common.v1 import common_pb2
+        from llmp.registry.v1 import registry_pb2
+
+        await self._call(tenant, "UnmarkDeployed", registry_pb2.UnmarkDeployedRequest(
+            model=common_pb2.ModelRef(name=model, version=version), deployment=deployment))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from llmp.inference.v1 import inference_pb2_grpc
@@ -9,24 +10,17 @@ from llmp.inference.v1 import inference_pb2_grpc
 from services.common import topology
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.errors import InvalidArgument
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.s3 import ObjectStore
+from services.inference import model_repository
+from services.inference.canary import CanaryController, IstioWeights
 from services.inference.deployments import Deployments
 from services.inference.model_source import ModelSource, S3ModelSource
 from services.inference.servicer import InferenceServicer
 from services.inference.triton_engine import TritonEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def model_repository_path(settings: Settings) -> Path:
-    configured = settings.triton_model_repository
-    if configured.startswith("s3://"):
-        raise InvalidArgument("an s3:// Triton model repository is read by the NGC tritonserver; the inference "
-                              "service needs the same repository mounted locally (LLMP_TRITON_MODEL_REPOSITORY)")
-    return Path(configured) if configured else settings.state_dir / "triton-models"
 
 
 async def build(settings: Settings, source: ModelSource | None = None) -> tuple[GrpcApp, Deployments]:
@@ -37,9 +31,7 @@ async def build(settings: Settings, source: ModelSource | None = None) -> tuple[
     if source is None:
         store = ObjectStore(settings.s3)
         source = S3ModelSource(clients, store, settings.state_dir / "inference-cache")
-    repository = model_repository_path(settings)
-    repository.mkdir(parents=True, exist_ok=True)
-    deployments = Deployments(db, engine, source, repository)
+    deployments = Deployments(db, engine, source, model_repository.open_repository(settings))
     app = GrpcApp(settings, topology.INFERENCE)
     app.add_servicer(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(deployments, engine),
                      "llmp.inference.v1.InferenceService")
@@ -49,7 +41,10 @@ async def build(settings: Settings, source: ModelSource | None = None) -> tuple[
     app.on_shutdown(engine.close)
     app.on_shutdown(clients.close)
     app.on_shutdown(deployments.close)
+    canary = CanaryController(db, deployments, mesh=IstioWeights.in_cluster(os.environ))
+    app.on_shutdown(canary.close)  # hooks run in reverse: the controller stops first
     await deployments.restore()
+    canary.start()
     return app, deployments
 
 

@@ -46,7 +46,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.deployments = deployments
         self.engine = engine
 
-    async def _chunks(self, request: inference_pb2.GenerateRequest, context) -> AsyncIterator[tuple[Chunk, object]]:
+    async def _chunks(self, request: inference_pb2.GenerateRequest, context,
+                      stream_text: bool = True) -> AsyncIterator[tuple[Chunk, object]]:
         caller = caller_from_context(context)
         if not request.deployment:
             raise ValidationFailed("deployment must be set")
@@ -62,7 +63,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.deployments.acquire(served)
         try:
             async with aclosing(generate(self.engine, served, prompt_ids, request.max_tokens, params,
-                                         deadline=deadline, stats=stats)) as chunks:
+                                         deadline=deadline, stats=stats, stream_text=stream_text)) as chunks:
                 async for chunk in chunks:
                     yield chunk, (served, canary)
             outcome = "ok"
@@ -77,7 +78,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
         text, ids, last, routed = [], [], None, (None, False)
-        async with aclosing(self._chunks(request, context)) as chunks:
+        async with aclosing(self._chunks(request, context, stream_text=False)) as chunks:
             async for chunk, where in chunks:
                 text.append(chunk.text)
                 ids.extend(chunk.token_ids)

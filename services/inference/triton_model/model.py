@@ -4,17 +4,24 @@ Copied by the inference service into `<repository>/<model>/1/model.py` beside `m
 `decoder.json` (see services/registry/onnx_export.py). It runs inside Triton's Python stub, so it
 imports nothing from llmp.
 
-Protocol (one Triton request = one decoding step of one sequence):
+Protocol: every row of a request is one decoding step of one sequence, and a request may carry many
+rows (the service batches the steps of its in-flight sequences; Triton's dynamic batcher merges requests).
 - `SEQUENCE_ID` uint64 [1]: the caller's id for the sequence; the past key/values live here, keyed by it.
-- `INPUT_IDS` int64 [n]: the tokens new to the model (the whole prompt on the first step, then one token).
+- `INPUT_IDS` int64 [n]: the tokens new to the model (the prompt on the first step, then one token),
+  right-padded to the request's longest row.
+- `INPUT_LENGTH` int32 [1] (optional): how many of the row's INPUT_IDS are real (default all); 0 with
+  END only frees the sequence's state.
 - `START` bool [1]: forget any state for the id first (a new sequence).
-- `END` bool [1]: free the state after this step; with no INPUT_IDS it only frees.
-- output `LOGITS` float32 [1, vocab]: next-token logits after the last input token (empty when nothing ran).
+- `END` bool [1]: free the state after this step.
+- output `NEXT_TOKEN` int64 [1]: the argmax of the next-token logits (greedy decoding needs nothing else);
+  -1 for a row that only freed state or that failed (unknown sequence, context exceeded).
+- output `LOGITS` float32 [vocab]: the next-token logits, computed only when requested (sampling).
 
-So decoding never recomputes the prefix and only one token crosses the wire per step. Triton's dynamic
-batcher hands `execute` every step queued meanwhile: all one-token steps run as ONE ORT call (pasts left-
-padded to the longest, the padding masked out); prompts run one per call. State idle for longer than
-`STATE_TTL_S` is evicted, so a client that vanished leaks nothing for long.
+So decoding never recomputes the prefix and only one token crosses the wire per step and sequence. All
+one-token steps handed to one `execute` run as ONE ORT call (pasts left-padded to the longest, the
+padding masked out); new prompts run as one more call (right-padded: causal attention never lets a real
+token see the padding). State idle for longer than `STATE_TTL_S` is evicted, so a client that vanished
+leaks nothing for long.
 """
 
 from __future__ import annotations
@@ -39,6 +46,18 @@ class _Sequence:
         self.touched = time.monotonic()
 
 
+class _Row:
+    """One step of one sequence: where it came from and what it produced."""
+
+    __slots__ = ("request", "row", "sequence_id", "tokens", "end", "state", "logits", "error")
+
+    def __init__(self, request: int, row: int, sequence_id: int, tokens: np.ndarray, end: bool) -> None:
+        self.request, self.row, self.sequence_id, self.tokens, self.end = request, row, sequence_id, tokens, end
+        self.state: _Sequence | None = None
+        self.logits: np.ndarray | None = None  # [vocab] once run
+        self.error = ""
+
+
 class TritonPythonModel:
     def initialize(self, args):
         here = os.path.join(args["model_repository"], args["model_version"])
@@ -55,10 +74,10 @@ class TritonPythonModel:
         self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
         self.kv_shape = (self.spec["n_head"], self.spec["head_dim"])
         self.context = int(self.spec["context_length"])
+        self.vocab = int(self.spec["vocab_size"])
         self.sequences: dict[int, _Sequence] = {}
-        self.logger = pb_utils.Logger
 
-    # -- one ORT call ---------------------------------------------------------------------------------
+    # -- ORT calls ------------------------------------------------------------------------------------
 
     def _run(self, input_ids, attention_mask, position_ids, past):
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -70,83 +89,142 @@ class TritonPythonModel:
         n_head, head_dim = self.kv_shape
         return [np.zeros((batch, n_head, 0, head_dim), np.float32) for _ in self.past_names]
 
-    def _prefill(self, state: _Sequence | None, tokens: np.ndarray) -> tuple[np.ndarray, _Sequence]:
-        """Run `tokens` after the sequence's past (none for a new one); one sequence, any length."""
-        past = state.past if state is not None else self._empty_past(1)
-        start = state.length if state is not None else 0
+    def _continue(self, row: _Row) -> None:
+        """Several tokens after an existing past (one sequence, any length)."""
+        state, tokens = row.state, row.tokens
         n = tokens.shape[0]
         logits, present = self._run(
-            tokens[None].astype(np.int64), np.ones((1, start + n), np.int64),
-            np.arange(start, start + n, dtype=np.int64)[None], past)
-        return logits[0, -1], _Sequence(present, start + n)
+            tokens[None].astype(np.int64), np.ones((1, state.length + n), np.int64),
+            np.arange(state.length, state.length + n, dtype=np.int64)[None], state.past)
+        row.logits, row.state = logits[0, -1], _Sequence(present, state.length + n)
 
-    def _decode(self, states: list[_Sequence], tokens: np.ndarray) -> list[tuple[np.ndarray, _Sequence]]:
+    def _prefill(self, rows: list[_Row]) -> None:
+        """New prompts in ONE call, right-padded to the longest."""
+        width = max(row.tokens.shape[0] for row in rows)
+        batch = len(rows)
+        ids = np.zeros((batch, width), np.int64)
+        mask = np.zeros((batch, width), np.int64)
+        for index, row in enumerate(rows):
+            n = row.tokens.shape[0]
+            ids[index, :n] = row.tokens
+            mask[index, :n] = 1
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
+        logits, present = self._run(ids, mask, positions, self._empty_past(batch))
+        for index, row in enumerate(rows):
+            n = row.tokens.shape[0]
+            row.logits = logits[index, n - 1]
+            row.state = _Sequence([layer[index:index + 1, :, :n] for layer in present], n)
+
+    def _decode(self, rows: list[_Row]) -> None:
         """One token for each of several sequences in ONE call: pasts left-padded to the longest."""
+        states = [row.state for row in rows]
         width = max(state.length for state in states)
         batch = len(states)
         n_head, head_dim = self.kv_shape
         past = []
         for index in range(len(self.past_names)):
             padded = np.zeros((batch, n_head, width, head_dim), np.float32)
-            for row, state in enumerate(states):
-                padded[row, :, width - state.length:] = state.past[index][0]
+            for position, state in enumerate(states):
+                padded[position, :, width - state.length:] = state.past[index][0]
             past.append(padded)
         mask = np.zeros((batch, width + 1), np.int64)
-        for row, state in enumerate(states):
-            mask[row, width - state.length:] = 1
+        for position, state in enumerate(states):
+            mask[position, width - state.length:] = 1
         positions = np.array([[state.length] for state in states], np.int64)
-        logits, present = self._run(tokens.reshape(batch, 1).astype(np.int64), mask, positions, past)
-        results = []
-        for row, state in enumerate(states):
-            kept = [layer[row:row + 1, :, width - state.length:] for layer in present]
-            results.append((logits[row, -1], _Sequence(kept, state.length + 1)))
-        return results
+        tokens = np.array([row.tokens[0] for row in rows], np.int64).reshape(batch, 1)
+        logits, present = self._run(tokens, mask, positions, past)
+        for position, (row, state) in enumerate(zip(rows, states, strict=True)):
+            row.logits = logits[position, -1]
+            row.state = _Sequence([layer[position:position + 1, :, width - state.length:] for layer in present],
+                                  state.length + 1)
 
     # -- Triton entry points --------------------------------------------------------------------------
 
     def execute(self, requests):
         self._evict_idle()
         responses: list = [None] * len(requests)
-        steps: list[tuple[int, int, _Sequence, int, bool]] = []  # (request index, id, state, token, end)
+        parsed: list[list[_Row] | None] = []
+        wants_logits: list[bool] = []
+        decode, prefill, more = [], [], []
         for index, request in enumerate(requests):
             try:
-                sequence_id = int(pb_utils.get_input_tensor_by_name(request, "SEQUENCE_ID").as_numpy().reshape(-1)[0])
-                tokens = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy().reshape(-1)
-                start = bool(_flag(request, "START"))
-                end = bool(_flag(request, "END"))
-                if start:
-                    self.sequences.pop(sequence_id, None)
-                state = self.sequences.get(sequence_id)
-                if tokens.size == 0:
-                    if end:
-                        self.sequences.pop(sequence_id, None)
-                    responses[index] = _logits_response(np.zeros((0,), np.float32))
-                    continue
-                if state is None and not start:
-                    raise ValueError(f"unknown sequence {sequence_id}: send START with the prompt first")
-                length = (state.length if state is not None else 0) + tokens.size
-                if length > self.context:
-                    raise ValueError(f"sequence {sequence_id} would reach {length} tokens; the context is "
-                                     f"{self.context}")
-                if state is not None and tokens.size == 1:
-                    steps.append((index, sequence_id, state, int(tokens[0]), end))
-                    continue
-                logits, new_state = self._prefill(state, tokens)
-                self._keep(sequence_id, new_state, end)
-                responses[index] = _logits_response(logits)
-            except Exception as error:  # one bad request must not fail the batch
+                rows = self._rows(index, request)
+                wants_logits.append("LOGITS" in request.requested_output_names())
+            except Exception as error:  # a malformed request fails alone
                 responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-        if steps:
+                parsed.append(None)
+                wants_logits.append(False)
+                continue
+            parsed.append(rows)
+            for row in rows:
+                if row.error or row.tokens.size == 0:
+                    continue
+                if row.state is None:
+                    prefill.append(row)
+                elif row.tokens.size == 1:
+                    decode.append(row)
+                else:
+                    more.append(row)
+        for group, run in ((decode, self._decode), (prefill, self._prefill)):
+            if group:
+                try:
+                    run(group)
+                except Exception as error:  # the rows fail, the other groups still run
+                    for row in group:
+                        row.error = str(error)
+        for row in more:
             try:
-                results = self._decode([state for _, _, state, _, _ in steps],
-                                       np.array([token for _, _, _, token, _ in steps], np.int64))
-                for (index, sequence_id, _, _, end), (logits, new_state) in zip(steps, results, strict=True):
-                    self._keep(sequence_id, new_state, end)
-                    responses[index] = _logits_response(logits)
+                self._continue(row)
             except Exception as error:
-                for index, *_ in steps:
-                    responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+                row.error = str(error)
+        for rows in parsed:
+            for row in rows or ():
+                if row.logits is not None and not row.error:
+                    self._keep(row.sequence_id, row.state, row.end)
+                elif row.end or row.error:
+                    self.sequences.pop(row.sequence_id, None)
+        for index, rows in enumerate(parsed):
+            if rows is not None:
+                responses[index] = self._response(rows, wants_logits[index])
         return responses
+
+    def _rows(self, index: int, request) -> list[_Row]:
+        ids = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_ID").as_numpy().reshape(-1)
+        batch = ids.shape[0]
+        tokens = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy().reshape(batch, -1)
+        length_tensor = pb_utils.get_input_tensor_by_name(request, "INPUT_LENGTH")
+        lengths = (length_tensor.as_numpy().reshape(-1) if length_tensor is not None
+                   else np.full(batch, tokens.shape[1], np.int64))
+        start, end = _flags(request, "START", batch), _flags(request, "END", batch)
+        rows = []
+        for position in range(batch):
+            sequence_id = int(ids[position])
+            row = _Row(index, position, sequence_id, tokens[position, :int(lengths[position])], bool(end[position]))
+            if start[position]:
+                self.sequences.pop(sequence_id, None)
+            row.state = self.sequences.get(sequence_id)
+            if row.tokens.size:
+                length = (row.state.length if row.state is not None else 0) + row.tokens.size
+                if row.state is None and not start[position]:
+                    row.error = f"unknown sequence {sequence_id}: send START with the prompt first"
+                elif length > self.context:
+                    row.error = f"sequence {sequence_id} would reach {length} tokens; the context is {self.context}"
+            rows.append(row)
+        return rows
+
+    def _response(self, rows: list[_Row], wants_logits: bool):
+        next_tokens = np.full((len(rows), 1), -1, np.int64)
+        logits = np.zeros((len(rows), self.vocab), np.float32) if wants_logits else None
+        for position, row in enumerate(rows):
+            if row.logits is None or row.error:
+                continue
+            next_tokens[position, 0] = int(np.argmax(row.logits))
+            if logits is not None:
+                logits[position] = row.logits
+        outputs = [pb_utils.Tensor("NEXT_TOKEN", next_tokens)]
+        if logits is not None:
+            outputs.append(pb_utils.Tensor("LOGITS", logits))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def _keep(self, sequence_id: int, state: _Sequence, end: bool) -> None:
         if end:
@@ -163,10 +241,8 @@ class TritonPythonModel:
         self.sequences.clear()
 
 
-def _flag(request, name: str) -> bool:
+def _flags(request, name: str, batch: int) -> np.ndarray:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return tensor is not None and bool(tensor.as_numpy().reshape(-1)[0])
-
-
-def _logits_response(logits: np.ndarray):
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("LOGITS", logits.astype(np.float32)[None])])
+    if tensor is None:
+        return np.zeros(batch, np.bool_)
+    return tensor.as_numpy().reshape(-1).astype(np.bool_)

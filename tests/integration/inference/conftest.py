@@ -17,11 +17,10 @@ from llmp.inference.v1 import inference_pb2_grpc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from cli.servers import stop
+from cli.servers import TritonPorts, start_triton, stop
 from services.common.config import Settings
 from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.inference import server
-from services.inference.local_triton import TritonPorts, start_triton
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.registry.onnx_export import export_model_onnx
 
@@ -114,7 +113,9 @@ async def service(settings_env, model_root, triton):
     app, deployments = await server.build(settings, LocalModelSource(model_root[0]))
     port = await app.start("127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield Client(inference_pb2_grpc.InferenceServiceStub(channel))
+    client = Client(inference_pb2_grpc.InferenceServiceStub(channel))
+    client.deployments = deployments  # the domain object behind the service, for tests that look inside
+    yield client
     await channel.close()
     for tenant, name in list(deployments.routes):
         await deployments.delete(tenant, name)

@@ -71,3 +71,49 @@ async def test_unknown_version_is_not_found(service):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await service.deploy(name="tiny-b", stable=9)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_delete_drains_in_flight_requests_and_unloads(service, triton):
+    await service.deploy(stable=1)
+    count, streaming, all_streaming = 6, [], asyncio.Event()
+
+    async def client(i: int):
+        messages = []
+        async for message in service.stream(f"ROMEO {i}:", max_tokens=40):
+            messages.append(message)
+            if len(messages) == 1:
+                streaming.append(i)
+                if len(streaming) == count:
+                    all_streaming.set()
+        return messages
+
+    tasks = [asyncio.create_task(client(i)) for i in range(count)]
+    await asyncio.wait_for(all_streaming.wait(), 60)  # every request has its first token
+    in_flight = sum(not task.done() for task in tasks)
+    await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-chat"))
+    # Delete returned only after the requests in flight had finished; none failed, each ran to its end.
+    assert in_flight > 0
+    assert all(task.done() for task in tasks)
+    for task in tasks:
+        messages = task.result()  # raises if the request failed
+        assert messages[-1].finish_reason in {"length", "stop"}
+        assert messages[-1].summary.completion_tokens == sum(len(m.token_ids) for m in messages)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.generate("O")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not await service.deployments.engine.is_ready("m-acme-tiny-v1")
+    assert not (triton[1] / "m-acme-tiny-v1").exists()
+
+
+async def test_registry_marks_follow_the_versions_a_deployment_serves(service):
+    marks = service.deployments.source.deployed
+    await service.deploy(name="tiny-m", stable=1, canary=(2, 10))
+    assert marks[("acme", "tiny", 1)] == {"tiny-m"} and marks[("acme", "tiny", 2)] == {"tiny-m"}
+    current = (await service.call("GetDeployment", pb.GetDeploymentRequest(name="tiny-m"))).deployment
+    await service.deploy(name="tiny-m", stable=2, if_match=current.etag)
+    assert marks[("acme", "tiny", 1)] == set() and marks[("acme", "tiny", 2)] == {"tiny-m"}
+    with pytest.raises(grpc.aio.AioRpcError):  # a refused change marks nothing
+        await service.deploy(name="tiny-m", stable=1, if_match='"stale"')
+    assert marks[("acme", "tiny", 1)] == set()
+    await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-m"))
+    assert marks[("acme", "tiny", 2)] == set()

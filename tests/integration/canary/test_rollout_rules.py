@@ -1,0 +1,182 @@
+"""The canary controller's pure parts: the policy, the step verdict, metrics arithmetic, the Istio patch."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.common.errors import NotFound, ValidationFailed
+from services.inference import metrics
+from services.inference.canary import (
+    IstioWeights,
+    ProcessMetrics,
+    RolloutPolicy,
+    TrackStats,
+    evaluate,
+    histogram_quantile,
+    virtual_service_patch,
+)
+
+ISTIO = Path(__file__).resolve().parents[3] / "istio" / "virtual-services.yaml"
+INF = float("inf")
+
+
+def stats(requests: int, errors: int = 0, latency_s: float = 0.01) -> TrackStats:
+    """`requests` requests of `latency_s` each, `errors` of them failed."""
+    bounds = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, INF)
+    return TrackStats(requests, errors, requests * latency_s,
+                      tuple((bound, float(requests if latency_s <= bound else 0)) for bound in bounds))
+
+
+# -- policy -----------------------------------------------------------------------------------------
+
+
+def test_policy_defaults_and_json_round_trip():
+    policy = RolloutPolicy.from_dict({"steps": [10, 100], "interval_s": 5, "latency_statistic": "mean"})
+    assert policy.steps == (10, 100) and policy.interval_s == 5 and policy.min_requests == 20
+    assert RolloutPolicy.from_dict(policy.to_dict()) == policy
+    assert RolloutPolicy().validate().steps == (5, 25, 50, 100)
+
+
+@pytest.mark.parametrize("body, complaint", [
+    ({"steps": [50, 25, 100]}, "increase"),
+    ({"steps": [5, 50]}, "last rollout step must be 100"),
+    ({"steps": [0, 100]}, "between 1 and 100"),
+    ({"steps": []}, "between 1 and 100"),
+    ({"min_requests": 0}, "min_requests"),
+    ({"max_latency_ratio": 0.5}, "max_latency_ratio"),
+    ({"max_error_rate_delta": 2}, "max_error_rate_delta"),
+    ({"latency_statistic": "p99"}, "latency_statistic"),
+    ({"interval": 3}, "unknown rollout field"),
+])
+def test_policy_rejects_bad_settings(body, complaint):
+    with pytest.raises(ValidationFailed, match=complaint):
+        RolloutPolicy.from_dict(body)
+
+
+# -- verdicts ---------------------------------------------------------------------------------------
+
+
+def test_too_few_canary_requests_wait_even_when_all_failed():
+    verdict = evaluate(RolloutPolicy(min_requests=20), stats(400), stats(19, errors=19), elapsed_s=999)
+    assert verdict.action == "wait" and "19 of 20" in verdict.reason
+
+
+def test_error_rate_above_stables_by_more_than_the_delta_rolls_back_before_the_interval():
+    policy = RolloutPolicy(min_requests=20, max_error_rate_delta=0.05, interval_s=60)
+    verdict = evaluate(policy, stats(200, errors=4), stats(20, errors=3), elapsed_s=1)  # 2% vs 15%
+    assert verdict.action == "rollback" and "error rate 15.0%" in verdict.reason
+    assert verdict.observed["canary"]["error_rate"] == 0.15 and verdict.observed["stable"]["errors"] == 4
+    # The same canary error rate is fine when stable fails as often (the model is not the cause).
+    assert evaluate(policy, stats(200, errors=26), stats(20, errors=3), elapsed_s=1).action == "wait"
+
+
+@pytest.mark.parametrize("statistic", ["mean", "p95"])
+def test_latency_beyond_the_ratio_rolls_back(statistic):
+    policy = RolloutPolicy(min_requests=10, max_latency_ratio=2.0, latency_statistic=statistic, interval_s=0)
+    slow = evaluate(policy, stats(100, latency_s=0.008), stats(10, latency_s=0.08), elapsed_s=5)
+    assert slow.action == "rollback" and f"canary {statistic} latency" in slow.reason
+    assert slow.observed["latency_ratio"] > 2
+    assert evaluate(policy, stats(100, latency_s=0.008), stats(10, latency_s=0.009), elapsed_s=5).action == "advance"
+
+
+def test_healthy_canary_advances_only_after_the_interval():
+    policy = RolloutPolicy(min_requests=10, interval_s=30)
+    assert evaluate(policy, stats(100), stats(10), elapsed_s=29).action == "wait"
+    assert evaluate(policy, stats(100), stats(10), elapsed_s=30).action == "advance"
+    # No stable traffic in the step: only the canary's own error rate is judged.
+    assert evaluate(policy, stats(0), stats(10), elapsed_s=30).action == "advance"
+
+
+# -- metrics arithmetic -----------------------------------------------------------------------------
+
+
+def test_histogram_quantile_interpolates_like_prometheus():
+    buckets = ((0.1, 50.0), (0.2, 90.0), (0.4, 100.0), (INF, 100.0))
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.95, buckets) == pytest.approx(0.3)  # 95 is half-way through (0.2, 0.4]
+    assert histogram_quantile(0.95, ((0.1, 0.0), (INF, 10.0))) == 0.1  # open top bucket: its lower bound
+    assert histogram_quantile(0.95, ((0.1, 0.0), (INF, 0.0))) is None
+
+
+def test_window_arithmetic_and_json_round_trip():
+    before, after = stats(10, errors=1), stats(30, errors=2, latency_s=0.02)
+    window = after.minus(before)
+    assert (window.requests, window.errors) == (20, 1) and dict(window.buckets)[INF] == 20
+    assert TrackStats.from_json(after.to_json()) == after
+    assert stats(5).went_back_from(stats(10)) and not stats(10).went_back_from(stats(5))
+
+
+def test_process_metrics_reads_the_exported_series():
+    labels = ("rules-test", "tiny", "7", "true")
+    metrics.REQUESTS.labels(*labels, "ok").inc(3)
+    metrics.REQUESTS.labels(*labels, "error").inc(1)
+    for seconds in (0.004, 0.004, 0.004, 0.2):
+        metrics.LATENCY.labels(*labels).observe(seconds)
+    read = ProcessMetrics().read("rules-test", "tiny", 7, canary=True)
+    assert (read.requests, read.errors) == (4, 1) and read.latency_sum == pytest.approx(0.212)
+    assert read.latency("mean") == pytest.approx(0.053)
+    assert ProcessMetrics().read("rules-test", "tiny", 7, canary=False).requests == 0
+
+
+# -- Kubernetes: the VirtualService patch (the in-cluster PATCH call itself is not tested here) ---------
+
+
+def apply_json_patch(document: dict, patch: list[dict]) -> dict:
+    """RFC 6902 `test`, `add` and `replace` on objects and arrays, enough to check our patches."""
+    document = copy.deepcopy(document)
+    for operation in patch:
+        *parents, last = operation["path"].lstrip("/").split("/")
+        target = document
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        key = int(last) if isinstance(target, list) else last
+        if operation["op"] == "test":
+            assert target[key] == operation["value"], operation
+        else:
+            target[key] = operation["value"]
+    return document
+
+
+def inference_virtual_service() -> dict:
+    documents = [doc for doc in yaml.safe_load_all(ISTIO.read_text()) if doc]
+    return next(doc for doc in documents if doc["kind"] == "VirtualService" and doc["metadata"]["name"] == "inference")
+
+
+@pytest.mark.parametrize("weight", [0, 5, 25, 50, 100])
+def test_patch_sets_the_canary_split_of_the_repos_virtual_service(weight):
+    service = inference_virtual_service()
+    service["metadata"]["resourceVersion"] = "4711"
+    patch = virtual_service_patch(service, weight)
+    assert patch[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "4711"}
+    patched = apply_json_patch(service, patch)
+    route = next(http for http in patched["spec"]["http"] if http["name"] == "inference-canary-split")
+    weights = {d["destination"]["subset"]: d["weight"] for d in route["route"]}
+    assert weights == {"stable": 100 - weight, "canary": weight}
+    assert route["timeout"] == "300s"  # nothing else changed
+
+
+def test_patch_refuses_a_virtual_service_without_the_split():
+    service = inference_virtual_service()
+    service["spec"]["http"][0]["route"].pop()  # no canary destination
+    with pytest.raises(NotFound, match="subset 'canary'"):
+        virtual_service_patch(service, 5)
+    service["spec"]["http"][0]["name"] = "other"
+    with pytest.raises(NotFound, match="no route"):
+        virtual_service_patch(service, 5)
+    with pytest.raises(ValidationFailed):
+        virtual_service_patch(inference_virtual_service(), 101)
+
+
+def test_in_cluster_detection(tmp_path):
+    assert IstioWeights.in_cluster({}, tmp_path) is None
+    assert IstioWeights.in_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, tmp_path) is None  # no token
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "namespace").write_text("llmp\n")
+    weights = IstioWeights.in_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "6443"},
+                                      tmp_path)
+    assert weights.url == ("https://10.0.0.1:6443/apis/networking.istio.io/v1/namespaces/llmp/"
+                           "virtualservices/inference")
