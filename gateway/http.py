@@ -75,8 +75,15 @@ async def read_json(request: web.Request, schema: dict | None = None) -> dict:
     return body
 
 
+_VALIDATORS: dict[int, jsonschema.Draft202012Validator] = {}
+
+
 def validate(value: Any, schema: dict) -> None:
-    validator = jsonschema.Draft202012Validator(schema)
+    """422 naming the first field that breaks `schema`. Validators are built once per schema (the
+    schemas are module constants), not per request."""
+    validator = _VALIDATORS.get(id(schema))
+    if validator is None or validator.schema is not schema:
+        validator = _VALIDATORS[id(schema)] = jsonschema.Draft202012Validator(schema)
     problems = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
     if problems:
         first = problems[0]
