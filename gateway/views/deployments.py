@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 
 from gateway.http import Route, json_response, read_json, rpc, to_dict
 
+ROLLOUT = {
+    "type": "object", "additionalProperties": False,
+    "description": "automatic rollout (services/inference/canary.py); unset fields take the defaults",
+    "properties": {
+        "steps": {"type": "array", "minItems": 1, "maxItems": 100,
+                  "items": {"type": "integer", "minimum": 1, "maximum": 100},
+                  "contains": {"const": 100}, "description": "increasing canary weights ending at 100"},
+        "interval_s": {"type": "number", "minimum": 0},
+        "min_requests": {"type": "integer", "minimum": 1},
+        "max_error_rate_delta": {"type": "number", "minimum": 0, "maximum": 1},
+        "max_latency_ratio": {"type": "number", "minimum": 1},
+        "latency_statistic": {"enum": ["p95", "mean"]},
+    },
+}
 PUT_DEPLOYMENT = {
     "type": "object", "additionalProperties": False, "required": ["model", "stable"],
     "properties": {
@@ -14,9 +30,12 @@ PUT_DEPLOYMENT = {
         "stable": {"oneOf": [{"type": "integer", "minimum": 1},
                              {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"}],
                    "description": "a version number or an alias"},
-        "canary": {"type": ["object", "null"], "additionalProperties": False, "required": ["version", "weight"],
+        "canary": {"type": ["object", "null"], "additionalProperties": False, "required": ["version"],
                    "properties": {"version": {"type": "integer", "minimum": 1},
-                                  "weight": {"type": "integer", "minimum": 0, "maximum": 100}}},
+                                  "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+                                  "rollout": ROLLOUT},
+                   "anyOf": [{"required": ["weight"]}, {"required": ["rollout"]}],
+                   "description": "a fixed weight, or a rollout that advances the weight by itself"},
     },
 }
 
@@ -25,11 +44,19 @@ def present(deployment: inference_pb2.Deployment) -> dict:
     body = to_dict(deployment)
     body["stable"] = body.pop("stable_version")
     body["canary"] = to_dict(deployment.canary) if deployment.HasField("canary") else None
+    body["rollout"] = _present_rollout(deployment.rollout) if deployment.HasField("rollout") else None
+    return body
+
+
+def _present_rollout(rollout: inference_pb2.CanaryRolloutStatus) -> dict:
+    body = to_dict(rollout)
+    for event in body["events"]:
+        event["observed"] = json.loads(event.pop("observed_json") or "{}")
     return body
 
 
 def _etag(deployment: inference_pb2.Deployment) -> str:
-    return f'"{deployment.etag}"'
+    return deployment.etag  # already a quoted entity-tag
 
 
 async def list_deployments(request: web.Request) -> web.Response:
@@ -54,9 +81,11 @@ async def put_deployment(request: web.Request) -> web.Response:
         stable_alias=stable if isinstance(stable, str) else "",
         if_match=request.headers.get("If-Match", ""), if_none_match=request.headers.get("If-None-Match", ""),
         wait=False)
-    if body.get("canary"):
-        message.canary.CopyFrom(inference_pb2.Canary(version=body["canary"]["version"],
-                                                     weight=body["canary"]["weight"]))
+    canary = body.get("canary")
+    if canary:
+        message.canary.CopyFrom(inference_pb2.Canary(version=canary["version"], weight=canary.get("weight", 0)))
+        if "rollout" in canary:
+            message.canary.rollout.CopyFrom(inference_pb2.CanaryRollout(**canary["rollout"]))
     response = await rpc(request, "inference", "PutDeployment", message, timeout=600)
     return json_response(request, present(response.deployment), status=201 if response.created else 200,
                          cache_control="no-store", etag=_etag(response.deployment))

@@ -166,15 +166,15 @@ def histogram_quantile(q: float, buckets: tuple[tuple[float, float], ...]) -> fl
 
 
 class MetricsSource(Protocol):
-    def read(self, deployment: str, model: str, version: int, canary: bool) -> TrackStats:
-        """Cumulative counters of one track of a deployment."""
+    def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool) -> TrackStats:
+        """Cumulative counters of one track of a tenant's deployment."""
 
 
 class ProcessMetrics:
     """This process's `llmp_inference_*` metrics, as exported on /metrics."""
 
-    def read(self, deployment: str, model: str, version: int, canary: bool) -> TrackStats:
-        labels = {"deployment": deployment, "model": model, "version": str(version),
+    def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool) -> TrackStats:
+        labels = {"tenant": tenant, "deployment": deployment, "model": model, "version": str(version),
                   "canary": "true" if canary else "false"}
         requests = errors = latency_sum = 0.0
         buckets: list[tuple[float, float]] = []
@@ -383,7 +383,7 @@ class CanaryController:
                 await self._finish(conn, running, "ABORTED", running["weight"], "superseded by a new rollout", {})
         spec = DeploymentSpec(name, current["model"], current["stable_version"], canary_version, policy.steps[0])
         await self.deployments.put(tenant, spec, if_match=current["etag"], wait=wait)
-        baseline = self._read(name, current["model"], current["stable_version"], canary_version)
+        baseline = self._read(tenant, name, current["model"], current["stable_version"], canary_version)
         async with self.db.transaction() as conn:
             rollout = await (await conn.execute(
                 """INSERT INTO inference_canary_rollouts
@@ -447,7 +447,7 @@ class CanaryController:
                                f"the deployment was changed outside the rollout (stable, canary, weight: "
                                f"{actual}, expected {expected})", {})
             return
-        now = self._read(name, rollout["model"], rollout["stable_version"], rollout["canary_version"])
+        now = self._read(tenant, name, rollout["model"], rollout["stable_version"], rollout["canary_version"])
         if deployment["state"] == "FAILED":  # the canary would not load: take it out of the deployment
             await self._roll_back(conn, rollout, deployment, f"the canary failed to load: {deployment['message']}", {},
                                   keep_canary=False)
@@ -529,9 +529,9 @@ class CanaryController:
             "INSERT INTO inference_canary_events (rollout_id, kind, from_weight, to_weight, reason, observed) "
             "VALUES (%s, %s, %s, %s, %s, %s)", (rollout_id, kind, from_weight, to_weight, reason, json.dumps(observed)))
 
-    def _read(self, name: str, model: str, stable_version: int, canary_version: int) -> dict:
-        return {"stable": self.source.read(name, model, stable_version, False).to_json(),
-                "canary": self.source.read(name, model, canary_version, True).to_json()}
+    def _read(self, tenant: str, name: str, model: str, stable_version: int, canary_version: int) -> dict:
+        return {"stable": self.source.read(tenant, name, model, stable_version, False).to_json(),
+                "canary": self.source.read(tenant, name, model, canary_version, True).to_json()}
 
     async def _mesh(self, tenant: str, name: str, weight: int) -> None:
         """Mirror the weight in the mesh; the deployment already changed, so a failure is logged, not raised."""

@@ -1,4 +1,8 @@
-"""Per-version Prometheus metrics, so a canary can be judged against its stable version."""
+"""Per-version Prometheus metrics, so a canary can be judged against its stable version.
+
+`tenant` is a label because deployment names are per tenant: two tenants' `chat` must not add up in one
+rollout's figures.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from prometheus_client import Counter, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS
 
-LABELS = ["deployment", "model", "version", "canary"]
+LABELS = ["tenant", "deployment", "model", "version", "canary"]
 
 REQUESTS = Counter("llmp_inference_requests_total", "Generation requests by served version and outcome",
                    [*LABELS, "outcome"])

@@ -32,16 +32,16 @@ async def build(settings: Settings, source: ModelSource | None = None) -> tuple[
         store = ObjectStore(settings.s3)
         source = S3ModelSource(clients, store, settings.state_dir / "inference-cache")
     deployments = Deployments(db, engine, source, model_repository.open_repository(settings))
+    canary = CanaryController(db, deployments, mesh=IstioWeights.in_cluster(os.environ))
     app = GrpcApp(settings, topology.INFERENCE)
-    app.add_servicer(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(deployments, engine),
-                     "llmp.inference.v1.InferenceService")
+    app.add_servicer(inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+                     InferenceServicer(deployments, engine, canary), "llmp.inference.v1.InferenceService")
     app.add_readiness_check("postgresql", db.check)
     app.add_readiness_check("triton", engine.check)
     app.on_shutdown(db.close)
     app.on_shutdown(engine.close)
     app.on_shutdown(clients.close)
     app.on_shutdown(deployments.close)
-    canary = CanaryController(db, deployments, mesh=IstioWeights.in_cluster(os.environ))
     app.on_shutdown(canary.close)  # hooks run in reverse: the controller stops first
     await deployments.restore()
     canary.start()

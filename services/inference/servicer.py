@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -9,9 +11,10 @@ from contextlib import aclosing
 from google.protobuf.timestamp_pb2 import Timestamp
 from llmp.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from services.common.errors import ValidationFailed
+from services.common.errors import NotFound, PreconditionFailed, ValidationFailed
 from services.common.grpc_server import REQUEST_ID_KEY, caller_from_context
 from services.inference import metrics
+from services.inference.canary import CanaryController, RolloutPolicy
 from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.generation import Chunk, GenerationStats, encode_prompt, generate
 from services.inference.sampling import SamplingParams
@@ -31,20 +34,79 @@ def _timestamp(value) -> Timestamp:
     return stamp
 
 
-def deployment_message(deployments: Deployments, tenant: str, row: dict) -> inference_pb2.Deployment:
+def rollout_policy(message: inference_pb2.CanaryRollout) -> RolloutPolicy:
+    """The fields the client set; the others take RolloutPolicy's defaults."""
+    fields = {field.name: value for field, value in message.ListFields()}
+    return RolloutPolicy.from_dict(fields)
+
+
+def rollout_message(status: dict) -> inference_pb2.CanaryRolloutStatus:
+    policy = status["policy"]
+    return inference_pb2.CanaryRolloutStatus(
+        state=status["state"], step=status["step"], weight=status["weight"], reason=status["reason"],
+        canary_version=status["canary_version"],
+        policy=inference_pb2.CanaryRollout(**policy),
+        events=[inference_pb2.CanaryEvent(kind=e["kind"], at=_timestamp(e["at"]), from_weight=e["from_weight"],
+                                          to_weight=e["to_weight"], reason=e["reason"],
+                                          observed_json=json.dumps(e["observed"], sort_keys=True))
+                for e in status["events"]])
+
+
+def representation_etag(row: dict, status: dict | None) -> str:
+    """The deployment's ETag, covering its rollout too: the row's own tag while there has been no rollout.
+
+    Every visible change of a rollout records an event or starts a new rollout, so (rollout id, events)
+    identifies its content.
+    """
+    if status is None:
+        return row["etag"]
+    content = f"{row['etag']}|{status['id']}|{len(status['events'])}"
+    return '"' + hashlib.sha256(content.encode()).hexdigest()[:32] + '"'
+
+
+def deployment_message(deployments: Deployments, tenant: str, row: dict,
+                       status: dict | None = None) -> inference_pb2.Deployment:
+    """The deployment as clients see it; `status`: its latest rollout (CanaryController.status), if any."""
     message = inference_pb2.Deployment(
         name=row["name"], model=row["model"], stable_version=row["stable_version"], state=row["state"],
-        message=row["message"], etag=row["etag"], created_at=_timestamp(row["created_at"]),
+        message=row["message"], etag=representation_etag(row, status), created_at=_timestamp(row["created_at"]),
         updated_at=_timestamp(row["updated_at"]), triton_models=deployments.triton_models(tenant, row))
     if row["canary_version"]:
         message.canary.CopyFrom(inference_pb2.Canary(version=row["canary_version"], weight=row["canary_weight"]))
+    if status is not None:
+        message.rollout.CopyFrom(rollout_message(status))
     return message
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, deployments: Deployments, engine: TritonEngine) -> None:
+    def __init__(self, deployments: Deployments, engine: TritonEngine, canary: CanaryController) -> None:
         self.deployments = deployments
         self.engine = engine
+        self.canary = canary
+
+    async def _rollout(self, tenant: str, name: str) -> dict | None:
+        try:
+            return await self.canary.status(tenant, name)
+        except NotFound:
+            return None
+
+    async def _message(self, tenant: str, row: dict) -> inference_pb2.Deployment:
+        return deployment_message(self.deployments, tenant, row, await self._rollout(tenant, row["name"]))
+
+    async def _row_etag(self, tenant: str, name: str, if_match: str) -> str:
+        """The row's ETag that the client's If-Match (a representation_etag) stands for; "" for no condition.
+
+        The rollout part is checked here, the row part atomically by the change itself.
+        """
+        if not if_match:
+            return ""
+        try:
+            row = await self.deployments.get(tenant, name)
+        except NotFound:
+            return if_match  # the change reports the missing deployment itself
+        if representation_etag(row, await self._rollout(tenant, name)) != if_match:
+            raise PreconditionFailed(f"deployment {name!r} does not match If-Match {if_match}")
+        return row["etag"]
 
     async def _chunks(self, request: inference_pb2.GenerateRequest, context,
                       stream_text: bool = True) -> AsyncIterator[tuple[Chunk, object]]:
@@ -57,7 +119,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         prompt_ids = encode_prompt(served, request.prompt, request.max_tokens)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        labels = (request.deployment, served.model, str(served.version), "true" if canary else "false")
+        labels = (caller.tenant, request.deployment, served.model, str(served.version), "true" if canary else "false")
         stats = GenerationStats()
         outcome = "error"
         self.deployments.acquire(served)
@@ -109,27 +171,45 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 raise ValidationFailed("give a stable version or a stable alias")
             stable = await self.deployments.source.resolve(caller.tenant, request.model, 0, request.stable_alias)
         canary = request.canary if request.HasField("canary") else None
+        if_match = await self._row_etag(caller.tenant, request.name, request.if_match)
+        if canary is not None and canary.HasField("rollout"):
+            row = await self._begin_rollout(caller.tenant, request, stable, canary, if_match)
+            return inference_pb2.PutDeploymentResponse(deployment=await self._message(caller.tenant, row),
+                                                       created=False)
         spec = DeploymentSpec(request.name, request.model, stable, canary.version if canary else None,
                               canary.weight if canary else 0)
-        row, created = await self.deployments.put(caller.tenant, spec, if_match=request.if_match,
+        row, created = await self.deployments.put(caller.tenant, spec, if_match=if_match,
                                                   if_none_match=request.if_none_match, wait=request.wait)
-        return inference_pb2.PutDeploymentResponse(
-            deployment=deployment_message(self.deployments, caller.tenant, row), created=created)
+        return inference_pb2.PutDeploymentResponse(deployment=await self._message(caller.tenant, row),
+                                                   created=created)
+
+    async def _begin_rollout(self, tenant: str, request, stable: int, canary, if_match: str) -> dict:
+        """A rollout changes only the canary of an existing deployment: model and stable must be as they are."""
+        policy = rollout_policy(canary.rollout)
+        if request.if_none_match == "*":
+            raise ValidationFailed("a canary rollout needs an existing deployment; create it first")
+        current = await self.deployments.get(tenant, request.name)
+        if (current["model"], current["stable_version"]) != (request.model, stable):
+            raise ValidationFailed(
+                f"a canary rollout keeps the deployment's model and stable version ({current['model']} "
+                f"v{current['stable_version']}); change those in a PUT without a rollout")
+        await self.canary.begin(tenant, request.name, canary.version, policy, if_match=if_match, wait=request.wait)
+        return await self.deployments.get(tenant, request.name)
 
     async def GetDeployment(self, request, context):  # noqa: N802 (gRPC method names)
         caller = caller_from_context(context)
         row = await self.deployments.get(caller.tenant, request.name)
-        message = deployment_message(self.deployments, caller.tenant, row)
-        return inference_pb2.GetDeploymentResponse(deployment=message)
+        return inference_pb2.GetDeploymentResponse(deployment=await self._message(caller.tenant, row))
 
     async def ListDeployments(self, request, context):  # noqa: N802 (gRPC method names)
         caller = caller_from_context(context)
         rows = await self.deployments.list(caller.tenant)
         return inference_pb2.ListDeploymentsResponse(
-            deployments=[deployment_message(self.deployments, caller.tenant, row) for row in rows])
+            deployments=[await self._message(caller.tenant, row) for row in rows])
 
     async def DeleteDeployment(self, request, context):  # noqa: N802 (gRPC method names)
         caller = caller_from_context(context)
-        await self.deployments.delete(caller.tenant, request.name, if_match=request.if_match)
+        if_match = await self._row_etag(caller.tenant, request.name, request.if_match)
+        await self.deployments.delete(caller.tenant, request.name, if_match=if_match)
         return inference_pb2.DeleteDeploymentResponse()
 

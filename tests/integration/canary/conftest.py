@@ -75,7 +75,7 @@ def triton(tmp_path_factory):
 
 
 class Client:
-    """gRPC calls as tenant `acme`, plus the canary controller's API (not on the wire yet)."""
+    """gRPC calls as tenant `acme`, plus the canary controller's Python API."""
 
     def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, deployments: Deployments) -> None:
         self.stub = stub
@@ -87,10 +87,18 @@ class Client:
         request = pb.GenerateRequest(deployment=deployment, prompt="O", max_tokens=1, routing_key=routing_key)
         return (await self.stub.Generate(request, metadata=self.metadata)).completion
 
-    async def deploy(self, name: str, stable: int = 1, canary: tuple[int, int] | None = None) -> pb.Deployment:
-        request = pb.PutDeploymentRequest(name=name, model=MODEL, stable_version=stable, wait=True)
+    async def deploy(self, name: str, stable: int = 1, canary: tuple[int, int] | None = None,
+                     if_match: str = "") -> pb.Deployment:
+        request = pb.PutDeploymentRequest(name=name, model=MODEL, stable_version=stable, if_match=if_match, wait=True)
         if canary:
             request.canary.CopyFrom(pb.Canary(version=canary[0], weight=canary[1]))
+        return (await self.stub.PutDeployment(request, metadata=self.metadata)).deployment
+
+    async def rollout(self, name: str, version: int, stable: int = 1, if_match: str = "",
+                      **policy) -> pb.Deployment:
+        """PutDeployment with `canary.rollout`: the controller takes the canary from there."""
+        request = pb.PutDeploymentRequest(name=name, model=MODEL, stable_version=stable, if_match=if_match, wait=True,
+                                          canary=pb.Canary(version=version, rollout=pb.CanaryRollout(**policy)))
         return (await self.stub.PutDeployment(request, metadata=self.metadata)).deployment
 
     async def get(self, name: str) -> pb.Deployment:

@@ -7,6 +7,7 @@ send requests through gRPC, and read the outcome from the deployment and the rec
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 
@@ -137,3 +138,40 @@ async def test_a_clients_change_during_a_rollout_aborts_it(service):
     assert [e["kind"] for e in status["events"]] == ["STARTED", "ABORTED"]
     shown = await service.get("chat-mine")
     assert (shown.canary.version, shown.canary.weight) == (2, 40)  # the client's deployment wins
+
+
+async def test_a_rollout_through_put_deployment_is_shown_by_get_deployment(service):
+    """The wire: PutDeployment with canary.rollout starts the controller; GetDeployment shows its progress,
+    and the ETag covers the rollout, so a tag taken before the rollout moved no longer matches."""
+    created = await service.deploy("chat-wire", stable=1)
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await service.rollout("chat-wire", 2, steps=[50, 60])  # does not end at 100
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "100" in bad.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as other_stable:
+        await service.rollout("chat-wire", 2, stable=2)
+    assert other_stable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not (await service.get("chat-wire")).HasField("rollout")
+
+    started = await service.rollout("chat-wire", 2, if_match=created.etag, steps=[50, 100], interval_s=0.5,
+                                    min_requests=3, max_latency_ratio=10.0, latency_statistic="mean")
+    assert (started.stable_version, started.canary.version, started.canary.weight) == (1, 2, 50)
+    rollout = started.rollout
+    assert (rollout.state, rollout.step, rollout.weight, rollout.canary_version) == ("PROGRESSING", 0, 50, 2)
+    assert list(rollout.policy.steps) == [50, 100] and rollout.policy.min_requests == 3
+    assert rollout.policy.max_error_rate_delta == pytest.approx(0.02)  # unset: the default
+    assert [(e.kind, e.from_weight, e.to_weight) for e in rollout.events] == [("STARTED", 0, 50)]
+    assert started.etag != created.etag
+
+    traffic = Traffic(service, "chat-wire", workers=2)
+    status = await finished(service, "chat-wire", timeout_s=60)
+    await traffic.stop()
+    assert status["state"] == "PROMOTED", status
+    shown = await service.get("chat-wire")
+    assert shown.stable_version == 2 and not shown.HasField("canary")
+    assert shown.rollout.state == "PROMOTED" and shown.rollout.weight == 100
+    assert [e.kind for e in shown.rollout.events] == ["STARTED", "PROMOTED"]
+    assert json.loads(shown.rollout.events[-1].observed_json)["canary"]["requests"] >= 3
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await service.deploy("chat-wire", stable=2, if_match=started.etag)
+    assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (await service.deploy("chat-wire", stable=2, if_match=shown.etag)).stable_version == 2

@@ -111,15 +111,25 @@ def test_window_arithmetic_and_json_round_trip():
 
 
 def test_process_metrics_reads_the_exported_series():
-    labels = ("rules-test", "tiny", "7", "true")
+    labels = ("acme", "rules-test", "tiny", "7", "true")
     metrics.REQUESTS.labels(*labels, "ok").inc(3)
     metrics.REQUESTS.labels(*labels, "error").inc(1)
     for seconds in (0.004, 0.004, 0.004, 0.2):
         metrics.LATENCY.labels(*labels).observe(seconds)
-    read = ProcessMetrics().read("rules-test", "tiny", 7, canary=True)
+    read = ProcessMetrics().read("acme", "rules-test", "tiny", 7, canary=True)
     assert (read.requests, read.errors) == (4, 1) and read.latency_sum == pytest.approx(0.212)
     assert read.latency("mean") == pytest.approx(0.053)
-    assert ProcessMetrics().read("rules-test", "tiny", 7, canary=False).requests == 0
+    assert ProcessMetrics().read("acme", "rules-test", "tiny", 7, canary=False).requests == 0
+
+
+def test_process_metrics_keep_tenants_apart():
+    """Deployment names are per tenant: another tenant's same-named deployment is not in the figures."""
+    metrics.REQUESTS.labels("acme", "rules-shared", "tiny", "7", "true", "ok").inc(5)
+    metrics.REQUESTS.labels("globex", "rules-shared", "tiny", "7", "true", "error").inc(2)
+    acme = ProcessMetrics().read("acme", "rules-shared", "tiny", 7, canary=True)
+    globex = ProcessMetrics().read("globex", "rules-shared", "tiny", 7, canary=True)
+    assert (acme.requests, acme.errors) == (5, 0)
+    assert (globex.requests, globex.errors) == (2, 2)
 
 
 # -- Kubernetes: the VirtualService patch (the in-cluster PATCH call itself is not tested here) ---------

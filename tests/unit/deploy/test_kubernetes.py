@@ -282,3 +282,25 @@ def test_prod_scales_the_serving_path(prod, dev):
 def test_namespace_joins_the_mesh(overlay):
     _, objects = overlay
     assert by_kind(objects, "Namespace")["llmp"]["metadata"]["labels"]["istio-injection"] == "enabled"
+
+
+def test_only_inference_may_read_and_patch_its_virtual_service(overlay):
+    """The canary controller (services/inference/canary.py IstioWeights) GETs then PATCHes VirtualService
+    `inference`; that is all its Role allows, and no other llmp identity gets an API token."""
+    _, objects = overlay
+    bindings = by_kind(objects, "RoleBinding")
+    roles = by_kind(objects, "Role")
+    granted = {}
+    for binding in bindings.values():
+        role = roles[binding["roleRef"]["name"]]
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount" and subject["namespace"] == "llmp"
+            granted.setdefault(subject["name"], []).extend(role["rules"])
+    assert granted == {"llmp-inference": [{"apiGroups": ["networking.istio.io"], "resources": ["virtualservices"],
+                                           "resourceNames": ["inference"], "verbs": ["get", "patch"]}]}
+    pods = {obj["metadata"]["name"]: pod_spec(obj) for obj in workloads(objects)}
+    inference = {pod["serviceAccountName"] for name, pod in pods.items() if name.startswith("inference")}
+    assert inference == {"llmp-inference"}
+    accounts = by_kind(objects, "ServiceAccount")
+    assert [name for name, account in accounts.items() if account.get("automountServiceAccountToken", True)] == [
+        "llmp-inference"]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmp/inference/v1/inference.proto\x12\x11llmp.inference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"q\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"\x97\x01\n\x0fGenerateRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x37\n\x08sampling\x18\x04 \x01(\x0b\x32%.llmp.inference.v1.SamplingParameters\x12\x13\n\x0brouting_key\x18\x05 \x01(\t\"\xac\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\x03\x12\x0e\n\x06\x63\x61nary\x18\x08 \x01(\x08\"E\n\x10GenerateResponse\x12\x31\n\ncompletion\x18\x01 \x01(\x0b\x32\x1d.llmp.inference.v1.Completion\"L\n\x15GenerateStreamRequest\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32\".llmp.inference.v1.GenerateRequest\"\x80\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12.\n\x07summary\x18\x04 \x01(\x0b\x32\x1d.llmp.inference.v1.Completion\")\n\x06\x43\x61nary\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\x05\"\x87\x03\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0estable_version\x18\x03 \x01(\x03\x12.\n\x06\x63\x61nary\x18\x04 \x01(\x0b\x32\x19.llmp.inference.v1.CanaryH\x00\x88\x01\x01\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0c\n\x04\x65tag\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x46\n\rtriton_models\x18\n \x03(\x0b\x32/.llmp.inference.v1.Deployment.TritonModelsEntry\x1a\x33\n\x11TritonModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_canary\"\xd3\x01\n\x14PutDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0estable_version\x18\x03 \x01(\x03\x12\x14\n\x0cstable_alias\x18\x04 \x01(\t\x12.\n\x06\x63\x61nary\x18\x05 \x01(\x0b\x32\x19.llmp.inference.v1.CanaryH\x00\x88\x01\x01\x12\x10\n\x08if_match\x18\x06 \x01(\t\x12\x15\n\rif_none_match\x18\x07 \x01(\t\x12\x0c\n\x04wait\x18\x08 \x01(\x08\x42\t\n\x07_canary\"[\n\x15PutDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.llmp.inference.v1.Deployment\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"J\n\x15GetDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.llmp.inference.v1.Deployment\"\x18\n\x16ListDeploymentsRequest\"M\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.llmp.inference.v1.Deployment\"9\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08if_match\x18\x02 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse2\xef\x04\n\x10InferenceService\x12S\n\x08Generate\x12\".llmp.inference.v1.GenerateRequest\x1a#.llmp.inference.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12(.llmp.inference.v1.GenerateStreamRequest\x1a).llmp.inference.v1.GenerateStreamResponse0\x01\x12\x62\n\rPutDeployment\x12\'.llmp.inference.v1.PutDeploymentRequest\x1a(.llmp.inference.v1.PutDeploymentResponse\x12\x62\n\rGetDeployment\x12\'.llmp.inference.v1.GetDeploymentRequest\x1a(.llmp.inference.v1.GetDeploymentResponse\x12h\n\x0fListDeployments\x12).llmp.inference.v1.ListDeploymentsRequest\x1a*.llmp.inference.v1.ListDeploymentsResponse\x12k\n\x10\x44\x65leteDeployment\x12*.llmp.inference.v1.DeleteDeploymentRequest\x1a+.llmp.inference.v1.DeleteDeploymentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmp/inference/v1/inference.proto\x12\x11llmp.inference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"q\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"\x97\x01\n\x0fGenerateRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x37\n\x08sampling\x18\x04 \x01(\x0b\x32%.llmp.inference.v1.SamplingParameters\x12\x13\n\x0brouting_key\x18\x05 \x01(\t\"\xac\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\x03\x12\x0e\n\x06\x63\x61nary\x18\x08 \x01(\x08\"E\n\x10GenerateResponse\x12\x31\n\ncompletion\x18\x01 \x01(\x0b\x32\x1d.llmp.inference.v1.Completion\"L\n\x15GenerateStreamRequest\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32\".llmp.inference.v1.GenerateRequest\"\x80\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12.\n\x07summary\x18\x04 \x01(\x0b\x32\x1d.llmp.inference.v1.Completion\"m\n\x06\x43\x61nary\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\x36\n\x07rollout\x18\x03 \x01(\x0b\x32 .llmp.inference.v1.CanaryRolloutH\x00\x88\x01\x01\x42\n\n\x08_rollout\"\x9a\x02\n\rCanaryRollout\x12\r\n\x05steps\x18\x01 \x03(\x05\x12\x17\n\ninterval_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmin_requests\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12!\n\x14max_error_rate_delta\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1e\n\x11max_latency_ratio\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11latency_statistic\x18\x06 \x01(\tH\x04\x88\x01\x01\x42\r\n\x0b_interval_sB\x0f\n\r_min_requestsB\x17\n\x15_max_error_rate_deltaB\x14\n\x12_max_latency_ratioB\x14\n\x12_latency_statistic\"\x92\x01\n\x0b\x43\x61naryEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x66rom_weight\x18\x03 \x01(\x05\x12\x11\n\tto_weight\x18\x04 \x01(\x05\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x15\n\robserved_json\x18\x06 \x01(\t\"\xcc\x01\n\x13\x43\x61naryRolloutStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x0e\n\x06weight\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x30\n\x06policy\x18\x05 \x01(\x0b\x32 .llmp.inference.v1.CanaryRollout\x12\x16\n\x0e\x63\x61nary_version\x18\x06 \x01(\x03\x12.\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x1e.llmp.inference.v1.CanaryEvent\"\xd1\x03\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0estable_version\x18\x03 \x01(\x03\x12.\n\x06\x63\x61nary\x18\x04 \x01(\x0b\x32\x19.llmp.inference.v1.CanaryH\x00\x88\x01\x01\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0c\n\x04\x65tag\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x46\n\rtriton_models\x18\n \x03(\x0b\x32/.llmp.inference.v1.Deployment.TritonModelsEntry\x12<\n\x07rollout\x18\x0b \x01(\x0b\x32&.llmp.inference.v1.CanaryRolloutStatusH\x01\x88\x01\x01\x1a\x33\n\x11TritonModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_canaryB\n\n\x08_rollout\"\xd3\x01\n\x14PutDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0estable_version\x18\x03 \x01(\x03\x12\x14\n\x0cstable_alias\x18\x04 \x01(\t\x12.\n\x06\x63\x61nary\x18\x05 \x01(\x0b\x32\x19.llmp.inference.v1.CanaryH\x00\x88\x01\x01\x12\x10\n\x08if_match\x18\x06 \x01(\t\x12\x15\n\rif_none_match\x18\x07 \x01(\t\x12\x0c\n\x04wait\x18\x08 \x01(\x08\x42\t\n\x07_canary\"[\n\x15PutDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.llmp.inference.v1.Deployment\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"J\n\x15GetDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.llmp.inference.v1.Deployment\"\x18\n\x16ListDeploymentsRequest\"M\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.llmp.inference.v1.Deployment\"9\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08if_match\x18\x02 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse2\xef\x04\n\x10InferenceService\x12S\n\x08Generate\x12\".llmp.inference.v1.GenerateRequest\x1a#.llmp.inference.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12(.llmp.inference.v1.GenerateStreamRequest\x1a).llmp.inference.v1.GenerateStreamResponse0\x01\x12\x62\n\rPutDeployment\x12\'.llmp.inference.v1.PutDeploymentRequest\x1a(.llmp.inference.v1.PutDeploymentResponse\x12\x62\n\rGetDeployment\x12\'.llmp.inference.v1.GetDeploymentRequest\x1a(.llmp.inference.v1.GetDeploymentResponse\x12h\n\x0fListDeployments\x12).llmp.inference.v1.ListDeploymentsRequest\x1a*.llmp.inference.v1.ListDeploymentsResponse\x12k\n\x10\x44\x65leteDeployment\x12*.llmp.inference.v1.DeleteDeploymentRequest\x1a+.llmp.inference.v1.DeleteDeploymentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,27 +47,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESTREAMRESPONSE']._serialized_start=683
   _globals['_GENERATESTREAMRESPONSE']._serialized_end=811
   _globals['_CANARY']._serialized_start=813
-  _globals['_CANARY']._serialized_end=854
-  _globals['_DEPLOYMENT']._serialized_start=857
-  _globals['_DEPLOYMENT']._serialized_end=1248
-  _globals['_DEPLOYMENT_TRITONMODELSENTRY']._serialized_start=1186
-  _globals['_DEPLOYMENT_TRITONMODELSENTRY']._serialized_end=1237
-  _globals['_PUTDEPLOYMENTREQUEST']._serialized_start=1251
-  _globals['_PUTDEPLOYMENTREQUEST']._serialized_end=1462
-  _globals['_PUTDEPLOYMENTRESPONSE']._serialized_start=1464
-  _globals['_PUTDEPLOYMENTRESPONSE']._serialized_end=1555
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1557
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1593
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1595
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1669
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1671
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1695
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1697
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1774
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1776
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1833
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1835
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1861
-  _globals['_INFERENCESERVICE']._serialized_start=1864
-  _globals['_INFERENCESERVICE']._serialized_end=2487
+  _globals['_CANARY']._serialized_end=922
+  _globals['_CANARYROLLOUT']._serialized_start=925
+  _globals['_CANARYROLLOUT']._serialized_end=1207
+  _globals['_CANARYEVENT']._serialized_start=1210
+  _globals['_CANARYEVENT']._serialized_end=1356
+  _globals['_CANARYROLLOUTSTATUS']._serialized_start=1359
+  _globals['_CANARYROLLOUTSTATUS']._serialized_end=1563
+  _globals['_DEPLOYMENT']._serialized_start=1566
+  _globals['_DEPLOYMENT']._serialized_end=2031
+  _globals['_DEPLOYMENT_TRITONMODELSENTRY']._serialized_start=1957
+  _globals['_DEPLOYMENT_TRITONMODELSENTRY']._serialized_end=2008
+  _globals['_PUTDEPLOYMENTREQUEST']._serialized_start=2034
+  _globals['_PUTDEPLOYMENTREQUEST']._serialized_end=2245
+  _globals['_PUTDEPLOYMENTRESPONSE']._serialized_start=2247
+  _globals['_PUTDEPLOYMENTRESPONSE']._serialized_end=2338
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=2340
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=2376
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=2378
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=2452
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=2454
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=2478
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=2480
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=2557
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=2559
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=2616
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=2618
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=2644
+  _globals['_INFERENCESERVICE']._serialized_start=2647
+  _globals['_INFERENCESERVICE']._serialized_end=3270
 # @@protoc_insertion_point(module_scope)

@@ -82,15 +82,67 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., summary: _Optional[_Union[Completion, _Mapping]] = ...) -> None: ...
 
 class Canary(_message.Message):
-    __slots__ = ("version", "weight")
+    __slots__ = ("version", "weight", "rollout")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     version: int
     weight: int
-    def __init__(self, version: _Optional[int] = ..., weight: _Optional[int] = ...) -> None: ...
+    rollout: CanaryRollout
+    def __init__(self, version: _Optional[int] = ..., weight: _Optional[int] = ..., rollout: _Optional[_Union[CanaryRollout, _Mapping]] = ...) -> None: ...
+
+class CanaryRollout(_message.Message):
+    __slots__ = ("steps", "interval_s", "min_requests", "max_error_rate_delta", "max_latency_ratio", "latency_statistic")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    interval_s: float
+    min_requests: int
+    max_error_rate_delta: float
+    max_latency_ratio: float
+    latency_statistic: str
+    def __init__(self, steps: _Optional[_Iterable[int]] = ..., interval_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_error_rate_delta: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., latency_statistic: _Optional[str] = ...) -> None: ...
+
+class CanaryEvent(_message.Message):
+    __slots__ = ("kind", "at", "from_weight", "to_weight", "reason", "observed_json")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    FROM_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TO_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_JSON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    at: _timestamp_pb2.Timestamp
+    from_weight: int
+    to_weight: int
+    reason: str
+    observed_json: str
+    def __init__(self, kind: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., from_weight: _Optional[int] = ..., to_weight: _Optional[int] = ..., reason: _Optional[str] = ..., observed_json: _Optional[str] = ...) -> None: ...
+
+class CanaryRolloutStatus(_message.Message):
+    __slots__ = ("state", "step", "weight", "reason", "policy", "canary_version", "events")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    step: int
+    weight: int
+    reason: str
+    policy: CanaryRollout
+    canary_version: int
+    events: _containers.RepeatedCompositeFieldContainer[CanaryEvent]
+    def __init__(self, state: _Optional[str] = ..., step: _Optional[int] = ..., weight: _Optional[int] = ..., reason: _Optional[str] = ..., policy: _Optional[_Union[CanaryRollout, _Mapping]] = ..., canary_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[CanaryEvent, _Mapping]]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "model", "stable_version", "canary", "state", "message", "etag", "created_at", "updated_at", "triton_models")
+    __slots__ = ("name", "model", "stable_version", "canary", "state", "message", "etag", "created_at", "updated_at", "triton_models", "rollout")
     class TritonModelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +160,7 @@ class Deployment(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     TRITON_MODELS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     stable_version: int
@@ -118,7 +171,8 @@ class Deployment(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     triton_models: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., stable_version: _Optional[int] = ..., canary: _Optional[_Union[Canary, _Mapping]] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., etag: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., triton_models: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    rollout: CanaryRolloutStatus
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., stable_version: _Optional[int] = ..., canary: _Optional[_Union[Canary, _Mapping]] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., etag: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., triton_models: _Optional[_Mapping[str, str]] = ..., rollout: _Optional[_Union[CanaryRolloutStatus, _Mapping]] = ...) -> None: ...
 
 class PutDeploymentRequest(_message.Message):
     __slots__ = ("name", "model", "stable_version", "stable_alias", "canary", "if_match", "if_none_match", "wait")
