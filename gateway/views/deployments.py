@@ -8,6 +8,7 @@ from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 
 from gateway.http import Route, json_response, read_json, rpc, to_dict
+from services.common import errors
 
 ROLLOUT = {
     "type": "object", "additionalProperties": False,
@@ -74,13 +75,23 @@ async def put_deployment(request: web.Request) -> web.Response:
     """Create (If-None-Match: *) or change (If-Match) a deployment; the service checks the ETag atomically,
     loads the new version, waits for Triton to report it ready, then moves traffic."""
     body = await read_json(request, PUT_DEPLOYMENT)
+    name = request.match_info["name"]
+    if_match, if_none_match = request.headers.get("If-Match", ""), request.headers.get("If-None-Match", "")
+    if not if_match and not if_none_match:
+        # SPEC: changing an existing deployment needs If-Match (428); creating one needs no header, but
+        # is sent as If-None-Match: * so a deployment created meanwhile is not silently overwritten.
+        try:
+            await rpc(request, "inference", "GetDeployment", inference_pb2.GetDeploymentRequest(name=name))
+        except errors.NotFound:
+            if_none_match = "*"
+        else:
+            raise errors.PreconditionRequired(f"deployment {name!r} exists: changing it needs If-Match with its ETag")
     stable = body["stable"]
     message = inference_pb2.PutDeploymentRequest(
-        name=request.match_info["name"], model=body["model"],
+        name=name, model=body["model"],
         stable_version=stable if isinstance(stable, int) else 0,
         stable_alias=stable if isinstance(stable, str) else "",
-        if_match=request.headers.get("If-Match", ""), if_none_match=request.headers.get("If-None-Match", ""),
-        wait=False)
+        if_match=if_match, if_none_match=if_none_match, wait=False)
     canary = body.get("canary")
     if canary:
         message.canary.CopyFrom(inference_pb2.Canary(version=canary["version"], weight=canary.get("weight", 0)))

@@ -53,3 +53,15 @@ def test_the_main_job_end_to_end(stack):
     assert isinstance(text, str) and text
     models = stack.client().call("GET", "/v1/models")["models"]
     assert any(model["name"] == demo.DEMO_NAME for model in models)
+    # Changing the live deployment without its ETag is refused (428), with a stale one too (412).
+    change = {"model": demo.DEMO_NAME, "stable": 1}
+    with pytest.raises(ApiError) as missing:
+        stack.client().call("PUT", f"/v1/deployments/{demo.DEMO_NAME}", change)
+    assert missing.value.status == 428
+    with pytest.raises(ApiError) as stale:
+        stack.client().call("PUT", f"/v1/deployments/{demo.DEMO_NAME}", change, headers={"If-Match": '"stale"'})
+    assert stale.value.status == 412
+    # A deployed version cannot be deleted from the registry.
+    with pytest.raises(ApiError) as in_use:
+        stack.client().call("DELETE", f"/v1/models/{demo.DEMO_NAME}/versions/1")
+    assert in_use.value.status == 409
