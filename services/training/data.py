@@ -36,9 +36,9 @@ class TokenStream:
         self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])  # [n_shards + 1]
         self.tokens = int(self.starts[-1])
 
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) as int64, across shard boundaries."""
-        out = np.empty(length, dtype=np.int64)
+    def read(self, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries (written into `out` when given)."""
+        out = np.empty(length, dtype=np.int64) if out is None else out
         filled = 0
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         offset = start - int(self.starts[shard])
@@ -132,12 +132,13 @@ class TrainBatches:
     """
 
     def __init__(self, stream: TokenStream, block_size: int, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, position: int = 0) -> None:
+                 world_size: int = 1, position: int = 0, pin_memory: bool = False) -> None:
         if stream.tokens < block_size:
             raise ValidationFailed(f"model.block_size is {block_size} but the split has only {stream.tokens} tokens")
         self.stream, self.block_size, self.batch_size = stream, block_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = position
+        self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies that overlap compute
         self.windows = stream.tokens // block_size  # W, the same every epoch
         self._epoch: int | None = None
         self._order = np.empty(0, dtype=np.int64)
@@ -151,22 +152,32 @@ class TrainBatches:
             self._order = rng.permutation(self.windows)
             self._epoch = epoch
 
-    def sample(self, index: int) -> np.ndarray:
-        """Global sample `index`: block_size tokens."""
+    def _start(self, index: int) -> int:
+        """Where global sample `index` starts in the stream."""
         epoch, within = divmod(index, self.windows)
         self._layout(epoch)
-        start = self._offset + int(self._order[within]) * self.block_size
-        return self.stream.read(start, self.block_size)
+        return self._offset + int(self._order[within]) * self.block_size
+
+    def sample(self, index: int) -> np.ndarray:
+        """Global sample `index`: block_size tokens."""
+        return self.stream.read(self._start(index), self.block_size)
 
     def indices(self) -> list[int]:
         """The global sample indices of this rank's next micro-batch."""
         return [self.position + j * self.world_size + self.rank for j in range(self.batch_size)]
 
     def next(self) -> torch.Tensor:
-        """This rank's next micro-batch: int64 [batch_size, block_size]; advances the position."""
-        batch = np.stack([self.sample(index) for index in self.indices()])
+        """This rank's next micro-batch: int64 [batch_size, block_size]; advances the position.
+
+        The windows are read straight from the memory-mapped shards into the batch (no per-row copies).
+        A fresh tensor every time: a non-blocking copy of the previous one may still be in flight.
+        """
+        batch = torch.empty((self.batch_size, self.block_size), dtype=torch.int64, pin_memory=self.pin_memory)
+        rows = batch.numpy()
+        for row, index in zip(rows, self.indices(), strict=True):
+            self.stream.read(self._start(index), self.block_size, out=row)
         self.position += self.batch_size * self.world_size
-        return torch.from_numpy(batch)
+        return batch
 
 
 def eval_batches(stream: TokenStream, block_size: int, batch_size: int, n_batches: int, *, rank: int = 0,

@@ -133,7 +133,8 @@ class DDPSync(Synchronizer):
         if not self.ctx.distributed:
             return model
         ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # Gradients as views into the all-reduce buckets: no copy into the buckets and back every step.
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
     def no_sync(self, wrapped: torch.nn.Module, skip: bool):
         if skip and isinstance(wrapped, DistributedDataParallel):

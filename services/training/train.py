@@ -132,6 +132,10 @@ def make_optimizer(model: torch.nn.Module, hp) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=True)
 
 
+_RANDOM_OBJECTIVES = {"bert"}  # families whose objective draws random numbers (masks) every micro-batch
+_CACHING_FAMILIES = {"gpt2", "t5"}  # families whose forward builds a KV cache unless told not to
+
+
 def _seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]) >> 1
 
@@ -184,7 +188,8 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, hp))
         self.sync = distributed.synchronizer(self.spec.distributed.mode, ctx, self.spec.distributed.sync_interval)
         self.batches = data.TrainBatches(self.train_stream, self.spec.model.block_size, hp.batch_size,
-                                         seed=hp.seed, rank=ctx.rank, world_size=ctx.world_size)
+                                         seed=hp.seed, rank=ctx.rank, world_size=ctx.world_size,
+                                         pin_memory=ctx.device.type == "cuda")
         torch.manual_seed(_seed_for(hp.seed, ctx.rank, 1))  # dropout: distinct per rank
         if restored is not None:
             self._restore(restored)
@@ -237,18 +242,35 @@ class Run:
     def tokens_per_step(self) -> int:
         return self.hp.batch_size * self.spec.model.block_size * self.hp.grad_accum * self.ctx.world_size
 
-    def loss(self, module: torch.nn.Module, tokens: torch.Tensor, generator_seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(generator_seed)
-        inputs = models.model_inputs(self.spec.model.family, tokens, self.vocab, generator, self.hp.mlm_probability)
-        inputs = {name: value.to(self.ctx.device, non_blocking=True) for name, value in inputs.items()}
+    def loss(self, module: torch.nn.Module, tokens: torch.Tensor, generator_seed: int | None) -> torch.Tensor:
+        """The objective's loss on one micro-batch (tokens: int64 [batch, block_size], on the host).
+
+        `generator_seed` seeds the objective's randomness (BERT's masks); None for objectives without any.
+        """
+        family = self.spec.model.family
+        generator = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+        inputs = models.model_inputs(family, tokens, self.vocab, generator, self.hp.mlm_probability)
+        moved: dict[int, torch.Tensor] = {}  # gpt2's input_ids and labels are one tensor: copy it once
+        for name, value in inputs.items():
+            if id(value) not in moved:
+                moved[id(value)] = value.to(self.ctx.device, non_blocking=True)
+            inputs[name] = moved[id(value)]
+        if family in _CACHING_FAMILIES:
+            # Training never reads a KV cache; building one copies every layer's keys and values
+            # (what HF Trainer avoids by setting config.use_cache = False).
+            inputs["use_cache"] = False
         with self.autocast:
             return module(**inputs).loss
 
-    def train_step(self) -> float:
-        """One optimizer step (grad_accum micro-batches); returns this rank's mean micro-batch loss."""
-        hp, total = self.hp, 0.0
+    def _objective_seed(self, *parts: int) -> int | None:
+        return _seed_for(self.hp.seed, *parts) if self.spec.model.family in _RANDOM_OBJECTIVES else None
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step (grad_accum micro-batches); returns this rank's mean micro-batch loss as a
+        0-d tensor, so the step never waits for the device: callers read it only when they log."""
+        hp, total = self.hp, torch.zeros((), device=self.ctx.device)
         for micro in range(hp.grad_accum):
-            seed = _seed_for(hp.seed, 2, self.batches.position, self.ctx.rank)
+            seed = self._objective_seed(2, self.batches.position, self.ctx.rank)
             tokens = self.batches.next()
             with self.sync.no_sync(self.wrapped, skip=micro < hp.grad_accum - 1):
                 loss = self.loss(self.wrapped, tokens, seed)
@@ -266,15 +288,16 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, stream: data.TokenStream) -> float:
-        """Mean loss over the fixed evaluation batches of `stream`, all ranks together."""
+        """Mean loss over the fixed evaluation batches of `stream`, all ranks together (one host sync)."""
         self.model.eval()
         batches = data.eval_batches(stream, self.spec.model.block_size, self.hp.batch_size, self.hp.eval_batches,
                                     rank=self.ctx.rank, world_size=self.ctx.world_size)
-        total = torch.zeros(2, dtype=torch.float64)
+        losses = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         for index, tokens in enumerate(batches):
-            seed = _seed_for(self.hp.seed, 3, index * self.ctx.world_size + self.ctx.rank)
-            total += torch.tensor([self.loss(self.model, tokens, seed).double().item(), 1.0], dtype=torch.float64)
+            seed = self._objective_seed(3, index * self.ctx.world_size + self.ctx.rank)
+            losses += self.loss(self.model, tokens, seed).double()
         self.model.train()
+        total = torch.stack([losses.cpu(), torch.tensor(float(len(batches)), dtype=torch.float64)])
         total = self.ctx.all_reduce_sum(total)
         return float(total[0] / total[1])
 

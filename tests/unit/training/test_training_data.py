@@ -77,6 +77,18 @@ def test_restoring_the_position_resumes_exactly(dataset):
     assert all(torch.equal(x, resumed.next()) for x in expected)
 
 
+def test_a_batch_is_its_samples_read_in_place_across_shards_and_epochs(dataset):
+    stream = dataset.stream("train")
+    batches = data.TrainBatches(stream, 64, 8, seed=6, rank=1, world_size=3)
+    steps = batches.windows // (8 * 3) + 2  # into the second epoch; windows straddle the shard boundary
+    for _ in range(steps):
+        indices = batches.indices()
+        expected = np.stack([batches.sample(index) for index in indices])
+        got = batches.next()
+        assert got.dtype == torch.int64 and not got.is_pinned() and np.array_equal(got.numpy(), expected)
+    assert batches.position == steps * 8 * 3
+
+
 def test_a_block_longer_than_the_split_is_named(dataset):
     with pytest.raises(ValidationFailed, match="model.block_size"):
         data.TrainBatches(dataset.stream("validation"), 10**6, 1, seed=0)

@@ -99,3 +99,16 @@ def test_weight_decay_skips_biases_and_norms():
     assert decay["weight_decay"] == 0.3 and [p.dim() for p in decay["params"]] == [2]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
     assert decay["betas"] == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_training_forwards_build_no_kv_cache_yet_the_saved_config_keeps_it(family, tiny_dataset, tmp_path):
+    run, _ = make_run(tiny_dataset, tmp_path, family=family, max_steps=2)
+    seen = []
+    run.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("use_cache")),
+                                        with_kwargs=True)
+    loss = run.train_step()
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and math.isfinite(float(loss))
+    assert math.isfinite(run.evaluate(run.validation_stream))
+    assert seen == [False, False, False]  # one training forward, two evaluation batches
+    assert run.model.config.use_cache is True  # inference (ONNX with past key values) still gets a cache
