@@ -30,7 +30,7 @@ protos-check: ## fail when gen/ is out of date with protos/
 lint: ## ruff over the hand-written code
 	$(VENV)/bin/ruff check services gateway cli tests bench scripts
 
-test: protos-check ## every test: unit, integration (real PostgreSQL, S3, broker, Triton) and end to end
+test: protos-check lint ## every test: unit, integration (real PostgreSQL, S3, broker, Triton) and end to end
 	$(PY) -m pytest tests -q
 
 test-unit: ## unit tests only

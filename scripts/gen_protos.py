@@ -36,7 +36,7 @@ def generate(out: Path) -> None:
 def differences(left: Path, right: Path) -> list[str]:
     comparison = filecmp.dircmp(left, right, ignore=["__pycache__"])
     found = [*comparison.left_only, *comparison.right_only, *comparison.diff_files]
-    for name, sub in comparison.subdirs.items():
+    for name in comparison.subdirs:
         found += [f"{name}/{item}" for item in differences(left / name, right / name)]
     return found
 
