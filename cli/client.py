@@ -73,6 +73,19 @@ class Client:
         with self._request("GET", path) as response:
             return json.loads(response.read()), response.headers.get("ETag", "")
 
+    def put_conditionally(self, path: str, payload: Any) -> Any:
+        """PUT `payload` to `path` as a precondition-guarded create or update: If-Match with the current
+        ETag when the resource exists, If-None-Match: * when it does not (so a concurrent change fails
+        with 412 instead of being overwritten)."""
+        try:
+            _, etag = self.call_with_etag(path)
+            headers = {"If-Match": etag}
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            headers = {"If-None-Match": "*"}
+        return self.call("PUT", path, payload, headers=headers)
+
     def upload(self, path: str, data: bytes | Path, *, query: dict | None = None,
                content_type: str = "application/octet-stream") -> Any:
         body = data.read_bytes() if isinstance(data, Path) else data

@@ -117,23 +117,9 @@ def run(client: Client, corpus: bytes, max_steps: int, prompt: str) -> str:
         if time.monotonic() > deadline:
             raise SystemExit("ONNX export did not finish in time")
         time.sleep(2)
-    alias_path = f"/v1/models/{model['name']}/aliases/production"
-    try:
-        _, etag = client.call_with_etag(alias_path)
-        client.call("PUT", alias_path, {"version": model["version"]}, headers={"If-Match": etag})
-    except ApiError as error:
-        if error.status != 404:
-            raise
-        client.call("PUT", alias_path, {"version": model["version"]}, headers={"If-None-Match": "*"})
+    client.put_conditionally(f"/v1/models/{model['name']}/aliases/production", {"version": model["version"]})
     deployment_path = f"/v1/deployments/{DEMO_NAME}"
-    try:
-        _, etag = client.call_with_etag(deployment_path)
-        headers = {"If-Match": etag}
-    except ApiError as error:
-        if error.status != 404:
-            raise
-        headers = {"If-None-Match": "*"}
-    client.call("PUT", deployment_path, {"model": model["name"], "stable": "production"}, headers=headers)
+    client.put_conditionally(deployment_path, {"model": model["name"], "stable": "production"})
     wait_for(client, deployment_path, "state", {"READY"}, {"FAILED"}, 600)
     print(f"  deployment {DEMO_NAME} → {model['name']}@production (v{model['version']}) READY")
 

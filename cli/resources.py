@@ -117,14 +117,7 @@ def models_show(args) -> int:
 def models_alias(args) -> int:
     client = _client(args)
     path = f"/v1/models/{args.name}/aliases/{args.alias}"
-    try:
-        _, etag = client.call_with_etag(path)
-        headers = {"If-Match": etag}
-    except ApiError as error:
-        if error.status != 404:
-            raise
-        headers = {"If-None-Match": "*"}
-    _print(args, client.call("PUT", path, {"version": args.version, "reason": args.reason}, headers=headers))
+    _print(args, client.put_conditionally(path, {"version": args.version, "reason": args.reason}))
     return 0
 
 
@@ -141,14 +134,7 @@ def deploy(args) -> int:
     body: dict = {"model": args.model, "stable": stable}
     if args.canary:
         body["canary"] = {"version": args.canary, "weight": args.canary_weight}
-    try:
-        _, etag = client.call_with_etag(path)
-        headers = {"If-Match": etag}
-    except ApiError as error:
-        if error.status != 404:
-            raise
-        headers = {"If-None-Match": "*"}
-    _print(args, client.call("PUT", path, body, headers=headers), ["name", "state"])
+    _print(args, client.put_conditionally(path, body), ["name", "state"])
     return 0
 
 
