@@ -35,6 +35,34 @@ def database_url():
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def claim_redis_database(owner: str) -> int:
+    """An empty Redis database number claimed for `owner`, so two stacks (or a stack and a leftover
+    worker of an earlier run) never share a Celery queue. 0 is the default broker and 15 the tests'
+    shared one, so the claim is among 1-14. Raises when none is free."""
+    import redis
+
+    for number in range(1, 15):
+        client = redis.Redis(host="127.0.0.1", port=6379, db=number)
+        try:
+            if client.dbsize() == 0 and client.set("llmp-test-claim", owner, nx=True):
+                return number
+        finally:
+            client.close()
+    raise RuntimeError("no empty Redis database (1-14) to claim for a test broker")
+
+
+@pytest.fixture(scope="session")
+def private_broker_url():
+    """A Redis broker URL on a database no one else uses; flushed when the session ends."""
+    import redis
+
+    number = claim_redis_database(f"pytest-{os.getpid()}")
+    yield f"redis://127.0.0.1:6379/{number}"
+    client = redis.Redis(host="127.0.0.1", port=6379, db=number)
+    client.flushdb()
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """host:port of a real SeaweedFS S3 server for this session."""
