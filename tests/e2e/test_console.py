@@ -255,8 +255,24 @@ def test_a_models_lineage_and_alias_history(browser, console_url, stack, dataset
     assert cells(browser, "model-versions", f"v{v2['version']}")[5] == "production"
 
 
+def _export_onnx(client, name: str, version: int, timeout: float = 300) -> None:
+    """Export a version to ONNX and wait until READY: only READY exports can be deployed."""
+    client.call("POST", f"/v1/models/{name}/versions/{version}/exports", {"format": "onnx"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exports = client.call("GET", f"/v1/models/{name}/versions/{version}")["exports"]
+        state = next((e["state"] for e in exports if e["format"] == "onnx"), "")
+        assert state != "FAILED", exports
+        if state == "READY":
+            return
+        time.sleep(1)
+    raise AssertionError(f"the ONNX export of {name} v{version} is not READY after {timeout:.0f}s")
+
+
 def test_a_deployments_canary_weight(browser, console_url, stack, registry):
     v1, v2 = registry["v1"], registry["v2"]
+    for version in (v1, v2):
+        _export_onnx(stack.client(), version["name"], version["version"])
     body = {"model": v1["name"], "stable": v1["version"], "canary": {"version": v2["version"], "weight": 25}}
     stack.client().call("PUT", f"/v1/deployments/{DEPLOYMENT}", body, headers={"If-None-Match": "*"})
     open_view(browser, console_url, "#/deployments", stack.admin_key)
