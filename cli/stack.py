@@ -812,7 +812,10 @@ def _raise_interrupt(signum, frame):
 
 def cmd_up(args: argparse.Namespace) -> int:
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` of `llmp up` cleans up like Ctrl-C
+    # `kill` of `llmp up` cleans up like Ctrl-C; SIGINT is set explicitly because a process started in
+    # the background of a non-interactive shell (CI) inherits it ignored, and Python then never raises
+    # KeyboardInterrupt.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     began = time.monotonic()
     try:
         state = up(os.environ, only, args.timeout)
@@ -823,7 +826,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("llmp up interrupted: stopped what it had started", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"stack healthy in {time.monotonic() - began:.1f}s; state in {state.env['LLMP_STATE_DIR']}")
     return 0
 
