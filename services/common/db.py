@@ -59,8 +59,11 @@ class Database:
     @classmethod
     async def connect(cls, url: str, *, component: str, migrations_dir: Path | None = None,
                       min_size: int = 1, max_size: int = 10, timeout: float = 10.0) -> "Database":
+        # `check` verifies a connection as it leaves the pool: after PostgreSQL restarts, the pool's
+        # old connections are all broken, and without it each would fail one request before being dropped.
         pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, timeout=timeout,
-                                   kwargs={"row_factory": dict_row, "autocommit": True})
+                                   kwargs={"row_factory": dict_row, "autocommit": True},
+                                   check=AsyncConnectionPool.check_connection)
         try:
             await pool.open(wait=True, timeout=timeout)
         except psycopg.OperationalError as error:
