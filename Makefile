@@ -59,7 +59,8 @@ demo: up ## the main job end to end: corpus -> dataset -> training -> registry -
 
 bench: $(addprefix bench-,$(BENCHES)) ## every benchmark
 
-bench-%: ## one benchmark: bench-dataset, bench-training, bench-registry, bench-inference, bench-gateway
+# A static pattern rule: make skips implicit-rule search for .PHONY targets, so `bench-%:` alone never ran.
+$(addprefix bench-,$(BENCHES)): bench-%: ## one benchmark: bench-dataset, bench-training, bench-registry, bench-inference, bench-gateway
 	$(PY) -m bench.$*
 
 clean: down ## remove local state
