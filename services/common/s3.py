@@ -212,15 +212,19 @@ class ObjectStore:
             return False
         return True
 
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    def _get_object(self, key: str, **byte_range: int):
+        """The SDK's GET response for `key` (optionally `offset`/`length`), S3 errors as domain errors."""
         try:
-            response = self.client.get_object(self.bucket, key)
+            return self.client.get_object(self.bucket, key, **byte_range)
         except S3Error as error:
             if error.code in {"NoSuchKey", "NoSuchObject"}:
                 raise NotFound(f"object {key} not found") from error
             raise Internal(f"S3 get {key}: {error.code}") from error
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        response = self._get_object(key)
         try:
             yield from response.stream(chunk_size)
         finally:
@@ -275,14 +279,7 @@ class ObjectStore:
                     future.cancel()
 
     def _get_range(self, key: str, offset: int, length: int) -> bytes:
-        try:
-            response = self.client.get_object(self.bucket, key, offset=offset, length=length)
-        except S3Error as error:
-            if error.code in {"NoSuchKey", "NoSuchObject"}:
-                raise NotFound(f"object {key} not found") from error
-            raise Internal(f"S3 get {key}: {error.code}") from error
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
+        response = self._get_object(key, offset=offset, length=length)
         try:
             data = response.read()
         finally:
