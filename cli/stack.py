@@ -523,7 +523,7 @@ class Launch:
                 detail=f"SeaweedFS at {host}:{port}", grace=BY_NAME[name].grace))
 
         def ready() -> bool:
-            return s3_reachable(self.env) and ensure_bucket(self.env)
+            return s3_reachable(self.env) and ensure_bucket(self.env) and s3_writable(self.env)
 
         servers.wait_until(ready, self.timeout, process, log, "s3", self.cancel)
         return record, {}
@@ -626,6 +626,25 @@ def ensure_bucket(env: Mapping[str, str]) -> bool:
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
         return True
+    except Exception:  # not ready yet; the caller polls
+        return False
+
+
+def s3_writable(env: Mapping[str, str]) -> bool:
+    """A write and a read succeed. SeaweedFS grows its first volumes on the first write (~5 s here), so
+    without this probe the first upload after `up` would pay that, or time out in a short-timeout client."""
+    import io
+
+    client = s3_client(env, timeout=30.0)
+    bucket, key, payload = env["LLMP_S3_BUCKET"], ".llmp/ready", b"ready"
+    try:
+        client.put_object(bucket, key, io.BytesIO(payload), len(payload))
+        response = client.get_object(bucket, key)
+        try:
+            return response.read() == payload
+        finally:
+            response.close()
+            response.release_conn()
     except Exception:  # not ready yet; the caller polls
         return False
 
