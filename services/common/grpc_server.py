@@ -16,15 +16,18 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import errors, logs, metrics
+from services.common import errors, logs, metrics, tracing
 from services.common.config import Settings
 from services.common.topology import GrpcService
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +151,14 @@ ReadinessCheck = Callable[[], Awaitable[None]]
 class GrpcApp:
     """One service's gRPC server and its lifecycle."""
 
-    def __init__(self, settings: Settings, service: GrpcService, *, max_message_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, settings: Settings, service: GrpcService, *, max_message_bytes: int = 64 * 1024 * 1024,
+                 tracer_provider: TracerProvider | None = None):
         self.settings = settings
         self.service = service
+        provider = tracer_provider or tracing.process_provider()
         self.server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor()],
+            # The span outermost, so the request-id scope, the logs and the handler run inside it.
+            interceptors=[*tracing.server_interceptors(provider), ObservabilityInterceptor()],
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes),
                      ("grpc.so_reuseport", 0)],
@@ -253,8 +259,11 @@ def run_main(main: Callable[[Settings], Awaitable[None]], component: str) -> Non
     """Process entry for a service: settings once, logging, then the async main."""
     settings = Settings.from_env()
     logs.configure(settings, component)
+    tracing.configure_process(settings, component)
     try:
         asyncio.run(main(settings))
     except errors.LlmpError as error:
         log.error("startup failed: %s", error.message)
         raise SystemExit(1) from None
+    finally:
+        tracing.shutdown_process()

@@ -150,3 +150,30 @@ async def test_shutdown_drains_in_flight_calls(running):
     assert closed["db"]
     with pytest.raises(grpc.aio.AioRpcError):
         await channel.unary_unary(f"/{SERVICE}/Call")(b"late", timeout=2)
+
+
+async def test_a_call_continues_the_callers_trace(settings):
+    """The server span joins the trace in the caller's `traceparent`, so a gateway request and the
+    service calls it makes are one trace."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.common import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = tracing.tracer_provider(settings, "llmp-test", exporter)
+    probe = Probe()
+    app = GrpcApp(settings, topology.DATASET, tracer_provider=provider)
+    app.add_servicer(probe.add_to, probe, SERVICE)
+    port = await app.start("127.0.0.1:0")
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(f"/{SERVICE}/Call")
+            assert await call(b"x", metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),)) == b"ok:x"
+    finally:
+        await app.stop()
+        provider.shutdown()
+    spans = [span for span in exporter.get_finished_spans() if span.name == f"/{SERVICE}/Call"]
+    assert len(spans) == 1
+    assert format(spans[0].context.trace_id, "032x") == trace_id
+    assert format(spans[0].parent.span_id, "016x") == parent_id
