@@ -53,6 +53,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_LOG_LEVEL", "INFO", "Log level."),
     Variable("LLMP_LOG_FORMAT", "json", "`json` (one object per line) or `text`."),
     Variable("LLMP_SHUTDOWN_GRACE", "10", "Seconds a server drains in-flight calls after SIGTERM."),
+    Variable("LLMP_TRAINING_LEASE_SECONDS", "30",
+             "Seconds a training node may go silent before its job is requeued; the worker renews every third."),
     Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
     Variable("LLMP_MAX_BODY_BYTES", str(1024**2), "Largest JSON request body the gateway accepts."),
     Variable("LLMP_OTEL_ENDPOINT", "",
@@ -112,6 +114,7 @@ class Settings:
     log_level: str
     log_format: str
     shutdown_grace: float
+    training_lease_seconds: float
     max_upload_bytes: int
     max_body_bytes: int
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
@@ -150,6 +153,8 @@ class Settings:
             log_level=values["LLMP_LOG_LEVEL"].upper(),
             log_format=log_format,
             shutdown_grace=float(_positive_int(values["LLMP_SHUTDOWN_GRACE"], "LLMP_SHUTDOWN_GRACE")),
+            training_lease_seconds=float(_positive_int(values["LLMP_TRAINING_LEASE_SECONDS"],
+                                                       "LLMP_TRAINING_LEASE_SECONDS")),
             max_upload_bytes=_positive_int(values["LLMP_MAX_UPLOAD_BYTES"], "LLMP_MAX_UPLOAD_BYTES"),
             max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),
             raw=values,

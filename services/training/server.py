@@ -73,7 +73,8 @@ async def build(settings: Settings) -> GrpcApp:
     db = await Database.connect(settings.database_url, component="training", migrations_dir=MIGRATIONS)
     clients = ServiceClients(settings)
     producer = make_producer(settings)
-    coordinator = Coordinator(db, CeleryDispatcher(producer), check_dataset=dataset_checker(clients))
+    coordinator = Coordinator(db, CeleryDispatcher(producer), check_dataset=dataset_checker(clients),
+                              lease_seconds=settings.training_lease_seconds)
 
     app = GrpcApp(settings, topology.TRAINING)
     app.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(coordinator),
