@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+UPLOAD_CHUNK = 256 * 1024  # bytes handed to the socket at a time when a file is uploaded
+RETRYABLE = {0, 502, 503, 504}  # unreachable, or a gateway/backend briefly away: a stream is resumed
 
 
 class ApiError(Exception):
@@ -31,6 +37,42 @@ def default_key(state_dir: str | None = None) -> str:
         return key
     path = Path(state_dir or os.environ.get("LLMP_STATE_DIR", ".llmp")) / "admin.key"
     return path.read_text().strip() if path.exists() else ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event: its `id` (may be empty), `event` type and `data` decoded from JSON."""
+
+    id: str
+    event: str
+    data: Any
+
+
+class StreamDropped(Exception):
+    """An event stream ended before its `[DONE]` (connection closed or reset, read timed out)."""
+
+
+def parse_events(lines: Iterator[bytes]) -> Iterator[Event | None]:
+    """Events of an SSE body (WHATWG event-stream format); None for the terminating `data: [DONE]`."""
+    event_id, kind, data = "", "message", []
+    for raw_line in lines:
+        line = raw_line.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                text = "\n".join(data)
+                yield None if text == "[DONE]" else Event(event_id, kind, json.loads(text))
+            event_id, kind, data = event_id, "message", []  # the last id persists, as in EventSource
+            continue
+        if line.startswith(":"):
+            continue  # a comment (keep-alive)
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            kind = value
+        elif field == "id":
+            event_id = value
 
 
 class Client:
@@ -87,10 +129,57 @@ class Client:
         return self.call("PUT", path, payload, headers=headers)
 
     def upload(self, path: str, data: bytes | Path, *, query: dict | None = None,
-               content_type: str = "application/octet-stream") -> Any:
-        body = data.read_bytes() if isinstance(data, Path) else data
-        with self._request("POST", path, body=body, query=query, content_type=content_type) as response:
+               content_type: str = "application/octet-stream",
+               progress: Callable[[int, int], None] | None = None) -> Any:
+        """POST `data` (bytes, or a file streamed from disk) to `path`; `progress(sent, total)` after each chunk
+        is handed to the socket."""
+        if isinstance(data, Path):
+            total = data.stat().st_size
+            body: Any = _file_chunks(data, total, progress)
+        else:
+            total, body = len(data), data
+        with self._request("POST", path, body=body, query=query, content_type=content_type,
+                           headers={"Content-Length": str(total)}) as response:
+            if progress is not None and not isinstance(data, Path):
+                progress(total, total)
             return json.loads(response.read())
+
+    def follow(self, path: str, *, last_event_id: str = "", max_failures: int = 10,
+               backoff: float = 0.5) -> Iterator[Event]:
+        """The Server-Sent Events of `path` until `[DONE]`, resuming a dropped connection with `Last-Event-ID`
+        (the id of the last event received), so no event is lost or repeated.
+
+        A reconnection that fails is retried with growing pauses; `max_failures` in a row give up with the
+        last error. A read that times out (nothing happened for `timeout` seconds) just reconnects. Errors the
+        API answers (404, 401…) are not retried.
+        """
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_event_id:
+                headers["Last-Event-ID"] = last_event_id
+            try:
+                with self._request("GET", path, headers=headers) as response:
+                    for event in parse_events(response):
+                        if event is None:
+                            return
+                        if event.id:
+                            last_event_id = event.id
+                        failures = 0  # an event came through: only failures in a row count
+                        yield event
+                raise StreamDropped(f"{path}: the stream ended before [DONE]")
+            except TimeoutError:
+                continue  # connected, but nothing to tell within the read timeout (a job waiting for a worker)
+            except ApiError as error:
+                if error.status not in RETRYABLE:
+                    raise
+                problem: Exception = error
+            except (StreamDropped, OSError, http.client.HTTPException) as error:  # reset, timeout, cut mid-chunk
+                problem = error
+            failures += 1
+            if failures >= max_failures:
+                raise ApiError(0, "stream", f"{path}: gave up after {failures} failed reconnections: {problem}")
+            time.sleep(min(5.0, backoff * 2 ** (failures - 1)))
 
     def events(self, path: str, payload: Any = None, method: str = "GET") -> Iterator[Any]:
         """Server-Sent Events of `path`, each `data:` line decoded as JSON, until `[DONE]` or the end."""
@@ -104,3 +193,17 @@ class Client:
                 if data == "[DONE]":
                     return
                 yield json.loads(data)
+
+
+def _file_chunks(path: Path, total: int, progress: Callable[[int, int], None] | None) -> Iterator[bytes]:
+    """The file's bytes in chunks; `progress(sent, total)` once each chunk has been written to the socket
+    (http.client sends a chunk before asking for the next)."""
+    sent = 0
+    if progress is not None:
+        progress(0, total)
+    with path.open("rb") as file:
+        while chunk := file.read(UPLOAD_CHUNK):
+            yield chunk
+            sent += len(chunk)
+            if progress is not None:
+                progress(sent, total)

@@ -1,6 +1,8 @@
 """`llmp dataset|train|jobs|models|deploy|complete|keys`: the REST API from the command line.
 
-Tables for people, `--json` for scripts; long work (training) shows a live progress bar.
+Tables for people, `--json` for scripts. Long work shows progress on stderr (cli/progress.py), so stdout
+carries only the result: a dataset upload counts the bytes as they are sent, `--watch` follows an ingest
+or a training job live from its Server-Sent Events (resumed with Last-Event-ID if the connection drops).
 """
 
 from __future__ import annotations
@@ -8,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from cli.client import ApiError, Client
+from cli.progress import Progress
+
+FINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -40,10 +44,34 @@ def dataset_create(args) -> int:
     query = {"name": args.name, "tokenizer": args.tokenizer, "format": args.format, "vocab_size": args.vocab_size,
              "split_seed": args.split_seed}
     data = Path(args.file)
-    print(f"uploading {data.stat().st_size / 1e6:.1f} MB …", file=sys.stderr)
-    created = _client(args).upload("/v1/datasets", data, query=query)
+    client = _client(args)
+    bar = Progress(f"upload {data.name}", data.stat().st_size, "bytes")
+    try:
+        created = client.upload("/v1/datasets", data, query=query,
+                                progress=lambda sent, total: bar.update(sent, total))
+    finally:
+        bar.close()
+    if args.watch and created.get("state") == "PENDING":
+        created = watch_ingest(client, created["name"], created["version"])
     _print(args, created, ["name", "version", "state"])
-    return 0
+    return 1 if created.get("state") == "FAILED" else 0
+
+
+def watch_ingest(client: Client, name: str, version: int) -> dict:
+    """Follow a version's ingest (cleaning, tokenizing, packing) until READY or FAILED; the final version."""
+    bar = Progress("ingest", 0, "")
+    final: dict | None = None
+    try:
+        for event in client.follow(f"/v1/datasets/{name}/versions/{version}/events"):
+            progress = event.data.get("progress") or {}
+            bar.unit, bar.total = progress.get("unit") or "", int(progress.get("total") or 0)  # per phase
+            bar.update(int(progress.get("done") or 0), label=f"ingest {progress.get('phase') or ''}".strip())
+            if event.data.get("version"):
+                final = event.data["version"]
+                break
+    finally:
+        bar.close(note=(final or {}).get("state"))
+    return final if final is not None else client.call("GET", f"/v1/datasets/{name}/versions/{version}")
 
 
 def dataset_list(args) -> int:
@@ -68,28 +96,48 @@ def train(args) -> int:
     }
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     job = _client(args).call("POST", "/v1/training-jobs", spec, headers=headers)
-    _print(args, job, ["id", "state"])
-    return watch(args, job["id"]) if args.watch else 0
+    if not args.watch:
+        _print(args, job, ["id", "state"])
+        return 0
+    print(f"job {job['id']} submitted", file=sys.stderr)  # stdout gets only the finished job (one JSON document)
+    return watch(args, job["id"])
 
 
 def watch(args, job_id: str | None = None) -> int:
-    """Follow a job until it ends, with a progress bar from its state."""
+    """Follow a job until it ends, live from its event stream (`GET /v1/training-jobs/{id}/events`), with a
+    progress bar of its steps and its latest training loss."""
     client = _client(args)
     job_id = job_id or args.id
-    while True:
-        job = client.call("GET", f"/v1/training-jobs/{job_id}")
-        progress = job.get("progress") or {}
-        done, total = int(progress.get("done") or 0), int(progress.get("total") or 0)
-        fraction = done / total if total else 0.0
-        loss = ((job.get("latest_metrics") or {}).get("values") or {}).get("train_loss")
-        bar = "#" * int(fraction * 30) + "." * (30 - int(fraction * 30))
-        print(f"\r{job['state']:10s} [{bar}] {done}/{total} steps" + (f"  loss {loss:.4f}" if loss else ""),
-              end="", file=sys.stderr, flush=True)
-        if job["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
-            print(file=sys.stderr)
-            _print(args, job, ["id", "state", "model_version.name", "model_version.version", "error"])
-            return 0 if job["state"] == "SUCCEEDED" else 1
-        time.sleep(1)
+    job = client.call("GET", f"/v1/training-jobs/{job_id}")
+    progress = job.get("progress") or {}
+    bar = Progress(job["state"], int(progress.get("total") or 0), "steps")
+    bar.update(int(progress.get("done") or 0))
+    try:
+        if job["state"] not in FINAL_JOB_STATES:
+            for event in client.follow(f"/v1/training-jobs/{job_id}/events"):
+                if follow_job_event(bar, event.event, event.data):
+                    break
+    finally:
+        bar.close()
+    job = client.call("GET", f"/v1/training-jobs/{job_id}")
+    _print(args, job, ["id", "state", "model_version.name", "model_version.version", "error"])
+    return 0 if job["state"] == "SUCCEEDED" else 1
+
+
+def follow_job_event(bar: Progress, kind: str, data: dict) -> bool:
+    """Show one training job event on `bar`; True when it put the job in a final state."""
+    if kind == "progress":
+        progress = data.get("progress") or {}
+        bar.update(int(progress.get("done") or 0), int(progress.get("total") or 0))
+    elif kind == "metrics":
+        loss = ((data.get("metrics") or {}).get("values") or {}).get("train_loss")
+        if loss is not None:
+            bar.update(note=f"loss {loss:.4f}")
+    elif kind == "state_changed":
+        state = (data.get("state_changed") or {}).get("state", "")
+        bar.update(label=state)
+        return state in FINAL_JOB_STATES
+    return False
 
 
 def jobs_list(args) -> int:
@@ -189,6 +237,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--vocab-size", type=int)
     create.add_argument("--format", choices=["text", "jsonl", "pairs"], default="text")
     create.add_argument("--split-seed", type=int)
+    create.add_argument("--watch", action="store_true", help="follow the ingest with a progress bar until READY")
     command(datasets, "list", dataset_list, "list datasets")
     show = command(datasets, "show", dataset_show, "show a dataset or one version")
     show.add_argument("name")
