@@ -4,6 +4,7 @@ peer errors turned back into the domain errors they started as."""
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,14 @@ import grpc
 
 from services.common import errors, logs
 from services.common.config import Settings
-from services.common.grpc_server import KEY_ID_KEY, REQUEST_ID_KEY, ROLE_KEY, TENANT_KEY, Caller
+from services.common.grpc_server import (
+    ACCEPTING_HEALTH_NAME,
+    KEY_ID_KEY,
+    REQUEST_ID_KEY,
+    ROLE_KEY,
+    TENANT_KEY,
+    Caller,
+)
 from services.common.topology import GRPC_SERVICES
 
 # Service name -> (generated grpc module, stub class)
@@ -21,11 +29,28 @@ _STUBS = {
     "registry": ("llmp.registry.v1.registry_pb2_grpc", "RegistryServiceStub"),
     "inference": ("llmp.inference.v1.inference_pb2_grpc", "InferenceServiceStub"),
 }
+# Where an address names several replicas (`ipv4:a:1,b:2`, or a DNS name with several records),
+# round_robin spreads the calls and client-side health checking (grpc.health.v1 Watch on
+# ACCEPTING_HEALTH_NAME) drops a replica the moment it starts draining. UNAVAILABLE is retried: it is
+# what a call gets when it never ran (the address refused the connection, or a draining server's gate
+# refused it: `grpc_server.ShutdownGate`), so another attempt, on another replica, is safe. grpc retries
+# only before the first response arrives and while the request fits its 256 KiB replay buffer. A service's
+# own UNAVAILABLE (its PostgreSQL or S3 down) is retried as well: 4 attempts within about 1 s, then it stands.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ACCEPTING_HEALTH_NAME},
+    "methodConfig": [{
+        "name": [{}],  # every method of every service
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
 ]
 DEFAULT_TIMEOUT = 30.0
 

@@ -9,6 +9,7 @@ endpoint, and the shutdown order SIGTERM → NOT_SERVING → drain in-flight cal
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import time
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 TENANT_KEY, KEY_ID_KEY, ROLE_KEY = "llmp-tenant", "llmp-key-id", "llmp-role"
 READINESS_INTERVAL = 2.0  # seconds between readiness probes of the backends
+# A grpc.health.v1 name that is SERVING from start until shutdown begins, whatever the readiness checks
+# say: what llmp's own clients health-check each replica with (`grpc_client.SERVICE_CONFIG`), so they
+# stop sending to a draining replica at once, yet keep calling one whose backend is down (its calls
+# then answer 503 with the reason, rather than failing as "no healthy backend").
+ACCEPTING_HEALTH_NAME = "llmp.accepting"
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,16 @@ async def _call_scope(context: grpc.aio.ServicerContext, request_id: str, observ
         logs.request_id.reset(token)
 
 
+async def _responses(result) -> AsyncIterator[Any]:
+    """A streaming handler's responses: it is an async generator, or a coroutine that sends them itself
+    with `context.write()` (as grpc's own health servicer's Watch does) and yields nothing here."""
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for item in result:
+        yield item
+
+
 def _wrap(handler: grpc.RpcMethodHandler, request_id: str, observe) -> grpc.RpcMethodHandler:
     """Wrap any kind of handler (unary or streaming either way) in `_call_scope`."""
     if handler.unary_unary or handler.stream_unary:
@@ -138,8 +154,90 @@ def _wrap(handler: grpc.RpcMethodHandler, request_id: str, observe) -> grpc.RpcM
 
     async def streamed_response(request, context):
         async with _call_scope(context, request_id, observe):
-            async for item in streaming(request, context):
+            async for item in _responses(streaming(request, context)):
                 yield item
+
+    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return factory(streamed_response, handler.request_deserializer, handler.response_serializer)
+
+
+class ShutdownGate(grpc.aio.ServerInterceptor):
+    """Outermost: counts the calls in flight and, once closed, refuses new ones with UNAVAILABLE
+    before any handler runs (health and reflection stay open, so balancers can read NOT_SERVING).
+
+    Why not only `server.stop(grace)`: grpc core cancels the calls it has received but not yet handed
+    to the application with CANCELLED (grpc/grpc#41785), a status a client cannot tell from a call cut
+    off mid-work. Refusing here first, while the transport still hands calls over, gives every call a
+    clean answer: its handler's, or UNAVAILABLE, which a client may retry on another instance."""
+
+    OPEN_DURING_DRAIN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    QUIET = 0.3  # seconds without a new call (after the calls in flight end) before the transport stops
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.in_flight = 0
+        self.last_arrival = 0.0
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Until no admitted call runs and none has arrived for QUIET seconds (True: the calls grpc had
+        queued have all been answered), or `timeout` seconds (False)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight or time.monotonic() - self.last_arrival < self.QUIET:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def admit(self) -> bool:
+        if self.closed:
+            return False
+        self.in_flight += 1
+        return True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self.OPEN_DURING_DRAIN):
+            return handler  # probes and health watches do not hold the drain open
+        self.last_arrival = time.monotonic()
+        return _gated(handler, self)
+
+
+async def _refuse(context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down: retry on another instance")
+
+
+def _gated(handler: grpc.RpcMethodHandler, gate: ShutdownGate) -> grpc.RpcMethodHandler:
+    """`handler` admitted through `gate` (any kind: unary or streaming either way)."""
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def single_response(request, context):
+            if not gate.admit():
+                await _refuse(context)
+            try:
+                return await inner(request, context)
+            finally:
+                gate.release()
+
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return factory(single_response, handler.request_deserializer, handler.response_serializer)
+
+    streaming = handler.unary_stream or handler.stream_stream
+
+    async def streamed_response(request, context):
+        if not gate.admit():
+            await _refuse(context)
+        try:
+            async for item in _responses(streaming(request, context)):
+                yield item
+        finally:
+            gate.release()
 
     factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
     return factory(streamed_response, handler.request_deserializer, handler.response_serializer)
@@ -156,9 +254,10 @@ class GrpcApp:
         self.settings = settings
         self.service = service
         provider = tracer_provider or tracing.process_provider()
+        self.gate = ShutdownGate()  # outermost: a call refused while draining runs nothing else
         self.server = grpc.aio.server(
-            # The span outermost, so the request-id scope, the logs and the handler run inside it.
-            interceptors=[*tracing.server_interceptors(provider), ObservabilityInterceptor()],
+            # The span next, so the request-id scope, the logs and the handler run inside it.
+            interceptors=[self.gate, *tracing.server_interceptors(provider), ObservabilityInterceptor()],
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes),
                      ("grpc.so_reuseport", 0)],
@@ -220,19 +319,26 @@ class GrpcApp:
         if not self.port:
             raise errors.Unavailable(f"cannot listen on {address}")
         await self.server.start()
+        await self.health.set(ACCEPTING_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.probe()
         self._watcher = asyncio.create_task(self._watch_readiness())
         log.info("serving", extra={"service": self.service.name, "address": address})
         return self.port
 
     async def stop(self) -> None:
-        """NOT_SERVING first (so balancers stop sending), then drain in-flight calls, then close."""
+        """NOT_SERVING first (so balancers stop sending) and new calls refused with UNAVAILABLE, then
+        drain the calls in flight (up to `shutdown_grace`), then stop the transport, then close."""
         if self._stopping.is_set():
             return
         self._stopping.set()
+        started = time.monotonic()
         await self.health.enter_graceful_shutdown()
-        log.info("draining", extra={"grace_s": self.settings.shutdown_grace})
-        await self.server.stop(self.settings.shutdown_grace)
+        self.gate.close()
+        log.info("draining", extra={"grace_s": self.settings.shutdown_grace, "in_flight": self.gate.in_flight})
+        if not await self.gate.drain(self.settings.shutdown_grace):
+            log.warning("grace over: cancelling calls still running", extra={"in_flight": self.gate.in_flight})
+        # Left now: calls grpc received in the last instant, if clients kept sending all along.
+        await self.server.stop(max(0.5, self.settings.shutdown_grace - (time.monotonic() - started)))
         if hasattr(self, "_watcher"):
             self._watcher.cancel()
         for hook in reversed(self.shutdown_hooks):
