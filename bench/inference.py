@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import aclosing
 from pathlib import Path
 
 import aiohttp
@@ -35,7 +36,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from cli.servers import TritonPorts, free_port, http_ok, port_open, start_triton, stop, wait_until
 from services.common.config import Settings
 from services.inference import model_repository
-from services.inference.generation import GenerationStats, ServedVersion, generate
+from services.inference.generation import ServedVersion, encode_prompt, generate
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.inference.sampling import SamplingParams
 from services.inference.triton_engine import TritonEngine
@@ -47,7 +48,7 @@ TENANT = "default"  # the bootstrap admin key's tenant
 MODEL = DEPLOYMENT = "bench"
 
 
-def build_model(root: Path, n_layer: int, n_embd: int, context: int):
+def build_model(root: Path, n_layer: int, n_head: int, n_embd: int, context: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -57,7 +58,7 @@ def build_model(root: Path, n_layer: int, n_embd: int, context: int):
     tokenizer.save_pretrained(root / "tokenizer")
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id
-    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=4, n_embd=n_embd, vocab_size=len(tokenizer),
+    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=len(tokenizer),
                                        n_positions=context, eos_token_id=eos, bos_token_id=eos)).eval()
     export_model_onnx(model, root / "export" / "model.onnx")
     publish_local_version(root, TENANT, MODEL, 1, root / "export", root / "tokenizer")
@@ -138,14 +139,18 @@ async def gateway_single(http: aiohttp.ClientSession, url: str, prompt: str, max
 
 async def direct_single(engine: TritonEngine, served: ServedVersion, prompt: str,
                         max_tokens: int) -> tuple[float, float]:
-    """The same generation code, in this process, straight to Triton: no gateway, no inference service hop."""
-    stats = GenerationStats()
-    ids = served.tokenizer.encode(prompt)
-    tokens = 0
-    async for chunk in generate(engine, served, ids, max_tokens, SamplingParams(), stats=stats):
-        tokens += len(chunk.token_ids)
-    total = time.perf_counter() - stats.started
-    return stats.first_token_s, (total - stats.first_token_s) / max(1, tokens - 1)
+    """The same generation code, in this process, straight to Triton: no gateway, no inference service hop.
+    Timed as the gateway client is: from the call to the first chunk in the consumer's hands."""
+    started = time.perf_counter()
+    ids = encode_prompt(served, prompt, max_tokens)
+    first, tokens = None, 0
+    async with aclosing(generate(engine, served, ids, max_tokens, SamplingParams())) as chunks:
+        async for chunk in chunks:
+            if first is None:
+                first = time.perf_counter() - started
+            tokens += len(chunk.token_ids)
+    total = time.perf_counter() - started
+    return first, (total - first) / max(1, tokens - 1)
 
 
 async def deploy(http: aiohttp.ClientSession, url: str) -> None:
@@ -167,7 +172,7 @@ async def deploy(http: aiohttp.ClientSession, url: str) -> None:
 
 async def main_async(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="llmp-bench-inference-"))
-    model, tokenizer = build_model(work, args.n_layer, args.n_embd, args.context)
+    model, tokenizer = build_model(work, args.n_layer, args.n_head, args.n_embd, args.context)
     text = SHAKESPEARE.read_text()
     # Distinct prompts everywhere: the gateway caches deterministic completions, a repeat would be a hit.
     prompts = [text[i * 97:i * 97 + 60] for i in range(args.requests + args.single + 4)]
@@ -216,7 +221,7 @@ async def main_async(args) -> None:
     project, baseline = tokens / elapsed, hf_tokens / hf_elapsed
     ms = lambda values: statistics.median(values) * 1000  # noqa: E731
     overhead = lambda a, b: 100 * (statistics.median(a) / statistics.median(b) - 1)  # noqa: E731
-    print(f"model: GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} vocab={len(tokenizer)}; "
+    print(f"model: GPT-2 n_layer={args.n_layer} n_head={args.n_head} n_embd={args.n_embd} vocab={len(tokenizer)}; "
           f"{len(measured)} requests x {args.max_tokens} tokens; cpus={os.cpu_count()}")
     print(f"gateway, {args.clients} concurrent clients: {tokens} tokens in {elapsed:.2f}s = {project:.1f} tok/s")
     print(f"HF generate, sequential: {hf_tokens} tokens in {hf_elapsed:.2f}s = {baseline:.1f} tok/s")
@@ -234,8 +239,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--single", type=int, default=5)
+    parser.add_argument("--single", type=int, default=20)  # single-request samples; medians need more than a few
     parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--serve-inference", type=Path, help=argparse.SUPPRESS)

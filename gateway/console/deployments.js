@@ -1,8 +1,9 @@
-// Deployments: which versions serve a name, the canary's share of the traffic, and each served
-// version's metrics from the registry.
+// Deployments: which versions serve a name, the canary's share of the traffic, what each version served
+// (requests, errors, latency, time to first token, tokens: the inference service's per-version counters)
+// and each served version's training metrics from the registry.
 
 import { api } from "./api.js";
-import { badge, encode, facts, h, link, number, table, when } from "./dom.js";
+import { badge, count, encode, facts, h, link, number, table, when } from "./dom.js";
 import { poll } from "./live.js";
 
 // The traffic split as a bar: stable (100 - w)% and canary w%.
@@ -53,7 +54,43 @@ async function servedVersions(deployment, signal) {
   }));
 }
 
-function detail(deployment, served) {
+// The deployment's serving figures (GET /v1/deployments/{name}/metrics); null when they cannot be read.
+async function servingFigures(deployment, signal) {
+  try {
+    return await api(`/v1/deployments/${encode(deployment.name)}/metrics`, { signal });
+  } catch (error) {
+    if (signal?.aborted) throw error;
+    return { error };
+  }
+}
+
+const milliseconds = (seconds) => (typeof seconds === "number" ? `${number(seconds * 1000, 3)} ms` : "—");
+const percent = (fraction) => (typeof fraction === "number" ? `${number(fraction * 100, 3)}%` : "—");
+
+function servingTable(deployment, figures) {
+  if (!figures) return null;
+  if (figures.error) return h("p", { class: "error" }, `serving metrics unavailable: ${figures.error.message}`);
+  return h("div", {},
+    table([
+      ["Role", (v) => v.role],
+      ["Version", (v) => link(`#/models/${encode(v.model)}/versions/${v.version}`,
+        v.model === deployment.model ? `v${v.version}` : `${v.model} v${v.version}`)],
+      ["Serving", (v) => (v.serving ? `${v.weight}%` : "no longer")],
+      ["Requests", (v) => h("span", { class: "requests", "data-value": v.requests }, count(v.requests))],
+      ["Errors", (v) => count(v.errors)],
+      ["Error rate", (v) => percent(v.requests ? v.error_rate : null)],
+      ["Latency p50", (v) => milliseconds(v.latency_p50_s)],
+      ["Latency p99", (v) => milliseconds(v.latency_p99_s)],
+      ["Latency mean", (v) => milliseconds(v.latency_mean_s)],
+      ["First token (mean)", (v) => milliseconds(v.time_to_first_token_mean_s)],
+      ["Prompt tokens", (v) => count(v.prompt_tokens)],
+      ["Completion tokens", (v) => count(v.completion_tokens)],
+    ], figures.versions, { id: "serving-metrics", class: "grid", empty: "Nothing served yet." }),
+    h("p", { class: "muted" }, `Counted by inference process ${figures.replica} since ${when(figures.since)}; `
+      + "each replica counts the requests it served. Latency quantiles are estimated from histogram buckets."));
+}
+
+function detail(deployment, served, figures) {
   const metricNames = [...new Set(served.flatMap((s) => Object.keys(s.info?.metrics ?? {})))].sort();
   return h("div", {},
     h("h1", {}, `Deployment ${deployment.name} `, badge(deployment.state)),
@@ -66,7 +103,8 @@ function detail(deployment, served) {
       ["Created", when(deployment.created_at)], ["Updated", when(deployment.updated_at)],
     ]),
     h("h2", {}, "Traffic"), split(deployment),
-    h("h2", {}, "Served versions"),
+    h("h2", {}, "Serving"), servingTable(deployment, figures),
+    h("h2", {}, "Served versions (training metrics from the registry)"),
     table([
       ["Role", (s) => s.role],
       ["Version", (s) => link(`#/models/${encode(deployment.model)}/versions/${s.version}`, `v${s.version}`)],
@@ -78,10 +116,13 @@ function detail(deployment, served) {
 }
 
 export async function show([name], signal) {
-  const load = () => api(`/v1/deployments/${encode(name)}`, { signal });
+  const load = async () => {
+    const deployment = await api(`/v1/deployments/${encode(name)}`, { signal });
+    return { deployment, figures: await servingFigures(deployment, signal) };
+  };
   const first = await load();
-  const holder = h("div", {}, detail(first, await servedVersions(first, signal)));
-  poll(signal, 3000, load, async (data) => holder.replaceChildren(detail(data, await servedVersions(data, signal))),
-    { initial: first });
+  const draw = async ({ deployment, figures }) => detail(deployment, await servedVersions(deployment, signal), figures);
+  const holder = h("div", {}, await draw(first));
+  poll(signal, 3000, load, async (data) => holder.replaceChildren(await draw(data)), { initial: first });
   return h("div", {}, h("p", {}, link("#/deployments", "← Deployments")), holder);
 }

@@ -17,7 +17,7 @@ from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 from prometheus_client import Counter
 
-from gateway.http import ALL_ROLES, Route, json_response, read_json, rpc
+from gateway.http import ALL_ROLES, Route, json_response, read_json, rpc, validate
 from gateway.state import CALLER, CLIENTS
 from services.common import errors
 
@@ -36,6 +36,19 @@ COMPLETION = {
         "user": {"type": "string", "maxLength": 200},
         "n": {"const": 1},
     },
+}
+_NUMBER = (int, float)
+# The quick check of each optional field (see _plainly_valid); `type(...) is int` keeps booleans out, as JSON does.
+_FIELD_CHECKS = {
+    "max_tokens": lambda v: type(v) is int and 1 <= v <= 4096,
+    "temperature": lambda v: type(v) in _NUMBER and 0 <= v <= 2,
+    "top_p": lambda v: type(v) in _NUMBER and 0 < v <= 1,
+    "top_k": lambda v: type(v) is int and v >= 0,
+    "seed": lambda v: type(v) is int,
+    "stop": lambda v: type(v) is str or (type(v) is list and len(v) <= 4 and all(type(s) is str for s in v)),
+    "stream": lambda v: type(v) is bool,
+    "user": lambda v: type(v) is str and len(v) <= 200,
+    "n": lambda v: type(v) is int and v == 1,
 }
 CACHE_HITS = Counter("llmp_completion_cache_total", "Deterministic completion cache lookups", ["result"])
 TOKENS = Counter("llmp_deployment_tokens_total", "Tokens served per deployment", ["deployment", "kind"])
@@ -64,6 +77,23 @@ class ResponseCache:
 CACHE: web.AppKey[ResponseCache] = web.AppKey("completion_cache", ResponseCache)
 
 
+def _plainly_valid(body: dict) -> bool:
+    """A quick check that `body` is a valid completion request, for the hot path: JSON Schema validation
+    costs more than the rest of the gateway's work on a request. It may refuse a valid body (then the
+    schema decides, and names the problem when there is one) but never accepts an invalid one."""
+    model, prompt = body.get("model"), body.get("prompt")
+    if type(model) is not str or not model or type(prompt) is not str or not prompt:
+        return False
+    for name, value in body.items():
+        check = _FIELD_CHECKS.get(name)
+        if check is None:
+            if name not in ("model", "prompt"):  # unknown fields are refused by the schema
+                return False
+        elif not check(value):
+            return False
+    return True
+
+
 def _generate_request(body: dict, routing_key: str) -> inference_pb2.GenerateRequest:
     stop = body.get("stop") or []
     sampling = inference_pb2.SamplingParameters(
@@ -88,7 +118,9 @@ def _openai_body(completion_id: str, created: int, deployment: str, completion: 
 
 
 async def complete(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request, COMPLETION)
+    body = await read_json(request)
+    if not _plainly_valid(body):
+        validate(body, COMPLETION)
     routing_key = body.get("user") or request.headers.get("X-Request-Id", "")
     message = _generate_request(body, routing_key)
     if body.get("stream"):

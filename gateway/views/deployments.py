@@ -108,6 +108,27 @@ async def delete_deployment(request: web.Request) -> web.Response:
     return web.Response(status=204, headers={"Cache-Control": "no-store"})
 
 
+_OPTIONAL_FIGURES = ("latency_mean_s", "latency_p50_s", "latency_p99_s", "time_to_first_token_mean_s",
+                     "time_to_first_token_p99_s")
+
+
+def present_metrics(response: inference_pb2.GetDeploymentMetricsResponse) -> dict:
+    body = to_dict(response)
+    for version in body["versions"]:
+        for name in _OPTIONAL_FIGURES:
+            version.setdefault(name, None)  # null until the version served a request (a first token)
+    return body
+
+
+async def deployment_metrics(request: web.Request) -> web.Response:
+    """What each version of the deployment served: requests, errors, latency, time to first token, tokens.
+
+    The figures are the answering inference process's (since `since`, by `replica`); each replica counts its own.
+    """
+    response = await rpc(request, "inference", "GetDeploymentMetrics",
+                         inference_pb2.GetDeploymentMetricsRequest(name=request.match_info["name"]))
+    return json_response(request, present_metrics(response))
+
 DEPLOYMENT = "/v1/deployments/{name}"
 ROUTES = [
     Route("GET", "/v1/deployments", list_deployments, "List deployments", tag="deployments"),
@@ -115,4 +136,7 @@ ROUTES = [
     Route("PUT", DEPLOYMENT, put_deployment, "Deploy (If-None-Match: * to create, If-Match to change)",
           body=PUT_DEPLOYMENT, tag="deployments", responses={412: "ETag mismatch", 428: "Precondition required"}),
     Route("DELETE", DEPLOYMENT, delete_deployment, "Drain and delete a deployment", tag="deployments"),
+    Route("GET", DEPLOYMENT + "/metrics", deployment_metrics,
+          "Serving figures per version and track (requests, errors, latency p50/p99, time to first token, tokens), "
+          "as counted by the answering inference process", tag="deployments"),
 ]

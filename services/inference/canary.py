@@ -41,6 +41,7 @@ from services.common.db import Database
 from services.common.errors import NotFound, PreconditionFailed, Unavailable, ValidationFailed
 from services.inference import metrics
 from services.inference.deployments import Deployments, DeploymentSpec
+from services.inference.metrics import histogram_quantile
 
 log = logging.getLogger(__name__)
 
@@ -145,24 +146,6 @@ class TrackStats:
 
 def _bound_to_json(bound: float) -> float | str:
     return "+Inf" if bound == float("inf") else bound
-
-
-def histogram_quantile(q: float, buckets: tuple[tuple[float, float], ...]) -> float | None:
-    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding rank q·total."""
-    ordered = sorted(buckets)
-    if not ordered or ordered[-1][1] <= 0:
-        return None
-    rank = q * ordered[-1][1]
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in ordered:
-        if count >= rank:
-            if bound == float("inf"):  # in the open top bucket: the highest finite bound is all we know
-                return lower_bound
-            if count == lower_count:
-                return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
-        lower_bound, lower_count = bound, count
-    return lower_bound
 
 
 class MetricsSource(Protocol):

@@ -64,7 +64,7 @@ def encode_prompt(served: ServedVersion, prompt: str, max_tokens: int) -> list[i
         raise ValidationFailed(f"prompt must be at most {MAX_PROMPT_CHARS} characters")
     if max_tokens < 1:
         raise ValidationFailed(f"max_tokens must be at least 1, not {max_tokens}")
-    ids = served.tokenizer.encode(prompt, add_special_tokens=False)
+    ids = _encode(served.tokenizer, prompt)
     if not ids:
         raise ValidationFailed("prompt encodes to no tokens")
     context = served.spec.context_length
@@ -72,6 +72,16 @@ def encode_prompt(served: ServedVersion, prompt: str, max_tokens: int) -> list[i
         raise BadRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                          f"context length of {context} tokens")
     return ids
+
+
+def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    """`tokenizer.encode(text, add_special_tokens=False)`, straight from the Rust tokenizer when nothing
+    (truncation, padding) would make the wrapper's answer differ: the same ids, without the wrapper's
+    Python layers, which cost more than the tokenization itself on a short prompt."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list[int], max_tokens: int,
@@ -87,7 +97,7 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
     """
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
-    rng = params.rng()
+    rng = None if params.greedy else params.rng()  # seeding from OS entropy is not free: only when sampling
     scanner = StopScanner(params.stop)
     eos = served.eos_token_id
     sequence_id = new_sequence_id()

@@ -78,6 +78,38 @@ def deployment_message(deployments: Deployments, tenant: str, row: dict,
     return message
 
 
+def version_stats_message(stats: metrics.VersionStats, serving: bool, weight: int) -> inference_pb2.ServedVersionStats:
+    message = inference_pb2.ServedVersionStats(
+        model=stats.model, version=stats.version, role="canary" if stats.canary else "stable", serving=serving,
+        weight=weight if serving else 0, requests=int(stats.requests), errors=int(stats.errors),
+        error_rate=round(stats.error_rate, 6), prompt_tokens=int(stats.prompt_tokens),
+        completion_tokens=int(stats.completion_tokens))
+    for name, value in (("latency_mean_s", stats.latency.mean()), ("latency_p50_s", stats.latency.quantile(0.5)),
+                        ("latency_p99_s", stats.latency.quantile(0.99)),
+                        ("time_to_first_token_mean_s", stats.first_token.mean()),
+                        ("time_to_first_token_p99_s", stats.first_token.quantile(0.99))):
+        if value is not None:
+            setattr(message, name, round(value, 6))
+    return message
+
+
+def deployment_metrics_message(tenant: str, row: dict) -> inference_pb2.GetDeploymentMetricsResponse:
+    """This process's figures for a deployment: the versions it routes to now (stable, then canary, zeros when
+    they served nothing yet), then every other (model, version, track) it served before, newest first."""
+    found = metrics.deployment_stats(tenant, row["name"])
+    current = [((row["model"], row["stable_version"], False), 100 - (row["canary_weight"] or 0))]
+    if row["canary_version"]:
+        current.append(((row["model"], row["canary_version"], True), row["canary_weight"] or 0))
+    versions = [version_stats_message(found.pop(key, None) or metrics.VersionStats(*key), True, weight)
+                for key, weight in current]
+    for key in sorted(found, key=lambda k: (k[0] != row["model"], k[0], -k[1], k[2])):
+        versions.append(version_stats_message(found[key], False, 0))
+    since = Timestamp()
+    since.FromNanoseconds(int(metrics.STARTED_AT * 1e9))
+    return inference_pb2.GetDeploymentMetricsResponse(name=row["name"], model=row["model"], versions=versions,
+                                                      replica=metrics.replica(), since=since)
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, deployments: Deployments, engine: TritonEngine, canary: CanaryController) -> None:
         self.deployments = deployments
@@ -206,6 +238,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         rows = await self.deployments.list(caller.tenant)
         return inference_pb2.ListDeploymentsResponse(
             deployments=[await self._message(caller.tenant, row) for row in rows])
+
+    async def GetDeploymentMetrics(self, request, context):  # noqa: N802 (gRPC method names)
+        caller = caller_from_context(context)
+        row = await self.deployments.get(caller.tenant, request.name)
+        return deployment_metrics_message(caller.tenant, row)
 
     async def DeleteDeployment(self, request, context):  # noqa: N802 (gRPC method names)
         caller = caller_from_context(context)

@@ -74,9 +74,11 @@ class _Step:
 class StepBatcher:
     """Gathers the steps of every sequence in flight on one Triton model into batched requests.
 
-    A runner task exists while steps are queued: it lets the event loop run once (so every sequence
-    whose previous step just finished queues its next one), sends what is queued as one request, sets
-    each step's result, and repeats; with nothing queued it ends, and the next step starts a new one.
+    A runner task exists while steps are queued: it sends what is queued as one request, sets each
+    step's result, and repeats; with nothing queued it ends, and the next step starts a new one. Before
+    sending it lets the event loop run (at most twice) while some open sequence has not queued its step
+    yet, so every sequence whose previous step just finished joins the batch; when all have (a lone
+    request always has), it sends at once: a batch window would only delay that sequence.
     """
 
     def __init__(self, engine: "TritonEngine", model: str, max_batch: int = MAX_BATCH) -> None:
@@ -85,11 +87,16 @@ class StepBatcher:
         self.max_batch = max_batch
         self.pending: list[_Step] = []
         self.runner: asyncio.Task | None = None
+        self.open_sequences: set[int] = set()  # started, not ended: their next steps are worth waiting for
 
     def submit(self, sequence_id: int, token_ids: list[int], *, start: bool, end: bool, logits: bool,
                timeout: float | None) -> asyncio.Future:
         """Queue a step; the future gets its StepResult (or DeadlineExceeded after `timeout` seconds)."""
         step = _Step(sequence_id, list(token_ids), start, end, logits)
+        if end:  # its last step: no later one to wait for (idempotent: a free after a failed last step)
+            self.open_sequences.discard(sequence_id)
+        elif start:
+            self.open_sequences.add(sequence_id)
         self.pending.append(step)
         if self.runner is None or self.runner.done():
             self.runner = asyncio.create_task(self._run(), name=f"steps {self.model}")
@@ -103,6 +110,8 @@ class StepBatcher:
         try:
             while self.pending:
                 for _ in range(2):  # let every sequence woken by the previous results queue its next step
+                    if self._all_queued():
+                        break
                     await asyncio.sleep(0)
                 batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
                 try:
@@ -129,6 +138,13 @@ class StepBatcher:
                                                           retry_after=RETRY_AFTER_S))
             self.pending = []
             raise
+
+    def _all_queued(self) -> bool:
+        """Whether every open sequence has a step queued (nothing would join the batch by waiting)."""
+        if len(self.pending) < len(self.open_sequences):
+            return False
+        queued = {step.sequence_id for step in self.pending}
+        return all(sequence_id in queued for sequence_id in self.open_sequences)
 
     def cancel(self) -> None:
         if self.runner is not None:

@@ -293,3 +293,34 @@ def test_a_deployments_canary_weight(browser, console_url, stack, registry):
         return [...document.querySelectorAll('#served-versions tbody tr')]
           .map((r) => [...r.cells].slice(0, 3).map((c) => c.textContent.trim()));""")
     assert served == [["stable", f"v{v1['version']}", "75%"], ["canary", f"v{v2['version']}", "25%"]]
+
+    # Serving figures per version, from the inference service's counters, once completions went through.
+    wait_for(stack.client(), f"/v1/deployments/{DEPLOYMENT}", "READY", 300)
+    completions = 12
+    for i in range(completions):  # temperature > 0: every request reaches the inference service (no cache)
+        stack.client().call("POST", "/v1/completions", {"model": DEPLOYMENT, "prompt": "The ", "max_tokens": 3,
+                                                        "temperature": 0.8, "seed": i, "user": f"user-{i}"})
+    figures = stack.client().call("GET", f"/v1/deployments/{DEPLOYMENT}/metrics")["versions"]
+    assert sum(v["requests"] for v in figures) == completions
+
+    def serving_rows(driver: WebDriver) -> list[list[str]] | None:
+        rows = driver.execute_script("""
+            return [...document.querySelectorAll('#serving-metrics tbody tr')].map((r) => [
+              ...[...r.cells].map((c) => c.textContent.trim()), r.querySelector('.requests')?.dataset.value]);""")
+        total = sum(int(row[-1] or 0) for row in rows)
+        return rows if total == completions else None
+
+    rows = wait(browser, serving_rows, timeout=30, message="the serving figures after the completions")
+    columns = ["role", "version", "serving", "requests", "errors", "error_rate", "p50", "p99", "mean", "ttft",
+               "prompt_tokens", "completion_tokens", "requests_value"]
+    shown = {(row["role"], row["version"]): row for row in (dict(zip(columns, r, strict=True)) for r in rows)}
+    assert set(shown) == {("stable", f"v{v1['version']}"), ("canary", f"v{v2['version']}")}
+    for expected in figures:
+        row = shown[(expected["role"], f"v{expected['version']}")]
+        assert row["serving"] == f"{expected['weight']}%"
+        assert int(row["requests_value"]) == expected["requests"]
+        if expected["requests"]:
+            assert row["errors"] == "0" and row["p50"].endswith(" ms") and row["ttft"].endswith(" ms")
+            assert int(row["completion_tokens"].replace(",", "")) == expected["completion_tokens"] > 0
+        else:
+            assert row["p50"] == "—"

@@ -115,6 +115,7 @@ async def service(settings_env, model_root, triton):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     client = Client(inference_pb2_grpc.InferenceServiceStub(channel))
     client.deployments = deployments  # the domain object behind the service, for tests that look inside
+    client.address = f"127.0.0.1:{port}"  # where a gateway reaches the service
     yield client
     await channel.close()
     for tenant, name in list(deployments.routes):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from services.inference.triton_engine import TritonEngine
 
 pytestmark = pytest.mark.integration
 
+SHAKESPEARE = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "What is", "And then the king said", "O"]
 
 
@@ -120,3 +122,56 @@ async def test_triton_down_is_unavailable_with_retry_after():
     with pytest.raises(Unavailable):
         await engine.check()
     await engine.close()
+
+
+async def test_a_lone_sequence_is_sent_at_once_and_a_batch_waits_for_open_sequences(service, model_root):
+    """No batch window for a sequence with nobody to batch with; one loop turn for an open sequence that has
+    not queued its next step yet (so it joins the batch instead of waiting for the next one)."""
+    await service.deploy(stable=1)
+    engine = service.deployments.engine
+    name = "m-acme-tiny-v1"
+    ids = model_root[1][1].tokenizer.encode("ROMEO:", add_special_tokens=False)
+    loop = asyncio.get_running_loop()
+    turned = asyncio.Event()  # set by a callback queued right after the submit: has the loop turned since?
+    sent: list[tuple[bool, list[int]]] = []
+    infer_rows = engine.infer_rows
+
+    async def recording(model, steps, *, timeout):
+        sent.append((turned.is_set(), [step.sequence_id for step in steps]))
+        return await infer_rows(model, steps, timeout=timeout)
+
+    engine.infer_rows = recording
+    try:
+        first = engine.submit(name, 11, ids, start=True, timeout=10)
+        loop.call_soon(turned.set)
+        token = (await first).next_token
+        assert sent == [(False, [11])]  # sent before the loop turned once
+
+        turned.clear()
+        second = engine.submit(name, 12, ids, start=True, timeout=10)  # 11 is open and has not queued yet
+        later: list[asyncio.Future] = []
+        loop.call_soon(lambda: later.append(engine.submit(name, 11, [token], timeout=10)))
+        loop.call_soon(turned.set)
+        await second
+        await later[0]
+        assert sent[1] == (True, [12, 11])  # waited for 11's step, then sent both as one request
+
+        await engine.step(name, 11, [], end=True, timeout=10)
+        await engine.step(name, 12, [], end=True, timeout=10)
+        assert not engine.batchers[name].open_sequences
+    finally:
+        del engine.infer_rows
+
+
+def test_prompts_encode_as_the_tokenizer_wrapper_does(model_root):
+    from services.inference.generation import _encode
+
+    tokenizer = model_root[1][1].tokenizer
+    text = SHAKESPEARE.read_text()[:5000]
+    for prompt in [text[i:i + 1 + i % 97] for i in range(0, 4900, 37)] + ["<|endoftext|> x", "ünï ✓ 😀", "\n"]:
+        assert _encode(tokenizer, prompt) == tokenizer.encode(prompt, add_special_tokens=False), prompt
+    tokenizer.backend_tokenizer.enable_truncation(4)  # a wrapper setting the fast path must not bypass
+    try:
+        assert _encode(tokenizer, text[:200]) == tokenizer.encode(text[:200], add_special_tokens=False)
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()

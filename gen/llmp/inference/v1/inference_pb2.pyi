@@ -235,3 +235,57 @@ class DeleteDeploymentRequest(_message.Message):
 class DeleteDeploymentResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetDeploymentMetricsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ServedVersionStats(_message.Message):
+    __slots__ = ("model", "version", "role", "serving", "weight", "requests", "errors", "error_rate", "latency_mean_s", "latency_p50_s", "latency_p99_s", "time_to_first_token_mean_s", "time_to_first_token_p99_s", "prompt_tokens", "completion_tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_S_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_S_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_P99_S_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    role: str
+    serving: bool
+    weight: int
+    requests: int
+    errors: int
+    error_rate: float
+    latency_mean_s: float
+    latency_p50_s: float
+    latency_p99_s: float
+    time_to_first_token_mean_s: float
+    time_to_first_token_p99_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., role: _Optional[str] = ..., serving: _Optional[bool] = ..., weight: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_mean_s: _Optional[float] = ..., latency_p50_s: _Optional[float] = ..., latency_p99_s: _Optional[float] = ..., time_to_first_token_mean_s: _Optional[float] = ..., time_to_first_token_p99_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class GetDeploymentMetricsResponse(_message.Message):
+    __slots__ = ("name", "model", "versions", "replica", "since")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    versions: _containers.RepeatedCompositeFieldContainer[ServedVersionStats]
+    replica: str
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ServedVersionStats, _Mapping]]] = ..., replica: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

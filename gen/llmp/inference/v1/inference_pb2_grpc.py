@@ -65,6 +65,11 @@ class InferenceServiceStub:
                 request_serializer=llmp_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentRequest.SerializeToString,
                 response_deserializer=llmp_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentResponse.FromString,
                 _registered_method=True)
+        self.GetDeploymentMetrics = channel.unary_unary(
+                '/llmp.inference.v1.InferenceService/GetDeploymentMetrics',
+                request_serializer=llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsRequest.SerializeToString,
+                response_deserializer=llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -113,6 +118,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDeploymentMetrics(self, request, context):
+        """What a deployment served, per model version and track (stable/canary), as counted by the inference
+        process answering the call (its Prometheus metrics; other replicas count their own requests).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.DeleteDeployment,
                     request_deserializer=llmp_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentRequest.FromString,
                     response_serializer=llmp_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentResponse.SerializeToString,
+            ),
+            'GetDeploymentMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeploymentMetrics,
+                    request_deserializer=llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsRequest.FromString,
+                    response_serializer=llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class InferenceService:
             '/llmp.inference.v1.InferenceService/DeleteDeployment',
             llmp_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentRequest.SerializeToString,
             llmp_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeploymentMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.inference.v1.InferenceService/GetDeploymentMetrics',
+            llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsRequest.SerializeToString,
+            llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,48 @@
+"""The completions view's quick request check agrees with the JSON Schema it stands in for."""
+
+from __future__ import annotations
+
+import itertools
+
+import jsonschema
+
+from gateway.views.completions import _FIELD_CHECKS, COMPLETION, _plainly_valid
+
+SCHEMA = jsonschema.Draft202012Validator(COMPLETION)
+BASE = {"model": "chat", "prompt": "Hello"}
+VALUES = {
+    "model": ["chat", "", 3, None],
+    "prompt": ["Hello", "", ["a"], None],
+    "max_tokens": [1, 16, 4096, 0, 4097, -1, 1.0, 2.5, True, "16", None],
+    "temperature": [0, 0.7, 2, 2.01, -0.1, True, "0", None],
+    "top_p": [1, 0.9, 0, 1.1, False, None],
+    "top_k": [0, 50, -1, 1.5, True],
+    "seed": [0, 7, -3, 2**70, 1.5, False, "7"],
+    "stop": ["\n", ["a", "b"], [], ["a"] * 5, [1], 3, None],
+    "stream": [True, False, 0, "true", None],
+    "user": ["u", "x" * 200, "x" * 201, 1],
+    "n": [1, 2, 1.0, True],
+    "tenant": ["beta"],
+}
+
+
+def test_the_quick_check_covers_exactly_the_schema_fields():
+    assert set(_FIELD_CHECKS) | {"model", "prompt"} == set(COMPLETION["properties"])
+
+
+def test_the_quick_check_never_accepts_what_the_schema_refuses():
+    bodies = [{**BASE, name: value} for name, values in VALUES.items() for value in values]
+    bodies += [{**BASE, a: va, b: vb} for (a, xs), (b, ys) in itertools.combinations(VALUES.items(), 2)
+               for va, vb in itertools.product(xs[:2] + xs[-1:], ys[:2] + ys[-1:])]
+    bodies += [{"prompt": "x"}, {"model": "m"}, {}]
+    accepted = 0
+    for body in bodies:
+        if _plainly_valid(body):
+            accepted += 1
+            assert SCHEMA.is_valid(body), body
+    assert accepted > len(bodies) // 4  # and it does let the usual requests through
+
+
+def test_the_usual_requests_take_the_quick_path():
+    assert _plainly_valid({**BASE, "max_tokens": 32, "temperature": 0, "stream": True})
+    assert _plainly_valid({**BASE, "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "seed": 1, "stop": ["\n"]})
