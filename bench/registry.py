@@ -4,10 +4,11 @@ One run, one SeaweedFS (started here on free ports), one PostgreSQL database (cr
 server at LLMP_DATABASE_URL's host, dropped after), the registry service in-process on a free port:
 
 - project:  `ReserveModelVersion`, upload the save_pretrained folder straight into the version's prefix
-  (parallel multipart, SHA-256 computed from the bytes sent), `CommitModelVersion` (the registry reads
-  every object back and checks its size and SHA-256, READY in one transaction), then download every
-  artifact straight from S3 (parallel ranged GETs) verifying size and SHA-256 against the registry's
-  record (`services.registry.client.fetch_artifact`, what services with S3 access use);
+  (one streamed PUT per file, SHA-256 computed from the bytes sent and sent as the S3 trailing checksum,
+  which SeaweedFS recomputes and enforces), `CommitModelVersion` (the registry checks every object's
+  size and the SHA-256 S3 reports for it, READY in one transaction), then download every artifact
+  straight from S3 verifying size and SHA-256 against the registry's record
+  (`services.registry.client.fetch_artifact`, what services with S3 access use);
 - baseline: the `minio` SDK's own `fput_object` + `fget_object` of the same files to the same server
   (no checksums): the limit of moving the bytes there and back.
 
@@ -61,18 +62,39 @@ def make_checkpoint(folder: Path, megabytes: int) -> None:
     (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
 
 
+class TimedStub:
+    """The registry stub, adding up the seconds spent in each RPC (to split the upload from the commit)."""
+
+    def __init__(self, stub) -> None:
+        self._stub = stub
+        self.seconds: dict[str, float] = {}
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        async def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        return timed
+
+
 async def project_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
                         round_no: int) -> tuple[float, dict[str, float]]:
     metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "bench"), (ROLE_KEY, "developer"))
+    timed = TimedStub(stub)
     started = time.perf_counter()
-    version = await upload_model_version(stub, registry.store, "bench", folder, metadata=metadata)
+    version = await upload_model_version(timed, registry.store, "bench", folder, metadata=metadata)
     registered = time.perf_counter()
     await asyncio.gather(*(asyncio.to_thread(fetch_artifact, registry.store, artifact, out / artifact.path)
                            for artifact in version.artifacts))
     finished = time.perf_counter()
     for artifact in version.artifacts:
         (out / artifact.path).unlink()
-    phases = {"upload+commit": registered - started, "download": finished - registered}
+    commit = timed.seconds.get("CommitModelVersion", 0.0)
+    phases = {"reserve+upload": registered - started - commit, "commit": commit, "download": finished - registered}
     return finished - started, phases
 
 
@@ -96,17 +118,19 @@ async def copy_path_round(registry: server.Registry, stub, folder: Path, out: Pa
     return finished - started, phases
 
 
-def baseline_round(client: Minio, bucket: str, folder: Path, out: Path, round_no: int) -> float:
+def baseline_round(client: Minio, bucket: str, folder: Path, out: Path, round_no: int) -> tuple[float, float]:
+    """One put + get of every file with the SDK's defaults; returns (total seconds, put seconds)."""
     started = time.perf_counter()
     files = sorted(path for path in folder.iterdir() if path.is_file())
     for path in files:
         client.fput_object(bucket, f"baseline/{round_no}/{path.name}", str(path))
+    uploaded = time.perf_counter()
     for path in files:
         client.fget_object(bucket, f"baseline/{round_no}/{path.name}", str(out / path.name))
-    elapsed = time.perf_counter() - started
+    finished = time.perf_counter()
     for path in files:
         (out / path.name).unlink()
-    return elapsed
+    return finished - started, uploaded - started
 
 
 async def run(options: argparse.Namespace) -> None:
@@ -138,13 +162,14 @@ async def run(options: argparse.Namespace) -> None:
             raw = Minio(f"127.0.0.1:{ports.s3}", access_key=ACCESS, secret_key=SECRET, secure=False)
             best = {"project": float("inf"), "baseline": float("inf")}
             for round_no in range(options.repeats):
-                best["baseline"] = min(best["baseline"], await asyncio.to_thread(
-                    baseline_round, raw, settings.s3.bucket, folder, out, round_no))
+                base, base_put = await asyncio.to_thread(baseline_round, raw, settings.s3.bucket, folder, out, round_no)
+                best["baseline"] = min(best["baseline"], base)
                 measure = copy_path_round if options.copy_path else project_round
                 elapsed, phases = await measure(registry, stub, folder, out, "bench", round_no)
                 best["project"] = min(best["project"], elapsed)
                 detail = " ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items())
-                print(f"round {round_no + 1}: project {elapsed:.2f}s ({detail}); best project {best['project']:.2f}s "
+                print(f"round {round_no + 1}: project {elapsed:.2f}s ({detail}); baseline {base:.2f}s "
+                      f"(put {base_put:.2f}s get {base - base_put:.2f}s); best project {best['project']:.2f}s "
                       f"baseline {best['baseline']:.2f}s ({size_mb:.0f} MB)", flush=True)
             await channel.close()
         finally:
@@ -157,7 +182,7 @@ async def run(options: argparse.Namespace) -> None:
     print(f"BENCH registry project={project:.1f}MB/s baseline={baseline:.1f}MB/s ratio={project / baseline:.2f} "
           f"(minio SDK fput_object+fget_object of the same {size_mb:.0f} MB checkpoint to the same SeaweedFS, "
           "no checksums; project = " + ("upload + copying register + verified gRPC download)" if options.copy_path
-                                        else "reserve + upload + commit with read-back SHA-256 verification + "
+                                        else "reserve + upload with S3-enforced SHA-256 + commit checking it + "
                                              "SHA-256-verified S3 download)"))
 
 

@@ -2,30 +2,35 @@
 
 Every object llmp writes carries its SHA-256 as user metadata (`x-amz-meta-sha256`), computed while
 the bytes stream through, so readers can verify what they download without a second pass over S3.
-The one exception is `upload_file`, which hashes in the same pass as it uploads (no metadata, since
-S3 wants it before the first byte) for callers that record the digest themselves, like the registry.
-Large objects move as parallel multipart uploads and parallel ranged GETs, hashed in order.
+The one exception is `upload_file`, for callers that record the digest themselves, like the registry:
+it sends the file once, as one streamed PUT whose SHA-256 follows the body as an S3 trailing checksum
+(`x-amz-checksum-sha256`), so the S3 server computes the digest too, refuses the upload if they differ,
+and keeps it (`server_sha256` reads it back with a HEAD instead of the object).
+Other large objects move as parallel multipart uploads; downloads are one GET, hashed as written.
 The SDK is synchronous: async code calls these methods through `asyncio.to_thread`.
 """
 
 from __future__ import annotations
 
-import collections
+import base64
+import binascii
 import hashlib
 import io
-import itertools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import urllib3
 from minio import Minio
+from minio import time as s3time
 from minio.commonconfig import CopySource
+from minio.credentials import Credentials
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
+from minio.signer import sign_v4_s3
 
 from services.common.config import S3Settings
 from services.common.errors import Internal, NotFound, Unavailable
@@ -33,7 +38,10 @@ from services.common.errors import Internal, NotFound, Unavailable
 SHA256_META = "sha256"
 PART_SIZE = 16 * 1024 * 1024  # multipart part size; S3's minimum is 5 MiB
 CHUNK = 1024 * 1024
-PARALLEL_PARTS = 4  # parts uploaded, or ranges downloaded, at once per object
+PARALLEL_PARTS = 4  # parts uploaded at once per object
+SINGLE_PUT_LIMIT = 5 * 1024 ** 3  # S3's largest single PUT: larger files go multipart, without a server SHA-256
+CHECKSUM_HEADER = "x-amz-checksum-sha256"  # base64 SHA-256 the S3 server computes, enforces and keeps
+UPLOAD_ATTEMPTS = 3  # a streamed PUT is restarted from the file's first byte after a dropped connection or a 5xx
 
 
 @dataclass(frozen=True)
@@ -104,12 +112,13 @@ class ObjectStore:
 
     def __init__(self, settings: S3Settings, *, timeout: float = 30.0) -> None:
         self.bucket = settings.bucket
-        http = urllib3.PoolManager(
+        self._settings = settings
+        self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=3.0, read=timeout), maxsize=16,
             retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
         )
         self.client = Minio(settings.endpoint, access_key=settings.access_key, secret_key=settings.secret_key,
-                            secure=settings.secure, region=settings.region, http_client=http)
+                            secure=settings.secure, region=settings.region, http_client=self._http)
 
     # -- health ---------------------------------------------------------------------------------
     def ensure_bucket(self) -> None:
@@ -159,15 +168,70 @@ class ObjectStore:
         """Upload a file in one pass, hashing the very bytes sent; no SHA-256 metadata.
 
         For callers that keep the digest themselves and verify the stored object against it (the
-        registry's reserve / upload / commit flow): one read of the file instead of two.
+        registry's reserve / upload / commit flow). Up to `SINGLE_PUT_LIMIT` the file goes as one
+        streamed PUT with the digest as its trailing checksum: the server checks it (a mismatch fails the
+        PUT) and keeps it for `server_sha256`. Larger files go multipart, with no server checksum.
         """
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
+            if size <= SINGLE_PUT_LIMIT:
+                return StoredObject(key, size, self._put_with_checksum(key, handle, size, content_type))
             reader = _HashingFile(handle)
             self._write(key, reader, size, content_type, {})
         if reader.size != size:
             raise Internal(f"{path} changed size while it was uploaded to {key}")
         return StoredObject(key, size, reader.digest.hexdigest())
+
+    def _put_with_checksum(self, key: str, handle, size: int, content_type: str) -> str:
+        """PUT `size` bytes of `handle` (from its start) as `key` with a trailing SHA-256; returns its hex digest.
+
+        The body is aws-chunked (`STREAMING-UNSIGNED-PAYLOAD-TRAILER`): the file's chunks, then the
+        `x-amz-checksum-sha256` trailer once the last byte has been hashed. One read of the file, bounded
+        memory; the server rejects the object unless the bytes it received have that digest.
+        """
+        chunks = [CHUNK] * (size // CHUNK) + ([size % CHUNK] if size % CHUNK else [])
+        trailer_length = len(f"0\r\n{CHECKSUM_HEADER}:\r\n\r\n") + 44  # 44: base64 of 32 bytes
+        encoded = sum(len(f"{n:x}\r\n") + n + 2 for n in chunks) + trailer_length
+        settings = self._settings
+        url = urlsplit(f"{'https' if settings.secure else 'http'}://{settings.endpoint}/{self.bucket}/"
+                       f"{quote(key, safe='/~')}")
+        streaming = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+
+        def body(digest) -> Iterator[bytes]:
+            handle.seek(0)
+            for length in chunks:
+                data = handle.read(length)
+                if len(data) != length:
+                    raise Internal(f"{handle.name} changed size while it was uploaded to {key}")
+                digest.update(data)
+                yield f"{length:x}\r\n".encode()
+                yield data
+                yield b"\r\n"
+            yield f"0\r\n{CHECKSUM_HEADER}:{base64.b64encode(digest.digest()).decode()}\r\n\r\n".encode()
+
+        for _ in range(UPLOAD_ATTEMPTS):
+            date = s3time.utcnow()
+            headers = sign_v4_s3(
+                method="PUT", url=url, region=settings.region, credentials=Credentials(
+                    settings.access_key, settings.secret_key), content_sha256=streaming, date=date,
+                headers={"Host": url.netloc, "Content-Type": content_type, "Content-Length": str(encoded),
+                         "Content-Encoding": "aws-chunked", "x-amz-decoded-content-length": str(size),
+                         "x-amz-trailer": CHECKSUM_HEADER, "x-amz-content-sha256": streaming,
+                         "x-amz-date": s3time.to_amz_date(date)})
+            digest = hashlib.sha256()
+            try:
+                response = self._http.urlopen("PUT", url.geturl(), body=body(digest), headers=headers, retries=False)
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                failure = Unavailable(f"S3 unreachable while writing {key}: {error}", retry_after=2)
+                failure.__cause__ = error
+                continue
+            if response.status == 200:
+                return digest.hexdigest()
+            message = f"S3 put {key}: HTTP {response.status}: {response.data[:300]!r}"
+            if response.status < 500:
+                raise Internal(message)
+            failure = Unavailable(message, retry_after=2)
+        raise failure
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         return self._put(key, io.BytesIO(data), len(data), hashlib.sha256(data).hexdigest(), content_type)
@@ -194,16 +258,37 @@ class ObjectStore:
 
     # -- reads ----------------------------------------------------------------------------------
     def stat(self, key: str) -> StoredObject:
+        """Size and the SHA-256 recorded as metadata when llmp wrote the object ("" if it has none)."""
+        info = self._stat_object(key)
+        metadata = {name.lower(): value for name, value in (info.metadata or {}).items()}
+        return StoredObject(key, info.size or 0, metadata.get(f"x-amz-meta-{SHA256_META}", ""))
+
+    def server_sha256(self, key: str) -> StoredObject:
+        """Size and the SHA-256 the S3 server itself computed and enforced when the object was written.
+
+        That is the trailing checksum of an `upload_file` PUT; "" when the server keeps no full-object
+        SHA-256 for it (multipart uploads, whose S3 checksum is composite, or objects sent without one).
+        """
+        info = self._stat_object(key, {"x-amz-checksum-mode": "ENABLED"})
+        headers = {name.lower(): value for name, value in (info.metadata or {}).items()}
+        sha256 = ""
+        if headers.get("x-amz-checksum-type", "FULL_OBJECT").upper() == "FULL_OBJECT":
+            try:
+                raw = base64.b64decode(headers.get(CHECKSUM_HEADER, ""), validate=True)
+            except binascii.Error:
+                raw = b""
+            sha256 = raw.hex() if len(raw) == 32 else ""
+        return StoredObject(key, info.size or 0, sha256)
+
+    def _stat_object(self, key: str, headers: dict[str, str] | None = None):
         try:
-            info = self.client.stat_object(self.bucket, key)
+            return self.client.stat_object(self.bucket, key, extra_headers=headers)
         except S3Error as error:
             if error.code in {"NoSuchKey", "NoSuchObject", "NotFound"}:
                 raise NotFound(f"object {key} not found") from error
             raise Internal(f"S3 stat {key}: {error.code}") from error
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise Unavailable(f"S3 unreachable: {error}", retry_after=2) from error
-        metadata = {name.lower(): value for name, value in (info.metadata or {}).items()}
-        return StoredObject(key, info.size or 0, metadata.get(f"x-amz-meta-{SHA256_META}", ""))
 
     def exists(self, key: str) -> bool:
         try:
@@ -237,8 +322,8 @@ class ObjectStore:
     def download(self, key: str, path: Path, expected_sha256: str | None = None) -> StoredObject:
         """Download to `path` atomically, verifying the SHA-256 (the expected one, else the recorded one).
 
-        An object larger than one part comes as `PARALLEL_PARTS` ranged GETs in flight, written and
-        hashed strictly in order (memory stays under PARALLEL_PARTS + 1 parts).
+        One GET, each chunk hashed and written as it arrives (what `fget_object` does, plus the hash):
+        on a local S3 server this beats parallel ranged GETs, which cost more CPU than they save.
         """
         stat = self.stat(key)
         expected = expected_sha256 or stat.sha256
@@ -247,7 +332,7 @@ class ObjectStore:
         digest, size = hashlib.sha256(), 0
         try:
             with open(partial, "wb") as handle:
-                for chunk in self._read_ranges(key, stat.size) if stat.size > PART_SIZE else self.iter_chunks(key):
+                for chunk in self.iter_chunks(key):
                     digest.update(chunk)
                     size += len(chunk)
                     handle.write(chunk)
@@ -260,34 +345,6 @@ class ObjectStore:
                            f"got {digest.hexdigest()} ({size} bytes)")
         partial.replace(path)
         return StoredObject(key, size, digest.hexdigest())
-
-    def _read_ranges(self, key: str, size: int) -> Iterator[bytes]:
-        """The object as consecutive PART_SIZE ranges, fetched PARALLEL_PARTS at a time, yielded in order."""
-        offsets = iter(range(0, size, PART_SIZE))
-        with ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="s3-range") as pool:
-            pending = collections.deque(pool.submit(self._get_range, key, offset, min(PART_SIZE, size - offset))
-                                        for offset in itertools.islice(offsets, PARALLEL_PARTS))
-            try:
-                while pending:
-                    data = pending.popleft().result()
-                    offset = next(offsets, None)
-                    if offset is not None:
-                        pending.append(pool.submit(self._get_range, key, offset, min(PART_SIZE, size - offset)))
-                    yield data
-            finally:
-                for future in pending:
-                    future.cancel()
-
-    def _get_range(self, key: str, offset: int, length: int) -> bytes:
-        response = self._get_object(key, offset=offset, length=length)
-        try:
-            data = response.read()
-        finally:
-            response.close()
-            response.release_conn()
-        if len(data) != length:
-            raise Internal(f"S3 get {key}: range at {offset} returned {len(data)} bytes, expected {length}")
-        return data
 
     def list(self, prefix: str) -> list[StoredObject]:
         """Every object under `prefix` with its size (SHA-256 needs a stat: use `stat` when required)."""

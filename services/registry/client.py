@@ -1,9 +1,10 @@
 """Client side of the registry: register a folder by reserve / upload / commit, and download artifacts verified.
 
 `upload_model_version` is the fast registration: the bytes go once, straight into the version's own
-prefix (parallel multipart, hashed while sent), and the registry verifies them in place. Callers with
-S3 access download with `fetch_artifact` (parallel ranged GETs, SHA-256 checked against the registry's
-record); others use the `DownloadArtifact` stream through `download_artifact`.
+prefix (one streamed PUT per file, hashed while sent, the digest enforced by S3 as a trailing checksum),
+and the registry verifies them in place. Callers with S3 access download with `fetch_artifact` (one
+GET, SHA-256 checked against the registry's record); others use the `DownloadArtifact` stream through
+`download_artifact`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llmp.registry.v1 import registry_pb2 as pb
 from services.common.errors import Internal, ValidationFailed
 from services.common.s3 import ObjectStore, StoredObject
 
-UPLOAD_PARALLELISM = 4  # files uploaded at once (each large one also sends its parts in parallel)
+UPLOAD_PARALLELISM = 4  # files uploaded at once
 
 
 async def upload_model_version(stub, store: ObjectStore, model_name: str, folder: Path, *,
@@ -30,7 +31,8 @@ async def upload_model_version(stub, store: ObjectStore, model_name: str, folder
     """Register the save_pretrained folder `folder` as the next version of `model_name`; returns it READY.
 
     ReserveModelVersion, upload every file under the returned prefix while renewing the reservation,
-    then CommitModelVersion with each file's size and SHA-256 (the registry reads them back to check).
+    then CommitModelVersion with each file's size and SHA-256 (the registry checks them against the
+    SHA-256 S3 enforced on upload, or reads the objects back).
     """
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     if not files:

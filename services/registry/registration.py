@@ -1,13 +1,16 @@
 """Atomic registration of model versions, and the sweep that collects what interrupted ones left.
 
-Two ways in, one guarantee: a version is READY only once every object under its own prefix has been
-read back by the registry and matched the size and SHA-256 recorded for it, in one transaction.
+Two ways in, one guarantee: a version is READY only once every object under its own prefix has
+matched the size and SHA-256 recorded for it, a SHA-256 computed from the stored bytes by the registry
+(reading them back) or by the S3 server (a checksum it enforced on upload), in one transaction.
 
 - **Reserve, upload, commit** (the fast path: the bytes are written once, where they stay):
   `reserve` allocates the next number PENDING and returns the version's prefix and a reservation id;
-  the caller uploads the save_pretrained folder straight there (parallel multipart, hashing as it
-  sends) and renews the reservation while it does; `commit` lists the prefix, requires exactly the
-  declared files, reads every object back hashing it, and flips the row to READY with the artifacts.
+  the caller uploads the save_pretrained folder straight there (one streamed PUT per file, hashing as
+  it sends, the digest sent as the S3 trailing checksum) and renews the reservation while it does;
+  `commit` lists the prefix, requires exactly the declared files, checks every object's size and
+  SHA-256 (the one the S3 server computed and enforced on upload, else by reading the object back),
+  and flips the row to READY with the artifacts.
 - **Register from a source prefix** (`register`), for callers that already uploaded elsewhere:
 
 A registration from a source prefix runs in three steps:
@@ -146,8 +149,15 @@ def copy_verified(store: ObjectStore, source_key: str, destination_key: str) -> 
 
 
 def verify_in_place(store: ObjectStore, key: str, expected: DeclaredArtifact) -> StoredObject:
-    """Read a stored object back and check it has the declared size and SHA-256."""
-    actual, size = _hash_object(store, key)
+    """Check a stored object has the declared size and SHA-256.
+
+    The digest is one the registry did not take from the uploader: the SHA-256 the S3 server computed
+    over the bytes it received and enforced on the PUT (`ObjectStore.upload_file`'s trailing checksum,
+    reported by a HEAD), or, for an object stored without one (multipart, other writers), the digest of
+    the object read back here.
+    """
+    attested = store.server_sha256(key)
+    actual, size = (attested.sha256, attested.size) if attested.sha256 else _hash_object(store, key)
     if actual != expected.sha256 or size != expected.size:
         raise Internal(f"checksum mismatch for {key}: declared {expected.sha256} ({expected.size} bytes), "
                        f"stored {actual} ({size} bytes)")
@@ -156,7 +166,7 @@ def verify_in_place(store: ObjectStore, key: str, expected: DeclaredArtifact) ->
 
 def _hash_object(store: ObjectStore, key: str) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
-    for chunk in store.iter_chunks(key, 4 * 1024 * 1024):
+    for chunk in store.iter_chunks(key):
         digest.update(chunk)
         size += len(chunk)
     return digest.hexdigest(), size
@@ -234,8 +244,8 @@ async def commit(db: Database, store: ObjectStore, caller: Caller, reservation_i
                  declared: list[DeclaredArtifact], *, heartbeat_seconds: float = HEARTBEAT_SECONDS) -> tuple[str, int]:
     """Verify every object under the reservation's prefix in place and mark the version READY.
 
-    The prefix must hold exactly the declared files; each is read back and must have its declared size
-    and SHA-256. Any mismatch fails the version (FAILED, objects collected): the caller reserves again.
+    The prefix must hold exactly the declared files; each must have its declared size and SHA-256
+    (`verify_in_place`). Any mismatch fails the version (FAILED, objects collected): the caller reserves again.
     Committing a reservation that is already READY (a retry) returns it as it is.
     """
     async with db.pool.connection() as conn:

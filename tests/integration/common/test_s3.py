@@ -62,14 +62,41 @@ def test_unreachable_server_is_unavailable():
         dead.check()
 
 
-def test_upload_file_hashes_in_one_pass_and_download_fetches_ranges_in_order(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(s3, "PARALLEL_PARTS", 2)  # fewer in flight than there are ranges
-    data = os.urandom(2 * s3.PART_SIZE + 5 * 1024 * 1024)  # three parts up, three ranges down
+def test_upload_file_hashes_in_one_pass_and_the_server_attests_the_digest(store, tmp_path):
+    data = os.urandom(2 * s3.CHUNK + 12345)  # whole chunks and a partial one in the aws-chunked body
     source = tmp_path / "source.bin"
     source.write_bytes(data)
     uploaded = store.upload_file("t/one-pass.bin", source)
     assert uploaded.size == len(data) and uploaded.sha256 == hashlib.sha256(data).hexdigest()
     assert store.stat("t/one-pass.bin").sha256 == ""  # no metadata: the caller keeps the digest
+    assert store.server_sha256("t/one-pass.bin") == uploaded  # the S3 server's own SHA-256 of what it stored
+    assert store.get_bytes("t/one-pass.bin") == data
+    (tmp_path / "empty").write_bytes(b"")
+    empty = store.upload_file("t/empty", tmp_path / "empty")
+    assert empty == store.server_sha256("t/empty") == s3.StoredObject("t/empty", 0, hashlib.sha256(b"").hexdigest())
+    store.put_bytes("t/recorded", b"abc")  # metadata only: the server keeps no SHA-256 of its own
+    assert store.server_sha256("t/recorded").sha256 == ""
+
+
+def test_the_server_refuses_an_upload_whose_trailing_checksum_is_wrong(store, tmp_path, monkeypatch):
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(s3.CHUNK + 1))
+    salted = type("Salted", (), {"sha256": staticmethod(lambda: hashlib.sha256(b"salt"))})
+    monkeypatch.setattr(s3, "hashlib", salted)  # the trailer no longer matches the bytes sent
+    with pytest.raises(errors.Internal, match="HTTP 400"):
+        store.upload_file("t/refused.bin", source)
+    assert not store.exists("t/refused.bin")
+
+
+def test_upload_file_beyond_the_single_put_limit_goes_multipart_and_download_verifies(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(s3, "SINGLE_PUT_LIMIT", s3.PART_SIZE)
+    monkeypatch.setattr(s3, "PARALLEL_PARTS", 2)  # fewer in flight than there are parts
+    data = os.urandom(2 * s3.PART_SIZE + 5 * 1024 * 1024)  # three parts
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    uploaded = store.upload_file("t/one-pass.bin", source)
+    assert uploaded.size == len(data) and uploaded.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.server_sha256("t/one-pass.bin") == s3.StoredObject("t/one-pass.bin", len(data), "")
     fetched = store.download("t/one-pass.bin", tmp_path / "copy.bin", expected_sha256=uploaded.sha256)
     assert fetched == s3.StoredObject("t/one-pass.bin", len(data), uploaded.sha256)
     assert (tmp_path / "copy.bin").read_bytes() == data

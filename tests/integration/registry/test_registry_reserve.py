@@ -9,6 +9,7 @@ import pytest
 from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 
+from services.common import s3
 from services.registry import registration
 from services.registry.client import fetch_artifact, upload_model_version
 
@@ -86,6 +87,56 @@ async def test_commit_refuses_a_checksum_mismatch_and_collects_the_objects(clien
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.call(method, request)
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.fixture
+def read_back(monkeypatch) -> list[str]:
+    """The keys the registry hashes by reading the object back (instead of taking S3's own SHA-256)."""
+    keys: list[str] = []
+    original = registration._hash_object
+
+    def hash_object(store, key):
+        keys.append(key)
+        return original(store, key)
+
+    monkeypatch.setattr(registration, "_hash_object", hash_object)
+    return keys
+
+
+async def test_commit_takes_the_sha256_s3_enforced_on_upload_without_reading_back(client, registry, checkpoint,
+                                                                                 read_back):
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+    committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+        reservation_id=reply.reservation_id, artifacts=declared))
+    assert committed.version.state == pb.VERSION_STATE_READY and read_back == []
+    assert {item.path: item.object.sha256 for item in committed.version.artifacts} == {
+        path.name: sha256_of(path) for path in checkpoint.iterdir()}
+
+
+async def test_commit_reads_back_objects_stored_without_a_server_sha256(client, registry, checkpoint, read_back,
+                                                                        monkeypatch):
+    monkeypatch.setattr(s3, "SINGLE_PUT_LIMIT", 4096)  # larger files go multipart: no full-object S3 SHA-256
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+    committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+        reservation_id=reply.reservation_id, artifacts=declared))
+    assert committed.version.state == pb.VERSION_STATE_READY
+    assert sorted(read_back) == sorted(reply.prefix + path.name for path in checkpoint.iterdir()
+                                       if path.stat().st_size > 4096)
+    assert read_back  # the tiny checkpoint's weights are larger than that
+
+
+async def test_commit_refuses_an_object_whose_server_sha256_differs(client, registry, checkpoint, read_back,
+                                                                    tmp_path):
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+    other = tmp_path / "config.json"
+    other.write_text('{"replaced": true}')
+    await asyncio.to_thread(registry.store.upload_file, reply.prefix + "config.json", other)  # S3 attests the new bytes
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL and "config.json" in caught.value.details()
+    assert read_back == []
+    assert (await version_row(registry, client.tenant, "checked", reply.ref.version))["state"] == "FAILED"
 
 
 async def test_commit_needs_exactly_the_declared_files(client, registry, checkpoint):
