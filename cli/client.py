@@ -111,6 +111,17 @@ class Client:
             raw = response.read()
             return json.loads(raw) if raw else None
 
+    def wait_until(self, path: str, done: Callable[[Any], bool], timeout: float, pause: float = 0.5) -> Any:
+        """GET `path` until `done(resource)`; TimeoutError naming the last state after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            resource = self.call("GET", path)
+            if done(resource):
+                return resource
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{path} did not get there in {timeout:.0f}s: {resource}")
+            time.sleep(pause)
+
     def call_with_etag(self, path: str) -> tuple[Any, str]:
         with self._request("GET", path) as response:
             return json.loads(response.read()), response.headers.get("ETag", "")

@@ -19,22 +19,13 @@ SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinysha
 NAME = "canary-e2e"  # dataset, model and deployment
 
 
-def wait_until(client: Client, path: str, done, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        resource = client.call("GET", path)
-        if done(resource):
-            return resource
-        assert time.monotonic() < deadline, f"{path} did not get there in {timeout:.0f}s: {resource}"
-        time.sleep(0.5)
-
 
 def two_versions(client: Client) -> tuple[int, int]:
     """Two tiny GPT-2 versions of model NAME (a few steps each), both exported to ONNX."""
     dataset = client.upload("/v1/datasets", SHAKESPEARE.read_bytes()[:30_000],
                             query={"name": NAME, "tokenizer": "char", "format": "text"})
-    wait_until(client, f"/v1/datasets/{NAME}/versions/{dataset['version']}",
-               lambda d: d["state"] == "READY", 120)
+    client.wait_until(f"/v1/datasets/{NAME}/versions/{dataset['version']}",
+                      lambda d: d["state"] == "READY", 120)
     jobs = [client.call("POST", "/v1/training-jobs", {
         "dataset": {"name": NAME, "version": dataset["version"]}, "model_name": NAME,
         "model": {"family": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0},
@@ -44,16 +35,16 @@ def two_versions(client: Client) -> tuple[int, int]:
     }) for seed in (1, 2)]
     versions = []
     for job in jobs:
-        done = wait_until(client, f"/v1/training-jobs/{job['id']}",
-                          lambda j: j["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}, 240)
+        done = client.wait_until(f"/v1/training-jobs/{job['id']}",
+                                 lambda j: j["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}, 240)
         assert done["state"] == "SUCCEEDED", done
         versions.append(done["model_version"]["version"])
     for version in versions:
         client.call("POST", f"/v1/models/{NAME}/versions/{version}/exports", {"format": "onnx"})
     for version in versions:
-        shown = wait_until(client, f"/v1/models/{NAME}/versions/{version}",
-                           lambda v: any(e["format"] == "onnx" and e["state"] in {"READY", "FAILED"}
-                                         for e in v.get("exports", [])), 240)
+        shown = client.wait_until(f"/v1/models/{NAME}/versions/{version}",
+                                  lambda v: any(e["format"] == "onnx" and e["state"] in {"READY", "FAILED"}
+                                                for e in v.get("exports", [])), 240)
         assert [e["state"] for e in shown["exports"] if e["format"] == "onnx"] == ["READY"], shown
     stable, canary = sorted(versions)
     return stable, canary
@@ -91,7 +82,7 @@ def test_a_canary_rollout_is_started_followed_and_promoted_through_rest(stack):
     stable, canary = two_versions(client)
     path = f"/v1/deployments/{NAME}"
     client.call("PUT", path, {"model": NAME, "stable": stable}, headers={"If-None-Match": "*"})
-    deployed = wait_until(client, path, lambda d: d["state"] in {"READY", "FAILED"}, 120)
+    deployed = client.wait_until(path, lambda d: d["state"] in {"READY", "FAILED"}, 120)
     assert deployed["state"] == "READY" and deployed["rollout"] is None, deployed
 
     rollout = {"steps": [25, 100], "interval_s": 2, "min_requests": 5,
@@ -112,8 +103,8 @@ def test_a_canary_rollout_is_started_followed_and_promoted_through_rest(stack):
     traffic = Traffic(client)
     seen_states = []
     try:
-        final = wait_until(client, path, lambda d: seen_states.append(d["rollout"]["state"])
-                           or d["rollout"]["state"] != "PROGRESSING", 60)
+        final = client.wait_until(path, lambda d: seen_states.append(d["rollout"]["state"])
+                                  or d["rollout"]["state"] != "PROGRESSING", 60)
         time.sleep(0.5)  # a few requests after the promotion
     finally:
         traffic.stop()

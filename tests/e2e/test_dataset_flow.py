@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -35,15 +34,6 @@ def upload(client: Client, data: bytes, query: dict) -> tuple[int, dict]:
         return response.status, json.loads(response.read())
 
 
-def wait_until(client: Client, path: str, done, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        resource = client.call("GET", path)
-        if done(resource):
-            return resource
-        assert time.monotonic() < deadline, f"{path} did not get there in {timeout:.0f}s: {resource}"
-        time.sleep(0.5)
-
 
 def rows(stack, tenant: str) -> list[tuple]:
     with psycopg.connect(stack.env["LLMP_DATABASE_URL"]) as conn:
@@ -59,7 +49,7 @@ def test_tinyshakespeare_through_the_gateway(stack):
     status, created = upload(client, corpus, QUERY)
     assert status in {200, 202}, created  # 200 when another e2e test ingested the same corpus first
     path = f"/v1/datasets/{DATASET}/versions/{created['version']}"
-    version = wait_until(client, path, lambda v: v["state"] != "PENDING", 600)
+    version = client.wait_until(path, lambda v: v["state"] != "PENDING", 600)
 
     # READY, with statistics for every split and a character vocabulary.
     assert version["state"] == "READY" and not version.get("error"), version
@@ -127,8 +117,8 @@ def train_tiny_model(client: Client, dataset_version: int) -> str:
         "model": {"family": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
         "hyperparameters": {"batch_size": 4, "max_steps": 2, "warmup_steps": 0, "eval_interval": 2, "eval_batches": 1},
     }, headers={"Idempotency-Key": f"dataset-flow-lineage-{dataset_version}"})
-    done = wait_until(client, f"/v1/training-jobs/{job['id']}", lambda j: j["state"] not in {"QUEUED", "RUNNING"},
-                      600)
+    done = client.wait_until(f"/v1/training-jobs/{job['id']}", lambda j: j["state"] not in {"QUEUED", "RUNNING"},
+                             600)
     assert done["state"] == "SUCCEEDED", done
     name, number = done["model_version"]["name"], done["model_version"]["version"]
     lineage = client.call("GET", f"/v1/models/{name}/versions/{number}")["lineage"]

@@ -48,20 +48,11 @@ def submit(client: Client, body: dict, key: str) -> tuple[int, dict]:
         return response.status, json.loads(response.read())
 
 
-def wait_until(client: Client, path: str, done, timeout: float, pause: float = 0.5) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        resource = client.call("GET", path)
-        if done(resource):
-            return resource
-        assert time.monotonic() < deadline, f"{path} did not get there in {timeout:.0f}s: {resource}"
-        time.sleep(pause)
-
 
 def ready_dataset(client: Client) -> dict:
     created = client.upload("/v1/datasets", SHAKESPEARE, query={"name": DATASET, "tokenizer": "char"})
-    return wait_until(client, f"/v1/datasets/{DATASET}/versions/{created['version']}",
-                      lambda v: v["state"] != "PENDING", 600)
+    return client.wait_until(f"/v1/datasets/{DATASET}/versions/{created['version']}",
+                             lambda v: v["state"] != "PENDING", 600)
 
 
 def unigram_loss(store: ObjectStore, version: dict) -> float:
@@ -138,12 +129,12 @@ def test_cancel_stops_a_running_job_within_seconds(stack):
     assert status == 202
     path = f"/v1/training-jobs/{job['id']}"
     # Cancel once torchrun is inside the training loop: its process group has to be stopped.
-    wait_until(client, path, lambda j: j["state"] == "RUNNING" and (j.get("progress") or {}).get("done", 0) > 0, 600)
+    client.wait_until(path, lambda j: j["state"] == "RUNNING" and (j.get("progress") or {}).get("done", 0) > 0, 600)
 
     asked = time.monotonic()
     answer = client.call("DELETE", path)
     assert answer["id"] == job["id"] and answer["state"] in {"RUNNING", "CANCELLED"}
-    cancelled = wait_until(client, path, lambda j: j["state"] != "RUNNING", 60, pause=0.2)
+    cancelled = client.wait_until(path, lambda j: j["state"] != "RUNNING", 60, pause=0.2)
     took = time.monotonic() - asked
     assert cancelled["state"] == "CANCELLED" and cancelled["model_version"] is None, cancelled
     assert took < 20, f"cancel took {took:.1f}s"
