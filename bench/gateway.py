@@ -4,11 +4,12 @@ One run, one SeaweedFS (started here on free ports), one PostgreSQL database (cr
 server at LLMP_DATABASE_URL's host, dropped after), the dataset service in-process on a free port, and
 in this same process two aiohttp servers on free ports:
 
-- project:  the gateway (`init_app`, every middleware: request id + metrics, error bodies, API key
-  authentication with a developer key, role check, per-key rate limit set out of the way, query check,
-  the conditional-GET fast path) answering `GET /v1/datasets/{name}/versions/1` with
-  `If-None-Match: <its ETag>` → 304. A READY dataset version is immutable, so after the first GET the
-  gateway answers revalidations itself, without a gRPC round trip (see `gateway.http.ValidatorCache`);
+- project:  the gateway (`init_app`, its whole middleware: request id + metrics + access log (off at
+  WARNING, as here), error bodies, API key authentication with a developer key, role check, per-key
+  rate limit set out of the way, query check, the conditional-GET fast path) answering
+  `GET /v1/datasets/{name}/versions/1` with `If-None-Match: <its ETag>` → 304. A READY dataset version
+  is immutable, so after the first GET the gateway answers revalidations itself, without a gRPC round
+  trip (see `gateway.http.ValidatorCache`);
 - baseline: a bare aiohttp application with one handler returning a constant 2-byte body (the limit of
   aiohttp on this machine).
 
@@ -193,8 +194,9 @@ async def run(options: argparse.Namespace) -> None:
                 baseline = await asyncio.to_thread(_measure, bare_port, "/constant", [], 200, options)
                 project = await asyncio.to_thread(_measure, gateway_port, path, headers, 304, options)
                 best = {"project": max(best["project"], project), "baseline": max(best["baseline"], baseline)}
-                print(f"round {round_no + 1}: project {project:.0f} req/s, baseline {baseline:.0f} req/s",
-                      flush=True)
+                load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+                print(f"round {round_no + 1}: project {project:.0f} req/s, baseline {baseline:.0f} req/s "
+                      f"(ratio {project / baseline:.2f}, load average {load})", flush=True)
         finally:
             for runner in runners:
                 await runner.cleanup()

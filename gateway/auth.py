@@ -27,6 +27,14 @@ BOOTSTRAP_CALLER = Caller(tenant=DEFAULT_TENANT, key_id=BOOTSTRAP_ID, role="admi
 CACHE_SECONDS = 5.0  # a revoked key (through another gateway replica) stops working within this
 
 
+def key_scope(caller: Caller) -> str | None:
+    """The tenant whose API keys `caller` (an admin) manages; None for every tenant's. Only admins of the
+    bootstrap key's tenant (`default`, the platform operators) manage every tenant's keys; another
+    tenant's admin sees, creates and revokes its own tenant's keys only, and another tenant's key is
+    404 to it like any other tenant's object."""
+    return None if caller.tenant == DEFAULT_TENANT else caller.tenant
+
+
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -133,16 +141,21 @@ class KeyStore:
             row = await cursor.fetchone()
         return {**_public(row), "key": full_key}
 
-    async def list(self) -> list[dict]:
+    async def list(self, tenant: str | None = None) -> list[dict]:
+        """Every key (`tenant` None) or one tenant's."""
         async with self.db.pool.connection() as conn:
             cursor = await conn.execute(
-                "SELECT id, tenant, role, name, rate_limit, created_at, revoked_at FROM api_keys ORDER BY created_at")
+                "SELECT id, tenant, role, name, rate_limit, created_at, revoked_at FROM api_keys "
+                "WHERE %(tenant)s::text IS NULL OR tenant = %(tenant)s ORDER BY created_at", {"tenant": tenant})
             return [_public(row) for row in await cursor.fetchall()]
 
-    async def revoke(self, key_id: str) -> None:
+    async def revoke(self, key_id: str, tenant: str | None = None) -> None:
+        """Revoke a key (of `tenant` only, unless None): it stops working here at once (the cache is
+        cleared) and on other gateway replicas within `CACHE_SECONDS`."""
         async with self.db.pool.connection() as conn:
             cursor = await conn.execute(
-                "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL", (key_id,))
+                "UPDATE api_keys SET revoked_at = now() WHERE id = %(id)s AND revoked_at IS NULL "
+                "AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)", {"id": key_id, "tenant": tenant})
             if cursor.rowcount == 0:
                 raise errors.NotFound(f"API key {key_id} not found")
         self._cache.clear()

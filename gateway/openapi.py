@@ -16,8 +16,29 @@ _STANDARD_ERRORS = {400: "Malformed request", 401: "Missing or unknown API key",
                     422: "Invalid field", 429: "Rate limited (see Retry-After)", 503: "A backend is down"}
 
 
+# What a GET (and so its HEAD) answers with beside the body.
+_GET_HEADERS = {
+    "ETag": {"description": "Strong validator of the representation", "schema": {"type": "string"}},
+    "Cache-Control": {"description": "How long and by whom the representation may be cached",
+                      "schema": {"type": "string"}},
+}
+
+
+def _head(get: dict) -> dict:
+    """The HEAD operation the gateway serves for a GET route: the same parameters and statuses, each
+    answer with the GET's headers and no body (RFC 9110 §9.3.2)."""
+    return {
+        **get,
+        "summary": f"{get['summary']} (headers only)",
+        "operationId": "head" + get["operationId"].removeprefix("get"),
+        "responses": {status: {key: value for key, value in answer.items() if key != "content"}
+                      for status, answer in get["responses"].items()},
+    }
+
+
 def document(routes: list[Route], version: str = "0.1.0") -> dict:
     paths: dict[str, dict] = {}
+    declared = {(route.method, route.path) for route in routes}
     for route in routes:
         if route.tag == "console":  # HTML and static files for browsers, not part of the JSON API
             continue
@@ -29,7 +50,8 @@ def document(routes: list[Route], version: str = "0.1.0") -> dict:
         errors.update(route.responses)
         success = {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
         if route.method == "GET":
-            success["304"] = {"description": "Not modified (If-None-Match matched the ETag)"}
+            success["200"]["headers"] = _GET_HEADERS
+            success["304"] = {"description": "Not modified (If-None-Match matched the ETag)", "headers": _GET_HEADERS}
         operation: dict = {
             "summary": route.summary,
             "operationId": f"{route.method.lower()}_{re.sub(r'[^a-zA-Z0-9]+', '_', route.path).strip('_')}",
@@ -55,6 +77,8 @@ def document(routes: list[Route], version: str = "0.1.0") -> dict:
         if route.body is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
         paths.setdefault(route.path, {})[route.method.lower()] = operation
+        if route.method == "GET" and ("HEAD", route.path) not in declared:  # served by the app (`_with_head`)
+            paths[route.path]["head"] = _head(operation)
     return {
         "openapi": "3.1.0",
         "info": {"title": "llmp", "version": version,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.auth import key_scope
 from gateway.http import ADMIN, Route, caller, json_response, read_json
 from gateway.state import KEYS
+from services.common import errors
 
 CREATE_KEY = {
     "type": "object",
@@ -22,17 +24,20 @@ CREATE_KEY = {
 
 async def create_key(request: web.Request) -> web.Response:
     body = await read_json(request, CREATE_KEY)
+    scope = key_scope(caller(request))
+    if scope is not None and body["tenant"] != scope:
+        raise errors.PermissionDenied(f"an admin of tenant {scope} creates keys for tenant {scope} only")
     created = await request.app[KEYS].create(tenant=body["tenant"], role=body["role"], name=body.get("name", ""),
                                              rate_limit=body.get("rate_limit", 50.0), created_by=caller(request).key_id)
     return json_response(request, created, status=201, cache_control="no-store")
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    return json_response(request, {"api_keys": await request.app[KEYS].list()})
+    return json_response(request, {"api_keys": await request.app[KEYS].list(key_scope(caller(request)))})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    await request.app[KEYS].revoke(request.match_info["key_id"])
+    await request.app[KEYS].revoke(request.match_info["key_id"], key_scope(caller(request)))
     return web.Response(status=204, headers={"Cache-Control": "no-store"})
 
 

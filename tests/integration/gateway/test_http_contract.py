@@ -7,9 +7,9 @@ import json
 import re
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway import routes
-from gateway.app import REVALIDATED
 
 pytestmark = pytest.mark.integration
 
@@ -45,10 +45,21 @@ async def test_if_none_match_on_get_and_head(gateway, method, condition, status)
 
 async def test_revalidation_of_an_immutable_version_skips_the_service(gateway):
     auth = {**gateway.auth("alpha", "developer"), "If-None-Match": gateway.etag}
-    before = REVALIDATED._value.get()
+    def counted(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    requests = {"method": "GET", "route": "/v1/datasets/{name}/versions/{version}", "status": "304"}
+    before = counted("llmp_http_revalidated_total"), counted("llmp_http_requests_total", **requests)
     for _ in range(5):
         assert (await gateway.client.get(gateway.dataset, headers=auth)).status == 304
-    assert REVALIDATED._value.get() - before == 5
+    assert counted("llmp_http_revalidated_total") - before[0] == 5  # answered by the gateway itself
+    assert counted("llmp_http_requests_total", **requests) - before[1] == 5  # and counted like any request
+    latency = {"method": "GET", "route": requests["route"]}
+    assert counted("llmp_http_request_seconds_count", **latency) >= 5
+    assert counted("llmp_http_request_seconds_bucket", **latency, le="+Inf") == \
+        counted("llmp_http_request_seconds_count", **latency)
+    scraped = await (await gateway.client.get("/metrics")).text()
+    assert f'llmp_http_request_seconds_count{{method="GET",route="{requests["route"]}"}}' in scraped
     # Another tenant presenting the same ETag learns nothing: 404, not 304.
     other = await gateway.client.get(gateway.dataset, headers={**gateway.auth("beta", "developer"),
                                                                "If-None-Match": gateway.etag})

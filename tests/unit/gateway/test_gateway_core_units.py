@@ -66,6 +66,24 @@ def test_every_get_route_also_serves_head():
     assert all(("HEAD", route.path) in served for route in table if route.method == "GET")
 
 
+def test_openapi_documents_head_for_every_get_route_with_no_body():
+    table = routes.all_routes()
+    paths = openapi.document(table)["paths"]
+    served = gateway_app._with_head(table)
+    documented = {("HEAD", path) for path, operations in paths.items() if "head" in operations}
+    assert documented == {(r.method, r.path) for r in served if r.method == "HEAD" and r.tag != "console"}
+    for path, operations in paths.items():
+        if "get" not in operations:
+            continue
+        get, head = operations["get"], operations["head"]
+        assert head["parameters"] == get["parameters"] and head["security"] == get["security"]
+        assert head["operationId"] != get["operationId"] and set(head["responses"]) == set(get["responses"])
+        assert all("content" not in answer for answer in head["responses"].values()), path
+        assert "ETag" in head["responses"]["200"]["headers"] and "ETag" in head["responses"]["304"]["headers"]
+    operation_ids = [op["operationId"] for operations in paths.values() for op in operations.values()]
+    assert len(operation_ids) == len(set(operation_ids))
+
+
 def test_request_ids_are_unique_without_a_system_call_each():
     ids = {next(gateway_app._request_ids) for _ in range(1000)}
     assert len(ids) == 1000 and len({i[:16] for i in ids}) == 1
