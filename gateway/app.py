@@ -33,7 +33,7 @@ from gateway.auth import KeyStore, RateLimiter, admin_key
 from gateway.http import VALIDATORS, Route, ValidatorCache, error_response, none_match
 from gateway.state import CALLER, CLIENTS, DATABASE, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
 from gateway.views import completions
-from services.common import errors, logs
+from services.common import errors, logs, tracing
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
@@ -249,26 +249,6 @@ def _with_head(table: list[Route]) -> list[Route]:
     return table + heads
 
 
-def tracer_provider(settings: Settings, exporter: SpanExporter | None = None) -> TracerProvider | None:
-    """A tracer provider exporting over OTLP/gRPC to LLMP_OTEL_ENDPOINT (or to `exporter`, for tests);
-    None, and so no tracing at all, when neither is given."""
-    endpoint = settings.raw.get("LLMP_OTEL_ENDPOINT", "")
-    if not endpoint and exporter is None:
-        return None
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-
-    provider = TracerProvider(resource=Resource.create({"service.name": "llmp-gateway"}))
-    if endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider
-
-
 def server_spans(provider: TracerProvider):
     """One SERVER span per request, continuing the caller's trace (W3C `traceparent`), named for the
     route template, with the HTTP semantic-convention attributes; 5xx marks the span as an error."""
@@ -309,7 +289,7 @@ def _tracing(provider: TracerProvider):
 def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -> web.Application:
     table = routes.all_routes()
     served = _with_head(table)
-    provider = tracer_provider(settings, span_exporter)
+    provider = tracing.tracer_provider(settings, "llmp-gateway", span_exporter)
     middlewares = [gateway_middleware({(route.method, route.path): route for route in served},
                                       tracing=provider is not None)]
     if provider is not None:
