@@ -2,9 +2,16 @@
 
 The corpus is streamed to a spool file (never held in memory) and parsed once while the caller waits,
 so a bad line or an empty corpus fails the request itself and nothing is created. Then the version is
-reserved PENDING and built in a worker thread (one build at a time: it is CPU-bound); watchers follow
-its progress. A failure at any point after the reservation removes the uploaded objects and marks the
-version FAILED.
+reserved PENDING (leased to this replica), the corpus stored in S3 beside it, and only then is the
+ingest accepted; it is built in a worker thread (one build at a time: it is CPU-bound) while watchers
+follow its progress. A failure of the build removes the uploaded objects and marks the version FAILED.
+
+Accepted ingests survive the replica: it renews the leases of its builds every `heartbeat_seconds`,
+and in the same loop claims a PENDING version whose lease has lapsed (its owner stopped or died) and
+builds it again from the stored corpus — same corpus, same options, so the same content-addressed
+version. At shutdown a build gets until the grace runs out to finish; one that cannot is stopped and
+released, still PENDING, for the next replica. A version whose corpus is not in S3 (reserved by an
+older release, or its owner died before storing it) is FAILED with the reason.
 """
 
 from __future__ import annotations
@@ -12,35 +19,46 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.common.config import S3Settings
-from services.common.errors import LlmpError, NotFound, PayloadTooLarge
+from services.common.errors import Internal, LlmpError, NotFound, PayloadTooLarge, Unavailable
 from services.common.s3 import ObjectStore
 from services.dataset import ingest, pipeline
 from services.dataset.options import DatasetOptions, parse_s3_uri
-from services.dataset.versions import VersionRow, VersionStore, content_digest
+from services.dataset.versions import LeaseLost, VersionRow, VersionStore, content_digest
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0  # seconds between state checks of a version built by another process
+LEASE_SECONDS = 60.0  # a PENDING version whose owner has not renewed it for this long is taken over
+HEARTBEAT_SECONDS = 10.0  # how often leases are renewed and lapsed versions looked for
+MAX_ATTEMPTS = 5  # builds of one version before it is FAILED (a corpus that kills its builder must not loop)
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
     """Where an ingest is."""
 
-    phase: str  # receive | clean | tokenizer | pack | upload | done | failed
+    phase: str  # receive | clean | tokenizer | pack | upload | done | failed | pending (built elsewhere)
     bytes_done: int
     bytes_total: int
     documents_done: int
     state: str  # PENDING | READY | FAILED
     version: VersionRow | None = None  # set on the last event only
+
+
+class _Stopped(Exception):
+    """Raised in the build thread when the build was asked to stop."""
 
 
 class _Running:
@@ -50,26 +68,43 @@ class _Running:
         self.progress = ProgressEvent("clean", 0, total_bytes, 0, "PENDING")
         self.changed = asyncio.Condition()
         self.task: asyncio.Task | None = None
+        self.stop = threading.Event()  # checked by the build thread at every progress report
+        self.released = False  # stopped before the end: the version stays PENDING for another replica
 
     async def update(self, event: ProgressEvent) -> None:
         async with self.changed:
             self.progress = event
             self.changed.notify_all()
 
+    def cancel(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            self.task.cancel()
+
 
 class Ingestor:
-    """Creates dataset versions and reports their progress."""
+    """Creates dataset versions, builds them (its own and those whose owner went away), reports progress."""
 
     def __init__(self, versions: VersionStore, s3: S3Settings, work_dir: Path, max_upload_bytes: int,
-                 shard_tokens: int | None = None) -> None:
+                 shard_tokens: int | None = None, *, lease_seconds: float = LEASE_SECONDS,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
         self.versions = versions
         self.store = versions.store
         self.s3 = s3
         self.work_dir = work_dir
         self.max_upload_bytes = max_upload_bytes
         self.shard_tokens = shard_tokens
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this replica, in leases
         self._running: dict[int, _Running] = {}
         self._builds = asyncio.Semaphore(1)
+        self._maintainer: asyncio.Task | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        """Start renewing leases and resuming lapsed versions (the first look is immediate)."""
+        self._maintainer = asyncio.create_task(self._maintain(), name="dataset-leases")
 
     async def create(self, tenant: str, options: DatasetOptions, chunks: AsyncIterator[bytes],
                      wait: bool = False) -> tuple[VersionRow, bool]:
@@ -86,22 +121,40 @@ class Ingestor:
             # A version is only reserved when it can be built: with S3 away, refuse now (503) rather than
             # accept and fail later.
             await asyncio.to_thread(self.store.check)
-            row, created = await self.versions.reserve(tenant, options, digest, received.size)
+            row, created = await self.versions.reserve(tenant, options, digest, received.size, self.owner,
+                                                       self.lease_seconds)
             if created:
                 running = _Running(received.size)
-                self._running[row.id] = running
-                running.task = asyncio.create_task(self._build(row, spool, running), name=f"ingest-{row.id}")
+                running.progress = replace(running.progress, phase="receive")
+                self._running[row.id] = running  # its lease is renewed from now on
+                await self._store_source(row, spool, running)  # accepted only once any replica can rebuild it
+                self._launch(row, running, spool)
                 handed_over = True
             elif row.state == "PENDING" and row.id in self._running:
                 running = self._running[row.id]
             else:
                 return row, created
-            if not wait:
+            if not wait or running.task is None:
                 return row, created
             return await asyncio.shield(running.task), created  # a caller going away does not stop the build
         finally:
             if not handed_over:
                 spool.unlink(missing_ok=True)
+
+    async def _store_source(self, row: VersionRow, spool: Path, running: _Running) -> None:
+        try:
+            await asyncio.to_thread(self.store.upload_file, row.source_key, spool)
+        except BaseException as error:
+            reason = error.message if isinstance(error, LlmpError) else f"could not store the corpus: {error!r}"
+            self._running.pop(row.id, None)
+            await asyncio.shield(self.versions.fail(row, reason, self.owner))
+            failed = await asyncio.shield(self.versions.get(row.tenant, row.name, row.version))
+            await running.update(replace(running.progress, phase="failed", state="FAILED", version=failed))
+            raise
+
+    def _launch(self, row: VersionRow, running: _Running, spool: Path | None) -> None:
+        running.task = asyncio.create_task(self._build(row, running, spool), name=f"ingest-{row.id}")
+        running.task.add_done_callback(_retrieve)
 
     async def _receive(self, options: DatasetOptions, chunks: AsyncIterator[bytes], spool: Path) -> ingest.Received:
         if options.source_uri:
@@ -127,13 +180,37 @@ class Ingestor:
         with open(spool, "wb") as handle:
             return ingest.receive(source.iter_chunks(key), handle, self.max_upload_bytes)
 
-    async def _build(self, row: VersionRow, spool: Path, running: _Running) -> VersionRow:
+    async def _load_source(self, row: VersionRow) -> Path:
+        """The stored corpus of a version taken over from another replica, checked against its digest."""
+        if row.attempts > MAX_ATTEMPTS:
+            raise Internal(f"ingest abandoned: {MAX_ATTEMPTS} builds of this version were interrupted")
+        spool = Path(tempfile.mkstemp(prefix="corpus-", dir=self.work_dir)[1])
+        try:
+            try:
+                stored = await asyncio.to_thread(self.store.download, row.source_key, spool)
+            except NotFound:
+                raise NotFound(f"ingest interrupted and its corpus is not stored (no s3 object {row.source_key}: "
+                               "accepted by an older release, or its replica stopped before storing it); "
+                               "create the version again") from None
+            if content_digest(stored.sha256, row.options) != row.digest:
+                raise Internal(f"the stored corpus {row.source_key} does not match the version's content address")
+            # what an interrupted build uploaded goes: the rebuild writes the version's files afresh
+            await asyncio.to_thread(self.store.delete_prefix, row.prefix)
+        except BaseException:
+            spool.unlink(missing_ok=True)
+            raise
+        return spool
+
+    async def _build(self, row: VersionRow, running: _Running, spool: Path | None) -> VersionRow:
         loop = asyncio.get_running_loop()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"build-{row.id}-", dir=self.work_dir))
         last_report = 0.0
 
         def report(phase: str, bytes_done: int, documents_done: int) -> None:
             nonlocal last_report
+            if running.stop.is_set():
+                raise _Stopped
             now = time.monotonic()
             if now - last_report < 0.1 and phase == running.progress.phase:
                 return
@@ -143,31 +220,77 @@ class Ingestor:
 
         try:
             async with self._builds:
+                if spool is None:
+                    spool = await self._load_source(row)
                 options = {"shard_tokens": self.shard_tokens} if self.shard_tokens else {}
                 built = await asyncio.to_thread(pipeline.build, spool, row.options, work, report, **options)
+                if running.stop.is_set():
+                    raise _Stopped
                 await running.update(replace(running.progress, phase="upload"))
-                ready = await self.versions.publish(row, built)
+                ready = await self.versions.publish(row, built, self.owner)
             await running.update(ProgressEvent("done", row.source_bytes, row.source_bytes,
                                                built.cleaning.documents_in, "READY", ready))
             return ready
+        except (asyncio.CancelledError, _Stopped, LeaseLost) as error:
+            # Not failed: the version stays PENDING and the replica that holds it next builds it.
+            running.released = True
+            if not isinstance(error, LeaseLost):
+                await asyncio.shield(self.versions.release(row, self.owner))
+            await running.update(replace(running.progress, phase="pending"))
+            raise Unavailable(f"the build of dataset {row.name} version {row.version} stopped on this replica "
+                              "before it finished; the version stays PENDING and another replica resumes it",
+                              retry_after=int(self.lease_seconds)) from None
         except BaseException as error:
             if isinstance(error, LlmpError):
                 reason = error.message
-            elif isinstance(error, asyncio.CancelledError):
-                reason = "ingest cancelled: the dataset service stopped"
             else:
                 reason = f"internal error: {type(error).__name__}"
-            if not isinstance(error, (LlmpError, asyncio.CancelledError)):
                 log.exception("ingest failed", extra={"dataset": row.name, "version": row.version})
-            await asyncio.shield(self.versions.fail(row, reason))
+            await asyncio.shield(self.versions.fail(row, reason, self.owner))
             failed = await self.versions.get(row.tenant, row.name, row.version)
             await running.update(replace(running.progress, phase="failed", state="FAILED", version=failed))
             raise
         finally:
-            spool.unlink(missing_ok=True)
+            if spool is not None:
+                spool.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
             self._running.pop(row.id, None)
 
+    # -- leases -----------------------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        while not self._closing:
+            try:
+                await self.renew()
+                await self.resume_one()
+            except Exception:
+                log.exception("dataset lease upkeep failed; retrying next period")
+            await asyncio.sleep(self.heartbeat_seconds)
+
+    async def renew(self) -> None:
+        """Extend the leases of this replica's builds; stop any build whose version another replica took."""
+        ids = list(self._running)
+        held = await self.versions.renew(ids, self.owner, self.lease_seconds)
+        for version_id in ids:
+            running = self._running.get(version_id)
+            if version_id not in held and running is not None and not running.stop.is_set():
+                log.warning("lost the lease of a dataset build; stopping it", extra={"version_id": version_id})
+                running.stop.set()  # the build stops at its next report; `publish` refuses it in any case
+
+    async def resume_one(self) -> VersionRow | None:
+        """When this replica builds nothing, take over one PENDING version whose lease has lapsed."""
+        if self._closing or self._running:
+            return None
+        row = await self.versions.claim_expired(self.owner, self.lease_seconds)
+        if row is None:
+            return None
+        log.info("resuming an interrupted dataset build", extra={"dataset": row.name, "version": row.version,
+                                                                 "attempt": row.attempts})
+        running = _Running(row.source_bytes)
+        self._running[row.id] = running
+        self._launch(row, running, None)
+        return row
+
+    # -- progress ---------------------------------------------------------------------------------
     async def watch(self, tenant: str, name: str, version: int) -> AsyncIterator[ProgressEvent]:
         """Progress events of a version until it is READY or FAILED (the last event carries it)."""
         row = await self.versions.get(tenant, name, version)
@@ -183,19 +306,38 @@ class Ingestor:
                 if event.version is not None:
                     yield event
                     return
+                if running.released:  # stopped here: another replica takes it over
+                    break
                 yield event
+            row = await self.versions.get(tenant, name, version)
         while row.state == "PENDING":  # built by another replica: follow its row
             yield ProgressEvent("pending", 0, row.source_bytes, 0, row.state)
             await asyncio.sleep(POLL_INTERVAL)
             row = await self.versions.get(tenant, name, version)
         yield _final_event(row)
 
-    async def close(self) -> None:
-        """Stop in-flight builds; their versions are failed (objects removed) before this returns."""
-        tasks = [running.task for running in self._running.values() if running.task]
-        for task in tasks:
-            task.cancel()
+    async def close(self, timeout: float = 0.0) -> None:
+        """Stop: builds in flight get `timeout` seconds to finish; those still running then are stopped and
+        released, PENDING, for another replica (none is failed for the shutdown)."""
+        self._closing = True
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            await asyncio.gather(self._maintainer, return_exceptions=True)
+        runs = [running for running in self._running.values() if running.task is not None]
+        tasks = [running.task for running in runs]
+        if tasks and timeout > 0:
+            log.info("waiting for dataset builds", extra={"builds": len(tasks), "timeout_s": timeout})
+            await asyncio.wait(tasks, timeout=timeout)
+        for running in runs:
+            if not running.task.done():
+                running.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Done callback: a background build's outcome is in its version row; do not warn about it again."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _final_event(row: VersionRow) -> ProgressEvent:

@@ -104,40 +104,42 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
     train_chars: set[str] = set()
     bytes_done = 0
 
-    with open(corpus, "rb") as handle:
-        for document in ingest.parse(handle, options):
-            counts.documents_in += 1
-            bytes_done = document.end_offset
-            if counts.documents_in % PROGRESS_EVERY == 0:
-                report("clean", bytes_done, counts.documents_in)
-            text = cleaning.normalise(document.text)
-            if len(text) < options.min_doc_chars:
-                counts.too_short += 1
-                continue
-            if options.max_doc_chars and len(text) > options.max_doc_chars:
-                counts.too_long += 1
-                continue
-            key = cleaning.exact_key(text)
-            if key in seen:
-                counts.exact_duplicates += 1
-                continue
-            seen.add(key)
-            name = splits.assign(text, options.split_seed, options.fractions)
-            minhash = cleaning.signature(text)
-            index = indices[name]
-            if index.near.find(minhash):
-                results[name].near_duplicates += 1
-                continue
-            doc_id = counts.documents_in
-            index.near.add(doc_id, minhash)
-            spools[name].add(doc_id, text)
-            if name == "train":
-                index.leak_keys.add(cleaning.leak_key(text))
-                train_chars.update(text)
-            else:
-                candidates[name].append(splits.Candidate(doc_id, cleaning.leak_key(text), minhash))
-    for spool in spools.values():
-        spool.handle.close()
+    try:  # the spools are closed whatever happens (a build stopped mid-way raises from `report`)
+        with open(corpus, "rb") as handle:
+            for document in ingest.parse(handle, options):
+                counts.documents_in += 1
+                bytes_done = document.end_offset
+                if counts.documents_in % PROGRESS_EVERY == 0:
+                    report("clean", bytes_done, counts.documents_in)
+                text = cleaning.normalise(document.text)
+                if len(text) < options.min_doc_chars:
+                    counts.too_short += 1
+                    continue
+                if options.max_doc_chars and len(text) > options.max_doc_chars:
+                    counts.too_long += 1
+                    continue
+                key = cleaning.exact_key(text)
+                if key in seen:
+                    counts.exact_duplicates += 1
+                    continue
+                seen.add(key)
+                name = splits.assign(text, options.split_seed, options.fractions)
+                minhash = cleaning.signature(text)
+                index = indices[name]
+                if index.near.find(minhash):
+                    results[name].near_duplicates += 1
+                    continue
+                doc_id = counts.documents_in
+                index.near.add(doc_id, minhash)
+                spools[name].add(doc_id, text)
+                if name == "train":
+                    index.leak_keys.add(cleaning.leak_key(text))
+                    train_chars.update(text)
+                else:
+                    candidates[name].append(splits.Candidate(doc_id, cleaning.leak_key(text), minhash))
+    finally:
+        for spool in spools.values():
+            spool.handle.close()
     report("clean", bytes_done, counts.documents_in)
     if counts.documents_in == 0:
         raise ValidationFailed("the corpus holds no documents")
@@ -182,8 +184,10 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                     report("pack", bytes_done, packed)
                 yield text
 
-        result.tokens = packing.pack(tokenizer, texts(), info.eos_token_id, writer)
-        result.shards = writer.close()
+        try:
+            result.tokens = packing.pack(tokenizer, texts(), info.eos_token_id, writer)
+        finally:
+            result.shards = writer.close()
         spools[name].path.unlink()
     report("pack", bytes_done, packed)
     log.info("built dataset", extra={"documents_in": counts.documents_in, "documents_out": counts.documents_out,

@@ -14,7 +14,7 @@ from services.common.db import Database
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.s3 import ObjectStore
-from services.dataset.ingestion import Ingestor
+from services.dataset.ingestion import HEARTBEAT_SECONDS, LEASE_SECONDS, Ingestor
 from services.dataset.lineage import registry_lineage
 from services.dataset.servicer import DatasetServicer
 from services.dataset.versions import ModelsUsing, VersionStore
@@ -25,17 +25,21 @@ SERVICE_NAME = "llmp.dataset.v1.DatasetService"
 
 
 async def build_app(settings: Settings, *, models_using: ModelsUsing | None = None,
-                    shard_tokens: int | None = None) -> GrpcApp:
-    """The service's gRPC app, connected to PostgreSQL and S3, not yet started."""
+                    shard_tokens: int | None = None, lease_seconds: float = LEASE_SECONDS,
+                    heartbeat_seconds: float = HEARTBEAT_SECONDS, build_grace: float | None = None) -> GrpcApp:
+    """The service's gRPC app, connected to PostgreSQL and S3, not yet started.
+
+    It resumes PENDING versions whose lease has lapsed from the moment it is built. At shutdown, after
+    the calls in flight are drained, builds get `build_grace` seconds (default: the shutdown grace) to
+    finish; the rest stay PENDING for another replica.
+    """
     db = await Database.connect(settings.database_url, component="dataset", migrations_dir=MIGRATIONS)
     store = ObjectStore(settings.s3)
     await asyncio.to_thread(store.ensure_bucket)
     versions = VersionStore(db, store)
-    interrupted = await versions.fail_interrupted()
-    if interrupted:
-        log.warning("failed versions left PENDING by a previous run", extra={"count": interrupted})
     ingestor = Ingestor(versions, settings.s3, settings.state_dir / "dataset-work", settings.max_upload_bytes,
-                        shard_tokens=shard_tokens)
+                        shard_tokens=shard_tokens, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds)
+    ingestor.start()
     clients = ServiceClients(settings)
     app = GrpcApp(settings, topology.DATASET)
     app.add_servicer(dataset_pb2_grpc.add_DatasetServiceServicer_to_server,
@@ -44,7 +48,9 @@ async def build_app(settings: Settings, *, models_using: ModelsUsing | None = No
     app.add_readiness_check("s3", lambda: asyncio.to_thread(store.check))
     app.on_shutdown(db.close)
     app.on_shutdown(clients.close)
-    app.on_shutdown(ingestor.close)  # hooks run in reverse: builds are failed before the pool closes
+    grace = settings.shutdown_grace if build_grace is None else build_grace
+    # hooks run in reverse: builds finish or are released before the pool closes
+    app.on_shutdown(lambda: ingestor.close(grace))
     return app
 
 

@@ -5,6 +5,10 @@
 - It becomes READY only after every object is uploaded and verified against the server's size and
   recorded SHA-256, and the manifest written — in one transaction that also records its statistics.
 - A failed ingest deletes whatever it uploaded and marks the row FAILED with the reason.
+- A PENDING version has an owner (the replica building it) holding a lease it renews while it builds;
+  its corpus is stored at `source_key(...)` until it is READY or FAILED, so that when the lease lapses
+  (the owner stopped or died) any replica can claim the version and build it again from that corpus.
+  Only the owner may publish or fail it.
 - Version numbers come from a per-dataset counter and are never reused, even after a delete.
 """
 
@@ -23,7 +27,7 @@ from pathlib import Path
 from psycopg.types.json import Jsonb
 
 from services.common.db import Database
-from services.common.errors import Conflict, Internal, InvalidArgument, NotFound
+from services.common.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable
 from services.common.s3 import ObjectStore, StoredObject
 from services.dataset.options import SPLITS, DatasetOptions
 from services.dataset.pipeline import Built
@@ -53,6 +57,8 @@ class VersionRow:
     error: str = ""
     created_at: datetime | None = None
     finished_at: datetime | None = None
+    owner: str = ""  # the replica building a PENDING version
+    attempts: int = 0  # builds started, the first one included
 
     @classmethod
     def from_row(cls, row: dict) -> "VersionRow":
@@ -64,6 +70,10 @@ class VersionRow:
     def prefix(self) -> str:
         return version_prefix(self.tenant, self.name, self.version)
 
+    @property
+    def source_key(self) -> str:
+        return source_key(self.tenant, self.name, self.version)
+
 
 @dataclass(frozen=True)
 class DatasetSummary:
@@ -73,8 +83,17 @@ class DatasetSummary:
     created_at: datetime
 
 
+class LeaseLost(Unavailable):
+    """This replica no longer holds the PENDING version it was building."""
+
+
 def version_prefix(tenant: str, name: str, version: int) -> str:
     return f"datasets/{tenant}/{name}/v{version}/"
+
+
+def source_key(tenant: str, name: str, version: int) -> str:
+    """Where a PENDING version's corpus is kept (outside the version's prefix, which holds only its files)."""
+    return f"sources/datasets/{tenant}/{name}/v{version}/corpus"
 
 
 def content_digest(corpus_sha256: str, options: DatasetOptions) -> str:
@@ -98,7 +117,7 @@ def decode_token(token: str):
 
 
 _COLUMNS = ("id, tenant, name, version, state, digest, options, source_bytes, stats, objects, manifest_key, "
-            "error, created_at, finished_at")
+            "error, created_at, finished_at, owner, attempts")
 
 
 class VersionStore:
@@ -109,9 +128,10 @@ class VersionStore:
         self.store = store
 
     # -- create ---------------------------------------------------------------------------------
-    async def reserve(self, tenant: str, options: DatasetOptions, digest: str,
-                      source_bytes: int) -> tuple[VersionRow, bool]:
-        """A new PENDING version for this content, or the live one that already has it (created False)."""
+    async def reserve(self, tenant: str, options: DatasetOptions, digest: str, source_bytes: int,
+                      owner: str, lease_seconds: float) -> tuple[VersionRow, bool]:
+        """A new PENDING version for this content, leased to `owner`, or the live one that already has it
+        (created False)."""
         async with self.db.transaction() as conn:
             await conn.execute("INSERT INTO datasets (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                                (tenant, options.name))
@@ -128,15 +148,17 @@ class VersionStore:
                 "RETURNING last_version", (tenant, options.name))
             version = (await cursor.fetchone())["last_version"]
             cursor = await conn.execute(
-                f"INSERT INTO dataset_versions (tenant, name, version, state, digest, options, source_bytes) "
-                f"VALUES (%s, %s, %s, 'PENDING', %s, %s, %s) RETURNING {_COLUMNS}",
-                (tenant, options.name, version, digest, Jsonb(options.as_dict()), source_bytes))
+                f"INSERT INTO dataset_versions (tenant, name, version, state, digest, options, source_bytes, owner, "
+                f"lease_expires_at, attempts) VALUES (%s, %s, %s, 'PENDING', %s, %s, %s, %s, "
+                f"now() + make_interval(secs => %s), 1) RETURNING {_COLUMNS}",
+                (tenant, options.name, version, digest, Jsonb(options.as_dict()), source_bytes, owner, lease_seconds))
             row = VersionRow.from_row(await cursor.fetchone())
         log.info("dataset version reserved", extra={"dataset": options.name, "version": version})
         return row, True
 
-    async def publish(self, row: VersionRow, built: Built) -> VersionRow:
-        """Upload the built files, verify them, write the manifest, and mark the version READY."""
+    async def publish(self, row: VersionRow, built: Built, owner: str) -> VersionRow:
+        """Upload the built files, verify them, write the manifest, and mark the version READY (only while
+        `owner` still holds it); then delete its stored corpus."""
         uploads: list[tuple[Path, str, str]] = [
             (path, f"{row.prefix}tokenizer/{path.name}", "tokenizer") for path in built.tokenizer_files]
         for name in SPLITS:
@@ -168,11 +190,14 @@ class VersionStore:
         async with self.db.transaction() as conn:
             cursor = await conn.execute(
                 f"UPDATE dataset_versions SET state = 'READY', stats = %s, objects = %s, manifest_key = %s, "
-                f"finished_at = now() WHERE id = %s AND state = 'PENDING' RETURNING {_COLUMNS}",
-                (Jsonb(stats), Jsonb(objects), manifest_key, row.id))
+                f"finished_at = now(), owner = '', lease_expires_at = NULL "
+                f"WHERE id = %s AND state = 'PENDING' AND owner = %s RETURNING {_COLUMNS}",
+                (Jsonb(stats), Jsonb(objects), manifest_key, row.id, owner))
             updated = await cursor.fetchone()
         if updated is None:
-            raise Conflict(f"dataset {row.name} version {row.version} stopped being PENDING while it was built")
+            raise LeaseLost(f"dataset {row.name} version {row.version} was taken over or finished by another "
+                            "replica while this one built it")
+        await self._delete_source(row)
         log.info("dataset version ready", extra={"dataset": row.name, "version": row.version,
                                                  "objects": len(objects)})
         return VersionRow.from_row(updated)
@@ -189,25 +214,60 @@ class VersionStore:
             raise Internal(f"S3 object {expected.key} failed verification: stored {found.size} bytes "
                            f"sha256 {found.sha256!r}, wrote {expected.size} bytes sha256 {expected.sha256}")
 
-    async def fail(self, row: VersionRow, reason: str) -> None:
-        """Remove what the version uploaded and mark it FAILED with `reason`."""
+    async def fail(self, row: VersionRow, reason: str, owner: str) -> bool:
+        """Mark the version FAILED with `reason` and remove what it uploaded and its stored corpus, if
+        `owner` still holds it (False: another replica took it over, and its files are that one's)."""
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE dataset_versions SET state = 'FAILED', error = %s, stats = '{}', objects = '[]', "
+                "manifest_key = '', finished_at = now(), owner = '', lease_expires_at = NULL "
+                "WHERE id = %s AND state = 'PENDING' AND owner = %s RETURNING id", (reason, row.id, owner))
+            failed = await cursor.fetchone() is not None
+        if not failed:
+            return False
+        log.warning("dataset version failed", extra={"dataset": row.name, "version": row.version, "reason": reason})
         try:
             await asyncio.to_thread(self.store.delete_prefix, row.prefix)
         finally:
-            async with self.db.transaction() as conn:
-                await conn.execute(
-                    "UPDATE dataset_versions SET state = 'FAILED', error = %s, stats = '{}', objects = '[]', "
-                    "manifest_key = '', finished_at = now() WHERE id = %s AND state = 'PENDING'", (reason, row.id))
-        log.warning("dataset version failed", extra={"dataset": row.name, "version": row.version, "reason": reason})
+            await self._delete_source(row)
+        return True
 
-    async def fail_interrupted(self) -> int:
-        """At start: versions left PENDING by a process that died can never finish; fail them."""
+    async def _delete_source(self, row: VersionRow) -> None:
+        try:
+            await asyncio.to_thread(self.store.delete, row.source_key)
+        except Exception as error:  # a leftover corpus costs space, not correctness: say so and go on
+            log.warning("could not delete the stored corpus %s: %s", row.source_key, error)
+
+    async def renew(self, ids: list[int], owner: str, lease_seconds: float) -> set[int]:
+        """Extend `owner`'s lease on these PENDING versions; return the ids it still holds."""
+        if not ids:
+            return set()
         async with self.db.pool.connection() as conn:
-            cursor = await conn.execute(f"SELECT {_COLUMNS} FROM dataset_versions WHERE state = 'PENDING'")
-            rows = [VersionRow.from_row(row) for row in await cursor.fetchall()]
-        for row in rows:
-            await self.fail(row, "ingest interrupted: the dataset service stopped before the version was ready")
-        return len(rows)
+            cursor = await conn.execute(
+                "UPDATE dataset_versions SET lease_expires_at = now() + make_interval(secs => %s) "
+                "WHERE id = ANY(%s) AND owner = %s AND state = 'PENDING' RETURNING id", (lease_seconds, ids, owner))
+            return {row["id"] for row in await cursor.fetchall()}
+
+    async def release(self, row: VersionRow, owner: str) -> None:
+        """Give up a PENDING version this owner will not finish: any replica may claim it at once."""
+        async with self.db.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE dataset_versions SET owner = '', lease_expires_at = now() "
+                "WHERE id = %s AND owner = %s AND state = 'PENDING'", (row.id, owner))
+        log.info("dataset version released", extra={"dataset": row.name, "version": row.version})
+
+    async def claim_expired(self, owner: str, lease_seconds: float) -> VersionRow | None:
+        """Take over the oldest PENDING version whose lease has lapsed (None: there is none). A version
+        reserved before leases existed counts as lapsed `lease_seconds` after it was created."""
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                f"UPDATE dataset_versions SET owner = %s, lease_expires_at = now() + make_interval(secs => %s), "
+                f"attempts = attempts + 1 WHERE id = (SELECT id FROM dataset_versions WHERE state = 'PENDING' "
+                f"AND COALESCE(lease_expires_at, created_at + make_interval(secs => %s)) < now() "
+                f"ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
+                (owner, lease_seconds, lease_seconds))
+            found = await cursor.fetchone()
+        return VersionRow.from_row(found) if found else None
 
     # -- read -----------------------------------------------------------------------------------
     async def get(self, tenant: str, name: str, version: int) -> VersionRow:

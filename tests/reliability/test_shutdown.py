@@ -164,8 +164,7 @@ async def _seed(env: dict[str, str], work: Path) -> tuple[str, tuple[str, int]]:
     async with grpc.aio.insecure_channel(settings.service_addrs["dataset"]) as channel:
         created = await dataset_pb2_grpc.DatasetServiceStub(channel).CreateDataset(
             _upload_requests("shutdown-seed", CORPUS.read_bytes()[:UPLOAD_BYTES]), metadata=metadata, timeout=60)
-        # READY before any victim starts: a starting dataset service fails every PENDING version
-        # (`VersionStore.fail_interrupted`), the stable instance's builds included.
+        # READY before any victim starts, so that the reads of the load find its manifest.
         request = dataset_pb2.GetDatasetVersionRequest(name=created.version.name, version=created.version.version)
         for _ in range(240):
             reply = await dataset_pb2_grpc.DatasetServiceStub(channel).GetDatasetVersion(
@@ -401,6 +400,25 @@ def test_sigterm_to_a_service_under_load_loses_no_accepted_call(cluster, name):
     finally:
         victim.stop()
     _judge(name, load, victim.handled(), signalled, exited, victim)
+    if name == "dataset":
+        asyncio.run(_assert_every_upload_ends_ready(cluster))
+
+
+async def _assert_every_upload_ends_ready(cluster: Cluster) -> None:
+    """What the dataset victim accepted is not lost with it: a build it had not finished at SIGTERM was
+    released PENDING, and the stable instance resumes it from the stored corpus."""
+    metadata = call_metadata(CALLER)
+    request = dataset_pb2.ListDatasetVersionsRequest(name="shutdown-upload")
+    async with grpc.aio.insecure_channel(cluster.env["LLMP_DATASET_ADDR"]) as channel:
+        stub = dataset_pb2_grpc.DatasetServiceStub(channel)
+        for _ in range(120):  # the stable instance looks for released builds every 10 s
+            versions = (await stub.ListDatasetVersions(request, metadata=metadata, timeout=10)).versions
+            if all(v.state != dataset_pb2.VERSION_STATE_PENDING for v in versions):
+                break
+            await asyncio.sleep(0.5)
+    assert versions, "no upload was accepted"
+    assert all(v.state == dataset_pb2.VERSION_STATE_READY for v in versions), [(v.version, v.state, v.error)
+                                                                                for v in versions]
 
 
 def test_sigterm_to_the_gateway_under_load_loses_no_accepted_request(cluster):

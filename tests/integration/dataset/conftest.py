@@ -80,6 +80,25 @@ async def service(dataset_settings, lineage):
 
 
 @pytest.fixture
+async def start_service(dataset_settings, lineage):
+    """Start another instance of the service (a replica) on its own port; all are stopped at the end.
+    Returns (app, stub); keyword arguments go to `server.build_app`."""
+    started: list[tuple[object, grpc.aio.Channel]] = []
+
+    async def start(**kwargs):
+        app = await server.build_app(dataset_settings, models_using=lineage, shard_tokens=20_000, **kwargs)
+        port = await app.start("127.0.0.1:0")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        started.append((app, channel))
+        return app, dataset_pb2_grpc.DatasetServiceStub(channel)
+
+    yield start
+    for app, channel in started:
+        await channel.close()
+        await app.stop()
+
+
+@pytest.fixture
 def store(dataset_settings) -> ObjectStore:
     return ObjectStore(dataset_settings.s3)
 
