@@ -136,7 +136,7 @@ ERROR_FOR_CODE: dict[grpc.StatusCode, type[LlmpError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: Conflict,
-    grpc.StatusCode.ABORTED: Conflict,
+    grpc.StatusCode.ABORTED: Unavailable,  # a draining server's refusal (grpc_server.ShutdownGate)
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 TENANT_KEY, KEY_ID_KEY, ROLE_KEY = "llmp-tenant", "llmp-key-id", "llmp-role"
 READINESS_INTERVAL = 2.0  # seconds between readiness probes of the backends
+FINAL_GRACE = 0.5  # seconds the transport gets to send what is left once the application's calls drained
 # A grpc.health.v1 name that is SERVING from start until shutdown begins, whatever the readiness checks
 # say: what llmp's own clients health-check each replica with (`grpc_client.SERVICE_CONFIG`), so they
 # stop sending to a draining replica at once, yet keep calling one whose backend is down (its calls
@@ -162,13 +163,13 @@ def _wrap(handler: grpc.RpcMethodHandler, request_id: str, observe) -> grpc.RpcM
 
 
 class ShutdownGate(grpc.aio.ServerInterceptor):
-    """Outermost: counts the calls in flight and, once closed, refuses new ones with UNAVAILABLE
+    """Outermost: counts the calls in flight and, once closed, refuses new ones with ABORTED
     before any handler runs (health and reflection stay open, so balancers can read NOT_SERVING).
 
     Why not only `server.stop(grace)`: grpc core cancels the calls it has received but not yet handed
     to the application with CANCELLED (grpc/grpc#41785), a status a client cannot tell from a call cut
     off mid-work. Refusing here first, while the transport still hands calls over, gives every call a
-    clean answer: its handler's, or UNAVAILABLE, which a client may retry on another instance."""
+    clean answer: its handler's, or ABORTED, which a client may retry on another instance."""
 
     OPEN_DURING_DRAIN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
     QUIET = 0.3  # seconds without a new call (after the calls in flight end) before the transport stops
@@ -209,7 +210,10 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
 
 
 async def _refuse(context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down: retry on another instance")
+    # ABORTED, which no domain error maps to: llmp's clients retry it on every method (the call never ran),
+    # and turn it into 503 when every replica refused (errors.from_grpc).
+    await context.abort(grpc.StatusCode.ABORTED, "server shutting down: the call did not run; retry on another "
+                        "instance")
 
 
 def _gated(handler: grpc.RpcMethodHandler, gate: ShutdownGate) -> grpc.RpcMethodHandler:
@@ -331,14 +335,14 @@ class GrpcApp:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        started = time.monotonic()
         await self.health.enter_graceful_shutdown()
         self.gate.close()
         log.info("draining", extra={"grace_s": self.settings.shutdown_grace, "in_flight": self.gate.in_flight})
         if not await self.gate.drain(self.settings.shutdown_grace):
             log.warning("grace over: cancelling calls still running", extra={"in_flight": self.gate.in_flight})
-        # Left now: calls grpc received in the last instant, if clients kept sending all along.
-        await self.server.stop(max(0.5, self.settings.shutdown_grace - (time.monotonic() - started)))
+        # Left now: the gate's refusals of calls that came in the last instant, and the clients' health
+        # Watch streams, which never end by themselves (waiting on them would spend the whole grace).
+        await self.server.stop(FINAL_GRACE)
         if hasattr(self, "_watcher"):
             self._watcher.cancel()
         for hook in reversed(self.shutdown_hooks):

@@ -8,8 +8,9 @@ carries the call's request id and status). The rule:
 
 - a call the server ran must have completed successfully on the client, whole (a streamed artifact
   arrives with every byte and the SHA-256 the registry recorded; a REST body is read to its end);
-- a call that failed without the server having run it — connection refused, or UNAVAILABLE before
-  the handler saw it — was *refused before acceptance*: a client may retry it elsewhere, and that is fine;
+- a call that failed without the server having run it — connection refused, UNAVAILABLE, or the
+  draining gate's ABORTED before the handler saw it — was *refused before acceptance*: a client may
+  retry it elsewhere, and that is fine;
 - the process exits 0, within its grace, and calls really were in flight when the signal landed.
 
 The gateway's handlers call the services with the REST request's id, so a REST request the gateway
@@ -20,7 +21,7 @@ replica and retries a refused call on the other).
 What the first runs found, and what the servers now do about it: grpc core answers the calls it has
 received but not yet handed to the application with CANCELLED when `server.stop()` begins
 (grpc/grpc#41785), so a bare `stop(grace)` under load failed accepted-looking calls (10-14 per service
-here). `GrpcApp.stop` now refuses new calls with UNAVAILABLE at the application (`ShutdownGate`) and
+here). `GrpcApp.stop` now refuses new calls with ABORTED at the application (`ShutdownGate`) and
 stops the transport only once the calls in flight are done and no new one has come for a moment.
 
 This test brings up its own servers (PostgreSQL database, SeaweedFS, a private Redis database from the
@@ -248,7 +249,8 @@ class Load:
 
 
 def _grpc_refused(error: BaseException) -> bool:
-    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                        grpc.StatusCode.ABORTED)
 
 
 def _upload_requests(name: str, corpus: bytes):
@@ -447,7 +449,7 @@ def test_sigterm_to_the_gateway_under_load_loses_no_accepted_request(cluster):
 def test_sigterm_to_one_replica_behind_the_gateway_fails_no_request(cluster):
     """Two dataset replicas behind one gateway (`ipv4:` address list, round_robin): SIGTERM to one of
     them under REST load fails no request at all, uploads included. The draining replica refuses new
-    calls with UNAVAILABLE before running them, and the gateway's channel retries those on the other."""
+    calls with ABORTED before running them, and the gateway's channel retries those on the other."""
     replica_env, replica_address = cluster.victim_env("dataset")
     replica = start("dataset", topology.DATASET.module, replica_env, cluster.log_dir)
     gateway = None

@@ -177,3 +177,22 @@ async def test_a_call_continues_the_callers_trace(settings):
     assert len(spans) == 1
     assert format(spans[0].context.trace_id, "032x") == trace_id
     assert format(spans[0].parent.span_id, "016x") == parent_id
+
+
+async def test_an_open_health_watch_does_not_hold_the_shutdown_for_the_whole_grace(settings):
+    """llmp's clients keep a grpc.health.v1 Watch open on every replica; it never ends by itself, so a
+    stop that waited for every stream would always take the full LLMP_SHUTDOWN_GRACE."""
+    import dataclasses
+    import time
+
+    settings = dataclasses.replace(settings, shutdown_grace=10.0)
+    app = GrpcApp(settings, topology.DATASET)
+    port = await app.start("127.0.0.1:0")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        await app.stop()
+        assert time.monotonic() - started < 5  # the old stop took the whole 10 s here
+        watch.cancel()
