@@ -31,40 +31,20 @@ _STUBS = {
 }
 # Where an address names several replicas (`ipv4:a:1,b:2`, or a DNS name with several records),
 # round_robin spreads the calls and client-side health checking (grpc.health.v1 Watch on
-# ACCEPTING_HEALTH_NAME) drops a replica the moment it starts draining. grpc retries only before the first
-# response arrives and while the request fits its 256 KiB replay buffer, and only these codes:
-# - ABORTED, on every method: only a draining server's gate answers it (`grpc_server.ShutdownGate`; no
-#   domain error maps to it), and the call never ran, so another attempt on another replica is safe;
-# - UNAVAILABLE too on the methods that are safe to repeat (reads, watches, generation and idempotent
-#   writes): a service answers UNAVAILABLE when its PostgreSQL or S3 is down, possibly after it changed
-#   something, so a create or a submit that got it is never run twice behind the caller's back.
-SAFE_TO_REPEAT = ("Get", "List", "Watch", "Resolve", "Download", "Generate", "CancelJob",
-                  "RenewModelVersionReservation", "CommitModelVersion", "MarkDeployed", "UnmarkDeployed")
-
-
-def _retry(*codes: str) -> dict:
-    return {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-            "retryableStatusCodes": list(codes)}
-
-
-def _repeatable_methods() -> list[dict[str, str]]:
-    """`{"service", "method"}` of every llmp RPC whose name marks it safe to repeat (SAFE_TO_REPEAT)."""
-    names = []
-    for module_name, _ in _STUBS.values():
-        module = importlib.import_module(module_name.removesuffix("_grpc"))
-        for service in module.DESCRIPTOR.services_by_name.values():
-            names += [{"service": service.full_name, "method": method.name} for method in service.methods
-                      if method.name.startswith(SAFE_TO_REPEAT)]
-    return names
-
-
+# ACCEPTING_HEALTH_NAME) drops a replica the moment it starts draining. grpc retries a call that got
+# ABORTED, on every method: only a draining server's gate answers it (`grpc_server.ShutdownGate`; no domain
+# error maps to it) and the call never ran, so another attempt on another replica is safe (grpc retries
+# only before the first response arrives and while the request fits its 256 KiB replay buffer).
+# UNAVAILABLE is not retried: a service answers it when its PostgreSQL or S3 is down, possibly after it
+# changed something, and repeating would only stretch the caller's wait past its deadline.
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "healthCheckConfig": {"serviceName": ACCEPTING_HEALTH_NAME},
-    "methodConfig": [
-        {"name": [{}], "retryPolicy": _retry("ABORTED")},  # every other method
-        {"name": _repeatable_methods(), "retryPolicy": _retry("ABORTED", "UNAVAILABLE")},
-    ],
+    "methodConfig": [{
+        "name": [{}],  # every method of every service
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["ABORTED"]},
+    }],
 }
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
