@@ -264,7 +264,12 @@ class GrpcApp:
             interceptors=[self.gate, *tracing.server_interceptors(provider), ObservabilityInterceptor()],
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.so_reuseport", 0),
+                     # llmp's clients ping every 30 s (grpc_client.CHANNEL_OPTIONS) and keep a health Watch open
+                     # on every replica; by default a server allows a ping only every 5 min on a connection
+                     # sending no data and answers the third with GOAWAY too_many_pings, failing its calls.
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000)],
         )
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
