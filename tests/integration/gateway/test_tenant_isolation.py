@@ -88,9 +88,9 @@ async def world(gateway, settings_env, private_broker_url):
     await training.start(settings.listen_addr(topology.TRAINING))
     inference, _ = await inference_server.build(settings)
     await inference.start(settings.listen_addr(topology.INFERENCE))
+    developer, job_id = gateway.auth("alpha", "developer"), None
     try:
         alpha = gateway.tenants["alpha"]
-        developer = gateway.auth("alpha", "developer")
         name, version = gateway.dataset.rsplit("/", 3)[1], int(gateway.dataset.rsplit("/", 1)[1])
         job = await gateway.client.post("/v1/training-jobs", headers=developer, json={
             "dataset": {"name": name, "version": version},
@@ -122,6 +122,9 @@ async def world(gateway, settings_env, private_broker_url):
         yield {"name": name, "version": str(version), "id": job_id, "model": model, "alias": "prod",
                "key_id": key_id}
     finally:
+        if job_id is not None:  # the session's database is shared: a QUEUED job left behind would be claimed
+            # by the next test's worker in place of that test's own job
+            await gateway.client.delete(f"/v1/training-jobs/{job_id}", headers=developer)
         await inference.stop()
         await training.stop()
         await registry.app.stop()
