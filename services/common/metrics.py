@@ -33,26 +33,45 @@ def serve(port: int, host: str = "127.0.0.1") -> None:
     _serving.add(port)
 
 
-class LoopCounter:
+class _LoopMetric:
+    """What `LoopCounter` and `LoopHistogram` share: registration, and one child per label values, made by
+    `_new_child` on first use. Single-threaded (event loop) use only."""
+
+    family: type
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._children: dict[tuple[str, ...], object] = {}
+        registry.register(self)
+
+    def _new_child(self):
+        raise NotImplementedError
+
+    def child(self, *labels: str):
+        found = self._children.get(labels)
+        if found is None:
+            found = self._children[labels] = self._new_child()
+        return found
+
+    def describe(self) -> list:
+        return [self.family(self.name, self.documentation, labels=self.labelnames)]
+
+
+class LoopCounter(_LoopMetric):
     """A labelled Prometheus counter for a hot path on one event loop: `child(*labels)` once, then
     `child.value += 1` per event, a plain attribute add with no lock and no label lookup (what
     `Counter.labels(...).inc()` costs is most of a 304's budget). Exposed at scrape time under `name`
     like any counter. Single-threaded use only: increments from several threads could be lost."""
 
+    family = CounterMetricFamily
+
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = (),
                  registry: CollectorRegistry = REGISTRY) -> None:
-        self.name, self.documentation, self.labelnames = name, documentation, labelnames
-        self._children: dict[tuple[str, ...], _Count] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def child(self, *labels: str) -> _Count:
-        found = self._children.get(labels)
-        if found is None:
-            found = self._children[labels] = _Count()
-        return found
-
-    def describe(self) -> list[CounterMetricFamily]:
-        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+    def _new_child(self) -> _Count:
+        return _Count()
 
     def collect(self) -> list[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -61,25 +80,19 @@ class LoopCounter:
         return [family]
 
 
-class LoopHistogram:
+class LoopHistogram(_LoopMetric):
     """A labelled Prometheus histogram for a hot path on one event loop (see `LoopCounter`):
     `child(*labels).observe(seconds)` is one bisect and two adds."""
 
+    family = HistogramMetricFamily
+
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = (),
                  buckets: tuple[float, ...] = LATENCY_BUCKETS, registry: CollectorRegistry = REGISTRY) -> None:
-        self.name, self.documentation, self.labelnames = name, documentation, labelnames
         self.bounds = tuple(sorted(buckets))
-        self._children: dict[tuple[str, ...], _Observations] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def child(self, *labels: str) -> _Observations:
-        found = self._children.get(labels)
-        if found is None:
-            found = self._children[labels] = _Observations(self.bounds)
-        return found
-
-    def describe(self) -> list[HistogramMetricFamily]:
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+    def _new_child(self) -> _Observations:
+        return _Observations(self.bounds)
 
     def collect(self) -> list[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
