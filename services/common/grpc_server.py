@@ -83,7 +83,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             metrics.GRPC_LATENCY.labels(service, method).observe(elapsed)
             log.info("rpc", extra={"rpc": f"{service}/{method}", "code": code, "ms": round(elapsed * 1000, 1)})
 
-        return _wrap(handler, incoming_id, observe)
+        return _wrap(handler, lambda context: _call_scope(context, incoming_id, observe))
 
 
 def _code_of(context: grpc.aio.ServicerContext) -> str:
@@ -139,13 +139,14 @@ async def _responses(result) -> AsyncIterator[Any]:
         yield item
 
 
-def _wrap(handler: grpc.RpcMethodHandler, request_id: str, observe) -> grpc.RpcMethodHandler:
-    """Wrap any kind of handler (unary or streaming either way) in `_call_scope`."""
+def _wrap(handler: grpc.RpcMethodHandler, scope: Callable[[grpc.aio.ServicerContext], Any]) -> grpc.RpcMethodHandler:
+    """Run any kind of handler (unary or streaming either way) inside `scope(context)`, an async context
+    manager entered before the handler starts and left after its last response."""
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
         async def single_response(request, context):
-            async with _call_scope(context, request_id, observe):
+            async with scope(context):
                 return await inner(request, context)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
@@ -154,7 +155,7 @@ def _wrap(handler: grpc.RpcMethodHandler, request_id: str, observe) -> grpc.RpcM
     streaming = handler.unary_stream or handler.stream_stream
 
     async def streamed_response(request, context):
-        async with _call_scope(context, request_id, observe):
+        async with scope(context):
             async for item in _responses(streaming(request, context)):
                 yield item
 
@@ -201,12 +202,22 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
     def release(self) -> None:
         self.in_flight -= 1
 
+    @asynccontextmanager
+    async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """One call counted in flight while it runs; refused (ABORTED) before it starts once closed."""
+        if not self.admit():
+            await _refuse(context)
+        try:
+            yield
+        finally:
+            self.release()
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self.OPEN_DURING_DRAIN):
             return handler  # probes and health watches do not hold the drain open
         self.last_arrival = time.monotonic()
-        return _gated(handler, self)
+        return _wrap(handler, self.admitted)
 
 
 async def _refuse(context: grpc.aio.ServicerContext) -> None:
@@ -214,37 +225,6 @@ async def _refuse(context: grpc.aio.ServicerContext) -> None:
     # and turn it into 503 when every replica refused (errors.from_grpc).
     await context.abort(grpc.StatusCode.ABORTED, "server shutting down: the call did not run; retry on another "
                         "instance")
-
-
-def _gated(handler: grpc.RpcMethodHandler, gate: ShutdownGate) -> grpc.RpcMethodHandler:
-    """`handler` admitted through `gate` (any kind: unary or streaming either way)."""
-    if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
-
-        async def single_response(request, context):
-            if not gate.admit():
-                await _refuse(context)
-            try:
-                return await inner(request, context)
-            finally:
-                gate.release()
-
-        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-        return factory(single_response, handler.request_deserializer, handler.response_serializer)
-
-    streaming = handler.unary_stream or handler.stream_stream
-
-    async def streamed_response(request, context):
-        if not gate.admit():
-            await _refuse(context)
-        try:
-            async for item in _responses(streaming(request, context)):
-                yield item
-        finally:
-            gate.release()
-
-    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-    return factory(streamed_response, handler.request_deserializer, handler.response_serializer)
 
 
 ReadinessCheck = Callable[[], Awaitable[None]]
