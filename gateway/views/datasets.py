@@ -6,6 +6,7 @@ is forwarded chunk by chunk through the client-streaming `DatasetService/CreateD
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -133,6 +134,13 @@ async def create_dataset(request: web.Request) -> web.Response:
         response = await stub.CreateDataset(messages(), metadata=call_metadata(caller(request)))
     except grpc.aio.AioRpcError as error:
         raise (upload_error[0] if upload_error else domain_error(error)) from None
+    except asyncio.CancelledError:
+        # grpc.aio ends a call whose request iterator raised with CancelledError; let that through (aiohttp
+        # would drop the connection without an answer) only when this task itself is being cancelled.
+        current = asyncio.current_task()
+        if upload_error and current is not None and not current.cancelling():
+            raise upload_error[0] from None
+        raise
     version = response.version
     location = f"/v1/datasets/{version.name}/versions/{version.version}"
     status = 202 if version.state == pb.VERSION_STATE_PENDING else (201 if response.created else 200)

@@ -89,3 +89,30 @@ async def test_delete_is_409_while_a_model_uses_the_version(gateway, lineage, sh
     lineage.users.update({(tenant, "gw-used", 1): ["m:1"] for tenant in [body["tenant"]]})
     response = await gateway.delete("/v1/datasets/gw-used/versions/1", headers=AUTH)
     assert response.status == 409 and (await response.json())["error"]["type"] == "conflict"
+
+
+async def _chunked(data: bytes, size: int = 256 * 1024):
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+@pytest.mark.parametrize("how", ["content-length", "chunked", "multipart"])
+async def test_oversize_upload_is_413_naming_the_limit_and_creates_nothing(gateway, how):
+    import aiohttp
+
+    data = b"to be or not to be\n" * (UPLOAD_LIMIT // 19 + 1)
+    assert len(data) > UPLOAD_LIMIT
+    if how == "content-length":
+        body = io.BytesIO(data)
+    elif how == "chunked":  # no Content-Length: the limit is found while streaming
+        body = _chunked(data)
+    else:
+        body = aiohttp.FormData()
+        body.add_field("corpus", io.BytesIO(data), filename="corpus.txt", content_type="text/plain")
+    response = await gateway.post(f"/v1/datasets?name=gw-huge-{how}", data=body, headers=AUTH)
+    assert response.status == 413, await response.text()
+    error = (await response.json())["error"]
+    assert error["type"] == "payload_too_large" and f"limit of {UPLOAD_LIMIT} bytes" in error["message"]
+    listed = await (await gateway.get("/v1/datasets", headers=AUTH)).json()
+    assert f"gw-huge-{how}" not in [d["name"] for d in listed["datasets"]]
+    assert (await gateway.get(f"/v1/datasets/gw-huge-{how}", headers=AUTH)).status == 404

@@ -98,6 +98,16 @@ async def test_progress_streams_until_ready(client, shakespeare):
     assert all(event.state == pb.VERSION_STATE_PENDING for event in events[:-1])
     done = [event.bytes_done for event in events]
     assert done == sorted(done)
+    # Progress, not just an outcome: phases in pipeline order (a watcher sees the latest state, so a short
+    # phase may be skipped), bytes and documents counted along the way
+    order = ("receive", "clean", "tokenizer", "pack", "upload", "done")
+    seen = list(dict.fromkeys(event.progress.phase for event in events))
+    assert sorted(seen, key=order.index) == seen and {"clean", "done"} <= set(seen), seen
+    pending = events[:-1]
+    assert any(0 < event.bytes_done for event in pending)
+    assert any(event.documents_done > 0 for event in pending)
+    packed = [event.progress.done for event in events if event.progress.phase == "pack"]
+    assert packed == sorted(packed)
     # a finished version answers with one final event
     (final,) = [event async for event in client.stream(
         "WatchIngest", pb.WatchIngestRequest(name="watched", version=response.version.version))]
