@@ -94,10 +94,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "broker_transport_options": _transport_options(settings.broker_url),
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
     }
+
+
+def _transport_options(broker_url: str) -> dict[str, Any]:
+    """Redis and SQS redeliver an unacknowledged message after the visibility timeout; RabbitMQ needs none,
+    and the SQLAlchemy transport (one-machine stacks) hands every option to `create_engine`, which refuses it."""
+    scheme = broker_url.split("://", 1)[0].lower()
+    return {"visibility_timeout": VISIBILITY_TIMEOUT} if scheme in ("redis", "rediss", "sqs") else {}
 
 
 class TrainingCelery(Celery):

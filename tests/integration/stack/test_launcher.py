@@ -266,6 +266,46 @@ def test_up_with_embedded_postgres_and_the_sqlite_broker(tmp_path, state_root):
     assert servers.postgres_pid(data_dir) is None
 
 
+def test_the_whole_stack_runs_on_embedded_postgres_and_the_sqlite_broker(state_root):
+    """`llmp up` on a machine with no PostgreSQL and no Redis: every component, a real call through the gateway
+    that reaches the dataset service, the embedded PostgreSQL and S3, and a clean `down`."""
+    from services.common import topology
+
+    gateway_port, *service_ports = servers.free_ports(1 + len(topology.GRPC_SERVICES))
+    admin_key = f"llmp_embedded_{uuid.uuid4().hex}"
+    env = infra_env(state_root, closed_port_url("postgresql", "llmp", "postgres"), closed_port_url("redis", "0"),
+                    LLMP_GATEWAY_PORT=str(gateway_port), LLMP_ADMIN_KEY=admin_key,
+                    **{service.addr_env: f"127.0.0.1:{port}"
+                       for service, port in zip(topology.GRPC_SERVICES, service_ports, strict=True)})
+    began = time.monotonic()
+    up = llmp("up", env=env)
+    seconds = time.monotonic() - began
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert seconds < 60, up.stdout
+        rows = status_rows(env)
+        assert rows.pop("_rc") == 0 and all(row["healthy"] for row in rows.values()), rows
+        assert rows["postgres"]["mode"] == "embedded" and rows["broker"]["mode"] == "file"
+        assert {"dataset", "training", "registry", "inference", "worker", "gateway"} <= set(rows)
+        base, auth = f"http://127.0.0.1:{gateway_port}", {"Authorization": f"Bearer {admin_key}"}
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as ready:
+            assert ready.status == 200
+        corpus = b"To be, or not to be, that is the question.\n\nWhether tis nobler in the mind to suffer.\n" * 40
+        request = urllib.request.Request(f"{base}/v1/datasets?name=embedded&tokenizer=char&wait=true", data=corpus,
+                                         headers={**auth, "Content-Type": "text/plain"}, method="POST")
+        with urllib.request.urlopen(request, timeout=120) as created:
+            version = json.loads(created.read())
+        assert created.status == 201 and version["state"] == "READY", version
+        assert version["splits"]["train"]["tokens"] > 0
+    finally:
+        state = recorded(env)
+        ports = [p for record in state.records.values() for p in record.ports] if state else []
+        down = llmp("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert servers.postgres_pid(state_root / "postgres" / "data") is None
+    assert_nothing_left(env, ports)
+
+
 def test_a_component_that_fails_shows_its_log_and_nothing_is_left(tmp_path, fresh_database):
     env = infra_env(tmp_path / "state", ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{fresh_database}",
                     closed_port_url("redis", "0"), LLMP_TRITON_MODEL_REPOSITORY=str(tmp_path / "no-such-repository"))
