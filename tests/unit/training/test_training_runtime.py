@@ -35,14 +35,15 @@ def manifest_key(store, tiny_dataset, dataset_uploader):
     return dataset_uploader(store, root, manifest)
 
 
-def job_file(tmp_path: Path, manifest_key: str, *, mode: str = "ddp", nproc: int = 2, **hyper) -> tuple[Path, dict]:
+def job_file(tmp_path: Path, manifest_key: str, *, mode: str = "ddp", nproc: int = 2, sync_interval: int = 4,
+             **hyper) -> tuple[Path, dict]:
     hp = {"batch_size": 8, "max_steps": 24, "learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 4,
           "eval_interval": 8, "eval_batches": 4, "checkpoint_interval": 8, "log_interval": 4, "seed": 7, **hyper}
     spec = JobSpec.from_dict({
         "dataset": {"name": "shakespeare", "version": 1},
         "model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "dropout": 0.1},
         "hyperparameters": hp,
-        "distributed": {"mode": mode, "nproc_per_node": nproc, "nnodes": 1, "sync_interval": 4},
+        "distributed": {"mode": mode, "nproc_per_node": nproc, "nnodes": 1, "sync_interval": sync_interval},
     })
     job = {"tenant": "acme", "job_id": uuid.uuid4().hex[:12], "spec": spec.to_dict(),
            "dataset_manifest_key": manifest_key, "init_from_prefix": None}
@@ -105,14 +106,18 @@ def final_weights(store, layout: JobLayout, dest: Path) -> dict[str, torch.Tenso
     return load_file(dest)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "async"])
+@pytest.mark.parametrize("mode", ["ddp", "local-sgd", "async"])
 def test_interrupted_run_resumes_bit_exactly(mode, tmp_path, manifest_key, store, settings_env):
     """Stopped after the step-8 checkpoint and resumed (fresh node dir, as on another machine), the run
-    ends with every weight equal to an uninterrupted run, and its losses after the resume are identical."""
-    straight_dir, straight = job_file(tmp_path / "a", manifest_key, mode=mode, max_steps=16)
+    ends with every weight equal to an uninterrupted run, and its losses after the resume are identical.
+
+    A sync interval of 3 puts the checkpoint between two averagings (local-sgd averages after steps
+    1, 4, 7, 10, …; async starts a reduction at 6 that is still in flight at 8): the replicas differ
+    there, and a resume that lost the averager's phase or the in-flight reduction would diverge."""
+    straight_dir, straight = job_file(tmp_path / "a", manifest_key, mode=mode, max_steps=16, sync_interval=3)
     assert launch(straight_dir, settings_env, 2).returncode == 0
 
-    resumed_dir, resumed = job_file(tmp_path / "b", manifest_key, mode=mode, max_steps=16)
+    resumed_dir, resumed = job_file(tmp_path / "b", manifest_key, mode=mode, max_steps=16, sync_interval=3)
     first = launch(resumed_dir, settings_env, 2, "--stop-after-step", "6")
     assert first.returncode == 0, first.stderr[-4000:]
     assert read_events(resumed_dir)[-1]["event"] == "stopped"

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,9 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_server import Caller
 from services.common.s3 import ObjectStore
+from services.training import checkpoints
 from services.training import worker as worker_module
+from services.training.checkpoints import JobLayout
 from services.training.coordinator import Coordinator, JobState
 from services.training.worker import CeleryDispatcher, EventTail, Outcome, make_producer, translate_event
 
@@ -302,3 +305,88 @@ async def test_two_node_job_joins_one_c10d_rendezvous(coordinator, worker_env, r
     assert outcomes == ["released", "succeeded"], done.error + results[0][1].decode()[-2000:]
     assert done.state == JobState.SUCCEEDED and done.environment["world_size"] == 2
     assert done.rdzv_endpoint and done.step == 8
+
+
+def kill_spec() -> dict:
+    """Two ranks with dropout (so every rank's RNG state matters), checkpoints every 8 of 24 steps."""
+    base = spec(max_steps=24)
+    return {**base, "model": {**base["model"], "dropout": 0.1},
+            "distributed": {"mode": "ddp", "nproc_per_node": 2}}
+
+
+def exact_series(series: dict[str, list[tuple[int, float, object]]]) -> dict[str, dict[int, str]]:
+    """Every metric that does not measure time, as step -> the float's exact bit pattern (float.hex)."""
+    return {name: {step: float(value).hex() for step, value, _ in points}
+            for name, points in series.items() if name not in {"tokens_per_second", "mfu"}}
+
+
+async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrupted_run(coordinator, worker_env,
+                                                                                      settings, tmp_path):
+    """SIGKILL every process of a node mid-run (worker, guard, torchrun and both training ranks), after the
+    step-8 checkpoint and with logged steps past it that are lost: the job resumes elsewhere from step 8 and
+    every metric it logs is bit for bit what an uninterrupted job with the same spec logs."""
+    runner = ("import asyncio; from services.common.config import Settings; "
+              "from services.training.worker import NodeRunner; "
+              "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}').run()))")
+
+    async def run_node(name: str) -> str:  # async: this loop serves the stand-in registry meanwhile
+        node = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", runner.format(name=name), cwd=ROOT, env=worker_env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await asyncio.wait_for(node.communicate(), 300)
+        return stdout.decode().strip() + stderr.decode()[-3000:]
+
+    reference, _ = await coordinator.submit(CALLER, kill_spec())
+    outcome = await run_node("reference")
+    assert (await coordinator.get(TENANT, reference.id)).state == JobState.SUCCEEDED, outcome
+    expected = exact_series(await coordinator.metrics(TENANT, reference.id))
+    assert sorted(expected["train_loss"]) == list(range(2, 25, 2))
+
+    job, _ = await coordinator.submit(CALLER, kill_spec())
+    events_path = Path(worker_env["LLMP_STATE_DIR"]) / "training" / job.id / "node-0" / "events-1.jsonl"
+    with open(tmp_path / "doomed.log", "ab") as log_file:
+        doomed = subprocess.Popen([sys.executable, "-c", runner.format(name="doomed")], cwd=ROOT, env=worker_env,
+                                  stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, tail, seen = time.monotonic() + 240, EventTail(events_path), []
+        while True:  # until a train step is logged past a checkpoint
+            seen += tail.read()
+            checkpointed = [e["step"] for e in seen if e["event"] == "checkpoint"]
+            if checkpointed and any(e["event"] == "train" and e["step"] > checkpointed[-1] for e in seen):
+                break
+            assert time.monotonic() < deadline and doomed.poll() is None, servers.log_tail(tmp_path / "doomed.log")
+            await asyncio.sleep(0.01)
+        tree = psutil.Process(doomed.pid).children(recursive=True)
+        ranks = [p for p in tree if "services.training.train" in p.cmdline() and "torch.distributed.run"
+                 not in p.cmdline()]
+        assert len(ranks) == 2 and len(tree) >= 4, [p.cmdline() for p in tree]  # guard, torchrun, two ranks
+        for process in ranks + [p for p in tree if p not in ranks]:
+            process.send_signal(signal.SIGKILL)  # the training ranks first: they cannot write another byte
+    finally:
+        doomed.kill()
+        doomed.wait()
+    deadline = time.monotonic() + 15
+    while job_processes(job.id):
+        assert time.monotonic() < deadline, "a process of the killed node survived"
+        await asyncio.sleep(0.2)
+    before_kill = [e for e in seen + tail.read() if e["event"] == "train"]
+    assert before_kill[-1]["step"] < 24 and not any(e["event"] == "finished" for e in seen)
+    committed = checkpoints.committed_steps(ObjectStore(settings.s3), JobLayout(TENANT, job.id))
+    assert committed and committed[-1] >= 8
+    lost = [e["step"] for e in before_kill if e["step"] > committed[-1]]
+    assert lost, "no logged step was lost: the kill came too late to test anything"
+    # What the killed run logged is what the uninterrupted run logged, up to the kill.
+    assert {e["step"]: float(e["loss"]).hex() for e in before_kill} == {
+        step: value for step, value in expected["train_loss"].items() if step <= before_kill[-1]["step"]}
+
+    await asyncio.sleep(6.5)  # the 6 s lease runs out
+    assert await coordinator.reap() == [job.id]
+    outcome = await run_node("rescuer")
+    done = await coordinator.get(TENANT, job.id)
+    assert done.state == JobState.SUCCEEDED and done.attempt == 2 and done.step == 24, done.error + outcome
+    assert done.environment["resumed_from"] == committed[-1]
+    # Every step logged after the resume (the lost ones again, then the rest) and the final metrics, as bits.
+    resumed = exact_series(await coordinator.metrics(TENANT, job.id))
+    assert resumed["train_loss"] == expected["train_loss"]
+    assert resumed == expected
+    print(json.dumps({"resumed_from": committed[-1], "lost_steps": lost}))
