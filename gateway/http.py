@@ -118,9 +118,10 @@ def path_version(request: web.Request) -> int:
 # -- calling services ---------------------------------------------------------------------------
 
 async def rpc(request: web.Request, service: str, method: str, message: Message, *,
-              timeout: float | None = 30.0) -> Any:
+              timeout: float | None = 30.0, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
     """Call `service.method` as the request's caller; domain errors propagate to the error middleware."""
-    return await request.app[CLIENTS].call(service, method, message, caller=request.get(CALLER), timeout=timeout)
+    return await request.app[CLIENTS].call(service, method, message, caller=request.get(CALLER), timeout=timeout,
+                                           metadata=metadata)
 
 
 def to_dict(message: Message) -> dict:

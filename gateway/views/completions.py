@@ -20,6 +20,7 @@ from prometheus_client import Counter
 from gateway.http import ALL_ROLES, Route, json_response, read_json, rpc, validate
 from gateway.state import CALLER, CLIENTS
 from services.common import errors
+from services.common.grpc_client import deployment_metadata
 
 COMPLETION = {
     "type": "object", "additionalProperties": False, "required": ["model", "prompt"],
@@ -106,6 +107,12 @@ def _generate_request(body: dict, routing_key: str) -> inference_pb2.GenerateReq
                                          routing_key=routing_key)
 
 
+def _deployment_metadata(request: web.Request, body: dict) -> tuple[tuple[str, str], ...]:
+    """Names the deployment for the mesh: on Kubernetes it splits the deployment's calls by its canary weight."""
+    caller = request.get(CALLER)
+    return deployment_metadata(caller.tenant, body["model"]) if caller is not None else ()
+
+
 def _openai_body(completion_id: str, created: int, deployment: str, completion: inference_pb2.Completion) -> dict:
     return {
         "id": completion_id, "object": "text_completion", "created": created, "model": deployment,
@@ -137,7 +144,8 @@ async def complete(request: web.Request) -> web.StreamResponse:
             CACHE_HITS.labels("hit").inc()
             return json_response(request, cached, cache_control="no-store", headers={"X-Cache": "hit"})
         CACHE_HITS.labels("miss").inc()
-    response = await rpc(request, "inference", "Generate", message, timeout=120)
+    response = await rpc(request, "inference", "Generate", message, timeout=120,
+                         metadata=_deployment_metadata(request, body))
     completion = response.completion
     TOKENS.labels(body["model"], "prompt").inc(completion.prompt_tokens)
     TOKENS.labels(body["model"], "completion").inc(completion.completion_tokens)
@@ -152,7 +160,8 @@ async def _stream(request: web.Request, body: dict, message: inference_pb2.Gener
     """OpenAI-style SSE: one `text_completion` chunk per piece of text, then `data: [DONE]`."""
     stream = request.app[CLIENTS].stream("inference", "GenerateStream",
                                          inference_pb2.GenerateStreamRequest(request=message),
-                                         caller=request.get(CALLER), timeout=120)
+                                         caller=request.get(CALLER), timeout=120,
+                                         metadata=_deployment_metadata(request, body))
     first = await anext(aiter(stream), None)  # errors before the first chunk still get a proper status
     completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",

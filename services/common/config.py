@@ -52,6 +52,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_STATE_DIR", ".llmp", "Local state: logs, pids, embedded servers' data, admin key."),
     Variable("LLMP_LOG_LEVEL", "INFO", "Log level."),
     Variable("LLMP_LOG_FORMAT", "json", "`json` (one object per line) or `text`."),
+    Variable("LLMP_INFERENCE_TRACK", "",
+             "Inference track: empty = the process splits a deployment's traffic by its canary weight itself "
+             "(local, compose); `stable` or `canary` = it serves that track's version and the Istio "
+             "VirtualService weights split the traffic (Kubernetes)."),
     Variable("LLMP_SHUTDOWN_GRACE", "10", "Seconds a server drains in-flight calls after SIGTERM."),
     Variable("LLMP_TRAINING_LEASE_SECONDS", "30",
              "Seconds a training node may go silent before its job is requeued; the worker renews every third."),
@@ -63,6 +67,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_URL", "", "Gateway URL the `llmp` CLI talks to; empty means http://127.0.0.1:$LLMP_GATEWAY_PORT."),
     Variable("LLMP_API_KEY", "", "API key the `llmp` CLI sends; empty means the admin key."),
 )
+INFERENCE_TRACKS = ("", "stable", "canary")
 DEFAULTS = {variable.name: variable.default for variable in VARIABLES}
 
 
@@ -114,6 +119,7 @@ class Settings:
     log_level: str
     log_format: str
     shutdown_grace: float
+    inference_track: str
     training_lease_seconds: float
     max_upload_bytes: int
     max_body_bytes: int
@@ -130,6 +136,9 @@ class Settings:
         log_format = values["LLMP_LOG_FORMAT"]
         if log_format not in {"json", "text"}:
             raise InvalidArgument(f"LLMP_LOG_FORMAT must be json or text, not {log_format!r}")
+        track = values["LLMP_INFERENCE_TRACK"]
+        if track not in INFERENCE_TRACKS:
+            raise InvalidArgument(f"LLMP_INFERENCE_TRACK must be empty, stable or canary, not {track!r}")
         return cls(
             database_url=values["LLMP_DATABASE_URL"],
             s3=S3Settings(
@@ -153,6 +162,7 @@ class Settings:
             log_level=values["LLMP_LOG_LEVEL"].upper(),
             log_format=log_format,
             shutdown_grace=float(_positive_int(values["LLMP_SHUTDOWN_GRACE"], "LLMP_SHUTDOWN_GRACE")),
+            inference_track=track,
             training_lease_seconds=float(_positive_int(values["LLMP_TRAINING_LEASE_SECONDS"],
                                                        "LLMP_TRAINING_LEASE_SECONDS")),
             max_upload_bytes=_positive_int(values["LLMP_MAX_UPLOAD_BYTES"], "LLMP_MAX_UPLOAD_BYTES"),

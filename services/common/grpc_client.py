@@ -52,8 +52,19 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    # Each channel owns its connections: with grpc's process-wide pool a new channel inherits a shared
+    # subchannel's reconnect backoff (an old channel's failures) and fails its first calls at once.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 DEFAULT_TIMEOUT = 30.0
+# On inference calls for one deployment: which deployment, for the mesh. On Kubernetes the `inference`
+# VirtualService routes a deployment's calls by this header to its stable/canary split (canary.py).
+DEPLOYMENT_KEY = "x-llmp-deployment"
+
+
+def deployment_metadata(tenant: str, deployment: str) -> tuple[tuple[str, str], ...]:
+    """The metadata naming a tenant's deployment: `<tenant>/<deployment>` (neither name may hold a '/')."""
+    return ((DEPLOYMENT_KEY, f"{tenant}/{deployment}"),)
 
 
 def call_metadata(caller: Caller | None) -> tuple[tuple[str, str], ...]:
@@ -89,19 +100,19 @@ class ServiceClients:
         return self._stubs[service]
 
     async def call(self, service: str, method: str, request: Any, *, caller: Caller | None = None,
-                   timeout: float | None = DEFAULT_TIMEOUT) -> Any:
+                   timeout: float | None = DEFAULT_TIMEOUT, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
         """Unary call `service.method(request)`; peer errors raise as domain errors."""
         rpc = getattr(self.stub(service), method)
         try:
-            return await rpc(request, metadata=call_metadata(caller), timeout=timeout)
+            return await rpc(request, metadata=call_metadata(caller) + metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise domain_error(error) from None
 
     async def stream(self, service: str, method: str, request: Any, *, caller: Caller | None = None,
-                     timeout: float | None = None) -> AsyncIterator[Any]:
+                     timeout: float | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[Any]:
         """Server-streaming call; yields responses; peer errors raise as domain errors."""
         rpc = getattr(self.stub(service), method)
-        call = rpc(request, metadata=call_metadata(caller), timeout=timeout)
+        call = rpc(request, metadata=call_metadata(caller) + metadata, timeout=timeout)
         try:
             async for response in call:
                 yield response

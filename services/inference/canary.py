@@ -2,7 +2,8 @@
 
 A rollout starts with the canary at the policy's first step (default 5 → 25 → 50 → 100 percent). Every
 `tick_s` the controller compares the canary with stable over the requests served since the step began,
-read from the service's per-version Prometheus metrics (services/inference/metrics.py):
+read from the fleet-wide per-version figures every inference replica adds into PostgreSQL
+(services/inference/metrics.py `FleetMetrics`, read here by `DatabaseMetrics`):
 
 - once the canary has served `min_requests` in the step, an error rate more than `max_error_rate_delta`
   above stable's, or a latency (p95 or mean) more than `max_latency_ratio` times stable's, ROLLS BACK at
@@ -12,25 +13,36 @@ read from the service's per-version Prometheus metrics (services/inference/metri
 
 Weights are applied through the deployment itself (`Deployments.put`, so its row, ETag and the service's
 own weighted, sticky routing change together, as for a client's PUT). On Kubernetes (a service-account
-token and `KUBERNETES_SERVICE_HOST`) the controller also patches the weights of route
-`inference-canary-split` of VirtualService `inference` (istio/virtual-services.yaml) through the
-Kubernetes API, so the mesh splits traffic the same way. A PUT by anyone else while a rollout is in
-progress ABORTS the rollout (the client's deployment wins). Rollouts and events live in PostgreSQL
-(migrations/002_canary_rollouts.sql); each tick locks a rollout's row (SKIP LOCKED), so replicas never
-act twice on one step.
+token, `KUBERNETES_SERVICE_HOST` and LLMP_INFERENCE_TRACK set) `Deployments.put` also sets the
+deployment's route in VirtualService `inference` (istio/virtual-services.yaml) through the Kubernetes
+API, and the controller sets it again after each step, so the mesh splits traffic the same way. A PUT
+by anyone else while a rollout is in progress ABORTS the rollout (the client's deployment wins).
+Rollouts and events live in PostgreSQL (migrations/002_canary_rollouts.sql); each tick locks a
+rollout's row (SKIP LOCKED), so replicas never act twice on one step.
 
-The metrics are this process's: with several inference replicas behind one deployment, a
-`MetricsSource` reading Prometheus should replace `ProcessMetrics`.
+The figures are the whole fleet's, so a canary pod's requests count wherever the controller runs. A
+step's window is the sum of the table's 10 s buckets from the one holding the step's start, minus what
+those buckets held when the step began (the baseline, kept with its `since`), i.e. exactly what was
+flushed during the step. Each replica flushes every `metrics.FLUSH_INTERVAL_S` (2 s), so the window is
+blurred by up to one flush interval at each end: requests served just before the step began (the same
+canary version, at the previous weight) may count in it, and those of the last interval before a
+judgement are not seen yet. The controller therefore holds a step for `interval_s` plus the source's
+`lag_s` (one flush interval) before it advances, so every request of the step's first `interval_s` is
+judged; rollbacks are not delayed. Set `interval_s` well above the flush interval. A step still
+undecided after the buckets' retention (6 h) sees its sums drop as buckets are pruned and restarts with
+a fresh window. `ProcessMetrics` (this process's Prometheus series only) remains for tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Protocol
@@ -39,8 +51,9 @@ from prometheus_client import Metric
 
 from services.common.db import Database
 from services.common.errors import NotFound, PreconditionFailed, Unavailable, ValidationFailed
+from services.common.grpc_client import DEPLOYMENT_KEY, deployment_metadata
 from services.inference import metrics
-from services.inference.deployments import Deployments, DeploymentSpec
+from services.inference.deployments import Deployments, DeploymentSpec, MeshWeights
 from services.inference.metrics import histogram_quantile
 
 log = logging.getLogger(__name__)
@@ -117,7 +130,7 @@ class TrackStats:
                           tuple((bound, count - before.get(bound, 0.0)) for bound, count in self.buckets))
 
     def went_back_from(self, earlier: "TrackStats") -> bool:
-        """True when the counters restarted (a process restart) since `earlier` was read."""
+        """True when the counters went back since `earlier` was read (a process restart, pruned buckets)."""
         return self.requests < earlier.requests or self.errors < earlier.errors
 
     @property
@@ -149,14 +162,38 @@ def _bound_to_json(bound: float) -> float | str:
 
 
 class MetricsSource(Protocol):
-    def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool) -> TrackStats:
-        """Cumulative counters of one track of a tenant's deployment."""
+    lag_s: float  # how late a request served now may appear in `read`
+
+    async def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool,
+                   since: datetime) -> TrackStats:
+        """Cumulative counters of one track of a tenant's deployment over a window that begins at or before
+        `since` and grows with time: two reads with the same `since` differ by what was counted between them."""
+
+
+class DatabaseMetrics:
+    """The fleet's figures: what every inference replica flushed into PostgreSQL (metrics.FleetMetrics),
+    summed over the buckets from the one holding `since` on."""
+
+    def __init__(self, db: Database, lag_s: float = metrics.FLUSH_INTERVAL_S) -> None:
+        self.db = db
+        self.lag_s = lag_s
+
+    async def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool,
+                   since: datetime) -> TrackStats:
+        totals = await metrics.fleet_totals(self.db, (tenant, deployment, model, version, canary), since)
+        return TrackStats(float(totals.requests), float(totals.errors), totals.latency_sum,
+                          tuple((bound, float(count))
+                                for bound, count in zip(metrics.LATENCY_BOUNDS, totals.latency_buckets, strict=True)))
 
 
 class ProcessMetrics:
-    """This process's `llmp_inference_*` metrics, as exported on /metrics."""
+    """This process's `llmp_inference_*` metrics, as exported on /metrics (since it started; `since` is
+    ignored). Right only with a single inference process; tests use it."""
 
-    def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool) -> TrackStats:
+    lag_s = 0.0
+
+    async def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool,
+                   since: datetime | None = None) -> TrackStats:
         labels = {"tenant": tenant, "deployment": deployment, "model": model, "version": str(version),
                   "canary": "true" if canary else "false"}
         requests = errors = latency_sum = 0.0
@@ -216,61 +253,123 @@ def evaluate(policy: RolloutPolicy, stable: TrackStats, canary: TrackStats, elap
 
 
 # -- Kubernetes: the VirtualService weights -----------------------------------------------------------
+#
+# VirtualService `inference` (istio/virtual-services.yaml) ends with a default route that sends every
+# call to subset `stable`. A deployment with a canary weight w > 0 gets a route of its own, before the
+# default: calls whose `x-llmp-deployment` header (services/common/grpc_client.py) names it go w% to
+# subset `canary` and the rest to `stable`. Pods of each subset run with LLMP_INFERENCE_TRACK set to
+# their track and serve that track's version (Deployments.route), so the mesh's weight decides which
+# version answers. Weight 0 and no route of its own are the same, so weight 0 removes the route.
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 VIRTUAL_SERVICE = "inference"
-CANARY_ROUTE = "inference-canary-split"
+UPDATE_ATTEMPTS = 5
 
 
-def virtual_service_patch(virtual_service: Mapping, canary_weight: int, route: str = CANARY_ROUTE) -> list[dict]:
-    """A JSON Patch (RFC 6902) setting subset `canary` to `canary_weight`% and `stable` to the rest.
+def mesh_route_name(tenant: str, deployment: str) -> str:
+    return f"deployment/{tenant}/{deployment}"
 
-    `test` operations pin the resourceVersion and the destinations' subsets, so the API server refuses
-    the patch if the object changed since it was read.
-    """
-    if not 0 <= canary_weight <= 100:
-        raise ValidationFailed(f"canary weight must be between 0 and 100, not {canary_weight}")
-    routes = virtual_service.get("spec", {}).get("http", [])
-    index = next((i for i, http in enumerate(routes) if http.get("name") == route), None)
+
+def default_route_index(routes: list) -> int:
+    """The route that takes every call no other route matched: the first one without a `match`."""
+    index = next((i for i, http in enumerate(routes) if not http.get("match")), None)
     if index is None:
-        raise NotFound(f"VirtualService {virtual_service.get('metadata', {}).get('name')!r} has no route {route!r}")
+        raise NotFound("VirtualService has no default route (one without `match`) to split deployments from")
     destinations = routes[index].get("route", [])
-    subsets = [destination.get("destination", {}).get("subset") for destination in destinations]
-    for needed in ("stable", "canary"):
-        if subsets.count(needed) != 1:
-            raise NotFound(f"route {route!r} must have exactly one destination with subset {needed!r}")
+    if [d.get("destination", {}).get("subset") for d in destinations] != ["stable"]:
+        raise NotFound("the default route of the VirtualService must send everything to subset 'stable'")
+    return index
+
+
+def deployment_route(default: Mapping, tenant: str, deployment: str, canary_weight: int) -> dict:
+    """The route of one deployment: the default route's settings (timeout, retries...), split by weight."""
+    stable = dict(default["route"][0]["destination"])
+    canary = {**stable, "subset": "canary"}
+    (header_value,) = (value for _, value in deployment_metadata(tenant, deployment))
+    settings = {key: copy.deepcopy(value) for key, value in default.items() if key not in ("name", "match", "route")}
+    return {"name": mesh_route_name(tenant, deployment),
+            "match": [{"headers": {DEPLOYMENT_KEY: {"exact": header_value}}}],
+            "route": [{"destination": stable, "weight": 100 - canary_weight},
+                      {"destination": canary, "weight": canary_weight}],
+            **settings}
+
+
+def virtual_service_patch(virtual_service: Mapping, tenant: str, deployment: str,
+                          canary_weight: int | None) -> list[dict]:
+    """A JSON Patch (RFC 6902) giving `deployment` of `tenant` its canary weight in the VirtualService.
+
+    Weight 1-100: the deployment's route, added before the default route or replaced; 0 or None (the
+    deployment was deleted): its route removed. [] when the object already says so. The patch starts
+    with a `test` of the resourceVersion (when the object has one) and of the route it changes, so the
+    API server refuses it when the object changed since it was read.
+    """
+    if canary_weight is not None and not 0 <= canary_weight <= 100:
+        raise ValidationFailed(f"canary weight must be between 0 and 100, not {canary_weight}")
+    routes = list(virtual_service.get("spec", {}).get("http", []))
+    default = default_route_index(routes)
+    name = mesh_route_name(tenant, deployment)
+    index = next((i for i, http in enumerate(routes) if http.get("name") == name), None)
+    wanted = deployment_route(routes[default], tenant, deployment, canary_weight) if canary_weight else None
+    if index is not None and index < default and routes[index] == wanted:
+        return []
+    if index is None and wanted is None:
+        return []
     patch: list[dict] = []
     version = virtual_service.get("metadata", {}).get("resourceVersion")
     if version:
         patch.append({"op": "test", "path": "/metadata/resourceVersion", "value": version})
-    patch.append({"op": "test", "path": f"/spec/http/{index}/name", "value": route})
-    for position, subset in enumerate(subsets):
-        if subset not in ("stable", "canary"):
-            continue  # another destination keeps its weight (none in istio/; tolerated)
-        base = f"/spec/http/{index}/route/{position}"
-        weight = canary_weight if subset == "canary" else 100 - canary_weight
-        patch.append({"op": "test", "path": f"{base}/destination/subset", "value": subset})
-        patch.append({"op": "add", "path": f"{base}/weight", "value": weight})
+    if index is not None and index < default and wanted is not None:
+        patch.append({"op": "test", "path": f"/spec/http/{index}/name", "value": name})
+        patch.append({"op": "replace", "path": f"/spec/http/{index}", "value": wanted})
+        return patch
+    if index is not None:  # removed, or behind the default route where it would never match
+        patch.append({"op": "test", "path": f"/spec/http/{index}/name", "value": name})
+        patch.append({"op": "remove", "path": f"/spec/http/{index}"})
+        if index < default:
+            default -= 1
+    if wanted is not None:
+        patch.append({"op": "add", "path": f"/spec/http/{default}", "value": wanted})
     return patch
 
 
-class MeshWeights(Protocol):
-    async def set(self, tenant: str, deployment: str, canary_weight: int) -> None:
-        """Make the mesh send `canary_weight`% of the deployment's traffic to the canary."""
+class StaleObject(Exception):
+    """The API server refused a patch because the object changed since it was read."""
+
+
+async def update_virtual_service(read: Callable[[], Awaitable[Mapping]],
+                                 write: Callable[[list[dict]], Awaitable[None]],
+                                 change: Callable[[Mapping], list[dict]], attempts: int = UPDATE_ATTEMPTS) -> bool:
+    """Read the object, patch it by `change(object)`, again from a fresh read while the patch is stale.
+
+    Returns whether it wrote (False: the object already said so). `write` raises StaleObject when the
+    API server answers that the object moved on.
+    """
+    for attempt in range(1, attempts + 1):
+        patch = change(await read())
+        if not patch:
+            return False
+        try:
+            await write(patch)
+            return True
+        except StaleObject:
+            if attempt == attempts:
+                raise Unavailable(f"VirtualService changed under {attempts} patches in a row", retry_after=2) from None
+            await asyncio.sleep(0.05 * attempt)
+    return False
 
 
 class IstioWeights:
     """Patches VirtualService `inference` in this pod's namespace with the service-account token.
 
-    Needs RBAC: get and patch on `virtualservices.networking.istio.io` named `inference`. Untested here
-    (no cluster); `virtual_service_patch` is tested against istio/virtual-services.yaml.
+    Needs RBAC: get and patch on `virtualservices.networking.istio.io` named `inference`. The HTTP calls
+    are all this class does; `virtual_service_patch` and `update_virtual_service` hold the logic (tested
+    in tests/unit/inference/test_mesh_routes.py against the repository's istio/ manifests).
     """
 
     def __init__(self, api_url: str, namespace: str, account_dir: Path = SERVICE_ACCOUNT_DIR,
-                 name: str = VIRTUAL_SERVICE, route: str = CANARY_ROUTE) -> None:
+                 name: str = VIRTUAL_SERVICE) -> None:
         self.url = f"{api_url}/apis/networking.istio.io/v1/namespaces/{namespace}/virtualservices/{name}"
         self.account_dir = account_dir
-        self.route = route
 
     @classmethod
     def in_cluster(cls, environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR) -> "IstioWeights | None":
@@ -284,6 +383,12 @@ class IstioWeights:
         return cls(f"https://{host}:{port}", namespace, account_dir)
 
     async def set(self, tenant: str, deployment: str, canary_weight: int) -> None:
+        await self._update(tenant, deployment, canary_weight)
+
+    async def remove(self, tenant: str, deployment: str) -> None:
+        await self._update(tenant, deployment, None)
+
+    async def _update(self, tenant: str, deployment: str, canary_weight: int | None) -> None:
         import aiohttp
 
         token = (self.account_dir / "token").read_text().strip()  # re-read: projected tokens rotate
@@ -292,16 +397,26 @@ class IstioWeights:
         timeout = aiohttp.ClientTimeout(total=10)
         try:
             async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-                async with session.get(self.url, ssl=context) as response:
-                    response.raise_for_status()
-                    current = await response.json()
-                body = json.dumps(virtual_service_patch(current, canary_weight, self.route))
-                async with session.patch(self.url, data=body, ssl=context,
-                                         headers={"Content-Type": "application/json-patch+json"}) as response:
-                    response.raise_for_status()
+                async def read() -> Mapping:
+                    async with session.get(self.url, ssl=context) as response:
+                        response.raise_for_status()
+                        return await response.json()
+
+                async def write(patch: list[dict]) -> None:
+                    async with session.patch(self.url, data=json.dumps(patch), ssl=context,
+                                             headers={"Content-Type": "application/json-patch+json"}) as response:
+                        # 409: the object changed between apply and store; 422: a `test` op failed.
+                        if response.status in (409, 422):
+                            raise StaleObject(await response.text())
+                        response.raise_for_status()
+
+                wrote = await update_virtual_service(
+                    read, write, lambda current: virtual_service_patch(current, tenant, deployment, canary_weight))
         except aiohttp.ClientError as error:
             raise Unavailable(f"cannot set VirtualService weights: {error}", retry_after=2) from error
-        log.info("mesh weights set", extra={"deployment": deployment, "canary_weight": canary_weight})
+        if wrote:
+            log.info("mesh weights set", extra={"tenant": tenant, "deployment": deployment,
+                                                "canary_weight": canary_weight})
 
 
 # -- the controller ---------------------------------------------------------------------------------
@@ -318,7 +433,7 @@ class CanaryController:
                  mesh: MeshWeights | None = None, tick_s: float = 1.0) -> None:
         self.db = db
         self.deployments = deployments
-        self.source = source or ProcessMetrics()
+        self.source = source or DatabaseMetrics(db)
         self.mesh = mesh
         self.tick_s = tick_s
         self._stopping = asyncio.Event()
@@ -366,8 +481,9 @@ class CanaryController:
                 await self._finish(conn, running, "ABORTED", running["weight"], "superseded by a new rollout", {})
         spec = DeploymentSpec(name, current["model"], current["stable_version"], canary_version, policy.steps[0])
         await self.deployments.put(tenant, spec, if_match=current["etag"], wait=wait)
-        baseline = self._read(tenant, name, current["model"], current["stable_version"], canary_version)
         async with self.db.transaction() as conn:
+            baseline = await self._baseline(conn, tenant, name, current["model"], current["stable_version"],
+                                            canary_version)  # since now(): the row's step_started_at
             rollout = await (await conn.execute(
                 """INSERT INTO inference_canary_rollouts
                        (tenant, name, model, stable_version, canary_version, steps, interval_s, min_requests,
@@ -430,7 +546,10 @@ class CanaryController:
                                f"the deployment was changed outside the rollout (stable, canary, weight: "
                                f"{actual}, expected {expected})", {})
             return
-        now = self._read(tenant, name, rollout["model"], rollout["stable_version"], rollout["canary_version"])
+        baseline = rollout["baseline"]
+        since = datetime.fromisoformat(baseline["since"]) if "since" in baseline else rollout["step_started_at"]
+        now = await self._read(tenant, name, rollout["model"], rollout["stable_version"], rollout["canary_version"],
+                               since)
         if deployment["state"] == "FAILED":  # the canary would not load: take it out of the deployment
             await self._roll_back(conn, rollout, deployment, f"the canary failed to load: {deployment['message']}", {},
                                   keep_canary=False)
@@ -440,18 +559,19 @@ class CanaryController:
         stable_now, canary_now = TrackStats.from_json(now["stable"]), TrackStats.from_json(now["canary"])
         if (deployment["state"] != "READY" or stable_now.went_back_from(stable_before)
                 or canary_now.went_back_from(canary_before)):
-            await self._restart_step(conn, rollout, now)  # still loading, or counters restarted: a fresh window
+            await self._restart_step(conn, rollout)  # still loading, or counters went back: a fresh window
             return
         policy = policy_of(rollout)
+        # The last `lag_s` of the step may not be in the figures yet: that time does not count towards the interval.
         verdict = evaluate(policy, stable_now.minus(stable_before), canary_now.minus(canary_before),
-                           rollout["elapsed_s"])
+                           max(0.0, rollout["elapsed_s"] - self.source.lag_s))
         if verdict.action == "rollback":
             await self._roll_back(conn, rollout, deployment, verdict.reason, verdict.observed)
         elif verdict.action == "advance":
-            await self._advance(conn, rollout, deployment, policy, verdict, now)
+            await self._advance(conn, rollout, deployment, policy, verdict)
 
-    async def _advance(self, conn, rollout: dict, deployment: dict, policy: RolloutPolicy, verdict: Verdict,
-                       now: dict) -> None:
+    async def _advance(self, conn, rollout: dict, deployment: dict, policy: RolloutPolicy,
+                       verdict: Verdict) -> None:
         tenant, name = rollout["tenant"], rollout["name"]
         index = rollout["step_index"] + 1
         weight = policy.steps[index]
@@ -467,10 +587,12 @@ class CanaryController:
         spec = DeploymentSpec(name, deployment["model"], rollout["stable_version"], rollout["canary_version"], weight)
         if not await self._put(conn, rollout, spec, deployment["etag"]):
             return
+        baseline = await self._baseline(conn, tenant, name, rollout["model"], rollout["stable_version"],
+                                        rollout["canary_version"])
         await conn.execute(
             "UPDATE inference_canary_rollouts SET step_index = %s, weight = %s, baseline = %s, "
             "step_started_at = now(), updated_at = now() WHERE id = %s",
-            (index, weight, json.dumps(now), rollout["id"]))
+            (index, weight, json.dumps(baseline), rollout["id"]))
         await self._event(conn, rollout["id"], "ADVANCED", rollout["weight"], weight, verdict.reason, verdict.observed)
         await self._mesh(tenant, name, weight)
         log.info("canary advanced", extra={"deployment": name, "weight": weight})
@@ -496,9 +618,11 @@ class CanaryController:
             return False
         return True
 
-    async def _restart_step(self, conn, rollout: dict, now: dict) -> None:
+    async def _restart_step(self, conn, rollout: dict) -> None:
+        baseline = await self._baseline(conn, rollout["tenant"], rollout["name"], rollout["model"],
+                                        rollout["stable_version"], rollout["canary_version"])
         await conn.execute("UPDATE inference_canary_rollouts SET baseline = %s, step_started_at = now() "
-                           "WHERE id = %s", (json.dumps(now), rollout["id"]))
+                           "WHERE id = %s", (json.dumps(baseline), rollout["id"]))
 
     async def _finish(self, conn, rollout: dict, state: str, to_weight: int, reason: str, observed: dict) -> None:
         await conn.execute("UPDATE inference_canary_rollouts SET state = %s, weight = %s, reason = %s, "
@@ -512,12 +636,25 @@ class CanaryController:
             "INSERT INTO inference_canary_events (rollout_id, kind, from_weight, to_weight, reason, observed) "
             "VALUES (%s, %s, %s, %s, %s, %s)", (rollout_id, kind, from_weight, to_weight, reason, json.dumps(observed)))
 
-    def _read(self, tenant: str, name: str, model: str, stable_version: int, canary_version: int) -> dict:
-        return {"stable": self.source.read(tenant, name, model, stable_version, False).to_json(),
-                "canary": self.source.read(tenant, name, model, canary_version, True).to_json()}
+    async def _read(self, tenant: str, name: str, model: str, stable_version: int, canary_version: int,
+                    since: datetime) -> dict:
+        """Both tracks' counters over the window from `since` (kept with them: a step's reads share it)."""
+        stable = await self.source.read(tenant, name, model, stable_version, False, since)
+        canary = await self.source.read(tenant, name, model, canary_version, True, since)
+        return {"since": since.isoformat(), "stable": stable.to_json(), "canary": canary.to_json()}
+
+    async def _baseline(self, conn, tenant: str, name: str, model: str, stable_version: int,
+                        canary_version: int) -> dict:
+        """The counters a step starts from, over a window from `conn`'s transaction time (= the step_started_at
+        that transaction sets)."""
+        since = (await (await conn.execute("SELECT now() AS now")).fetchone())["now"]
+        return await self._read(tenant, name, model, stable_version, canary_version, since)
 
     async def _mesh(self, tenant: str, name: str, weight: int) -> None:
-        """Mirror the weight in the mesh; the deployment already changed, so a failure is logged, not raised."""
+        """Mirror the weight in the mesh; the deployment already changed, so a failure is logged, not raised.
+
+        `Deployments.put` has mirrored it already when it shares this mesh (server.py); setting it again
+        is then a read that finds nothing to patch, and re-asserts a weight a failed mirror left behind."""
         if self.mesh is None:
             return
         try:

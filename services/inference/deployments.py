@@ -5,6 +5,13 @@ and only ever points at versions Triton reports ready. A change loads the new ve
 for readiness, then swaps the route in one step, so no request fails during it; versions no route uses
 any more are unloaded once their in-flight requests finish. Deleting removes the route, drains, then
 deletes the row.
+
+Who splits a deployment's traffic between stable and canary depends on the process's track
+(LLMP_INFERENCE_TRACK). Without one (local, compose) `route` draws: `canary_weight`% of the routing keys
+go to the canary. On Kubernetes the pods of each Istio subset run with track `stable` or `canary` and
+route to that track's version, and the mesh splits: every change of a deployment's weight, and its
+deletion, is mirrored into the `inference` VirtualService (`MeshWeights`, canary.IstioWeights) once
+the new route is in place here — the same weights either way.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import logging
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from services.common.config import INFERENCE_TRACKS
 from services.common.db import Database
 from services.common.errors import (
     AlreadyExists,
@@ -33,6 +42,19 @@ log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DRAIN_TIMEOUT_S = 60.0
+# Every replica re-reads the deployment rows this often and routes what changed through another replica.
+SYNC_INTERVAL_S = 2.0
+PEER_GRACE_S = 3 * SYNC_INTERVAL_S
+
+
+class MeshWeights(Protocol):
+    """The service mesh's split of a deployment's traffic (canary.IstioWeights on Kubernetes)."""
+
+    async def set(self, tenant: str, deployment: str, canary_weight: int) -> None:
+        """Make the mesh send `canary_weight`% of the deployment's traffic to the canary track."""
+
+    async def remove(self, tenant: str, deployment: str) -> None:
+        """Forget the deployment (it was deleted)."""
 
 
 @dataclass(frozen=True)
@@ -85,11 +107,28 @@ class Route:
     canary: ServedVersion | None = None
     weight: int = 0
 
-    def pick(self, routing_key: str) -> tuple[ServedVersion, bool]:
+    def pick(self, routing_key: str, track: str = "") -> tuple[ServedVersion, bool]:
+        """The version to serve and whether it is the canary. A track serves its own version (the
+        mesh already chose the track; the canary track serves stable while there is no canary);
+        without one, a weighted draw that is sticky per routing key."""
+        if track == "stable":
+            return self.stable, False
+        if track == "canary":
+            return (self.canary, True) if self.canary is not None else (self.stable, False)
         if self.canary is None or self.weight <= 0:
             return self.stable, False
         bucket = canary_bucket(routing_key) if routing_key else random.randrange(100)
         return (self.canary, True) if bucket < self.weight else (self.stable, False)
+
+
+def _routes_row(route: Route | None, row: dict) -> bool:
+    """Whether `route` already serves the stored deployment `row` (same versions, same canary weight)."""
+    if route is None:
+        return False
+    canary = route.canary.version if route.canary is not None else None
+    return (route.stable.model == row["model"] and route.stable.version == row["stable_version"]
+            and canary == (row["canary_version"] or None)
+            and (canary is None or route.weight == row["canary_weight"]))
 
 
 @dataclass
@@ -104,7 +143,12 @@ class Deployments:
 
     def __init__(self, db: Database, engine: TritonEngine, source: ModelSource,
                  repository: model_repository.Repository,
-                 batching: model_repository.BatchingConfig | None = None) -> None:
+                 batching: model_repository.BatchingConfig | None = None, *, track: str = "",
+                 mesh: MeshWeights | None = None) -> None:
+        if track not in INFERENCE_TRACKS:  # "": this process splits by weight itself
+            raise ValidationFailed(f"inference track must be one of {INFERENCE_TRACKS}, not {track!r}")
+        self.track = track
+        self.mesh = mesh
         self.db = db
         self.engine = engine
         self.source = source
@@ -172,7 +216,7 @@ class Deployments:
             await conn.execute("UPDATE inference_deployments SET etag = %s WHERE tenant = %s AND name = %s",
                                (stored["etag"], tenant, spec.name))
         replaced = _row_versions(current) - {(spec.model, v) for v in spec.versions()} if current else set()
-        task = asyncio.create_task(self._activate(tenant, spec, lock, replaced))
+        task = asyncio.create_task(self._activate(tenant, spec, lock, replaced, mirror=True))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if wait:
@@ -181,8 +225,9 @@ class Deployments:
         return stored, current is None
 
     async def _activate(self, tenant: str, spec: DeploymentSpec, lock: asyncio.Lock,
-                        replaced: set[tuple[str, int]] = frozenset()) -> None:
-        """Load, then route; `replaced` are the (model, version)s the deployment served before the change."""
+                        replaced: set[tuple[str, int]] = frozenset(), *, mirror: bool = False) -> None:
+        """Load, then route; `replaced` are the (model, version)s the deployment served before the change;
+        `mirror`: a client's change, which the mesh follows once routed here."""
         async with lock:
             try:
                 stable = await self._ensure_loaded(tenant, spec.model, spec.stable_version)
@@ -195,9 +240,25 @@ class Deployments:
             previous = self.routes.get((tenant, spec.name))
             self.routes[(tenant, spec.name)] = Route(stable, canary, spec.canary_weight)
             await self._set_state(tenant, spec.name, "READY", "")
+            if mirror:
+                await self._mirror(tenant, spec.name, spec.canary_weight if spec.canary_version else 0)
             if previous is not None:
                 await self._release_unused([previous.stable, previous.canary])
             await self._unmark(tenant, spec.name, replaced)
+
+    async def _mirror(self, tenant: str, name: str, canary_weight: int | None) -> None:
+        """Set (None: remove) the deployment's split in the mesh, when there is one. The change is already
+        stored and routed here, so a refusal is logged, not raised; the next change sets it again."""
+        if self.mesh is None:
+            return
+        try:
+            if canary_weight is None:
+                await self.mesh.remove(tenant, name)
+            else:
+                await self.mesh.set(tenant, name, canary_weight)
+        except Exception as error:  # the API server's refusal or absence must not undo the deployment
+            log.error("mesh weights not set", extra={"deployment": name, "canary_weight": canary_weight,
+                                                     "error": str(error)})
 
     async def _unmark(self, tenant: str, name: str, versions) -> None:
         for model, version in versions:
@@ -247,6 +308,10 @@ class Deployments:
                 await asyncio.wait_for(loaded.idle.wait(), DRAIN_TIMEOUT_S)
             except TimeoutError:
                 log.warning("drain timed out", extra={"triton_model": served.triton_name})
+            if self.track:
+                # On Kubernetes the pods share one Triton: a peer may route to this version until its next
+                # sync, and finish what it sent there, so the model stays a little longer.
+                await asyncio.sleep(PEER_GRACE_S)
             # A new route may have picked it up while draining.
             if served.triton_name in self._routed_names():
                 continue
@@ -268,23 +333,50 @@ class Deployments:
             route = self.routes.pop((tenant, name), None)
             async with self.db.transaction() as conn:
                 await conn.execute("DELETE FROM inference_deployments WHERE tenant = %s AND name = %s", (tenant, name))
+            await self._mirror(tenant, name, None)
             if route is not None:
                 await self._release_unused([route.stable, route.canary])
             await self._unmark(tenant, name, _row_versions(row))
 
     async def restore(self) -> None:
-        """At start: reload every deployment that was READY or LOADING (e.g. after a restart)."""
+        """At start: route every deployment that is READY or LOADING (e.g. after a restart), then keep
+        following the table, so a change made through another replica reaches this one within
+        SYNC_INTERVAL_S (several inference replicas behind one gateway or mesh)."""
+        await self.sync()
+        self._spawn(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            try:
+                await self.sync()
+            except Exception as error:  # PostgreSQL away for a moment: the routes here stay as they are
+                log.warning("deployment sync failed", extra={"error": str(error)})
+
+    async def sync(self) -> None:
+        """Bring this process's routes in line with the stored deployments: (re)activate rows whose
+        versions or weight differ from the route here, drop routes whose row is gone. Deployments being
+        changed here are left to that change; FAILED rows keep the route they had."""
         async with self.db.pool.connection() as conn:
-            rows = await (await conn.execute(
-                "SELECT * FROM inference_deployments WHERE state IN ('READY', 'LOADING')")).fetchall()
-        for row in rows:
+            rows = await (await conn.execute("SELECT * FROM inference_deployments")).fetchall()
+        stored = {(row["tenant"], row["name"]): row for row in rows}
+        for key, row in stored.items():
+            lock = self._changes.setdefault(key, asyncio.Lock())
+            if row["state"] not in ("READY", "LOADING") or lock.locked() or _routes_row(self.routes.get(key), row):
+                continue
             spec = DeploymentSpec(row["name"], row["model"], row["stable_version"], row["canary_version"],
                                   row["canary_weight"])
-            task = asyncio.create_task(self._activate(row["tenant"], spec,
-                                                      self._changes.setdefault((row["tenant"], row["name"]),
-                                                                               asyncio.Lock())))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._activate(key[0], spec, lock))
+        for key in [key for key in self.routes if key not in stored]:
+            lock = self._changes.setdefault(key, asyncio.Lock())
+            if not lock.locked():  # deleted through another replica
+                route = self.routes.pop(key)
+                self._spawn(self._release_unused([route.stable, route.canary]))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -299,7 +391,7 @@ class Deployments:
             if row["state"] == "FAILED":
                 raise Unavailable(f"deployment {name!r} failed: {row['message']}", retry_after=5)
             raise Unavailable(f"deployment {name!r} is still loading", retry_after=2)
-        return route.pick(routing_key)
+        return route.pick(routing_key, self.track)
 
     def acquire(self, served: ServedVersion) -> None:
         loaded = self.loaded.get(served.triton_name)

@@ -13,7 +13,7 @@ from services.common.db import Database
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.s3 import ObjectStore
-from services.inference import model_repository
+from services.inference import metrics, model_repository
 from services.inference.canary import CanaryController, IstioWeights
 from services.inference.deployments import Deployments
 from services.inference.model_source import ModelSource, S3ModelSource
@@ -31,19 +31,25 @@ async def build(settings: Settings, source: ModelSource | None = None) -> tuple[
     if source is None:
         store = ObjectStore(settings.s3)
         source = S3ModelSource(clients, store, settings.state_dir / "inference-cache")
-    deployments = Deployments(db, engine, source, model_repository.open_repository(settings))
-    canary = CanaryController(db, deployments, mesh=IstioWeights.in_cluster(os.environ))
+    # The mesh splits traffic only between pods of the two tracks; a process without a track splits itself.
+    mesh = IstioWeights.in_cluster(os.environ) if settings.inference_track else None
+    deployments = Deployments(db, engine, source, model_repository.open_repository(settings),
+                              track=settings.inference_track, mesh=mesh)
+    fleet_metrics = metrics.FleetMetrics(db)  # this process's figures into PostgreSQL, for the canary controller
+    canary = CanaryController(db, deployments, mesh=mesh)
     app = GrpcApp(settings, topology.INFERENCE)
     app.add_servicer(inference_pb2_grpc.add_InferenceServiceServicer_to_server,
                      InferenceServicer(deployments, engine, canary), "llmp.inference.v1.InferenceService")
     app.add_readiness_check("postgresql", db.check)
     app.add_readiness_check("triton", engine.check)
     app.on_shutdown(db.close)
+    app.on_shutdown(fleet_metrics.close)  # the last flush, after the server stopped serving, before the pool closes
     app.on_shutdown(engine.close)
     app.on_shutdown(clients.close)
     app.on_shutdown(deployments.close)
     app.on_shutdown(canary.close)  # hooks run in reverse: the controller stops first
     await deployments.restore()
+    fleet_metrics.start()
     canary.start()
     return app, deployments
 

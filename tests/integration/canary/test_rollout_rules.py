@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import pytest
-import yaml
 
-from services.common.errors import NotFound, ValidationFailed
+from services.common.errors import ValidationFailed
 from services.inference import metrics
 from services.inference.canary import (
     IstioWeights,
@@ -17,10 +13,8 @@ from services.inference.canary import (
     TrackStats,
     evaluate,
     histogram_quantile,
-    virtual_service_patch,
 )
 
-ISTIO = Path(__file__).resolve().parents[3] / "istio" / "virtual-services.yaml"
 INF = float("inf")
 
 
@@ -110,75 +104,29 @@ def test_window_arithmetic_and_json_round_trip():
     assert stats(5).went_back_from(stats(10)) and not stats(10).went_back_from(stats(5))
 
 
-def test_process_metrics_reads_the_exported_series():
+async def test_process_metrics_reads_the_exported_series():
     labels = ("acme", "rules-test", "tiny", "7", "true")
     metrics.REQUESTS.labels(*labels, "ok").inc(3)
     metrics.REQUESTS.labels(*labels, "error").inc(1)
     for seconds in (0.004, 0.004, 0.004, 0.2):
         metrics.LATENCY.labels(*labels).observe(seconds)
-    read = ProcessMetrics().read("acme", "rules-test", "tiny", 7, canary=True)
+    read = await ProcessMetrics().read("acme", "rules-test", "tiny", 7, canary=True)
     assert (read.requests, read.errors) == (4, 1) and read.latency_sum == pytest.approx(0.212)
     assert read.latency("mean") == pytest.approx(0.053)
-    assert ProcessMetrics().read("acme", "rules-test", "tiny", 7, canary=False).requests == 0
+    assert (await ProcessMetrics().read("acme", "rules-test", "tiny", 7, canary=False)).requests == 0
 
 
-def test_process_metrics_keep_tenants_apart():
+async def test_process_metrics_keep_tenants_apart():
     """Deployment names are per tenant: another tenant's same-named deployment is not in the figures."""
     metrics.REQUESTS.labels("acme", "rules-shared", "tiny", "7", "true", "ok").inc(5)
     metrics.REQUESTS.labels("globex", "rules-shared", "tiny", "7", "true", "error").inc(2)
-    acme = ProcessMetrics().read("acme", "rules-shared", "tiny", 7, canary=True)
-    globex = ProcessMetrics().read("globex", "rules-shared", "tiny", 7, canary=True)
+    acme = await ProcessMetrics().read("acme", "rules-shared", "tiny", 7, canary=True)
+    globex = await ProcessMetrics().read("globex", "rules-shared", "tiny", 7, canary=True)
     assert (acme.requests, acme.errors) == (5, 0)
     assert (globex.requests, globex.errors) == (2, 2)
 
 
-# -- Kubernetes: the VirtualService patch (the in-cluster PATCH call itself is not tested here) ---------
-
-
-def apply_json_patch(document: dict, patch: list[dict]) -> dict:
-    """RFC 6902 `test`, `add` and `replace` on objects and arrays, enough to check our patches."""
-    document = copy.deepcopy(document)
-    for operation in patch:
-        *parents, last = operation["path"].lstrip("/").split("/")
-        target = document
-        for part in parents:
-            target = target[int(part)] if isinstance(target, list) else target[part]
-        key = int(last) if isinstance(target, list) else last
-        if operation["op"] == "test":
-            assert target[key] == operation["value"], operation
-        else:
-            target[key] = operation["value"]
-    return document
-
-
-def inference_virtual_service() -> dict:
-    documents = [doc for doc in yaml.safe_load_all(ISTIO.read_text()) if doc]
-    return next(doc for doc in documents if doc["kind"] == "VirtualService" and doc["metadata"]["name"] == "inference")
-
-
-@pytest.mark.parametrize("weight", [0, 5, 25, 50, 100])
-def test_patch_sets_the_canary_split_of_the_repos_virtual_service(weight):
-    service = inference_virtual_service()
-    service["metadata"]["resourceVersion"] = "4711"
-    patch = virtual_service_patch(service, weight)
-    assert patch[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "4711"}
-    patched = apply_json_patch(service, patch)
-    route = next(http for http in patched["spec"]["http"] if http["name"] == "inference-canary-split")
-    weights = {d["destination"]["subset"]: d["weight"] for d in route["route"]}
-    assert weights == {"stable": 100 - weight, "canary": weight}
-    assert route["timeout"] == "300s"  # nothing else changed
-
-
-def test_patch_refuses_a_virtual_service_without_the_split():
-    service = inference_virtual_service()
-    service["spec"]["http"][0]["route"].pop()  # no canary destination
-    with pytest.raises(NotFound, match="subset 'canary'"):
-        virtual_service_patch(service, 5)
-    service["spec"]["http"][0]["name"] = "other"
-    with pytest.raises(NotFound, match="no route"):
-        virtual_service_patch(service, 5)
-    with pytest.raises(ValidationFailed):
-        virtual_service_patch(inference_virtual_service(), 101)
+# -- Kubernetes: the VirtualService patch is tested in tests/unit/inference/test_mesh_routes.py -----------
 
 
 def test_in_cluster_detection(tmp_path):

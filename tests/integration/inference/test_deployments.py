@@ -117,3 +117,35 @@ async def test_registry_marks_follow_the_versions_a_deployment_serves(service):
     assert marks[("acme", "tiny", 1)] == set()
     await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-m"))
     assert marks[("acme", "tiny", 2)] == set()
+
+
+async def test_a_change_made_through_one_replica_reaches_the_others(service):
+    """Two inference replicas (one database, one Triton): deploy, add a canary and delete through the first;
+    the second routes the same within a sync, without a restart."""
+    from services.inference.deployments import SYNC_INTERVAL_S, Deployments
+
+    first = service.deployments
+    replica = Deployments(first.db, first.engine, first.source, first.repository, first.batching)
+
+    async def replica_route(key=("acme", "tiny-chat")):
+        route = replica.routes.get(key)
+        return None if route is None else (route.stable.version, route.canary and route.canary.version, route.weight)
+
+    async def eventually(expected):
+        deadline = asyncio.get_running_loop().time() + 4 * SYNC_INTERVAL_S + 30  # loading a model takes time
+        while (now := await replica_route()) != expected:
+            assert asyncio.get_running_loop().time() < deadline, (now, expected)
+            await asyncio.sleep(0.2)
+
+    try:
+        await service.deploy(stable=1)
+        await replica.restore()  # routes what is stored, then follows the table
+        await eventually((1, None, 0))
+        await service.deploy(stable=1, canary=(2, 30))
+        await eventually((1, 2, 30))
+        served, canary = await replica.route("acme", "tiny-chat", "user-7")
+        assert served.version in (1, 2) and canary == (served.version == 2)
+        await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-chat"))
+        await eventually(None)
+    finally:
+        await replica.close()

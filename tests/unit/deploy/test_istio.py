@@ -6,11 +6,15 @@ fields of Istio's API reference that these manifests use) and by the policy prop
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
+from json_patch import apply_patch
 
 from services.common import topology
+from services.common.grpc_client import DEPLOYMENT_KEY
+from services.inference.canary import virtual_service_patch
 
 NAMESPACE = "llmp"
 INGRESS = "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
@@ -255,12 +259,69 @@ def test_every_subset_selects_running_pods(prod):
             assert selected_workloads(prod, labels), f"{rule['metadata']['name']}/{subset['name']} selects no pods"
 
 
-def test_inference_canary_split_is_where_the_rollout_controller_expects_it(prod):
+def test_inference_default_route_sends_everything_to_stable(prod):
+    """The route every call without a deployment route of its own takes; the deployments' routes are
+    inserted before it (services/inference/canary.py virtual_service_patch)."""
     inference = named(prod, "VirtualService")["inference"]
-    (route,) = [r for r in inference["spec"]["http"] if r["name"] == "inference-canary-split"]
-    weights = {d["destination"]["subset"]: d["weight"] for d in route["route"]}
-    assert weights == {"stable": 100, "canary": 0}
-    assert all(d["destination"]["port"]["number"] == topology.INFERENCE.port for d in route["route"])
+    (default,) = inference["spec"]["http"]
+    assert "match" not in default
+    assert [(d["destination"]["subset"], d.get("weight", 100)) for d in default["route"]] == [("stable", 100)]
+    assert default["route"][0]["destination"]["port"]["number"] == topology.INFERENCE.port
+    assert default["retries"] == {"attempts": 0}  # a completion is never retried by the mesh
+
+
+def test_subsets_are_the_tracks_the_pods_serve(prod):
+    """Subset `stable`/`canary` selects exactly the pods running with LLMP_INFERENCE_TRACK stable/canary."""
+    rule = next(r for r in of_kind(prod, "DestinationRule") if r["spec"]["host"] == "inference")
+    service = named(prod, "Service")["inference"]
+    templates = workload_labels(prod)
+    for subset in rule["spec"]["subsets"]:
+        pods = selected_workloads(prod, {**service["spec"]["selector"], **subset["labels"]})
+        assert pods, subset["name"]
+        for pod in pods:
+            (container,) = templates[pod]["spec"]["containers"]
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("LLMP_INFERENCE_TRACK") == subset["name"], (pod, subset["name"])
+
+
+# Deployments as the inference service would route them on Kubernetes: (tenant, name, canary weight).
+MESH_DEPLOYMENTS = (("acme", "chat", 5), ("acme", "chat.v2", 50), ("globex", "chat", 100), ("acme", "summ", 25))
+
+
+@pytest.fixture(scope="module")
+def prod_with_deployment_routes(prod) -> list[dict]:
+    """The rendered production objects with VirtualService `inference` patched as the service patches it."""
+    objects = copy.deepcopy(prod)
+    inference = named(objects, "VirtualService")["inference"]
+    patched = inference
+    for tenant, name, weight in MESH_DEPLOYMENTS:
+        patched = apply_patch(patched, virtual_service_patch(patched, tenant, name, weight))
+    patched = apply_patch(patched, virtual_service_patch(patched, "acme", "summ", 0))  # rolled back: no route
+    inference["spec"] = patched["spec"]
+    return objects
+
+
+def test_deployment_routes_come_before_the_default_and_match_one_deployment(prod_with_deployment_routes):
+    routes = named(prod_with_deployment_routes, "VirtualService")["inference"]["spec"]["http"]
+    *own, default = routes
+    assert "match" not in default and default["name"] == "stable"
+    matched = [route["match"][0]["headers"][DEPLOYMENT_KEY]["exact"] for route in own]
+    assert matched == ["acme/chat", "acme/chat.v2", "globex/chat"]
+    assert all(len(route["match"]) == 1 and set(route["match"][0]) == {"headers"} for route in own)
+    assert len({route["name"] for route in routes}) == len(routes)
+    weights = [{d["destination"]["subset"]: d["weight"] for d in route["route"]} for route in own]
+    assert weights == [{"stable": 95, "canary": 5}, {"stable": 50, "canary": 50}, {"stable": 0, "canary": 100}]
+
+
+@pytest.mark.parametrize("check", [test_istio_objects_are_structurally_valid, test_every_route_has_a_timeout,
+                                   test_only_read_only_routes_are_retried,
+                                   test_weights_sum_to_100_over_subsets_that_exist])
+def test_deployment_routes_keep_the_mesh_policy(prod_with_deployment_routes, check):
+    """Every route the patch creates: known fields, a timeout, no retries (Generate is not idempotent),
+    weights summing to 100 over subsets the DestinationRule defines."""
+    check(prod_with_deployment_routes)
+    for route in named(prod_with_deployment_routes, "VirtualService")["inference"]["spec"]["http"]:
+        assert route["retries"] == {"attempts": 0} and route["timeout"] == "300s", route["name"]
 
 
 @pytest.mark.parametrize("field", ["outlierDetection", "connectionPool"])
