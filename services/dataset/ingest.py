@@ -22,6 +22,11 @@ from services.common.errors import InvalidArgument, PayloadTooLarge, ValidationF
 from services.dataset.options import DatasetOptions
 
 BOM = b"\xef\xbb\xbf"
+# Bounds that keep parsing in bounded memory whatever the corpus: a line is read whole, and a blank-line
+# document is gathered whole, so a file with no line breaks (or no blank lines) would otherwise become
+# one string the size of the corpus.
+LINE_LIMIT = 16 * 1024 * 1024  # bytes in one line
+DOCUMENT_LIMIT = 64 * 1024 * 1024  # characters in one document
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,10 @@ def receive(chunks: Iterable[bytes], spool: BinaryIO, limit: int) -> Received:
 def _decoded_lines(handle: BinaryIO) -> Iterator[tuple[int, str, int]]:
     """(line number, text without the line break, offset past the line) for each line of `handle`."""
     offset = 0
-    for number, raw in enumerate(handle, start=1):
+    for number, raw in enumerate(iter(lambda: handle.readline(LINE_LIMIT + 1), b""), start=1):
+        if len(raw) > LINE_LIMIT:
+            raise InvalidArgument(f"line {number}: longer than the limit of {LINE_LIMIT} bytes per line "
+                                  "(is the file text with line breaks?)")
         start = offset
         offset += len(raw)
         if number == 1 and raw.startswith(BOM):
@@ -79,13 +87,18 @@ def _text_documents(lines: Iterator[tuple[int, str, int]], mode: str) -> Iterato
                 yield Document(text, number, offset)
         return
     block: list[str] = []
-    first = end = 0
+    first = end = size = 0
     for number, text, offset in lines:
         if text.strip():
             if not block:
-                first = number
+                first, size = number, 0
             block.append(text)
+            size += len(text)
             end = offset
+            if size > DOCUMENT_LIMIT:
+                raise InvalidArgument(f"line {number}: the document starting at line {first} is over the limit "
+                                      f"of {DOCUMENT_LIMIT} characters; separate documents with blank lines, or "
+                                      "read one document per line (document_mode=line)")
         elif block:
             yield Document("\n".join(block), first, end)
             block = []

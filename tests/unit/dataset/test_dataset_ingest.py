@@ -69,3 +69,20 @@ def test_receive_spools_hashes_and_enforces_the_limit():
     assert received == ingest.Received(6, "bef57ec7f53a6d40beb640a780a639c83bc29ac8a9816f1fc6c5c6dcd93c4721")
     with pytest.raises(PayloadTooLarge, match="limit of 5 bytes"):
         ingest.receive([b"abc", b"def"], io.BytesIO(), limit=5)
+
+
+def test_a_line_over_the_limit_is_refused_before_it_is_read_whole(monkeypatch):
+    monkeypatch.setattr(ingest, "LINE_LIMIT", 64)
+    assert [d.text for d in parse(b"a" * 63 + b"\n", document_mode="line")] == ["a" * 63]  # 63 + newline fit
+    with pytest.raises(InvalidArgument, match=r"line 2: longer than the limit of 64 bytes per line"):
+        parse(b"short\n" + b"b" * 200, document_mode="line")
+
+
+def test_a_document_with_no_blank_line_in_sight_is_refused_naming_where_it_began(monkeypatch):
+    monkeypatch.setattr(ingest, "DOCUMENT_LIMIT", 100)
+    fine = b"\n\n".join([b"x" * 40 + b"\n" + b"y" * 40] * 3)
+    assert len(parse(fine)) == 3
+    with pytest.raises(InvalidArgument, match=r"line 5: the document starting at line 3 is over the limit of 100 "
+                                              r"characters; .*document_mode=line"):
+        parse(b"first\n\n" + b"z" * 40 + b"\n" + b"z" * 40 + b"\n" + b"z" * 40 + b"\n")
+    assert len(parse(b"z" * 40 + b"\n" + b"z" * 40 + b"\n" + b"z" * 40 + b"\n", document_mode="line")) == 3
