@@ -52,6 +52,7 @@ from prometheus_client import Metric
 from services.common.db import Database
 from services.common.errors import NotFound, PreconditionFailed, Unavailable, ValidationFailed
 from services.common.grpc_client import DEPLOYMENT_KEY, deployment_metadata
+from services.common.periodic import Periodic
 from services.inference import metrics
 from services.inference.deployments import Deployments, DeploymentSpec, MeshWeights
 from services.inference.metrics import histogram_quantile
@@ -436,31 +437,15 @@ class CanaryController:
         self.source = source or DatabaseMetrics(db)
         self.mesh = mesh
         self.tick_s = tick_s
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("canary tick", tick_s, self.tick, first_at_start=True)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run())
+        self._loop.start()
 
     async def close(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.tick()
-            except Exception:  # one bad tick (e.g. PostgreSQL briefly away) must not stop the controller
-                log.exception("canary tick failed")
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.tick_s)
-            except TimeoutError:
-                pass
+        await self._loop.close()
 
     # -- API ------------------------------------------------------------------------------------------
 

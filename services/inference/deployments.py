@@ -33,6 +33,7 @@ from services.common.errors import (
     Unavailable,
     ValidationFailed,
 )
+from services.common.periodic import Periodic
 from services.inference import model_repository
 from services.inference.generation import ServedVersion
 from services.inference.model_source import ModelSource
@@ -159,6 +160,7 @@ class Deployments:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self._changes: dict[tuple[str, str], asyncio.Lock] = {}
+        self._follower = Periodic("deployment sync", SYNC_INTERVAL_S, self.sync)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -343,15 +345,7 @@ class Deployments:
         following the table, so a change made through another replica reaches this one within
         SYNC_INTERVAL_S (several inference replicas behind one gateway or mesh)."""
         await self.sync()
-        self._spawn(self._follow())
-
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(SYNC_INTERVAL_S)
-            try:
-                await self.sync()
-            except Exception as error:  # PostgreSQL away for a moment: the routes here stay as they are
-                log.warning("deployment sync failed", extra={"error": str(error)})
+        self._follower.start()  # PostgreSQL away for a moment: the routes here stay as they are
 
     async def sync(self) -> None:
         """Bring this process's routes in line with the stored deployments: (re)activate rows whose
@@ -379,6 +373,7 @@ class Deployments:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        await self._follower.close()
         for task in list(self._tasks):
             task.cancel()
 

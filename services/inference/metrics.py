@@ -27,6 +27,7 @@ from prometheus_client import Counter, Histogram, Metric
 
 from services.common.db import Database
 from services.common.metrics import LATENCY_BUCKETS
+from services.common.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,7 @@ class FleetMetrics:
         self._flushed = process_totals(*self.series)
         self._lock = asyncio.Lock()
         self._pruned_at = 0.0
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("metrics flush", interval_s, self._round)
 
     async def flush(self) -> int:
         """Add what was counted since the last successful flush; returns the number of keys written."""
@@ -285,35 +285,21 @@ class FleetMetrics:
             return cursor.rowcount
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run())
+        self._loop.start()
 
     async def close(self) -> None:
         """Stop the loop, then flush what is left (call after the server stopped serving)."""
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        await self._loop.close()
         try:
             await self.flush()
         except Exception:
             log.exception("final metrics flush failed")
 
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
-            except TimeoutError:
-                pass
-            if self._stopping.is_set():
-                return
-            try:
-                await self.flush()
-                if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
-                    self._pruned_at = time.monotonic()
-                    await self.prune()
-            except Exception as error:  # PostgreSQL away: the next flush carries these increments too
-                log.warning("metrics flush failed", extra={"error": str(error)})
+    async def _round(self) -> None:
+        await self.flush()  # when it fails (PostgreSQL away), the next flush carries these increments too
+        if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = time.monotonic()
+            await self.prune()
 
 
 _WINDOW = f"""
