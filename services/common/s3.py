@@ -7,6 +7,9 @@ it sends the file once, as one streamed PUT whose SHA-256 follows the body as an
 (`x-amz-checksum-sha256`), so the S3 server computes the digest too, refuses the upload if they differ,
 and keeps it (`server_sha256` reads it back with a HEAD instead of the object).
 Other large objects move as parallel multipart uploads; downloads are one GET, hashed as written.
+`upload_file` also takes the XXH3-128 of the bytes in the same pass: a download that knows it checks
+that (~12 GB/s) instead of SHA-256 (~1.5 GB/s), as AWS's SDKs check CRCs rather than SHA-256 on GET;
+the SHA-256 stays the object's identity, which the S3 server verified on the way in.
 The SDK is synchronous: async code calls these methods through `asyncio.to_thread`.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import urllib3
+import xxhash
 from minio import Minio
 from minio import time as s3time
 from minio.commonconfig import CopySource
@@ -49,9 +53,11 @@ class StoredObject:
     key: str
     size: int
     sha256: str
+    xxh3_128: str = ""  # hex XXH3-128 of the same bytes, when the writer took it
 
     def as_dict(self, role: str = "") -> dict:
-        return {"key": self.key, "size": self.size, "sha256": self.sha256, **({"role": role} if role else {})}
+        return {"key": self.key, "size": self.size, "sha256": self.sha256, **({"role": role} if role else {}),
+                **({"xxh3_128": self.xxh3_128} if self.xxh3_128 else {})}
 
 
 class _HashingFile(io.RawIOBase):
@@ -60,6 +66,7 @@ class _HashingFile(io.RawIOBase):
     def __init__(self, handle) -> None:
         self._handle = handle
         self.digest = hashlib.sha256()
+        self.fast = xxhash.xxh3_128()
         self.size = 0
 
     def readable(self) -> bool:
@@ -68,6 +75,7 @@ class _HashingFile(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         data = self._handle.read(size)
         self.digest.update(data)
+        self.fast.update(data)
         self.size += len(data)
         return data
 
@@ -175,15 +183,16 @@ class ObjectStore:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size <= SINGLE_PUT_LIMIT:
-                return StoredObject(key, size, self._put_with_checksum(key, handle, size, content_type))
+                return StoredObject(key, size, *self._put_with_checksum(key, handle, size, content_type))
             reader = _HashingFile(handle)
             self._write(key, reader, size, content_type, {})
         if reader.size != size:
             raise Internal(f"{path} changed size while it was uploaded to {key}")
-        return StoredObject(key, size, reader.digest.hexdigest())
+        return StoredObject(key, size, reader.digest.hexdigest(), reader.fast.hexdigest())
 
-    def _put_with_checksum(self, key: str, handle, size: int, content_type: str) -> str:
-        """PUT `size` bytes of `handle` (from its start) as `key` with a trailing SHA-256; returns its hex digest.
+    def _put_with_checksum(self, key: str, handle, size: int, content_type: str) -> tuple[str, str]:
+        """PUT `size` bytes of `handle` (from its start) as `key` with a trailing SHA-256; returns the hex
+        SHA-256 and XXH3-128 of the bytes sent.
 
         The body is aws-chunked (`STREAMING-UNSIGNED-PAYLOAD-TRAILER`): the file's chunks, then the
         `x-amz-checksum-sha256` trailer once the last byte has been hashed. One read of the file, bounded
@@ -197,13 +206,14 @@ class ObjectStore:
                        f"{quote(key, safe='/~')}")
         streaming = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
 
-        def body(digest) -> Iterator[bytes]:
+        def body(digest, fast) -> Iterator[bytes]:
             handle.seek(0)
             for length in chunks:
                 data = handle.read(length)
                 if len(data) != length:
                     raise Internal(f"{handle.name} changed size while it was uploaded to {key}")
                 digest.update(data)
+                fast.update(data)
                 yield f"{length:x}\r\n".encode()
                 yield data
                 yield b"\r\n"
@@ -218,15 +228,16 @@ class ObjectStore:
                          "Content-Encoding": "aws-chunked", "x-amz-decoded-content-length": str(size),
                          "x-amz-trailer": CHECKSUM_HEADER, "x-amz-content-sha256": streaming,
                          "x-amz-date": s3time.to_amz_date(date)})
-            digest = hashlib.sha256()
+            digest, fast = hashlib.sha256(), xxhash.xxh3_128()
             try:
-                response = self._http.urlopen("PUT", url.geturl(), body=body(digest), headers=headers, retries=False)
+                response = self._http.urlopen("PUT", url.geturl(), body=body(digest, fast), headers=headers,
+                                              retries=False)
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 failure = Unavailable(f"S3 unreachable while writing {key}: {error}", retry_after=2)
                 failure.__cause__ = error
                 continue
             if response.status == 200:
-                return digest.hexdigest()
+                return digest.hexdigest(), fast.hexdigest()
             message = f"S3 put {key}: HTTP {response.status}: {response.data[:300]!r}"
             if response.status < 500:
                 raise Internal(message)
@@ -319,17 +330,23 @@ class ObjectStore:
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.iter_chunks(key))
 
-    def download(self, key: str, path: Path, expected_sha256: str | None = None) -> StoredObject:
-        """Download to `path` atomically, verifying the SHA-256 (the expected one, else the recorded one).
+    def download(self, key: str, path: Path, expected_sha256: str | None = None, *,
+                 expected_size: int | None = None, expected_xxh3_128: str = "") -> StoredObject:
+        """Download to `path` atomically, verifying size and digest: the XXH3-128 when the caller knows it
+        (taken with the SHA-256 the S3 server verified on upload, so it stands for the same bytes), else the
+        SHA-256 (the expected one, else the one recorded on the object).
 
         One GET, each chunk hashed and written as it arrives (what `fget_object` does, plus the hash):
-        on a local S3 server this beats parallel ranged GETs, which cost more CPU than they save.
+        on a local S3 server this beats parallel ranged GETs, which cost more CPU than they save. A caller
+        that gives the size and a digest saves the HEAD.
         """
-        stat = self.stat(key)
-        expected = expected_sha256 or stat.sha256
+        if expected_size is None or not (expected_sha256 or expected_xxh3_128):
+            stat = self.stat(key)
+            expected_size, expected_sha256 = stat.size, expected_sha256 or stat.sha256
+        fast = bool(expected_xxh3_128)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        digest, size = hashlib.sha256(), 0
+        digest, size = (xxhash.xxh3_128() if fast else hashlib.sha256()), 0
         try:
             with open(partial, "wb") as handle:
                 for chunk in self.iter_chunks(key):
@@ -339,11 +356,14 @@ class ObjectStore:
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        if (expected and digest.hexdigest() != expected) or size != stat.size:
+        expected = expected_xxh3_128 if fast else expected_sha256
+        if (expected and digest.hexdigest() != expected) or size != expected_size:
             partial.unlink()
-            raise Internal(f"checksum mismatch for {key}: expected {expected} ({stat.size} bytes), "
-                           f"got {digest.hexdigest()} ({size} bytes)")
+            raise Internal(f"checksum mismatch for {key}: expected {'XXH3-128' if fast else 'SHA-256'} {expected} "
+                           f"({expected_size} bytes), got {digest.hexdigest()} ({size} bytes)")
         partial.replace(path)
+        if fast:
+            return StoredObject(key, size, expected_sha256 or "", digest.hexdigest())
         return StoredObject(key, size, digest.hexdigest())
 
     def list(self, prefix: str) -> list[StoredObject]:

@@ -54,7 +54,7 @@ async def upload_model_version(stub, store: ObjectStore, model_name: str, folder
         relative = path.relative_to(folder).as_posix()
         async with limit:
             stored = await asyncio.to_thread(store.upload_file, reservation.prefix + relative, path)
-        return pb.DeclaredArtifact(path=relative, size=stored.size, sha256=stored.sha256)
+        return pb.DeclaredArtifact(path=relative, size=stored.size, sha256=stored.sha256, xxh3_128=stored.xxh3_128)
 
     renewing = asyncio.create_task(renew())
     try:
@@ -76,8 +76,10 @@ async def upload_model_version(stub, store: ObjectStore, model_name: str, folder
 
 
 def fetch_artifact(store: ObjectStore, artifact: pb.Artifact, destination: Path) -> StoredObject:
-    """Download one artifact of a version straight from S3, checking the registry's size and SHA-256."""
-    stored = store.download(artifact.object.key, destination, expected_sha256=artifact.object.sha256)
+    """Download one artifact of a version straight from S3, checking the registry's size and digest (its
+    XXH3-128 when the registry has one, else its SHA-256)."""
+    stored = store.download(artifact.object.key, destination, expected_sha256=artifact.object.sha256,
+                            expected_size=artifact.object.size, expected_xxh3_128=artifact.object.xxh3_128)
     if stored.size != artifact.object.size:
         destination.unlink(missing_ok=True)
         raise Internal(f"{artifact.object.key}: got {stored.size} bytes, the registry recorded {artifact.object.size}")

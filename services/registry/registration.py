@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+import xxhash
 from psycopg.types.json import Jsonb
 
 from services.common.db import Database
@@ -103,6 +104,7 @@ class DeclaredArtifact:
     path: str
     size: int
     sha256: str
+    xxh3_128: str = ""  # optional: the uploader's XXH3-128 of the same bytes, from the same pass
 
 
 def _validate(request: Registration, *, reserving: bool = False) -> None:
@@ -141,11 +143,11 @@ def copy_verified(store: ObjectStore, source_key: str, destination_key: str) -> 
     source = store.stat(source_key)
     expected = source.sha256 or _hash_object(store, source_key)[0]
     store.copy(source_key, destination_key)
-    actual, size = _hash_object(store, destination_key)
+    actual, size, fast = _hash_object(store, destination_key)
     if actual != expected or size != source.size:
         raise Internal(f"checksum mismatch copying {source_key}: expected {expected} ({source.size} bytes), "
                        f"stored {actual} ({size} bytes)")
-    return StoredObject(destination_key, size, actual)
+    return StoredObject(destination_key, size, actual, fast)
 
 
 def verify_in_place(store: ObjectStore, key: str, expected: DeclaredArtifact) -> StoredObject:
@@ -157,19 +159,30 @@ def verify_in_place(store: ObjectStore, key: str, expected: DeclaredArtifact) ->
     the object read back here.
     """
     attested = store.server_sha256(key)
-    actual, size = (attested.sha256, attested.size) if attested.sha256 else _hash_object(store, key)
+    if attested.sha256:  # the XXH3-128 is the uploader's, from the pass whose SHA-256 S3 verified
+        actual, size, fast = attested.sha256, attested.size, expected.xxh3_128
+    else:
+        actual, size, fast = _hash_object(store, key)
+        if expected.xxh3_128 and expected.xxh3_128 != fast:
+            raise Internal(f"checksum mismatch for {key}: declared XXH3-128 {expected.xxh3_128}, stored {fast}")
     if actual != expected.sha256 or size != expected.size:
         raise Internal(f"checksum mismatch for {key}: declared {expected.sha256} ({expected.size} bytes), "
                        f"stored {actual} ({size} bytes)")
-    return StoredObject(key, size, actual)
+    return StoredObject(key, size, actual, fast)
 
 
-def _hash_object(store: ObjectStore, key: str) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
+def _is_hex(value: str, length: int) -> bool:
+    return len(value) == length and all(c in "0123456789abcdef" for c in value)
+
+
+def _hash_object(store: ObjectStore, key: str) -> tuple[str, int, str]:
+    """(SHA-256, size, XXH3-128) of the object as read back."""
+    digest, fast, size = hashlib.sha256(), xxhash.xxh3_128(), 0
     for chunk in store.iter_chunks(key):
         digest.update(chunk)
+        fast.update(chunk)
         size += len(chunk)
-    return digest.hexdigest(), size
+    return digest.hexdigest(), size, fast.hexdigest()
 
 
 async def register(db: Database, store: ObjectStore, caller: Caller, request: Registration, *,
@@ -259,8 +272,10 @@ async def commit(db: Database, store: ObjectStore, caller: Caller, reservation_i
         for item in declared:
             if not item.path or item.path.startswith("/") or ".." in item.path.split("/") or item.path in wanted:
                 raise ValidationFailed(f"artifact path {item.path!r} must be relative, unique, without '..'")
-            if len(item.sha256) != 64 or item.size < 0:
+            if not _is_hex(item.sha256, 64) or item.size < 0:
                 raise ValidationFailed(f"artifact {item.path!r} needs its size and hex SHA-256")
+            if item.xxh3_128 and not _is_hex(item.xxh3_128, 32):
+                raise ValidationFailed(f"artifact {item.path!r}: xxh3_128 must be 32 hex digits")
             wanted[item.path] = item
         _check_folder(wanted, f"reservation of {name} v{version}")
         stored = {obj.key[len(prefix):] for obj in await asyncio.to_thread(store.list, prefix)}
@@ -324,9 +339,9 @@ async def _mark_ready(db: Database, tenant: str, name: str, version: int, regist
             raise Conflict(f"registration of {name} v{version} was abandoned (lease expired) before it finished")
         async with conn.cursor() as cursor:
             await cursor.executemany(
-                "INSERT INTO registry_artifacts (tenant, name, version, path, key, size, sha256, role) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                [(tenant, name, version, path, obj.key, obj.size, obj.sha256, layout.role_of(path))
+                "INSERT INTO registry_artifacts (tenant, name, version, path, key, size, sha256, role, xxh3_128) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [(tenant, name, version, path, obj.key, obj.size, obj.sha256, layout.role_of(path), obj.xxh3_128)
                  for path, obj in artifacts])
     return digest
 

@@ -39,8 +39,8 @@ def export_message(row: dict[str, Any]) -> pb.Export:
         state=pb.ExportState.Value(f"EXPORT_STATE_{row['state']}"),
         parity_report_json=json.dumps(row["parity"], sort_keys=True) if row["parity"] else "", error=row["error"],
         artifacts=[pb.Artifact(path=item["path"], object=common_pb2.StoredObject(
-            key=item["key"], size=item["size"], sha256=item["sha256"], role=item.get("role", "")))
-            for item in row["artifacts"]],
+            key=item["key"], size=item["size"], sha256=item["sha256"], role=item.get("role", ""),
+            xxh3_128=item.get("xxh3_128", ""))) for item in row["artifacts"]],
         triton_repository_prefix=row["triton_prefix"], triton_model_name=row["triton_model"],
         created_at=_timestamp(row["created_at"]), updated_at=_timestamp(row["updated_at"]),
     )
@@ -52,7 +52,8 @@ def version_message(view: catalog.VersionView) -> pb.ModelVersion:
         ref=common_pb2.ModelRef(name=row["name"], version=row["version"]),
         state=pb.VersionState.Value(f"VERSION_STATE_{row['state']}"),
         artifacts=[pb.Artifact(path=item["path"], object=common_pb2.StoredObject(
-            key=item["key"], size=item["size"], sha256=item["sha256"], role=item["role"])) for item in view.artifacts],
+            key=item["key"], size=item["size"], sha256=item["sha256"], role=item["role"],
+            xxh3_128=item["xxh3_128"])) for item in view.artifacts],
         lineage=pb.Lineage(
             dataset=common_pb2.DatasetRef(name=row["dataset_name"], version=row["dataset_version"]),
             training_job_id=row["training_job_id"], code_version=row["code_version"],
@@ -126,7 +127,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = caller_from_context(context)
         name, version = await registration.commit(
             self.db, self.store, caller, _reservation_id(request.reservation_id),
-            [registration.DeclaredArtifact(item.path, item.size, item.sha256) for item in request.artifacts])
+            [registration.DeclaredArtifact(item.path, item.size, item.sha256, item.xxh3_128)
+             for item in request.artifacts])
         view = await catalog.get_version(self.db, caller.tenant, name, version)
         return pb.CommitModelVersionResponse(version=version_message(view))
 

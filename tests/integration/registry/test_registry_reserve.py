@@ -178,3 +178,56 @@ async def test_an_abandoned_reservation_is_swept(client, registry, checkpoint):
         await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
             reservation_id=reply.reservation_id, artifacts=declared))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def xxh3_of(path) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128(path.read_bytes()).hexdigest()
+
+
+async def test_downloads_check_the_xxh3_taken_with_the_sha256_and_catch_corruption(client, registry, checkpoint,
+                                                                                  tmp_path):
+    version = await upload_model_version(client.stub, registry.store, "fast", checkpoint, metadata=client.metadata)
+    files = {path.name: path for path in checkpoint.iterdir()}
+    assert {item.path: item.object.xxh3_128 for item in version.artifacts} == {
+        name: xxh3_of(path) for name, path in files.items()}
+    got = await client.call("GetModelVersion", pb.GetModelVersionRequest(name="fast", version=version.ref.version))
+    assert [a.object.xxh3_128 for a in got.version.artifacts] == [a.object.xxh3_128 for a in version.artifacts]
+    weights = next(item for item in version.artifacts if item.path == "model.safetensors")
+    stored = fetch_artifact(registry.store, weights, tmp_path / "w.safetensors")
+    assert (stored.sha256, stored.xxh3_128) == (weights.object.sha256, weights.object.xxh3_128)
+    # One byte changed behind the registry's back, same size: the download fails and leaves no file.
+    original = files["model.safetensors"].read_bytes()
+    corrupt = bytearray(original)
+    corrupt[len(corrupt) // 2] ^= 0x01
+    registry.store.put_bytes(weights.object.key, bytes(corrupt))
+    with pytest.raises(Exception, match="XXH3-128") as caught:
+        fetch_artifact(registry.store, weights, tmp_path / "bad.safetensors")
+    assert "checksum mismatch" in str(caught.value)
+    assert not (tmp_path / "bad.safetensors").exists() and not (tmp_path / "bad.safetensors.partial").exists()
+    # An artifact recorded without an XXH3-128 (registered before it existed) is checked by SHA-256.
+    legacy = pb.Artifact(path=weights.path, object=common_pb2.StoredObject(
+        key=weights.object.key, size=weights.object.size, sha256=weights.object.sha256))
+    with pytest.raises(Exception, match="SHA-256"):
+        fetch_artifact(registry.store, legacy, tmp_path / "legacy.safetensors")
+    registry.store.put_bytes(weights.object.key, original)
+    assert fetch_artifact(registry.store, legacy, tmp_path / "legacy.safetensors").sha256 == weights.object.sha256
+
+
+async def test_commit_refuses_a_malformed_or_wrong_xxh3(client, registry, checkpoint, monkeypatch):
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+    declared[0].xxh3_128 = "not-hex"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "xxh3_128" in caught.value.details()
+    # Read back (no S3 SHA-256 kept for multipart uploads), the registry checks a declared XXH3-128 itself.
+    monkeypatch.setattr(s3, "SINGLE_PUT_LIMIT", 4096)
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+    for item in declared:
+        item.xxh3_128 = "0" * 32
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL and "XXH3-128" in caught.value.details()

@@ -28,7 +28,7 @@ async def test_first_round_waits_an_interval_unless_asked_to_run_at_start():
     for first_at_start, expected in ((False, 0), (True, 1)):
         rounds = []
 
-        async def round_() -> None:
+        async def round_(rounds=rounds) -> None:
             rounds.append(1)
 
         loop = Periodic("test round", 10, round_, first_at_start=first_at_start)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllmp/common/v1/common.proto\x12\x0ellmp.common.v1\"+\n\nDatasetRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"G\n\x0cStoredObject\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"U\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\'\n\x0cPageResponse\x12\x17\n\x0fnext_page_token\x18\x01 \x01(\t\"6\n\x06\x43\x61ller\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllmp/common/v1/common.proto\x12\x0ellmp.common.v1\"+\n\nDatasetRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"Y\n\x0cStoredObject\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x10\n\x08xxh3_128\x18\x05 \x01(\t\"U\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\'\n\x0cPageResponse\x12\x17\n\x0fnext_page_token\x18\x01 \x01(\t\"6\n\x06\x43\x61ller\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELREF']._serialized_start=92
   _globals['_MODELREF']._serialized_end=133
   _globals['_STOREDOBJECT']._serialized_start=135
-  _globals['_STOREDOBJECT']._serialized_end=206
-  _globals['_PROGRESS']._serialized_start=208
-  _globals['_PROGRESS']._serialized_end=293
-  _globals['_PAGEREQUEST']._serialized_start=295
-  _globals['_PAGEREQUEST']._serialized_end=347
-  _globals['_PAGERESPONSE']._serialized_start=349
-  _globals['_PAGERESPONSE']._serialized_end=388
-  _globals['_CALLER']._serialized_start=390
-  _globals['_CALLER']._serialized_end=444
+  _globals['_STOREDOBJECT']._serialized_end=224
+  _globals['_PROGRESS']._serialized_start=226
+  _globals['_PROGRESS']._serialized_end=311
+  _globals['_PAGEREQUEST']._serialized_start=313
+  _globals['_PAGEREQUEST']._serialized_end=365
+  _globals['_PAGERESPONSE']._serialized_start=367
+  _globals['_PAGERESPONSE']._serialized_end=406
+  _globals['_CALLER']._serialized_start=408
+  _globals['_CALLER']._serialized_end=462
 # @@protoc_insertion_point(module_scope)
