@@ -7,8 +7,8 @@ server at LLMP_DATABASE_URL's host, dropped after), the registry service in-proc
   (one streamed PUT per file, SHA-256 computed from the bytes sent and sent as the S3 trailing checksum,
   which SeaweedFS recomputes and enforces), `CommitModelVersion` (the registry checks every object's
   size and the SHA-256 S3 reports for it, READY in one transaction), then download every artifact
-  straight from S3 verifying size and SHA-256 against the registry's record
-  (`services.registry.client.fetch_artifact`, what services with S3 access use);
+  straight from S3 verifying size and digest against the registry's record: the XXH3-128 the upload took
+  in its SHA-256 pass (`services.registry.client.fetch_artifact`, what services with S3 access use);
 - baseline: the `minio` SDK's own `fput_object` + `fget_object` of the same files to the same server
   (no checksums): the limit of moving the bytes there and back.
 
@@ -183,7 +183,7 @@ async def run(options: argparse.Namespace) -> None:
           f"(minio SDK fput_object+fget_object of the same {size_mb:.0f} MB checkpoint to the same SeaweedFS, "
           "no checksums; project = " + ("upload + copying register + verified gRPC download)" if options.copy_path
                                         else "reserve + upload with S3-enforced SHA-256 + commit checking it + "
-                                             "SHA-256-verified S3 download)"))
+                                             "XXH3-128-verified S3 download)"))
 
 
 def main() -> None:

@@ -205,3 +205,27 @@ def test_a_failing_canary_is_rolled_back_by_itself_alias_unchanged(stack, versio
     assert all(at < rolled_back_at + 1.0 for at, version in traffic.timeline if version is None)
     after = [version for at, version in traffic.timeline if at > rolled_back_at + 1.0]
     assert after and set(after) == {stable}
+
+
+def test_streamed_completions_through_the_gateway_equal_the_whole_answer(stack, versions):
+    """`POST /v1/completions` with `stream: true`: OpenAI-style SSE chunks whose text joins into exactly the
+    non-streamed (greedy) answer, usage on the last chunk, then `data: [DONE]`."""
+    import requests
+
+    client = stack.client()
+    path = "/v1/deployments/stream-e2e"
+    client.call("PUT", path, {"model": NAME, "stable": versions[0]}, headers={"If-None-Match": "*"})
+    assert client.wait_until(path, lambda d: d["state"] in {"READY", "FAILED"}, 120)["state"] == "READY"
+    body = {"model": "stream-e2e", "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0}
+    whole = client.call("POST", "/v1/completions", body)
+    url = f"http://127.0.0.1:{stack.env['LLMP_GATEWAY_PORT']}/v1/completions"
+    with requests.post(url, json={**body, "stream": True}, stream=True, timeout=60,
+                       headers={"Authorization": f"Bearer {stack.admin_key}"}) as streamed:
+        assert streamed.status_code == 200 and streamed.headers["Content-Type"].startswith("text/event-stream")
+        frames = [line for line in streamed.iter_lines() if line]
+    assert frames[-1] == b"data: [DONE]" and all(frame.startswith(b"data: ") for frame in frames)
+    chunks = [json.loads(frame[6:]) for frame in frames[:-1]]
+    assert len(chunks) >= 2 and all(chunk["object"] == "text_completion" for chunk in chunks)
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["usage"] == whole["usage"] and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    client.call("DELETE", path)
