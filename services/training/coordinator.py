@@ -175,6 +175,7 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None  # {"step", "prefix"}
     environment: dict[str, Any] | None = None
+    metrics_step: int | None = None  # set: `metrics` are earlier points recorded again (a resumed run's replay)
 
 
 class Dispatcher(Protocol):
@@ -545,7 +546,13 @@ class Coordinator:
                     step = update.step
                     await self._event(conn, assignment.job_id, "progress",
                                       {"step": step, "max_steps": assignment.job.max_steps})
-                if update.metrics:
+                if update.metrics and update.metrics_step is not None:  # idempotent; not the latest values
+                    await conn.cursor().executemany(
+                        "INSERT INTO training_job_metrics (job_id, name, step, value) VALUES (%s, %s, %s, %s) "
+                        "ON CONFLICT (job_id, name, step) DO UPDATE SET value = EXCLUDED.value",
+                        [(assignment.job_id, name, update.metrics_step, value)
+                         for name, value in update.metrics.items()])
+                elif update.metrics:
                     at = update.step if update.step is not None else step
                     await conn.cursor().executemany(
                         "INSERT INTO training_job_metrics (job_id, name, step, value) VALUES (%s, %s, %s, %s) "

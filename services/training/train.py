@@ -29,6 +29,10 @@ Every event has `event` (its kind), `time` (Unix seconds) and `step` (optimizer 
 - `stopped`: `checkpoint` (prefix): stopped on purpose after a checkpoint (`--stop-after-step`, for
   tests and preemption); the process exits 0 and a later launch resumes from that checkpoint
 - `failed`: `error` (then the process exits non-zero)
+- `replayed` (after `started`, when resuming): `of`, one `train` or `eval` event logged before the
+  checkpoint resumed from, as it was logged. A checkpoint carries every metric event logged up to it,
+  because the worker may have been killed before it forwarded them; the worker records them again
+  (idempotently), so a job's metric history has no hole whatever moment its node was killed at
 
 A run that exits 0 has emitted `finished` or `stopped` last; torchrun reports any other exit as 1.
 """
@@ -168,6 +172,7 @@ class Run:
         spec.check_dataset(self.vocab.size, self.train_stream.tokens, self.validation_stream.tokens)
         self.progress = Progress()
         self.resumed_from: int | None = None
+        self.logged: list[dict] = []  # the train and eval events so far: checkpoints carry them (see `replayed`)
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                          if self.hp.precision == "bf16" else nullcontext())
 
@@ -233,6 +238,7 @@ class Run:
                                  stopped_early=state["stopped_early"], tokens=state["tokens"],
                                  metrics=state["metrics"])
         self.resumed_from = restored.step
+        self.logged = list(state.get("logged", []))
         self.ctx.barrier()  # every rank of the node has read the shared files
         if self.ctx.local_rank == 0:
             shutil.rmtree(restored.folder, ignore_errors=True)
@@ -308,6 +314,8 @@ class Run:
                          parameters=models.parameter_count(self.model), resumed_from=self.resumed_from,
                          max_steps=hp.max_steps, tokens_per_step=self.tokens_per_step,
                          environment=environment(ctx.device))
+        for logged in self.logged:  # the worker may have been killed before it forwarded them
+            self.events.emit("replayed", logged["step"], of=logged)
         interval = hp.effective_checkpoint_interval
         window_start, window_tokens = time.perf_counter(), 0
         self.loop_seconds, loop_start = 0.0, time.perf_counter()
@@ -324,8 +332,8 @@ class Run:
                 extra = {}
                 if ctx.device.type == "cuda":
                     extra["mfu"] = self._mfu(rate)
-                self.events.emit("train", step, loss=mean, learning_rate=self.scheduler.get_last_lr()[0],
-                                 tokens_per_second=rate, tokens=progress.tokens, **extra)
+                self._log_metrics("train", step, loss=mean, learning_rate=self.scheduler.get_last_lr()[0],
+                                  tokens_per_second=rate, tokens=progress.tokens, **extra)
                 window_start, window_tokens = time.perf_counter(), 0
             if step % hp.eval_interval == 0 or step == hp.max_steps:
                 self._evaluate_and_decide(step)
@@ -340,6 +348,10 @@ class Run:
             self.checkpoint()
         self.finish()
         return 0
+
+    def _log_metrics(self, kind: str, step: int, **fields) -> None:
+        self.events.emit(kind, step, **fields)
+        self.logged.append({"event": kind, "step": step, **fields})
 
     def _mfu(self, tokens_per_second: float) -> float | None:
         name = torch.cuda.get_device_properties(self.ctx.device).name
@@ -356,8 +368,8 @@ class Run:
         else:
             progress.evaluations_without_improvement += 1
         progress.metrics.update(validation_loss=validation, validation_perplexity=_perplexity(validation))
-        self.events.emit("eval", step, validation_loss=validation, perplexity=_perplexity(validation),
-                         best_validation_loss=progress.best_validation_loss)
+        self._log_metrics("eval", step, validation_loss=validation, perplexity=_perplexity(validation),
+                          best_validation_loss=progress.best_validation_loss)
         if patience and progress.evaluations_without_improvement >= patience and step < self.hp.max_steps:
             progress.stopped_early = True
             self.events.emit("early_stop", step, best_validation_loss=progress.best_validation_loss,
@@ -376,7 +388,7 @@ class Run:
             "best_validation_loss": progress.best_validation_loss,
             "evaluations_without_improvement": progress.evaluations_without_improvement,
             "stopped_early": progress.stopped_early, "tokens": progress.tokens, "metrics": progress.metrics,
-            "mode": self.spec.distributed.mode,
+            "mode": self.spec.distributed.mode, "logged": self.logged,
         }
         main = self.ctx.is_main
         prefix = checkpoints.save(

@@ -197,6 +197,11 @@ def translate_event(event: dict[str, Any], outcome: Outcome) -> Update | None:
                                                                 "best_validation_loss")
                  if name in outcome.final_metrics}
         return Update(step=step, metrics=final)
+    if kind == "replayed":  # a metric event logged before the checkpoint resumed from: its points again
+        logged = event.get("of")
+        update = translate_event(logged, Outcome()) if isinstance(logged, dict) and logged.get("event") in (
+            "train", "eval") else None
+        return Update(metrics=update.metrics, metrics_step=update.step) if update and update.metrics else None
     if kind == "failed":
         outcome.error = str(event.get("error") or "training failed")
     return None

@@ -60,6 +60,12 @@ def test_translate_event_maps_runtime_events_to_updates():
     assert outcome.finished and outcome.final_prefix == "jobs/a/j/final/"
     assert finished.metrics == {"test_loss": 1.5, "test_perplexity": 4.48}
     assert translate_event({"event": "failed", "step": 0, "error": "boom"}, outcome) is None
+    # A resumed run replays what its checkpoint logged: the same points again, at their own step, no progress.
+    replayed = translate_event({"event": "replayed", "step": 4, "of": {"event": "train", "step": 4, "loss": 3.2,
+                                                                       "learning_rate": 1e-3}}, Outcome())
+    assert replayed.step is None and replayed.metrics_step == 4
+    assert replayed.metrics == {"train_loss": 3.2, "learning_rate": 1e-3}
+    assert translate_event({"event": "replayed", "step": 8, "of": {"event": "checkpoint", "step": 8}}, outcome) is None
     assert outcome.error == "boom"
 
 
@@ -324,7 +330,9 @@ async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrup
                                                                                       settings, tmp_path):
     """SIGKILL every process of a node mid-run (worker, guard, torchrun and both training ranks), after the
     step-8 checkpoint and with logged steps past it that are lost: the job resumes elsewhere from step 8 and
-    every metric it logs is bit for bit what an uninterrupted job with the same spec logs."""
+    every metric it logs is bit for bit what an uninterrupted job with the same spec logs. The worker is
+    stopped (SIGSTOP) at the runtime's first event, so none of the steps it logs up to the checkpoint reach
+    PostgreSQL before the kill: the resumed run must record them again from the checkpoint."""
     runner = ("import asyncio; from services.common.config import Settings; "
               "from services.training.worker import NodeRunner; "
               "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}').run()))")
@@ -348,9 +356,12 @@ async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrup
         doomed = subprocess.Popen([sys.executable, "-c", runner.format(name="doomed")], cwd=ROOT, env=worker_env,
                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline, tail, seen = time.monotonic() + 240, EventTail(events_path), []
+        deadline, tail, seen, frozen = time.monotonic() + 240, EventTail(events_path), [], False
         while True:  # until a train step is logged past a checkpoint
             seen += tail.read()
+            if seen and not frozen:
+                os.kill(doomed.pid, signal.SIGSTOP)  # the worker forwards nothing more; its ranks train on
+                frozen = True
             checkpointed = [e["step"] for e in seen if e["event"] == "checkpoint"]
             if checkpointed and any(e["event"] == "train" and e["step"] > checkpointed[-1] for e in seen):
                 break
@@ -375,6 +386,9 @@ async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrup
     assert committed and committed[-1] >= 8
     lost = [e["step"] for e in before_kill if e["step"] > committed[-1]]
     assert lost, "no logged step was lost: the kill came too late to test anything"
+    recorded = {step for step, _, _ in (await coordinator.metrics(TENANT, job.id)).get("train_loss", [])}
+    unforwarded = [e["step"] for e in before_kill if e["step"] <= committed[-1] and e["step"] not in recorded]
+    assert unforwarded, "every step up to the checkpoint was recorded before the kill: the replay is not tested"
     # What the killed run logged is what the uninterrupted run logged, up to the kill.
     assert {e["step"]: float(e["loss"]).hex() for e in before_kill} == {
         step: value for step, value in expected["train_loss"].items() if step <= before_kill[-1]["step"]}
@@ -389,4 +403,4 @@ async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrup
     resumed = exact_series(await coordinator.metrics(TENANT, job.id))
     assert resumed["train_loss"] == expected["train_loss"]
     assert resumed == expected
-    print(json.dumps({"resumed_from": committed[-1], "lost_steps": lost}))
+    print(json.dumps({"resumed_from": committed[-1], "lost_steps": lost, "unforwarded_steps": unforwarded}))
