@@ -2,6 +2,7 @@ import hashlib
 import os
 
 import pytest
+import xxhash
 
 from services.common import errors, s3
 from services.common.config import S3Settings
@@ -69,11 +70,14 @@ def test_upload_file_hashes_in_one_pass_and_the_server_attests_the_digest(store,
     uploaded = store.upload_file("t/one-pass.bin", source)
     assert uploaded.size == len(data) and uploaded.sha256 == hashlib.sha256(data).hexdigest()
     assert store.stat("t/one-pass.bin").sha256 == ""  # no metadata: the caller keeps the digest
-    assert store.server_sha256("t/one-pass.bin") == uploaded  # the S3 server's own SHA-256 of what it stored
+    assert uploaded.xxh3_128 == xxhash.xxh3_128(data).hexdigest()  # taken in the same pass
+    attested = store.server_sha256("t/one-pass.bin")  # the S3 server's own SHA-256 of what it stored
+    assert (attested.key, attested.size, attested.sha256) == (uploaded.key, uploaded.size, uploaded.sha256)
     assert store.get_bytes("t/one-pass.bin") == data
     (tmp_path / "empty").write_bytes(b"")
     empty = store.upload_file("t/empty", tmp_path / "empty")
-    assert empty == store.server_sha256("t/empty") == s3.StoredObject("t/empty", 0, hashlib.sha256(b"").hexdigest())
+    assert empty == s3.StoredObject("t/empty", 0, hashlib.sha256(b"").hexdigest(), xxhash.xxh3_128(b"").hexdigest())
+    assert store.server_sha256("t/empty") == s3.StoredObject("t/empty", 0, hashlib.sha256(b"").hexdigest())
     store.put_bytes("t/recorded", b"abc")  # metadata only: the server keeps no SHA-256 of its own
     assert store.server_sha256("t/recorded").sha256 == ""
 
