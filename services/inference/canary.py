@@ -15,7 +15,8 @@ Weights are applied through the deployment itself (`Deployments.put`, so its row
 own weighted, sticky routing change together, as for a client's PUT). On Kubernetes (a service-account
 token, `KUBERNETES_SERVICE_HOST` and LLMP_INFERENCE_TRACK set) `Deployments.put` also sets the
 deployment's route in VirtualService `inference` (istio/virtual-services.yaml) through the Kubernetes
-API, and the controller sets it again after each step, so the mesh splits traffic the same way. A PUT
+API (once the change is routed), and every step of the controller goes through it, so the mesh splits
+traffic the same way. A PUT
 by anyone else while a rollout is in progress ABORTS the rollout (the client's deployment wins).
 Rollouts and events live in PostgreSQL (migrations/002_canary_rollouts.sql); each tick locks a
 rollout's row (SKIP LOCKED), so replicas never act twice on one step.
@@ -54,7 +55,7 @@ from services.common.errors import NotFound, PreconditionFailed, Unavailable, Va
 from services.common.grpc_client import DEPLOYMENT_KEY, deployment_metadata
 from services.common.periodic import Periodic
 from services.inference import metrics
-from services.inference.deployments import Deployments, DeploymentSpec, MeshWeights
+from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.metrics import histogram_quantile
 
 log = logging.getLogger(__name__)
@@ -431,11 +432,10 @@ class CanaryController:
     """Starts rollouts, drives those in progress every `tick_s`, and reports them with their events."""
 
     def __init__(self, db: Database, deployments: Deployments, *, source: MetricsSource | None = None,
-                 mesh: MeshWeights | None = None, tick_s: float = 1.0) -> None:
+                 tick_s: float = 1.0) -> None:
         self.db = db
         self.deployments = deployments
         self.source = source or DatabaseMetrics(db)
-        self.mesh = mesh
         self.tick_s = tick_s
         self._loop = Periodic("canary tick", tick_s, self.tick, first_at_start=True)
 
@@ -480,7 +480,6 @@ class CanaryController:
             previous_weight = current["canary_weight"] if current["canary_version"] == canary_version else 0
             await self._event(conn, rollout["id"], "STARTED", previous_weight, policy.steps[0],
                               f"canary v{canary_version} against stable v{current['stable_version']}", {})
-        await self._mesh(tenant, name, policy.steps[0])
         log.info("canary rollout started", extra={"deployment": name, "canary_version": canary_version,
                                                   "steps": list(policy.steps)})
         return await self.status(tenant, name)
@@ -566,7 +565,6 @@ class CanaryController:
                 return
             await self._finish(conn, rollout, "PROMOTED", 100,
                                f"v{rollout['canary_version']} is now stable ({verdict.reason})", verdict.observed)
-            await self._mesh(tenant, name, 0)  # everything to stable, which now serves the promoted version
             log.info("canary promoted", extra={"deployment": name, "version": rollout["canary_version"]})
             return
         spec = DeploymentSpec(name, deployment["model"], rollout["stable_version"], rollout["canary_version"], weight)
@@ -579,7 +577,6 @@ class CanaryController:
             "step_started_at = now(), updated_at = now() WHERE id = %s",
             (index, weight, json.dumps(baseline), rollout["id"]))
         await self._event(conn, rollout["id"], "ADVANCED", rollout["weight"], weight, verdict.reason, verdict.observed)
-        await self._mesh(tenant, name, weight)
         log.info("canary advanced", extra={"deployment": name, "weight": weight})
 
     async def _roll_back(self, conn, rollout: dict, deployment: dict, reason: str, observed: dict, *,
@@ -590,7 +587,6 @@ class CanaryController:
         if not await self._put(conn, rollout, spec, deployment["etag"]):
             return
         await self._finish(conn, rollout, "ROLLED_BACK", 0, reason, observed)
-        await self._mesh(rollout["tenant"], rollout["name"], 0)
         log.warning("canary rolled back", extra={"deployment": rollout["name"], "reason": reason})
 
     async def _put(self, conn, rollout: dict, spec: DeploymentSpec, etag: str) -> bool:
@@ -634,15 +630,3 @@ class CanaryController:
         that transaction sets)."""
         since = (await (await conn.execute("SELECT now() AS now")).fetchone())["now"]
         return await self._read(tenant, name, model, stable_version, canary_version, since)
-
-    async def _mesh(self, tenant: str, name: str, weight: int) -> None:
-        """Mirror the weight in the mesh; the deployment already changed, so a failure is logged, not raised.
-
-        `Deployments.put` has mirrored it already when it shares this mesh (server.py); setting it again
-        is then a read that finds nothing to patch, and re-asserts a weight a failed mirror left behind."""
-        if self.mesh is None:
-            return
-        try:
-            await self.mesh.set(tenant, name, weight)
-        except Exception as error:  # the API server's refusal or absence must not undo the rollout's record
-            log.error("mesh weights not set", extra={"deployment": name, "weight": weight, "error": str(error)})

@@ -218,9 +218,7 @@ class Deployments:
             await conn.execute("UPDATE inference_deployments SET etag = %s WHERE tenant = %s AND name = %s",
                                (stored["etag"], tenant, spec.name))
         replaced = _row_versions(current) - {(spec.model, v) for v in spec.versions()} if current else set()
-        task = asyncio.create_task(self._activate(tenant, spec, lock, replaced, mirror=True))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._spawn(self._activate(tenant, spec, lock, replaced, mirror=True))
         if wait:
             await asyncio.shield(task)
             stored = await self.get(tenant, spec.name)
@@ -367,10 +365,12 @@ class Deployments:
                 route = self.routes.pop(key)
                 self._spawn(self._release_unused([route.stable, route.canary]))
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine) -> asyncio.Task:
+        """Run `coroutine` in the background; `close` cancels it if it is still running."""
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
         await self._follower.close()

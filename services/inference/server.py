@@ -36,7 +36,7 @@ async def build(settings: Settings, source: ModelSource | None = None) -> tuple[
     deployments = Deployments(db, engine, source, model_repository.open_repository(settings),
                               track=settings.inference_track, mesh=mesh)
     fleet_metrics = metrics.FleetMetrics(db)  # this process's figures into PostgreSQL, for the canary controller
-    canary = CanaryController(db, deployments, mesh=mesh)
+    canary = CanaryController(db, deployments)  # its weights go through deployments.put, mesh included
     app = GrpcApp(settings, topology.INFERENCE)
     app.add_servicer(inference_pb2_grpc.add_InferenceServiceServicer_to_server,
                      InferenceServicer(deployments, engine, canary), "llmp.inference.v1.InferenceService")
