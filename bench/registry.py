@@ -4,9 +4,10 @@ One run, one SeaweedFS (started here on free ports), one PostgreSQL database (cr
 server at LLMP_DATABASE_URL's host, dropped after), the registry service in-process on a free port:
 
 - project:  `ReserveModelVersion`, upload the save_pretrained folder straight into the version's prefix
-  (one streamed PUT per file, SHA-256 computed from the bytes sent and sent as the S3 trailing checksum,
-  which SeaweedFS recomputes and enforces), `CommitModelVersion` (the registry checks every object's
-  size and the SHA-256 S3 reports for it, READY in one transaction), then download every artifact
+  (one streamed PUT per file; SHA-256, XXH3-128 and CRC32 computed from the bytes sent, the CRC32 sent as
+  the S3 trailing checksum, which SeaweedFS recomputes and enforces; `--upload-checksum sha256` sends the
+  SHA-256 there instead), `CommitModelVersion` (the registry checks every object's size and the checksum
+  S3 reports for it against the declared one, READY in one transaction), then download every artifact
   straight from S3 verifying size and digest against the registry's record: the XXH3-128 the upload took
   in its SHA-256 pass (`services.registry.client.fetch_artifact`, what services with S3 access use);
 - baseline: the `minio` SDK's own `fput_object` + `fget_object` of the same files to the same server
@@ -39,7 +40,7 @@ from minio import Minio
 
 from cli import servers
 from services.common import topology
-from services.common.config import Settings
+from services.common.config import UPLOAD_CHECKSUMS, Settings
 from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.registry import server
 from services.registry.client import download_artifact, fetch_artifact, upload_model_version
@@ -146,6 +147,7 @@ async def run(options: argparse.Namespace) -> None:
         env = {"LLMP_DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{database}",
                "LLMP_S3_ENDPOINT": f"127.0.0.1:{ports.s3}", "LLMP_S3_ACCESS_KEY": ACCESS,
                "LLMP_S3_SECRET_KEY": SECRET, "LLMP_S3_BUCKET": "llmp-bench", "LLMP_LOG_LEVEL": "WARNING",
+               "LLMP_S3_UPLOAD_CHECKSUM": options.upload_checksum,
                **{service.addr_env: f"127.0.0.1:{servers.free_port()}" for service in topology.GRPC_SERVICES}}
         registry = None
         try:
@@ -182,14 +184,16 @@ async def run(options: argparse.Namespace) -> None:
     print(f"BENCH registry project={project:.1f}MB/s baseline={baseline:.1f}MB/s ratio={project / baseline:.2f} "
           f"(minio SDK fput_object+fget_object of the same {size_mb:.0f} MB checkpoint to the same SeaweedFS, "
           "no checksums; project = " + ("upload + copying register + verified gRPC download)" if options.copy_path
-                                        else "reserve + upload with S3-enforced SHA-256 + commit checking it + "
-                                             "XXH3-128-verified S3 download)"))
+                                        else f"reserve + upload with S3-enforced {options.upload_checksum.upper()} + "
+                                             "commit checking it + XXH3-128-verified S3 download)"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=int, default=512, help="checkpoint size (default 512)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--upload-checksum", choices=UPLOAD_CHECKSUMS, default="crc32",
+                        help="trailing checksum S3 verifies on upload (LLMP_S3_UPLOAD_CHECKSUM; default crc32)")
     parser.add_argument("--copy-path", action="store_true",
                         help="measure RegisterModelVersion (copy) + gRPC download instead of reserve/commit")
     asyncio.run(run(parser.parse_args()))

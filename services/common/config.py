@@ -33,6 +33,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_S3_SECRET_KEY", "llmp-secret-key", "S3 secret key."),
     Variable("LLMP_S3_SECURE", "false", "Use HTTPS to reach S3."),
     Variable("LLMP_S3_REGION", "us-east-1", "S3 region."),
+    Variable("LLMP_S3_UPLOAD_CHECKSUM", "crc32",
+             "Checksum the S3 server verifies on artifact uploads: crc32 (what AWS SDKs send by default) or sha256 "
+             "(S3 also attests the SHA-256 the registry records; costs the server a SHA-256 pass)."),
     Variable("LLMP_S3_BUCKET", "llmp", "Bucket holding datasets, checkpoints, models and the Triton repository."),
     Variable("LLMP_BROKER_URL", f"redis://127.0.0.1:{topology.REDIS_PORT}/0",
              "Celery broker (Redis or RabbitMQ). `make up` uses it when reachable, else a local SQLite broker."),
@@ -68,6 +71,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_API_KEY", "", "API key the `llmp` CLI sends; empty means the admin key."),
 )
 INFERENCE_TRACKS = ("", "stable", "canary")
+UPLOAD_CHECKSUMS = ("crc32", "sha256")  # trailing checksums ObjectStore.upload_file can have S3 verify
 DEFAULTS = {variable.name: variable.default for variable in VARIABLES}
 
 
@@ -98,6 +102,7 @@ class S3Settings:
     secure: bool
     region: str
     bucket: str
+    upload_checksum: str = "crc32"  # one of UPLOAD_CHECKSUMS
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,9 @@ class Settings:
         log_format = values["LLMP_LOG_FORMAT"]
         if log_format not in {"json", "text"}:
             raise InvalidArgument(f"LLMP_LOG_FORMAT must be json or text, not {log_format!r}")
+        upload_checksum = values["LLMP_S3_UPLOAD_CHECKSUM"]
+        if upload_checksum not in UPLOAD_CHECKSUMS:
+            raise InvalidArgument(f"LLMP_S3_UPLOAD_CHECKSUM must be crc32 or sha256, not {upload_checksum!r}")
         track = values["LLMP_INFERENCE_TRACK"]
         if track not in INFERENCE_TRACKS:
             raise InvalidArgument(f"LLMP_INFERENCE_TRACK must be empty, stable or canary, not {track!r}")
@@ -148,6 +156,7 @@ class Settings:
                 secure=_flag(values["LLMP_S3_SECURE"], "LLMP_S3_SECURE"),
                 region=values["LLMP_S3_REGION"],
                 bucket=values["LLMP_S3_BUCKET"],
+                upload_checksum=upload_checksum,
             ),
             broker_url=values["LLMP_BROKER_URL"],
             result_backend=values["LLMP_RESULT_BACKEND"],

@@ -31,8 +31,8 @@ async def upload_model_version(stub, store: ObjectStore, model_name: str, folder
     """Register the save_pretrained folder `folder` as the next version of `model_name`; returns it READY.
 
     ReserveModelVersion, upload every file under the returned prefix while renewing the reservation,
-    then CommitModelVersion with each file's size and SHA-256 (the registry checks them against the
-    SHA-256 S3 enforced on upload, or reads the objects back).
+    then CommitModelVersion with each file's size and digests (the registry checks them against the
+    checksum S3 enforced on upload, or reads the objects back).
     """
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     if not files:
@@ -54,7 +54,8 @@ async def upload_model_version(stub, store: ObjectStore, model_name: str, folder
         relative = path.relative_to(folder).as_posix()
         async with limit:
             stored = await asyncio.to_thread(store.upload_file, reservation.prefix + relative, path)
-        return pb.DeclaredArtifact(path=relative, size=stored.size, sha256=stored.sha256, xxh3_128=stored.xxh3_128)
+        return pb.DeclaredArtifact(path=relative, size=stored.size, sha256=stored.sha256, xxh3_128=stored.xxh3_128,
+                                   crc32=stored.crc32)
 
     renewing = asyncio.create_task(renew())
     try:

@@ -105,6 +105,7 @@ class DeclaredArtifact:
     size: int
     sha256: str
     xxh3_128: str = ""  # optional: the uploader's XXH3-128 of the same bytes, from the same pass
+    crc32: str = ""  # optional: the uploader's CRC32 of the same bytes, from the same pass
 
 
 def _validate(request: Registration, *, reserving: bool = False) -> None:
@@ -153,14 +154,20 @@ def copy_verified(store: ObjectStore, source_key: str, destination_key: str) -> 
 def verify_in_place(store: ObjectStore, key: str, expected: DeclaredArtifact) -> StoredObject:
     """Check a stored object has the declared size and SHA-256.
 
-    The digest is one the registry did not take from the uploader: the SHA-256 the S3 server computed
-    over the bytes it received and enforced on the PUT (`ObjectStore.upload_file`'s trailing checksum,
-    reported by a HEAD), or, for an object stored without one (multipart, other writers), the digest of
-    the object read back here.
+    What the registry checks is never only the uploader's word. The S3 server computed a checksum over
+    the bytes it received and enforced it on the PUT (`ObjectStore.upload_file`'s trailing checksum,
+    reported by a HEAD): its SHA-256 is compared with the declared one; its CRC32 with the declared CRC32,
+    which the uploader took in the same pass over the same bytes as the declared SHA-256 and XXH3-128.
+    An object stored without either (multipart, other writers, an uploader that declares no CRC32) is
+    read back and hashed here.
     """
-    attested = store.server_sha256(key)
+    attested = store.server_checksums(key)
     if attested.sha256:  # the XXH3-128 is the uploader's, from the pass whose SHA-256 S3 verified
         actual, size, fast = attested.sha256, attested.size, expected.xxh3_128
+    elif attested.crc32 and expected.crc32:
+        if attested.crc32 != expected.crc32:
+            raise Internal(f"checksum mismatch for {key}: declared CRC32 {expected.crc32}, S3 stored {attested.crc32}")
+        actual, size, fast = expected.sha256, attested.size, expected.xxh3_128
     else:
         actual, size, fast = _hash_object(store, key)
         if expected.xxh3_128 and expected.xxh3_128 != fast:
@@ -276,6 +283,8 @@ async def commit(db: Database, store: ObjectStore, caller: Caller, reservation_i
                 raise ValidationFailed(f"artifact {item.path!r} needs its size and hex SHA-256")
             if item.xxh3_128 and not _is_hex(item.xxh3_128, 32):
                 raise ValidationFailed(f"artifact {item.path!r}: xxh3_128 must be 32 hex digits")
+            if item.crc32 and not _is_hex(item.crc32, 8):
+                raise ValidationFailed(f"artifact {item.path!r}: crc32 must be 8 hex digits")
             wanted[item.path] = item
         _check_folder(wanted, f"reservation of {name} v{version}")
         stored = {obj.key[len(prefix):] for obj in await asyncio.to_thread(store.list, prefix)}

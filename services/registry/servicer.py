@@ -127,7 +127,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = caller_from_context(context)
         name, version = await registration.commit(
             self.db, self.store, caller, _reservation_id(request.reservation_id),
-            [registration.DeclaredArtifact(item.path, item.size, item.sha256, item.xxh3_128)
+            [registration.DeclaredArtifact(item.path, item.size, item.sha256, item.xxh3_128, item.crc32)
              for item in request.artifacts])
         view = await catalog.get_version(self.db, caller.tenant, name, version)
         return pb.CommitModelVersionResponse(version=version_message(view))

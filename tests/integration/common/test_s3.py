@@ -1,5 +1,7 @@
+import dataclasses
 import hashlib
 import os
+import zlib
 
 import pytest
 import xxhash
@@ -63,33 +65,51 @@ def test_unreachable_server_is_unavailable():
         dead.check()
 
 
-def test_upload_file_hashes_in_one_pass_and_the_server_attests_the_digest(store, tmp_path):
-    data = os.urandom(2 * s3.CHUNK + 12345)  # whole chunks and a partial one in the aws-chunked body
+@pytest.fixture(params=sorted(s3.CHECKSUM_HEADERS))
+def checked_store(request, settings):
+    """The store, once per trailing checksum `upload_file` can have the S3 server verify."""
+    return s3.ObjectStore(dataclasses.replace(settings.s3, upload_checksum=request.param))
+
+
+def test_upload_file_hashes_in_one_pass_and_the_server_attests_its_checksum(checked_store, tmp_path, monkeypatch):
+    store, algorithm = checked_store, checked_store.settings.upload_checksum
+    monkeypatch.setattr(s3, "STREAM_CHUNK", 64 * 1024)
+    data = os.urandom(2 * s3.STREAM_CHUNK + 12345)  # whole chunks and a partial one in the aws-chunked body
     source = tmp_path / "source.bin"
     source.write_bytes(data)
     uploaded = store.upload_file("t/one-pass.bin", source)
     assert uploaded.size == len(data) and uploaded.sha256 == hashlib.sha256(data).hexdigest()
     assert store.stat("t/one-pass.bin").sha256 == ""  # no metadata: the caller keeps the digest
-    assert uploaded.xxh3_128 == xxhash.xxh3_128(data).hexdigest()  # taken in the same pass
-    attested = store.server_sha256("t/one-pass.bin")  # the S3 server's own SHA-256 of what it stored
-    assert (attested.key, attested.size, attested.sha256) == (uploaded.key, uploaded.size, uploaded.sha256)
+    # taken in the same pass
+    assert (uploaded.xxh3_128, uploaded.crc32) == (xxhash.xxh3_128(data).hexdigest(), f"{zlib.crc32(data):08x}")
+    attested = store.server_checksums("t/one-pass.bin")  # the S3 server's own checksum of what it stored
+    if algorithm == "sha256":
+        assert attested == s3.StoredObject(uploaded.key, uploaded.size, uploaded.sha256)
+    else:
+        assert attested == s3.StoredObject(uploaded.key, uploaded.size, "", crc32=uploaded.crc32)
     assert store.get_bytes("t/one-pass.bin") == data
     (tmp_path / "empty").write_bytes(b"")
     empty = store.upload_file("t/empty", tmp_path / "empty")
-    assert empty == s3.StoredObject("t/empty", 0, hashlib.sha256(b"").hexdigest(), xxhash.xxh3_128(b"").hexdigest())
-    assert store.server_sha256("t/empty") == s3.StoredObject("t/empty", 0, hashlib.sha256(b"").hexdigest())
-    store.put_bytes("t/recorded", b"abc")  # metadata only: the server keeps no SHA-256 of its own
-    assert store.server_sha256("t/recorded").sha256 == ""
+    assert empty == s3.StoredObject("t/empty", 0, hashlib.sha256(b"").hexdigest(), xxhash.xxh3_128(b"").hexdigest(),
+                                    "00000000")
+    assert getattr(store.server_checksums("t/empty"), algorithm) == getattr(empty, algorithm)
+    store.put_bytes("t/recorded", b"abc")  # metadata only: the server keeps no checksum of its own
+    assert store.server_checksums("t/recorded") == s3.StoredObject("t/recorded", 3, "")
 
 
-def test_the_server_refuses_an_upload_whose_trailing_checksum_is_wrong(store, tmp_path, monkeypatch):
+def test_the_server_refuses_an_upload_whose_trailing_checksum_is_wrong(checked_store, tmp_path, monkeypatch):
     source = tmp_path / "source.bin"
     source.write_bytes(os.urandom(s3.CHUNK + 1))
-    salted = type("Salted", (), {"sha256": staticmethod(lambda: hashlib.sha256(b"salt"))})
-    monkeypatch.setattr(s3, "hashlib", salted)  # the trailer no longer matches the bytes sent
+    # the trailer no longer matches the bytes sent
+    if checked_store.settings.upload_checksum == "sha256":
+        monkeypatch.setattr(s3, "hashlib", type("Salted", (), {
+            "sha256": staticmethod(lambda: hashlib.sha256(b"salt"))}))
+    else:
+        monkeypatch.setattr(s3, "zlib", type("Salted", (), {
+            "crc32": staticmethod(lambda data, value=0: zlib.crc32(b"salt" + data, value))}))
     with pytest.raises(errors.Internal, match="HTTP 400"):
-        store.upload_file("t/refused.bin", source)
-    assert not store.exists("t/refused.bin")
+        checked_store.upload_file("t/refused.bin", source)
+    assert not checked_store.exists("t/refused.bin")
 
 
 def test_upload_file_beyond_the_single_put_limit_goes_multipart_and_download_verifies(store, tmp_path, monkeypatch):
@@ -100,7 +120,7 @@ def test_upload_file_beyond_the_single_put_limit_goes_multipart_and_download_ver
     source.write_bytes(data)
     uploaded = store.upload_file("t/one-pass.bin", source)
     assert uploaded.size == len(data) and uploaded.sha256 == hashlib.sha256(data).hexdigest()
-    assert store.server_sha256("t/one-pass.bin") == s3.StoredObject("t/one-pass.bin", len(data), "")
+    assert store.server_checksums("t/one-pass.bin") == s3.StoredObject("t/one-pass.bin", len(data), "")
     fetched = store.download("t/one-pass.bin", tmp_path / "copy.bin", expected_sha256=uploaded.sha256)
     assert fetched == s3.StoredObject("t/one-pass.bin", len(data), uploaded.sha256)
     assert (tmp_path / "copy.bin").read_bytes() == data

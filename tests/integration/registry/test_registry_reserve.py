@@ -1,6 +1,7 @@
 """Reserve / upload / commit: the bytes go once into the version's own prefix and are verified in place."""
 
 import asyncio
+import dataclasses
 import hashlib
 import uuid
 
@@ -53,13 +54,22 @@ async def test_concurrent_reservations_get_distinct_gapless_numbers(client):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def reserve_and_upload(client, registry, checkpoint) -> tuple[pb.ReserveModelVersionResponse, list]:
+async def reserve_and_upload(client, registry, checkpoint, *, store=None, declare_crc32: bool = False,
+                             ) -> tuple[pb.ReserveModelVersionResponse, list]:
+    """Reserve a version of "checked" and upload the checkpoint into it (with `store`, default the registry's),
+    declaring each file's size and SHA-256 (and its CRC32 when asked, as `upload_model_version` does)."""
     reply = await client.call("ReserveModelVersion", pb.ReserveModelVersionRequest(model_name="checked"))
     declared = []
     for path in sorted(checkpoint.iterdir()):
-        stored = await asyncio.to_thread(registry.store.upload_file, reply.prefix + path.name, path)
-        declared.append(pb.DeclaredArtifact(path=path.name, size=stored.size, sha256=stored.sha256))
+        stored = await asyncio.to_thread((store or registry.store).upload_file, reply.prefix + path.name, path)
+        declared.append(pb.DeclaredArtifact(path=path.name, size=stored.size, sha256=stored.sha256,
+                                            crc32=stored.crc32 if declare_crc32 else ""))
     return reply, declared
+
+
+def store_checking(registry, algorithm: str) -> s3.ObjectStore:
+    """An object store on the registry's bucket whose uploads have the S3 server verify `algorithm`."""
+    return s3.ObjectStore(dataclasses.replace(registry.store.settings, upload_checksum=algorithm))
 
 
 async def version_row(registry, tenant: str, name: str, version: int) -> dict:
@@ -103,9 +113,11 @@ def read_back(monkeypatch) -> list[str]:
     return keys
 
 
-async def test_commit_takes_the_sha256_s3_enforced_on_upload_without_reading_back(client, registry, checkpoint,
-                                                                                 read_back):
-    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+@pytest.mark.parametrize("algorithm", sorted(s3.CHECKSUM_HEADERS))
+async def test_commit_takes_the_checksum_s3_enforced_on_upload_without_reading_back(client, registry, checkpoint,
+                                                                                   read_back, algorithm):
+    reply, declared = await reserve_and_upload(client, registry, checkpoint, store=store_checking(registry, algorithm),
+                                               declare_crc32=True)
     committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
         reservation_id=reply.reservation_id, artifacts=declared))
     assert committed.version.state == pb.VERSION_STATE_READY and read_back == []
@@ -113,10 +125,10 @@ async def test_commit_takes_the_sha256_s3_enforced_on_upload_without_reading_bac
         path.name: sha256_of(path) for path in checkpoint.iterdir()}
 
 
-async def test_commit_reads_back_objects_stored_without_a_server_sha256(client, registry, checkpoint, read_back,
-                                                                        monkeypatch):
-    monkeypatch.setattr(s3, "SINGLE_PUT_LIMIT", 4096)  # larger files go multipart: no full-object S3 SHA-256
-    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+async def test_commit_reads_back_objects_stored_without_a_server_checksum(client, registry, checkpoint, read_back,
+                                                                          monkeypatch):
+    monkeypatch.setattr(s3, "SINGLE_PUT_LIMIT", 4096)  # larger files go multipart: no full-object S3 checksum
+    reply, declared = await reserve_and_upload(client, registry, checkpoint, declare_crc32=True)
     committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
         reservation_id=reply.reservation_id, artifacts=declared))
     assert committed.version.state == pb.VERSION_STATE_READY
@@ -125,16 +137,28 @@ async def test_commit_reads_back_objects_stored_without_a_server_sha256(client, 
     assert read_back  # the tiny checkpoint's weights are larger than that
 
 
-async def test_commit_refuses_an_object_whose_server_sha256_differs(client, registry, checkpoint, read_back,
-                                                                    tmp_path):
-    reply, declared = await reserve_and_upload(client, registry, checkpoint)
+async def test_commit_reads_back_objects_whose_uploader_declared_no_crc32(client, registry, checkpoint, read_back):
+    # S3 attests a CRC32 but the uploader did not say which: only the bytes themselves can vouch for its SHA-256.
+    reply, declared = await reserve_and_upload(client, registry, checkpoint, store=store_checking(registry, "crc32"))
+    committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+        reservation_id=reply.reservation_id, artifacts=declared))
+    assert committed.version.state == pb.VERSION_STATE_READY
+    assert sorted(read_back) == sorted(reply.prefix + path.name for path in checkpoint.iterdir())
+
+
+@pytest.mark.parametrize("algorithm", sorted(s3.CHECKSUM_HEADERS))
+async def test_commit_refuses_an_object_whose_server_checksum_differs(client, registry, checkpoint, read_back,
+                                                                      tmp_path, algorithm):
+    store = store_checking(registry, algorithm)
+    reply, declared = await reserve_and_upload(client, registry, checkpoint, store=store, declare_crc32=True)
     other = tmp_path / "config.json"
     other.write_text('{"replaced": true}')
-    await asyncio.to_thread(registry.store.upload_file, reply.prefix + "config.json", other)  # S3 attests the new bytes
+    await asyncio.to_thread(store.upload_file, reply.prefix + "config.json", other)  # S3 attests the new bytes
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
             reservation_id=reply.reservation_id, artifacts=declared))
     assert caught.value.code() == grpc.StatusCode.INTERNAL and "config.json" in caught.value.details()
+    assert ("CRC32" in caught.value.details()) == (algorithm == "crc32")
     assert read_back == []
     assert (await version_row(registry, client.tenant, "checked", reply.ref.version))["state"] == "FAILED"
 
@@ -215,13 +239,19 @@ async def test_downloads_check_the_xxh3_taken_with_the_sha256_and_catch_corrupti
     assert fetch_artifact(registry.store, legacy, tmp_path / "legacy.safetensors").sha256 == weights.object.sha256
 
 
-async def test_commit_refuses_a_malformed_or_wrong_xxh3(client, registry, checkpoint, monkeypatch):
+async def test_commit_refuses_a_malformed_or_wrong_xxh3_or_crc32(client, registry, checkpoint, monkeypatch):
     reply, declared = await reserve_and_upload(client, registry, checkpoint)
     declared[0].xxh3_128 = "not-hex"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
             reservation_id=reply.reservation_id, artifacts=declared))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "xxh3_128" in caught.value.details()
+    reply, declared = await reserve_and_upload(client, registry, checkpoint)  # a refused commit fails the version
+    declared[0].crc32 = "1234567"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "crc32" in caught.value.details()
     # Read back (no S3 SHA-256 kept for multipart uploads), the registry checks a declared XXH3-128 itself.
     monkeypatch.setattr(s3, "SINGLE_PUT_LIMIT", 4096)
     reply, declared = await reserve_and_upload(client, registry, checkpoint)

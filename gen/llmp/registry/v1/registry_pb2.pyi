@@ -252,16 +252,18 @@ class RenewModelVersionReservationResponse(_message.Message):
     def __init__(self, lease_seconds: _Optional[float] = ...) -> None: ...
 
 class DeclaredArtifact(_message.Message):
-    __slots__ = ("path", "size", "sha256", "xxh3_128")
+    __slots__ = ("path", "size", "sha256", "xxh3_128", "crc32")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     XXH3_128_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     path: str
     size: int
     sha256: str
     xxh3_128: str
-    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., xxh3_128: _Optional[str] = ...) -> None: ...
+    crc32: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., xxh3_128: _Optional[str] = ..., crc32: _Optional[str] = ...) -> None: ...
 
 class CommitModelVersionRequest(_message.Message):
     __slots__ = ("reservation_id", "artifacts")
