@@ -48,8 +48,6 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Protocol
 
-from prometheus_client import Metric
-
 from services.common.db import Database
 from services.common.errors import NotFound, PreconditionFailed, Unavailable, ValidationFailed
 from services.common.grpc_client import DEPLOYMENT_KEY, deployment_metadata
@@ -172,6 +170,12 @@ class MetricsSource(Protocol):
         `since` and grows with time: two reads with the same `since` differ by what was counted between them."""
 
 
+def _track_stats(totals: metrics.Totals) -> TrackStats:
+    return TrackStats(float(totals.requests), float(totals.errors), totals.latency_sum,
+                      tuple((bound, float(count))
+                            for bound, count in zip(metrics.LATENCY_BOUNDS, totals.latency_buckets, strict=True)))
+
+
 class DatabaseMetrics:
     """The fleet's figures: what every inference replica flushed into PostgreSQL (metrics.FleetMetrics),
     summed over the buckets from the one holding `since` on."""
@@ -182,10 +186,7 @@ class DatabaseMetrics:
 
     async def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool,
                    since: datetime) -> TrackStats:
-        totals = await metrics.fleet_totals(self.db, (tenant, deployment, model, version, canary), since)
-        return TrackStats(float(totals.requests), float(totals.errors), totals.latency_sum,
-                          tuple((bound, float(count))
-                                for bound, count in zip(metrics.LATENCY_BOUNDS, totals.latency_buckets, strict=True)))
+        return _track_stats(await metrics.fleet_totals(self.db, (tenant, deployment, model, version, canary), since))
 
 
 class ProcessMetrics:
@@ -196,27 +197,8 @@ class ProcessMetrics:
 
     async def read(self, tenant: str, deployment: str, model: str, version: int, canary: bool,
                    since: datetime | None = None) -> TrackStats:
-        labels = {"tenant": tenant, "deployment": deployment, "model": model, "version": str(version),
-                  "canary": "true" if canary else "false"}
-        requests = errors = latency_sum = 0.0
-        buckets: list[tuple[float, float]] = []
-        for sample in _samples(metrics.REQUESTS.collect(), labels):
-            if sample.name.endswith("_total"):
-                requests += sample.value
-                errors += sample.value if sample.labels.get("outcome") == "error" else 0.0
-        for sample in _samples(metrics.LATENCY.collect(), labels):
-            if sample.name.endswith("_sum"):
-                latency_sum = sample.value
-            elif sample.name.endswith("_bucket"):
-                buckets.append((float(sample.labels["le"]), sample.value))
-        return TrackStats(requests, errors, latency_sum, tuple(sorted(buckets)))
-
-
-def _samples(families: list[Metric], labels: dict[str, str]):
-    for family in families:
-        for sample in family.samples:
-            if all(sample.labels.get(key) == value for key, value in labels.items()):
-                yield sample
+        counted = metrics.process_totals().get((tenant, deployment, model, version, canary), metrics.Totals())
+        return _track_stats(counted)
 
 
 # -- the decision -----------------------------------------------------------------------------------
