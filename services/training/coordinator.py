@@ -546,21 +546,18 @@ class Coordinator:
                     step = update.step
                     await self._event(conn, assignment.job_id, "progress",
                                       {"step": step, "max_steps": assignment.job.max_steps})
-                if update.metrics and update.metrics_step is not None:  # idempotent; not the latest values
+                if update.metrics:
+                    replayed = update.metrics_step is not None  # earlier points again: idempotent, not the latest
+                    at = update.metrics_step if replayed else update.step if update.step is not None else step
                     await conn.cursor().executemany(
                         "INSERT INTO training_job_metrics (job_id, name, step, value) VALUES (%s, %s, %s, %s) "
-                        "ON CONFLICT (job_id, name, step) DO UPDATE SET value = EXCLUDED.value",
-                        [(assignment.job_id, name, update.metrics_step, value)
-                         for name, value in update.metrics.items()])
-                elif update.metrics:
-                    at = update.step if update.step is not None else step
-                    await conn.cursor().executemany(
-                        "INSERT INTO training_job_metrics (job_id, name, step, value) VALUES (%s, %s, %s, %s) "
-                        "ON CONFLICT (job_id, name, step) DO UPDATE SET value = EXCLUDED.value, recorded_at = now()",
+                        "ON CONFLICT (job_id, name, step) DO UPDATE SET value = EXCLUDED.value"
+                        + ("" if replayed else ", recorded_at = now()"),
                         [(assignment.job_id, name, at, value) for name, value in update.metrics.items()])
-                    latest.update(update.metrics)
-                    metrics_step = at
-                    await self._event(conn, assignment.job_id, "metrics", {"step": at, "values": update.metrics})
+                    if not replayed:
+                        latest.update(update.metrics)
+                        metrics_step = at
+                        await self._event(conn, assignment.job_id, "metrics", {"step": at, "values": update.metrics})
                 if update.checkpoint is not None:
                     await self._event(conn, assignment.job_id, "checkpoint", update.checkpoint)
                 if update.environment is not None:
