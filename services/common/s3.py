@@ -49,6 +49,7 @@ STREAM_CHUNK = 16 * 1024 * 1024  # aws-chunked chunk of upload_file's PUT: Seawe
 PARALLEL_PARTS = 4  # parts uploaded at once per object
 SINGLE_PUT_LIMIT = 5 * 1024 ** 3  # S3's largest single PUT: larger files go multipart, without a server checksum
 CHECKSUM_HEADERS = {"crc32": "x-amz-checksum-crc32", "sha256": "x-amz-checksum-sha256"}  # base64, big-endian
+CHECKSUM_BYTES = {"crc32": 4, "sha256": 32}  # raw length of each checksum
 UPLOAD_ATTEMPTS = 3  # a streamed PUT is restarted from the file's first byte after a dropped connection or a 5xx
 
 
@@ -207,7 +208,7 @@ class ObjectStore:
         algorithm = self.settings.upload_checksum
         header = CHECKSUM_HEADERS[algorithm]
         chunks = [STREAM_CHUNK] * (size // STREAM_CHUNK) + ([size % STREAM_CHUNK] if size % STREAM_CHUNK else [])
-        trailer_length = len(f"0\r\n{header}:\r\n\r\n") + (44 if algorithm == "sha256" else 8)  # base64 length
+        trailer_length = len(f"0\r\n{header}:\r\n\r\n") + len(base64.b64encode(bytes(CHECKSUM_BYTES[algorithm])))
         encoded = sum(len(f"{n:x}\r\n") + n + 2 for n in chunks) + trailer_length
         settings = self.settings
         url = urlsplit(f"{'https' if settings.secure else 'http'}://{settings.endpoint}/{self.bucket}/"
@@ -300,7 +301,7 @@ class ObjectStore:
                     raw = base64.b64decode(headers.get(header, ""), validate=True)
                 except binascii.Error:
                     raw = b""
-                attested[algorithm] = raw.hex() if len(raw) == {"sha256": 32, "crc32": 4}[algorithm] else ""
+                attested[algorithm] = raw.hex() if len(raw) == CHECKSUM_BYTES[algorithm] else ""
         return StoredObject(key, info.size or 0, attested.get("sha256", ""), crc32=attested.get("crc32", ""))
 
     def _stat_object(self, key: str, headers: dict[str, str] | None = None):
@@ -354,7 +355,8 @@ class ObjectStore:
         """
         if expected_size is None or not (expected_sha256 or expected_xxh3_128):
             stat = self.stat(key)
-            expected_size, expected_sha256 = stat.size, expected_sha256 or stat.sha256
+            expected_size = stat.size if expected_size is None else expected_size
+            expected_sha256 = expected_sha256 or stat.sha256
         fast = bool(expected_xxh3_128)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")

@@ -79,12 +79,8 @@ async def upload_model_version(stub, store: ObjectStore, model_name: str, folder
 def fetch_artifact(store: ObjectStore, artifact: pb.Artifact, destination: Path) -> StoredObject:
     """Download one artifact of a version straight from S3, checking the registry's size and digest (its
     XXH3-128 when the registry has one, else its SHA-256)."""
-    stored = store.download(artifact.object.key, destination, expected_sha256=artifact.object.sha256,
-                            expected_size=artifact.object.size, expected_xxh3_128=artifact.object.xxh3_128)
-    if stored.size != artifact.object.size:
-        destination.unlink(missing_ok=True)
-        raise Internal(f"{artifact.object.key}: got {stored.size} bytes, the registry recorded {artifact.object.size}")
-    return stored
+    return store.download(artifact.object.key, destination, expected_sha256=artifact.object.sha256,
+                          expected_size=artifact.object.size, expected_xxh3_128=artifact.object.xxh3_128)
 
 
 async def download_artifact(stub, name: str, version: int, path: str, destination: Path, *,
