@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import errors, logs, metrics, tracing
 from services.common.config import Settings
+from services.common.periodic import Periodic
 from services.common.topology import GrpcService
 
 if TYPE_CHECKING:
@@ -258,6 +259,8 @@ class GrpcApp:
         self.failing: dict[str, str] = {}  # readiness check -> why it fails, empty when ready
         self.port: int | None = None
         self._stopping = asyncio.Event()
+        # A probe still waiting on a backend at shutdown is cut: nothing it would report matters any more.
+        self._readiness_loop = Periodic("readiness probe", READINESS_INTERVAL, self.probe, cancel_at_close=True)
 
     def add_servicer(self, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any,
                      full_service_name: str) -> None:
@@ -290,14 +293,6 @@ class GrpcApp:
             await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING if failing else serving)
         return failing
 
-    async def _watch_readiness(self) -> None:
-        while not self._stopping.is_set():
-            await self.probe()
-            try:
-                await asyncio.wait_for(self._stopping.wait(), READINESS_INTERVAL)
-            except TimeoutError:
-                pass
-
     async def start(self, listen_addr: str | None = None) -> int:
         """Bind and start serving; returns the bound port (useful with port 0 in tests)."""
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -310,7 +305,7 @@ class GrpcApp:
         await self.server.start()
         await self.health.set(ACCEPTING_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.probe()
-        self._watcher = asyncio.create_task(self._watch_readiness())
+        self._readiness_loop.start()  # the next probes every READINESS_INTERVAL
         log.info("serving", extra={"service": self.service.name, "address": address})
         return self.port
 
@@ -328,8 +323,7 @@ class GrpcApp:
         # Left now: the gate's refusals of calls that came in the last instant, and the clients' health
         # Watch streams, which never end by themselves (waiting on them would spend the whole grace).
         await self.server.stop(FINAL_GRACE)
-        if hasattr(self, "_watcher"):
-            self._watcher.cancel()
+        await self._readiness_loop.close()
         for hook in reversed(self.shutdown_hooks):
             try:
                 await hook()
