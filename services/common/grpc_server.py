@@ -1,7 +1,7 @@
 """The async gRPC server every llmp service runs on.
 
-`GrpcApp` wires what each service would otherwise repeat: the interceptor chain (request ids,
-logging and Prometheus metrics, then the one exception → status mapping), the standard
+`GrpcApp` wires what each service would otherwise repeat: the interceptor chain (the shutdown gate,
+the trace span, then request ids, logging, Prometheus metrics and the one exception → status mapping), the standard
 `grpc.health.v1` service driven by honest readiness checks, server reflection, a Prometheus
 endpoint, and the shutdown order SIGTERM → NOT_SERVING → drain in-flight calls → stop → close pools.
 """
@@ -68,7 +68,8 @@ def _method_parts(full_method: str) -> tuple[str, str]:
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Outermost: set the request id, count and time every call, log its outcome."""
+    """Innermost (inside the shutdown gate and the trace span): set the request id, map domain errors to
+    status codes, count and time every call, log its outcome."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -310,7 +311,7 @@ class GrpcApp:
         return self.port
 
     async def stop(self) -> None:
-        """NOT_SERVING first (so balancers stop sending) and new calls refused with UNAVAILABLE, then
+        """NOT_SERVING first (so balancers stop sending) and new calls refused with ABORTED, then
         drain the calls in flight (up to `shutdown_grace`), then stop the transport, then close."""
         if self._stopping.is_set():
             return

@@ -10,7 +10,8 @@ log = logging.getLogger(__name__)
 
 
 class Periodic:
-    """Runs `round()` every `interval_s` from `start()` until `close()`.
+    """Runs `round()` from `start()` until `close()`, `interval_s` after the end of the one before (the first
+    `interval_s` after `start()`, or at once with `first_at_start`).
 
     A round that raises is logged and the next one runs on time: the work is housekeeping against
     servers that may be away for a moment (PostgreSQL, the Kubernetes API), never a reason to stop.

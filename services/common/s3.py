@@ -1,7 +1,8 @@
 """S3 through the `minio` SDK: one bucket, multipart uploads, and a SHA-256 for every object.
 
-Every object llmp writes carries its SHA-256 as user metadata (`x-amz-meta-sha256`), computed while
-the bytes stream through, so readers can verify what they download without a second pass over S3.
+Every object llmp writes carries its SHA-256 as user metadata (`x-amz-meta-sha256`), computed before
+the upload (S3 takes metadata up front), so readers can verify what they download without a second pass
+over S3.
 The one exception is `upload_file`, for callers that record the digests themselves, like the registry:
 it sends the file once, as one streamed PUT that takes the SHA-256, the XXH3-128 and a CRC32 of the very
 bytes sent, the CRC32 following the body as an S3 trailing checksum (`x-amz-checksum-crc32`, what AWS's

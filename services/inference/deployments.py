@@ -227,7 +227,8 @@ class Deployments:
     async def _activate(self, tenant: str, spec: DeploymentSpec, lock: asyncio.Lock,
                         replaced: set[tuple[str, int]] = frozenset(), *, mirror: bool = False) -> None:
         """Load, then route; `replaced` are the (model, version)s the deployment served before the change;
-        `mirror`: a client's change, which the mesh follows once routed here."""
+        `mirror`: a change made through `put` here (a client's or the canary controller's), which the mesh
+        follows once routed here (`sync` re-routes what another replica changed, and that one mirrored it)."""
         async with lock:
             try:
                 stable = await self._ensure_loaded(tenant, spec.model, spec.stable_version)
