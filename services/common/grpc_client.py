@@ -58,7 +58,7 @@ CHANNEL_OPTIONS = [
 ]
 DEFAULT_TIMEOUT = 30.0
 # On inference calls for one deployment: which deployment, for the mesh. On Kubernetes the `inference`
-# VirtualService routes a deployment's calls by this header to its stable/canary split (canary.py).
+# VirtualService routes a deployment's calls by this header to its stable/canary split (inference/mesh.py).
 DEPLOYMENT_KEY = "x-llmp-deployment"
 
 

@@ -1,7 +1,7 @@
 """The async gRPC server every llmp service runs on.
 
-`GrpcApp` wires what each service would otherwise repeat: the interceptor chain (request ids,
-logging and Prometheus metrics, then the one exception → status mapping), the standard
+`GrpcApp` wires what each service would otherwise repeat: the interceptor chain (the shutdown gate,
+the trace span, then request ids, logging, Prometheus metrics and the one exception → status mapping), the standard
 `grpc.health.v1` service driven by honest readiness checks, server reflection, a Prometheus
 endpoint, and the shutdown order SIGTERM → NOT_SERVING → drain in-flight calls → stop → close pools.
 """
@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import errors, logs, metrics, tracing
 from services.common.config import Settings
+from services.common.periodic import Periodic
 from services.common.topology import GrpcService
 
 if TYPE_CHECKING:
@@ -67,7 +68,8 @@ def _method_parts(full_method: str) -> tuple[str, str]:
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Outermost: set the request id, count and time every call, log its outcome."""
+    """Innermost (inside the shutdown gate and the trace span): set the request id, map domain errors to
+    status codes, count and time every call, log its outcome."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -258,6 +260,8 @@ class GrpcApp:
         self.failing: dict[str, str] = {}  # readiness check -> why it fails, empty when ready
         self.port: int | None = None
         self._stopping = asyncio.Event()
+        # A probe still waiting on a backend at shutdown is cut: nothing it would report matters any more.
+        self._readiness_loop = Periodic("readiness probe", READINESS_INTERVAL, self.probe, cancel_at_close=True)
 
     def add_servicer(self, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any,
                      full_service_name: str) -> None:
@@ -290,14 +294,6 @@ class GrpcApp:
             await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING if failing else serving)
         return failing
 
-    async def _watch_readiness(self) -> None:
-        while not self._stopping.is_set():
-            await self.probe()
-            try:
-                await asyncio.wait_for(self._stopping.wait(), READINESS_INTERVAL)
-            except TimeoutError:
-                pass
-
     async def start(self, listen_addr: str | None = None) -> int:
         """Bind and start serving; returns the bound port (useful with port 0 in tests)."""
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -310,12 +306,12 @@ class GrpcApp:
         await self.server.start()
         await self.health.set(ACCEPTING_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.probe()
-        self._watcher = asyncio.create_task(self._watch_readiness())
+        self._readiness_loop.start()  # the next probes every READINESS_INTERVAL
         log.info("serving", extra={"service": self.service.name, "address": address})
         return self.port
 
     async def stop(self) -> None:
-        """NOT_SERVING first (so balancers stop sending) and new calls refused with UNAVAILABLE, then
+        """NOT_SERVING first (so balancers stop sending) and new calls refused with ABORTED, then
         drain the calls in flight (up to `shutdown_grace`), then stop the transport, then close."""
         if self._stopping.is_set():
             return
@@ -328,8 +324,7 @@ class GrpcApp:
         # Left now: the gate's refusals of calls that came in the last instant, and the clients' health
         # Watch streams, which never end by themselves (waiting on them would spend the whole grace).
         await self.server.stop(FINAL_GRACE)
-        if hasattr(self, "_watcher"):
-            self._watcher.cancel()
+        await self._readiness_loop.close()
         for hook in reversed(self.shutdown_hooks):
             try:
                 await hook()

@@ -1,7 +1,8 @@
 """S3 through the `minio` SDK: one bucket, multipart uploads, and a SHA-256 for every object.
 
-Every object llmp writes carries its SHA-256 as user metadata (`x-amz-meta-sha256`), computed while
-the bytes stream through, so readers can verify what they download without a second pass over S3.
+Every object llmp writes carries its SHA-256 as user metadata (`x-amz-meta-sha256`), computed before
+the upload (S3 takes metadata up front), so readers can verify what they download without a second pass
+over S3.
 The one exception is `upload_file`, for callers that record the digests themselves, like the registry:
 it sends the file once, as one streamed PUT that takes the SHA-256, the XXH3-128 and a CRC32 of the very
 bytes sent, the CRC32 following the body as an S3 trailing checksum (`x-amz-checksum-crc32`, what AWS's
@@ -22,9 +23,8 @@ import binascii
 import hashlib
 import io
 import os
-import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -86,33 +86,6 @@ class _HashingFile(io.RawIOBase):
         return data
 
 
-class _HashingReader(io.RawIOBase):
-    """A file-like view of an iterable of byte chunks that hashes and counts what is read."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = iter(chunks)
-        self._buffer = b""
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._buffer += chunk
-        if size < 0:
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:size], self._buffer[size:]
-        self.digest.update(data)
-        self.size += len(data)
-        return data
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -155,23 +128,6 @@ class ObjectStore:
             raise Unavailable(f"S3 bucket {self.bucket} does not exist", retry_after=2)
 
     # -- writes ---------------------------------------------------------------------------------
-    def put_stream(self, key: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream",
-                   ) -> StoredObject:
-        """Upload an iterable of chunks of unknown total length (multipart), hashing as it goes.
-
-        S3 wants the SHA-256 as metadata at the start of the upload, but a stream's digest is known
-        only at the end: the bytes are spooled to a temporary file while hashing (bounded memory),
-        then uploaded from it with the digest attached.
-        """
-        with tempfile.TemporaryFile() as spool:
-            digest = hashlib.sha256()
-            for chunk in chunks:
-                digest.update(chunk)
-                spool.write(chunk)
-            size = spool.tell()
-            spool.seek(0)
-            return self._put(key, spool, size, digest.hexdigest(), content_type)
-
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> StoredObject:
         """Upload a file with its SHA-256 recorded as metadata (hashed first: S3 wants it up front)."""
         digest = sha256_file(path)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from services.common.config import S3Settings
 from services.common.errors import Internal, LlmpError, NotFound, PayloadTooLarge, Unavailable
+from services.common.periodic import Periodic
 from services.common.s3 import ObjectStore
 from services.dataset import ingest, pipeline
 from services.dataset.options import DatasetOptions, parse_s3_uri
@@ -99,12 +100,14 @@ class Ingestor:
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this replica, in leases
         self._running: dict[int, _Running] = {}
         self._builds = asyncio.Semaphore(1)
-        self._maintainer: asyncio.Task | None = None
+        # A round in progress at close is cut: close() itself settles the builds whose leases it renews.
+        self._upkeep = Periodic("dataset lease upkeep", heartbeat_seconds, self._keep_leases, first_at_start=True,
+                                cancel_at_close=True)
         self._closing = False
 
     def start(self) -> None:
         """Start renewing leases and resuming lapsed versions (the first look is immediate)."""
-        self._maintainer = asyncio.create_task(self._maintain(), name="dataset-leases")
+        self._upkeep.start()
 
     async def create(self, tenant: str, options: DatasetOptions, chunks: AsyncIterator[bytes],
                      wait: bool = False) -> tuple[VersionRow, bool]:
@@ -257,14 +260,9 @@ class Ingestor:
             self._running.pop(row.id, None)
 
     # -- leases -----------------------------------------------------------------------------------
-    async def _maintain(self) -> None:
-        while not self._closing:
-            try:
-                await self.renew()
-                await self.resume_one()
-            except Exception:
-                log.exception("dataset lease upkeep failed; retrying next period")
-            await asyncio.sleep(self.heartbeat_seconds)
+    async def _keep_leases(self) -> None:
+        await self.renew()
+        await self.resume_one()
 
     async def renew(self) -> None:
         """Extend the leases of this replica's builds; stop any build whose version another replica took."""
@@ -320,9 +318,7 @@ class Ingestor:
         """Stop: builds in flight get `timeout` seconds to finish; those still running then are stopped and
         released, PENDING, for another replica (none is failed for the shutdown)."""
         self._closing = True
-        if self._maintainer is not None:
-            self._maintainer.cancel()
-            await asyncio.gather(self._maintainer, return_exceptions=True)
+        await self._upkeep.close()
         runs = [running for running in self._running.values() if running.task is not None]
         tasks = [running.task for running in runs]
         if tasks and timeout > 0:

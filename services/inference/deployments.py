@@ -10,7 +10,7 @@ Who splits a deployment's traffic between stable and canary depends on the proce
 (LLMP_INFERENCE_TRACK). Without one (local, compose) `route` draws: `canary_weight`% of the routing keys
 go to the canary. On Kubernetes the pods of each Istio subset run with track `stable` or `canary` and
 route to that track's version, and the mesh splits: every change of a deployment's weight, and its
-deletion, is mirrored into the `inference` VirtualService (`MeshWeights`, canary.IstioWeights) once
+deletion, is mirrored into the `inference` VirtualService (`MeshWeights`, mesh.IstioWeights) once
 the new route is in place here — the same weights either way.
 """
 
@@ -49,7 +49,7 @@ PEER_GRACE_S = 3 * SYNC_INTERVAL_S
 
 
 class MeshWeights(Protocol):
-    """The service mesh's split of a deployment's traffic (canary.IstioWeights on Kubernetes)."""
+    """The service mesh's split of a deployment's traffic (mesh.IstioWeights on Kubernetes)."""
 
     async def set(self, tenant: str, deployment: str, canary_weight: int) -> None:
         """Make the mesh send `canary_weight`% of the deployment's traffic to the canary track."""
@@ -227,7 +227,8 @@ class Deployments:
     async def _activate(self, tenant: str, spec: DeploymentSpec, lock: asyncio.Lock,
                         replaced: set[tuple[str, int]] = frozenset(), *, mirror: bool = False) -> None:
         """Load, then route; `replaced` are the (model, version)s the deployment served before the change;
-        `mirror`: a client's change, which the mesh follows once routed here."""
+        `mirror`: a change made through `put` here (a client's or the canary controller's), which the mesh
+        follows once routed here (`sync` re-routes what another replica changed, and that one mirrored it)."""
         async with lock:
             try:
                 stable = await self._ensure_loaded(tenant, spec.model, spec.stable_version)

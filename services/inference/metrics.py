@@ -19,11 +19,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prometheus_client import Counter, Histogram, Metric
+from prometheus_client import Counter, Histogram
 
 from services.common.db import Database
 from services.common.metrics import LATENCY_BUCKETS
@@ -68,6 +67,82 @@ def histogram_quantile(q: float, buckets: tuple[tuple[float, float], ...]) -> fl
     return lower_bound
 
 
+# -- this process's counters ---------------------------------------------------------------------
+
+LATENCY_BOUNDS = (*(float(bound) for bound in LATENCY_BUCKETS), float("inf"))  # the histograms' layout, the table's too
+
+Key = tuple[str, str, str, int, bool]  # (tenant, deployment, model, version, canary)
+
+
+@dataclass
+class Totals:
+    """Counts of one key: a process's cumulative counters, an increment of them, or a fleet window's sums."""
+
+    requests: int = 0
+    errors: int = 0
+    latency_sum: float = 0.0  # seconds
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BOUNDS))  # cumulative
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Time to first token: read only when asked for (`deployment_stats`); the fleet table keeps none.
+    first_token_sum: float = 0.0  # seconds
+    first_token_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BOUNDS))  # cumulative
+
+    def minus(self, earlier: "Totals") -> "Totals":
+        return Totals(self.requests - earlier.requests, self.errors - earlier.errors,
+                      self.latency_sum - earlier.latency_sum, _minus(self.latency_buckets, earlier.latency_buckets),
+                      self.prompt_tokens - earlier.prompt_tokens, self.completion_tokens - earlier.completion_tokens,
+                      self.first_token_sum - earlier.first_token_sum,
+                      _minus(self.first_token_buckets, earlier.first_token_buckets))
+
+    def is_zero(self) -> bool:
+        return not (self.requests or self.errors or self.latency_sum or self.prompt_tokens
+                    or self.completion_tokens or any(self.latency_buckets) or self.first_token_sum
+                    or any(self.first_token_buckets))
+
+
+def _minus(buckets: list[int], earlier: list[int]) -> list[int]:
+    return [now - before for now, before in zip(buckets, earlier, strict=True)]
+
+
+def process_totals(requests: Counter = REQUESTS, latency: Histogram = LATENCY, tokens: Counter = TOKENS,
+                   first_token: Histogram | None = None) -> dict[Key, Totals]:
+    """The cumulative counters of every key the given series (this process's by default) have counted: the one
+    reader of the Prometheus samples, for the fleet flusher, the canary's `ProcessMetrics` and `deployment_stats`."""
+    found: dict[Key, Totals] = {}
+
+    def totals(labels: dict[str, str]) -> Totals:
+        key = (labels["tenant"], labels["deployment"], labels["model"], int(labels["version"]),
+               labels["canary"] == "true")
+        return found.setdefault(key, Totals())
+
+    for family in requests.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                entry = totals(sample.labels)
+                entry.requests += round(sample.value)
+                entry.errors += round(sample.value) if sample.labels.get("outcome") == "error" else 0
+    for histogram, name in ((latency, "latency"), (first_token, "first_token")):
+        for family in histogram.collect() if histogram is not None else ():
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    setattr(totals(sample.labels), f"{name}_sum", sample.value)
+                elif sample.name.endswith("_bucket"):
+                    bound = float(sample.labels["le"])
+                    if bound not in LATENCY_BOUNDS:
+                        raise ValueError(f"{name} bucket {bound} is not one of metrics.LATENCY_BOUNDS")
+                    getattr(totals(sample.labels), f"{name}_buckets")[LATENCY_BOUNDS.index(bound)] = round(sample.value)
+    for family in tokens.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                entry = totals(sample.labels)
+                if sample.labels.get("kind") == "prompt":
+                    entry.prompt_tokens += round(sample.value)
+                elif sample.labels.get("kind") == "completion":
+                    entry.completion_tokens += round(sample.value)
+    return found
+
+
 @dataclass
 class Timings:
     """One histogram's series for one label set: count, sum and cumulative buckets (upper bound, count)."""
@@ -102,53 +177,20 @@ class VersionStats:
         return self.errors / self.requests if self.requests > 0 else 0.0
 
 
-def _series(families: Iterable[Metric], tenant: str, deployment: str):
-    for family in families:
-        for sample in family.samples:
-            labels = sample.labels
-            if labels.get("tenant") == tenant and labels.get("deployment") == deployment:
-                yield sample, (labels["model"], int(labels["version"]), labels["canary"] == "true")
-
-
-def _timings(histogram: Histogram, tenant: str, deployment: str, stats, attribute: str) -> None:
-    for sample, key in _series(histogram.collect(), tenant, deployment):
-        timings: Timings = getattr(stats(key), attribute)
-        if sample.name.endswith("_count"):
-            timings.count = sample.value
-        elif sample.name.endswith("_sum"):
-            timings.total = sample.value
-        elif sample.name.endswith("_bucket"):
-            timings.buckets.append((float(sample.labels["le"]), sample.value))
+def _timings(total: float, buckets: list[int]) -> Timings:
+    """One histogram of a `Totals` (its count is the +Inf bucket's)."""
+    pairs = zip(LATENCY_BOUNDS, buckets, strict=True)
+    return Timings(float(buckets[-1]), total, [(bound, float(count)) for bound, count in pairs])
 
 
 def deployment_stats(tenant: str, deployment: str) -> dict[tuple[str, int, bool], VersionStats]:
     """Every (model, version, canary track) of a tenant's deployment this process has served, with its figures."""
-    found: dict[tuple[str, int, bool], VersionStats] = {}
-
-    def stats(key: tuple[str, int, bool]) -> VersionStats:
-        if key not in found:
-            found[key] = VersionStats(*key)
-        return found[key]
-
-    for sample, key in _series(REQUESTS.collect(), tenant, deployment):
-        if sample.name.endswith("_total"):
-            entry = stats(key)
-            entry.requests += sample.value
-            if sample.labels.get("outcome") == "error":
-                entry.errors += sample.value
-    _timings(LATENCY, tenant, deployment, stats, "latency")
-    _timings(FIRST_TOKEN, tenant, deployment, stats, "first_token")
-    for sample, key in _series(TOKENS.collect(), tenant, deployment):
-        if sample.name.endswith("_total"):
-            entry = stats(key)
-            if sample.labels.get("kind") == "prompt":
-                entry.prompt_tokens += sample.value
-            elif sample.labels.get("kind") == "completion":
-                entry.completion_tokens += sample.value
-    for entry in found.values():
-        entry.latency.buckets.sort()
-        entry.first_token.buckets.sort()
-    return found
+    return {(model, version, canary): VersionStats(model, version, canary, totals.requests, totals.errors,
+                                                   _timings(totals.latency_sum, totals.latency_buckets),
+                                                   _timings(totals.first_token_sum, totals.first_token_buckets),
+                                                   totals.prompt_tokens, totals.completion_tokens)
+            for (t, d, model, version, canary), totals in process_totals(first_token=FIRST_TOKEN).items()
+            if (t, d) == (tenant, deployment)}
 
 
 # -- fleet-wide figures in PostgreSQL -----------------------------------------------------------------
@@ -157,69 +199,7 @@ FLUSH_INTERVAL_S = 2.0  # how often a process adds its increments into PostgreSQ
 BUCKET_S = 10  # one row per key per bucket of this many seconds
 RETENTION_S = 6 * 3600  # buckets older than this are deleted
 PRUNE_EVERY_S = 60.0  # how often a flusher deletes old buckets
-LATENCY_BOUNDS = (*(float(bound) for bound in LATENCY_BUCKETS), float("inf"))  # the table's histogram layout
 _ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"  # bucket boundaries: date_bin's origin
-
-Key = tuple[str, str, str, int, bool]  # (tenant, deployment, model, version, canary)
-
-
-@dataclass
-class Totals:
-    """Counts of one key: a process's cumulative counters, an increment of them, or a fleet window's sums."""
-
-    requests: int = 0
-    errors: int = 0
-    latency_sum: float = 0.0  # seconds
-    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BOUNDS))  # cumulative
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def minus(self, earlier: "Totals") -> "Totals":
-        return Totals(self.requests - earlier.requests, self.errors - earlier.errors,
-                      self.latency_sum - earlier.latency_sum,
-                      [now - before for now, before in zip(self.latency_buckets, earlier.latency_buckets, strict=True)],
-                      self.prompt_tokens - earlier.prompt_tokens, self.completion_tokens - earlier.completion_tokens)
-
-    def is_zero(self) -> bool:
-        return not (self.requests or self.errors or self.latency_sum or self.prompt_tokens
-                    or self.completion_tokens or any(self.latency_buckets))
-
-
-def process_totals(requests: Counter = REQUESTS, latency: Histogram = LATENCY,
-                   tokens: Counter = TOKENS) -> dict[Key, Totals]:
-    """The cumulative counters of every key the given series (this process's by default) have counted."""
-    found: dict[Key, Totals] = {}
-
-    def totals(labels: dict[str, str]) -> Totals:
-        key = (labels["tenant"], labels["deployment"], labels["model"], int(labels["version"]),
-               labels["canary"] == "true")
-        return found.setdefault(key, Totals())
-
-    for family in requests.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                entry = totals(sample.labels)
-                entry.requests += round(sample.value)
-                entry.errors += round(sample.value) if sample.labels.get("outcome") == "error" else 0
-    for family in latency.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                totals(sample.labels).latency_sum = sample.value
-            elif sample.name.endswith("_bucket"):
-                bound = float(sample.labels["le"])
-                if bound not in LATENCY_BOUNDS:
-                    raise ValueError(f"latency bucket {bound} is not one of metrics.LATENCY_BOUNDS")
-                totals(sample.labels).latency_buckets[LATENCY_BOUNDS.index(bound)] = round(sample.value)
-    for family in tokens.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                entry = totals(sample.labels)
-                if sample.labels.get("kind") == "prompt":
-                    entry.prompt_tokens += round(sample.value)
-                elif sample.labels.get("kind") == "completion":
-                    entry.completion_tokens += round(sample.value)
-    return found
-
 
 _UPSERT = f"""
 INSERT INTO inference_version_metrics AS m

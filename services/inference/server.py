@@ -14,8 +14,9 @@ from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.s3 import ObjectStore
 from services.inference import metrics, model_repository
-from services.inference.canary import CanaryController, IstioWeights
+from services.inference.canary import CanaryController
 from services.inference.deployments import Deployments
+from services.inference.mesh import IstioWeights
 from services.inference.model_source import ModelSource, S3ModelSource
 from services.inference.servicer import InferenceServicer
 from services.inference.triton_engine import TritonEngine

@@ -45,6 +45,7 @@ from psycopg.types.json import Jsonb
 from services.common.db import Database
 from services.common.errors import Conflict, Internal, NotFound, ValidationFailed
 from services.common.grpc_server import Caller
+from services.common.periodic import Periodic
 from services.common.s3 import ObjectStore, StoredObject
 from services.registry import layout
 
@@ -440,16 +441,16 @@ async def _delete_orphans(db: Database, store: ObjectStore) -> int:
     return deleted
 
 
-async def sweep_forever(db: Database, store: ObjectStore, every: float, lease_seconds: float = LEASE_SECONDS,
-                        also: Callable[[], Awaitable[object]] | None = None) -> None:
-    """The periodic sweep the server runs (a task cancelled at shutdown); `also` runs each period too."""
-    while True:
-        try:
-            report = await sweep(db, store, lease_seconds=lease_seconds)
-            if report.abandoned or report.collected or report.orphan_objects:
-                log.info("sweep", extra=dataclasses.asdict(report))
-            if also is not None:
-                await also()
-        except Exception:
-            log.exception("sweep failed; retrying next period")
-        await asyncio.sleep(every)
+def sweeper(db: Database, store: ObjectStore, every: float, lease_seconds: float = LEASE_SECONDS,
+            also: Callable[[], Awaitable[object]] | None = None) -> Periodic:
+    """The sweep the server runs at start, then every `every` seconds; `also` runs each period too. A sweep
+    in progress at shutdown is cut: what it left undone, the next one does."""
+
+    async def round_() -> None:
+        report = await sweep(db, store, lease_seconds=lease_seconds)
+        if report.abandoned or report.collected or report.orphan_objects:
+            log.info("sweep", extra=dataclasses.asdict(report))
+        if also is not None:
+            await also()
+
+    return Periodic("registry sweep", every, round_, first_at_start=True, cancel_at_close=True)

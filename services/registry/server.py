@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +38,11 @@ async def build(settings: Settings, *, sweep_seconds: float = SWEEP_SECONDS) -> 
     exports = Exports(db, store)
     # The first sweep runs now (collecting what a crash left), then every `sweep_seconds`; each period
     # also fails exports whose runner stopped heartbeating (another replica that died, say).
-    sweeper = asyncio.create_task(registration.sweep_forever(db, store, sweep_seconds, also=exports.recover))
+    sweeper = registration.sweeper(db, store, sweep_seconds, also=exports.recover)
+    sweeper.start()
 
     async def stop_background() -> None:
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        await sweeper.close()
         await exports.close()
 
     async def store_check() -> None:

@@ -35,7 +35,6 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-import psycopg
 from psycopg.types.json import Jsonb
 
 from services.common.errors import Conflict, InvalidArgument, NotFound, ValidationFailed
@@ -393,7 +392,7 @@ class Coordinator:
             if not batch:
                 await asyncio.sleep(poll_seconds)
 
-    # --- maintenance (the coordinator's background loop) ------------------------------------------
+    # --- maintenance (the server runs `reap` every third of the lease) ------------------------------
 
     async def reap(self) -> list[str]:
         """Re-queue jobs whose nodes' leases expired; send messages the broker never got.
@@ -427,19 +426,6 @@ class Coordinator:
             log.warning("lease expired, job re-queued", extra={"job_id": job_id})
         await self._dispatch(requeued + undispatched)
         return [job_id for job_id, _ in requeued]
-
-    async def maintain(self, stop: asyncio.Event, interval: float | None = None) -> None:
-        """Run `reap` every `interval` seconds (a third of the lease) until `stop` is set."""
-        period = interval if interval is not None else self.lease_seconds / 3
-        while not stop.is_set():
-            try:
-                await self.reap()
-            except (psycopg.Error, OSError) as error:
-                log.warning("lease check failed; retrying", extra={"error": str(error)})
-            try:
-                await asyncio.wait_for(stop.wait(), period)
-            except TimeoutError:
-                pass
 
     async def _requeue(self, conn, job: Job, reason: str) -> None:
         await conn.execute(

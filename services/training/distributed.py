@@ -70,13 +70,6 @@ class Context:
         dist.all_gather_object(out, value)
         return out
 
-    def broadcast_object(self, value):
-        if not self.distributed:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def init(timeout_s: float = 600) -> Context:
     """Join the torchrun process group when launched by torchrun, else a single-process context."""

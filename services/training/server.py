@@ -20,6 +20,7 @@ from services.common.db import Database
 from services.common.errors import NotFound, Unavailable, ValidationFailed
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import Caller, GrpcApp, run_main
+from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
 from services.training.servicer import TrainingServicer
 from services.training.spec import JobSpec
@@ -82,12 +83,11 @@ async def build(settings: Settings) -> GrpcApp:
     app.add_readiness_check("postgresql", db.check)
     app.add_readiness_check("broker", broker_checker(producer))
 
-    maintenance_stop = asyncio.Event()
-    maintenance = asyncio.create_task(coordinator.maintain(maintenance_stop))
-
-    async def stop_maintenance() -> None:
-        maintenance_stop.set()
-        await maintenance
+    # At start, then every third of the lease: re-queue the jobs of workers that stopped renewing, send again
+    # what the broker never got. A round in progress at shutdown finishes (its transaction is not cut).
+    maintenance = Periodic("training lease check", coordinator.lease_seconds / 3, coordinator.reap,
+                           first_at_start=True)
+    maintenance.start()
 
     async def close_producer() -> None:
         producer.close()
@@ -96,7 +96,7 @@ async def build(settings: Settings) -> GrpcApp:
     app.on_shutdown(db.close)
     app.on_shutdown(clients.close)
     app.on_shutdown(close_producer)
-    app.on_shutdown(stop_maintenance)
+    app.on_shutdown(maintenance.close)
     return app
 
 

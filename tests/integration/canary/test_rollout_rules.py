@@ -1,4 +1,4 @@
-"""The canary controller's pure parts: the policy, the step verdict, metrics arithmetic, the Istio patch."""
+"""The canary controller's pure parts: the policy, the step verdict, metrics arithmetic."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 from services.common.errors import ValidationFailed
 from services.inference import metrics
 from services.inference.canary import (
-    IstioWeights,
     ProcessMetrics,
     RolloutPolicy,
     TrackStats,
@@ -124,17 +123,3 @@ async def test_process_metrics_keep_tenants_apart():
     globex = await ProcessMetrics().read("globex", "rules-shared", "tiny", 7, canary=True)
     assert (acme.requests, acme.errors) == (5, 0)
     assert (globex.requests, globex.errors) == (2, 2)
-
-
-# -- Kubernetes: the VirtualService patch is tested in tests/unit/inference/test_mesh_routes.py -----------
-
-
-def test_in_cluster_detection(tmp_path):
-    assert IstioWeights.in_cluster({}, tmp_path) is None
-    assert IstioWeights.in_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, tmp_path) is None  # no token
-    (tmp_path / "token").write_text("t")
-    (tmp_path / "namespace").write_text("llmp\n")
-    weights = IstioWeights.in_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "6443"},
-                                      tmp_path)
-    assert weights.url == ("https://10.0.0.1:6443/apis/networking.istio.io/v1/namespaces/llmp/"
-                           "virtualservices/inference")

@@ -16,7 +16,7 @@ import yaml
 from llmp.inference.v1 import inference_pb2 as pb
 
 from services.common.grpc_client import DEPLOYMENT_KEY
-from services.inference.canary import update_virtual_service, virtual_service_patch
+from services.inference.mesh import update_virtual_service, virtual_service_patch
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "deploy"))

@@ -1,4 +1,5 @@
-"""services.common.periodic: rounds on time, failures survived, close waits for a round in progress."""
+"""services.common.periodic: rounds on time, failures survived, close waits for a round in progress (or cuts it
+when asked)."""
 
 import asyncio
 
@@ -50,3 +51,18 @@ async def test_close_lets_a_round_in_progress_finish():
     await asyncio.sleep(0.02)
     await loop.close()
     assert finished.is_set()
+
+
+async def test_close_cancels_a_round_in_progress_when_asked():
+    started, finished = asyncio.Event(), asyncio.Event()
+
+    async def hanging_round() -> None:
+        started.set()
+        await asyncio.sleep(30)
+        finished.set()
+
+    loop = Periodic("test round", 0.01, hanging_round, first_at_start=True, cancel_at_close=True)
+    loop.start()
+    await started.wait()
+    await asyncio.wait_for(loop.close(), 1)  # would take 30 s if it waited for the round
+    assert not finished.is_set()

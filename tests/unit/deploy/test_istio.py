@@ -14,7 +14,7 @@ from json_patch import apply_patch
 
 from services.common import topology
 from services.common.grpc_client import DEPLOYMENT_KEY
-from services.inference.canary import virtual_service_patch
+from services.inference.mesh import virtual_service_patch
 
 NAMESPACE = "llmp"
 INGRESS = "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"

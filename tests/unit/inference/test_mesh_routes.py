@@ -1,7 +1,8 @@
 """The Istio side of canary routing, without a cluster: the JSON Patch the inference service sends to the
 Kubernetes API, applied (RFC 6902, as the API server applies it) to VirtualService `inference` from the
 repository's istio/ manifests; the read-patch-retry loop around it; and the track routing of the pods
-the mesh's subsets select. The HTTP calls of `IstioWeights` themselves are not exercised here."""
+the mesh's subsets select. The HTTP calls of `IstioWeights` themselves are not exercised here, only
+how it finds the API server."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from services.common.config import Settings
 from services.common.errors import InvalidArgument, NotFound, Unavailable, ValidationFailed
 from services.common.grpc_client import DEPLOYMENT_KEY, deployment_metadata
 from services.common.grpc_server import Caller
-from services.inference.canary import (
+from services.inference.deployments import Deployments, Route
+from services.inference.generation import ServedVersion
+from services.inference.mesh import (
+    IstioWeights,
     StaleObject,
     mesh_route_name,
     update_virtual_service,
     virtual_service_patch,
 )
-from services.inference.deployments import Deployments, Route
-from services.inference.generation import ServedVersion
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "deploy"))
@@ -202,6 +204,17 @@ async def test_endless_conflicts_give_up_unavailable(service):
         await update_virtual_service(stored.read, stored.write,
                                      lambda vs: virtual_service_patch(vs, "acme", "chat", 25), attempts=3)
     assert stored.writes == 0 and "acme/chat" not in split(stored.value)
+
+
+def test_in_cluster_detection(tmp_path):
+    assert IstioWeights.in_cluster({}, tmp_path) is None
+    assert IstioWeights.in_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, tmp_path) is None  # no token
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "namespace").write_text("llmp\n")
+    weights = IstioWeights.in_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "6443"},
+                                      tmp_path)
+    assert weights.url == ("https://10.0.0.1:6443/apis/networking.istio.io/v1/namespaces/llmp/"
+                           "virtualservices/inference")
 
 
 # -- tracks: what a pod of each subset serves ---------------------------------------------------------
