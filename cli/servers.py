@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,26 +26,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (the kernel's pick)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports: every socket stays bound until all are picked, so the kernel
-    cannot hand the same port out twice (as consecutive `free_port()` calls sometimes do)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` distinct TCP ports nothing is bound to now, picked at random BELOW the kernel's ephemeral
+    range. A port the kernel picks (bind to port 0) comes from that range, which every outgoing
+    connection also draws its local port from, so another process's client could take it between our
+    pick and the server's bind ("Address already in use"); below the range only an explicit bind can."""
+    low, _ = _ephemeral_range()
+    floor = 10000 if low > 12000 else 1024
+    rng = random.SystemRandom()
+    picked: list[int] = []
+    while len(picked) < count:
+        port = rng.randrange(floor, low)
+        if port in picked:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))  # conflicts with a listener on any IPv4 address
+            except OSError:
+                continue
+        picked.append(port)
+    return picked
+
+
+def free_port() -> int:
+    """A TCP port nothing is bound to now (see `free_ports`)."""
+    return free_ports(1)[0]
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
