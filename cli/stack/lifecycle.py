@@ -13,7 +13,7 @@ from cli.stack.component import Launch, Started
 from cli.stack.errors import StackError
 from cli.stack.settings import base_env, child_env
 from cli.stack.state import Record, StackState, StateDir
-from cli.stack.table import BY_NAME, INFRA, component, healthy, missing_modules, select, start_levels
+from cli.stack.table import BY_NAME, INFRA, component_of, healthy, missing_modules, select, start_levels
 from services.common import config
 from services.common.errors import InvalidArgument
 
@@ -122,7 +122,7 @@ def stop_records(records: Mapping[str, Record]) -> None:
     names = [name for name in BY_NAME if name in records]
     for level in reversed(start_levels(names)):
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(level)) as pool:
-            list(pool.map(lambda n: component(records[n]).stop(records[n]), level))
+            list(pool.map(lambda n: component_of(records[n]).stop(records[n]), level))
 
 
 def down(environ: Mapping[str, str], out=None) -> list[str]:

@@ -84,7 +84,7 @@ def missing_modules(names: Iterable[str], components: Mapping[str, Component] = 
     return missing
 
 
-def component(record: Record) -> Component:
+def component_of(record: Record) -> Component:
     """The component a record (perhaps read from stack.json) is of."""
     try:
         return BY_NAME[record.name]
@@ -94,4 +94,4 @@ def component(record: Record) -> Component:
 
 def healthy(record: Record, env: Mapping[str, str], timeout: float = 2.0) -> bool:
     """Is `record`'s component doing its job now?"""
-    return component(record).healthy(record, env, timeout)
+    return component_of(record).healthy(record, env, timeout)

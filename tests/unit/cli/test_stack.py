@@ -82,7 +82,7 @@ def test_up_refuses_before_starting_anything_when_a_module_is_missing(tmp_path, 
 
 def test_a_record_of_an_unknown_component_is_refused():
     with pytest.raises(StackError, match="'nosuch'.*not a component"):
-        table.component(Record("nosuch", "process"))
+        table.component_of(Record("nosuch", "process"))
 
 
 def test_base_env_fills_defaults_and_makes_the_state_dir_absolute(tmp_path):
