@@ -5,21 +5,33 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 LLMP := $(VENV)/bin/llmp
+INSTALLED := $(VENV)/.installed
 BENCHES := dataset training registry inference gateway
 
 .PHONY: help install protos protos-check lint test test-unit test-integration test-e2e test-reliability \
         up down status demo bench $(addprefix bench-,$(BENCHES)) clean
 
+# Every target with a `## ` comment, then one line per benchmark (their rule names them through $(BENCHES)).
 help: ## list the targets
-	@grep -hE '^[a-z%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
+	@printf '%-22s%s\n' $(foreach b,$(BENCHES),bench-$(b) "the $(b) benchmark (bench/$(b).py)")
 
 $(PY):
 	$(PYTHON_SYSTEM) -m venv $(VENV)
 
-install: $(PY) ## install llmp and its pinned dependencies into .venv (from requirements.lock)
+# Written once the install succeeded.
+$(INSTALLED): requirements.lock pyproject.toml | $(PY)
 	$(PIP) install --quiet --upgrade "pip==26.3"
 	$(PIP) install --quiet --no-deps -r requirements.lock
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(INSTALLED) ## install llmp and its pinned dependencies into .venv (requirements.lock); the targets that need it do it first
+
+# Each target that runs llmp's Python installs it first (once: the stamp is newer than the lock and pyproject.toml
+# until they change), so a fresh clone needs only `make demo` or `make test`.
+protos protos-check lint test test-unit test-integration test-e2e test-reliability up down status demo \
+        $(addprefix bench-,$(BENCHES)): $(INSTALLED)
 
 protos: ## regenerate gen/ from protos/
 	$(PY) scripts/gen_protos.py
@@ -57,11 +69,11 @@ status: ## show the local stack
 demo: up ## the main job end to end: corpus -> dataset -> training -> registry -> Triton -> completion
 	$(PY) -m cli.demo
 
+clean: down ## remove local state
+	rm -rf .llmp
+
 bench: $(addprefix bench-,$(BENCHES)) ## every benchmark
 
 # A static pattern rule: make skips implicit-rule search for .PHONY targets, so `bench-%:` alone never ran.
-$(addprefix bench-,$(BENCHES)): bench-%: ## one benchmark: bench-dataset, bench-training, bench-registry, bench-inference, bench-gateway
+$(addprefix bench-,$(BENCHES)): bench-%:
 	$(PY) -m bench.$*
-
-clean: down ## remove local state
-	rm -rf .llmp

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from cli import servers, stack
+from cli.stack.s3 import s3_client
 
 pytestmark = pytest.mark.integration
 ADMIN_DATABASE_URL = os.environ.get("LLMP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -102,7 +103,7 @@ def assert_sql_works(env: dict[str, str]) -> None:
 def assert_s3_works(env: dict[str, str]) -> None:
     import io
 
-    client = stack.s3_client(recorded(env).env)
+    client = s3_client(recorded(env).env)
     bucket = env.get("LLMP_S3_BUCKET", "llmp")
     assert client.bucket_exists(bucket)  # `up` created it
     payload = uuid.uuid4().bytes * 1000
@@ -260,7 +261,7 @@ def test_up_with_embedded_postgres_and_the_sqlite_broker(tmp_path, state_root):
         with psycopg.connect(database_url) as connection:
             assert connection.execute("SELECT count(*) FROM launcher_probe").fetchone() == (1,)
         assert "not properly shut down" not in (state_root / "logs" / "postgres.log").read_text()
-        assert stack.s3_client(recorded(env).env).stat_object("llmp", "probe/blob").size == 16000
+        assert s3_client(recorded(env).env).stat_object("llmp", "probe/blob").size == 16000
     finally:
         assert llmp("down", env=env).returncode == 0
     assert servers.postgres_pid(data_dir) is None
