@@ -18,7 +18,7 @@ optimizer, data loaders) is excluded for both.
 The two alternate R times (P T, T P, P T, …) so that drift on a machine shared with other work slows
 both alike. Each side's figure is its median window over all its runs (a burst of other work spoils
 a window, not the figure); the ratio is the quotient of the two medians. On a GPU the defaults become
-GPT-2 124M in bf16 and the model FLOPs utilisation is printed too. The last line is SPEC.md's BENCH line.
+GPT-2 124M in bf16 and the model FLOPs utilisation is printed too. The last line is the BENCH line (bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -244,7 +244,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     show.add_argument("version", nargs="?")
 
     trainer = command(commands, "train", train, "submit a training job")
-    trainer.add_argument("--spec", help="a JSON job spec (SPEC.md shape); overrides the flags below")
+    trainer.add_argument("--spec", help="a JSON job spec (the POST /v1/training-jobs body); overrides the flags below")
     trainer.add_argument("--dataset")
     trainer.add_argument("--dataset-version", type=int, default=1)
     trainer.add_argument("--family", choices=["gpt2", "bert", "t5"], default="gpt2")
