@@ -74,6 +74,7 @@ def document(routes: list[Route], version: str = "0.1.0") -> dict:
             operation["security"] = [{"apiKey": []}]
         else:
             operation["security"] = []
+        operation["x-roles"] = list(route.roles)  # the API key roles that may call it (OpenAPI has no field for it)
         if route.body is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
         paths.setdefault(route.path, {})[route.method.lower()] = operation

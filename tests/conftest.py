@@ -1,4 +1,7 @@
-"""Fixtures shared by every test: real servers, never mocks.
+"""Fixtures shared by every test tier: real servers, never mocks, and the tiny dataset (tests/tiny_dataset.py).
+
+Every server fixture is lazy: nothing starts until a test asks for it, and tests/unit/conftest.py refuses
+them, so a unit run starts nothing.
 
 - PostgreSQL: the server at LLMP_TEST_DATABASE_URL (default the machine's, 127.0.0.1:5432); each test
   session creates its own database and drops it afterwards, so parallel runs never collide.
@@ -17,6 +20,8 @@ import pytest
 
 from cli import servers
 from services.common.config import Settings
+
+from .tiny_dataset import dataset_uploader, tiny_dataset, write_dataset_fixture  # noqa: F401 (fixtures)
 
 ADMIN_DATABASE_URL = os.environ.get("LLMP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BROKER_URL = os.environ.get("LLMP_TEST_BROKER_URL", "redis://127.0.0.1:6379/15")

@@ -78,7 +78,7 @@ async def put_deployment(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if_match, if_none_match = request.headers.get("If-Match", ""), request.headers.get("If-None-Match", "")
     if not if_match and not if_none_match:
-        # Changing an existing deployment needs If-Match (428); creating one needs no header, but
+        # The API's rule: changing an existing deployment needs If-Match (428); creating one needs no header, but
         # is sent as If-None-Match: * so a deployment created meanwhile is not silently overwritten.
         try:
             await rpc(request, "inference", "GetDeployment", inference_pb2.GetDeploymentRequest(name=name))

@@ -1,6 +1,6 @@
 """A training job's specification: dataset, model, hyper-parameters and distributed layout.
 
-The shape is the `POST /v1/training-jobs` body. `JobSpec.from_dict` parses and
+The shape is the body of `POST /v1/training-jobs` (docs/API.md). `JobSpec.from_dict` parses and
 `validate()` checks it; both raise `ValidationFailed` naming the offending field (e.g.
 `hyperparameters.learning_rate`), so the coordinator refuses a bad spec at submit (422) and the
 runtime never discovers it. `to_dict()` is the resolved spec, every default filled in, that travels in

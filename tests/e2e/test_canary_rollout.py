@@ -62,7 +62,7 @@ def three_versions(client: Client) -> tuple[int, int, int]:
 
 
 def break_onnx_export(stack, version: int) -> None:
-    """Make the ONNX export of NAME v`version` a mis-export, as tests/integration/canary's broken version:
+    """Make the ONNX export of NAME v`version` a mis-export, as tests/integration/inference's v3:
     its decoder.json says one more dimension per attention head than the graph has, so Triton loads it but
     every decoding step fails. The registry's record of the file (SHA-256, size) is updated to match, as if
     the exporter had written it; nothing has deployed this version yet, so no one has it cached."""
@@ -118,7 +118,7 @@ def test_a_canary_rollout_is_started_followed_and_promoted_through_rest(stack, v
     assert deployed["state"] == "READY" and deployed["rollout"] is None, deployed
 
     rollout = {"steps": [25, 100], "interval_s": 2, "min_requests": 5,
-               # same-sized models on a shared machine: judge latency loosely (the rule: tests/integration/canary)
+               # same-sized models on a shared machine: judge latency loosely (the rule: tests/unit/inference)
                "max_latency_ratio": 10, "latency_statistic": "mean"}
     with pytest.raises(ApiError) as invalid:  # must end at 100
         client.call("PUT", path, {"model": NAME, "stable": stable,

@@ -1,11 +1,18 @@
-"""A real tritonserver (from nvidia-pytriton) and the inference service in-process, serving tiny GPT-2s.
+"""A real tritonserver (from nvidia-pytriton) and the inference service in-process (as `server.build` wires it,
+canary controller included), serving tiny GPT-2s.
 
 The registry is not involved: versions are published into a local tree in the registry's layout and
-deployed through `LocalModelSource` (services/inference/model_source.py).
+deployed through `LocalModelSource` (services/inference/model_source.py). Model `tiny` has three versions:
+v1 and v2 are healthy (different random weights, the same tokenizer; responses tell them apart by version);
+v3 (`BROKEN`) is a mis-export: its `decoder.json` says one more dimension per attention head than the ONNX
+graph has, so Triton loads it (ONNX Runtime builds the session) but every decoding step fails at run time.
+Alias `production` names v1.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +28,15 @@ from cli.servers import TritonPorts, start_triton, stop
 from services.common.config import Settings
 from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.inference import server
+from services.inference.canary import CanaryController
+from services.inference.deployments import Deployments
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.registry.onnx_export import export_model_onnx
 
 SHAKESPEARE = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
 TENANT = "acme"
 MODEL = "tiny"
+BROKEN = 3
 CONTEXT = 64
 EOS = "<|endoftext|>"
 
@@ -52,7 +62,7 @@ class TinyVersion:
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> tuple[Path, dict[int, TinyVersion]]:
-    """Two versions of model `tiny` (different random weights, same tokenizer) in a local source tree."""
+    """(root, healthy versions) of model `tiny` in a local source tree: v1 and v2, and the broken v3."""
     root = tmp_path_factory.mktemp("models")
     tokenizer = train_tokenizer(root / "tokenizer")
     versions = {}
@@ -64,6 +74,15 @@ def model_root(tmp_path_factory) -> tuple[Path, dict[int, TinyVersion]]:
         export_model_onnx(model, root / f"export-v{version}" / "model.onnx")
         publish_local_version(root, TENANT, MODEL, version, root / f"export-v{version}", root / "tokenizer")
         versions[version] = TinyVersion(version, model, tokenizer)
+    broken = root / f"export-v{BROKEN}"
+    broken.mkdir()
+    shutil.copy2(root / "export-v2" / "model.onnx", broken / "model.onnx")
+    spec = json.loads((root / "export-v2" / "decoder.json").read_text())
+    (broken / "decoder.json").write_text(json.dumps({**spec, "head_dim": spec["head_dim"] + 1}))
+    publish_local_version(root, TENANT, MODEL, BROKEN, broken, root / "tokenizer")
+    aliases = root / "models" / TENANT / MODEL / "aliases"
+    aliases.mkdir()
+    (aliases / "production").write_text("1\n")
     return root, versions
 
 
@@ -79,9 +98,14 @@ def triton(tmp_path_factory):
 
 
 class Client:
-    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, tenant: str = TENANT) -> None:
+    """gRPC calls as tenant `acme`, the domain object behind the service, and the canary controller's Python API."""
+
+    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, deployments: Deployments, address: str) -> None:
         self.stub = stub
-        self.metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "key-test"), (ROLE_KEY, "developer"))
+        self.deployments = deployments  # for tests that look inside
+        self.canary = CanaryController(deployments.db, deployments)  # API only; server.build's one drives
+        self.address = address  # where a gateway reaches the service
+        self.metadata = ((TENANT_KEY, TENANT), (KEY_ID_KEY, "key-test"), (ROLE_KEY, "developer"))
 
     async def generate(self, prompt: str, max_tokens: int = 16, deployment: str = "tiny-chat", **sampling):
         routing_key = sampling.pop("routing_key", "")
@@ -101,6 +125,16 @@ class Client:
             request.canary.CopyFrom(pb.Canary(version=canary[0], weight=canary[1]))
         return await self.stub.PutDeployment(request, metadata=self.metadata)
 
+    async def rollout(self, name: str, version: int, stable: int = 1, if_match: str = "",
+                      **policy) -> pb.Deployment:
+        """PutDeployment with `canary.rollout`: the controller takes the canary from there."""
+        request = pb.PutDeploymentRequest(name=name, model=MODEL, stable_version=stable, if_match=if_match, wait=True,
+                                          canary=pb.Canary(version=version, rollout=pb.CanaryRollout(**policy)))
+        return (await self.stub.PutDeployment(request, metadata=self.metadata)).deployment
+
+    async def get(self, name: str) -> pb.Deployment:
+        return (await self.stub.GetDeployment(pb.GetDeploymentRequest(name=name), metadata=self.metadata)).deployment
+
     async def call(self, method: str, request):
         return await getattr(self.stub, method)(request, metadata=self.metadata)
 
@@ -113,10 +147,7 @@ async def service(settings_env, model_root, triton):
     app, deployments = await server.build(settings, LocalModelSource(model_root[0]))
     port = await app.start("127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    client = Client(inference_pb2_grpc.InferenceServiceStub(channel))
-    client.deployments = deployments  # the domain object behind the service, for tests that look inside
-    client.address = f"127.0.0.1:{port}"  # where a gateway reaches the service
-    yield client
+    yield Client(inference_pb2_grpc.InferenceServiceStub(channel), deployments, f"127.0.0.1:{port}")
     await channel.close()
     for tenant, name in list(deployments.routes):
         await deployments.delete(tenant, name)

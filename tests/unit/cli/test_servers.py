@@ -1,4 +1,4 @@
-"""Process and command-line helpers of cli/servers.py (the servers themselves: tests/integration/stack)."""
+"""Process and command-line helpers of cli/servers.py (the servers themselves: tests/integration/cli)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ class Traffic:
         while not self._stop.is_set():
             n += 1
             try:
-                completion = await self.service.generate(self.deployment, routing_key=f"w{worker}-{n}")
+                completion = await self.service.generate("O", max_tokens=1, deployment=self.deployment,
+                                                          routing_key=f"w{worker}-{n}")
                 self.served.append((time.time(), completion.canary, completion.model_version))
             except grpc.aio.AioRpcError as error:
                 self.failed.append((time.time(), error.code()))
@@ -98,7 +99,7 @@ async def test_healthy_canary_is_promoted_step_by_step_with_matching_weights(ser
 
 
 async def test_failing_canary_is_rolled_back_by_itself_alias_unchanged(service, model_root):
-    alias = model_root / "models" / TENANT / MODEL / "aliases" / "production"
+    alias = model_root[0] / "models" / TENANT / MODEL / "aliases" / "production"
     await service.deploy("chat-bad", stable=1)
     policy = RolloutPolicy(interval_s=30.0, min_requests=5, max_error_rate_delta=0.1)
     clock = time.monotonic()
@@ -143,7 +144,7 @@ async def test_a_clients_change_during_a_rollout_aborts_it(service):
 async def test_a_rollout_through_put_deployment_is_shown_by_get_deployment(service):
     """The wire: PutDeployment with canary.rollout starts the controller; GetDeployment shows its progress,
     and the ETag covers the rollout, so a tag taken before the rollout moved no longer matches."""
-    created = await service.deploy("chat-wire", stable=1)
+    created = (await service.deploy("chat-wire", stable=1)).deployment
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await service.rollout("chat-wire", 2, steps=[50, 60])  # does not end at 100
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "100" in bad.value.details()
@@ -174,4 +175,4 @@ async def test_a_rollout_through_put_deployment_is_shown_by_get_deployment(servi
     with pytest.raises(grpc.aio.AioRpcError) as stale:
         await service.deploy("chat-wire", stable=2, if_match=started.etag)
     assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert (await service.deploy("chat-wire", stable=2, if_match=shown.etag)).stable_version == 2
+    assert (await service.deploy("chat-wire", stable=2, if_match=shown.etag)).deployment.stable_version == 2

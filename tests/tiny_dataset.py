@@ -1,4 +1,5 @@
-"""Fixtures of the training tests: a tiny dataset version (docs/CONTRACTS.md format) they write themselves.
+"""A tiny dataset version (docs/CONTRACTS.md format) the training tests write themselves, written locally:
+no server. Unit and integration tests both use it, so tests/conftest.py registers these fixtures.
 
 Character-level: every distinct character of a slice of tinyshakespeare is a token, plus `<eos>`
 (also the pad token). Paragraphs are documents; the train split is cut into two shards so readers
@@ -16,7 +17,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-SHAKESPEARE = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def write_dataset(root: Path, *, chars: int = 40_000, tenant: str = "acme", name: str = "shakespeare",
