@@ -9,7 +9,7 @@ server at LLMP_DATABASE_URL's host, dropped after), the registry service in-proc
   SHA-256 there instead), `CommitModelVersion` (the registry checks every object's size and the checksum
   S3 reports for it against the declared one, READY in one transaction), then download every artifact
   straight from S3 verifying size and digest against the registry's record: the XXH3-128 the upload took
-  in its SHA-256 pass (`services.registry.client.fetch_artifact`, what services with S3 access use);
+  in its SHA-256 pass (`services.common.model_transfer.fetch_artifact`, what services with S3 access use);
 - baseline: the `minio` SDK's own `fput_object` + `fget_object` of the same files to the same server
   (no checksums): the limit of moving the bytes there and back.
 
@@ -47,8 +47,8 @@ from cli import servers
 from services.common import topology
 from services.common.config import UPLOAD_CHECKSUMS, Settings
 from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.model_transfer import download_artifact, fetch_artifact, upload_model_version
 from services.registry import server
-from services.registry.client import download_artifact, fetch_artifact, upload_model_version
 
 ACCESS, SECRET = "llmp-bench", "llmp-bench-secret"
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -129,6 +130,16 @@ def job_prefix(tenant: str, job_id: str) -> str:
 def manifest_key(tenant: str, name: str, version: int) -> str:
     """Where a dataset version's manifest lives (docs/CONTRACTS.md)."""
     return f"datasets/{tenant}/{name}/v{version}/manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelReservation:
+    """The registry version a job's final model is uploaded into (ReserveModelVersion's answer)."""
+
+    id: str  # reservation id
+    version: int
+    prefix: str  # models/{tenant}/{name}/v{version}/
+    lease_seconds: float
 
 
 @dataclass(frozen=True)
@@ -555,6 +566,23 @@ class Coordinator:
                 (step, metrics_step, Jsonb(latest), Jsonb(environment) if environment is not None else None,
                  Jsonb(environment) if environment is not None else None, assignment.job_id))
         return True
+
+    async def record_reservation(self, assignment: Assignment, reservation: ModelReservation) -> bool:
+        """Remember the version the job's final model goes into, before uploading (publish.py); False
+        (nothing recorded) when this worker no longer holds the job."""
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE training_jobs SET model_reservation = %s, updated_at = now() "
+                "WHERE id = %s AND attempt = %s AND state = 'RUNNING'",
+                (Jsonb(dataclasses.asdict(reservation)), assignment.job_id, assignment.attempt))
+        return cursor.rowcount == 1
+
+    async def reservation(self, job_id: str) -> ModelReservation | None:
+        """The reservation an attempt of the job recorded, if any."""
+        async with self.db.pool.connection() as conn:
+            row = await (await conn.execute("SELECT model_reservation FROM training_jobs WHERE id = %s",
+                                            (job_id,))).fetchone()
+        return ModelReservation(**row["model_reservation"]) if row and row["model_reservation"] else None
 
     async def release(self, assignment: Assignment) -> None:
         """This node's torchrun exited cleanly; its lease no longer needs renewing (multi-node jobs)."""

@@ -22,9 +22,9 @@ from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import Caller, GrpcApp, run_main
 from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
+from services.training.dispatch import CeleryDispatcher, make_producer
 from services.training.servicer import TrainingServicer
 from services.training.spec import JobSpec
-from services.training.worker import CeleryDispatcher, make_producer
 
 log = logging.getLogger(__name__)
 

@@ -14,27 +14,10 @@ S3 is reached with `services.common.s3.ObjectStore` configured from the `LLMP_S3
 A job resumes by itself: when the job already has a complete checkpoint it continues from the
 latest one, bit-exactly on CPU.
 
-Events (rank 0 only) are JSON lines, one object per line, on stdout or appended to `--events PATH`.
-Every event has `event` (its kind), `time` (Unix seconds) and `step` (optimizer steps done):
-
-- `started`: `world_size`, `mode`, `device`, `precision`, `parameters`, `resumed_from` (step or null),
-  `max_steps`, `tokens_per_step`, `environment` {python, torch, transformers, cuda, hardware, …}
-- `train` (every `log_interval` steps): `loss` (mean over ranks and micro-batches), `learning_rate`,
-  `tokens_per_second` (all ranks, since the last train event), `tokens` (seen so far), `mfu` (GPU only)
-- `eval` (every `eval_interval` steps and at the end): `validation_loss`, `perplexity`, `best_validation_loss`
-- `checkpoint`: `prefix`, `seconds`
-- `early_stop`: `best_validation_loss`, `evaluations_without_improvement`
-- `finished`: `final_prefix`, `metrics` {train_loss, validation_loss, validation_perplexity,
-  test_loss, test_perplexity, best_validation_loss, tokens, tokens_per_second, steps, stopped_early}
-- `stopped`: `checkpoint` (prefix): stopped on purpose after a checkpoint (`--stop-after-step`, for
-  tests and preemption); the process exits 0 and a later launch resumes from that checkpoint
-- `failed`: `error` (then the process exits non-zero)
-- `replayed` (after `started`, when resuming): `of`, one `train` or `eval` event logged before the
-  checkpoint resumed from, as it was logged. A checkpoint carries every metric event logged up to it,
-  because the worker may have been killed before it forwarded them; the worker records them again
-  (idempotently), so a job's metric history has no hole whatever moment its node was killed at
-
-A run that exits 0 has emitted `finished` or `stopped` last; torchrun reports any other exit as 1.
+Events (rank 0 only) are JSON lines, on stdout or appended to `--events PATH`: `events.py` defines
+every kind and its fields (`Started`, `Train`, `Eval`, `Checkpoint`, `EarlyStop`, `Finished`,
+`Stopped`, `Failed`, `Replayed`). `Finished` names the final model's folder on this node's disk: the
+worker registers it (the bytes go once, straight into the registry's version prefix).
 """
 
 from __future__ import annotations
@@ -50,14 +33,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import torch
 import transformers
 
 from services.common.errors import Conflict
-from services.training import checkpoints, data, distributed, models
+from services.training import checkpoints, data, distributed, events, models
 from services.training.checkpoints import JobLayout
 from services.training.spec import JobSpec
 
@@ -87,19 +69,6 @@ class Job:
     @property
     def layout(self) -> JobLayout:
         return JobLayout(self.tenant, self.job_id)
-
-
-class Events:
-    """The JSON-lines event sink (rank 0 writes, other ranks stay silent)."""
-
-    def __init__(self, sink: TextIO | None) -> None:
-        self.sink = sink
-
-    def emit(self, kind: str, step: int, **fields) -> None:
-        if self.sink is None:
-            return
-        self.sink.write(json.dumps({"event": kind, "time": round(time.time(), 3), "step": step, **fields}) + "\n")
-        self.sink.flush()
 
 
 def environment(device: torch.device) -> dict:
@@ -160,9 +129,9 @@ class Run:
     """One process's part of a training job."""
 
     def __init__(self, job: Job, ctx: distributed.Context, dataset: data.LocalDataset, *, store=None,
-                 work_dir: Path, events: Events) -> None:
+                 work_dir: Path, writer: events.EventWriter) -> None:
         self.job, self.ctx, self.dataset, self.store = job, ctx, dataset, store
-        self.work_dir, self.events = work_dir, events  # work_dir: node-local, shared by the node's ranks
+        self.work_dir, self.events = work_dir, writer  # work_dir: node-local, shared by the node's ranks
         spec = job.spec
         self.spec, self.hp = spec, spec.hyperparameters
         manifest = dataset.manifest
@@ -172,7 +141,7 @@ class Run:
         spec.check_dataset(self.vocab.size, self.train_stream.tokens, self.validation_stream.tokens)
         self.progress = Progress()
         self.resumed_from: int | None = None
-        self.logged: list[dict] = []  # the train and eval events so far: checkpoints carry them (see `replayed`)
+        self.logged: list[events.Train | events.Eval] = []  # so far: checkpoints carry them (see Replayed)
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                          if self.hp.precision == "bf16" else nullcontext())
 
@@ -238,7 +207,7 @@ class Run:
                                  stopped_early=state["stopped_early"], tokens=state["tokens"],
                                  metrics=state["metrics"])
         self.resumed_from = restored.step
-        self.logged = list(state.get("logged", []))
+        self.logged = [events.from_dict(raw) for raw in state.get("logged", [])]
         self.ctx.barrier()  # every rank of the node has read the shared files
         if self.ctx.local_rank == 0:
             shutil.rmtree(restored.folder, ignore_errors=True)
@@ -309,13 +278,12 @@ class Run:
 
     def run(self, stop_after_step: int | None = None) -> int:
         ctx, hp, progress = self.ctx, self.hp, self.progress
-        self.events.emit("started", progress.step, world_size=ctx.world_size, mode=self.spec.distributed.mode,
-                         device=str(ctx.device), precision=hp.precision,
-                         parameters=models.parameter_count(self.model), resumed_from=self.resumed_from,
-                         max_steps=hp.max_steps, tokens_per_step=self.tokens_per_step,
-                         environment=environment(ctx.device))
+        self.events.emit(events.Started(
+            step=progress.step, world_size=ctx.world_size, mode=self.spec.distributed.mode, device=str(ctx.device),
+            precision=hp.precision, parameters=models.parameter_count(self.model), resumed_from=self.resumed_from,
+            max_steps=hp.max_steps, tokens_per_step=self.tokens_per_step, environment=environment(ctx.device)))
         for logged in self.logged:  # the worker may have been killed before it forwarded them
-            self.events.emit("replayed", logged["step"], of=logged)
+            self.events.emit(events.Replayed(step=logged.step, of=logged))
         interval = hp.effective_checkpoint_interval
         window_start, window_tokens = time.perf_counter(), 0
         self.loop_seconds, loop_start = 0.0, time.perf_counter()
@@ -329,11 +297,9 @@ class Run:
                 elapsed = time.perf_counter() - window_start
                 rate = window_tokens / elapsed if elapsed > 0 else 0.0
                 progress.metrics.update(train_loss=mean, tokens_per_second=rate)
-                extra = {}
-                if ctx.device.type == "cuda":
-                    extra["mfu"] = self._mfu(rate)
-                self._log_metrics("train", step, loss=mean, learning_rate=self.scheduler.get_last_lr()[0],
-                                  tokens_per_second=rate, tokens=progress.tokens, **extra)
+                self._log_metrics(events.Train(
+                    step=step, loss=mean, learning_rate=self.scheduler.get_last_lr()[0], tokens_per_second=rate,
+                    tokens=progress.tokens, mfu=self._mfu(rate) if ctx.device.type == "cuda" else None))
                 window_start, window_tokens = time.perf_counter(), 0
             if step % hp.eval_interval == 0 or step == hp.max_steps:
                 self._evaluate_and_decide(step)
@@ -341,7 +307,7 @@ class Run:
                 prefix = self.checkpoint()
                 last_saved = step
                 if stop_after_step is not None and step >= stop_after_step and step < hp.max_steps:
-                    self.events.emit("stopped", step, checkpoint=prefix)
+                    self.events.emit(events.Stopped(step=step, checkpoint=prefix))
                     return 0
         self.loop_seconds = time.perf_counter() - loop_start
         if self.store is not None and last_saved != progress.step:
@@ -349,9 +315,9 @@ class Run:
         self.finish()
         return 0
 
-    def _log_metrics(self, kind: str, step: int, **fields) -> None:
-        self.events.emit(kind, step, **fields)
-        self.logged.append({"event": kind, "step": step, **fields})
+    def _log_metrics(self, event: events.Train | events.Eval) -> None:
+        self.events.emit(event)
+        self.logged.append(event)
 
     def _mfu(self, tokens_per_second: float) -> float | None:
         name = torch.cuda.get_device_properties(self.ctx.device).name
@@ -368,12 +334,13 @@ class Run:
         else:
             progress.evaluations_without_improvement += 1
         progress.metrics.update(validation_loss=validation, validation_perplexity=_perplexity(validation))
-        self._log_metrics("eval", step, validation_loss=validation, perplexity=_perplexity(validation),
-                          best_validation_loss=progress.best_validation_loss)
+        self._log_metrics(events.Eval(step=step, validation_loss=validation, perplexity=_perplexity(validation),
+                                      best_validation_loss=progress.best_validation_loss))
         if patience and progress.evaluations_without_improvement >= patience and step < self.hp.max_steps:
             progress.stopped_early = True
-            self.events.emit("early_stop", step, best_validation_loss=progress.best_validation_loss,
-                             evaluations_without_improvement=progress.evaluations_without_improvement)
+            self.events.emit(events.EarlyStop(
+                step=step, best_validation_loss=progress.best_validation_loss,
+                evaluations_without_improvement=progress.evaluations_without_improvement))
 
     def checkpoint(self) -> str:
         started, progress = time.perf_counter(), self.progress
@@ -388,7 +355,7 @@ class Run:
             "best_validation_loss": progress.best_validation_loss,
             "evaluations_without_improvement": progress.evaluations_without_improvement,
             "stopped_early": progress.stopped_early, "tokens": progress.tokens, "metrics": progress.metrics,
-            "mode": self.spec.distributed.mode, "logged": self.logged,
+            "mode": self.spec.distributed.mode, "logged": [events.to_dict(event) for event in self.logged],
         }
         main = self.ctx.is_main
         prefix = checkpoints.save(
@@ -396,11 +363,16 @@ class Run:
             model=self.model if main else None, optimizer_state=self.optimizer.state_dict() if main else None,
             scheduler_state=self.scheduler.state_dict() if main else None, state=state if main else None,
         )
-        self.events.emit("checkpoint", progress.step, prefix=prefix, seconds=round(time.perf_counter() - started, 3))
+        self.events.emit(events.Checkpoint(step=progress.step, prefix=prefix,
+                                           seconds=round(time.perf_counter() - started, 3)))
         return prefix
 
     def finish(self) -> dict:
-        """Equalise the replicas, measure the test split, write the final model and metrics (rank 0)."""
+        """Equalise the replicas, measure the test split, save the final model (rank 0) and the metrics.
+
+        The final model is a save_pretrained folder with the dataset's tokenizer files beside it, in this
+        node's scratch (`DIR/final/`): the worker uploads it once, straight into the registry's version.
+        """
         progress = self.progress
         self.sync.finalize(self.model)
         metrics = dict(progress.metrics, steps=progress.step, tokens=progress.tokens,
@@ -408,21 +380,20 @@ class Run:
         if self.dataset.has_split("test"):
             test = self.evaluate(self.dataset.stream("test"))
             metrics.update(test_loss=test, test_perplexity=_perplexity(test))
-        final_prefix = None
+        final_dir = None
         if self.store is not None and self.ctx.is_main:
-            final_prefix = self.job.layout.final
-            local = self.work_dir / "final"  # rank 0 only
-            shutil.rmtree(local, ignore_errors=True)
-            self.model.save_pretrained(local, safe_serialization=True)
+            final_dir = self.work_dir / "final"  # rank 0 only
+            shutil.rmtree(final_dir, ignore_errors=True)
+            self.model.save_pretrained(final_dir, safe_serialization=True)
             for path in self.dataset.tokenizer_dir.iterdir():
                 if path.is_file():
-                    shutil.copy(path, local / path.name)
-            checkpoints.upload_folder(self.store, local, final_prefix)
+                    shutil.copy(path, final_dir / path.name)
             self.store.put_bytes(self.job.layout.metrics, json.dumps(metrics, indent=1).encode(),
                                  content_type="application/json")
         self.ctx.barrier()
         self.metrics = metrics
-        self.events.emit("finished", progress.step, final_prefix=final_prefix, metrics=metrics)
+        self.events.emit(events.Finished(step=progress.step, final_dir=str(final_dir.resolve()) if final_dir else None,
+                                         metrics=metrics))
         return metrics
 
 
@@ -455,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = None
     if ctx.is_main:
         sink = open(args.events, "a") if args.events else sys.stdout
-    events = Events(sink)
+    writer = events.EventWriter(sink)
     try:
         store = ObjectStore(settings.s3)
         node_dir = args.job_dir
@@ -463,12 +434,12 @@ def main(argv: list[str] | None = None) -> int:
             data.fetch_dataset(store, job.dataset_manifest_key, node_dir / "dataset")
         ctx.barrier()
         dataset = data.LocalDataset.open(node_dir / "dataset")
-        run = Run(job, ctx, dataset, store=store, work_dir=node_dir, events=events)
+        run = Run(job, ctx, dataset, store=store, work_dir=node_dir, writer=writer)
         run.setup()
         return run.run(stop_after_step=args.stop_after_step)
     except Exception as error:
         log.exception("training failed")
-        events.emit("failed", 0, error=f"{type(error).__name__}: {error}")
+        writer.emit(events.Failed(step=0, error=f"{type(error).__name__}: {error}"))
         return 1
     finally:
         distributed.shutdown(ctx)

@@ -59,8 +59,8 @@ from services.common import topology
 from services.common.config import Settings
 from services.common.grpc_client import call_metadata
 from services.common.grpc_server import REQUEST_ID_KEY, Caller
+from services.common.model_transfer import upload_model_version
 from services.common.s3 import ObjectStore
-from services.registry.client import upload_model_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -11,8 +11,8 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 
 from services.common import s3
+from services.common.model_transfer import fetch_artifact, upload_model_version
 from services.registry import registration
-from services.registry.client import fetch_artifact, upload_model_version
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 from minio.commonconfig import CopySource
 
+from services.common.model_transfer import download_artifact
 from services.registry import registration
-from services.registry.client import download_artifact
 
 pytestmark = pytest.mark.integration
 

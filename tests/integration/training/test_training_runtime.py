@@ -95,15 +95,20 @@ def test_two_process_run_learns_and_commits_checkpoints(mode, tmp_path, manifest
         assert store.stat(obj["key"]).sha256 == obj["sha256"]
     state = json.loads(store.get_bytes(layout.step(24) + "state.json"))
     assert state["step"] == 24 and state["world_size"] == 2 and state["data_position"] == 24 * 8 * 2
-    final = {obj.key[len(layout.final):] for obj in store.list(layout.final)}
+    # The final model stays on the node's disk, where Finished says, for the worker to register (no S3 copy).
+    final_dir = Path(finished["final_dir"])
+    assert final_dir == (job_dir / "node" / "final").resolve()
+    final = {path.name for path in final_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= final
+    assert store.list(layout.final) == []
     metrics = json.loads(store.get_bytes(layout.metrics))
     assert metrics["validation_loss"] == evals[-1]["validation_loss"]
 
 
-def final_weights(store, layout: JobLayout, dest: Path) -> dict[str, torch.Tensor]:
-    store.download(layout.final + "model.safetensors", dest)
-    return load_file(dest)
+def final_weights(job_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of the final model the last run of `job_dir` saved (its Finished event names the folder)."""
+    finished = [event for event in read_events(job_dir) if event["event"] == "finished"][-1]
+    return load_file(Path(finished["final_dir"]) / "model.safetensors")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "local-sgd", "async"])
@@ -133,7 +138,6 @@ def test_interrupted_run_resumes_bit_exactly(mode, tmp_path, manifest_key, store
     reference = {e["step"]: e["loss"] for e in read_events(straight_dir) if e["event"] == "train" and e["step"] > 8}
     assert after == reference and len(after) == 2
 
-    a = final_weights(store, JobLayout("acme", straight["job_id"]), tmp_path / "a.safetensors")
-    b = final_weights(store, layout, tmp_path / "b.safetensors")
+    a, b = final_weights(straight_dir), final_weights(resumed_dir)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[name], b[name]) for name in a)

@@ -169,6 +169,9 @@ async def test_submit_watch_and_register_through_grpc(stack, celery_worker):
     version = (await stack["registry"].GetModelVersion(registry_pb2.GetModelVersionRequest(name="bard", version=1),
                                                        metadata=metadata)).version
     assert version.lineage.training_job_id == job_id and version.lineage.dataset.name == "shakespeare"
+    # Uploaded once, straight into the version's prefix (reserve / upload / commit): no source to copy from.
+    assert version.source_prefix == "" and version.prefix == f"models/{tenant}/bard/v1/"
+    assert {artifact.path for artifact in version.artifacts} >= {"config.json", "model.safetensors", "tokenizer.json"}
 
     listed = await training.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_SUCCEEDED]), metadata=metadata)
     assert [j.id for j in listed.jobs] == [job_id]

@@ -1,13 +1,14 @@
 """A real Celery worker process on a real broker runs real `torchrun` jobs: success, cancel, priorities.
 
 The worker is started here (`celery -A services.training.worker worker -Q gpu -c 1`) on an empty
-Redis database of its own; jobs are submitted through the coordinator with the Celery dispatcher.
-The registry service is stood in for by a small gRPC server that records RegisterModelVersion.
+Redis database of its own; jobs are submitted through the coordinator with the Celery dispatcher,
+and finished jobs register their model with the real registry service, in-process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -18,23 +19,22 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 import redis
-from llmp.common.v1 import common_pb2
-from llmp.registry.v1 import registry_pb2, registry_pb2_grpc
+from llmp.registry.v1 import registry_pb2
 
 from cli import servers
 from services.common.config import Settings
 from services.common.db import Database
+from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import Caller
 from services.common.s3 import ObjectStore
-from services.training import checkpoints
-from services.training import worker as worker_module
+from services.registry import server as registry_server
+from services.training import checkpoints, events, processes
 from services.training.checkpoints import JobLayout
 from services.training.coordinator import Coordinator, JobState
-from services.training.worker import CeleryDispatcher, EventTail, make_producer
+from services.training.dispatch import CeleryDispatcher, make_producer
 
 from ...tiny_dataset import upload_dataset
 
@@ -62,31 +62,19 @@ def broker_url() -> str:
     pytest.fail("no empty Redis database for the worker test")
 
 
-class RecordingRegistry(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self) -> None:
-        self.requests: list[tuple[registry_pb2.RegisterModelVersionRequest, dict]] = []
-        self.refuse = 0  # answer UNAVAILABLE this many times first (a registry restarting)
-
-    async def RegisterModelVersion(self, request, context):  # noqa: N802 (gRPC method name)
-        if self.refuse:
-            self.refuse -= 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "registry restarting")
-        self.requests.append((request, dict(context.invocation_metadata())))
-        return registry_pb2.RegisterModelVersionResponse(
-            version=registry_pb2.ModelVersion(ref=common_pb2.ModelRef(name=request.model_name,
-                                                                      version=len(self.requests))))
+@pytest.fixture
+async def registry_service(settings):
+    """The registry service, built but not yet serving (a test starts it late to see the worker wait for it)."""
+    registry = await registry_server.build(settings, sweep_seconds=3600)
+    yield registry
+    await registry.app.stop()
 
 
 @pytest.fixture
-async def registry():
-    servicer = RecordingRegistry()
-    server = grpc.aio.server()
-    registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    servicer.address = f"127.0.0.1:{port}"
-    yield servicer
-    await server.stop(0)
+async def registry(registry_service):
+    """The registry service, serving where the worker's settings point."""
+    await registry_service.app.start()
+    return registry_service
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +86,9 @@ def manifest_key(settings, tiny_dataset) -> str:
 
 
 @pytest.fixture
-def worker_env(settings_env, broker_url, registry, tmp_path) -> dict[str, str]:
+def worker_env(settings_env, broker_url, tmp_path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMP_")} | settings_env
-    env |= {"LLMP_BROKER_URL": broker_url, "LLMP_REGISTRY_ADDR": registry.address,
-            "LLMP_STATE_DIR": str(tmp_path / "state"), "OMP_NUM_THREADS": "1"}
+    env |= {"LLMP_BROKER_URL": broker_url, "LLMP_STATE_DIR": str(tmp_path / "state"), "OMP_NUM_THREADS": "1"}
     return env
 
 
@@ -128,7 +115,7 @@ def celery_worker(worker_env, tmp_path):
 @pytest.fixture
 async def coordinator(settings, broker_url, manifest_key):
     db = await Database.connect(settings.database_url, component="training",
-                                migrations_dir=Path(worker_module.__file__).parent / "migrations", max_size=4)
+                                migrations_dir=processes.MIGRATIONS, max_size=4)
     async with db.pool.connection() as conn:
         await conn.execute("TRUNCATE training_jobs CASCADE")
     producer = make_producer(Settings.from_env({**settings.raw, "LLMP_BROKER_URL": broker_url}))
@@ -173,11 +160,17 @@ def job_processes(job_id: str) -> list[psutil.Process]:
     return [p for p in found if p.status() != psutil.STATUS_ZOMBIE]
 
 
-async def test_worker_runs_torchrun_to_success_and_registers_the_model(coordinator, celery_worker, registry,
+async def test_worker_runs_torchrun_to_success_and_registers_the_model(coordinator, celery_worker, registry_service,
                                                                       settings):
-    registry.refuse = 2  # the worker retries while the registry is unavailable
-    job, _ = await coordinator.submit(CALLER, spec(max_steps=16), model_name="tiny-shakespeare")
-    done = await wait_for(coordinator, job.id, lambda j: j.state in {"SUCCEEDED", "FAILED", "CANCELLED"}, 300,
+    model = f"tiny-{uuid.uuid4().hex[:6]}"
+    job, _ = await coordinator.submit(CALLER, spec(max_steps=16), model_name=model)
+    # The registry is down when the job ends: the worker waits for it, then registers.
+    deadline = time.monotonic() + 300
+    while "registry unavailable; retrying" not in celery_worker.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, servers.log_tail(celery_worker.log_path)
+        await asyncio.sleep(0.2)
+    await registry_service.app.start()
+    done = await wait_for(coordinator, job.id, lambda j: j.state in {"SUCCEEDED", "FAILED", "CANCELLED"}, 120,
                           celery_worker)
     assert done.state == JobState.SUCCEEDED, done.error
     assert done.model_version == 1 and done.step == 16 and done.attempt == 1
@@ -188,15 +181,29 @@ async def test_worker_runs_torchrun_to_success_and_registers_the_model(coordinat
     assert series["train_loss"][-1][1] < series["train_loss"][0][1]  # it learned
     assert [step for step, _, _ in series["validation_loss"]] == [8, 16]
     assert "test_perplexity" in series
-    # The registry got the contract's request: the final folder, lineage and metrics, as the job's tenant.
-    assert registry.refuse == 0 and len(registry.requests) == 1
-    request, metadata = registry.requests[0]
-    assert request.model_name == "tiny-shakespeare" and request.source_prefix == f"jobs/{TENANT}/{job.id}/final/"
-    assert request.lineage.training_job_id == job.id and request.lineage.dataset.name == "shakespeare"
-    assert request.lineage.dataset.version == 1 and request.lineage.code_version
-    assert "test_perplexity" in request.metrics and metadata["llmp-tenant"] == TENANT
+    # The registry has the version as the job's tenant, with the contract's lineage and metrics.
+    clients = ServiceClients(settings)
+    try:
+        version = (await clients.call("registry", "GetModelVersion", registry_pb2.GetModelVersionRequest(
+            name=model, version=1), caller=CALLER)).version
+    finally:
+        await clients.close()
+    assert version.lineage.training_job_id == job.id and version.lineage.dataset.name == "shakespeare"
+    assert version.lineage.dataset.version == 1 and version.lineage.code_version
+    assert version.lineage.environment["spec.hyperparameters.max_steps"] == "16"
+    assert "test_perplexity" in version.metrics and version.created_by == CALLER.key_id
+    # Written once: uploaded straight into the version's prefix (reserve / upload / commit, no copy from
+    # a source prefix), nothing under the job's own prefix but checkpoints and metrics.
     store = ObjectStore(settings.s3)
-    assert store.exists(f"jobs/{TENANT}/{job.id}/final/model.safetensors")
+    assert version.source_prefix == "" and version.prefix == f"models/{TENANT}/{model}/v1/"
+    assert store.list(JobLayout(TENANT, job.id).final) == []
+    stored = {obj.key: obj for obj in store.list(version.prefix)}
+    artifacts = {artifact.object.key: artifact.object for artifact in version.artifacts}
+    assert stored.keys() == artifacts.keys()
+    assert {key[len(version.prefix):] for key in artifacts} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    for key, recorded in artifacts.items():  # the digests the upload took are those of the bytes S3 holds
+        assert hashlib.sha256(store.get_bytes(key)).hexdigest() == recorded.sha256
+        assert stored[key].size == recorded.size
     kinds = [event.kind for event in await coordinator.events(TENANT, job.id)]
     assert kinds[:2] == ["state", "state"] and kinds[-1] == "state" and "checkpoint" in kinds
 
@@ -221,12 +228,13 @@ async def test_cancel_stops_the_process_group_within_seconds_and_frees_the_worke
     print(json.dumps({"cancel_seconds": round(elapsed, 2)}))
 
 
-async def test_killed_worker_leaves_no_process_and_its_job_resumes_elsewhere(coordinator, worker_env, tmp_path):
+async def test_killed_worker_leaves_no_process_and_its_job_resumes_elsewhere(coordinator, worker_env, registry,
+                                                                              tmp_path):
     """Kill a worker mid-run: its torchrun tree dies with it, the lease expires, the job is re-dispatched
     and a new worker resumes it from the last checkpoint."""
     job, _ = await coordinator.submit(CALLER, spec(max_steps=24))
     runner = ("import asyncio; from services.common.config import Settings; "
-              "from services.training.worker import NodeRunner; "
+              "from services.training.processes import NodeRunner; "
               "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}').run()))")
     with open(tmp_path / "first.log", "ab") as log_file:  # one task, as a Celery pool child runs it
         first = subprocess.Popen([sys.executable, "-c", runner.format(name="doomed")], cwd=ROOT, env=worker_env,
@@ -248,7 +256,7 @@ async def test_killed_worker_leaves_no_process_and_its_job_resumes_elsewhere(coo
     assert await coordinator.reap() == [job.id]
     requeued = await coordinator.get(TENANT, job.id)
     assert requeued.state == JobState.QUEUED and requeued.attempt == 1
-    second = await asyncio.create_subprocess_exec(  # async: this loop serves the stand-in registry meanwhile
+    second = await asyncio.create_subprocess_exec(  # async: this loop serves the registry meanwhile
         sys.executable, "-c", runner.format(name="rescuer"), cwd=ROOT, env=worker_env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(second.communicate(), 300)
@@ -262,7 +270,7 @@ async def test_two_node_job_joins_one_c10d_rendezvous(coordinator, worker_env, r
     """nnodes=2: two workers (here on one machine) each claim a node and join node 0's c10d rendezvous."""
     job, _ = await coordinator.submit(CALLER, {**spec(max_steps=8), "distributed": {"mode": "ddp", "nnodes": 2}})
     runner = ("import asyncio; from services.common.config import Settings; "
-              "from services.training.worker import NodeRunner; "
+              "from services.training.processes import NodeRunner; "
               "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}').run()))")
     nodes = [await asyncio.create_subprocess_exec(
         sys.executable, "-c", runner.format(name=f"node-{i}"), cwd=ROOT, env=worker_env,
@@ -289,17 +297,17 @@ def exact_series(series: dict[str, list[tuple[int, float, object]]]) -> dict[str
 
 
 async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrupted_run(coordinator, worker_env,
-                                                                                      settings, tmp_path):
+                                                                                      registry, settings, tmp_path):
     """SIGKILL every process of a node mid-run (worker, guard, torchrun and both training ranks), after the
     step-8 checkpoint and with logged steps past it that are lost: the job resumes elsewhere from step 8 and
     every metric it logs is bit for bit what an uninterrupted job with the same spec logs. The worker is
     stopped (SIGSTOP) at the runtime's first event, so none of the steps it logs up to the checkpoint reach
     PostgreSQL before the kill: the resumed run must record them again from the checkpoint."""
     runner = ("import asyncio; from services.common.config import Settings; "
-              "from services.training.worker import NodeRunner; "
+              "from services.training.processes import NodeRunner; "
               "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}').run()))")
 
-    async def run_node(name: str) -> str:  # async: this loop serves the stand-in registry meanwhile
+    async def run_node(name: str) -> str:  # async: this loop serves the registry meanwhile
         node = await asyncio.create_subprocess_exec(
             sys.executable, "-c", runner.format(name=name), cwd=ROOT, env=worker_env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -318,14 +326,14 @@ async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrup
         doomed = subprocess.Popen([sys.executable, "-c", runner.format(name="doomed")], cwd=ROOT, env=worker_env,
                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline, tail, seen, frozen = time.monotonic() + 240, EventTail(events_path), [], False
+        deadline, tail, seen, frozen = time.monotonic() + 240, events.EventTail(events_path), [], False
         while True:  # until a train step is logged past a checkpoint
             seen += tail.read()
             if seen and not frozen:
                 os.kill(doomed.pid, signal.SIGSTOP)  # the worker forwards nothing more; its ranks train on
                 frozen = True
-            checkpointed = [e["step"] for e in seen if e["event"] == "checkpoint"]
-            if checkpointed and any(e["event"] == "train" and e["step"] > checkpointed[-1] for e in seen):
+            checkpointed = [e.step for e in seen if isinstance(e, events.Checkpoint)]
+            if checkpointed and any(isinstance(e, events.Train) and e.step > checkpointed[-1] for e in seen):
                 break
             assert time.monotonic() < deadline and doomed.poll() is None, servers.log_tail(tmp_path / "doomed.log")
             await asyncio.sleep(0.01)
@@ -342,18 +350,18 @@ async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrup
     while job_processes(job.id):
         assert time.monotonic() < deadline, "a process of the killed node survived"
         await asyncio.sleep(0.2)
-    before_kill = [e for e in seen + tail.read() if e["event"] == "train"]
-    assert before_kill[-1]["step"] < 24 and not any(e["event"] == "finished" for e in seen)
+    before_kill = [e for e in seen + tail.read() if isinstance(e, events.Train)]
+    assert before_kill[-1].step < 24 and not any(isinstance(e, events.Finished) for e in seen)
     committed = checkpoints.committed_steps(ObjectStore(settings.s3), JobLayout(TENANT, job.id))
     assert committed and committed[-1] >= 8
-    lost = [e["step"] for e in before_kill if e["step"] > committed[-1]]
+    lost = [e.step for e in before_kill if e.step > committed[-1]]
     assert lost, "no logged step was lost: the kill came too late to test anything"
     recorded = {step for step, _, _ in (await coordinator.metrics(TENANT, job.id)).get("train_loss", [])}
-    unforwarded = [e["step"] for e in before_kill if e["step"] <= committed[-1] and e["step"] not in recorded]
+    unforwarded = [e.step for e in before_kill if e.step <= committed[-1] and e.step not in recorded]
     assert unforwarded, "every step up to the checkpoint was recorded before the kill: the replay is not tested"
     # What the killed run logged is what the uninterrupted run logged, up to the kill.
-    assert {e["step"]: float(e["loss"]).hex() for e in before_kill} == {
-        step: value for step, value in expected["train_loss"].items() if step <= before_kill[-1]["step"]}
+    assert {e.step: float(e.loss).hex() for e in before_kill} == {
+        step: value for step, value in expected["train_loss"].items() if step <= before_kill[-1].step}
 
     await asyncio.sleep(6.5)  # the 6 s lease runs out
     assert await coordinator.reap() == [job.id]

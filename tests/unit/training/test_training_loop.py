@@ -10,7 +10,7 @@ import uuid
 import pytest
 import torch
 
-from services.training import data, distributed, train
+from services.training import data, distributed, events, train
 from services.training.spec import HyperParameters, JobSpec
 
 SINGLE = distributed.Context(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
@@ -27,12 +27,12 @@ def make_run(tiny_dataset, tmp_path, *, family="gpt2", **hyper) -> tuple[train.R
     job = train.Job(tenant="acme", job_id=uuid.uuid4().hex, spec=spec)
     sink = io.StringIO()
     run = train.Run(job, SINGLE, data.LocalDataset.open(tiny_dataset[0]), work_dir=tmp_path,
-                    events=train.Events(sink))
+                    writer=events.EventWriter(sink))
     run.setup()
     return run, sink
 
 
-def events(sink: io.StringIO) -> list[dict]:
+def logged(sink: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in sink.getvalue().splitlines()]
 
 
@@ -40,7 +40,7 @@ def events(sink: io.StringIO) -> list[dict]:
 def test_each_family_trains_and_reports(family, tiny_dataset, tmp_path):
     run, sink = make_run(tiny_dataset, tmp_path, family=family)
     assert run.run() == 0
-    log = events(sink)
+    log = logged(sink)
     kinds = [e["event"] for e in log]
     assert kinds[0] == "started" and kinds[-1] == "finished"
     train_events = [e for e in log if e["event"] == "train"]
@@ -58,7 +58,7 @@ def test_bf16_autocast_trains(tiny_dataset, tmp_path):
     run, sink = make_run(tiny_dataset, tmp_path, precision="bf16", max_steps=10)
     assert run.run() == 0
     assert next(run.model.parameters()).dtype == torch.float32  # master weights stay fp32
-    losses = [e["loss"] for e in events(sink) if e["event"] == "train"]
+    losses = [e["loss"] for e in logged(sink) if e["event"] == "train"]
     assert losses[-1] < losses[0]
 
 
@@ -66,7 +66,7 @@ def test_gradient_accumulation_counts_tokens_per_optimizer_step(tiny_dataset, tm
     run, sink = make_run(tiny_dataset, tmp_path, grad_accum=3, max_steps=5)
     assert run.run() == 0
     assert run.batches.position == 5 * 3 * 8
-    assert events(sink)[-1]["metrics"]["tokens"] == 5 * 3 * 8 * 32
+    assert logged(sink)[-1]["metrics"]["tokens"] == 5 * 3 * 8 * 32
 
 
 def test_early_stopping_ends_the_run_when_validation_stops_improving(tiny_dataset, tmp_path):
@@ -74,7 +74,7 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tiny_datase
     run, sink = make_run(tiny_dataset, tmp_path, learning_rate=0.5, min_learning_rate=0.5, grad_clip=0,
                          eval_interval=2, early_stopping_patience=2, max_steps=40, warmup_steps=0)
     assert run.run() == 0
-    log = events(sink)
+    log = logged(sink)
     stop = [e for e in log if e["event"] == "early_stop"]
     assert len(stop) == 1 and stop[0]["step"] < 40
     assert log[-1]["metrics"]["stopped_early"] is True and log[-1]["step"] == stop[0]["step"]

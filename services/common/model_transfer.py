@@ -1,10 +1,11 @@
-"""Client side of the registry: register a folder by reserve / upload / commit, and download artifacts verified.
+"""Moving a model version's files in and out of the registry, from the client side (any service).
 
-`upload_model_version` is the fast registration: the bytes go once, straight into the version's own
-prefix (one streamed PUT per file, hashed while sent, the digest enforced by S3 as a trailing checksum),
-and the registry verifies them in place. Callers with S3 access download with `fetch_artifact` (one
-GET, SHA-256 checked against the registry's record); others use the `DownloadArtifact` stream through
-`download_artifact`.
+Registering by reserve / upload / commit writes the bytes once, straight into the version's own prefix:
+`upload_folder` sends each file in one streamed PUT (hashed while sent, the digest enforced by S3 as a
+trailing checksum) while renewing the reservation, and returns what to declare to CommitModelVersion;
+`upload_model_version` does all three calls on a registry stub. Callers with S3 access download with
+`fetch_artifact` (one GET, the digest checked against the registry's record); others use the
+`DownloadArtifact` stream through `download_artifact`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from llmp.common.v1 import common_pb2
@@ -24,40 +25,38 @@ from services.common.s3 import ObjectStore, StoredObject
 UPLOAD_PARALLELISM = 4  # files uploaded at once
 
 
-async def upload_model_version(stub, store: ObjectStore, model_name: str, folder: Path, *,
-                               lineage: pb.Lineage | None = None, metrics: dict[str, float] | None = None,
-                               description: str = "", metadata: Sequence[tuple[str, str]] = (),
-                               timeout: float | None = 600) -> pb.ModelVersion:
-    """Register the save_pretrained folder `folder` as the next version of `model_name`; returns it READY.
-
-    ReserveModelVersion, upload every file under the returned prefix while renewing the reservation,
-    then CommitModelVersion with each file's size and digests (the registry checks them against the
-    checksum S3 enforced on upload, or reads the objects back).
-    """
+def folder_files(folder: Path) -> list[Path]:
+    """The files of a save_pretrained folder, in upload order (ValidationFailed when there are none)."""
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     if not files:
         raise ValidationFailed(f"{folder} holds no files")
-    metadata = tuple(metadata)
-    reservation = await stub.ReserveModelVersion(pb.ReserveModelVersionRequest(
-        model_name=model_name, lineage=lineage, metrics=metrics or {}, description=description),
-        metadata=metadata, timeout=timeout)
+    return files
 
-    async def renew() -> None:
+
+async def upload_folder(store: ObjectStore, prefix: str, folder: Path, *, renew: Callable[[], Awaitable[object]],
+                        renew_every: float) -> list[pb.DeclaredArtifact]:
+    """Upload every file of `folder` to `{prefix}{relative path}`, calling `renew` every `renew_every`
+    seconds meanwhile (the reservation's lease); returns each file's size and digests, for the commit.
+
+    A failed renewal (the reservation was lost) stops the upload and raises its error.
+    """
+    files = folder_files(folder)
+
+    async def renewing_loop() -> None:
         while True:
-            await asyncio.sleep(reservation.lease_seconds / 4)
-            await stub.RenewModelVersionReservation(pb.RenewModelVersionReservationRequest(
-                reservation_id=reservation.reservation_id), metadata=metadata, timeout=timeout)
+            await asyncio.sleep(renew_every)
+            await renew()
 
     limit = asyncio.Semaphore(UPLOAD_PARALLELISM)
 
     async def upload(path: Path) -> pb.DeclaredArtifact:
         relative = path.relative_to(folder).as_posix()
         async with limit:
-            stored = await asyncio.to_thread(store.upload_file, reservation.prefix + relative, path)
+            stored = await asyncio.to_thread(store.upload_file, prefix + relative, path)
         return pb.DeclaredArtifact(path=relative, size=stored.size, sha256=stored.sha256, xxh3_128=stored.xxh3_128,
                                    crc32=stored.crc32)
 
-    renewing = asyncio.create_task(renew())
+    renewing = asyncio.create_task(renewing_loop())
     try:
         uploading = asyncio.gather(*(upload(path) for path in files))
         done, _ = await asyncio.wait({uploading, renewing}, return_when=asyncio.FIRST_COMPLETED)
@@ -66,11 +65,35 @@ async def upload_model_version(stub, store: ObjectStore, model_name: str, folder
             with contextlib.suppress(asyncio.CancelledError):
                 await uploading
             renewing.result()
-        declared = uploading.result()
+        return list(uploading.result())
     finally:
         renewing.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await renewing
+
+
+async def upload_model_version(stub, store: ObjectStore, model_name: str, folder: Path, *,
+                               lineage: pb.Lineage | None = None, metrics: dict[str, float] | None = None,
+                               description: str = "", metadata: Sequence[tuple[str, str]] = (),
+                               timeout: float | None = 600) -> pb.ModelVersion:
+    """Register the save_pretrained folder `folder` as the next version of `model_name`; returns it READY.
+
+    ReserveModelVersion, `upload_folder` into the returned prefix while renewing the reservation, then
+    CommitModelVersion with each file's size and digests (the registry checks them against the checksum
+    S3 enforced on upload, or reads the objects back).
+    """
+    folder_files(folder)  # refuse an empty folder before reserving a number
+    metadata = tuple(metadata)
+    reservation = await stub.ReserveModelVersion(pb.ReserveModelVersionRequest(
+        model_name=model_name, lineage=lineage, metrics=metrics or {}, description=description),
+        metadata=metadata, timeout=timeout)
+
+    async def renew() -> None:
+        await stub.RenewModelVersionReservation(pb.RenewModelVersionReservationRequest(
+            reservation_id=reservation.reservation_id), metadata=metadata, timeout=timeout)
+
+    declared = await upload_folder(store, reservation.prefix, folder, renew=renew,
+                                   renew_every=reservation.lease_seconds / 4)
     response = await stub.CommitModelVersion(pb.CommitModelVersionRequest(
         reservation_id=reservation.reservation_id, artifacts=declared), metadata=metadata, timeout=timeout)
     return response.version
