@@ -87,9 +87,12 @@ def init(timeout_s: float = 600) -> Context:
     return Context(rank, local_rank, world_size, device, backend)
 
 
-def shutdown(ctx: Context) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(ctx: Context, clean: bool = True) -> None:
+    """Before a rank exits: after a clean run every rank meets at a barrier, so none leaves while a peer still
+    talks to it. The group is not destroyed: the process exits right after (`train.main`), which closes its
+    sockets, and destroying it (or a failed rank waiting on peers that never come) is where ranks hung."""
+    if ctx.distributed and dist.is_initialized() and clean:
+        dist.barrier()
 
 
 class Synchronizer:

@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import sys
@@ -33,6 +34,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -411,7 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     from services.common import logs
     from services.common.config import Settings
     from services.common.s3 import ObjectStore
@@ -427,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.is_main:
         sink = open(args.events, "a") if args.events else sys.stdout
     writer = events.EventWriter(sink)
+    code = 1  # until the run returns its own
     try:
         store = ObjectStore(settings.s3)
         node_dir = args.job_dir
@@ -436,16 +439,23 @@ def main(argv: list[str] | None = None) -> int:
         dataset = data.LocalDataset.open(node_dir / "dataset")
         run = Run(job, ctx, dataset, store=store, work_dir=node_dir, writer=writer)
         run.setup()
-        return run.run(stop_after_step=args.stop_after_step)
+        code = run.run(stop_after_step=args.stop_after_step)
     except Exception as error:
         log.exception("training failed")
         writer.emit(events.Failed(step=0, error=f"{type(error).__name__}: {error}"))
-        return 1
+        code = 1
     finally:
-        distributed.shutdown(ctx)
+        distributed.shutdown(ctx, clean=code == 0)
         if sink is not None and sink is not sys.stdout:
             sink.close()
+        # Leave without unwinding: freeing this frame's model, optimizer and process group, and then the
+        # interpreter's finalization, ran destructors that waited on gloo's threads and left a finished
+        # rank hung in a futex wait, so torchrun never returned. Everything the run wrote is closed above.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
