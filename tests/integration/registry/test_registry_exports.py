@@ -76,6 +76,18 @@ async def test_int8_without_a_dataset_fails_with_a_reason(client, source):
     assert export.state == pb.EXPORT_STATE_FAILED and "calibration" in export.error
 
 
+async def test_a_lineage_manifest_without_dtype_fails_the_export_instead_of_guessing(client, source, registry):
+    prefix, _ = source
+    upload_dataset(registry.store, client.tenant, "untyped", 1)
+    key = contracts.dataset_manifest_key(client.tenant, "untyped", 1)
+    manifest = json.loads(registry.store.get_bytes(key))
+    del manifest["dtype"]  # a reader used to assume uint16 here
+    registry.store.put_bytes(key, json.dumps(manifest).encode())
+    await client.register("untyped", prefix, dataset="untyped", dataset_version=1)
+    export = await export_and_wait(client, "untyped", "torchscript")
+    assert export.state == pb.EXPORT_STATE_FAILED and "dtype None" in export.error, export.error
+
+
 def corrupting_torchscript(model_dir: Path, out_dir: Path, data: exporters.EvalData) -> Path:
     """The real exporter, then the embeddings perturbed: what a broken converter would produce."""
     path = exporters.export_torchscript(model_dir, out_dir, data)
