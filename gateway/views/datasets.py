@@ -40,7 +40,8 @@ FORMATS = {"text": pb.CORPUS_FORMAT_TEXT, "jsonl": pb.CORPUS_FORMAT_JSONL, "pair
 MODES = {"blank-line": pb.DOCUMENT_MODE_BLANK_LINE, "line": pb.DOCUMENT_MODE_LINE}
 TOKENIZERS = {"bpe": pb.TOKENIZER_KIND_BPE, "char": pb.TOKENIZER_KIND_CHAR}
 CREATE_QUERY = {
-    "name": {"type": "string"}, "format": {"enum": list(FORMATS)}, "document_mode": {"enum": list(MODES)},
+    "name": {"type": "string", "pattern": contracts.NAME_PATTERN}, "format": {"enum": list(FORMATS)},
+    "document_mode": {"enum": list(MODES)},
     "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
     "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": {"type": "integer"}, "split_seed": {"type": "integer"},
     "min_doc_chars": {"type": "integer"}, "max_doc_chars": {"type": "integer"}, "source": {"type": "string"},

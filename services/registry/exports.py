@@ -169,7 +169,7 @@ class Exports:
             # Only an export within parity is published: readers of S3 never find a failed one's files.
             for path in outcome.files if outcome.passed else []:
                 obj = self.store.put_file(prefix + path, out_dir / path)
-                stored.append({"path": f"exports/{fmt}/{path}", **obj.as_dict(role=f"export-{fmt}")})
+                stored.append({"path": contracts.export_dir(fmt) + path, **obj.as_dict(role=f"export-{fmt}")})
         state = "READY" if outcome.passed else "FAILED"
         error = "" if outcome.passed else "parity check failed: the export does not match the PyTorch model"
         triton = (prefix + "triton/", outcome.triton_model) if outcome.triton_model and outcome.passed else ("", "")

@@ -18,6 +18,7 @@ SOURCES = "sources/"
 JOBS = "jobs/"
 MODELS = "models/"
 
+EXPORTS = "exports/"  # a model version's exports, relative to its prefix
 DATASET_MANIFEST = "manifest.json"
 DATASET_TOKENIZER = "tokenizer/"  # Hugging Face tokenizer files, relative to the version's prefix
 
@@ -61,7 +62,7 @@ def model_version_prefix(tenant: str, name: str, version: int) -> str:
 
 def export_dir(fmt: str) -> str:
     """An export's folder relative to its model version's prefix."""
-    return f"exports/{fmt}/"
+    return f"{EXPORTS}{fmt}/"
 
 
 def model_export_prefix(tenant: str, name: str, version: int, fmt: str) -> str:
