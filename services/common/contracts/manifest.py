@@ -83,7 +83,8 @@ class DatasetManifest:
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body["splits"] = {name: {**asdict(split), "shards": list(split.shards)} for name, split in self.splits.items()}
-        body["objects"] = [{k: v for k, v in asdict(obj).items() if v != "" or k in ("key", "sha256")}
+        # An object's role and XXH3 are written only when known, as the object store reports them.
+        body["objects"] = [{k: v for k, v in asdict(obj).items() if v != "" or k not in ("role", "xxh3_128")}
                            for obj in self.objects]
         return body
 
@@ -122,8 +123,8 @@ class DatasetManifest:
                 tokenizer=TokenizerManifest(tokenizer["kind"], int(tokenizer["vocab_size"]),
                                             str(tokenizer.get("prefix") or dataset_tokenizer_prefix(tenant, name,
                                                                                                     version))),
-                splits={name: SplitManifest(**{**split, "shards": tuple(split["shards"])})
-                        for name, split in body["splits"].items()},
+                splits={split_name: SplitManifest(**{**split, "shards": tuple(split["shards"])})
+                        for split_name, split in body["splits"].items()},
                 objects=tuple(ManifestObject(**obj) for obj in body.get("objects", [])),
                 cleaning=dict(body.get("cleaning", {})), options=dict(body.get("options", {})),
             )
