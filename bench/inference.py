@@ -40,8 +40,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from cli.servers import TritonPorts, free_port, http_ok, port_open, start_triton, stop, wait_until
+from services.common import contracts
 from services.common.config import Settings
-from services.inference import model_repository
 from services.inference.generation import ServedVersion, encode_prompt, generate
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.inference.sampling import SamplingParams
@@ -209,7 +209,7 @@ async def main_async(args) -> None:
             await gateway_concurrent(http, url, warmup, 4, 4)
             engine = TritonEngine(f"127.0.0.1:{ports.grpc}")
             files = await LocalModelSource(work).fetch(TENANT, MODEL, 1)
-            served = ServedVersion(MODEL, 1, model_repository.triton_model_name(TENANT, MODEL, 1), files.spec(),
+            served = ServedVersion(MODEL, 1, contracts.triton_model_name(TENANT, MODEL, 1), files.spec(),
                                    files.tokenizer())
             ttft_g, tpot_g, ttft_d, tpot_d = [], [], [], []
             for prompt in single:

@@ -44,7 +44,7 @@ from llmp.registry.v1 import registry_pb2_grpc
 from minio import Minio
 
 from cli import servers
-from services.common import topology
+from services.common import contracts, topology
 from services.common.config import UPLOAD_CHECKSUMS, Settings
 from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.common.model_transfer import download_artifact, fetch_artifact, upload_model_version
@@ -107,7 +107,7 @@ async def project_round(registry: server.Registry, stub, folder: Path, out: Path
 async def copy_path_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
                           round_no: int) -> tuple[float, dict[str, float]]:
     metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "bench"), (ROLE_KEY, "developer"))
-    prefix = f"jobs/{tenant}/bench-{round_no}/final/"
+    prefix = contracts.JobLayout(tenant, f"bench-{round_no}").final
     started = time.perf_counter()
     files = sorted(path for path in folder.iterdir() if path.is_file())
     await asyncio.gather(*(asyncio.to_thread(registry.store.put_file, prefix + path.name, path) for path in files))

@@ -38,6 +38,7 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from services.common import contracts
 from services.training import data, distributed, models, train
 from services.training.spec import JobSpec
 
@@ -53,14 +54,15 @@ def write_char_dataset(root: Path, text: str) -> None:
     cut = int(len(ids) * 0.9)
     splits = {}
     for split, piece in (("train", ids[:cut]), ("validation", ids[cut:])):
+        shard = f"{split}/{contracts.shard_file_name(0)}"  # relative to the version, as readers accept
         (root / split).mkdir(parents=True, exist_ok=True)
-        (root / split / "shard-00000.bin").write_bytes(piece.tobytes())
-        splits[split] = {"documents": 1, "tokens": len(piece), "bytes": piece.nbytes,
-                         "shards": [f"{split}/shard-00000.bin"]}
-    manifest = {"name": "bench", "version": 1, "tenant": "bench", "format": "text", "dtype": "uint16",
-                "vocab_size": eos + 1, "eos_token_id": eos, "pad_token_id": eos,
-                "tokenizer": {"kind": "char", "vocab_size": eos + 1}, "splits": splits, "objects": []}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+        (root / shard).write_bytes(piece.tobytes())
+        splits[split] = contracts.SplitManifest(documents=1, tokens=len(piece), bytes=piece.nbytes, shards=(shard,))
+    manifest = contracts.DatasetManifest(
+        name="bench", version=1, tenant="bench", format="text", digest="", dtype="uint16", vocab_size=eos + 1,
+        eos_token_id=eos, pad_token_id=eos, splits=splits,
+        tokenizer=contracts.TokenizerManifest("char", eos + 1, contracts.DATASET_TOKENIZER))
+    (root / contracts.DATASET_MANIFEST).write_text(manifest.to_json())
 
 
 def _sync(device: torch.device) -> None:
@@ -174,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(scratch)
         write_char_dataset(work / "dataset", SHAKESPEARE.read_text()[:args.chars])
         dataset = data.LocalDataset.open(work / "dataset")
-        manifest = dataset.manifest
-        vocab = models.Vocabulary(manifest["vocab_size"], manifest["eos_token_id"], manifest["pad_token_id"])
+        manifest = dataset.info
+        vocab = models.Vocabulary(manifest.vocab_size, manifest.eos_token_id, manifest.pad_token_id)
         device = torch.device("cuda") if gpu else torch.device("cpu")
         # The baseline gets the project's initial weights (same seed) and exactly the batches it draws.
         baseline_model = models.build_model(spec.model, vocab, seed=hp.seed).to(device)

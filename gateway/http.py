@@ -21,9 +21,10 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from llmp.common.v1 import common_pb2
 
 from gateway.state import CALLER, CLIENTS
-from services.common import errors
+from services.common import contracts, errors
 from services.common.grpc_server import Caller
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -104,14 +105,23 @@ def query_int(request: web.Request, name: str, default: int, *, minimum: int = 0
     return value
 
 
-MAX_VERSION = 2**63 - 1  # versions are int64 on the wire
+# The query of every list route: `?page_size` (services' default when absent) and `?page_token`.
+PAGING = {"page_size": {"type": "integer", "minimum": 1, "maximum": contracts.MAX_PAGE_SIZE},
+          "page_token": {"type": "string"}}
+
+
+def page(request: web.Request) -> common_pb2.PageRequest:
+    return common_pb2.PageRequest(
+        page_size=query_int(request, "page_size", contracts.DEFAULT_PAGE_SIZE, minimum=1,
+                            maximum=contracts.MAX_PAGE_SIZE),
+        page_token=request.query.get("page_token", ""))
 
 
 def path_version(request: web.Request) -> int:
     """The `{version}` path parameter: a positive int64, else 400 naming it."""
     raw = request.match_info["version"]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_VERSION:
-        raise errors.InvalidArgument(f"version must be an integer from 1 to {MAX_VERSION}, not {raw!r}")
+    if not raw.isdigit() or not 1 <= int(raw) <= contracts.MAX_VERSION:
+        raise errors.InvalidArgument(f"version must be an integer from 1 to {contracts.MAX_VERSION}, not {raw!r}")
     return int(raw)
 
 

@@ -19,34 +19,41 @@ from prometheus_client import Counter
 
 from gateway.http import ALL_ROLES, Route, json_response, read_json, rpc, validate
 from gateway.state import CALLER, CLIENTS
-from services.common import errors
+from services.common import contracts, errors
 from services.common.grpc_client import deployment_metadata
 
+_STOP = {"type": "string", "minLength": 1, "maxLength": contracts.MAX_STOP_LENGTH}
 COMPLETION = {
     "type": "object", "additionalProperties": False, "required": ["model", "prompt"],
     "properties": {
         "model": {"type": "string", "minLength": 1, "description": "deployment name"},
         "prompt": {"type": "string", "minLength": 1},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "temperature": {"type": "number", "minimum": 0, "maximum": contracts.MAX_TEMPERATURE},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 0},
         "seed": {"type": "integer"},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "stop": {"oneOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": contracts.MAX_STOP_SEQUENCES}]},
         "stream": {"type": "boolean"},
         "user": {"type": "string", "maxLength": 200},
         "n": {"const": 1},
     },
 }
 _NUMBER = (int, float)
+
+
+def _stop(value) -> bool:
+    return type(value) is str and 1 <= len(value) <= contracts.MAX_STOP_LENGTH
+
+
 # The quick check of each optional field (see _plainly_valid); `type(...) is int` keeps booleans out, as JSON does.
 _FIELD_CHECKS = {
     "max_tokens": lambda v: type(v) is int and 1 <= v <= 4096,
-    "temperature": lambda v: type(v) in _NUMBER and 0 <= v <= 2,
+    "temperature": lambda v: type(v) in _NUMBER and 0 <= v <= contracts.MAX_TEMPERATURE,
     "top_p": lambda v: type(v) in _NUMBER and 0 < v <= 1,
     "top_k": lambda v: type(v) is int and v >= 0,
     "seed": lambda v: type(v) is int,
-    "stop": lambda v: type(v) is str or (type(v) is list and len(v) <= 4 and all(type(s) is str for s in v)),
+    "stop": lambda v: _stop(v) or (type(v) is list and len(v) <= contracts.MAX_STOP_SEQUENCES and all(map(_stop, v))),
     "stream": lambda v: type(v) is bool,
     "user": lambda v: type(v) is str and len(v) <= 200,
     "n": lambda v: type(v) is int and v == 1,

@@ -12,12 +12,23 @@ from collections.abc import AsyncIterator
 
 import grpc
 from aiohttp import web
-from llmp.common.v1 import common_pb2
 from llmp.dataset.v1 import dataset_pb2 as pb
 
-from gateway.http import Route, caller, check_if_match, etag_of, json_response, path_version, query_int, rpc, to_dict
+from gateway.http import (
+    PAGING,
+    Route,
+    caller,
+    check_if_match,
+    etag_of,
+    json_response,
+    page,
+    path_version,
+    query_int,
+    rpc,
+    to_dict,
+)
 from gateway.state import CALLER, CLIENTS, SETTINGS
-from services.common import errors
+from services.common import contracts, errors
 from services.common.grpc_client import call_metadata, domain_error
 
 CHUNK = 1024 * 1024
@@ -29,7 +40,8 @@ FORMATS = {"text": pb.CORPUS_FORMAT_TEXT, "jsonl": pb.CORPUS_FORMAT_JSONL, "pair
 MODES = {"blank-line": pb.DOCUMENT_MODE_BLANK_LINE, "line": pb.DOCUMENT_MODE_LINE}
 TOKENIZERS = {"bpe": pb.TOKENIZER_KIND_BPE, "char": pb.TOKENIZER_KIND_CHAR}
 CREATE_QUERY = {
-    "name": {"type": "string"}, "format": {"enum": list(FORMATS)}, "document_mode": {"enum": list(MODES)},
+    "name": {"type": "string", "pattern": contracts.NAME_PATTERN}, "format": {"enum": list(FORMATS)},
+    "document_mode": {"enum": list(MODES)},
     "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
     "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": {"type": "integer"}, "split_seed": {"type": "integer"},
     "min_doc_chars": {"type": "integer"}, "max_doc_chars": {"type": "integer"}, "source": {"type": "string"},
@@ -79,7 +91,7 @@ def create_options(request: web.Request) -> pb.DatasetOptions:
         document_mode=_choice(request, "document_mode", MODES), tokenizer=_choice(request, "tokenizer", TOKENIZERS),
         text_field=query.get("text_field", ""), prompt_field=query.get("prompt_field", ""),
         completion_field=query.get("completion_field", ""),
-        vocab_size=query_int(request, "vocab_size", 0, minimum=0, maximum=1 << 20),
+        vocab_size=query_int(request, "vocab_size", 0, minimum=0, maximum=contracts.MAX_VOCAB_SIZE),
         split_seed=query_int(request, "split_seed", 0, minimum=0, maximum=(1 << 63) - 1),
         min_doc_chars=query_int(request, "min_doc_chars", 0, minimum=0, maximum=(1 << 31) - 1),
         max_doc_chars=query_int(request, "max_doc_chars", 0, minimum=0, maximum=(1 << 31) - 1),
@@ -149,7 +161,7 @@ async def create_dataset(request: web.Request) -> web.Response:
 
 
 async def list_datasets(request: web.Request) -> web.Response:
-    response = await rpc(request, "dataset", "ListDatasets", pb.ListDatasetsRequest(page=_page(request)))
+    response = await rpc(request, "dataset", "ListDatasets", pb.ListDatasetsRequest(page=page(request)))
     datasets = [{"name": d.name, "version_count": d.version_count, "latest": present_version(d.latest),
                  "created_at": to_dict(d).get("created_at")} for d in response.datasets]
     return json_response(request, {"datasets": datasets, "next_page_token": response.page.next_page_token})
@@ -158,7 +170,7 @@ async def list_datasets(request: web.Request) -> web.Response:
 async def get_dataset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     response = await rpc(request, "dataset", "ListDatasetVersions",
-                         pb.ListDatasetVersionsRequest(name=name, page=_page(request)))
+                         pb.ListDatasetVersionsRequest(name=name, page=page(request)))
     return json_response(request, {"name": name, "versions": [present_version(v) for v in response.versions],
                                    "next_page_token": response.page.next_page_token})
 
@@ -208,12 +220,6 @@ async def version_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _page(request: web.Request) -> common_pb2.PageRequest:
-    return common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, minimum=1, maximum=1000),
-                                  page_token=request.query.get("page_token", ""))
-
-
-PAGING = {"page_size": {"type": "integer"}, "page_token": {"type": "string"}}
 VERSION = "/v1/datasets/{name}/versions/{version}"
 ROUTES = [
     Route("POST", "/v1/datasets", create_dataset,

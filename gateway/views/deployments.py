@@ -8,7 +8,7 @@ from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 
 from gateway.http import Route, json_response, read_json, rpc, to_dict
-from services.common import errors
+from services.common import contracts, errors
 
 ROLLOUT = {
     "type": "object", "additionalProperties": False,
@@ -27,9 +27,8 @@ ROLLOUT = {
 PUT_DEPLOYMENT = {
     "type": "object", "additionalProperties": False, "required": ["model", "stable"],
     "properties": {
-        "model": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"},
-        "stable": {"oneOf": [{"type": "integer", "minimum": 1},
-                             {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"}],
+        "model": {"type": "string", "pattern": contracts.NAME_PATTERN},
+        "stable": {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": contracts.NAME_PATTERN}],
                    "description": "a version number or an alias"},
         "canary": {"type": ["object", "null"], "additionalProperties": False, "required": ["version"],
                    "properties": {"version": {"type": "integer", "minimum": 1},

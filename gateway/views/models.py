@@ -9,33 +9,28 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2
 
 from gateway.http import (
+    PAGING,
     Route,
     caller,
     check_if_match,
     etag_of,
     json_response,
+    page,
     path_version,
-    query_int,
     read_json,
     rpc,
     to_dict,
 )
-from services.common import errors
+from services.common import contracts, errors
 
-NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"}
 SET_ALIAS = {
     "type": "object", "additionalProperties": False, "required": ["version"],
     "properties": {"version": {"type": "integer", "minimum": 1}, "reason": {"type": "string", "maxLength": 500}},
 }
 CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],
-    "properties": {"format": {"enum": ["onnx", "onnx-int8", "torchscript"]}},
+    "properties": {"format": {"enum": list(contracts.EXPORT_FORMATS)}},
 }
-
-
-def _page(request: web.Request) -> common_pb2.PageRequest:
-    return common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, minimum=1, maximum=1000),
-                                  page_token=request.query.get("page_token", ""))
 
 
 def present_version(version: registry_pb2.ModelVersion) -> dict:
@@ -49,7 +44,7 @@ def present_version(version: registry_pb2.ModelVersion) -> dict:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    response = await rpc(request, "registry", "ListModels", registry_pb2.ListModelsRequest(page=_page(request)))
+    response = await rpc(request, "registry", "ListModels", registry_pb2.ListModelsRequest(page=page(request)))
     return json_response(request, {"models": [to_dict(model) for model in response.models],
                                    "next_page_token": response.page.next_page_token})
 
@@ -58,7 +53,7 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     model = await rpc(request, "registry", "GetModel", registry_pb2.GetModelRequest(name=name))
     versions = await rpc(request, "registry", "ListModelVersions",
-                         registry_pb2.ListModelVersionsRequest(name=name, page=_page(request)))
+                         registry_pb2.ListModelVersionsRequest(name=name, page=page(request)))
     return json_response(request, {**to_dict(model.model),
                                    "versions": [present_version(v) for v in versions.versions],
                                    "next_page_token": versions.page.next_page_token})
@@ -129,7 +124,6 @@ async def create_export(request: web.Request) -> web.Response:
 
 VERSION = "/v1/models/{name}/versions/{version}"
 ALIAS = "/v1/models/{name}/aliases/{alias}"
-PAGING = {"page_size": {"type": "integer", "minimum": 1, "maximum": 1000}, "page_token": {"type": "string"}}
 ROUTES = [
     Route("GET", "/v1/models", list_models, "List registered models", query=PAGING, tag="models"),
     Route("GET", "/v1/models/{name}", get_model, "A model with its versions and aliases", query=PAGING,

@@ -6,12 +6,11 @@ import json
 
 from aiohttp import web
 from google.protobuf import json_format
-from llmp.common.v1 import common_pb2
 from llmp.training.v1 import training_pb2
 
-from gateway.http import Route, json_response, query_int, read_json, rpc, to_dict
+from gateway.http import PAGING, Route, json_response, page, read_json, rpc, to_dict
 from gateway.state import CALLER, CLIENTS
-from services.common import errors
+from services.common import contracts, errors
 
 _POSITIVE = {"type": "integer", "minimum": 1}
 _FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
@@ -19,14 +18,16 @@ SUBMIT_JOB = {
     "type": "object", "additionalProperties": False, "required": ["dataset", "model"],
     "properties": {
         "dataset": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
-                    "properties": {"name": {"type": "string", "minLength": 1}, "version": _POSITIVE}},
+                    "properties": {"name": {"type": "string", "pattern": contracts.NAME_PATTERN},
+                                   "version": _POSITIVE}},
         "model": {
             "type": "object", "additionalProperties": False, "required": ["family"],
             "properties": {
-                "family": {"enum": ["gpt2", "bert", "t5"]}, "n_layer": _POSITIVE, "n_head": _POSITIVE,
+                "family": {"enum": list(contracts.MODEL_FAMILIES)}, "n_layer": _POSITIVE, "n_head": _POSITIVE,
                 "n_embd": _POSITIVE, "block_size": _POSITIVE, "dropout": _FRACTION,
                 "init_from": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
-                              "properties": {"name": {"type": "string"}, "version": _POSITIVE}},
+                              "properties": {"name": {"type": "string", "pattern": contracts.NAME_PATTERN},
+                                             "version": _POSITIVE}},
             },
         },
         "hyperparameters": {
@@ -39,17 +40,18 @@ SUBMIT_JOB = {
                 "weight_decay": {"type": "number", "minimum": 0}, "beta1": _FRACTION, "beta2": _FRACTION,
                 "grad_clip": {"type": "number", "minimum": 0}, "grad_accum": _POSITIVE, "eval_interval": _POSITIVE,
                 "eval_batches": _POSITIVE, "early_stopping_patience": {"type": "integer", "minimum": 0},
-                "checkpoint_interval": _POSITIVE, "log_interval": _POSITIVE, "precision": {"enum": ["fp32", "bf16"]},
+                "checkpoint_interval": _POSITIVE, "log_interval": _POSITIVE,
+                "precision": {"enum": list(contracts.PRECISIONS)},
                 "seed": {"type": "integer", "minimum": 0}, "mlm_probability": _FRACTION,
             },
         },
         "distributed": {
             "type": "object", "additionalProperties": False, "required": ["mode"],
-            "properties": {"mode": {"enum": ["ddp", "local-sgd", "async"]}, "nproc_per_node": _POSITIVE,
+            "properties": {"mode": {"enum": list(contracts.DISTRIBUTED_MODES)}, "nproc_per_node": _POSITIVE,
                            "nnodes": _POSITIVE, "sync_interval": _POSITIVE},
         },
-        "priority": {"type": "integer", "minimum": -100, "maximum": 100},
-        "model_name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"},
+        "priority": {"type": "integer", "minimum": contracts.MIN_PRIORITY, "maximum": contracts.MAX_PRIORITY},
+        "model_name": {"type": "string", "pattern": contracts.NAME_PATTERN},
     },
 }
 
@@ -64,8 +66,8 @@ def present_job(job: training_pb2.Job) -> dict:
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_json(request, SUBMIT_JOB)
     key = request.headers.get("Idempotency-Key", "")
-    if len(key) > 200:
-        raise errors.ValidationFailed("Idempotency-Key: at most 200 characters")
+    if len(key) > contracts.MAX_IDEMPOTENCY_KEY:
+        raise errors.ValidationFailed(f"Idempotency-Key: at most {contracts.MAX_IDEMPOTENCY_KEY} characters")
     spec_fields = {name: body[name] for name in ("dataset", "model", "hyperparameters", "distributed") if name in body}
     try:
         spec = json_format.ParseDict(spec_fields, training_pb2.JobSpec())
@@ -86,8 +88,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise errors.ValidationFailed(f"state: unknown job state {state!r}")
         states.append(training_pb2.JobState.Value(name))
     response = await rpc(request, "training", "ListJobs", training_pb2.ListJobsRequest(
-        page=common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, minimum=1, maximum=1000),
-                                    page_token=request.query.get("page_token", "")), states=states))
+        page=page(request), states=states))
     return json_response(request, {"jobs": [present_job(job) for job in response.jobs],
                                    "next_page_token": response.page.next_page_token})
 
@@ -134,7 +135,7 @@ ROUTES = [
     Route("POST", "/v1/training-jobs", submit_job, "Submit a training job (Idempotency-Key honoured)",
           body=SUBMIT_JOB, tag="training", responses={409: "Idempotency-Key reused with another spec"}),
     Route("GET", "/v1/training-jobs", list_jobs, "List training jobs",
-          query={"state": {"type": "string"}, "page_size": {"type": "integer"}, "page_token": {"type": "string"}},
+          query={"state": {"type": "string"}, **PAGING},
           tag="training"),
     Route("GET", JOB, get_job, "A job's state, progress and latest metrics", tag="training"),
     Route("DELETE", JOB, cancel_job, "Cancel a job", tag="training"),

@@ -7,19 +7,16 @@ how they spell a default (0 vs 8192 for the vocabulary size) build the same vers
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, replace
 
+from services.common import contracts
+from services.common.contracts import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from services.common.errors import ValidationFailed
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 FORMATS = ("text", "jsonl", "pairs")
 DOCUMENT_MODES = ("blank-line", "line")
-TOKENIZERS = ("bpe", "char")
-SPLITS = ("train", "validation", "test", "calibration")
+TOKENIZERS = contracts.TOKENIZER_KINDS  # a manifest names its tokenizer's kind
 DEFAULT_VOCAB_SIZE = 8192
-MIN_VOCAB_SIZE = 260  # 256 byte symbols + the special tokens
-MAX_VOCAB_SIZE = 65536
 DEFAULT_NEAR_DUP_THRESHOLD = 0.8
 
 
@@ -57,9 +54,7 @@ class DatasetOptions:
 
     def validated(self) -> "DatasetOptions":
         """These options with every rule checked (ValidationFailed names the first broken one)."""
-        if not NAME.match(self.name):
-            raise ValidationFailed(f"dataset name {self.name!r} must be 1-63 characters of a-z, 0-9, '.', '_', '-', "
-                                   "starting with a letter or digit")
+        contracts.validate_name(self.name, "dataset name")
         _one_of("format", self.format, FORMATS)
         _one_of("document_mode", self.document_mode, DOCUMENT_MODES)
         _one_of("tokenizer", self.tokenizer, TOKENIZERS)

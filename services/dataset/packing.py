@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from services.common.contracts import shard_file_name
+
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
 BATCH_CHARS = 1 << 20  # characters encoded per call
 
@@ -25,10 +27,6 @@ BATCH_CHARS = 1 << 20  # characters encoded per call
 def dtype_for(vocab_size: int) -> np.dtype:
     """The smallest unsigned little-endian type that holds every id of the vocabulary."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.bin"
 
 
 class ShardWriter:
@@ -64,7 +62,7 @@ class ShardWriter:
     def _next_shard(self) -> None:
         if self._handle is not None:
             self._handle.close()
-        path = self.folder / shard_name(len(self.paths))
+        path = self.folder / shard_file_name(len(self.paths))
         self.paths.append(path)
         self._handle = open(path, "wb")
         self._room = self.shard_tokens

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.contracts import SPLITS
 from services.common.errors import ValidationFailed
 from services.dataset import cleaning, ingest, packing, splits
 from services.dataset import tokenizer as tokenizers
-from services.dataset.options import SPLITS, DatasetOptions
+from services.dataset.options import DatasetOptions
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,13 @@ from llmp.common.v1 import common_pb2
 from llmp.dataset.v1 import dataset_pb2 as pb
 from llmp.dataset.v1 import dataset_pb2_grpc
 
+from services.common import contracts
+from services.common.contracts import SPLITS
 from services.common.errors import InvalidArgument
 from services.common.grpc_server import caller_from_context
 from services.dataset.ingestion import Ingestor, ProgressEvent
-from services.dataset.options import DEFAULT_NEAR_DUP_THRESHOLD, DEFAULT_VOCAB_SIZE, SPLITS, DatasetOptions, Fractions
-from services.dataset.versions import ModelsUsing, VersionRow, VersionStore, page_size
+from services.dataset.options import DEFAULT_NEAR_DUP_THRESHOLD, DEFAULT_VOCAB_SIZE, DatasetOptions, Fractions
+from services.dataset.versions import ModelsUsing, VersionRow, VersionStore
 
 FORMATS = {pb.CORPUS_FORMAT_UNSPECIFIED: "text", pb.CORPUS_FORMAT_TEXT: "text", pb.CORPUS_FORMAT_JSONL: "jsonl",
            pb.CORPUS_FORMAT_PAIRS: "pairs"}
@@ -156,7 +158,7 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
                            context: grpc.aio.ServicerContext) -> pb.ListDatasetsResponse:
         caller = caller_from_context(context)
         summaries, token = await self.versions.list_datasets(
-            caller.tenant, page_size(request.page.page_size), request.page.page_token)
+            caller.tenant, contracts.page_size(request.page.page_size), request.page.page_token)
         return pb.ListDatasetsResponse(
             datasets=[pb.DatasetSummary(name=s.name, version_count=s.version_count, latest=version_to_proto(s.latest),
                                         created_at=_timestamp(s.created_at)) for s in summaries],
@@ -166,7 +168,7 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
                                   context: grpc.aio.ServicerContext) -> pb.ListDatasetVersionsResponse:
         caller = caller_from_context(context)
         rows, token = await self.versions.list_versions(
-            caller.tenant, _name(request.name), page_size(request.page.page_size), request.page.page_token)
+            caller.tenant, _name(request.name), contracts.page_size(request.page.page_size), request.page.page_token)
         return pb.ListDatasetVersionsResponse(versions=[version_to_proto(row) for row in rows],
                                               page=common_pb2.PageResponse(next_page_token=token))
 

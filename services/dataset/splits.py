@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 from datasketch import MinHash
 
+from services.common.contracts import SPLITS
 from services.dataset.cleaning import NearDuplicateIndex
-from services.dataset.options import SPLITS, Fractions
+from services.dataset.options import Fractions
 
 _SCALE = float(2**64)
 

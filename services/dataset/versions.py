@@ -6,7 +6,7 @@
   recorded SHA-256, and the manifest written — in one transaction that also records its statistics.
 - A failed ingest deletes whatever it uploaded and marks the row FAILED with the reason.
 - A PENDING version has an owner (the replica building it) holding a lease it renews while it builds;
-  its corpus is stored at `source_key(...)` until it is READY or FAILED, so that when the lease lapses
+  its corpus is stored at `contracts.dataset_corpus_key(...)` until it is READY or FAILED, so that when the lease lapses
   (the owner stopped or died) any replica can claim the version and build it again from that corpus.
   Only the owner may publish or fail it.
 - Version numbers come from a per-dataset counter and are never reused, even after a delete.
@@ -26,15 +26,16 @@ from pathlib import Path
 
 from psycopg.types.json import Jsonb
 
+from services.common import contracts
+from services.common.contracts import SPLITS
 from services.common.db import Database
 from services.common.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable
 from services.common.s3 import ObjectStore, StoredObject
-from services.dataset.options import SPLITS, DatasetOptions
+from services.dataset.options import DatasetOptions
 from services.dataset.pipeline import Built
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000
 # models_using(tenant, name, version) -> "model:version" strings whose lineage points at the version
 ModelsUsing = Callable[[str, str, int], Awaitable[list[str]]]
 
@@ -68,11 +69,11 @@ class VersionRow:
 
     @property
     def prefix(self) -> str:
-        return version_prefix(self.tenant, self.name, self.version)
+        return contracts.dataset_version_prefix(self.tenant, self.name, self.version)
 
     @property
     def source_key(self) -> str:
-        return source_key(self.tenant, self.name, self.version)
+        return contracts.dataset_corpus_key(self.tenant, self.name, self.version)
 
 
 @dataclass(frozen=True)
@@ -87,22 +88,9 @@ class LeaseLost(Unavailable):
     """This replica no longer holds the PENDING version it was building."""
 
 
-def version_prefix(tenant: str, name: str, version: int) -> str:
-    return f"datasets/{tenant}/{name}/v{version}/"
-
-
-def source_key(tenant: str, name: str, version: int) -> str:
-    """Where a PENDING version's corpus is kept (outside the version's prefix, which holds only its files)."""
-    return f"sources/datasets/{tenant}/{name}/v{version}/corpus"
-
-
 def content_digest(corpus_sha256: str, options: DatasetOptions) -> str:
     """The content address of a version."""
     return hashlib.sha256(f"{corpus_sha256}\n{options.canonical()}".encode()).hexdigest()
-
-
-def page_size(requested: int) -> int:
-    return DEFAULT_PAGE_SIZE if requested <= 0 else min(requested, MAX_PAGE_SIZE)
 
 
 def encode_token(value) -> str:
@@ -159,31 +147,31 @@ class VersionStore:
     async def publish(self, row: VersionRow, built: Built, owner: str) -> VersionRow:
         """Upload the built files, verify them, write the manifest, and mark the version READY (only while
         `owner` still holds it); then delete its stored corpus."""
+        tenant, name, number = row.tenant, row.name, row.version
+        tokenizer_prefix = contracts.dataset_tokenizer_prefix(tenant, name, number)
         uploads: list[tuple[Path, str, str]] = [
-            (path, f"{row.prefix}tokenizer/{path.name}", "tokenizer") for path in built.tokenizer_files]
-        for name in SPLITS:
-            shards = built.splits[name].shards
-            uploads += [(path, f"{row.prefix}{name}/{path.name}", f"{name}-shard") for path in shards]
+            (path, tokenizer_prefix + path.name, "tokenizer") for path in built.tokenizer_files]
+        shard_keys = {split: tuple(contracts.dataset_shard_key(tenant, name, number, split, index)
+                                   for index in range(len(built.splits[split].shards))) for split in SPLITS}
+        for split in SPLITS:
+            uploads += [(path, key, f"{split}-shard")
+                        for path, key in zip(built.splits[split].shards, shard_keys[split], strict=True)]
         objects = [await asyncio.to_thread(self._upload_verified, path, key, role) for path, key, role in uploads]
-        stats = {
-            "splits": {name: {**built.splits[name].stats(),
-                              "shards": [f"{row.prefix}{name}/{path.name}" for path in built.splits[name].shards]}
-                       for name in SPLITS},
-            "cleaning": vars(built.cleaning).copy(),
-            "tokenizer": {**built.tokenizer.as_dict(), "prefix": f"{row.prefix}tokenizer/"},
-            "dtype": built.dtype.name,
-        }
-        manifest = {
-            "name": row.name, "version": row.version, "tenant": row.tenant, "format": row.options.format,
-            "digest": row.digest, "dtype": built.dtype.name, "vocab_size": built.tokenizer.vocab_size,
-            "eos_token_id": built.tokenizer.eos_token_id, "pad_token_id": built.tokenizer.pad_token_id,
-            "tokenizer": {"kind": built.tokenizer.kind, "vocab_size": built.tokenizer.vocab_size,
-                          "prefix": f"{row.prefix}tokenizer/"},
-            "splits": stats["splits"], "cleaning": stats["cleaning"], "options": row.options.as_dict(),
-            "objects": objects,
-        }
-        manifest_key = f"{row.prefix}manifest.json"
-        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        manifest = contracts.DatasetManifest(
+            name=name, version=number, tenant=tenant, format=row.options.format, digest=row.digest,
+            dtype=built.dtype.name, vocab_size=built.tokenizer.vocab_size, eos_token_id=built.tokenizer.eos_token_id,
+            pad_token_id=built.tokenizer.pad_token_id,
+            tokenizer=contracts.TokenizerManifest(built.tokenizer.kind, built.tokenizer.vocab_size, tokenizer_prefix),
+            splits={split: contracts.SplitManifest(**built.splits[split].stats(), shards=shard_keys[split])
+                    for split in SPLITS},
+            objects=tuple(contracts.ManifestObject(**obj) for obj in objects),
+            cleaning=vars(built.cleaning).copy(), options=row.options.as_dict(),
+        )
+        body = manifest.to_dict()
+        stats = {"splits": body["splits"], "cleaning": body["cleaning"], "dtype": manifest.dtype,
+                 "tokenizer": {**built.tokenizer.as_dict(), "prefix": tokenizer_prefix}}
+        manifest_key = contracts.dataset_manifest_key(tenant, name, number)
+        data = manifest.to_json().encode()
         stored = await asyncio.to_thread(self.store.put_bytes, manifest_key, data, "application/json")
         await asyncio.to_thread(self._verify, stored)
         objects.append(stored.as_dict("manifest"))

@@ -20,10 +20,10 @@ import asyncio
 import hashlib
 import logging
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.common import contracts
 from services.common.config import INFERENCE_TRACKS
 from services.common.db import Database
 from services.common.errors import (
@@ -41,7 +41,6 @@ from services.inference.triton_engine import TritonEngine
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DRAIN_TIMEOUT_S = 60.0
 # Every replica re-reads the deployment rows this often and routes what changed through another replica.
 SYNC_INTERVAL_S = 2.0
@@ -69,9 +68,8 @@ class DeploymentSpec:
     canary_weight: int = 0
 
     def validate(self) -> "DeploymentSpec":
-        for value, what in ((self.name, "deployment name"), (self.model, "model name")):
-            if not NAME.match(value or ""):
-                raise ValidationFailed(f"{what} {value!r} must be 1-63 lowercase letters, digits, '-', '_' or '.'")
+        contracts.validate_name(self.name, "deployment name")
+        contracts.validate_name(self.model, "model name")
         if self.stable_version < 1:
             raise ValidationFailed("stable version must be a positive integer")
         if self.canary_version is not None:
@@ -179,7 +177,7 @@ class Deployments:
 
     def triton_models(self, tenant: str, row: dict) -> dict[str, str]:
         versions = [row["stable_version"]] + ([row["canary_version"]] if row["canary_version"] else [])
-        return {str(v): model_repository.triton_model_name(tenant, row["model"], v) for v in versions}
+        return {str(v): contracts.triton_model_name(tenant, row["model"], v) for v in versions}
 
     # -- changes --------------------------------------------------------------------------------------
 
@@ -279,7 +277,7 @@ class Deployments:
                                    (etag_of(row), tenant, name))
 
     async def _ensure_loaded(self, tenant: str, model: str, version: int) -> ServedVersion:
-        name = model_repository.triton_model_name(tenant, model, version)
+        name = contracts.triton_model_name(tenant, model, version)
         async with self._load_locks.setdefault(name, asyncio.Lock()):
             loaded = self.loaded.get(name)
             if loaded is not None and await self.engine.is_ready(name):

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerFast
 
+from services.common.contracts import DecoderSpec
 from services.common.errors import BadRequest, DeadlineExceeded, ValidationFailed
 from services.inference.sampling import SamplingParams, StopScanner, choose
 from services.inference.triton_engine import TritonEngine, new_sequence_id
-from services.registry.onnx_export import DecoderSpec
 
 MAX_PROMPT_CHARS = 1_000_000
 

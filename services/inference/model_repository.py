@@ -1,8 +1,8 @@
 """The Triton model repository the inference service owns (`LLMP_TRITON_MODEL_REPOSITORY`).
 
-One Triton model per registry model version, named `m-<tenant>-` + the registry's
-`layout.triton_model_name` (`<model>-v<version>`): the tenant prefix keeps two tenants' models of the
-same name apart in one Triton. Laid out as Triton expects:
+One Triton model per registry model version, named by `contracts.triton_model_name(tenant, model, version)`
+(a readable prefix and a hash of the three, so two tenants' models never share a name in one Triton).
+Laid out as Triton expects:
 
     <repository>/<triton name>/config.pbtxt
     <repository>/<triton name>/1/model.py      (services/inference/triton_model/model.py)
@@ -17,7 +17,6 @@ NGC tritonserver reads (its Python backend then needs numpy and onnxruntime in i
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,12 +24,11 @@ from pathlib import Path
 from typing import Protocol
 
 from services.common.config import Settings
+from services.common.contracts import DECODER_SPEC_FILE
 from services.common.errors import InvalidArgument
 from services.common.s3 import ObjectStore
-from services.registry import layout
 
 TEMPLATE_DIR = Path(__file__).parent / "triton_model"
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 @dataclass(frozen=True)
@@ -44,13 +42,9 @@ class BatchingConfig:
     intra_op_threads: int = 1  # ORT threads per call (the machine is shared)
 
 
-def triton_model_name(tenant: str, model: str, version: int) -> str:
-    return f"m-{_UNSAFE.sub('_', tenant)}-{layout.triton_model_name(_UNSAFE.sub('_', model), version)}"
-
-
 def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingConfig = BatchingConfig()) -> Path:
     """Write (or refresh) model `name` from an export folder holding `model.onnx` and `decoder.json`."""
-    for required in ("model.onnx", "decoder.json"):
+    for required in ("model.onnx", DECODER_SPEC_FILE):
         if not (onnx_dir / required).exists():
             raise FileNotFoundError(f"{onnx_dir} has no {required}")
     model_dir = repository / name
@@ -59,7 +53,7 @@ def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingC
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "1").mkdir(parents=True)
     shutil.copy2(TEMPLATE_DIR / "model.py", staging / "1" / "model.py")
-    for item in ("model.onnx", "decoder.json"):
+    for item in ("model.onnx", DECODER_SPEC_FILE):
         _link_or_copy(onnx_dir / item, staging / "1" / item)
     template = (TEMPLATE_DIR / "config.pbtxt.template").read_text()
     (staging / "config.pbtxt").write_text(template.format(

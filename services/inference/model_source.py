@@ -1,6 +1,7 @@
 """Where deployable model versions come from, as local folders in the registry's layout.
 
-A version's files follow the registry's S3 layout (docs/CONTRACTS.md), rooted at a local directory:
+A version's files follow the registry's S3 layout (`contracts.model_version_prefix`), rooted at a local
+directory:
 
     <root>/models/<tenant>/<name>/v<version>/tokenizer.json, tokenizer_config.json, ...
     <root>/models/<tenant>/<name>/v<version>/exports/onnx/model.onnx, decoder.json
@@ -24,8 +25,9 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerFast
 
+from services.common import contracts
+from services.common.contracts import DECODER_SPEC_FILE, DecoderSpec
 from services.common.errors import Conflict, NotFound, Unavailable
-from services.registry.onnx_export import DecoderSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 EXPORT_FORMAT = "onnx"  # what the Triton model runs (services/inference/triton_model/model.py)
@@ -42,7 +44,7 @@ class VersionFiles:
     digest: str = ""
 
     def spec(self) -> DecoderSpec:
-        return DecoderSpec.from_json((self.onnx_dir / "decoder.json").read_text())
+        return DecoderSpec.from_json((self.onnx_dir / DECODER_SPEC_FILE).read_text())
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return PreTrainedTokenizerFast.from_pretrained(str(self.version_dir))
@@ -63,20 +65,26 @@ class ModelSource(Protocol):
 
 
 def version_dir(root: Path, tenant: str, model: str, version: int) -> Path:
-    return root / "models" / tenant / model / f"v{version}"
+    return root / contracts.model_version_prefix(tenant, model, version)
+
+
+def _alias_file(root: Path, tenant: str, model: str, alias: str) -> Path:
+    """`<root>/models/<tenant>/<name>/aliases/<alias>`: beside the model's version folders."""
+    return version_dir(root, tenant, model, 1).parent / "aliases" / alias
 
 
 def publish_local_version(root: Path, tenant: str, model: str, version: int, onnx_dir: Path,
                           tokenizer_dir: Path) -> VersionFiles:
     """Lay an exported model and its tokenizer out as a local source version (what tests deploy)."""
     target = version_dir(root, tenant, model, version)
-    (target / "exports" / "onnx").mkdir(parents=True, exist_ok=True)
-    for name in ("model.onnx", "decoder.json"):
-        shutil.copy2(onnx_dir / name, target / "exports" / "onnx" / name)
+    export = target / contracts.export_dir(EXPORT_FORMAT)
+    export.mkdir(parents=True, exist_ok=True)
+    for name in ("model.onnx", DECODER_SPEC_FILE):
+        shutil.copy2(onnx_dir / name, export / name)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy2(tokenizer_dir / name, target / name)
-    return VersionFiles(model, version, target, target / "exports" / "onnx")
+    return VersionFiles(model, version, target, export)
 
 
 class LocalModelSource:
@@ -91,14 +99,14 @@ class LocalModelSource:
             if not version_dir(self.root, tenant, model, version).exists():
                 raise NotFound(f"model {model} has no version {version}")
             return version
-        path = self.root / "models" / tenant / model / "aliases" / alias
+        path = _alias_file(self.root, tenant, model, alias)
         if not path.exists():
             raise NotFound(f"model {model} has no alias {alias!r}")
         return int(path.read_text().strip())
 
     async def fetch(self, tenant: str, model: str, version: int) -> VersionFiles:
         target = version_dir(self.root, tenant, model, version)
-        onnx_dir = target / "exports" / "onnx"
+        onnx_dir = target / contracts.export_dir(EXPORT_FORMAT)
         if not (onnx_dir / "model.onnx").exists():
             raise NotFound(f"model {model} version {version} has no ONNX export")
         return VersionFiles(model, version, target, onnx_dir)
@@ -154,10 +162,10 @@ class S3ModelSource:
                                    registry_pb2.GetModelVersionRequest(name=model, version=version))).version
         # path inside the version -> (S3 key, sha256): the tokenizer files and the export's decoder files
         wanted = {a.path: (a.object.key, a.object.sha256) for a in listed.artifacts if a.path in TOKENIZER_FILES}
-        export_dir = f"exports/{EXPORT_FORMAT}/"
+        export_dir = contracts.export_dir(EXPORT_FORMAT)
         wanted.update({a.path: (a.object.key, a.object.sha256) for a in export.artifacts
-                       if a.path in (export_dir + "model.onnx", export_dir + "decoder.json")})
-        for required in ("tokenizer.json", export_dir + "model.onnx", export_dir + "decoder.json"):
+                       if a.path in (export_dir + "model.onnx", export_dir + DECODER_SPEC_FILE)})
+        for required in ("tokenizer.json", export_dir + "model.onnx", export_dir + DECODER_SPEC_FILE):
             if required not in wanted:
                 raise NotFound(f"model {model} version {version} has no {required} in the registry")
         target = version_dir(self.cache_root, tenant, model, version)
@@ -173,7 +181,7 @@ class S3ModelSource:
         except OSError as error:
             raise Unavailable(f"cannot fetch model {model} v{version} from S3: {error}", retry_after=2) from error
         digest = next((a.object.sha256 for a in export.artifacts if a.path == export_dir + "model.onnx"), "")
-        return VersionFiles(model, version, target, target / "exports" / EXPORT_FORMAT, digest)
+        return VersionFiles(model, version, target, target / export_dir, digest)
 
     async def mark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
         from llmp.common.v1 import common_pb2

@@ -10,17 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.common.contracts import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, MAX_TEMPERATURE
 from services.common.errors import ValidationFailed
-
-MAX_STOP_SEQUENCES = 4
-MAX_STOP_LENGTH = 64
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 means greedy (top_k/top_p/seed are then ignored)."""
 
-    temperature: float = 0.0  # 0 = greedy; else logits are divided by it (0 < t <= 2)
+    temperature: float = 0.0  # 0 = greedy; else logits are divided by it (0 < t <= MAX_TEMPERATURE)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p (0 < p <= 1)
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     seed: int | None = None  # makes sampling reproducible; None = fresh entropy
@@ -31,8 +29,8 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> "SamplingParams":
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValidationFailed(f"temperature must be between 0 and 2, not {self.temperature}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValidationFailed(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, not {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValidationFailed(f"top_p must be in (0, 1], not {self.top_p}")
         if self.top_k < 0:

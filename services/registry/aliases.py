@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from services.common import contracts
 from services.common.db import Database
 from services.common.errors import NotFound, PreconditionFailed, PreconditionRequired
-from services.registry import layout
 
 
 def etag_for(tenant: str, name: str, alias: str, version: int, revision: int) -> str:
@@ -23,9 +23,9 @@ def etag_for(tenant: str, name: str, alias: str, version: int, revision: int) ->
 
 async def set_alias(db: Database, tenant: str, name: str, alias: str, version: int, *, expected_etag: str = "",
                     must_not_exist: bool = False, actor: str, reason: str = "") -> dict[str, Any]:
-    layout.validate_name(name, "model name")
-    layout.validate_name(alias, "alias")
-    layout.validate_version(version)
+    contracts.validate_name(name, "model name")
+    contracts.validate_name(alias, "alias")
+    contracts.validate_version(version)
     if expected_etag and must_not_exist:
         raise PreconditionFailed("an alias cannot both exist with an etag and not exist")
     async with db.transaction() as conn:

@@ -12,14 +12,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common import contracts
 from services.common.db import Database
 from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.s3 import ObjectStore
-from services.registry import layout
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PAGE, MAX_PAGE = 50, 1000
 
 
 @dataclass
@@ -32,11 +30,6 @@ class VersionView:
     aliases: list[str] = field(default_factory=list)
     deployments: list[str] = field(default_factory=list)
 
-
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative")
-    return min(requested or DEFAULT_PAGE, MAX_PAGE)
 
 
 def encode_token(value: str | int) -> str:
@@ -69,7 +62,7 @@ async def get_model(db: Database, tenant: str, name: str) -> dict[str, Any]:
 
 async def list_models(db: Database, tenant: str, size: int, token: str) -> tuple[list[dict[str, Any]], str]:
     after = decode_token(token) if token else ""
-    return await _models(db, tenant, after=after, limit=page_size(size))
+    return await _models(db, tenant, after=after, limit=contracts.page_size(size))
 
 
 async def _models(db: Database, tenant: str, *, name: str | None = None, after: str = "",
@@ -99,7 +92,7 @@ async def get_version(db: Database, tenant: str, name: str, version: int) -> Ver
 
 async def list_versions(db: Database, tenant: str, name: str, size: int, token: str) -> tuple[list[VersionView], str]:
     before = decode_version_token(token) if token else None
-    views, more = await _versions(db, tenant, name, before=before, limit=page_size(size))
+    views, more = await _versions(db, tenant, name, before=before, limit=contracts.page_size(size))
     if not views and before is None:
         await get_model(db, tenant, name)  # NotFound for an unknown model, an empty page otherwise
     return views, encode_token(views[-1].row["version"]) if more else ""
@@ -182,7 +175,7 @@ async def delete_version(db: Database, store: ObjectStore, tenant: str, name: st
 
 async def mark_deployed(db: Database, tenant: str, name: str, version: int, deployment: str,
                         export_format: str = "") -> list[str]:
-    layout.validate_name(deployment, "deployment name")
+    contracts.validate_name(deployment, "deployment name")
     async with db.transaction() as conn:
         row = await (await conn.execute(
             "SELECT 1 FROM registry_versions WHERE tenant = %s AND name = %s AND version = %s AND state = 'READY' "
@@ -190,7 +183,7 @@ async def mark_deployed(db: Database, tenant: str, name: str, version: int, depl
         if row is None:
             raise NotFound(f"model {name} version {version} not found")
         if export_format:
-            layout.validate_format(export_format)
+            contracts.validate_export_format(export_format)
             export = await (await conn.execute(
                 "SELECT state FROM registry_exports WHERE tenant = %s AND name = %s AND version = %s AND format = %s",
                 (tenant, name, version, export_format))).fetchone()

@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from services.common import contracts
 from services.common.db import Database
 from services.common.errors import Internal, NotFound, ValidationFailed
 from services.common.s3 import ObjectStore
@@ -31,7 +32,7 @@ async def find_artifact(db: Database, tenant: str, name: str, version: int, path
                USING (tenant, name, version)
                WHERE a.tenant = %s AND a.name = %s AND a.version = %s AND a.path = %s AND v.state = 'READY'""",
             (tenant, name, version, path))).fetchone()
-        if row is None and path.startswith("exports/"):
+        if row is None and path.startswith(contracts.EXPORTS):
             row = await (await conn.execute(
                 """SELECT item->>'key' AS key, (item->>'size')::bigint AS size, item->>'sha256' AS sha256
                    FROM registry_exports e JOIN registry_versions v USING (tenant, name, version),

@@ -2,15 +2,14 @@
 
 Held-out inputs and perplexity windows come from the `test` split, INT8 calibration windows from the
 `calibration` split. Without a dataset in the lineage, parity runs on seeded random tokens (and INT8,
-which needs calibration data, is refused).
+which needs calibration data, is refused). A manifest that cannot be read (e.g. no dtype) fails the export.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
+from services.common import contracts
 from services.common.errors import NotFound, ValidationFailed
 from services.common.s3 import ObjectStore
 from services.registry.exporters import EvalData
@@ -20,18 +19,13 @@ TEST = (16, 64)  # perplexity windows
 CALIBRATION = (32, 64)  # int8 calibration windows
 
 
-def dataset_prefix(tenant: str, name: str, version: int) -> str:
-    return f"datasets/{tenant}/{name}/v{version}/"
-
-
-def read_split(store: ObjectStore, manifest: dict, split: str, tokens: int) -> np.ndarray:
+def read_split(store: ObjectStore, manifest: contracts.DatasetManifest, split: str, tokens: int) -> np.ndarray:
     """The first `tokens` token ids of a split (fewer if the split is smaller), as int64."""
-    dtype = np.dtype(manifest.get("dtype", "uint16")).newbyteorder("<")
-    info = manifest.get("splits", {}).get(split)
-    if not info or not info.get("shards"):
-        raise ValidationFailed(f"dataset {manifest.get('name')} v{manifest.get('version')} has no {split} split")
+    dtype = np.dtype(manifest.numpy_dtype)
+    if not manifest.shards(split):
+        raise ValidationFailed(f"dataset {manifest.name} v{manifest.version} has no {split} split")
     parts, have = [], 0
-    for key in info["shards"]:
+    for key in manifest.shards(split):
         ids = np.frombuffer(store.get_bytes(key), dtype=dtype).astype(np.int64)
         parts.append(ids[: tokens - have])
         have += len(parts[-1])
@@ -53,9 +47,9 @@ def load(store: ObjectStore, tenant: str, dataset_name: str, dataset_version: in
          context_length: int, seed: int = 0) -> EvalData:
     """Evaluation windows for a model with `vocab_size` and `context_length`, from the lineage dataset if any."""
     if dataset_name:
-        key = dataset_prefix(tenant, dataset_name, dataset_version) + "manifest.json"
+        key = contracts.dataset_manifest_key(tenant, dataset_name, dataset_version)
         try:
-            manifest = json.loads(store.get_bytes(key))
+            manifest = contracts.DatasetManifest.from_json(store.get_bytes(key))
         except NotFound:
             manifest = None
         if manifest is not None:

@@ -21,10 +21,11 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from services.common import contracts
 from services.common.db import Database
 from services.common.errors import NotFound
 from services.common.s3 import ObjectStore
-from services.registry import evaldata, exporters, layout, parity
+from services.registry import evaldata, exporters, parity
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ class Exports:
         self._slots = asyncio.Semaphore(concurrency)
 
     async def create(self, tenant: str, name: str, version: int, fmt: str) -> dict[str, Any]:
-        layout.validate_name(name, "model name")
-        layout.validate_version(version)
-        layout.validate_format(fmt)
+        contracts.validate_name(name, "model name")
+        contracts.validate_version(version)
+        contracts.validate_export_format(fmt)
         async with self.db.transaction() as conn:
             ready = await (await conn.execute(
                 "SELECT 1 FROM registry_versions WHERE tenant = %s AND name = %s AND version = %s "
@@ -73,7 +74,7 @@ class Exports:
         return row
 
     async def get(self, tenant: str, name: str, version: int, fmt: str) -> dict[str, Any]:
-        layout.validate_format(fmt)
+        contracts.validate_export_format(fmt)
         async with self.db.pool.connection() as conn:
             row = await (await conn.execute(
                 """SELECT e.* FROM registry_exports e JOIN registry_versions v USING (tenant, name, version)
@@ -159,16 +160,16 @@ class Exports:
             context = int(config.get("n_positions") or config.get("max_position_embeddings") or 128)
             data = evaldata.load(self.store, tenant, version["dataset_name"], version["dataset_version"],
                                  vocab_size=int(config["vocab_size"]), context_length=context)
-            triton_model = layout.triton_model_name(name, number) if fmt.startswith("onnx") else ""
+            triton_model = contracts.triton_model_name(tenant, name, number) if fmt.startswith("onnx") else ""
             outcome = exporters.export(fmt, model_dir, out_dir, data, triton_model=triton_model,
                                        thresholds=self.thresholds, exporters=self.exporter_table)
-            prefix = layout.export_prefix(tenant, name, number, fmt)
+            prefix = contracts.model_export_prefix(tenant, name, number, fmt)
             self.store.delete_prefix(prefix)
             stored = []
             # Only an export within parity is published: readers of S3 never find a failed one's files.
             for path in outcome.files if outcome.passed else []:
                 obj = self.store.put_file(prefix + path, out_dir / path)
-                stored.append({"path": f"exports/{fmt}/{path}", **obj.as_dict(role=f"export-{fmt}")})
+                stored.append({"path": contracts.export_dir(fmt) + path, **obj.as_dict(role=f"export-{fmt}")})
         state = "READY" if outcome.passed else "FAILED"
         error = "" if outcome.passed else "parity check failed: the export does not match the PyTorch model"
         triton = (prefix + "triton/", outcome.triton_model) if outcome.triton_model and outcome.passed else ("", "")

@@ -8,68 +8,46 @@ The graph (docs/CONTRACTS.md, "ONNX decoder"):
   [batch, n_head, past+seq, head_dim], fed back as the next call's past.
 
 It uses the dynamo exporter (`torch.onnx.export(..., dynamo=True)`): with transformers 5 the legacy
-TorchScript exporter fails on `aten::diff`.
+TorchScript exporter fails on `aten::diff`. Beside the graph goes `decoder.json`, a
+`services.common.contracts.DecoderSpec` (`decoder_spec(model)`), which the inference service reads.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from services.common.contracts import DECODER_SPEC_FILE, DecoderSpec
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 
 
-@dataclass(frozen=True)
-class DecoderSpec:
-    """What a runtime needs to drive the exported graph; written beside it as `decoder.json`."""
-
-    n_layer: int
-    n_head: int
-    head_dim: int
-    vocab_size: int
-    context_length: int  # largest past+seq the model's position embeddings allow
-    eos_token_id: int | None
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-
-    @classmethod
-    def for_model(cls, model: PreTrainedModel) -> "DecoderSpec":
-        config = model.config.get_text_config(decoder=True)
-        n_layer = config.num_hidden_layers
-        n_head = config.num_attention_heads
-        names = [f"{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
-        context = getattr(config, "n_positions", None) or config.max_position_embeddings
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        return cls(
-            n_layer=n_layer,
-            n_head=n_head,
-            head_dim=config.hidden_size // n_head,
-            vocab_size=config.vocab_size,
-            context_length=int(context),
-            eos_token_id=eos if eos is not None else config.eos_token_id,
-            input_names=("input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in names)),
-            output_names=("logits", *(f"present.{n}" for n in names)),
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DecoderSpec":
-        data = json.loads(text)
-        data["input_names"] = tuple(data["input_names"])
-        data["output_names"] = tuple(data["output_names"])
-        return cls(**data)
+def decoder_spec(model: PreTrainedModel) -> DecoderSpec:
+    """The served-model description of a Transformers causal LM (its graph's names, shapes and EOS)."""
+    config = model.config.get_text_config(decoder=True)
+    n_layer = config.num_hidden_layers
+    n_head = config.num_attention_heads
+    names = [f"{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+    context = getattr(config, "n_positions", None) or config.max_position_embeddings
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return DecoderSpec(
+        n_layer=n_layer,
+        n_head=n_head,
+        head_dim=config.hidden_size // n_head,
+        vocab_size=config.vocab_size,
+        context_length=int(context),
+        eos_token_id=eos if eos is not None else config.eos_token_id,
+        input_names=("input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in names)),
+        output_names=("logits", *(f"present.{n}" for n in names)),
+    )
 
 
 class _DecoderWithPast(torch.nn.Module):
@@ -113,7 +91,7 @@ def _dynamic_shapes(spec: DecoderSpec) -> dict:
 def export_model_onnx(model: PreTrainedModel, out_path: Path) -> DecoderSpec:
     """Export an in-memory causal LM to `out_path` (one self-contained .onnx file) and write its spec beside it."""
     model = model.eval().float()
-    spec = DecoderSpec.for_model(model)
+    spec = decoder_spec(model)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
@@ -125,7 +103,7 @@ def export_model_onnx(model: PreTrainedModel, out_path: Path) -> DecoderSpec:
             output_names=list(spec.output_names), verbose=False,
         )
         program.save(str(out_path), external_data=False)
-    (out_path.parent / "decoder.json").write_text(spec.to_json())
+    (out_path.parent / DECODER_SPEC_FILE).write_text(spec.to_json())
     log.info("exported %s layers=%d vocab=%d to %s", type(model).__name__, spec.n_layer, spec.vocab_size, out_path)
     return spec
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import xxhash
 from psycopg.types.json import Jsonb
 
+from services.common import contracts
 from services.common.db import Database
 from services.common.errors import Conflict, Internal, NotFound, ValidationFailed
 from services.common.grpc_server import Caller
@@ -110,20 +111,20 @@ class DeclaredArtifact:
 
 
 def _validate(request: Registration, *, reserving: bool = False) -> None:
-    layout.validate_name(request.model_name, "model name")
+    contracts.validate_name(request.model_name, "model name")
     if not reserving:
         if not request.source_prefix or not request.source_prefix.endswith("/"):
             raise ValidationFailed(
                 f"source_prefix {request.source_prefix!r} must be a non-empty S3 prefix ending in '/'")
-        if request.source_prefix.startswith("models/"):
+        if request.source_prefix.startswith(contracts.MODELS):
             raise ValidationFailed("source_prefix must not point inside the registry's own models/ prefix")
     lineage = request.lineage
     if lineage.dataset_name:
-        layout.validate_name(lineage.dataset_name, "lineage dataset name")
-        layout.validate_version(lineage.dataset_version, "lineage dataset version")
+        contracts.validate_name(lineage.dataset_name, "lineage dataset name")
+        contracts.validate_version(lineage.dataset_version, "lineage dataset version")
     if lineage.parent_name:
-        layout.validate_name(lineage.parent_name, "lineage parent model name")
-        layout.validate_version(lineage.parent_version, "lineage parent version")
+        contracts.validate_name(lineage.parent_name, "lineage parent model name")
+        contracts.validate_version(lineage.parent_version, "lineage parent version")
     for key, value in request.metrics.items():
         if not key or value != value:  # NaN is not a metric
             raise ValidationFailed(f"metric {key!r} must have a name and a number")
@@ -209,7 +210,7 @@ async def register(db: Database, store: ObjectStore, caller: Caller, request: Re
     version = await _insert_pending(db, caller, request, registration_id)
     log.info("registering", extra={"model": name, "version": version, "objects": len(paths)})
 
-    prefix = layout.version_prefix(tenant, name, version)
+    prefix = contracts.model_version_prefix(tenant, name, version)
     heartbeat = asyncio.create_task(_heartbeat(db, registration_id, heartbeat_seconds))
     try:
         limit = asyncio.Semaphore(COPY_PARALLELISM)
@@ -237,7 +238,7 @@ async def reserve(db: Database, caller: Caller, request: Registration,
     version = await _insert_pending(db, caller, request, registration_id)
     log.info("reserved", extra={"model": request.model_name, "version": version})
     return Reservation(request.model_name, version, registration_id,
-                       layout.version_prefix(caller.tenant, request.model_name, version), lease_seconds)
+                       contracts.model_version_prefix(caller.tenant, request.model_name, version), lease_seconds)
 
 
 async def _pending_row(conn, caller: Caller, reservation_id: uuid.UUID, *, committed_ok: bool = False) -> dict:
@@ -331,7 +332,7 @@ async def _insert_pending(db: Database, caller: Caller, request: Registration, r
                    parent_version, metrics, description, created_by)
                VALUES (%s, %s, %s, 'PENDING', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
             (tenant, name, version, registration_id, request.source_prefix,
-             layout.version_prefix(tenant, name, version), lineage.dataset_name, lineage.dataset_version,
+             contracts.model_version_prefix(tenant, name, version), lineage.dataset_name, lineage.dataset_version,
              lineage.training_job_id, lineage.code_version, Jsonb(dict(lineage.environment)), lineage.parent_name,
              lineage.parent_version, Jsonb(dict(request.metrics)), request.description, caller.key_id))
     return version
@@ -416,10 +417,10 @@ async def sweep(db: Database, store: ObjectStore, *, lease_seconds: float = LEAS
 
 async def _delete_orphans(db: Database, store: ObjectStore) -> int:
     """Delete objects under models/ whose version is neither PENDING nor READY (e.g. written by a zombie)."""
-    objects = await asyncio.to_thread(store.list, "models/")
+    objects = await asyncio.to_thread(store.list, contracts.MODELS)
     owners: dict[tuple[str, str, int], list[str]] = {}
     for obj in objects:
-        owner = layout.parse_version_key(obj.key)
+        owner = contracts.parse_model_version_key(obj.key)
         if owner is not None:
             owners.setdefault(owner, []).append(obj.key)
     if not owners:
@@ -437,7 +438,8 @@ async def _delete_orphans(db: Database, store: ObjectStore) -> int:
         for key in keys:
             await asyncio.to_thread(store.delete, key)
             deleted += 1
-        log.warning("deleted orphaned objects", extra={"prefix": layout.version_prefix(*owner), "objects": len(keys)})
+        log.warning("deleted orphaned objects",
+                    extra={"prefix": contracts.model_version_prefix(*owner), "objects": len(keys)})
     return deleted
 
 

@@ -15,11 +15,12 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 from llmp.registry.v1 import registry_pb2_grpc
 
+from services.common import contracts
 from services.common.db import Database
 from services.common.errors import NotFound
 from services.common.grpc_server import caller_from_context
 from services.common.s3 import ObjectStore
-from services.registry import aliases, catalog, downloads, layout, registration
+from services.registry import aliases, catalog, downloads, registration
 from services.registry.exports import Exports
 
 SERVICE_NAME = "llmp.registry.v1.RegistryService"
@@ -92,7 +93,7 @@ def _reservation_id(value: str) -> uuid.UUID:
 
 
 def _ref(ref: common_pb2.ModelRef) -> tuple[str, int]:
-    return layout.validate_name(ref.name, "model name"), layout.validate_version(ref.version)
+    return contracts.validate_name(ref.name, "model name"), contracts.validate_version(ref.version)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -134,7 +135,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)
-        row = await catalog.get_model(self.db, caller.tenant, layout.validate_name(request.name, "model name"))
+        row = await catalog.get_model(self.db, caller.tenant, contracts.validate_name(request.name, "model name"))
         return pb.GetModelResponse(model=model_message(row))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
@@ -151,7 +152,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def ListModelVersions(self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)
-        name = layout.validate_name(request.name, "model name")
+        name = contracts.validate_name(request.name, "model name")
         views, token = await catalog.list_versions(self.db, caller.tenant, name, request.page.page_size,
                                                    request.page.page_token)
         return pb.ListModelVersionsResponse(versions=[version_message(view) for view in views],
@@ -160,8 +161,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListModelVersionsByDataset(self, request: pb.ListModelVersionsByDatasetRequest,
                                          context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)
-        name = layout.validate_name(request.dataset.name, "dataset name")
-        version = layout.validate_version(request.dataset.version, "dataset version")
+        name = contracts.validate_name(request.dataset.name, "dataset name")
+        version = contracts.validate_version(request.dataset.version, "dataset version")
         found = await catalog.list_by_dataset(self.db, caller.tenant, name, version)
         return pb.ListModelVersionsByDatasetResponse(
             versions=[common_pb2.ModelRef(name=model, version=number) for model, number in found])

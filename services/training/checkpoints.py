@@ -1,6 +1,6 @@
 """Checkpoints in S3 that become visible only when complete, and finding the latest one to resume.
 
-Layout under `jobs/{tenant}/{job_id}/checkpoints/step-{n}/`:
+Layout under `JobLayout.step(n)` (`jobs/{tenant}/{job_id}/checkpoints/step-{n}/`, services.common.contracts):
 
 - `model/`: `save_pretrained` of rank 0's model (`config.json`, `model.safetensors`, …);
 - `optimizer.pt`, `scheduler.pt`: rank 0's AdamW and LR-schedule state;
@@ -27,39 +27,13 @@ from pathlib import Path
 
 import torch
 
+from services.common.contracts import JobLayout
 from services.common.errors import Conflict
 
 log = logging.getLogger(__name__)
 
 COMMITTED = "COMMITTED"
 _STEP = re.compile(r"/checkpoints/step-(\d+)/COMMITTED$")
-
-
-@dataclass(frozen=True)
-class JobLayout:
-    """Where a job's objects live in the bucket."""
-
-    tenant: str
-    job_id: str
-
-    @property
-    def prefix(self) -> str:
-        return f"jobs/{self.tenant}/{self.job_id}/"
-
-    @property
-    def checkpoints(self) -> str:
-        return self.prefix + "checkpoints/"
-
-    def step(self, step: int) -> str:
-        return f"{self.checkpoints}step-{step}/"
-
-    @property
-    def final(self) -> str:
-        return self.prefix + "final/"
-
-    @property
-    def metrics(self) -> str:
-        return self.prefix + "metrics.json"
 
 
 def rank_file(rank: int) -> str:

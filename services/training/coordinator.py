@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from psycopg.types.json import Jsonb
 
+from services.common import contracts
 from services.common.errors import Conflict, InvalidArgument, NotFound, ValidationFailed
 from services.common.grpc_server import Caller
 from services.training.spec import JobSpec
@@ -46,9 +47,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 30.0  # a node's lease; its worker renews it every third of that
 DEFAULT_MAX_ATTEMPTS = 3  # runs a job gets when its workers keep dying; then FAILED
-MAX_PRIORITY = 1000
-MAX_IDEMPOTENCY_KEY = 255
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000
 WATCH_POLL_SECONDS = 0.25
 _CLAIM_LOCK = 7_212_052  # advisory lock serialising claims (any value unique among llmp's locks)
 
@@ -116,20 +114,11 @@ class Job:
     @property
     def output_prefix(self) -> str:
         """Everything the job writes lives under this S3 prefix (docs/CONTRACTS.md)."""
-        return job_prefix(self.tenant, self.id)
+        return contracts.job_prefix(self.tenant, self.id)
 
     @property
     def final_prefix(self) -> str:
-        return self.output_prefix + "final/"
-
-
-def job_prefix(tenant: str, job_id: str) -> str:
-    return f"jobs/{tenant}/{job_id}/"
-
-
-def manifest_key(tenant: str, name: str, version: int) -> str:
-    """Where a dataset version's manifest lives (docs/CONTRACTS.md)."""
-    return f"datasets/{tenant}/{name}/v{version}/manifest.json"
+        return contracts.JobLayout(self.tenant, self.id).final
 
 
 @dataclass(frozen=True)
@@ -248,11 +237,11 @@ class Coordinator:
                      priority: int = 0, model_name: str = "") -> tuple[Job, bool]:
         """Validate and store a job, then dispatch it. Returns (job, created)."""
         spec = resolve_spec(raw_spec)
-        if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
-            raise ValidationFailed(f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
-        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise ValidationFailed(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
-        model_name = model_name or spec.dataset.name
+        if not contracts.MIN_PRIORITY <= priority <= contracts.MAX_PRIORITY:
+            raise ValidationFailed(f"priority must be between {contracts.MIN_PRIORITY} and {contracts.MAX_PRIORITY}")
+        if len(idempotency_key) > contracts.MAX_IDEMPOTENCY_KEY:
+            raise ValidationFailed(f"idempotency_key is longer than {contracts.MAX_IDEMPOTENCY_KEY} characters")
+        model_name = contracts.validate_name(model_name, "model_name") if model_name else spec.dataset.name
         resolved = spec.to_dict()
         digest = spec_digest(resolved, model_name)
         key = idempotency_key or None
@@ -260,7 +249,7 @@ class Coordinator:
             existing = await self._by_idempotency_key(caller.tenant, key, digest)
             if existing is not None:
                 return existing, False
-        manifest = manifest_key(caller.tenant, spec.dataset.name, spec.dataset.version)
+        manifest = contracts.dataset_manifest_key(caller.tenant, spec.dataset.name, spec.dataset.version)
         if self.check_dataset is not None:
             manifest = await self.check_dataset(caller, spec)
 
@@ -314,9 +303,7 @@ class Coordinator:
     async def list(self, tenant: str, *, states: Iterable[JobState] = (), page_size: int = 0,
                    page_token: str = "") -> tuple[list[Job], str]:
         """A page of the tenant's jobs, newest first, and the next page's token ('' on the last)."""
-        if page_size < 0:
-            raise InvalidArgument("page_size must be >= 0")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = contracts.page_size(page_size)
         conditions, params = ["tenant = %s"], [tenant]
         wanted = [JobState(state).value for state in states]
         if wanted:

@@ -1,8 +1,8 @@
 """Reading a dataset version (docs/CONTRACTS.md) into batches that resume exactly.
 
-A version is a `manifest.json`, a `tokenizer/` folder and per split `{split}/shard-{i:05d}.bin` files of
-flat little-endian token ids. `fetch_dataset` downloads it once per node, verifying every SHA-256;
-`LocalDataset` memory-maps the shards as one token stream per split.
+A version is a `manifest.json` (`contracts.DatasetManifest`), a `tokenizer/` folder and per split
+`{split}/shard-{i:05d}.bin` files of flat little-endian token ids. `fetch_dataset` downloads it once per
+node, verifying every SHA-256; `LocalDataset` memory-maps the shards as one token stream per split.
 
 Training order is a pure function of (seed, position): the train stream is cut into `W` windows of
 `block_size` tokens (shifted each epoch by a seeded offset, so window boundaries move), each epoch
@@ -15,17 +15,15 @@ restoring it restores the exact sequence of batches.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from services.common import contracts
+from services.common.contracts import DatasetManifest
 from services.common.errors import ValidationFailed
-
-SPLITS = ("train", "validation", "test", "calibration")
-DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
 class TokenStream:
@@ -55,35 +53,26 @@ class LocalDataset:
     """A dataset version on local disk: its manifest, shards and tokenizer folder."""
 
     root: Path
-    manifest: dict
+    info: DatasetManifest
     dataset_sha256: str  # SHA-256 of manifest.json: identifies the version's exact content
     tokenizer_sha256: str  # SHA-256 over the tokenizer files' (name, SHA-256) pairs
 
     @classmethod
     def open(cls, root: Path) -> LocalDataset:
-        raw = (root / "manifest.json").read_bytes()
-        manifest = json.loads(raw)
-        if manifest.get("dtype") not in DTYPES:
-            raise ValidationFailed(f"dataset manifest dtype {manifest.get('dtype')!r} is not uint16 or uint32")
-        return cls(root, manifest, hashlib.sha256(raw).hexdigest(), _tokenizer_digest(root / "tokenizer"))
+        raw = (root / contracts.DATASET_MANIFEST).read_bytes()
+        return cls(root, DatasetManifest.from_json(raw), hashlib.sha256(raw).hexdigest(),
+                   _tokenizer_digest(root / contracts.DATASET_TOKENIZER))
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
+        return self.root / contracts.DATASET_TOKENIZER
 
     def has_split(self, split: str) -> bool:
-        return bool(self.manifest["splits"].get(split, {}).get("shards"))
+        return bool(self.info.shards(split))
 
     def stream(self, split: str) -> TokenStream:
-        shards = self.manifest["splits"].get(split, {}).get("shards", [])
-        return TokenStream([self.root / _relative(key) for key in shards], DTYPES[self.manifest["dtype"]])
-
-
-def _relative(key: str) -> str:
-    """A manifest key relative to the version's prefix `datasets/{tenant}/{name}/v{n}/` (manifests may
-    list full keys or relative ones)."""
-    parts = key.split("/")
-    return "/".join(parts[4:]) if parts[0] == "datasets" and len(parts) > 4 else key
+        paths = [self.root / contracts.within_dataset_version(key) for key in self.info.shards(split)]
+        return TokenStream(paths, np.dtype(self.info.numpy_dtype))
 
 
 def _tokenizer_digest(folder: Path) -> str:
@@ -101,14 +90,14 @@ def fetch_dataset(store, manifest_key: str, root: Path) -> LocalDataset:
     node does not download again.
     """
     root.mkdir(parents=True, exist_ok=True)
-    store.download(manifest_key, root / "manifest.json")
-    manifest = json.loads((root / "manifest.json").read_bytes())
+    store.download(manifest_key, root / contracts.DATASET_MANIFEST)
+    manifest = DatasetManifest.from_json((root / contracts.DATASET_MANIFEST).read_bytes())
     prefix = manifest_key.rsplit("/", 1)[0] + "/"
-    digests = {_relative(obj["key"]): obj.get("sha256") for obj in manifest.get("objects", [])}
-    wanted = {_relative(key) for split in manifest["splits"].values() for key in split.get("shards", [])}
-    wanted |= {name for name in digests if name.startswith("tokenizer/")}
-    if not any(name.startswith("tokenizer/") for name in wanted):
-        wanted |= {obj.key[len(prefix):] for obj in store.list(prefix + "tokenizer/")}
+    digests = {contracts.within_dataset_version(obj.key): obj.sha256 or None for obj in manifest.objects}
+    wanted = {contracts.within_dataset_version(key) for split in contracts.SPLITS for key in manifest.shards(split)}
+    wanted |= {name for name in digests if name.startswith(contracts.DATASET_TOKENIZER)}
+    if not any(name.startswith(contracts.DATASET_TOKENIZER) for name in wanted):
+        wanted |= {obj.key[len(prefix):] for obj in store.list(prefix + contracts.DATASET_TOKENIZER)}
     for name in sorted(wanted):
         path, expected = root / name, digests.get(name)
         if expected and path.exists() and _sha256(path) == expected:

@@ -48,6 +48,7 @@ import psutil
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from services.common import contracts
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import LlmpError, Unavailable
@@ -184,7 +185,7 @@ def job_file(assignment: Assignment) -> dict[str, Any]:
     init_from = job.spec["model"].get("init_from")
     return {"tenant": job.tenant, "job_id": job.id, "spec": job.spec,
             "dataset_manifest_key": job.dataset_manifest_key,
-            "init_from_prefix": (f"models/{job.tenant}/{init_from['name']}/v{init_from['version']}/"
+            "init_from_prefix": (contracts.model_version_prefix(job.tenant, init_from["name"], init_from["version"])
                                  if init_from else None)}
 
 

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 import transformers
 
+from services.common.contracts import JobLayout
 from services.common.errors import Conflict
 from services.training import checkpoints, data, distributed, events, models
-from services.training.checkpoints import JobLayout
 from services.training.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,8 @@ class Run:
         self.work_dir, self.events = work_dir, writer  # work_dir: node-local, shared by the node's ranks
         spec = job.spec
         self.spec, self.hp = spec, spec.hyperparameters
-        manifest = dataset.manifest
-        self.vocab = models.Vocabulary(int(manifest["vocab_size"]), int(manifest["eos_token_id"]),
-                                       int(manifest.get("pad_token_id", manifest["eos_token_id"])))
+        info = dataset.info
+        self.vocab = models.Vocabulary(info.vocab_size, info.eos_token_id, info.pad_token_id)
         self.train_stream, self.validation_stream = dataset.stream("train"), dataset.stream("validation")
         spec.check_dataset(self.vocab.size, self.train_stream.tokens, self.validation_stream.tokens)
         self.progress = Progress()

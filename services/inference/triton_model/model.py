@@ -1,7 +1,7 @@
 """Triton Python-backend model: an exported ONNX decoder run by ONNX Runtime, with a server-side KV cache.
 
 Copied by the inference service into `<repository>/<model>/1/model.py` beside `model.onnx` and
-`decoder.json` (see services/registry/onnx_export.py). It runs inside Triton's Python stub, so it
+`decoder.json` (a `services.common.contracts.DecoderSpec`). It runs inside Triton's Python stub, so it
 imports nothing from llmp.
 
 Protocol: every row of a request is one decoding step of one sequence, and a request may carry many

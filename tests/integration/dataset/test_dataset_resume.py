@@ -11,8 +11,9 @@ import pytest
 from llmp.dataset.v1 import dataset_pb2 as pb
 from psycopg.types.json import Jsonb
 
+from services.common.contracts import dataset_corpus_key
 from services.dataset.options import DatasetOptions
-from services.dataset.versions import content_digest, source_key
+from services.dataset.versions import content_digest
 
 from .conftest import SHAKESPEARE, Client
 
@@ -48,7 +49,7 @@ async def test_an_interrupted_build_is_resumed_by_another_replica_with_the_same_
     client = Client(first, tenant)
     accepted = await client.create(corpus, name="resumed", vocab_size=512, wait=False)
     assert accepted.created and accepted.version.state == pb.VERSION_STATE_PENDING
-    assert store.exists(source_key(tenant, "resumed", 1))  # accepted only once the corpus is stored
+    assert store.exists(dataset_corpus_key(tenant, "resumed", 1))  # accepted only once the corpus is stored
     progress = client.stream("WatchIngest", pb.WatchIngestRequest(name="resumed", version=1))
     async for event in progress:
         if event.bytes_done > 0:  # the build is under way
@@ -67,7 +68,7 @@ async def test_an_interrupted_build_is_resumed_by_another_replica_with_the_same_
     assert all(event.state == pb.VERSION_STATE_PENDING for event in events[:-1])
     finished = row_of(dataset_settings, tenant, "resumed")
     assert finished["attempts"] == 2 and finished["owner"] == ""
-    assert not store.exists(source_key(tenant, "resumed", 1))  # the stored corpus goes once READY
+    assert not store.exists(dataset_corpus_key(tenant, "resumed", 1))  # the stored corpus goes once READY
     prefix = f"datasets/{tenant}/resumed/v1/"
     assert {obj.key: obj.size for obj in store.list(prefix)} == {obj.key: obj.size for obj in resumed.objects}
 
@@ -125,7 +126,7 @@ async def test_a_pending_version_without_a_stored_corpus_is_failed_with_the_reas
     _, stub = await start_service(**FAST)
     failed = await wait_finished(Client(stub, tenant), "legacy")
     assert failed.state == pb.VERSION_STATE_FAILED
-    assert "corpus is not stored" in failed.error and source_key(tenant, "legacy", 1) in failed.error
+    assert "corpus is not stored" in failed.error and dataset_corpus_key(tenant, "legacy", 1) in failed.error
 
 
 async def test_a_build_whose_owner_died_is_taken_over_when_its_lease_lapses(
@@ -135,7 +136,7 @@ async def test_a_build_whose_owner_died_is_taken_over_when_its_lease_lapses(
     data = shakespeare[:50_000]
     path = tmp_path / "corpus.txt"
     path.write_bytes(data)
-    store.upload_file(source_key(tenant, "orphan", 1), path)
+    store.upload_file(dataset_corpus_key(tenant, "orphan", 1), path)
     digest = content_digest(hashlib.sha256(data).hexdigest(), options)
     # a replica that died mid-build: its lease runs out 2 s from now and nobody renews it
     insert_pending(dataset_settings, tenant, "orphan", options, digest, len(data), "dead-replica",
@@ -147,7 +148,7 @@ async def test_a_build_whose_owner_died_is_taken_over_when_its_lease_lapses(
     assert ready.state == pb.VERSION_STATE_READY, ready.error
     assert ready.digest == digest and ready.source_bytes == len(data)
     assert row_of(dataset_settings, tenant, "orphan")["attempts"] == 2
-    assert not store.exists(source_key(tenant, "orphan", 1))
+    assert not store.exists(dataset_corpus_key(tenant, "orphan", 1))
     # a create of the same content now finds that version
     again = await Client(stub, tenant).create(data, name="orphan", tokenizer=pb.TOKENIZER_KIND_CHAR)
     assert not again.created and again.version.version == 1

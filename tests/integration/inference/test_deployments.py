@@ -8,7 +8,10 @@ import grpc
 import pytest
 from llmp.inference.v1 import inference_pb2 as pb
 
+from services.common.contracts import triton_model_name
+
 pytestmark = pytest.mark.integration
+TINY_V1 = triton_model_name("acme", "tiny", 1)  # the conftest deploys tenant acme's model tiny
 
 
 async def test_canary_split_holds_within_bounds_and_is_sticky(service):
@@ -55,7 +58,7 @@ async def test_preconditions_get_list_and_delete(service):
         await service.deploy(name="tiny-a", stable=2, if_match='"stale"')
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     shown = (await service.call("GetDeployment", pb.GetDeploymentRequest(name="tiny-a"))).deployment
-    assert shown.etag == created.deployment.etag and shown.triton_models == {"1": "m-acme-tiny-v1"}
+    assert shown.etag == created.deployment.etag and shown.triton_models == {"1": TINY_V1}
     listed = await service.call("ListDeployments", pb.ListDeploymentsRequest())
     assert [d.name for d in listed.deployments] == ["tiny-a"]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -101,8 +104,8 @@ async def test_delete_drains_in_flight_requests_and_unloads(service, triton):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await service.generate("O")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert not await service.deployments.engine.is_ready("m-acme-tiny-v1")
-    assert not (triton[1] / "m-acme-tiny-v1").exists()
+    assert not await service.deployments.engine.is_ready(TINY_V1)
+    assert not (triton[1] / TINY_V1).exists()
 
 
 async def test_registry_marks_follow_the_versions_a_deployment_serves(service):

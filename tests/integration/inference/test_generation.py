@@ -10,6 +10,7 @@ import pytest
 import torch
 import tritonclient.grpc.aio as triton_client
 
+from services.common.contracts import triton_model_name
 from services.inference.triton_engine import TritonEngine
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,7 @@ async def test_concurrent_requests_are_batched_and_stay_correct(service, model_r
     await service.deploy(stable=1)
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
     client = triton_client.InferenceServerClient(triton[0])
-    name = "m-acme-tiny-v1"
+    name = triton_model_name("acme", "tiny", 1)
     before = (await client.get_inference_statistics(name)).model_stats[0]
     results = await asyncio.gather(*(service.generate(p, max_tokens=16) for p in prompts))
     after = (await client.get_inference_statistics(name)).model_stats[0]
@@ -129,7 +130,7 @@ async def test_a_lone_sequence_is_sent_at_once_and_a_batch_waits_for_open_sequen
     not queued its next step yet (so it joins the batch instead of waiting for the next one)."""
     await service.deploy(stable=1)
     engine = service.deployments.engine
-    name = "m-acme-tiny-v1"
+    name = triton_model_name("acme", "tiny", 1)
     ids = model_root[1][1].tokenizer.encode("ROMEO:", add_special_tokens=False)
     loop = asyncio.get_running_loop()
     turned = asyncio.Event()  # set by a callback queued right after the submit: has the loop turned since?

@@ -7,17 +7,19 @@ import asyncio
 import pytest
 
 from services.common.config import Settings
+from services.common.contracts import triton_model_name
 from services.inference import model_repository, server
 from services.inference.model_source import LocalModelSource
 
 pytestmark = pytest.mark.integration
 
-NAME = "m-acme-tiny-v1"
+NAME = triton_model_name("acme", "tiny", 1)
 
 
-def test_triton_names_extend_the_registrys_with_the_tenant():
-    assert model_repository.triton_model_name("acme", "tiny", 3) == "m-acme-tiny-v3"
-    assert model_repository.triton_model_name("a/b", "tiny", 1) == "m-a_b-tiny-v1"
+def test_triton_names_start_readable_and_keep_tenants_apart():
+    assert NAME.startswith("m-acme-tiny-v1-")
+    assert triton_model_name("a/b", "tiny", 1).startswith("m-a_b-tiny-v1-")
+    assert triton_model_name("a/b", "tiny", 1) != triton_model_name("a_b", "tiny", 1)
 
 
 async def test_an_s3_repository_is_written_through_the_object_store_and_the_service_starts(settings_env,

@@ -8,6 +8,7 @@ import torch
 from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 
+from services.common import contracts
 from services.registry import exporters
 
 from .conftest import upload_dataset
@@ -33,14 +34,15 @@ async def test_onnx_export_passes_parity_and_lands_in_triton_layout(client, sour
     assert export.state == pb.EXPORT_STATE_READY, export.error
     report = json.loads(export.parity_report_json)
     assert report["passed"] and report["max_abs_logit_diff"] < 1e-3 and report["incremental"]["passed"]
-    base = f"models/{client.tenant}/onnxed/v1/exports/onnx/"
-    assert export.triton_repository_prefix == base + "triton/" and export.triton_model_name == "onnxed-v1"
-    config = registry.store.get_bytes(f"{base}triton/onnxed-v1/config.pbtxt").decode()
-    assert 'name: "onnxed-v1"' in config and "dynamic_batching" in config and 'backend: "onnxruntime"' in config
-    graph = onnx.load_from_string(registry.store.get_bytes(f"{base}triton/onnxed-v1/1/model.onnx"))
+    base = contracts.model_export_prefix(client.tenant, "onnxed", 1, "onnx")
+    triton = contracts.triton_model_name(client.tenant, "onnxed", 1)
+    assert export.triton_repository_prefix == base + "triton/" and export.triton_model_name == triton
+    config = registry.store.get_bytes(f"{base}triton/{triton}/config.pbtxt").decode()
+    assert f'name: "{triton}"' in config and "dynamic_batching" in config and 'backend: "onnxruntime"' in config
+    graph = onnx.load_from_string(registry.store.get_bytes(f"{base}triton/{triton}/1/model.onnx"))
     assert {i.name for i in graph.graph.input} >= {"input_ids", "past_key_values.1.value"}
     paths = {a.path: a.object.sha256 for a in export.artifacts}
-    assert paths["exports/onnx/model.onnx"] == paths["exports/onnx/triton/onnxed-v1/1/model.onnx"]
+    assert paths["exports/onnx/model.onnx"] == paths[f"exports/onnx/triton/{triton}/1/model.onnx"]
     # The version shows its export, and a deployment of the READY export is accepted.
     version = (await client.call("GetModelVersion", pb.GetModelVersionRequest(name="onnxed", version=1))).version
     assert [e.format for e in version.exports] == ["onnx"]
@@ -72,6 +74,18 @@ async def test_int8_without_a_dataset_fails_with_a_reason(client, source):
     await client.register("nodata", prefix)
     export = await export_and_wait(client, "nodata", "onnx-int8")
     assert export.state == pb.EXPORT_STATE_FAILED and "calibration" in export.error
+
+
+async def test_a_lineage_manifest_without_dtype_fails_the_export_instead_of_guessing(client, source, registry):
+    prefix, _ = source
+    upload_dataset(registry.store, client.tenant, "untyped", 1)
+    key = contracts.dataset_manifest_key(client.tenant, "untyped", 1)
+    manifest = json.loads(registry.store.get_bytes(key))
+    del manifest["dtype"]  # a reader used to assume uint16 here
+    registry.store.put_bytes(key, json.dumps(manifest).encode())
+    await client.register("untyped", prefix, dataset="untyped", dataset_version=1)
+    export = await export_and_wait(client, "untyped", "torchscript")
+    assert export.state == pb.EXPORT_STATE_FAILED and "dtype None" in export.error, export.error
 
 
 def corrupting_torchscript(model_dir: Path, out_dir: Path, data: exporters.EvalData) -> Path:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from services.registry.onnx_export import DecoderSpec, export_decoder_onnx
+from services.common.contracts import DecoderSpec
+from services.registry.onnx_export import export_decoder_onnx
 
 TOLERANCE = 1e-4
 

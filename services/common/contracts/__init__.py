@@ -1,0 +1,79 @@
+"""What llmp's services and the gateway agree on, each defined once and read from here by all of them.
+
+- `paths`: where every service's objects live in the bucket (datasets, stored corpora, jobs, models);
+- `names`: the name rule and the limits the gateway and the services both enforce;
+- `manifest`: a dataset version's `manifest.json` as a type, with one reading policy;
+- `serving`: the served model's description (`DecoderSpec`) and its Triton model name.
+
+docs/CONTRACTS.md explains them; this package is their definition. Everything public is re-exported
+here, so callers write `contracts.dataset_manifest_key(...)`.
+"""
+
+from services.common.contracts.manifest import (
+    SPLITS,
+    TOKEN_DTYPES,
+    TOKENIZER_KINDS,
+    DatasetManifest,
+    ManifestObject,
+    SplitManifest,
+    TokenizerManifest,
+)
+from services.common.contracts.names import (
+    DEFAULT_PAGE_SIZE,
+    DISTRIBUTED_MODES,
+    EXPORT_FORMATS,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_PAGE_SIZE,
+    MAX_PRIORITY,
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    MAX_TEMPERATURE,
+    MAX_VERSION,
+    MAX_VOCAB_SIZE,
+    MIN_PRIORITY,
+    MIN_VOCAB_SIZE,
+    MODEL_FAMILIES,
+    NAME,
+    NAME_PATTERN,
+    NAME_RULE,
+    PRECISIONS,
+    page_size,
+    validate_export_format,
+    validate_name,
+    validate_version,
+)
+from services.common.contracts.paths import (
+    DATASET_MANIFEST,
+    DATASET_TOKENIZER,
+    DATASETS,
+    EXPORTS,
+    JOBS,
+    MODELS,
+    SOURCES,
+    JobLayout,
+    dataset_corpus_key,
+    dataset_manifest_key,
+    dataset_shard_key,
+    dataset_tokenizer_prefix,
+    dataset_version_prefix,
+    export_dir,
+    job_prefix,
+    model_export_prefix,
+    model_version_prefix,
+    parse_model_version_key,
+    shard_file_name,
+    within_dataset_version,
+)
+from services.common.contracts.serving import DECODER_SPEC_FILE, DecoderSpec, triton_model_name
+
+__all__ = [
+    "DATASETS", "DATASET_MANIFEST", "DATASET_TOKENIZER", "DECODER_SPEC_FILE", "DEFAULT_PAGE_SIZE",
+    "DISTRIBUTED_MODES", "EXPORTS", "EXPORT_FORMATS", "JOBS", "MAX_IDEMPOTENCY_KEY", "MAX_PAGE_SIZE", "MAX_PRIORITY",
+    "MAX_STOP_LENGTH", "MAX_STOP_SEQUENCES", "MAX_TEMPERATURE", "MAX_VERSION", "MAX_VOCAB_SIZE", "MIN_PRIORITY",
+    "MIN_VOCAB_SIZE", "MODELS", "MODEL_FAMILIES", "NAME", "NAME_PATTERN", "NAME_RULE", "PRECISIONS", "SOURCES",
+    "SPLITS", "TOKENIZER_KINDS", "TOKEN_DTYPES", "DatasetManifest", "DecoderSpec", "JobLayout", "ManifestObject",
+    "SplitManifest", "TokenizerManifest", "dataset_corpus_key", "dataset_manifest_key", "dataset_shard_key",
+    "dataset_tokenizer_prefix", "dataset_version_prefix", "export_dir", "job_prefix", "model_export_prefix",
+    "model_version_prefix", "page_size", "parse_model_version_key", "shard_file_name", "triton_model_name",
+    "validate_export_format", "validate_name", "validate_version", "within_dataset_version",
+]

@@ -1,0 +1,58 @@
+"""The name rule and the limits the gateway and the services both enforce.
+
+The gateway's JSON schemas and query checks read these values, and so do the services that enforce
+them again behind it, so a request the gateway lets through is never refused for a different bound.
+"""
+
+from __future__ import annotations
+
+import re
+
+from services.common.errors import InvalidArgument, ValidationFailed
+
+# Datasets, models, aliases and deployments: also a path segment in S3 keys and part of Triton names.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+NAME = re.compile(NAME_PATTERN)
+NAME_RULE = "1-63 characters of lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
+MAX_VERSION = 2**63 - 1  # versions are int64 on the wire
+
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000  # training job priority (SubmitJobRequest.priority)
+MAX_IDEMPOTENCY_KEY = 255  # characters of a training submit's Idempotency-Key
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000  # common.v1.PageRequest.page_size: 0 means the default
+MIN_VOCAB_SIZE = 260  # a BPE vocabulary: 256 byte symbols + the special tokens
+MAX_VOCAB_SIZE = 65536  # a BPE vocabulary's largest size (0 asks for the default)
+MAX_TEMPERATURE = 2.0  # sampling temperature; 0 is greedy
+MAX_STOP_SEQUENCES = 4  # stop sequences of one completion
+MAX_STOP_LENGTH = 64  # characters of one stop sequence
+
+# The values an enumerated field accepts, as the API spells them.
+EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
+MODEL_FAMILIES = ("gpt2", "bert", "t5")
+DISTRIBUTED_MODES = ("ddp", "local-sgd", "async")
+PRECISIONS = ("fp32", "bf16")
+
+
+def validate_name(value: str, what: str) -> str:
+    """`value` when it follows the name rule, else ValidationFailed naming `what`."""
+    if not NAME.match(value or ""):
+        raise ValidationFailed(f"{what} {value!r} must be {NAME_RULE}")
+    return value
+
+
+def validate_version(value: int, what: str = "version") -> int:
+    if not 1 <= value <= MAX_VERSION:
+        raise ValidationFailed(f"{what} must be an integer from 1 to {MAX_VERSION}, not {value}")
+    return value
+
+
+def validate_export_format(value: str) -> str:
+    if value not in EXPORT_FORMATS:
+        raise ValidationFailed(f"export format {value!r} must be one of {', '.join(EXPORT_FORMATS)}")
+    return value
+
+
+def page_size(requested: int) -> int:
+    """The page size a list call uses: the default for 0, capped at MAX_PAGE_SIZE; negative is refused."""
+    if requested < 0:
+        raise InvalidArgument(f"page_size must not be negative, not {requested}")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
