@@ -46,7 +46,7 @@ from minio import Minio
 from cli import servers
 from services.common import topology
 from services.common.config import UPLOAD_CHECKSUMS, Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.registry import server
 from services.registry.client import download_artifact, fetch_artifact, upload_model_version
 

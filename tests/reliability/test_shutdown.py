@@ -58,7 +58,7 @@ from gateway.auth import DEFAULT_TENANT
 from services.common import topology
 from services.common.config import Settings
 from services.common.grpc_client import call_metadata
-from services.common.grpc_server import REQUEST_ID_KEY, Caller
+from services.common.identity import REQUEST_ID_KEY, Caller
 from services.common.s3 import ObjectStore
 from services.registry.client import upload_model_version
 

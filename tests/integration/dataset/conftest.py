@@ -13,7 +13,7 @@ from llmp.dataset.v1 import dataset_pb2 as pb
 from llmp.dataset.v1 import dataset_pb2_grpc
 
 from services.common.config import Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.common.s3 import ObjectStore
 from services.dataset import server
 

@@ -24,7 +24,7 @@ from llmp.registry.v1 import registry_pb2
 from gateway import routes
 from services.common import topology
 from services.common.config import Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.common.s3 import ObjectStore
 
 pytestmark = pytest.mark.integration

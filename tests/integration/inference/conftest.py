@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from cli.servers import TritonPorts, start_triton, stop
 from services.common.config import Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.inference import server
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.registry.onnx_export import export_model_onnx

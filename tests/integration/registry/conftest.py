@@ -13,7 +13,7 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 from llmp.registry.v1 import registry_pb2_grpc
 
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.common.s3 import ObjectStore
 from services.registry import server
 

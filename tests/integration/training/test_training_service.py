@@ -23,7 +23,7 @@ from llmp.training.v1 import training_pb2_grpc
 
 from cli import servers
 from services.common.config import Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
 from services.dataset import server as dataset_server
 from services.registry import server as registry_server
 from services.training import server as training_server

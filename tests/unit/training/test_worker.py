@@ -28,7 +28,7 @@ from llmp.registry.v1 import registry_pb2, registry_pb2_grpc
 from cli import servers
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.common.s3 import ObjectStore
 from services.training import checkpoints
 from services.training import worker as worker_module
