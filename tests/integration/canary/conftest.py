@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from cli.servers import TritonPorts, start_triton, stop
 from services.common.config import Settings
-from services.common.identity import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import Caller, caller_metadata
 from services.inference import server
 from services.inference.canary import CanaryController
 from services.inference.deployments import Deployments
@@ -81,7 +81,7 @@ class Client:
         self.stub = stub
         self.deployments = deployments
         self.canary = CanaryController(deployments.db, deployments)  # API only; server.build's one drives
-        self.metadata = ((TENANT_KEY, TENANT), (KEY_ID_KEY, "key-test"), (ROLE_KEY, "developer"))
+        self.metadata = caller_metadata(Caller(TENANT, "key-test", "developer"))
 
     async def generate(self, deployment: str, routing_key: str) -> pb.Completion:
         request = pb.GenerateRequest(deployment=deployment, prompt="O", max_tokens=1, routing_key=routing_key)

@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from cli.servers import TritonPorts, start_triton, stop
 from services.common.config import Settings
-from services.common.identity import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import Caller, caller_metadata
 from services.inference import server
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.registry.onnx_export import export_model_onnx
@@ -81,7 +81,7 @@ def triton(tmp_path_factory):
 class Client:
     def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, tenant: str = TENANT) -> None:
         self.stub = stub
-        self.metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "key-test"), (ROLE_KEY, "developer"))
+        self.metadata = caller_metadata(Caller(tenant, "key-test", "developer"))
 
     async def generate(self, prompt: str, max_tokens: int = 16, deployment: str = "tiny-chat", **sampling):
         routing_key = sampling.pop("routing_key", "")
@@ -100,9 +100,6 @@ class Client:
         if canary:
             request.canary.CopyFrom(pb.Canary(version=canary[0], weight=canary[1]))
         return await self.stub.PutDeployment(request, metadata=self.metadata)
-
-    async def call(self, method: str, request):
-        return await getattr(self.stub, method)(request, metadata=self.metadata)
 
 
 @pytest.fixture
