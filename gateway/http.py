@@ -120,8 +120,8 @@ def path_version(request: web.Request) -> int:
 
 # -- calling services ---------------------------------------------------------------------------
 
-def services(request: web.Request) -> ServiceClients:
-    """The services' typed stubs (`services(request).registry.GetModel(message)`). A call made while
+def clients(request: web.Request) -> ServiceClients:
+    """The services' typed stubs (`clients(request).registry.GetModel(message)`). A call made while
     handling a request acts as its caller and carries its request id; a peer's error raises as the
     domain error, which the error middleware answers."""
     return request.app[CLIENTS]

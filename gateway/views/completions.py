@@ -17,7 +17,7 @@ from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 from prometheus_client import Counter
 
-from gateway.http import ALL_ROLES, Route, json_response, read_json, responses, services, validate
+from gateway.http import ALL_ROLES, Route, clients, json_response, read_json, responses, validate
 from gateway.state import CALLER
 from services.common import errors
 from services.common.grpc_client import deployment_metadata
@@ -134,7 +134,7 @@ async def complete(request: web.Request) -> web.StreamResponse:
         return await _stream(request, body, message)
     cache_key = None
     if body.get("temperature", 1.0) == 0:
-        deployment = await services(request).inference.GetDeployment(
+        deployment = await clients(request).inference.GetDeployment(
             inference_pb2.GetDeploymentRequest(name=body["model"]))
         canonical = json.dumps({k: v for k, v in body.items() if k not in {"user", "stream"}}, sort_keys=True)
         tenant = request[CALLER].tenant
@@ -144,8 +144,8 @@ async def complete(request: web.Request) -> web.StreamResponse:
             CACHE_HITS.labels("hit").inc()
             return json_response(request, cached, cache_control="no-store", headers={"X-Cache": "hit"})
         CACHE_HITS.labels("miss").inc()
-    response = await services(request).inference.Generate(message, timeout=120,
-                                                           metadata=_deployment_metadata(request, body))
+    response = await clients(request).inference.Generate(message, timeout=120,
+                                                          metadata=_deployment_metadata(request, body))
     completion = response.completion
     TOKENS.labels(body["model"], "prompt").inc(completion.prompt_tokens)
     TOKENS.labels(body["model"], "completion").inc(completion.completion_tokens)
@@ -165,8 +165,8 @@ class _EventStream(web.StreamResponse):
 
 async def _stream(request: web.Request, body: dict, message: inference_pb2.GenerateRequest) -> web.StreamResponse:
     """OpenAI-style SSE: one `text_completion` chunk per piece of text, then `data: [DONE]`."""
-    call = services(request).inference.GenerateStream(inference_pb2.GenerateStreamRequest(request=message),
-                                                      timeout=120, metadata=_deployment_metadata(request, body))
+    call = clients(request).inference.GenerateStream(inference_pb2.GenerateStreamRequest(request=message),
+                                                     timeout=120, metadata=_deployment_metadata(request, body))
     with responses(call) as stream:
         first = await anext(stream, None)  # errors before the first chunk still get a proper status
         completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())

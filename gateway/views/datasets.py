@@ -16,12 +16,12 @@ from llmp.dataset.v1 import dataset_pb2 as pb
 from gateway.http import (
     Route,
     check_if_match,
+    clients,
     etag_of,
     json_response,
     path_version,
     query_int,
     responses,
-    services,
     to_dict,
 )
 from gateway.state import SETTINGS
@@ -137,7 +137,7 @@ async def create_dataset(request: web.Request) -> web.Response:
                 raise
 
     try:
-        response = await services(request).dataset.CreateDataset(messages())
+        response = await clients(request).dataset.CreateDataset(messages())
     except errors.LlmpError as error:  # errors.Cancelled when the body could not be read
         raise (upload_error[0] if upload_error else error) from None
     version = response.version
@@ -148,7 +148,7 @@ async def create_dataset(request: web.Request) -> web.Response:
 
 
 async def list_datasets(request: web.Request) -> web.Response:
-    response = await services(request).dataset.ListDatasets(pb.ListDatasetsRequest(page=_page(request)))
+    response = await clients(request).dataset.ListDatasets(pb.ListDatasetsRequest(page=_page(request)))
     datasets = [{"name": d.name, "version_count": d.version_count, "latest": present_version(d.latest),
                  "created_at": to_dict(d).get("created_at")} for d in response.datasets]
     return json_response(request, {"datasets": datasets, "next_page_token": response.page.next_page_token})
@@ -156,14 +156,14 @@ async def list_datasets(request: web.Request) -> web.Response:
 
 async def get_dataset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    response = await services(request).dataset.ListDatasetVersions(
+    response = await clients(request).dataset.ListDatasetVersions(
         pb.ListDatasetVersionsRequest(name=name, page=_page(request)))
     return json_response(request, {"name": name, "versions": [present_version(v) for v in response.versions],
                                    "next_page_token": response.page.next_page_token})
 
 
 async def _version(request: web.Request) -> pb.DatasetVersion:
-    response = await services(request).dataset.GetDatasetVersion(pb.GetDatasetVersionRequest(
+    response = await clients(request).dataset.GetDatasetVersion(pb.GetDatasetVersionRequest(
         name=request.match_info["name"], version=path_version(request)))
     return response.version
 
@@ -180,7 +180,7 @@ async def get_version(request: web.Request) -> web.Response:
 async def delete_version(request: web.Request) -> web.Response:
     version = await _version(request)
     check_if_match(request, etag_of(present_version(version)), required=False)
-    response = await services(request).dataset.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(
+    response = await clients(request).dataset.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(
         name=version.name, version=version.version))
     return json_response(request, {"name": version.name, "version": version.version,
                                    "objects_deleted": response.objects_deleted}, cache_control="no-store")
@@ -189,7 +189,7 @@ async def delete_version(request: web.Request) -> web.Response:
 async def version_events(request: web.Request) -> web.StreamResponse:
     """Ingest progress as Server-Sent Events until the version is READY or FAILED."""
     message = pb.WatchIngestRequest(name=request.match_info["name"], version=path_version(request))
-    with responses(services(request).dataset.WatchIngest(message)) as events:
+    with responses(clients(request).dataset.WatchIngest(message)) as events:
         first = await anext(events, None)  # an unknown version is a 404, not an empty stream
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})

@@ -12,12 +12,12 @@ from gateway.http import (
     Route,
     caller,
     check_if_match,
+    clients,
     etag_of,
     json_response,
     path_version,
     query_int,
     read_json,
-    services,
     to_dict,
 )
 from services.common import errors
@@ -49,15 +49,15 @@ def present_version(version: registry_pb2.ModelVersion) -> dict:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    response = await services(request).registry.ListModels(registry_pb2.ListModelsRequest(page=_page(request)))
+    response = await clients(request).registry.ListModels(registry_pb2.ListModelsRequest(page=_page(request)))
     return json_response(request, {"models": [to_dict(model) for model in response.models],
                                    "next_page_token": response.page.next_page_token})
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    model = await services(request).registry.GetModel(registry_pb2.GetModelRequest(name=name))
-    versions = await services(request).registry.ListModelVersions(
+    model = await clients(request).registry.GetModel(registry_pb2.GetModelRequest(name=name))
+    versions = await clients(request).registry.ListModelVersions(
         registry_pb2.ListModelVersionsRequest(name=name, page=_page(request)))
     return json_response(request, {**to_dict(model.model),
                                    "versions": [present_version(v) for v in versions.versions],
@@ -65,7 +65,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def get_version(request: web.Request) -> web.Response:
-    response = await services(request).registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
+    response = await clients(request).registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
         name=request.match_info["name"], version=path_version(request)))
     # READY versions are immutable except for exports and aliases, which the ETag covers.
     return json_response(request, present_version(response.version))
@@ -74,10 +74,10 @@ async def get_version(request: web.Request) -> web.Response:
 async def delete_version(request: web.Request) -> web.Response:
     name, version = request.match_info["name"], path_version(request)
     if request.headers.get("If-Match"):
-        current = await services(request).registry.GetModelVersion(
+        current = await clients(request).registry.GetModelVersion(
             registry_pb2.GetModelVersionRequest(name=name, version=version))
         check_if_match(request, etag_of(present_version(current.version)), required=False)
-    await services(request).registry.DeleteModelVersion(
+    await clients(request).registry.DeleteModelVersion(
         registry_pb2.DeleteModelVersionRequest(name=name, version=version))
     return web.Response(status=204, headers={"Cache-Control": "no-store"})
 
@@ -87,7 +87,7 @@ def _alias_etag(alias: registry_pb2.Alias) -> str:
 
 
 async def get_alias(request: web.Request) -> web.Response:
-    response = await services(request).registry.GetAlias(registry_pb2.GetAliasRequest(
+    response = await clients(request).registry.GetAlias(registry_pb2.GetAliasRequest(
         model_name=request.match_info["name"], alias=request.match_info["alias"]))
     return json_response(request, to_dict(response.alias), etag=_alias_etag(response.alias))
 
@@ -102,7 +102,7 @@ async def put_alias(request: web.Request) -> web.Response:
                                           "If-None-Match: *")
     if if_match.startswith("W/"):
         raise errors.PreconditionFailed("If-Match needs a strong ETag")
-    response = await services(request).registry.SetAlias(registry_pb2.SetAliasRequest(
+    response = await clients(request).registry.SetAlias(registry_pb2.SetAliasRequest(
         model_name=request.match_info["name"], alias=request.match_info["alias"], version=body["version"],
         expected_etag=if_match.strip('"'), must_not_exist=must_not_exist, actor=caller(request).key_id,
         reason=body.get("reason", "")))
@@ -111,14 +111,14 @@ async def put_alias(request: web.Request) -> web.Response:
 
 
 async def alias_history(request: web.Request) -> web.Response:
-    response = await services(request).registry.ListAliasHistory(registry_pb2.ListAliasHistoryRequest(
+    response = await clients(request).registry.ListAliasHistory(registry_pb2.ListAliasHistoryRequest(
         model_name=request.match_info["name"], alias=request.match_info["alias"]))
     return json_response(request, {"entries": [to_dict(entry) for entry in response.entries]})
 
 
 async def create_export(request: web.Request) -> web.Response:
     body = await read_json(request, CREATE_EXPORT)
-    response = await services(request).registry.CreateExport(registry_pb2.CreateExportRequest(
+    response = await clients(request).registry.CreateExport(registry_pb2.CreateExportRequest(
         model=common_pb2.ModelRef(name=request.match_info["name"], version=path_version(request)),
         format=body["format"]))
     export = to_dict(response.export)

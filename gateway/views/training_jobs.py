@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from llmp.common.v1 import common_pb2
 from llmp.training.v1 import training_pb2
 
-from gateway.http import Route, json_response, query_int, read_json, responses, services, to_dict
+from gateway.http import Route, clients, json_response, query_int, read_json, responses, to_dict
 from services.common import errors
 
 _POSITIVE = {"type": "integer", "minimum": 1}
@@ -70,7 +70,7 @@ async def submit_job(request: web.Request) -> web.Response:
         spec = json_format.ParseDict(spec_fields, training_pb2.JobSpec())
     except json_format.ParseError as error:
         raise errors.ValidationFailed(str(error)) from None
-    response = await services(request).training.SubmitJob(training_pb2.SubmitJobRequest(
+    response = await clients(request).training.SubmitJob(training_pb2.SubmitJobRequest(
         spec=spec, idempotency_key=key, priority=body.get("priority", 0), model_name=body.get("model_name", "")))
     headers = {"Location": f"/v1/training-jobs/{response.job.id}"}
     return json_response(request, present_job(response.job), status=202 if response.created else 200,
@@ -84,7 +84,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         if name not in training_pb2.JobState.keys():
             raise errors.ValidationFailed(f"state: unknown job state {state!r}")
         states.append(training_pb2.JobState.Value(name))
-    response = await services(request).training.ListJobs(training_pb2.ListJobsRequest(
+    response = await clients(request).training.ListJobs(training_pb2.ListJobsRequest(
         page=common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, minimum=1, maximum=1000),
                                     page_token=request.query.get("page_token", "")), states=states))
     return json_response(request, {"jobs": [present_job(job) for job in response.jobs],
@@ -92,18 +92,18 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    response = await services(request).training.GetJob(training_pb2.GetJobRequest(id=request.match_info["id"]))
+    response = await clients(request).training.GetJob(training_pb2.GetJobRequest(id=request.match_info["id"]))
     return json_response(request, present_job(response.job))
 
 
 async def job_metrics(request: web.Request) -> web.Response:
-    response = await services(request).training.GetJobMetrics(
+    response = await clients(request).training.GetJobMetrics(
         training_pb2.GetJobMetricsRequest(id=request.match_info["id"]))
     return json_response(request, to_dict(response))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    response = await services(request).training.CancelJob(training_pb2.CancelJobRequest(id=request.match_info["id"]))
+    response = await clients(request).training.CancelJob(training_pb2.CancelJobRequest(id=request.match_info["id"]))
     return json_response(request, present_job(response.job), status=202, cache_control="no-store")
 
 
@@ -112,7 +112,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     last = request.headers.get("Last-Event-ID", "0")
     after = int(last) if last.isdigit() else 0
     message = training_pb2.WatchJobRequest(id=request.match_info["id"], after_sequence=after)
-    with responses(services(request).training.WatchJob(message)) as events:
+    with responses(clients(request).training.WatchJob(message)) as events:
         # Ask for the first event before committing to a 200, so an unknown job is a proper 404.
         first = await anext(events, None)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",

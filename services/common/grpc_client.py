@@ -5,6 +5,7 @@ none, and turns a peer's error back into the domain error it started as."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,11 @@ class _ClientStreaming(grpc.aio.StreamUnaryClientInterceptor):
 
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         call = await continuation(self.policy.details(client_call_details, unary=False), request_iterator)
-        code = await call.code()  # the end of the call, without raising (this kind must return a call)
+        try:
+            code = await call.code()  # the end of the call, without raising (this kind must return a call)
+        except asyncio.CancelledError:  # the caller gave up: so does the upload
+            call.cancel()
+            raise
         if code != grpc.StatusCode.OK:
             raise errors.from_grpc(code, await call.details(), await call.trailing_metadata())
         return call

@@ -95,8 +95,8 @@ async def test_same_corpus_and_options_give_the_same_version(client, shakespeare
 async def test_progress_streams_until_ready(client, shakespeare):
     response = await client.create(shakespeare, name="watched", vocab_size=300, wait=False)
     assert response.version.state == pb.VERSION_STATE_PENDING
-    events = [event async for event in client.stream(
-        "WatchIngest", pb.WatchIngestRequest(name="watched", version=response.version.version))]
+    events = [event async for event in client.stub.WatchIngest(
+        pb.WatchIngestRequest(name="watched", version=response.version.version), metadata=client.metadata)]
     assert events[-1].state == pb.VERSION_STATE_READY and events[-1].version.state == pb.VERSION_STATE_READY
     assert events[-1].bytes_done == len(shakespeare)
     assert all(event.state == pb.VERSION_STATE_PENDING for event in events[:-1])
@@ -113,8 +113,8 @@ async def test_progress_streams_until_ready(client, shakespeare):
     packed = [event.progress.done for event in events if event.progress.phase == "pack"]
     assert packed == sorted(packed)
     # a finished version answers with one final event
-    (final,) = [event async for event in client.stream(
-        "WatchIngest", pb.WatchIngestRequest(name="watched", version=response.version.version))]
+    (final,) = [event async for event in client.stub.WatchIngest(
+        pb.WatchIngestRequest(name="watched", version=response.version.version), metadata=client.metadata)]
     assert final.version.digest == response.version.digest
 
 

@@ -55,8 +55,8 @@ async def test_versions_no_longer_served_keep_their_figures_and_tenants_are_apar
     await service.deploy(name=name, stable=1)
     for _ in range(3):
         await service.generate("O", max_tokens=1, deployment=name)
-    await service.deploy(name=name, stable=2, if_match=(await service.call(
-        "GetDeployment", pb.GetDeploymentRequest(name=name))).deployment.etag)
+    await service.deploy(name=name, stable=2, if_match=(await service.stub.GetDeployment(
+        pb.GetDeploymentRequest(name=name), metadata=service.metadata)).deployment.etag)
     await service.generate("O", max_tokens=1, deployment=name)
     shown = await figures(service, name)
     assert [(v.version, v.role, v.serving, v.weight, v.requests) for v in shown.versions] == [

@@ -91,13 +91,14 @@ async def test_commit_refuses_a_checksum_mismatch_and_collects_the_objects(clien
     row = await version_row(registry, client.tenant, "checked", reply.ref.version)
     assert row["state"] == "FAILED" and row["collected_at"] is not None
     assert registry.store.list(reply.prefix) == []
-    for method, request in (("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared)),
-            ("RenewModelVersionReservation", pb.RenewModelVersionReservationRequest(
-                reservation_id=reply.reservation_id))):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await client.call(method, request)
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.stub.RenewModelVersionReservation(pb.RenewModelVersionReservationRequest(
+            reservation_id=reply.reservation_id), metadata=client.metadata)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.fixture
