@@ -8,11 +8,12 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import grpc
 import pytest
 from llmp.dataset.v1 import dataset_pb2 as pb
 from llmp.dataset.v1 import dataset_pb2_grpc
 
-from services.common import errors, identity, logs, topology
+from services.common import errors, identity, logs, topology, tracing
 from services.common.config import Settings
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp
@@ -59,18 +60,24 @@ class Datasets(dataset_pb2_grpc.DatasetServiceServicer):
 
 
 @pytest.fixture
-async def clients():
+async def server():
+    """The settings that reach a running dataset service."""
     socket = f"unix:/tmp/llmp-test-{uuid.uuid4().hex[:12]}.sock"  # short: a socket path has ~100 bytes
     settings = Settings.from_env({"LLMP_DATASET_ADDR": socket})
     app = GrpcApp(settings, topology.DATASET)
     app.add_servicer(dataset_pb2_grpc.add_DatasetServiceServicer_to_server, Datasets(),
                      "llmp.dataset.v1.DatasetService")
     await app.start(socket)
-    clients = ServiceClients(settings, default_timeout=SLOW / 5)
-    yield clients
-    await clients.close()
+    yield settings
     await app.stop()
     Path(socket.removeprefix("unix:")).unlink(missing_ok=True)
+
+
+@pytest.fixture
+async def clients(server):
+    clients = ServiceClients(server, default_timeout=SLOW / 5)
+    yield clients
+    await clients.close()
 
 
 async def test_the_current_caller_and_request_id_reach_the_handler(clients):
@@ -151,3 +158,28 @@ async def test_an_upload_whose_requests_fail_ends_as_cancelled_not_as_a_cancelle
 
     with identity.acting_as(ACME), pytest.raises(errors.Cancelled):
         await clients.dataset.CreateDataset(failing())
+
+
+async def test_with_tracing_a_failed_call_still_ends_its_span_with_the_peers_status(server):
+    """The tracing interceptors sit inside the policy: they see the call's own status and end the span
+    before its error becomes a domain error (outside them, an error they do not expect left it open)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = tracing.tracer_provider(server, "llmp-test", exporter)
+    clients = ServiceClients(server, tracer_provider=provider)
+    try:
+        with identity.acting_as(ACME), pytest.raises(errors.NotFound):
+            await clients.dataset.GetDatasetVersion(pb.GetDatasetVersionRequest(name="missing"))
+        with identity.acting_as(ACME), pytest.raises(errors.Conflict):
+            async for _ in clients.dataset.WatchIngest(pb.WatchIngestRequest(name="conflict")):
+                pass
+    finally:
+        await clients.close()
+        provider.shutdown()
+    spans = {span.name: span for span in exporter.get_finished_spans() if span.kind.name == "CLIENT"}
+    assert set(spans) == {"/llmp.dataset.v1.DatasetService/GetDatasetVersion",
+                          "/llmp.dataset.v1.DatasetService/WatchIngest"}
+    assert all(span.status.status_code.name == "ERROR" for span in spans.values())
+    assert spans["/llmp.dataset.v1.DatasetService/GetDatasetVersion"].attributes["rpc.grpc.status_code"] == \
+        grpc.StatusCode.NOT_FOUND.value[0]
