@@ -46,7 +46,7 @@ from minio import Minio
 from cli import servers
 from services.common import contracts, topology
 from services.common.config import UPLOAD_CHECKSUMS, Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import Caller, caller_metadata
 from services.common.model_transfer import download_artifact, fetch_artifact, upload_model_version
 from services.registry import server
 
@@ -89,7 +89,7 @@ class TimedStub:
 
 async def project_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
                         round_no: int) -> tuple[float, dict[str, float]]:
-    metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "bench"), (ROLE_KEY, "developer"))
+    metadata = caller_metadata(Caller(tenant, "bench", "developer"))
     timed = TimedStub(stub)
     started = time.perf_counter()
     version = await upload_model_version(timed, registry.store, "bench", folder, metadata=metadata)
@@ -106,7 +106,7 @@ async def project_round(registry: server.Registry, stub, folder: Path, out: Path
 
 async def copy_path_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
                           round_no: int) -> tuple[float, dict[str, float]]:
-    metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "bench"), (ROLE_KEY, "developer"))
+    metadata = caller_metadata(Caller(tenant, "bench", "developer"))
     prefix = contracts.JobLayout(tenant, f"bench-{round_no}").final
     started = time.perf_counter()
     files = sorted(path for path in folder.iterdir() if path.is_file())

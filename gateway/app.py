@@ -33,11 +33,11 @@ from gateway.auth import KeyStore, RateLimiter, admin_key
 from gateway.http import VALIDATORS, Route, ValidatorCache, error_response, none_match
 from gateway.state import CALLER, CLIENTS, DATABASE, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
 from gateway.views import completions
-from services.common import errors, logs, tracing
+from services.common import errors, identity, logs, tracing
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.common.metrics import LoopCounter, LoopHistogram
 from services.common.s3 import ObjectStore
 
@@ -128,7 +128,8 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
        on any response that did not choose its own;
     2. errors → one JSON body (`error_body`);
     3. API key → caller (`KeyStore`, verified keys cached for `auth.CACHE_SECONDS`), per-key rate limit,
-       role check, query parameter names;
+       role check, query parameter names; the handler runs acting as that caller (`identity.acting_as`),
+       so every service call it makes carries it;
     4. the conditional-GET fast path: If-None-Match for a representation known immutable
        (`ValidatorCache`, keyed by the caller's tenant) is answered 304 here, with the ETag,
        Cache-Control and Vary the 200 carries, without calling a service. Unsafe requests forget their
@@ -157,10 +158,14 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
                     who, rate = keys.cached(key) or await keys.authenticate(key)
                     response = _admit(request, route, method, name, who, rate)
                     if response is None:
-                        if method in UNSAFE:
-                            response = await _forgetting(request, handler, request.app[VALIDATORS], who.tenant)
-                        else:
-                            response = await handler(request)
+                        acting = identity.current.set(who)  # `identity.acting_as` without its generator: hot path
+                        try:
+                            if method in UNSAFE:
+                                response = await _forgetting(request, handler, request.app[VALIDATORS], who.tenant)
+                            else:
+                                response = await handler(request)
+                        finally:
+                            identity.current.reset(acting)
             except Exception as error:
                 response = error_body(request, error)
             status = response.status
@@ -227,17 +232,22 @@ async def _forgetting(request: web.Request, handler, validators: ValidatorCache,
         validators.forget(tenant, request.path)
 
 
-async def _resources(app: web.Application):
-    settings = app[SETTINGS]
-    database = await Database.connect(settings.database_url, component="gateway", migrations_dir=MIGRATIONS,
-                                      max_size=5)
-    app[DATABASE] = database
-    app[KEYS] = KeyStore(database, admin_key(settings))
-    app[CLIENTS] = ServiceClients(settings)
-    app[OBJECT_STORE] = ObjectStore(settings.s3, timeout=3)
-    yield
-    await app[CLIENTS].close()
-    await database.close()
+def _resources(provider: TracerProvider | None):
+    async def context(app: web.Application):
+        settings = app[SETTINGS]
+        database = await Database.connect(settings.database_url, component="gateway", migrations_dir=MIGRATIONS,
+                                          max_size=5)
+        app[DATABASE] = database
+        app[KEYS] = KeyStore(database, admin_key(settings))
+        app[CLIENTS] = ServiceClients(settings, tracer_provider=provider)  # client spans when tracing is on
+        app[OBJECT_STORE] = ObjectStore(settings.s3, timeout=3)
+        yield
+        await app[CLIENTS].close()
+        await database.close()
+        if provider is not None:
+            provider.shutdown()  # flushes what the batch processor holds
+
+    return context
 
 
 def _with_head(table: list[Route]) -> list[Route]:
@@ -273,19 +283,6 @@ def server_spans(provider: TracerProvider):
     return middleware
 
 
-def _tracing(provider: TracerProvider):
-    async def context(app: web.Application):
-        from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
-
-        instrumentor = GrpcAioInstrumentorClient()  # client spans + trace context in every call's metadata
-        instrumentor.instrument(tracer_provider=provider)
-        yield
-        instrumentor.uninstrument()
-        provider.shutdown()  # flushes what the batch processor holds
-
-    return context
-
-
 def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -> web.Application:
     table = routes.all_routes()
     served = _with_head(table)
@@ -300,9 +297,7 @@ def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -
     app[ROUTE_TABLE] = table
     app[VALIDATORS] = ValidatorCache()
     app[completions.CACHE] = completions.ResponseCache()
-    app.cleanup_ctx.append(_resources)
-    if provider is not None:
-        app.cleanup_ctx.append(_tracing(provider))
+    app.cleanup_ctx.append(_resources(provider))
     for route in served:
         app.router.add_route(route.method, route.path, route.handler)
     return app

@@ -17,7 +17,7 @@ from pathlib import Path
 from services.common import errors
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 
 ROLES = ("admin", "developer", "inference")
 KEY_PREFIX = "llmp"

@@ -12,10 +12,12 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import jsonschema
 from aiohttp import web
 from google.protobuf import json_format
@@ -25,7 +27,8 @@ from llmp.common.v1 import common_pb2
 
 from gateway.state import CALLER, CLIENTS
 from services.common import contracts, errors
-from services.common.grpc_server import Caller
+from services.common.grpc_client import ServiceClients
+from services.common.identity import Caller
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -127,11 +130,21 @@ def path_version(request: web.Request) -> int:
 
 # -- calling services ---------------------------------------------------------------------------
 
-async def rpc(request: web.Request, service: str, method: str, message: Message, *,
-              timeout: float | None = 30.0, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
-    """Call `service.method` as the request's caller; domain errors propagate to the error middleware."""
-    return await request.app[CLIENTS].call(service, method, message, caller=request.get(CALLER), timeout=timeout,
-                                           metadata=metadata)
+def clients(request: web.Request) -> ServiceClients:
+    """The services' typed stubs (`clients(request).registry.GetModel(message)`). A call made while
+    handling a request acts as its caller and carries its request id; a peer's error raises as the
+    domain error, which the error middleware answers."""
+    return request.app[CLIENTS]
+
+
+@contextmanager
+def responses(call: grpc.aio.UnaryStreamCall) -> Iterator[AsyncIterator[Any]]:
+    """A server-streaming call's responses (for `anext`); leaving the block cancels the call, so a client
+    that went away mid-stream stops the work at once rather than when the call is collected."""
+    try:
+        yield aiter(call)
+    finally:
+        call.cancel()
 
 
 def to_dict(message: Message) -> dict:

@@ -8,7 +8,7 @@ from gateway.auth import KeyStore, RateLimiter
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.common.s3 import ObjectStore
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)

@@ -17,8 +17,8 @@ from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 from prometheus_client import Counter
 
-from gateway.http import ALL_ROLES, Route, json_response, read_json, rpc, validate
-from gateway.state import CALLER, CLIENTS
+from gateway.http import ALL_ROLES, Route, clients, json_response, read_json, responses, validate
+from gateway.state import CALLER
 from services.common import contracts, errors
 from services.common.grpc_client import deployment_metadata
 
@@ -141,8 +141,8 @@ async def complete(request: web.Request) -> web.StreamResponse:
         return await _stream(request, body, message)
     cache_key = None
     if body.get("temperature", 1.0) == 0:
-        deployment = await rpc(request, "inference", "GetDeployment",
-                               inference_pb2.GetDeploymentRequest(name=body["model"]))
+        deployment = await clients(request).inference.GetDeployment(
+            inference_pb2.GetDeploymentRequest(name=body["model"]))
         canonical = json.dumps({k: v for k, v in body.items() if k not in {"user", "stream"}}, sort_keys=True)
         tenant = request[CALLER].tenant
         cache_key = hashlib.sha256(f"{tenant}|{deployment.deployment.etag}|{canonical}".encode()).hexdigest()
@@ -151,8 +151,8 @@ async def complete(request: web.Request) -> web.StreamResponse:
             CACHE_HITS.labels("hit").inc()
             return json_response(request, cached, cache_control="no-store", headers={"X-Cache": "hit"})
         CACHE_HITS.labels("miss").inc()
-    response = await rpc(request, "inference", "Generate", message, timeout=120,
-                         metadata=_deployment_metadata(request, body))
+    response = await clients(request).inference.Generate(message, timeout=120,
+                                                          metadata=_deployment_metadata(request, body))
     completion = response.completion
     TOKENS.labels(body["model"], "prompt").inc(completion.prompt_tokens)
     TOKENS.labels(body["model"], "completion").inc(completion.completion_tokens)
@@ -172,34 +172,32 @@ class _EventStream(web.StreamResponse):
 
 async def _stream(request: web.Request, body: dict, message: inference_pb2.GenerateRequest) -> web.StreamResponse:
     """OpenAI-style SSE: one `text_completion` chunk per piece of text, then `data: [DONE]`."""
-    stream = request.app[CLIENTS].stream("inference", "GenerateStream",
-                                         inference_pb2.GenerateStreamRequest(request=message),
-                                         caller=request.get(CALLER), timeout=120,
-                                         metadata=_deployment_metadata(request, body))
-    first = await anext(aiter(stream), None)  # errors before the first chunk still get a proper status
-    completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    response = _EventStream(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                     "X-Accel-Buffering": "no"})
-    await response.prepare(request)
-    chunk = first
-    try:
-        while chunk is not None:
-            payload = {"id": completion_id, "object": "text_completion", "created": created, "model": body["model"],
-                       "choices": [{"text": chunk.text, "index": 0, "logprobs": None,
-                                    "finish_reason": chunk.finish_reason or None}]}
-            if chunk.HasField("summary"):
-                summary = chunk.summary
-                payload["usage"] = {"prompt_tokens": summary.prompt_tokens,
-                                    "completion_tokens": summary.completion_tokens,
-                                    "total_tokens": summary.prompt_tokens + summary.completion_tokens}
-                TOKENS.labels(body["model"], "completion").inc(summary.completion_tokens)
-            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
-            chunk = await anext(stream, None)
-    except errors.LlmpError as error:  # headers are sent: report in-band, as OpenAI does
-        await response.write(f"data: {json.dumps(errors.http_body(error))}\n\n".encode())
+    call = clients(request).inference.GenerateStream(inference_pb2.GenerateStreamRequest(request=message),
+                                                     timeout=120, metadata=_deployment_metadata(request, body))
+    with responses(call) as stream:
+        first = await anext(stream, None)  # errors before the first chunk still get a proper status
+        completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        response = _EventStream(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                         "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        chunk = first
+        try:
+            while chunk is not None:
+                payload = {"id": completion_id, "object": "text_completion", "created": created,
+                           "model": body["model"], "choices": [{"text": chunk.text, "index": 0, "logprobs": None,
+                                                                "finish_reason": chunk.finish_reason or None}]}
+                if chunk.HasField("summary"):
+                    summary = chunk.summary
+                    payload["usage"] = {"prompt_tokens": summary.prompt_tokens,
+                                        "completion_tokens": summary.completion_tokens,
+                                        "total_tokens": summary.prompt_tokens + summary.completion_tokens}
+                    TOKENS.labels(body["model"], "completion").inc(summary.completion_tokens)
+                await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+                chunk = await anext(stream, None)
+        except errors.LlmpError as error:  # headers are sent: report in-band, as OpenAI does
+            await response.write(f"data: {json.dumps(errors.http_body(error))}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
     return response
-
 
 ROUTES = [
     Route("POST", "/v1/completions", complete, "OpenAI-compatible text completion (stream: true for SSE)",

@@ -6,30 +6,27 @@ is forwarded chunk by chunk through the client-streaming `DatasetService/CreateD
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
-import grpc
 from aiohttp import web
 from llmp.dataset.v1 import dataset_pb2 as pb
 
 from gateway.http import (
     PAGING,
     Route,
-    caller,
     check_if_match,
+    clients,
     etag_of,
     json_response,
     page,
     path_version,
     query_int,
-    rpc,
+    responses,
     to_dict,
 )
-from gateway.state import CALLER, CLIENTS, SETTINGS
+from gateway.state import SETTINGS
 from services.common import contracts, errors
-from services.common.grpc_client import call_metadata, domain_error
 
 CHUNK = 1024 * 1024
 FINAL_MAX_AGE = 3600  # seconds clients may keep a READY/FAILED version without asking again
@@ -129,7 +126,7 @@ async def create_dataset(request: web.Request) -> web.Response:
     options = create_options(request)
     limit = request.app[SETTINGS].max_upload_bytes
 
-    upload_error: list[errors.LlmpError] = []
+    upload_error: list[Exception] = []  # why reading the body failed (grpc.aio then cancels the call)
 
     async def messages() -> AsyncIterator[pb.CreateDatasetRequest]:
         yield pb.CreateDatasetRequest(options=options)
@@ -137,22 +134,14 @@ async def create_dataset(request: web.Request) -> web.Response:
             try:
                 async for chunk in _body_chunks(request, limit):
                     yield pb.CreateDatasetRequest(chunk=chunk)
-            except errors.LlmpError as error:  # gRPC cancels the call; the reason is reported below
+            except Exception as error:  # over the limit, or the client went away: reported below
                 upload_error.append(error)
                 raise
 
-    stub = request.app[CLIENTS].stub("dataset")
     try:
-        response = await stub.CreateDataset(messages(), metadata=call_metadata(caller(request)))
-    except grpc.aio.AioRpcError as error:
-        raise (upload_error[0] if upload_error else domain_error(error)) from None
-    except asyncio.CancelledError:
-        # grpc.aio ends a call whose request iterator raised with CancelledError; let that through (aiohttp
-        # would drop the connection without an answer) only when this task itself is being cancelled.
-        current = asyncio.current_task()
-        if upload_error and current is not None and not current.cancelling():
-            raise upload_error[0] from None
-        raise
+        response = await clients(request).dataset.CreateDataset(messages())
+    except errors.LlmpError as error:  # errors.Cancelled when the body could not be read
+        raise (upload_error[0] if upload_error else error) from None
     version = response.version
     location = f"/v1/datasets/{version.name}/versions/{version.version}"
     status = 202 if version.state == pb.VERSION_STATE_PENDING else (201 if response.created else 200)
@@ -161,7 +150,7 @@ async def create_dataset(request: web.Request) -> web.Response:
 
 
 async def list_datasets(request: web.Request) -> web.Response:
-    response = await rpc(request, "dataset", "ListDatasets", pb.ListDatasetsRequest(page=page(request)))
+    response = await clients(request).dataset.ListDatasets(pb.ListDatasetsRequest(page=page(request)))
     datasets = [{"name": d.name, "version_count": d.version_count, "latest": present_version(d.latest),
                  "created_at": to_dict(d).get("created_at")} for d in response.datasets]
     return json_response(request, {"datasets": datasets, "next_page_token": response.page.next_page_token})
@@ -169,14 +158,14 @@ async def list_datasets(request: web.Request) -> web.Response:
 
 async def get_dataset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    response = await rpc(request, "dataset", "ListDatasetVersions",
-                         pb.ListDatasetVersionsRequest(name=name, page=page(request)))
+    response = await clients(request).dataset.ListDatasetVersions(
+        pb.ListDatasetVersionsRequest(name=name, page=page(request)))
     return json_response(request, {"name": name, "versions": [present_version(v) for v in response.versions],
                                    "next_page_token": response.page.next_page_token})
 
 
 async def _version(request: web.Request) -> pb.DatasetVersion:
-    response = await rpc(request, "dataset", "GetDatasetVersion", pb.GetDatasetVersionRequest(
+    response = await clients(request).dataset.GetDatasetVersion(pb.GetDatasetVersionRequest(
         name=request.match_info["name"], version=path_version(request)))
     return response.version
 
@@ -193,7 +182,7 @@ async def get_version(request: web.Request) -> web.Response:
 async def delete_version(request: web.Request) -> web.Response:
     version = await _version(request)
     check_if_match(request, etag_of(present_version(version)), required=False)
-    response = await rpc(request, "dataset", "DeleteDatasetVersion", pb.DeleteDatasetVersionRequest(
+    response = await clients(request).dataset.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(
         name=version.name, version=version.version))
     return json_response(request, {"name": version.name, "version": version.version,
                                    "objects_deleted": response.objects_deleted}, cache_control="no-store")
@@ -202,20 +191,20 @@ async def delete_version(request: web.Request) -> web.Response:
 async def version_events(request: web.Request) -> web.StreamResponse:
     """Ingest progress as Server-Sent Events until the version is READY or FAILED."""
     message = pb.WatchIngestRequest(name=request.match_info["name"], version=path_version(request))
-    events = request.app[CLIENTS].stream("dataset", "WatchIngest", message, caller=request.get(CALLER))
-    first = await anext(aiter(events), None)  # an unknown version is a 404, not an empty stream
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
-    await response.prepare(request)
-    event, sequence = first, 0
-    while event is not None:
-        sequence += 1
-        payload = to_dict(event)
-        if event.HasField("version"):
-            payload["version"] = present_version(event.version)
-        kind = "version" if event.HasField("version") else "progress"
-        await response.write(f"id: {sequence}\nevent: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
-        event = await anext(events, None)
+    with responses(clients(request).dataset.WatchIngest(message)) as events:
+        first = await anext(events, None)  # an unknown version is a 404, not an empty stream
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        event, sequence = first, 0
+        while event is not None:
+            sequence += 1
+            payload = to_dict(event)
+            if event.HasField("version"):
+                payload["version"] = present_version(event.version)
+            kind = "version" if event.HasField("version") else "progress"
+            await response.write(f"id: {sequence}\nevent: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+            event = await anext(events, None)
     await response.write(b"data: [DONE]\n\n")
     return response
 

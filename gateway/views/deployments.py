@@ -7,7 +7,7 @@ import json
 from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 
-from gateway.http import Route, json_response, read_json, rpc, to_dict
+from gateway.http import Route, clients, json_response, read_json, to_dict
 from services.common import contracts, errors
 
 ROLLOUT = {
@@ -60,13 +60,13 @@ def _etag(deployment: inference_pb2.Deployment) -> str:
 
 
 async def list_deployments(request: web.Request) -> web.Response:
-    response = await rpc(request, "inference", "ListDeployments", inference_pb2.ListDeploymentsRequest())
+    response = await clients(request).inference.ListDeployments(inference_pb2.ListDeploymentsRequest())
     return json_response(request, {"deployments": [present(d) for d in response.deployments]})
 
 
 async def get_deployment(request: web.Request) -> web.Response:
-    response = await rpc(request, "inference", "GetDeployment",
-                         inference_pb2.GetDeploymentRequest(name=request.match_info["name"]))
+    response = await clients(request).inference.GetDeployment(
+        inference_pb2.GetDeploymentRequest(name=request.match_info["name"]))
     return json_response(request, present(response.deployment), etag=_etag(response.deployment))
 
 
@@ -80,7 +80,7 @@ async def put_deployment(request: web.Request) -> web.Response:
         # The API's rule: changing an existing deployment needs If-Match (428); creating one needs no header, but
         # is sent as If-None-Match: * so a deployment created meanwhile is not silently overwritten.
         try:
-            await rpc(request, "inference", "GetDeployment", inference_pb2.GetDeploymentRequest(name=name))
+            await clients(request).inference.GetDeployment(inference_pb2.GetDeploymentRequest(name=name))
         except errors.NotFound:
             if_none_match = "*"
         else:
@@ -96,13 +96,13 @@ async def put_deployment(request: web.Request) -> web.Response:
         message.canary.CopyFrom(inference_pb2.Canary(version=canary["version"], weight=canary.get("weight", 0)))
         if "rollout" in canary:
             message.canary.rollout.CopyFrom(inference_pb2.CanaryRollout(**canary["rollout"]))
-    response = await rpc(request, "inference", "PutDeployment", message, timeout=600)
+    response = await clients(request).inference.PutDeployment(message, timeout=600)
     return json_response(request, present(response.deployment), status=201 if response.created else 200,
                          cache_control="no-store", etag=_etag(response.deployment))
 
 
 async def delete_deployment(request: web.Request) -> web.Response:
-    await rpc(request, "inference", "DeleteDeployment", inference_pb2.DeleteDeploymentRequest(
+    await clients(request).inference.DeleteDeployment(inference_pb2.DeleteDeploymentRequest(
         name=request.match_info["name"], if_match=request.headers.get("If-Match", "")), timeout=120)
     return web.Response(status=204, headers={"Cache-Control": "no-store"})
 
@@ -124,8 +124,8 @@ async def deployment_metrics(request: web.Request) -> web.Response:
 
     The figures are the answering inference process's (since `since`, by `replica`); each replica counts its own.
     """
-    response = await rpc(request, "inference", "GetDeploymentMetrics",
-                         inference_pb2.GetDeploymentMetricsRequest(name=request.match_info["name"]))
+    response = await clients(request).inference.GetDeploymentMetrics(
+        inference_pb2.GetDeploymentMetricsRequest(name=request.match_info["name"]))
     return json_response(request, present_metrics(response))
 
 DEPLOYMENT = "/v1/deployments/{name}"

@@ -13,12 +13,12 @@ from gateway.http import (
     Route,
     caller,
     check_if_match,
+    clients,
     etag_of,
     json_response,
     page,
     path_version,
     read_json,
-    rpc,
     to_dict,
 )
 from services.common import contracts, errors
@@ -44,23 +44,23 @@ def present_version(version: registry_pb2.ModelVersion) -> dict:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    response = await rpc(request, "registry", "ListModels", registry_pb2.ListModelsRequest(page=page(request)))
+    response = await clients(request).registry.ListModels(registry_pb2.ListModelsRequest(page=page(request)))
     return json_response(request, {"models": [to_dict(model) for model in response.models],
                                    "next_page_token": response.page.next_page_token})
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    model = await rpc(request, "registry", "GetModel", registry_pb2.GetModelRequest(name=name))
-    versions = await rpc(request, "registry", "ListModelVersions",
-                         registry_pb2.ListModelVersionsRequest(name=name, page=page(request)))
+    model = await clients(request).registry.GetModel(registry_pb2.GetModelRequest(name=name))
+    versions = await clients(request).registry.ListModelVersions(
+        registry_pb2.ListModelVersionsRequest(name=name, page=page(request)))
     return json_response(request, {**to_dict(model.model),
                                    "versions": [present_version(v) for v in versions.versions],
                                    "next_page_token": versions.page.next_page_token})
 
 
 async def get_version(request: web.Request) -> web.Response:
-    response = await rpc(request, "registry", "GetModelVersion", registry_pb2.GetModelVersionRequest(
+    response = await clients(request).registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
         name=request.match_info["name"], version=path_version(request)))
     # READY versions are immutable except for exports and aliases, which the ETag covers.
     return json_response(request, present_version(response.version))
@@ -69,11 +69,11 @@ async def get_version(request: web.Request) -> web.Response:
 async def delete_version(request: web.Request) -> web.Response:
     name, version = request.match_info["name"], path_version(request)
     if request.headers.get("If-Match"):
-        current = await rpc(request, "registry", "GetModelVersion",
-                            registry_pb2.GetModelVersionRequest(name=name, version=version))
+        current = await clients(request).registry.GetModelVersion(
+            registry_pb2.GetModelVersionRequest(name=name, version=version))
         check_if_match(request, etag_of(present_version(current.version)), required=False)
-    await rpc(request, "registry", "DeleteModelVersion",
-              registry_pb2.DeleteModelVersionRequest(name=name, version=version))
+    await clients(request).registry.DeleteModelVersion(
+        registry_pb2.DeleteModelVersionRequest(name=name, version=version))
     return web.Response(status=204, headers={"Cache-Control": "no-store"})
 
 
@@ -82,7 +82,7 @@ def _alias_etag(alias: registry_pb2.Alias) -> str:
 
 
 async def get_alias(request: web.Request) -> web.Response:
-    response = await rpc(request, "registry", "GetAlias", registry_pb2.GetAliasRequest(
+    response = await clients(request).registry.GetAlias(registry_pb2.GetAliasRequest(
         model_name=request.match_info["name"], alias=request.match_info["alias"]))
     return json_response(request, to_dict(response.alias), etag=_alias_etag(response.alias))
 
@@ -97,7 +97,7 @@ async def put_alias(request: web.Request) -> web.Response:
                                           "If-None-Match: *")
     if if_match.startswith("W/"):
         raise errors.PreconditionFailed("If-Match needs a strong ETag")
-    response = await rpc(request, "registry", "SetAlias", registry_pb2.SetAliasRequest(
+    response = await clients(request).registry.SetAlias(registry_pb2.SetAliasRequest(
         model_name=request.match_info["name"], alias=request.match_info["alias"], version=body["version"],
         expected_etag=if_match.strip('"'), must_not_exist=must_not_exist, actor=caller(request).key_id,
         reason=body.get("reason", "")))
@@ -106,14 +106,14 @@ async def put_alias(request: web.Request) -> web.Response:
 
 
 async def alias_history(request: web.Request) -> web.Response:
-    response = await rpc(request, "registry", "ListAliasHistory", registry_pb2.ListAliasHistoryRequest(
+    response = await clients(request).registry.ListAliasHistory(registry_pb2.ListAliasHistoryRequest(
         model_name=request.match_info["name"], alias=request.match_info["alias"]))
     return json_response(request, {"entries": [to_dict(entry) for entry in response.entries]})
 
 
 async def create_export(request: web.Request) -> web.Response:
     body = await read_json(request, CREATE_EXPORT)
-    response = await rpc(request, "registry", "CreateExport", registry_pb2.CreateExportRequest(
+    response = await clients(request).registry.CreateExport(registry_pb2.CreateExportRequest(
         model=common_pb2.ModelRef(name=request.match_info["name"], version=path_version(request)),
         format=body["format"]))
     export = to_dict(response.export)

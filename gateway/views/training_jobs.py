@@ -8,8 +8,7 @@ from aiohttp import web
 from google.protobuf import json_format
 from llmp.training.v1 import training_pb2
 
-from gateway.http import PAGING, Route, json_response, page, read_json, rpc, to_dict
-from gateway.state import CALLER, CLIENTS
+from gateway.http import PAGING, Route, clients, json_response, page, read_json, responses, to_dict
 from services.common import contracts, errors
 
 _POSITIVE = {"type": "integer", "minimum": 1}
@@ -73,7 +72,7 @@ async def submit_job(request: web.Request) -> web.Response:
         spec = json_format.ParseDict(spec_fields, training_pb2.JobSpec())
     except json_format.ParseError as error:
         raise errors.ValidationFailed(str(error)) from None
-    response = await rpc(request, "training", "SubmitJob", training_pb2.SubmitJobRequest(
+    response = await clients(request).training.SubmitJob(training_pb2.SubmitJobRequest(
         spec=spec, idempotency_key=key, priority=body.get("priority", 0), model_name=body.get("model_name", "")))
     headers = {"Location": f"/v1/training-jobs/{response.job.id}"}
     return json_response(request, present_job(response.job), status=202 if response.created else 200,
@@ -87,25 +86,25 @@ async def list_jobs(request: web.Request) -> web.Response:
         if name not in training_pb2.JobState.keys():
             raise errors.ValidationFailed(f"state: unknown job state {state!r}")
         states.append(training_pb2.JobState.Value(name))
-    response = await rpc(request, "training", "ListJobs", training_pb2.ListJobsRequest(
+    response = await clients(request).training.ListJobs(training_pb2.ListJobsRequest(
         page=page(request), states=states))
     return json_response(request, {"jobs": [present_job(job) for job in response.jobs],
                                    "next_page_token": response.page.next_page_token})
 
 
 async def get_job(request: web.Request) -> web.Response:
-    response = await rpc(request, "training", "GetJob", training_pb2.GetJobRequest(id=request.match_info["id"]))
+    response = await clients(request).training.GetJob(training_pb2.GetJobRequest(id=request.match_info["id"]))
     return json_response(request, present_job(response.job))
 
 
 async def job_metrics(request: web.Request) -> web.Response:
-    response = await rpc(request, "training", "GetJobMetrics",
-                         training_pb2.GetJobMetricsRequest(id=request.match_info["id"]))
+    response = await clients(request).training.GetJobMetrics(
+        training_pb2.GetJobMetricsRequest(id=request.match_info["id"]))
     return json_response(request, to_dict(response))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    response = await rpc(request, "training", "CancelJob", training_pb2.CancelJobRequest(id=request.match_info["id"]))
+    response = await clients(request).training.CancelJob(training_pb2.CancelJobRequest(id=request.match_info["id"]))
     return json_response(request, present_job(response.job), status=202, cache_control="no-store")
 
 
@@ -114,18 +113,18 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     last = request.headers.get("Last-Event-ID", "0")
     after = int(last) if last.isdigit() else 0
     message = training_pb2.WatchJobRequest(id=request.match_info["id"], after_sequence=after)
-    events = request.app[CLIENTS].stream("training", "WatchJob", message, caller=request.get(CALLER))
-    # Ask for the first event before committing to a 200, so an unknown job is a proper 404.
-    first = await anext(aiter(events), None)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
-    await response.prepare(request)
-    event = first
-    while event is not None:
-        kind = event.WhichOneof("event") or "message"
-        payload = to_dict(event)
-        await response.write(f"id: {event.sequence}\nevent: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
-        event = await anext(events, None)
+    with responses(clients(request).training.WatchJob(message)) as events:
+        # Ask for the first event before committing to a 200, so an unknown job is a proper 404.
+        first = await anext(events, None)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        event = first
+        while event is not None:
+            kind = event.WhichOneof("event") or "message"
+            payload = to_dict(event)
+            await response.write(f"id: {event.sequence}\nevent: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+            event = await anext(events, None)
     await response.write(b"data: [DONE]\n\n")
     return response
 

@@ -1,34 +1,28 @@
-"""Calling llmp's gRPC services: one channel per service, caller and request id passed along,
-peer errors turned back into the domain errors they started as."""
+"""Calling llmp's gRPC services through their generated, typed stubs: `clients.registry.GetModelVersion(
+request)`. Each service has one channel, and every channel one client interceptor policy (`CallPolicy`) that
+sends the current caller and request id (`identity`), gives a unary call the default deadline when it names
+none, and turns a peer's error back into the domain error it started as."""
 
 from __future__ import annotations
 
-import importlib
+import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from llmp.dataset.v1 import dataset_pb2_grpc
+from llmp.inference.v1 import inference_pb2_grpc
+from llmp.registry.v1 import registry_pb2_grpc
+from llmp.training.v1 import training_pb2_grpc
 
-from services.common import errors, logs
+from services.common import errors, identity, tracing
 from services.common.config import Settings
-from services.common.grpc_server import (
-    ACCEPTING_HEALTH_NAME,
-    KEY_ID_KEY,
-    REQUEST_ID_KEY,
-    ROLE_KEY,
-    TENANT_KEY,
-    Caller,
-)
-from services.common.topology import GRPC_SERVICES
+from services.common.grpc_server import ACCEPTING_HEALTH_NAME
 
-# Service name -> (generated grpc module, stub class)
-_STUBS = {
-    "dataset": ("llmp.dataset.v1.dataset_pb2_grpc", "DatasetServiceStub"),
-    "training": ("llmp.training.v1.training_pb2_grpc", "TrainingServiceStub"),
-    "registry": ("llmp.registry.v1.registry_pb2_grpc", "RegistryServiceStub"),
-    "inference": ("llmp.inference.v1.inference_pb2_grpc", "InferenceServiceStub"),
-}
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
 # Where an address names several replicas (`ipv4:a:1,b:2`, or a DNS name with several records),
 # round_robin spreads the calls and client-side health checking (grpc.health.v1 Watch on
 # ACCEPTING_HEALTH_NAME) drops a replica the moment it starts draining. grpc retries a call that got
@@ -67,59 +61,122 @@ def deployment_metadata(tenant: str, deployment: str) -> tuple[tuple[str, str], 
     return ((DEPLOYMENT_KEY, f"{tenant}/{deployment}"),)
 
 
-def call_metadata(caller: Caller | None) -> tuple[tuple[str, str], ...]:
-    metadata = [(REQUEST_ID_KEY, logs.request_id.get())]
-    if caller is not None:
-        metadata += [(TENANT_KEY, caller.tenant), (KEY_ID_KEY, caller.key_id), (ROLE_KEY, caller.role)]
-    return tuple(metadata)
-
-
 def domain_error(error: grpc.aio.AioRpcError) -> errors.LlmpError:
     """The domain error a peer raised (or Unavailable when the peer could not be reached)."""
     return errors.from_grpc(error.code(), error.details(), error.trailing_metadata())
 
 
-class ServiceClients:
-    """Lazily created async channels and stubs for every llmp service."""
+class CallPolicy:
+    """What every call to an llmp service needs, in one place: the current caller and request id in its
+    metadata (a key the call sets itself is left as it set it), `default_timeout` on a unary call that
+    names no deadline (a stream or an upload runs as long as its caller wants), and a peer's error
+    raised as the domain error (`errors.from_grpc`), so callers and the gateway's error middleware only
+    ever see `errors.LlmpError`. grpc.aio runs interceptors in a task created when the stub is called,
+    which copies the caller's context: the caller is the one current where the call is made.
 
-    def __init__(self, settings: Settings) -> None:
+    One policy, one interceptor per kind of call (`interceptors()`): a grpc.aio channel files an
+    interceptor under the first kind it implements only."""
+
+    def __init__(self, default_timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.default_timeout = default_timeout
+
+    def details(self, details: grpc.aio.ClientCallDetails, *, unary: bool) -> grpc.aio.ClientCallDetails:
+        given = details.metadata or ()
+        named = {key for key, _ in given}
+        metadata = grpc.aio.Metadata(*(item for item in identity.call_metadata() if item[0] not in named), *given)
+        timeout = self.default_timeout if unary and details.timeout is None else details.timeout
+        return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        return [_Unary(self), _ServerStreaming(self), _ClientStreaming(self)]
+
+
+class _Unary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, policy: CallPolicy) -> None:
+        self.policy = policy
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        call = await continuation(self.policy.details(client_call_details, unary=True), request)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(error) from None
+
+
+class _ClientStreaming(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, policy: CallPolicy) -> None:
+        self.policy = policy
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        call = await continuation(self.policy.details(client_call_details, unary=False), request_iterator)
+        try:
+            code = await call.code()  # the end of the call, without raising (this kind must return a call)
+        except asyncio.CancelledError:  # the caller gave up: so does the upload
+            call.cancel()
+            raise
+        if code != grpc.StatusCode.OK:
+            raise errors.from_grpc(code, await call.details(), await call.trailing_metadata())
+        return call
+
+
+class _ServerStreaming(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, policy: CallPolicy) -> None:
+        self.policy = policy
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        call = await continuation(self.policy.details(client_call_details, unary=False), request)
+        return _domain_errors(call)
+
+
+async def _domain_errors(call) -> AsyncIterator[Any]:
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as error:
+        raise domain_error(error) from None
+
+
+class ServiceClients:
+    """One channel per llmp service, opened on first use, and its typed stub. The channels carry
+    `CallPolicy`'s interceptors outermost, then the tracing interceptors (client spans, the trace context in the
+    metadata) when tracing is on, so a span records the call's own status before errors are mapped."""
+
+    def __init__(self, settings: Settings, *, tracer_provider: TracerProvider | None = None,
+                 default_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.addresses = dict(settings.service_addrs)
+        self.interceptors = [*CallPolicy(default_timeout).interceptors(),
+                             *tracing.client_interceptors(tracer_provider or tracing.process_provider())]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, Any] = {}
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.aio.insecure_channel(self.addresses[service], options=CHANNEL_OPTIONS)
+            self._channels[service] = grpc.aio.insecure_channel(self.addresses[service], options=CHANNEL_OPTIONS,
+                                                                interceptors=self.interceptors)
         return self._channels[service]
 
-    def stub(self, service: str) -> Any:
-        if service not in self._stubs:
-            module_name, stub_name = _STUBS[service]
-            module = importlib.import_module(module_name)
-            self._stubs[service] = getattr(module, stub_name)(self.channel(service))
-        return self._stubs[service]
+    def _stub(self, service: str, stub_class: type) -> Any:
+        stub = self._stubs.get(service)
+        if stub is None:
+            stub = self._stubs[service] = stub_class(self.channel(service))
+        return stub
 
-    async def call(self, service: str, method: str, request: Any, *, caller: Caller | None = None,
-                   timeout: float | None = DEFAULT_TIMEOUT, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
-        """Unary call `service.method(request)`; peer errors raise as domain errors."""
-        rpc = getattr(self.stub(service), method)
-        try:
-            return await rpc(request, metadata=call_metadata(caller) + metadata, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            raise domain_error(error) from None
+    @property
+    def dataset(self) -> dataset_pb2_grpc.DatasetServiceStub:
+        return self._stub("dataset", dataset_pb2_grpc.DatasetServiceStub)
 
-    async def stream(self, service: str, method: str, request: Any, *, caller: Caller | None = None,
-                     timeout: float | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[Any]:
-        """Server-streaming call; yields responses; peer errors raise as domain errors."""
-        rpc = getattr(self.stub(service), method)
-        call = rpc(request, metadata=call_metadata(caller) + metadata, timeout=timeout)
-        try:
-            async for response in call:
-                yield response
-        except grpc.aio.AioRpcError as error:
-            raise domain_error(error) from None
-        finally:
-            call.cancel()
+    @property
+    def training(self) -> training_pb2_grpc.TrainingServiceStub:
+        return self._stub("training", training_pb2_grpc.TrainingServiceStub)
+
+    @property
+    def registry(self) -> registry_pb2_grpc.RegistryServiceStub:
+        return self._stub("registry", registry_pb2_grpc.RegistryServiceStub)
+
+    @property
+    def inference(self) -> inference_pb2_grpc.InferenceServiceStub:
+        return self._stub("inference", inference_pb2_grpc.InferenceServiceStub)
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -139,6 +196,3 @@ async def health_check(address: str, service: str = "", timeout: float = 2.0) ->
         except grpc.aio.AioRpcError as error:
             return "UNREACHABLE" if error.code() == grpc.StatusCode.UNAVAILABLE else error.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-
-
-KNOWN_SERVICES = tuple(service.name for service in GRPC_SERVICES)

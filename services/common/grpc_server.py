@@ -16,14 +16,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import errors, logs, metrics, tracing
+from services.common import errors, identity, logs, metrics, tracing
 from services.common.config import Settings
 from services.common.periodic import Periodic
 from services.common.topology import GrpcService
@@ -33,8 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_KEY = "x-request-id"
-TENANT_KEY, KEY_ID_KEY, ROLE_KEY = "llmp-tenant", "llmp-key-id", "llmp-role"
 READINESS_INTERVAL = 2.0  # seconds between readiness probes of the backends
 FINAL_GRACE = 0.5  # seconds the transport gets to send what is left once the application's calls drained
 # A grpc.health.v1 name that is SERVING from start until shutdown begins, whatever the readiness checks
@@ -42,24 +39,6 @@ FINAL_GRACE = 0.5  # seconds the transport gets to send what is left once the ap
 # stop sending to a draining replica at once, yet keep calling one whose backend is down (its calls
 # then answer 503 with the reason, rather than failing as "no healthy backend").
 ACCEPTING_HEALTH_NAME = "llmp.accepting"
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who a call acts for, as authenticated by the gateway."""
-
-    tenant: str
-    key_id: str
-    role: str
-
-
-def caller_from_context(context: grpc.aio.ServicerContext) -> Caller:
-    """The caller a gateway (or trusted peer) put in the call's metadata; no tenant is an error."""
-    values = dict(context.invocation_metadata() or ())
-    tenant = values.get(TENANT_KEY, "")
-    if not tenant:
-        raise errors.Unauthenticated("call carries no tenant (llmp-tenant metadata)")
-    return Caller(tenant=tenant, key_id=values.get(KEY_ID_KEY, ""), role=values.get(ROLE_KEY, ""))
 
 
 def _method_parts(full_method: str) -> tuple[str, str]:
@@ -76,8 +55,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         service, method = _method_parts(handler_call_details.method)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        incoming_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        metadata = handler_call_details.invocation_metadata or ()
+        incoming_id = dict(metadata).get(identity.REQUEST_ID_KEY) or uuid.uuid4().hex
+        caller = identity.caller_from_metadata(metadata)
 
         def observe(code: str, started: float) -> None:
             elapsed = time.perf_counter() - started
@@ -85,7 +65,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             metrics.GRPC_LATENCY.labels(service, method).observe(elapsed)
             log.info("rpc", extra={"rpc": f"{service}/{method}", "code": code, "ms": round(elapsed * 1000, 1)})
 
-        return _wrap(handler, lambda context: _call_scope(context, incoming_id, observe))
+        return _wrap(handler, lambda context: _call_scope(context, incoming_id, caller, observe))
 
 
 def _code_of(context: grpc.aio.ServicerContext) -> str:
@@ -96,9 +76,12 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
 
 
 @asynccontextmanager
-async def _call_scope(context: grpc.aio.ServicerContext, request_id: str, observe) -> AsyncIterator[None]:
-    """Scope one call: its request id in every log line, domain errors mapped to status codes."""
+async def _call_scope(context: grpc.aio.ServicerContext, request_id: str, caller: identity.Caller | None,
+                      observe) -> AsyncIterator[None]:
+    """Scope one call: its request id in every log line, its caller the current one (so the calls the
+    handler makes carry both on), domain errors mapped to status codes."""
     token = logs.request_id.set(request_id)
+    caller_token = identity.current.set(caller)
     started = time.perf_counter()
     code = "OK"
     try:
@@ -128,6 +111,7 @@ async def _call_scope(context: grpc.aio.ServicerContext, request_id: str, observ
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
     finally:
         observe(code if code != "OK" else _code_of(context), started)
+        identity.current.reset(caller_token)
         logs.request_id.reset(token)
 
 

@@ -1,8 +1,9 @@
 """OpenTelemetry tracing for every llmp process, on only when LLMP_OTEL_ENDPOINT is set.
 
 One tracer provider per process, exporting OTLP/gRPC. A service's gRPC server continues the trace the
-caller put in the call's metadata (W3C `traceparent`, written by the instrumented gRPC client of the
-gateway or of another service), so one request is one trace across the gateway and the services.
+caller put in the call's metadata (W3C `traceparent`, written by the client interceptors on the channels
+of the gateway or of another service, `grpc_client.ServiceClients`), so one request is one trace across
+the gateway and the services.
 """
 
 from __future__ import annotations
@@ -41,14 +42,10 @@ def tracer_provider(settings: Settings, service_name: str,
 
 
 def configure_process(settings: Settings, component: str) -> TracerProvider | None:
-    """Called once by a service's entry point: the process's provider (None when tracing is off), with
-    every gRPC client channel opened from now on instrumented (client spans, context in the metadata)."""
+    """Called once by a service's entry point: the process's provider (None when tracing is off), which
+    its gRPC server and its clients to other services trace with unless given another."""
     global _process_provider
     _process_provider = tracer_provider(settings, f"llmp-{component}")
-    if _process_provider is not None:
-        from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
-
-        GrpcAioInstrumentorClient().instrument(tracer_provider=_process_provider)
     return _process_provider
 
 
@@ -69,3 +66,12 @@ def server_interceptors(provider: TracerProvider | None) -> list[grpc.aio.Server
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
     return [aio_server_interceptor(tracer_provider=provider)]
+
+
+def client_interceptors(provider: TracerProvider | None) -> list[grpc.aio.ClientInterceptor]:
+    """One CLIENT span per call, the trace context sent in its metadata; nothing when tracing is off."""
+    if provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return aio_client_interceptors(tracer_provider=provider)

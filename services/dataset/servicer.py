@@ -13,7 +13,7 @@ from llmp.dataset.v1 import dataset_pb2_grpc
 from services.common import contracts
 from services.common.contracts import SPLITS
 from services.common.errors import InvalidArgument
-from services.common.grpc_server import caller_from_context
+from services.common.identity import caller_from_context
 from services.dataset.ingestion import Ingestor, ProgressEvent
 from services.dataset.options import DEFAULT_NEAR_DUP_THRESHOLD, DEFAULT_VOCAB_SIZE, DatasetOptions, Fractions
 from services.dataset.versions import ModelsUsing, VersionRow, VersionStore

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerFast
 from services.common import contracts
 from services.common.contracts import DECODER_SPEC_FILE, DecoderSpec
 from services.common.errors import Conflict, NotFound, Unavailable
+from services.common.identity import Caller, acting_as
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 EXPORT_FORMAT = "onnx"  # what the Triton model runs (services/inference/triton_model/model.py)
@@ -128,23 +129,22 @@ class S3ModelSource:
         self.cache_root = cache_root
 
     @staticmethod
-    def _caller(tenant: str):
-        from services.common.grpc_server import Caller
-
-        return Caller(tenant=tenant, key_id="inference", role="admin")
-
-    async def _call(self, tenant: str, method: str, request):
-        return await self.clients.call("registry", method, request, caller=self._caller(tenant))
+    def _for(tenant: str):
+        """The inference service calls the registry as an admin of the deployment's tenant: it reads and marks
+        versions whoever created them."""
+        return acting_as(Caller(tenant=tenant, key_id="inference", role="admin"))
 
     async def resolve(self, tenant: str, model: str, version: int, alias: str) -> int:
         from llmp.registry.v1 import registry_pb2
 
         if version > 0:
-            await self._call(tenant, "GetModelVersion",
-                             registry_pb2.GetModelVersionRequest(name=model, version=version))
+            with self._for(tenant):
+                await self.clients.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(name=model,
+                                                                                                version=version))
             return version
-        response = await self._call(tenant, "ResolveAlias", registry_pb2.ResolveAliasRequest(model_name=model,
-                                                                                             alias=alias))
+        with self._for(tenant):
+            response = await self.clients.registry.ResolveAlias(registry_pb2.ResolveAliasRequest(model_name=model,
+                                                                                                 alias=alias))
         return int(response.version.ref.version)
 
     async def fetch(self, tenant: str, model: str, version: int) -> VersionFiles:
@@ -152,14 +152,15 @@ class S3ModelSource:
         from llmp.registry.v1 import registry_pb2
 
         ref = common_pb2.ModelRef(name=model, version=version)
-        export = (await self._call(tenant, "GetExport",
-                                   registry_pb2.GetExportRequest(model=ref, format=EXPORT_FORMAT))).export
-        state = registry_pb2.ExportState.Name(export.state).removeprefix("EXPORT_STATE_")
-        if state != "READY":
-            raise Conflict(f"the {EXPORT_FORMAT} export of model {model} v{version} is {state}, not READY: "
-                           "it cannot be deployed" + (f" ({export.error})" if export.error else ""))
-        listed = (await self._call(tenant, "GetModelVersion",
-                                   registry_pb2.GetModelVersionRequest(name=model, version=version))).version
+        with self._for(tenant):
+            export = (await self.clients.registry.GetExport(
+                registry_pb2.GetExportRequest(model=ref, format=EXPORT_FORMAT))).export
+            state = registry_pb2.ExportState.Name(export.state).removeprefix("EXPORT_STATE_")
+            if state != "READY":
+                raise Conflict(f"the {EXPORT_FORMAT} export of model {model} v{version} is {state}, not READY: "
+                               "it cannot be deployed" + (f" ({export.error})" if export.error else ""))
+            listed = (await self.clients.registry.GetModelVersion(
+                registry_pb2.GetModelVersionRequest(name=model, version=version))).version
         # path inside the version -> (S3 key, sha256): the tokenizer files and the export's decoder files
         wanted = {a.path: (a.object.key, a.object.sha256) for a in listed.artifacts if a.path in TOKENIZER_FILES}
         export_dir = contracts.export_dir(EXPORT_FORMAT)
@@ -187,13 +188,15 @@ class S3ModelSource:
         from llmp.common.v1 import common_pb2
         from llmp.registry.v1 import registry_pb2
 
-        await self._call(tenant, "MarkDeployed", registry_pb2.MarkDeployedRequest(
-            model=common_pb2.ModelRef(name=model, version=version), deployment=deployment,
-            export_format=EXPORT_FORMAT))
+        with self._for(tenant):
+            await self.clients.registry.MarkDeployed(registry_pb2.MarkDeployedRequest(
+                model=common_pb2.ModelRef(name=model, version=version), deployment=deployment,
+                export_format=EXPORT_FORMAT))
 
     async def unmark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
         from llmp.common.v1 import common_pb2
         from llmp.registry.v1 import registry_pb2
 
-        await self._call(tenant, "UnmarkDeployed", registry_pb2.UnmarkDeployedRequest(
-            model=common_pb2.ModelRef(name=model, version=version), deployment=deployment))
+        with self._for(tenant):
+            await self.clients.registry.UnmarkDeployed(registry_pb2.UnmarkDeployedRequest(
+                model=common_pb2.ModelRef(name=model, version=version), deployment=deployment))

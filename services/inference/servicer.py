@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from llmp.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.errors import NotFound, PreconditionFailed, ValidationFailed
-from services.common.grpc_server import REQUEST_ID_KEY, caller_from_context
+from services.common.identity import REQUEST_ID_KEY, caller_from_context
 from services.inference import metrics
 from services.inference.canary import CanaryController, RolloutPolicy
 from services.inference.deployments import Deployments, DeploymentSpec

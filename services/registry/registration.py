@@ -45,7 +45,7 @@ from psycopg.types.json import Jsonb
 from services.common import contracts
 from services.common.db import Database
 from services.common.errors import Conflict, Internal, NotFound, ValidationFailed
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.common.periodic import Periodic
 from services.common.s3 import ObjectStore, StoredObject
 from services.registry import layout

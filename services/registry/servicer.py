@@ -18,7 +18,7 @@ from llmp.registry.v1 import registry_pb2_grpc
 from services.common import contracts
 from services.common.db import Database
 from services.common.errors import NotFound
-from services.common.grpc_server import caller_from_context
+from services.common.identity import caller_from_context
 from services.common.s3 import ObjectStore
 from services.registry import aliases, catalog, downloads, registration
 from services.registry.exports import Exports

@@ -40,7 +40,7 @@ from psycopg.types.json import Jsonb
 
 from services.common import contracts
 from services.common.errors import Conflict, InvalidArgument, NotFound, ValidationFailed
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.training.spec import JobSpec
 
 log = logging.getLogger(__name__)

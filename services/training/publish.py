@@ -30,7 +30,7 @@ from services.common import model_transfer
 from services.common.config import Settings
 from services.common.errors import Conflict, Internal, NotFound
 from services.common.grpc_client import ServiceClients
-from services.common.grpc_server import Caller
+from services.common.identity import Caller, acting_as
 from services.common.s3 import ObjectStore
 from services.training.coordinator import Assignment, Coordinator, Job, ModelReservation
 from services.training.events import Finished
@@ -125,18 +125,20 @@ class _Registry:
         self.clients, self.caller = clients, caller
 
     async def reserve(self, job: Job, lineage: registry_pb2.Lineage, metrics: dict[str, float]) -> ModelReservation:
-        reply = await self.clients.call("registry", "ReserveModelVersion", registry_pb2.ReserveModelVersionRequest(
-            model_name=job.model_name, lineage=lineage, metrics=metrics, description=f"trained by job {job.id}"),
-            caller=self.caller, timeout=REGISTRY_TIMEOUT)
+        with acting_as(self.caller):
+            reply = await self.clients.registry.ReserveModelVersion(registry_pb2.ReserveModelVersionRequest(
+                model_name=job.model_name, lineage=lineage, metrics=metrics, description=f"trained by job {job.id}"),
+                timeout=REGISTRY_TIMEOUT)
         return ModelReservation(id=reply.reservation_id, version=reply.ref.version, prefix=reply.prefix,
                                 lease_seconds=reply.lease_seconds)
 
     async def renew(self, reservation: ModelReservation, *, must: bool = False) -> bool:
         """Extend the reservation's lease; False when the registry gave it up (or raise, when `must`)."""
         try:
-            await self.clients.call("registry", "RenewModelVersionReservation",
-                                    registry_pb2.RenewModelVersionReservationRequest(reservation_id=reservation.id),
-                                    caller=self.caller, timeout=REGISTRY_TIMEOUT)
+            with acting_as(self.caller):
+                await self.clients.registry.RenewModelVersionReservation(
+                    registry_pb2.RenewModelVersionReservationRequest(reservation_id=reservation.id),
+                    timeout=REGISTRY_TIMEOUT)
         except (Conflict, NotFound):
             if must:
                 raise
@@ -146,13 +148,15 @@ class _Registry:
     async def committed(self, reservation: ModelReservation, job: Job) -> bool:
         """Whether the reserved version is READY (readers see nothing else) and is this job's."""
         try:
-            reply = await self.clients.call("registry", "GetModelVersion", registry_pb2.GetModelVersionRequest(
-                name=job.model_name, version=reservation.version), caller=self.caller, timeout=REGISTRY_TIMEOUT)
+            with acting_as(self.caller):
+                reply = await self.clients.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
+                    name=job.model_name, version=reservation.version), timeout=REGISTRY_TIMEOUT)
         except NotFound:
             return False
         return reply.version.lineage.training_job_id == job.id
 
     async def commit(self, reservation: ModelReservation, declared: list[registry_pb2.DeclaredArtifact]) -> int:
-        reply = await self.clients.call("registry", "CommitModelVersion", registry_pb2.CommitModelVersionRequest(
-            reservation_id=reservation.id, artifacts=declared), caller=self.caller, timeout=REGISTRY_TIMEOUT)
+        with acting_as(self.caller):
+            reply = await self.clients.registry.CommitModelVersion(registry_pb2.CommitModelVersionRequest(
+                reservation_id=reservation.id, artifacts=declared), timeout=REGISTRY_TIMEOUT)
         return reply.version.ref.version

@@ -19,7 +19,8 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import NotFound, Unavailable, ValidationFailed
 from services.common.grpc_client import ServiceClients
-from services.common.grpc_server import Caller, GrpcApp, run_main
+from services.common.grpc_server import GrpcApp, run_main
+from services.common.identity import Caller, acting_as
 from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
 from services.training.dispatch import CeleryDispatcher, make_producer
@@ -37,9 +38,9 @@ def dataset_checker(clients: ServiceClients) -> DatasetCheck:
     async def check(caller: Caller, spec: JobSpec) -> str:
         name, number = spec.dataset.name, spec.dataset.version
         try:
-            response = await clients.call("dataset", "GetDatasetVersion",
-                                          dataset_pb2.GetDatasetVersionRequest(name=name, version=number),
-                                          caller=caller)
+            with acting_as(caller):
+                response = await clients.dataset.GetDatasetVersion(
+                    dataset_pb2.GetDatasetVersionRequest(name=name, version=number))
         except NotFound:
             raise ValidationFailed(f"dataset {name} version {number} does not exist") from None
         version = response.version

@@ -11,7 +11,7 @@ from llmp.common.v1 import common_pb2
 from llmp.training.v1 import training_pb2, training_pb2_grpc
 
 from services.common.errors import InvalidArgument
-from services.common.grpc_server import caller_from_context
+from services.common.identity import caller_from_context
 from services.training.coordinator import Coordinator, Event, Job, JobState
 
 _STATE_PREFIX = "JOB_STATE_"

@@ -57,8 +57,7 @@ from cli import servers
 from gateway.auth import DEFAULT_TENANT
 from services.common import topology
 from services.common.config import Settings
-from services.common.grpc_client import call_metadata
-from services.common.grpc_server import REQUEST_ID_KEY, Caller
+from services.common.identity import REQUEST_ID_KEY, Caller, caller_metadata
 from services.common.model_transfer import upload_model_version
 from services.common.s3 import ObjectStore
 
@@ -161,7 +160,7 @@ async def _seed(env: dict[str, str], work: Path) -> tuple[str, tuple[str, int]]:
     """A READY dataset version (for the reads) and a READY model version with one artifact (for the
     streamed downloads), made through the stable services."""
     settings = Settings.from_env(env)
-    metadata = call_metadata(CALLER)
+    metadata = caller_metadata(CALLER)
     async with grpc.aio.insecure_channel(settings.service_addrs["dataset"]) as channel:
         created = await dataset_pb2_grpc.DatasetServiceStub(channel).CreateDataset(
             _upload_requests("shutdown-seed", CORPUS.read_bytes()[:UPLOAD_BYTES]), metadata=metadata, timeout=60)
@@ -264,7 +263,7 @@ def _grpc_calls(name: str, channel: grpc.aio.Channel, cluster: Cluster):
     """(call name, call(request_id)) for the service `name`: each raises unless the answer is whole."""
 
     def meta(request_id: str):
-        return (*((k, v) for k, v in call_metadata(CALLER) if k != REQUEST_ID_KEY), (REQUEST_ID_KEY, request_id))
+        return (*caller_metadata(CALLER), (REQUEST_ID_KEY, request_id))
 
     page = common_pb2.PageRequest(page_size=20)
     corpus = CORPUS.read_bytes()[:UPLOAD_BYTES]
@@ -409,7 +408,7 @@ def test_sigterm_to_a_service_under_load_loses_no_accepted_call(cluster, name):
 async def _assert_every_upload_ends_ready(cluster: Cluster) -> None:
     """What the dataset victim accepted is not lost with it: a build it had not finished at SIGTERM was
     released PENDING, and the stable instance resumes it from the stored corpus."""
-    metadata = call_metadata(CALLER)
+    metadata = caller_metadata(CALLER)
     request = dataset_pb2.ListDatasetVersionsRequest(name="shutdown-upload")
     async with grpc.aio.insecure_channel(cluster.env["LLMP_DATASET_ADDR"]) as channel:
         stub = dataset_pb2_grpc.DatasetServiceStub(channel)

@@ -9,7 +9,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common import errors, topology
 from services.common.grpc_client import domain_error
-from services.common.grpc_server import GrpcApp, caller_from_context
+from services.common.grpc_server import GrpcApp
+from services.common.identity import caller_from_context
 
 pytestmark = pytest.mark.integration
 SERVICE = "llmp.test.v1.Probe"

@@ -13,7 +13,7 @@ from llmp.dataset.v1 import dataset_pb2 as pb
 from llmp.dataset.v1 import dataset_pb2_grpc
 
 from services.common.config import Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import Caller, caller_metadata
 from services.common.s3 import ObjectStore
 from services.dataset import server
 
@@ -41,17 +41,12 @@ def requests(options: pb.DatasetOptions, data: bytes) -> Iterator[pb.CreateDatas
 class Client:
     def __init__(self, stub: dataset_pb2_grpc.DatasetServiceStub, tenant: str) -> None:
         self.stub, self.tenant = stub, tenant
-        self.metadata = ((TENANT_KEY, tenant), (KEY_ID_KEY, "key-test"), (ROLE_KEY, "developer"))
+        self.metadata = caller_metadata(Caller(tenant, "key-test", "developer"))
 
     async def create(self, data: bytes, **options) -> pb.CreateDatasetResponse:
         options.setdefault("wait", True)
         return await self.stub.CreateDataset(requests(pb.DatasetOptions(**options), data), metadata=self.metadata)
 
-    async def call(self, method: str, request):
-        return await getattr(self.stub, method)(request, metadata=self.metadata)
-
-    def stream(self, method: str, request):
-        return getattr(self.stub, method)(request, metadata=self.metadata)
 
 
 @pytest.fixture(scope="session")

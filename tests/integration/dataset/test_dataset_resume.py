@@ -34,7 +34,7 @@ def row_of(settings, tenant: str, name: str, version: int = 1) -> dict:
 
 async def watch_to_the_end(client: Client, name: str, version: int = 1) -> list[pb.WatchIngestResponse]:
     request = pb.WatchIngestRequest(name=name, version=version)
-    return [event async for event in client.stream("WatchIngest", request)]
+    return [event async for event in client.stub.WatchIngest(request, metadata=client.metadata)]
 
 
 def normalised(manifest: dict, tenant: str) -> dict:
@@ -50,7 +50,7 @@ async def test_an_interrupted_build_is_resumed_by_another_replica_with_the_same_
     accepted = await client.create(corpus, name="resumed", vocab_size=512, wait=False)
     assert accepted.created and accepted.version.state == pb.VERSION_STATE_PENDING
     assert store.exists(dataset_corpus_key(tenant, "resumed", 1))  # accepted only once the corpus is stored
-    progress = client.stream("WatchIngest", pb.WatchIngestRequest(name="resumed", version=1))
+    progress = client.stub.WatchIngest(pb.WatchIngestRequest(name="resumed", version=1), metadata=client.metadata)
     async for event in progress:
         if event.bytes_done > 0:  # the build is under way
             break
@@ -110,7 +110,7 @@ def insert_pending(settings, tenant: str, name: str, options: DatasetOptions, di
 async def wait_finished(client: Client, name: str) -> pb.DatasetVersion:
     request = pb.GetDatasetVersionRequest(name=name, version=1)
     for _ in range(600):
-        version = (await client.call("GetDatasetVersion", request)).version
+        version = (await client.stub.GetDatasetVersion(request, metadata=client.metadata)).version
         if version.state != pb.VERSION_STATE_PENDING:
             return version
         await asyncio.sleep(0.1)

@@ -62,9 +62,11 @@ async def test_shakespeare_becomes_a_ready_verified_version(client, store, shake
     text = tokenizer.decode(tokens[: np.flatnonzero(tokens == tokenizer.eos_token_id)[0]].tolist())
     assert text and text in shakespeare.decode()
 
-    got = (await client.call("GetDatasetVersion", pb.GetDatasetVersionRequest(name="shakespeare", version=1))).version
+    got = (await client.stub.GetDatasetVersion(pb.GetDatasetVersionRequest(name="shakespeare", version=1),
+                                               metadata=client.metadata)).version
     assert got == version
-    latest = (await client.call("GetDatasetVersion", pb.GetDatasetVersionRequest(name="shakespeare"))).version
+    latest = (await client.stub.GetDatasetVersion(pb.GetDatasetVersionRequest(name="shakespeare"),
+                                                  metadata=client.metadata)).version
     assert latest.version == 1
 
 
@@ -76,23 +78,25 @@ async def test_same_corpus_and_options_give_the_same_version(client, shakespeare
     assert again.version.digest == first.version.digest
     reseeded = await client.create(data, name="idem", tokenizer=pb.TOKENIZER_KIND_CHAR, split_seed=7)
     assert reseeded.created and reseeded.version.version == 2
-    versions = (await client.call("ListDatasetVersions", pb.ListDatasetVersionsRequest(name="idem"))).versions
+    versions = (await client.stub.ListDatasetVersions(pb.ListDatasetVersionsRequest(name="idem"),
+                                                      metadata=client.metadata)).versions
     assert [v.version for v in versions] == [2, 1]
-    page = await client.call("ListDatasetVersions", pb.ListDatasetVersionsRequest(
-        name="idem", page=common_pb2.PageRequest(page_size=1)))
+    page = await client.stub.ListDatasetVersions(pb.ListDatasetVersionsRequest(
+        name="idem", page=common_pb2.PageRequest(page_size=1)), metadata=client.metadata)
     assert [v.version for v in page.versions] == [2] and page.page.next_page_token
-    rest = await client.call("ListDatasetVersions", pb.ListDatasetVersionsRequest(
-        name="idem", page=common_pb2.PageRequest(page_size=1, page_token=page.page.next_page_token)))
+    rest = await client.stub.ListDatasetVersions(pb.ListDatasetVersionsRequest(
+        name="idem", page=common_pb2.PageRequest(page_size=1, page_token=page.page.next_page_token)),
+        metadata=client.metadata)
     assert [v.version for v in rest.versions] == [1] and not rest.page.next_page_token
-    datasets = (await client.call("ListDatasets", pb.ListDatasetsRequest())).datasets
+    datasets = (await client.stub.ListDatasets(pb.ListDatasetsRequest(), metadata=client.metadata)).datasets
     assert [(d.name, d.version_count, d.latest.version) for d in datasets] == [("idem", 2, 2)]
 
 
 async def test_progress_streams_until_ready(client, shakespeare):
     response = await client.create(shakespeare, name="watched", vocab_size=300, wait=False)
     assert response.version.state == pb.VERSION_STATE_PENDING
-    events = [event async for event in client.stream(
-        "WatchIngest", pb.WatchIngestRequest(name="watched", version=response.version.version))]
+    events = [event async for event in client.stub.WatchIngest(
+        pb.WatchIngestRequest(name="watched", version=response.version.version), metadata=client.metadata)]
     assert events[-1].state == pb.VERSION_STATE_READY and events[-1].version.state == pb.VERSION_STATE_READY
     assert events[-1].bytes_done == len(shakespeare)
     assert all(event.state == pb.VERSION_STATE_PENDING for event in events[:-1])
@@ -109,8 +113,8 @@ async def test_progress_streams_until_ready(client, shakespeare):
     packed = [event.progress.done for event in events if event.progress.phase == "pack"]
     assert packed == sorted(packed)
     # a finished version answers with one final event
-    (final,) = [event async for event in client.stream(
-        "WatchIngest", pb.WatchIngestRequest(name="watched", version=response.version.version))]
+    (final,) = [event async for event in client.stub.WatchIngest(
+        pb.WatchIngestRequest(name="watched", version=response.version.version), metadata=client.metadata)]
     assert final.version.digest == response.version.digest
 
 
@@ -146,14 +150,16 @@ async def test_a_failed_build_leaves_no_objects_and_says_why(client, store, data
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await client.create(data, name="filtered", min_doc_chars=50)
     assert error_type(raised.value) == "validation_failed" and "no training documents" in raised.value.details()
-    failed = (await client.call("GetDatasetVersion", pb.GetDatasetVersionRequest(name="filtered", version=1))).version
+    failed = (await client.stub.GetDatasetVersion(pb.GetDatasetVersionRequest(name="filtered", version=1),
+                                                  metadata=client.metadata)).version
     assert failed.state == pb.VERSION_STATE_FAILED and "no training documents" in failed.error
     assert not failed.objects and not failed.manifest_key
     assert store.list("datasets/" + client.tenant + "/filtered/") == []
     # the same content can be tried again: a failed version does not hold its address
     with pytest.raises(grpc.aio.AioRpcError):
         await client.create(data, name="filtered", min_doc_chars=50)
-    versions = (await client.call("ListDatasetVersions", pb.ListDatasetVersionsRequest(name="filtered"))).versions
+    versions = (await client.stub.ListDatasetVersions(pb.ListDatasetVersionsRequest(name="filtered"),
+                                                      metadata=client.metadata)).versions
     assert [(v.version, v.state) for v in versions] == [(2, pb.VERSION_STATE_FAILED), (1, pb.VERSION_STATE_FAILED)]
 
 
@@ -174,15 +180,18 @@ async def test_delete_is_refused_while_a_model_uses_the_version(client, store, l
     await client.create(data, name="deletable", tokenizer=pb.TOKENIZER_KIND_CHAR, split_seed=1)
     lineage.users[(client.tenant, "deletable", 1)] = ["gpt-small:3"]
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await client.call("DeleteDatasetVersion", pb.DeleteDatasetVersionRequest(name="deletable", version=1))
+        await client.stub.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(name="deletable", version=1),
+                                               metadata=client.metadata)
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_type(raised.value) == "conflict"
     assert "gpt-small:3" in raised.value.details()
     assert store.list(f"datasets/{client.tenant}/deletable/v1/")
 
-    deleted = await client.call("DeleteDatasetVersion", pb.DeleteDatasetVersionRequest(name="deletable", version=2))
+    deleted = await client.stub.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(name="deletable", version=2),
+                                                     metadata=client.metadata)
     assert deleted.objects_deleted > 3 and store.list(f"datasets/{client.tenant}/deletable/v2/") == []
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await client.call("GetDatasetVersion", pb.GetDatasetVersionRequest(name="deletable", version=2))
+        await client.stub.GetDatasetVersion(pb.GetDatasetVersionRequest(name="deletable", version=2),
+                                            metadata=client.metadata)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     # numbers are never reused
     again = await client.create(data, name="deletable", tokenizer=pb.TOKENIZER_KIND_CHAR, split_seed=1)
@@ -193,9 +202,10 @@ async def test_tenants_do_not_see_each_other(client, service, shakespeare):
     await client.create(shakespeare[:10_000], name="private", tokenizer=pb.TOKENIZER_KIND_CHAR)
     other = Client(service, client.tenant + "-other")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await other.call("GetDatasetVersion", pb.GetDatasetVersionRequest(name="private", version=1))
+        await other.stub.GetDatasetVersion(pb.GetDatasetVersionRequest(name="private", version=1),
+                                           metadata=other.metadata)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-    assert (await other.call("ListDatasets", pb.ListDatasetsRequest())).datasets == []
+    assert (await other.stub.ListDatasets(pb.ListDatasetsRequest(), metadata=other.metadata)).datasets == []
 
 
 async def test_a_call_without_a_tenant_is_unauthenticated(service):

@@ -233,3 +233,25 @@ async def test_spans_carry_the_request_id(gateway):
     children = [span for span in spans if span.kind.name == "CLIENT"
                 and span.context.trace_id == server[0].context.trace_id]
     assert children, [span.name for span in spans]
+
+
+async def test_an_upload_over_the_limit_is_413_naming_the_limit(gateway, aiohttp_client, settings_env):
+    """A chunked body (no Content-Length to refuse it by) goes to the dataset service chunk by chunk on a
+    client-streaming call; reading past the limit ends that call (grpc.aio cancels it), and the answer names
+    the limit, not the cancelled call."""
+    from gateway.app import init_app
+    from services.common.config import Settings
+
+    settings = Settings.from_env({**settings_env, "LLMP_MAX_UPLOAD_BYTES": "1000",
+                                  "LLMP_ADMIN_KEY": "llmp_bootstrap_gateway-contract-admin"})
+    small = await aiohttp_client(init_app(settings))
+
+    async def chunked():
+        for _ in range(5):
+            yield b"x" * 1000
+
+    answer = await small.post("/v1/datasets?name=oversized&tokenizer=char", data=chunked(),
+                              headers=gateway.auth("alpha", "developer"))
+    assert answer.status == 413, await answer.text()
+    assert (await answer.json())["error"] == {"type": "payload_too_large",
+                                              "message": "upload exceeds the limit of 1000 bytes"}

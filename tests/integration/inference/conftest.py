@@ -26,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from cli.servers import TritonPorts, start_triton, stop
 from services.common.config import Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import Caller, caller_metadata
 from services.inference import server
 from services.inference.canary import CanaryController
 from services.inference.deployments import Deployments
@@ -105,7 +105,7 @@ class Client:
         self.deployments = deployments  # for tests that look inside
         self.canary = CanaryController(deployments.db, deployments)  # API only; server.build's one drives
         self.address = address  # where a gateway reaches the service
-        self.metadata = ((TENANT_KEY, TENANT), (KEY_ID_KEY, "key-test"), (ROLE_KEY, "developer"))
+        self.metadata = caller_metadata(Caller(TENANT, "key-test", "developer"))
 
     async def generate(self, prompt: str, max_tokens: int = 16, deployment: str = "tiny-chat", **sampling):
         routing_key = sampling.pop("routing_key", "")

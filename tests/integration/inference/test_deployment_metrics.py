@@ -19,7 +19,7 @@ TENANT, MODEL = "acme", "tiny"  # what conftest publishes
 
 
 async def figures(service, name: str) -> pb.GetDeploymentMetricsResponse:
-    return await service.call("GetDeploymentMetrics", pb.GetDeploymentMetricsRequest(name=name))
+    return await service.stub.GetDeploymentMetrics(pb.GetDeploymentMetricsRequest(name=name), metadata=service.metadata)
 
 
 async def test_each_served_version_counts_its_own_requests_tokens_and_latency(service):
@@ -55,8 +55,8 @@ async def test_versions_no_longer_served_keep_their_figures_and_tenants_are_apar
     await service.deploy(name=name, stable=1)
     for _ in range(3):
         await service.generate("O", max_tokens=1, deployment=name)
-    await service.deploy(name=name, stable=2, if_match=(await service.call(
-        "GetDeployment", pb.GetDeploymentRequest(name=name))).deployment.etag)
+    await service.deploy(name=name, stable=2, if_match=(await service.stub.GetDeployment(
+        pb.GetDeploymentRequest(name=name), metadata=service.metadata)).deployment.etag)
     await service.generate("O", max_tokens=1, deployment=name)
     shown = await figures(service, name)
     assert [(v.version, v.role, v.serving, v.weight, v.requests) for v in shown.versions] == [
@@ -64,7 +64,7 @@ async def test_versions_no_longer_served_keep_their_figures_and_tenants_are_apar
 
     stranger = type(service)(service.stub, tenant=f"other-{uuid.uuid4().hex[:6]}")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stranger.call("GetDeploymentMetrics", pb.GetDeploymentMetricsRequest(name=name))
+        await stranger.stub.GetDeploymentMetrics(pb.GetDeploymentMetricsRequest(name=name), metadata=stranger.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 

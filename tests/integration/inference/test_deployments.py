@@ -62,9 +62,11 @@ async def test_preconditions_get_list_and_delete(service):
     listed = await service.call("ListDeployments", pb.ListDeploymentsRequest())
     assert [d.name for d in listed.deployments] == ["tiny-a"]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-a", if_match='"stale"'))
+        await service.stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="tiny-a", if_match='"stale"'),
+                                            metadata=service.metadata)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-a", if_match=shown.etag))
+    await service.stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="tiny-a", if_match=shown.etag),
+                                        metadata=service.metadata)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await service.generate("O", deployment="tiny-a")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -93,7 +95,7 @@ async def test_delete_drains_in_flight_requests_and_unloads(service, triton):
     tasks = [asyncio.create_task(client(i)) for i in range(count)]
     await asyncio.wait_for(all_streaming.wait(), 60)  # every request has its first token
     in_flight = sum(not task.done() for task in tasks)
-    await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-chat"))
+    await service.stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="tiny-chat"), metadata=service.metadata)
     # Delete returned only after the requests in flight had finished; none failed, each ran to its end.
     assert in_flight > 0
     assert all(task.done() for task in tasks)
@@ -112,13 +114,14 @@ async def test_registry_marks_follow_the_versions_a_deployment_serves(service):
     marks = service.deployments.source.deployed
     await service.deploy(name="tiny-m", stable=1, canary=(2, 10))
     assert marks[("acme", "tiny", 1)] == {"tiny-m"} and marks[("acme", "tiny", 2)] == {"tiny-m"}
-    current = (await service.call("GetDeployment", pb.GetDeploymentRequest(name="tiny-m"))).deployment
+    current = (await service.stub.GetDeployment(pb.GetDeploymentRequest(name="tiny-m"),
+                                                metadata=service.metadata)).deployment
     await service.deploy(name="tiny-m", stable=2, if_match=current.etag)
     assert marks[("acme", "tiny", 1)] == set() and marks[("acme", "tiny", 2)] == {"tiny-m"}
     with pytest.raises(grpc.aio.AioRpcError):  # a refused change marks nothing
         await service.deploy(name="tiny-m", stable=1, if_match='"stale"')
     assert marks[("acme", "tiny", 1)] == set()
-    await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-m"))
+    await service.stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="tiny-m"), metadata=service.metadata)
     assert marks[("acme", "tiny", 2)] == set()
 
 
@@ -148,7 +151,7 @@ async def test_a_change_made_through_one_replica_reaches_the_others(service):
         await eventually((1, 2, 30))
         served, canary = await replica.route("acme", "tiny-chat", "user-7")
         assert served.version in (1, 2) and canary == (served.version == 2)
-        await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="tiny-chat"))
+        await service.stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="tiny-chat"), metadata=service.metadata)
         await eventually(None)
     finally:
         await replica.close()

@@ -76,7 +76,7 @@ async def test_put_and_delete_set_the_deployments_route_in_the_mesh(service, mes
     assert mesh.split() == {"acme/tiny-chat": {"stable": 40, "canary": 60}, "acme/other": {"stable": 95, "canary": 5}}
     await service.deploy(stable=1, canary=(2, 0))  # rolled back: everything to stable, no route of its own
     assert mesh.split() == {"acme/other": {"stable": 95, "canary": 5}}
-    await service.call("DeleteDeployment", pb.DeleteDeploymentRequest(name="other"))
+    await service.stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="other"), metadata=service.metadata)
     assert mesh.split() == {}
     assert mesh.calls[-1] == ("acme", "other", None)
 

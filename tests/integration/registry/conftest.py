@@ -13,7 +13,7 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 from llmp.registry.v1 import registry_pb2_grpc
 
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import Caller, caller_metadata
 from services.common.s3 import ObjectStore
 from services.registry import server
 
@@ -58,19 +58,12 @@ def upload_dataset(store: ObjectStore, tenant: str, name: str, version: int, tok
     store.put_bytes(prefix + "manifest.json", json.dumps(manifest).encode())
 
 
-def caller_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
-    return ((TENANT_KEY, tenant), (KEY_ID_KEY, "key-test"), (ROLE_KEY, "developer"))
-
-
 class Client:
     """A stub bound to one tenant, plus the registry's internals for assertions."""
 
     def __init__(self, stub, registry: server.Registry, tenant: str) -> None:
         self.stub, self.registry, self.tenant = stub, registry, tenant
-        self.metadata = caller_metadata(tenant)
-
-    async def call(self, method: str, request):
-        return await getattr(self.stub, method)(request, metadata=self.metadata)
+        self.metadata = caller_metadata(Caller(tenant, "key-test", "developer"))
 
     async def register(self, model: str, source_prefix: str, **lineage) -> pb.ModelVersion:
         request = pb.RegisterModelVersionRequest(
@@ -78,7 +71,7 @@ class Client:
             lineage=pb.Lineage(dataset=common_pb2.DatasetRef(name=lineage.get("dataset", ""),
                                                              version=lineage.get("dataset_version", 0)),
                                training_job_id="job-1", code_version="abc123", environment={"torch": "2.13"}))
-        return (await self.call("RegisterModelVersion", request)).version
+        return (await self.stub.RegisterModelVersion(request, metadata=self.metadata)).version
 
 
 @pytest.fixture(scope="session")

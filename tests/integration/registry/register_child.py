@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.common.s3 import ObjectStore
 from services.registry import registration
 

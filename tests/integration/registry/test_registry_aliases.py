@@ -13,7 +13,7 @@ def error_type(error: grpc.aio.AioRpcError) -> str:
 
 async def set_alias(client, version: int, **options):
     request = pb.SetAliasRequest(model_name="aliased", alias="production", version=version, **options)
-    return (await client.call("SetAlias", request)).alias
+    return (await client.stub.SetAlias(request, metadata=client.metadata)).alias
 
 
 @pytest.fixture
@@ -44,11 +44,12 @@ async def test_alias_create_move_preconditions_and_history(client, three_version
         await set_alias(client, 3, expected_etag=created.etag)  # a stale etag
     assert error_type(caught.value) == "precondition_failed"
 
-    resolved = await client.call("ResolveAlias", pb.ResolveAliasRequest(model_name="aliased", alias="production"))
+    resolved = await client.stub.ResolveAlias(pb.ResolveAliasRequest(model_name="aliased", alias="production"),
+                                              metadata=client.metadata)
     assert resolved.version.ref.version == 1 and resolved.alias.etag == back.etag
     assert list(resolved.version.aliases) == ["production"]
-    history = (await client.call("ListAliasHistory", pb.ListAliasHistoryRequest(
-        model_name="aliased", alias="production"))).entries
+    history = (await client.stub.ListAliasHistory(pb.ListAliasHistoryRequest(
+        model_name="aliased", alias="production"), metadata=client.metadata)).entries
     assert [(e.sequence, e.from_version, e.to_version, e.actor, e.reason) for e in history] == [
         (1, 0, 1, "key-test", "first release"), (2, 1, 2, "alice", "better loss"), (3, 2, 1, "bob", "rollback")]
     assert history[0].at.ToDatetime() <= history[2].at.ToDatetime()
@@ -69,8 +70,8 @@ async def test_concurrent_moves_with_one_etag_exactly_one_wins(client, three_ver
     losers = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(winners) == 1 and len(losers) == 7
     assert {error_type(e) for e in losers} == {"precondition_failed"}
-    history = (await client.call("ListAliasHistory", pb.ListAliasHistoryRequest(
-        model_name="aliased", alias="production"))).entries
+    history = (await client.stub.ListAliasHistory(pb.ListAliasHistoryRequest(
+        model_name="aliased", alias="production"), metadata=client.metadata)).entries
     assert len(history) == 2 and history[1].actor == winners[0].updated_by
 
 

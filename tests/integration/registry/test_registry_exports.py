@@ -21,10 +21,12 @@ def ref(name: str, version: int = 1) -> common_pb2.ModelRef:
 
 
 async def export_and_wait(client, name: str, fmt: str) -> pb.Export:
-    created = (await client.call("CreateExport", pb.CreateExportRequest(model=ref(name), format=fmt))).export
+    created = (await client.stub.CreateExport(pb.CreateExportRequest(model=ref(name), format=fmt),
+                                              metadata=client.metadata)).export
     assert created.state in (pb.EXPORT_STATE_PENDING, pb.EXPORT_STATE_RUNNING)
     await client.registry.exports.wait()
-    return (await client.call("GetExport", pb.GetExportRequest(model=ref(name), format=fmt))).export
+    return (await client.stub.GetExport(pb.GetExportRequest(model=ref(name), format=fmt),
+                                        metadata=client.metadata)).export
 
 
 async def test_onnx_export_passes_parity_and_lands_in_triton_layout(client, source, registry):
@@ -44,10 +46,11 @@ async def test_onnx_export_passes_parity_and_lands_in_triton_layout(client, sour
     paths = {a.path: a.object.sha256 for a in export.artifacts}
     assert paths["exports/onnx/model.onnx"] == paths[f"exports/onnx/triton/{triton}/1/model.onnx"]
     # The version shows its export, and a deployment of the READY export is accepted.
-    version = (await client.call("GetModelVersion", pb.GetModelVersionRequest(name="onnxed", version=1))).version
+    version = (await client.stub.GetModelVersion(pb.GetModelVersionRequest(name="onnxed", version=1),
+                                                 metadata=client.metadata)).version
     assert [e.format for e in version.exports] == ["onnx"]
-    marked = await client.call("MarkDeployed", pb.MarkDeployedRequest(model=ref("onnxed"), deployment="chat",
-                                                                      export_format="onnx"))
+    marked = await client.stub.MarkDeployed(pb.MarkDeployedRequest(model=ref("onnxed"), deployment="chat",
+                                                                      export_format="onnx"), metadata=client.metadata)
     assert list(marked.deployments) == ["chat"]
 
 
@@ -111,8 +114,8 @@ async def test_parity_gate_fails_a_corrupted_export_and_refuses_its_deployment(c
     assert list(export.artifacts) == []
     assert registry.store.list(f"models/{client.tenant}/corrupt/v1/exports/") == []  # nothing published
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("MarkDeployed", pb.MarkDeployedRequest(model=ref("corrupt"), deployment="web",
-                                                                 export_format="torchscript"))
+        await client.stub.MarkDeployed(pb.MarkDeployedRequest(model=ref("corrupt"), deployment="web",
+                                                                 export_format="torchscript"), metadata=client.metadata)
     assert dict(caught.value.trailing_metadata())["llmp-error-type"] == "conflict"
     # Retrying with a sound exporter replaces the FAILED export.
     registry.exports.exporter_table = exporters.EXPORTERS
@@ -122,19 +125,23 @@ async def test_parity_gate_fails_a_corrupted_export_and_refuses_its_deployment(c
 async def test_delete_is_refused_while_deployed_then_removes_everything(client, source, registry):
     prefix, _ = source
     await client.register("gone", prefix)
-    await client.call("MarkDeployed", pb.MarkDeployedRequest(model=ref("gone"), deployment="svc"))
+    await client.stub.MarkDeployed(pb.MarkDeployedRequest(model=ref("gone"), deployment="svc"),
+                                   metadata=client.metadata)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("DeleteModelVersion", pb.DeleteModelVersionRequest(name="gone", version=1))
+        await client.stub.DeleteModelVersion(pb.DeleteModelVersionRequest(name="gone", version=1),
+                                             metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert dict(caught.value.trailing_metadata())["llmp-error-type"] == "conflict"
     assert registry.store.list(f"models/{client.tenant}/gone/v1/")
-    left = await client.call("UnmarkDeployed", pb.UnmarkDeployedRequest(model=ref("gone"), deployment="svc"))
+    left = await client.stub.UnmarkDeployed(pb.UnmarkDeployedRequest(model=ref("gone"), deployment="svc"),
+                                            metadata=client.metadata)
     assert list(left.deployments) == []
-    deleted = await client.call("DeleteModelVersion", pb.DeleteModelVersionRequest(name="gone", version=1))
+    deleted = await client.stub.DeleteModelVersion(pb.DeleteModelVersionRequest(name="gone", version=1),
+                                                   metadata=client.metadata)
     assert deleted.objects_deleted >= 5
     assert registry.store.list(f"models/{client.tenant}/gone/v1/") == []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("GetModelVersion", pb.GetModelVersionRequest(name="gone", version=1))
+        await client.stub.GetModelVersion(pb.GetModelVersionRequest(name="gone", version=1), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     # Numbers are never reused: the next registration is v2.
     assert (await client.register("gone", prefix)).ref.version == 2
@@ -149,6 +156,7 @@ async def test_exports_interrupted_by_a_restart_are_failed_and_can_be_retried(cl
             "VALUES (gen_random_uuid(), %s, 'restarted', 1, 'torchscript', 'RUNNING', now() - interval '1 hour')",
             (client.tenant,))
     assert await registry.exports.recover(lease_seconds=60) >= 1
-    export = (await client.call("GetExport", pb.GetExportRequest(model=ref("restarted"), format="torchscript"))).export
+    export = (await client.stub.GetExport(pb.GetExportRequest(model=ref("restarted"), format="torchscript"),
+                                          metadata=client.metadata)).export
     assert export.state == pb.EXPORT_STATE_FAILED and "interrupted" in export.error
     assert (await export_and_wait(client, "restarted", "torchscript")).state == pb.EXPORT_STATE_READY

@@ -32,8 +32,8 @@ async def test_upload_into_the_reserved_prefix_then_commit(client, registry, che
         name: sha256_of(path) for name, path in files.items()}
     assert all(item.object.key == version.prefix + item.path for item in version.artifacts)
     assert version.lineage.dataset.name == "corpus" and dict(version.metrics) == {"validation_loss": 0.5}
-    by_dataset = await client.call("ListModelVersionsByDataset", pb.ListModelVersionsByDatasetRequest(
-        dataset=common_pb2.DatasetRef(name="corpus", version=2)))
+    by_dataset = await client.stub.ListModelVersionsByDataset(pb.ListModelVersionsByDatasetRequest(
+        dataset=common_pb2.DatasetRef(name="corpus", version=2)), metadata=client.metadata)
     assert [(ref.name, ref.version) for ref in by_dataset.versions] == [("direct", 1)]
     weights = next(item for item in version.artifacts if item.path == "model.safetensors")
     fetch_artifact(registry.store, weights, tmp_path / "w.safetensors")
@@ -44,13 +44,13 @@ async def test_upload_into_the_reserved_prefix_then_commit(client, registry, che
 
 
 async def test_concurrent_reservations_get_distinct_gapless_numbers(client):
-    replies = await asyncio.gather(*(client.call("ReserveModelVersion", pb.ReserveModelVersionRequest(
-        model_name="crowd")) for _ in range(6)))
+    replies = await asyncio.gather(*(client.stub.ReserveModelVersion(pb.ReserveModelVersionRequest(
+        model_name="crowd"), metadata=client.metadata) for _ in range(6)))
     assert sorted(reply.ref.version for reply in replies) == list(range(1, 7))
     assert len({reply.reservation_id for reply in replies}) == 6
     # Readers do not see reservations.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("GetModelVersion", pb.GetModelVersionRequest(name="crowd", version=1))
+        await client.stub.GetModelVersion(pb.GetModelVersionRequest(name="crowd", version=1), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -58,7 +58,8 @@ async def reserve_and_upload(client, registry, checkpoint, *, store=None, declar
                              ) -> tuple[pb.ReserveModelVersionResponse, list]:
     """Reserve a version of "checked" and upload the checkpoint into it (with `store`, default the registry's),
     declaring each file's size and SHA-256 (and its CRC32 when asked, as `upload_model_version` does)."""
-    reply = await client.call("ReserveModelVersion", pb.ReserveModelVersionRequest(model_name="checked"))
+    reply = await client.stub.ReserveModelVersion(pb.ReserveModelVersionRequest(model_name="checked"),
+                                                  metadata=client.metadata)
     declared = []
     for path in sorted(checkpoint.iterdir()):
         stored = await asyncio.to_thread((store or registry.store).upload_file, reply.prefix + path.name, path)
@@ -84,19 +85,20 @@ async def test_commit_refuses_a_checksum_mismatch_and_collects_the_objects(clien
     # The stored config.json is not what was declared (overwritten after the upload).
     registry.store.put_bytes(reply.prefix + "config.json", b'{"tampered": true}')
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared))
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.INTERNAL and "config.json" in caught.value.details()
     row = await version_row(registry, client.tenant, "checked", reply.ref.version)
     assert row["state"] == "FAILED" and row["collected_at"] is not None
     assert registry.store.list(reply.prefix) == []
-    for method, request in (("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared)),
-            ("RenewModelVersionReservation", pb.RenewModelVersionReservationRequest(
-                reservation_id=reply.reservation_id))):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await client.call(method, request)
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.stub.RenewModelVersionReservation(pb.RenewModelVersionReservationRequest(
+            reservation_id=reply.reservation_id), metadata=client.metadata)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.fixture
@@ -118,8 +120,8 @@ async def test_commit_takes_the_checksum_s3_enforced_on_upload_without_reading_b
                                                                                    read_back, algorithm):
     reply, declared = await reserve_and_upload(client, registry, checkpoint, store=store_checking(registry, algorithm),
                                                declare_crc32=True)
-    committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-        reservation_id=reply.reservation_id, artifacts=declared))
+    committed = await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+        reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert committed.version.state == pb.VERSION_STATE_READY and read_back == []
     assert {item.path: item.object.sha256 for item in committed.version.artifacts} == {
         path.name: sha256_of(path) for path in checkpoint.iterdir()}
@@ -129,8 +131,8 @@ async def test_commit_reads_back_objects_stored_without_a_server_checksum(client
                                                                           monkeypatch):
     monkeypatch.setattr(s3, "SINGLE_PUT_LIMIT", 4096)  # larger files go multipart: no full-object S3 checksum
     reply, declared = await reserve_and_upload(client, registry, checkpoint, declare_crc32=True)
-    committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-        reservation_id=reply.reservation_id, artifacts=declared))
+    committed = await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+        reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert committed.version.state == pb.VERSION_STATE_READY
     assert sorted(read_back) == sorted(reply.prefix + path.name for path in checkpoint.iterdir()
                                        if path.stat().st_size > 4096)
@@ -140,8 +142,8 @@ async def test_commit_reads_back_objects_stored_without_a_server_checksum(client
 async def test_commit_reads_back_objects_whose_uploader_declared_no_crc32(client, registry, checkpoint, read_back):
     # S3 attests a CRC32 but the uploader did not say which: only the bytes themselves can vouch for its SHA-256.
     reply, declared = await reserve_and_upload(client, registry, checkpoint, store=store_checking(registry, "crc32"))
-    committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-        reservation_id=reply.reservation_id, artifacts=declared))
+    committed = await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+        reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert committed.version.state == pb.VERSION_STATE_READY
     assert sorted(read_back) == sorted(reply.prefix + path.name for path in checkpoint.iterdir())
 
@@ -155,8 +157,8 @@ async def test_commit_refuses_an_object_whose_server_checksum_differs(client, re
     other.write_text('{"replaced": true}')
     await asyncio.to_thread(store.upload_file, reply.prefix + "config.json", other)  # S3 attests the new bytes
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared))
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.INTERNAL and "config.json" in caught.value.details()
     assert ("CRC32" in caught.value.details()) == (algorithm == "crc32")
     assert read_back == []
@@ -167,30 +169,31 @@ async def test_commit_needs_exactly_the_declared_files(client, registry, checkpo
     reply, declared = await reserve_and_upload(client, registry, checkpoint)
     registry.store.put_bytes(reply.prefix + "stray.bin", b"not declared")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared))
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stray.bin" in caught.value.details()
     assert (await version_row(registry, client.tenant, "checked", reply.ref.version))["state"] == "FAILED"
 
     again, declared = await reserve_and_upload(client, registry, checkpoint)
     assert again.ref.version == reply.ref.version + 1
-    committed = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-        reservation_id=again.reservation_id, artifacts=declared))
+    committed = await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+        reservation_id=again.reservation_id, artifacts=declared), metadata=client.metadata)
     assert committed.version.state == pb.VERSION_STATE_READY
-    retried = await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-        reservation_id=again.reservation_id, artifacts=declared))  # a retry answers the same version
+    # A retry answers the same version.
+    retried = await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+        reservation_id=again.reservation_id, artifacts=declared), metadata=client.metadata)
     assert retried.version.ref == committed.version.ref and retried.version.digest == committed.version.digest
     stranger = type(client)(registry.stub, registry, "someone-else")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stranger.call("RenewModelVersionReservation", pb.RenewModelVersionReservationRequest(
-            reservation_id=again.reservation_id))
+        await stranger.stub.RenewModelVersionReservation(pb.RenewModelVersionReservationRequest(
+            reservation_id=again.reservation_id), metadata=stranger.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_an_abandoned_reservation_is_swept(client, registry, checkpoint):
     reply, declared = await reserve_and_upload(client, registry, checkpoint)
-    renewed = await client.call("RenewModelVersionReservation", pb.RenewModelVersionReservationRequest(
-        reservation_id=reply.reservation_id))
+    renewed = await client.stub.RenewModelVersionReservation(pb.RenewModelVersionReservationRequest(
+        reservation_id=reply.reservation_id), metadata=client.metadata)
     assert renewed.lease_seconds == registration.LEASE_SECONDS
     async with registry.db.pool.connection() as conn:
         await conn.execute("UPDATE registry_versions SET heartbeat_at = now() - interval '1 hour' "
@@ -199,8 +202,8 @@ async def test_an_abandoned_reservation_is_swept(client, registry, checkpoint):
     assert report.abandoned >= 1 and report.collected >= 1
     assert registry.store.list(reply.prefix) == []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared))
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -216,7 +219,8 @@ async def test_downloads_check_the_xxh3_taken_with_the_sha256_and_catch_corrupti
     files = {path.name: path for path in checkpoint.iterdir()}
     assert {item.path: item.object.xxh3_128 for item in version.artifacts} == {
         name: xxh3_of(path) for name, path in files.items()}
-    got = await client.call("GetModelVersion", pb.GetModelVersionRequest(name="fast", version=version.ref.version))
+    got = await client.stub.GetModelVersion(pb.GetModelVersionRequest(name="fast", version=version.ref.version),
+                                            metadata=client.metadata)
     assert [a.object.xxh3_128 for a in got.version.artifacts] == [a.object.xxh3_128 for a in version.artifacts]
     weights = next(item for item in version.artifacts if item.path == "model.safetensors")
     stored = fetch_artifact(registry.store, weights, tmp_path / "w.safetensors")
@@ -243,14 +247,14 @@ async def test_commit_refuses_a_malformed_or_wrong_xxh3_or_crc32(client, registr
     reply, declared = await reserve_and_upload(client, registry, checkpoint)
     declared[0].xxh3_128 = "not-hex"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared))
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "xxh3_128" in caught.value.details()
     reply, declared = await reserve_and_upload(client, registry, checkpoint)  # a refused commit fails the version
     declared[0].crc32 = "1234567"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared))
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "crc32" in caught.value.details()
     # Read back (no S3 SHA-256 kept for multipart uploads), the registry checks a declared XXH3-128 itself.
     monkeypatch.setattr(s3, "SINGLE_PUT_LIMIT", 4096)
@@ -258,6 +262,6 @@ async def test_commit_refuses_a_malformed_or_wrong_xxh3_or_crc32(client, registr
     for item in declared:
         item.xxh3_128 = "0" * 32
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("CommitModelVersion", pb.CommitModelVersionRequest(
-            reservation_id=reply.reservation_id, artifacts=declared))
+        await client.stub.CommitModelVersion(pb.CommitModelVersionRequest(
+            reservation_id=reply.reservation_id, artifacts=declared), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.INTERNAL and "XXH3-128" in caught.value.details()

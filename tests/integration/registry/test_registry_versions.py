@@ -30,13 +30,13 @@ async def test_register_copies_verified_artifacts_with_lineage(client, source):
     assert dict(version.lineage.environment) == {"torch": "2.13"} and dict(version.metrics) == {"validation_loss": 1.25}
     assert len(version.digest) == 64
 
-    by_dataset = await client.call("ListModelVersionsByDataset", pb.ListModelVersionsByDatasetRequest(
-        dataset=common_pb2.DatasetRef(name="corpus", version=3)))
+    by_dataset = await client.stub.ListModelVersionsByDataset(pb.ListModelVersionsByDatasetRequest(
+        dataset=common_pb2.DatasetRef(name="corpus", version=3)), metadata=client.metadata)
     assert [(ref.name, ref.version) for ref in by_dataset.versions] == [("tiny", 1)]
-    other = await client.call("ListModelVersionsByDataset", pb.ListModelVersionsByDatasetRequest(
-        dataset=common_pb2.DatasetRef(name="corpus", version=4)))
+    other = await client.stub.ListModelVersionsByDataset(pb.ListModelVersionsByDatasetRequest(
+        dataset=common_pb2.DatasetRef(name="corpus", version=4)), metadata=client.metadata)
     assert list(other.versions) == []
-    model = (await client.call("GetModel", pb.GetModelRequest(name="tiny"))).model
+    model = (await client.stub.GetModel(pb.GetModelRequest(name="tiny"), metadata=client.metadata)).model
     assert (model.latest_version, model.version_count) == (1, 1)
 
 
@@ -45,9 +45,10 @@ async def test_other_tenants_see_nothing(client, source, registry):
     await client.register("private", prefix)
     stranger = type(client)(registry.stub, registry, "someone-else")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stranger.call("GetModelVersion", pb.GetModelVersionRequest(name="private", version=1))
+        await stranger.stub.GetModelVersion(pb.GetModelVersionRequest(name="private", version=1),
+                                            metadata=stranger.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert list((await stranger.call("ListModels", pb.ListModelsRequest())).models) == []
+    assert list((await stranger.stub.ListModels(pb.ListModelsRequest(), metadata=stranger.metadata)).models) == []
 
 
 async def test_a_prefix_without_a_checkpoint_is_refused(client, registry):
@@ -62,11 +63,12 @@ async def test_concurrent_registrations_get_gapless_distinct_versions(client, so
     prefix, _ = source
     versions = await asyncio.gather(*(client.register("busy", prefix) for _ in range(8)))
     assert sorted(v.ref.version for v in versions) == list(range(1, 9))
-    listed = await client.call("ListModelVersions", pb.ListModelVersionsRequest(
-        name="busy", page=common_pb2.PageRequest(page_size=5)))
+    listed = await client.stub.ListModelVersions(pb.ListModelVersionsRequest(
+        name="busy", page=common_pb2.PageRequest(page_size=5)), metadata=client.metadata)
     assert [v.ref.version for v in listed.versions] == [8, 7, 6, 5, 4]
-    rest = await client.call("ListModelVersions", pb.ListModelVersionsRequest(
-        name="busy", page=common_pb2.PageRequest(page_size=5, page_token=listed.page.next_page_token)))
+    rest = await client.stub.ListModelVersions(pb.ListModelVersionsRequest(
+        name="busy", page=common_pb2.PageRequest(page_size=5, page_token=listed.page.next_page_token)),
+        metadata=client.metadata)
     assert [v.ref.version for v in rest.versions] == [3, 2, 1] and rest.page.next_page_token == ""
 
 
@@ -103,9 +105,9 @@ async def test_sweep_fails_abandoned_registrations_and_deletes_orphans(client, s
     registry.store.put_bytes(f"models/{tenant}/swept/v2/model.safetensors", b"half")
     # Readers never see the PENDING version.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("GetModelVersion", pb.GetModelVersionRequest(name="swept", version=2))
+        await client.stub.GetModelVersion(pb.GetModelVersionRequest(name="swept", version=2), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    listed = await client.call("ListModelVersions", pb.ListModelVersionsRequest(name="swept"))
+    listed = await client.stub.ListModelVersions(pb.ListModelVersionsRequest(name="swept"), metadata=client.metadata)
     assert [v.ref.version for v in listed.versions] == [1]
     registry.store.put_bytes(f"models/{tenant}/swept/v7/config.json", b"{}")  # no row at all
     report = await registration.sweep(registry.db, registry.store, lease_seconds=60)
@@ -114,7 +116,7 @@ async def test_sweep_fails_abandoned_registrations_and_deletes_orphans(client, s
     assert registry.store.list(f"models/{tenant}/swept/v7/") == []
     assert len(registry.store.list(f"models/{tenant}/swept/v1/")) >= 5  # the READY version is untouched
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("GetModelVersion", pb.GetModelVersionRequest(name="swept", version=2))
+        await client.stub.GetModelVersion(pb.GetModelVersionRequest(name="swept", version=2), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -139,13 +141,15 @@ async def test_models_page_by_name_and_the_service_reports_serving(client, sourc
     prefix, _ = source
     for name in ("c-model", "a-model", "b-model"):
         await client.register(name, prefix)
-    first = await client.call("ListModels", pb.ListModelsRequest(page=common_pb2.PageRequest(page_size=2)))
+    first = await client.stub.ListModels(pb.ListModelsRequest(page=common_pb2.PageRequest(page_size=2)),
+                                         metadata=client.metadata)
     assert [m.name for m in first.models] == ["a-model", "b-model"] and first.page.next_page_token
-    rest = await client.call("ListModels", pb.ListModelsRequest(
-        page=common_pb2.PageRequest(page_size=2, page_token=first.page.next_page_token)))
+    rest = await client.stub.ListModels(pb.ListModelsRequest(
+        page=common_pb2.PageRequest(page_size=2, page_token=first.page.next_page_token)), metadata=client.metadata)
     assert [m.name for m in rest.models] == ["c-model"] and rest.page.next_page_token == ""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await client.call("ListModels", pb.ListModelsRequest(page=common_pb2.PageRequest(page_token="%%%")))
+        await client.stub.ListModels(pb.ListModelsRequest(page=common_pb2.PageRequest(page_token="%%%")),
+                                     metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     health = health_pb2_grpc.HealthStub(registry.channel)

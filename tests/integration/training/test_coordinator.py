@@ -10,7 +10,7 @@ import pytest
 
 from services.common.db import Database
 from services.common.errors import Conflict, InvalidArgument, NotFound, ValidationFailed
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.training import coordinator as coord
 from services.training.coordinator import Coordinator, JobState, Update
 

@@ -23,7 +23,7 @@ from llmp.training.v1 import training_pb2_grpc
 
 from cli import servers
 from services.common.config import Settings
-from services.common.grpc_server import KEY_ID_KEY, ROLE_KEY, TENANT_KEY
+from services.common.identity import Caller, caller_metadata
 from services.dataset import server as dataset_server
 from services.registry import server as registry_server
 from services.training import server as training_server
@@ -107,7 +107,7 @@ def celery_worker(env, tmp_path):
 
 
 def caller(tenant: str) -> tuple[tuple[str, str], ...]:
-    return ((TENANT_KEY, tenant), (KEY_ID_KEY, "key-1"), (ROLE_KEY, "developer"))
+    return caller_metadata(Caller(tenant, "key-1", "developer"))
 
 
 def job_spec(dataset: str, max_steps: int = 16, **hyper) -> pb.JobSpec:

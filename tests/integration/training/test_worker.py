@@ -28,7 +28,7 @@ from cli import servers
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
-from services.common.grpc_server import Caller
+from services.common.identity import Caller, acting_as
 from services.common.s3 import ObjectStore
 from services.registry import server as registry_server
 from services.training import checkpoints, events, processes
@@ -184,8 +184,9 @@ async def test_worker_runs_torchrun_to_success_and_registers_the_model(coordinat
     # The registry has the version as the job's tenant, with the contract's lineage and metrics.
     clients = ServiceClients(settings)
     try:
-        version = (await clients.call("registry", "GetModelVersion", registry_pb2.GetModelVersionRequest(
-            name=model, version=1), caller=CALLER)).version
+        with acting_as(CALLER):
+            version = (await clients.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
+                name=model, version=1))).version
     finally:
         await clients.close()
     assert version.lineage.training_job_id == job.id and version.lineage.dataset.name == "shakespeare"

@@ -16,7 +16,7 @@ from gateway.views.deployments import PUT_DEPLOYMENT
 from gateway.views.training_jobs import SUBMIT_JOB
 from services.common import contracts
 from services.common.errors import ValidationFailed
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.dataset.options import DatasetOptions
 from services.inference.deployments import DeploymentSpec
 from services.inference.sampling import SamplingParams

@@ -19,7 +19,7 @@ from gateway.views import completions
 from services.common.config import Settings
 from services.common.errors import InvalidArgument, NotFound, Unavailable, ValidationFailed
 from services.common.grpc_client import DEPLOYMENT_KEY, deployment_metadata
-from services.common.grpc_server import Caller
+from services.common.identity import Caller
 from services.inference.deployments import Deployments, Route
 from services.inference.generation import ServedVersion
 from services.inference.mesh import (
