@@ -17,7 +17,7 @@ from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 from prometheus_client import Counter
 
-from gateway.http import ALL_ROLES, Route, json_response, read_json, rpc, validate
+from gateway.http import ALL_ROLES, INT32_MAX, INT64_MAX, Route, int32, int64, json_response, read_json, rpc, validate
 from gateway.state import CALLER, CLIENTS
 from services.common import errors
 from services.common.grpc_client import deployment_metadata
@@ -27,11 +27,11 @@ COMPLETION = {
     "properties": {
         "model": {"type": "string", "minLength": 1, "description": "deployment name"},
         "prompt": {"type": "string", "minLength": 1},
-        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "max_tokens": int32(1, 4096),
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": 0},
-        "seed": {"type": "integer"},
+        "top_k": int32(0),
+        "seed": int64(0, description="makes sampling reproducible"),
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
         "stream": {"type": "boolean"},
         "user": {"type": "string", "maxLength": 200},
@@ -39,13 +39,14 @@ COMPLETION = {
     },
 }
 _NUMBER = (int, float)
-# The quick check of each optional field (see _plainly_valid); `type(...) is int` keeps booleans out, as JSON does.
+# The quick check of each optional field (see _plainly_valid); `type(...) is int` keeps booleans out, as JSON does,
+# and a range check is False for NaN (the parser reads 53.0 as 53; gateway/http.py has the number rule).
 _FIELD_CHECKS = {
     "max_tokens": lambda v: type(v) is int and 1 <= v <= 4096,
     "temperature": lambda v: type(v) in _NUMBER and 0 <= v <= 2,
     "top_p": lambda v: type(v) in _NUMBER and 0 < v <= 1,
-    "top_k": lambda v: type(v) is int and v >= 0,
-    "seed": lambda v: type(v) is int,
+    "top_k": lambda v: type(v) is int and 0 <= v <= INT32_MAX,
+    "seed": lambda v: type(v) is int and 0 <= v <= INT64_MAX,
     "stop": lambda v: type(v) is str or (type(v) is list and len(v) <= 4 and all(type(s) is str for s in v)),
     "stream": lambda v: type(v) is bool,
     "user": lambda v: type(v) is str and len(v) <= 200,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,7 +16,20 @@ from aiohttp import web
 from llmp.common.v1 import common_pb2
 from llmp.dataset.v1 import dataset_pb2 as pb
 
-from gateway.http import Route, caller, check_if_match, etag_of, json_response, path_version, query_int, rpc, to_dict
+from gateway.http import (
+    PAGE_SIZE,
+    Route,
+    caller,
+    check_if_match,
+    etag_of,
+    int32,
+    int64,
+    json_response,
+    path_version,
+    query_int,
+    rpc,
+    to_dict,
+)
 from gateway.state import CALLER, CLIENTS, SETTINGS
 from services.common import errors
 from services.common.grpc_client import call_metadata, domain_error
@@ -31,8 +45,8 @@ TOKENIZERS = {"bpe": pb.TOKENIZER_KIND_BPE, "char": pb.TOKENIZER_KIND_CHAR}
 CREATE_QUERY = {
     "name": {"type": "string"}, "format": {"enum": list(FORMATS)}, "document_mode": {"enum": list(MODES)},
     "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
-    "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": {"type": "integer"}, "split_seed": {"type": "integer"},
-    "min_doc_chars": {"type": "integer"}, "max_doc_chars": {"type": "integer"}, "source": {"type": "string"},
+    "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": int32(0, 1 << 20), "split_seed": int64(0),
+    "min_doc_chars": int32(0), "max_doc_chars": int32(0), "source": {"type": "string"},
     "fractions": {"type": "string", "description": "train,validation,test,calibration e.g. 0.9,0.05,0.03,0.02"},
     "wait": {"type": "boolean"},
 }
@@ -65,7 +79,7 @@ def _fractions(request: web.Request) -> pb.SplitFractions | None:
         shares = [float(part) for part in raw.split(",")]
     except ValueError:
         raise errors.ValidationFailed(f"fractions: four comma-separated numbers, not {raw!r}") from None
-    if len(shares) != 4:
+    if len(shares) != 4 or not all(math.isfinite(share) for share in shares):  # float() reads "nan" and "inf"
         raise errors.ValidationFailed(f"fractions: four comma-separated numbers, not {raw!r}")
     return pb.SplitFractions(train=shares[0], validation=shares[1], test=shares[2], calibration=shares[3])
 
@@ -79,10 +93,10 @@ def create_options(request: web.Request) -> pb.DatasetOptions:
         document_mode=_choice(request, "document_mode", MODES), tokenizer=_choice(request, "tokenizer", TOKENIZERS),
         text_field=query.get("text_field", ""), prompt_field=query.get("prompt_field", ""),
         completion_field=query.get("completion_field", ""),
-        vocab_size=query_int(request, "vocab_size", 0, minimum=0, maximum=1 << 20),
-        split_seed=query_int(request, "split_seed", 0, minimum=0, maximum=(1 << 63) - 1),
-        min_doc_chars=query_int(request, "min_doc_chars", 0, minimum=0, maximum=(1 << 31) - 1),
-        max_doc_chars=query_int(request, "max_doc_chars", 0, minimum=0, maximum=(1 << 31) - 1),
+        vocab_size=query_int(request, "vocab_size", 0, CREATE_QUERY["vocab_size"]),
+        split_seed=query_int(request, "split_seed", 0, CREATE_QUERY["split_seed"]),
+        min_doc_chars=query_int(request, "min_doc_chars", 0, CREATE_QUERY["min_doc_chars"]),
+        max_doc_chars=query_int(request, "max_doc_chars", 0, CREATE_QUERY["max_doc_chars"]),
         fractions=_fractions(request), source_uri=query.get("source", ""),
         wait=query.get("wait", "false").lower() in {"1", "true", "yes"},
     )
@@ -209,11 +223,11 @@ async def version_events(request: web.Request) -> web.StreamResponse:
 
 
 def _page(request: web.Request) -> common_pb2.PageRequest:
-    return common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, minimum=1, maximum=1000),
+    return common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, PAGE_SIZE),
                                   page_token=request.query.get("page_token", ""))
 
 
-PAGING = {"page_size": {"type": "integer"}, "page_token": {"type": "string"}}
+PAGING = {"page_size": PAGE_SIZE, "page_token": {"type": "string"}}
 VERSION = "/v1/datasets/{name}/versions/{version}"
 ROUTES = [
     Route("POST", "/v1/datasets", create_dataset,

@@ -9,10 +9,12 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2
 
 from gateway.http import (
+    PAGE_SIZE,
     Route,
     caller,
     check_if_match,
     etag_of,
+    int64,
     json_response,
     path_version,
     query_int,
@@ -25,7 +27,7 @@ from services.common import errors
 NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"}
 SET_ALIAS = {
     "type": "object", "additionalProperties": False, "required": ["version"],
-    "properties": {"version": {"type": "integer", "minimum": 1}, "reason": {"type": "string", "maxLength": 500}},
+    "properties": {"version": int64(1), "reason": {"type": "string", "maxLength": 500}},
 }
 CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],
@@ -34,7 +36,7 @@ CREATE_EXPORT = {
 
 
 def _page(request: web.Request) -> common_pb2.PageRequest:
-    return common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, minimum=1, maximum=1000),
+    return common_pb2.PageRequest(page_size=query_int(request, "page_size", 50, PAGE_SIZE),
                                   page_token=request.query.get("page_token", ""))
 
 
@@ -129,7 +131,7 @@ async def create_export(request: web.Request) -> web.Response:
 
 VERSION = "/v1/models/{name}/versions/{version}"
 ALIAS = "/v1/models/{name}/aliases/{alias}"
-PAGING = {"page_size": {"type": "integer", "minimum": 1, "maximum": 1000}, "page_token": {"type": "string"}}
+PAGING = {"page_size": PAGE_SIZE, "page_token": {"type": "string"}}
 ROUTES = [
     Route("GET", "/v1/models", list_models, "List registered models", query=PAGING, tag="models"),
     Route("GET", "/v1/models/{name}", get_model, "A model with its versions and aliases", query=PAGING,
