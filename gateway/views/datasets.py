@@ -46,7 +46,11 @@ CREATE_QUERY = {
     "name": {"type": "string"}, "format": {"enum": list(FORMATS)}, "document_mode": {"enum": list(MODES)},
     "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
     "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": int32(0, 1 << 20), "split_seed": int64(0),
-    "min_doc_chars": int32(0), "max_doc_chars": int32(0), "source": {"type": "string"},
+    "min_doc_chars": int32(0), "max_doc_chars": int32(0),
+    "source": {"type": "string", "pattern": "^s3://",
+               "description": "read the corpus from s3://{bucket}/imports/{tenant}/… (the platform bucket, the "
+                              "caller tenant's import prefix) instead of the body; any other object is 404, "
+                              "as a missing one is"},
     "fractions": {"type": "string", "description": "train,validation,test,calibration e.g. 0.9,0.05,0.03,0.02"},
     "wait": {"type": "boolean"},
 }

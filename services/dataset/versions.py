@@ -96,6 +96,12 @@ def source_key(tenant: str, name: str, version: int) -> str:
     return f"sources/datasets/{tenant}/{name}/v{version}/corpus"
 
 
+def import_prefix(tenant: str) -> str:
+    """Where a tenant puts corpora to create datasets from (`?source=s3://{bucket}/imports/{tenant}/…`): the
+    only objects a source may name, so a tenant never reads another's objects with the platform's credentials."""
+    return f"imports/{tenant}/"
+
+
 def content_digest(corpus_sha256: str, options: DatasetOptions) -> str:
     """The content address of a version."""
     return hashlib.sha256(f"{corpus_sha256}\n{options.canonical()}".encode()).hexdigest()
