@@ -22,11 +22,13 @@ from gateway.state import CALLER, CLIENTS
 from services.common import errors
 from services.common.grpc_client import deployment_metadata
 
+MAX_PROMPT_CHARS = 1_000_000  # the inference service's bound (services/inference/generation.py), refused here first
 COMPLETION = {
     "type": "object", "additionalProperties": False, "required": ["model", "prompt"],
     "properties": {
         "model": {"type": "string", "minLength": 1, "description": "deployment name"},
-        "prompt": {"type": "string", "minLength": 1},
+        "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
+                   "description": "at most what the deployment's context can hold (400 naming the limit)"},
         "max_tokens": int32(1, 4096),
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -84,7 +86,7 @@ def _plainly_valid(body: dict) -> bool:
     costs more than the rest of the gateway's work on a request. It may refuse a valid body (then the
     schema decides, and names the problem when there is one) but never accepts an invalid one."""
     model, prompt = body.get("model"), body.get("prompt")
-    if type(model) is not str or not model or type(prompt) is not str or not prompt:
+    if type(model) is not str or not model or type(prompt) is not str or not 0 < len(prompt) <= MAX_PROMPT_CHARS:
         return False
     for name, value in body.items():
         check = _FIELD_CHECKS.get(name)
