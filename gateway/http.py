@@ -297,6 +297,12 @@ def check_if_match(request: web.Request, current: str | None, *, required: bool)
 
 # Every representation behind an API key depends on the key's tenant and role.
 VARY = "Authorization"
+# On every response (the gateway middleware adds it to the others): browsers must not guess another
+# content type than the one declared, e.g. render an error body that echoes input as HTML.
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+# Server-Sent Events responses, which send their headers before the middleware sees them.
+EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+                        NOSNIFF[0]: NOSNIFF[1]}
 
 
 class ValidatorCache:

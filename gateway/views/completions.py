@@ -17,7 +17,19 @@ from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 from prometheus_client import Counter
 
-from gateway.http import ALL_ROLES, INT32_MAX, INT64_MAX, Route, int32, int64, json_response, read_json, rpc, validate
+from gateway.http import (
+    ALL_ROLES,
+    EVENT_STREAM_HEADERS,
+    INT32_MAX,
+    INT64_MAX,
+    Route,
+    int32,
+    int64,
+    json_response,
+    read_json,
+    rpc,
+    validate,
+)
 from gateway.state import CALLER, CLIENTS
 from services.common import errors
 from services.common.grpc_client import deployment_metadata
@@ -174,8 +186,7 @@ async def _stream(request: web.Request, body: dict, message: inference_pb2.Gener
                                          metadata=_deployment_metadata(request, body))
     first = await anext(aiter(stream), None)  # errors before the first chunk still get a proper status
     completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    response = _EventStream(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                     "X-Accel-Buffering": "no"})
+    response = _EventStream(headers=EVENT_STREAM_HEADERS)
     await response.prepare(request)
     chunk = first
     try:

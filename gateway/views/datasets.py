@@ -17,6 +17,7 @@ from llmp.common.v1 import common_pb2
 from llmp.dataset.v1 import dataset_pb2 as pb
 
 from gateway.http import (
+    EVENT_STREAM_HEADERS,
     PAGE_SIZE,
     Route,
     caller,
@@ -210,8 +211,7 @@ async def version_events(request: web.Request) -> web.StreamResponse:
     message = pb.WatchIngestRequest(name=request.match_info["name"], version=path_version(request))
     events = request.app[CLIENTS].stream("dataset", "WatchIngest", message, caller=request.get(CALLER))
     first = await anext(aiter(events), None)  # an unknown version is a 404, not an empty stream
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+    response = web.StreamResponse(headers=EVENT_STREAM_HEADERS)
     await response.prepare(request)
     event, sequence = first, 0
     while event is not None:

@@ -9,7 +9,18 @@ from google.protobuf import json_format
 from llmp.common.v1 import common_pb2
 from llmp.training.v1 import training_pb2
 
-from gateway.http import PAGE_SIZE, Route, int32, int64, json_response, query_int, read_json, rpc, to_dict
+from gateway.http import (
+    EVENT_STREAM_HEADERS,
+    PAGE_SIZE,
+    Route,
+    int32,
+    int64,
+    json_response,
+    query_int,
+    read_json,
+    rpc,
+    to_dict,
+)
 from gateway.state import CALLER, CLIENTS
 from services.common import errors
 
@@ -128,8 +139,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     events = request.app[CLIENTS].stream("training", "WatchJob", message, caller=request.get(CALLER))
     # Ask for the first event before committing to a 200, so an unknown job is a proper 404.
     first = await anext(aiter(events), None)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+    response = web.StreamResponse(headers=EVENT_STREAM_HEADERS)
     await response.prepare(request)
     event = first
     while event is not None:
