@@ -42,14 +42,14 @@ SUBMIT_JOB = {
     "type": "object", "additionalProperties": False, "required": ["dataset", "model"],
     "properties": {
         "dataset": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
-                    "properties": {"name": {"type": "string", "minLength": 1}, "version": int64(1)}},
+                    "properties": {"name": _NAME, "version": int64(1)}},
         "model": {
             "type": "object", "additionalProperties": False, "required": ["family"],
             "properties": {
                 "family": {"enum": ["gpt2", "bert", "t5"]}, "n_layer": int32(1, 128), "n_head": int32(1, 128),
                 "n_embd": int32(1, 16384), "block_size": int32(2, 32768), "dropout": _number(0, 1, open_above=True),
                 "init_from": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
-                              "properties": {"name": {"type": "string"}, "version": int64(1)}},
+                              "properties": {"name": _NAME, "version": int64(1)}},
             },
         },
         "hyperparameters": {
