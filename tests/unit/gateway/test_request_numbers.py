@@ -52,6 +52,9 @@ def test_every_integer_the_document_declares_is_bounded_as_an_int64_or_narrower(
                  if not -INT64_MAX - 1 <= schema.get("minimum", -math.inf) <= schema.get("maximum", math.inf)
                  <= INT64_MAX]
     assert not unbounded, unbounded
+    versions = [parameter["schema"] for item in document["paths"].values() for operation in item.values()
+                for parameter in operation["parameters"] if parameter["name"] == "version"]
+    assert versions and all(schema == {"type": "integer", "minimum": 1, "maximum": INT64_MAX} for schema in versions)
 
 
 NON_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e400"]
