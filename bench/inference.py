@@ -148,7 +148,7 @@ async def direct_single(engine: TritonEngine, served: ServedVersion, prompt: str
     """The same generation code, in this process, straight to Triton: no gateway, no inference service hop.
     Timed as the gateway client is: from the call to the first chunk in the consumer's hands."""
     started = time.perf_counter()
-    ids = encode_prompt(served, prompt, max_tokens)
+    ids = await encode_prompt(served, prompt, max_tokens)
     first, tokens = None, 0
     async with aclosing(generate(engine, served, ids, max_tokens, SamplingParams())) as chunks:
         async for chunk in chunks:

@@ -39,6 +39,27 @@ def default_key(state_dir: str | None = None) -> str:
     return path.read_text().strip() if path.exists() else ""
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(
+        parts.scheme.lower())
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the API's origin (scheme, host, port). urllib copies every header into
+    the redirected request, Authorization included: the API key must never reach another server."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            fp.close()
+            raise ApiError(code, "redirect", f"refusing to follow a redirect to another origin ({newurl}): "
+                                             "the request carries the API key")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
+
+
 @dataclass(frozen=True)
 class Event:
     """One Server-Sent Event: its `id` (may be empty), `event` type and `data` decoded from JSON."""
@@ -93,7 +114,7 @@ class Client:
             all_headers["Content-Type"] = content_type
         request = urllib.request.Request(url, data=body, method=method, headers=all_headers)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
+            return _OPENER.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as error:
             raw = error.read()
             try:

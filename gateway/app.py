@@ -30,7 +30,7 @@ from opentelemetry import trace
 
 from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
-from gateway.http import VALIDATORS, Route, ValidatorCache, error_response, none_match
+from gateway.http import NOSNIFF, VALIDATORS, Route, ValidatorCache, error_response, none_match
 from gateway.state import CALLER, CLIENTS, DATABASE, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
 from gateway.views import completions
 from services.common import errors, identity, logs, tracing
@@ -124,8 +124,8 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
     `bench/gateway.py` measures), in this order:
 
     1. request id in and out (every log line, the trace span, `X-Request-Id`), Prometheus count and
-       latency, an access log line (only when `llmp.access` logs at INFO), and `Cache-Control: no-store`
-       on any response that did not choose its own;
+       latency, an access log line (only when `llmp.access` logs at INFO), `X-Content-Type-Options:
+       nosniff`, and `Cache-Control: no-store` on any response that did not choose its own;
     2. errors → one JSON body (`error_body`);
     3. API key → caller (`KeyStore`, verified keys cached for `auth.CACHE_SECONDS`), per-key rate limit,
        role check, query parameter names; the handler runs acting as that caller (`identity.acting_as`),
@@ -172,6 +172,7 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
             if not response.prepared:  # streams set their own headers before the first byte
                 headers = response.headers
                 headers["X-Request-Id"] = request_id
+                headers[NOSNIFF[0]] = NOSNIFF[1]
                 if "Cache-Control" not in headers:
                     headers["Cache-Control"] = "no-store"
             return response

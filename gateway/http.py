@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import grpc
@@ -60,18 +63,76 @@ def caller(request: web.Request) -> Caller:
     return request[CALLER]
 
 
-async def read_json(request: web.Request, schema: dict | None = None) -> dict:
-    """The request's JSON object, validated against `schema` (422 naming the field on failure)."""
-    raw = await request.read()
-    if not raw:
-        raise errors.InvalidArgument("request body is empty; a JSON object is required")
+# -- numbers ------------------------------------------------------------------------------------
+# One rule for every number a request carries, applied where bodies are parsed and validated (here):
+# - JSON has one number type and JSON Schema calls 53.0 an integer, so the parser reads an integral
+#   number as an int however it is written (53.0, 5.3e1): a protobuf integer field never sees a float;
+# - NaN and ±Infinity (Python's json accepts them, and 1e400 overflows to Infinity) are not JSON numbers:
+#   the validator's "number" and "integer" refuse them, naming the field;
+# - every integer schema is bounded by the protobuf field it travels in (`int32`, `int64` below), or by
+#   the service's tighter rule, so a value past it is a 422 naming the field, never protobuf's
+#   ValueError (a 500), and /openapi.json declares the same bounds the server enforces.
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+_DOUBLE_MAX = sys.float_info.max
+
+
+def int32(minimum: int = INT32_MIN, maximum: int = INT32_MAX, **extra: Any) -> dict:
+    """The schema of an integer sent in a protobuf `int32` field, within [minimum, maximum]."""
+    assert INT32_MIN <= minimum <= maximum <= INT32_MAX
+    return {"type": "integer", "minimum": minimum, "maximum": maximum, **extra}
+
+
+def int64(minimum: int = INT64_MIN, maximum: int = INT64_MAX, **extra: Any) -> dict:
+    """The schema of an integer sent in a protobuf `int64` field, within [minimum, maximum]."""
+    assert INT64_MIN <= minimum <= maximum <= INT64_MAX
+    return {"type": "integer", "minimum": minimum, "maximum": maximum, **extra}
+
+
+def _parse_float(text: str) -> int | float:
+    value = float(text)
+    if value.is_integer():  # False for inf: an overflow stays a float, for the validator to refuse
+        return int(Decimal(text))  # exact, where int(value) would round 9007199254740993.0
+    return value
+
+
+def _is_number(checker, value: Any) -> bool:
+    """A JSON number: an int or a finite float (not a bool), one a double can hold."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -_DOUBLE_MAX <= value <= _DOUBLE_MAX
+
+
+def _is_integer(checker, value: Any) -> bool:
+    return type(value) is int  # the parser made integral floats ints; what is left is not an integer
+
+
+Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"number": _is_number, "integer": _is_integer}))
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON document as the rule above reads it (integral numbers as ints); 400 when it is not JSON."""
     try:
-        body = json.loads(raw)
+        return json.loads(raw, parse_float=_parse_float)
     except UnicodeDecodeError as error:
         raise errors.InvalidArgument(f"request body is not UTF-8: {error.reason} at byte {error.start}") from None
     except json.JSONDecodeError as error:
         raise errors.InvalidArgument(f"malformed JSON at line {error.lineno} column {error.colno}: {error.msg}") \
             from None
+    except ValueError:  # the one other failure: an integer longer than Python converts
+        raise errors.InvalidArgument(f"malformed JSON: a number of more than {sys.get_int_max_str_digits()} "
+                                     "digits") from None
+
+
+async def read_json(request: web.Request, schema: dict | None = None) -> dict:
+    """The request's JSON object, validated against `schema` (422 naming the field on failure)."""
+    raw = await request.read()
+    if not raw:
+        raise errors.InvalidArgument("request body is empty; a JSON object is required")
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise errors.InvalidArgument("request body must be a JSON object")
     if schema is not None:
@@ -79,15 +140,15 @@ async def read_json(request: web.Request, schema: dict | None = None) -> dict:
     return body
 
 
-_VALIDATORS: dict[int, jsonschema.Draft202012Validator] = {}
+_VALIDATORS: dict[int, jsonschema.protocols.Validator] = {}
 
 
 def validate(value: Any, schema: dict) -> None:
-    """422 naming the first field that breaks `schema`. Validators are built once per schema (the
-    schemas are module constants), not per request."""
+    """422 naming the first field that breaks `schema` (with the number rule above). Validators are
+    built once per schema (the schemas are module constants), not per request."""
     validator = _VALIDATORS.get(id(schema))
     if validator is None or validator.schema is not schema:
-        validator = _VALIDATORS[id(schema)] = jsonschema.Draft202012Validator(schema)
+        validator = _VALIDATORS[id(schema)] = Validator(schema)
     problems = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
     if problems:
         first = problems[0]
@@ -95,36 +156,37 @@ def validate(value: Any, schema: dict) -> None:
         raise errors.ValidationFailed(f"{where}: {first.message}")
 
 
-def query_int(request: web.Request, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+def query_int(request: web.Request, name: str, default: int, schema: dict) -> int:
+    """The integer query parameter `name`, within the bounds of `schema` (the route's schema of it, so
+    /openapi.json declares the bounds enforced here); `default` when absent."""
     raw = request.query.get(name)
     if raw is None:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise errors.ValidationFailed(f"query parameter {name} must be an integer, not {raw!r}") from None
-    if value < minimum or (maximum is not None and value > maximum):
+        raise errors.ValidationFailed(f"query parameter {name} must be an integer, not {raw[:40]!r}") from None
+    minimum, maximum = schema["minimum"], schema["maximum"]
+    if not minimum <= value <= maximum:
         raise errors.ValidationFailed(f"query parameter {name} must be within [{minimum}, {maximum}]")
     return value
 
 
 # The query of every list route: `?page_size` (services' default when absent) and `?page_token`.
-PAGING = {"page_size": {"type": "integer", "minimum": 1, "maximum": contracts.MAX_PAGE_SIZE},
-          "page_token": {"type": "string"}}
+PAGE_SIZE = int32(1, contracts.MAX_PAGE_SIZE)
+PAGING = {"page_size": PAGE_SIZE, "page_token": {"type": "string"}}
 
 
 def page(request: web.Request) -> common_pb2.PageRequest:
-    return common_pb2.PageRequest(
-        page_size=query_int(request, "page_size", contracts.DEFAULT_PAGE_SIZE, minimum=1,
-                            maximum=contracts.MAX_PAGE_SIZE),
-        page_token=request.query.get("page_token", ""))
+    return common_pb2.PageRequest(page_size=query_int(request, "page_size", contracts.DEFAULT_PAGE_SIZE, PAGE_SIZE),
+                                  page_token=request.query.get("page_token", ""))
 
 
 def path_version(request: web.Request) -> int:
     """The `{version}` path parameter: a positive int64, else 400 naming it."""
     raw = request.match_info["version"]
-    if not raw.isdigit() or not 1 <= int(raw) <= contracts.MAX_VERSION:
-        raise errors.InvalidArgument(f"version must be an integer from 1 to {contracts.MAX_VERSION}, not {raw!r}")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= contracts.MAX_VERSION):
+        raise errors.InvalidArgument(f"version must be an integer from 1 to {contracts.MAX_VERSION}, not {raw[:40]!r}")
     return int(raw)
 
 
@@ -256,6 +318,12 @@ def check_if_match(request: web.Request, current: str | None, *, required: bool)
 
 # Every representation behind an API key depends on the key's tenant and role.
 VARY = "Authorization"
+# On every response (the gateway middleware adds it to the others): browsers must not guess another
+# content type than the one declared, e.g. render an error body that echoes input as HTML.
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+# Server-Sent Events responses, which send their headers before the middleware sees them.
+EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+                        NOSNIFF[0]: NOSNIFF[1]}
 
 
 class ValidatorCache:

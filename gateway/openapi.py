@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from gateway.http import Route
+from gateway.http import Route, int64
+from services.common import contracts
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -15,6 +16,9 @@ ERROR_SCHEMA = {
 _STANDARD_ERRORS = {400: "Malformed request", 401: "Missing or unknown API key", 403: "Role not allowed",
                     422: "Invalid field", 429: "Rate limited (see Retry-After)", 503: "A backend is down"}
 
+
+# Path parameters that are not plain strings: `{version}` is what `gateway.http.path_version` accepts.
+_PATH_PARAMETERS = {"version": int64(1, contracts.MAX_VERSION)}
 
 # What a GET (and so its HEAD) answers with beside the body.
 _GET_HEADERS = {
@@ -57,7 +61,8 @@ def document(routes: list[Route], version: str = "0.1.0") -> dict:
             "operationId": f"{route.method.lower()}_{re.sub(r'[^a-zA-Z0-9]+', '_', route.path).strip('_')}",
             "tags": [route.tag] if route.tag else [],
             "parameters": [
-                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                {"name": name, "in": "path", "required": True,
+                 "schema": _PATH_PARAMETERS.get(name, {"type": "string"})}
                 for name in re.findall(r"{(\w+)}", route.path)
             ] + [
                 {"name": name, "in": "query", "required": False, "schema": schema}

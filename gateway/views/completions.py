@@ -17,22 +17,37 @@ from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 from prometheus_client import Counter
 
-from gateway.http import ALL_ROLES, Route, clients, json_response, read_json, responses, validate
+from gateway.http import (
+    ALL_ROLES,
+    EVENT_STREAM_HEADERS,
+    INT32_MAX,
+    INT64_MAX,
+    Route,
+    clients,
+    int32,
+    int64,
+    json_response,
+    read_json,
+    responses,
+    validate,
+)
 from gateway.state import CALLER
 from services.common import contracts, errors
 from services.common.grpc_client import deployment_metadata
 
+MAX_PROMPT_CHARS = 1_000_000  # the inference service's bound (services/inference/generation.py), refused here first
 _STOP = {"type": "string", "minLength": 1, "maxLength": contracts.MAX_STOP_LENGTH}
 COMPLETION = {
     "type": "object", "additionalProperties": False, "required": ["model", "prompt"],
     "properties": {
         "model": {"type": "string", "minLength": 1, "description": "deployment name"},
-        "prompt": {"type": "string", "minLength": 1},
-        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
+                   "description": "at most what the deployment's context can hold (400 naming the limit)"},
+        "max_tokens": int32(1, 4096),
         "temperature": {"type": "number", "minimum": 0, "maximum": contracts.MAX_TEMPERATURE},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": 0},
-        "seed": {"type": "integer"},
+        "top_k": int32(0),
+        "seed": int64(0, description="makes sampling reproducible"),
         "stop": {"oneOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": contracts.MAX_STOP_SEQUENCES}]},
         "stream": {"type": "boolean"},
         "user": {"type": "string", "maxLength": 200},
@@ -46,13 +61,14 @@ def _stop(value) -> bool:
     return type(value) is str and 1 <= len(value) <= contracts.MAX_STOP_LENGTH
 
 
-# The quick check of each optional field (see _plainly_valid); `type(...) is int` keeps booleans out, as JSON does.
+# The quick check of each optional field (see _plainly_valid); `type(...) is int` keeps booleans out, as JSON does,
+# and a range check is False for NaN (the parser reads 53.0 as 53; gateway/http.py has the number rule).
 _FIELD_CHECKS = {
     "max_tokens": lambda v: type(v) is int and 1 <= v <= 4096,
     "temperature": lambda v: type(v) in _NUMBER and 0 <= v <= contracts.MAX_TEMPERATURE,
     "top_p": lambda v: type(v) in _NUMBER and 0 < v <= 1,
-    "top_k": lambda v: type(v) is int and v >= 0,
-    "seed": lambda v: type(v) is int,
+    "top_k": lambda v: type(v) is int and 0 <= v <= INT32_MAX,
+    "seed": lambda v: type(v) is int and 0 <= v <= INT64_MAX,
     "stop": lambda v: _stop(v) or (type(v) is list and len(v) <= contracts.MAX_STOP_SEQUENCES and all(map(_stop, v))),
     "stream": lambda v: type(v) is bool,
     "user": lambda v: type(v) is str and len(v) <= 200,
@@ -90,7 +106,7 @@ def _plainly_valid(body: dict) -> bool:
     costs more than the rest of the gateway's work on a request. It may refuse a valid body (then the
     schema decides, and names the problem when there is one) but never accepts an invalid one."""
     model, prompt = body.get("model"), body.get("prompt")
-    if type(model) is not str or not model or type(prompt) is not str or not prompt:
+    if type(model) is not str or not model or type(prompt) is not str or not 0 < len(prompt) <= MAX_PROMPT_CHARS:
         return False
     for name, value in body.items():
         check = _FIELD_CHECKS.get(name)
@@ -177,8 +193,7 @@ async def _stream(request: web.Request, body: dict, message: inference_pb2.Gener
     with responses(call) as stream:
         first = await anext(stream, None)  # errors before the first chunk still get a proper status
         completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        response = _EventStream(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                         "X-Accel-Buffering": "no"})
+        response = _EventStream(headers=EVENT_STREAM_HEADERS)
         await response.prepare(request)
         chunk = first
         try:

@@ -7,17 +7,21 @@ is forwarded chunk by chunk through the client-streaming `DatasetService/CreateD
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from llmp.dataset.v1 import dataset_pb2 as pb
 
 from gateway.http import (
+    EVENT_STREAM_HEADERS,
     PAGING,
     Route,
     check_if_match,
     clients,
     etag_of,
+    int32,
+    int64,
     json_response,
     page,
     path_version,
@@ -40,8 +44,12 @@ CREATE_QUERY = {
     "name": {"type": "string", "pattern": contracts.NAME_PATTERN}, "format": {"enum": list(FORMATS)},
     "document_mode": {"enum": list(MODES)},
     "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
-    "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": {"type": "integer"}, "split_seed": {"type": "integer"},
-    "min_doc_chars": {"type": "integer"}, "max_doc_chars": {"type": "integer"}, "source": {"type": "string"},
+    "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": int32(0, contracts.MAX_VOCAB_SIZE), "split_seed": int64(0),
+    "min_doc_chars": int32(0), "max_doc_chars": int32(0),
+    "source": {"type": "string", "pattern": "^s3://",
+               "description": "read the corpus from s3://{bucket}/imports/{tenant}/… (the platform bucket, the "
+                              "caller tenant's import prefix) instead of the body; any other object is 404, "
+                              "as a missing one is"},
     "fractions": {"type": "string", "description": "train,validation,test,calibration e.g. 0.9,0.05,0.03,0.02"},
     "wait": {"type": "boolean"},
 }
@@ -74,7 +82,7 @@ def _fractions(request: web.Request) -> pb.SplitFractions | None:
         shares = [float(part) for part in raw.split(",")]
     except ValueError:
         raise errors.ValidationFailed(f"fractions: four comma-separated numbers, not {raw!r}") from None
-    if len(shares) != 4:
+    if len(shares) != 4 or not all(math.isfinite(share) for share in shares):  # float() reads "nan" and "inf"
         raise errors.ValidationFailed(f"fractions: four comma-separated numbers, not {raw!r}")
     return pb.SplitFractions(train=shares[0], validation=shares[1], test=shares[2], calibration=shares[3])
 
@@ -88,10 +96,10 @@ def create_options(request: web.Request) -> pb.DatasetOptions:
         document_mode=_choice(request, "document_mode", MODES), tokenizer=_choice(request, "tokenizer", TOKENIZERS),
         text_field=query.get("text_field", ""), prompt_field=query.get("prompt_field", ""),
         completion_field=query.get("completion_field", ""),
-        vocab_size=query_int(request, "vocab_size", 0, minimum=0, maximum=contracts.MAX_VOCAB_SIZE),
-        split_seed=query_int(request, "split_seed", 0, minimum=0, maximum=(1 << 63) - 1),
-        min_doc_chars=query_int(request, "min_doc_chars", 0, minimum=0, maximum=(1 << 31) - 1),
-        max_doc_chars=query_int(request, "max_doc_chars", 0, minimum=0, maximum=(1 << 31) - 1),
+        vocab_size=query_int(request, "vocab_size", 0, CREATE_QUERY["vocab_size"]),
+        split_seed=query_int(request, "split_seed", 0, CREATE_QUERY["split_seed"]),
+        min_doc_chars=query_int(request, "min_doc_chars", 0, CREATE_QUERY["min_doc_chars"]),
+        max_doc_chars=query_int(request, "max_doc_chars", 0, CREATE_QUERY["max_doc_chars"]),
         fractions=_fractions(request), source_uri=query.get("source", ""),
         wait=query.get("wait", "false").lower() in {"1", "true", "yes"},
     )
@@ -193,8 +201,7 @@ async def version_events(request: web.Request) -> web.StreamResponse:
     message = pb.WatchIngestRequest(name=request.match_info["name"], version=path_version(request))
     with responses(clients(request).dataset.WatchIngest(message)) as events:
         first = await anext(events, None)  # an unknown version is a 404, not an empty stream
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                               "X-Accel-Buffering": "no"})
+        response = web.StreamResponse(headers=EVENT_STREAM_HEADERS)
         await response.prepare(request)
         event, sequence = first, 0
         while event is not None:

@@ -7,7 +7,7 @@ import json
 from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 
-from gateway.http import Route, clients, json_response, read_json, to_dict
+from gateway.http import Route, clients, int32, int64, json_response, read_json, to_dict
 from services.common import contracts, errors
 
 ROLLOUT = {
@@ -15,10 +15,10 @@ ROLLOUT = {
     "description": "automatic rollout (services/inference/canary.py); unset fields take the defaults",
     "properties": {
         "steps": {"type": "array", "minItems": 1, "maxItems": 100,
-                  "items": {"type": "integer", "minimum": 1, "maximum": 100},
+                  "items": int32(1, 100),
                   "contains": {"const": 100}, "description": "increasing canary weights ending at 100"},
         "interval_s": {"type": "number", "minimum": 0},
-        "min_requests": {"type": "integer", "minimum": 1},
+        "min_requests": int32(1),
         "max_error_rate_delta": {"type": "number", "minimum": 0, "maximum": 1},
         "max_latency_ratio": {"type": "number", "minimum": 1},
         "latency_statistic": {"enum": ["p95", "mean"]},
@@ -28,11 +28,10 @@ PUT_DEPLOYMENT = {
     "type": "object", "additionalProperties": False, "required": ["model", "stable"],
     "properties": {
         "model": {"type": "string", "pattern": contracts.NAME_PATTERN},
-        "stable": {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": contracts.NAME_PATTERN}],
+        "stable": {"oneOf": [int64(1), {"type": "string", "pattern": contracts.NAME_PATTERN}],
                    "description": "a version number or an alias"},
         "canary": {"type": ["object", "null"], "additionalProperties": False, "required": ["version"],
-                   "properties": {"version": {"type": "integer", "minimum": 1},
-                                  "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+                   "properties": {"version": int64(1), "weight": int32(0, 100),
                                   "rollout": ROLLOUT},
                    "anyOf": [{"required": ["weight"]}, {"required": ["rollout"]}],
                    "description": "a fixed weight, or a rollout that advances the weight by itself"},

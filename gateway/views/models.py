@@ -15,6 +15,7 @@ from gateway.http import (
     check_if_match,
     clients,
     etag_of,
+    int64,
     json_response,
     page,
     path_version,
@@ -25,7 +26,7 @@ from services.common import contracts, errors
 
 SET_ALIAS = {
     "type": "object", "additionalProperties": False, "required": ["version"],
-    "properties": {"version": {"type": "integer", "minimum": 1}, "reason": {"type": "string", "maxLength": 500}},
+    "properties": {"version": int64(1), "reason": {"type": "string", "maxLength": 500}},
 }
 CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],

@@ -8,51 +8,73 @@ from aiohttp import web
 from google.protobuf import json_format
 from llmp.training.v1 import training_pb2
 
-from gateway.http import PAGING, Route, clients, json_response, page, read_json, responses, to_dict
+from gateway.http import (
+    EVENT_STREAM_HEADERS,
+    PAGING,
+    Route,
+    clients,
+    int32,
+    int64,
+    json_response,
+    page,
+    read_json,
+    responses,
+    to_dict,
+)
 from services.common import contracts, errors
 
-_POSITIVE = {"type": "integer", "minimum": 1}
-_FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+_NAME = {"type": "string", "pattern": contracts.NAME_PATTERN}
+
+
+def _number(minimum: float, maximum: float | None = None, *, open_below: bool = False, open_above: bool = False
+            ) -> dict:
+    schema: dict = {"type": "number", ("exclusiveMinimum" if open_below else "minimum"): minimum}
+    if maximum is not None:
+        schema["exclusiveMaximum" if open_above else "maximum"] = maximum
+    return schema
+
+
+# Bounds: the training service's own rules (services/training/spec.py), within the protobuf field types
+# (JobSpec); tests/unit/gateway/test_request_numbers.py keeps the two in step.
+MAX_STEPS = 10_000_000
 SUBMIT_JOB = {
     "type": "object", "additionalProperties": False, "required": ["dataset", "model"],
     "properties": {
         "dataset": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
-                    "properties": {"name": {"type": "string", "pattern": contracts.NAME_PATTERN},
-                                   "version": _POSITIVE}},
+                    "properties": {"name": _NAME, "version": int64(1)}},
         "model": {
             "type": "object", "additionalProperties": False, "required": ["family"],
             "properties": {
-                "family": {"enum": list(contracts.MODEL_FAMILIES)}, "n_layer": _POSITIVE, "n_head": _POSITIVE,
-                "n_embd": _POSITIVE, "block_size": _POSITIVE, "dropout": _FRACTION,
+                "family": {"enum": list(contracts.MODEL_FAMILIES)}, "n_layer": int32(1, 128), "n_head": int32(1, 128),
+                "n_embd": int32(1, 16384), "block_size": int32(2, 32768), "dropout": _number(0, 1, open_above=True),
                 "init_from": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
-                              "properties": {"name": {"type": "string", "pattern": contracts.NAME_PATTERN},
-                                             "version": _POSITIVE}},
+                              "properties": {"name": _NAME, "version": int64(1)}},
             },
         },
         "hyperparameters": {
             "type": "object", "additionalProperties": False,
             "properties": {
-                "batch_size": _POSITIVE, "max_steps": _POSITIVE,
-                "learning_rate": {"type": "number", "exclusiveMinimum": 0},
-                "min_learning_rate": {"type": "number", "minimum": 0},
-                "warmup_steps": {"type": "integer", "minimum": 0},
-                "weight_decay": {"type": "number", "minimum": 0}, "beta1": _FRACTION, "beta2": _FRACTION,
-                "grad_clip": {"type": "number", "minimum": 0}, "grad_accum": _POSITIVE, "eval_interval": _POSITIVE,
-                "eval_batches": _POSITIVE, "early_stopping_patience": {"type": "integer", "minimum": 0},
-                "checkpoint_interval": _POSITIVE, "log_interval": _POSITIVE,
-                "precision": {"enum": list(contracts.PRECISIONS)},
-                "seed": {"type": "integer", "minimum": 0}, "mlm_probability": _FRACTION,
+                "batch_size": int32(1, 65536), "max_steps": int64(1, MAX_STEPS),
+                "learning_rate": _number(0, 1, open_below=True), "min_learning_rate": _number(0, 1),
+                "warmup_steps": int64(0, MAX_STEPS), "weight_decay": _number(0, 1),
+                "beta1": _number(0, 1, open_above=True), "beta2": _number(0, 1, open_above=True),
+                "grad_clip": _number(0), "grad_accum": int32(1, 4096), "eval_interval": int64(1),
+                "eval_batches": int32(1), "early_stopping_patience": int32(0), "checkpoint_interval": int64(0),
+                "log_interval": int64(1), "precision": {"enum": list(contracts.PRECISIONS)},
+                "seed": int64(0, 2**32 - 1),
+                "mlm_probability": _number(0, 1, open_below=True, open_above=True),
             },
         },
         "distributed": {
             "type": "object", "additionalProperties": False, "required": ["mode"],
-            "properties": {"mode": {"enum": list(contracts.DISTRIBUTED_MODES)}, "nproc_per_node": _POSITIVE,
-                           "nnodes": _POSITIVE, "sync_interval": _POSITIVE},
+            "properties": {"mode": {"enum": list(contracts.DISTRIBUTED_MODES)}, "nproc_per_node": int32(1, 64),
+                           "nnodes": int32(1, 64), "sync_interval": int32(1)},
         },
-        "priority": {"type": "integer", "minimum": contracts.MIN_PRIORITY, "maximum": contracts.MAX_PRIORITY},
-        "model_name": {"type": "string", "pattern": contracts.NAME_PATTERN},
+        "priority": int32(contracts.MIN_PRIORITY, contracts.MAX_PRIORITY),
+        "model_name": _NAME,
     },
 }
+JOB_QUERY = {"state": {"type": "string"}, **PAGING}
 
 
 def present_job(job: training_pb2.Job) -> dict:
@@ -116,8 +138,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     with responses(clients(request).training.WatchJob(message)) as events:
         # Ask for the first event before committing to a 200, so an unknown job is a proper 404.
         first = await anext(events, None)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                               "X-Accel-Buffering": "no"})
+        response = web.StreamResponse(headers=EVENT_STREAM_HEADERS)
         await response.prepare(request)
         event = first
         while event is not None:
@@ -134,7 +155,7 @@ ROUTES = [
     Route("POST", "/v1/training-jobs", submit_job, "Submit a training job (Idempotency-Key honoured)",
           body=SUBMIT_JOB, tag="training", responses={409: "Idempotency-Key reused with another spec"}),
     Route("GET", "/v1/training-jobs", list_jobs, "List training jobs",
-          query={"state": {"type": "string"}, **PAGING},
+          query=JOB_QUERY,
           tag="training"),
     Route("GET", JOB, get_job, "A job's state, progress and latest metrics", tag="training"),
     Route("DELETE", JOB, cancel_job, "Cancel a job", tag="training"),

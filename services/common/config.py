@@ -70,6 +70,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_URL", "", "Gateway URL the `llmp` CLI talks to; empty means http://127.0.0.1:$LLMP_GATEWAY_PORT."),
     Variable("LLMP_API_KEY", "", "API key the `llmp` CLI sends; empty means the admin key."),
 )
+# Secrets whose defaults anyone can read here: right for a stack on one's own machine, wrong anywhere else.
+# Every process names those still at their default in a warning when it starts (`logs.configure`).
+PUBLISHED_SECRETS = ("LLMP_S3_ACCESS_KEY", "LLMP_S3_SECRET_KEY")
 INFERENCE_TRACKS = ("", "stable", "canary")
 UPLOAD_CHECKSUMS = ("crc32", "sha256")  # trailing checksums ObjectStore.upload_file can have S3 verify
 DEFAULTS = {variable.name: variable.default for variable in VARIABLES}
@@ -178,6 +181,10 @@ class Settings:
             max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),
             raw=values,
         )
+
+    def published_secrets(self) -> list[str]:
+        """The PUBLISHED_SECRETS variables still holding their published default value."""
+        return [name for name in PUBLISHED_SECRETS if self.raw.get(name, DEFAULTS[name]) == DEFAULTS[name]]
 
     def listen_addr(self, service: topology.GrpcService) -> str:
         """Where `service` listens: the bind host on the port of its advertised address."""

@@ -60,3 +60,8 @@ def configure(settings: Settings, component: str) -> None:
     # Chatty libraries stay at WARNING unless debugging.
     for noisy in ("botocore", "urllib3", "aiohttp.access", "celery.redirected"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # The first moment a process can say so: a secret left at its published default is nobody's secret.
+    for name in settings.published_secrets():
+        logging.getLogger("llmp.config").warning(
+            "%s is left at its published default: set a secret of your own outside a local stack", name,
+            extra={"variable": name})

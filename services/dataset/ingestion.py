@@ -30,10 +30,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from services.common.config import S3Settings
+from services.common import contracts
 from services.common.errors import Internal, LlmpError, NotFound, PayloadTooLarge, Unavailable
 from services.common.periodic import Periodic
-from services.common.s3 import ObjectStore
 from services.dataset import ingest, pipeline
 from services.dataset.options import DatasetOptions, parse_s3_uri
 from services.dataset.versions import LeaseLost, VersionRow, VersionStore, content_digest
@@ -86,12 +85,11 @@ class _Running:
 class Ingestor:
     """Creates dataset versions, builds them (its own and those whose owner went away), reports progress."""
 
-    def __init__(self, versions: VersionStore, s3: S3Settings, work_dir: Path, max_upload_bytes: int,
+    def __init__(self, versions: VersionStore, work_dir: Path, max_upload_bytes: int,
                  shard_tokens: int | None = None, *, lease_seconds: float = LEASE_SECONDS,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
         self.versions = versions
         self.store = versions.store
-        self.s3 = s3
         self.work_dir = work_dir
         self.max_upload_bytes = max_upload_bytes
         self.shard_tokens = shard_tokens
@@ -117,7 +115,7 @@ class Ingestor:
         spool = Path(tempfile.mkstemp(prefix="corpus-", dir=self.work_dir)[1])
         handed_over = False
         try:
-            received = await self._receive(options, chunks, spool)
+            received = await self._receive(tenant, options, chunks, spool)
             with open(spool, "rb") as handle:
                 await asyncio.to_thread(ingest.validate, handle, options)
             digest = content_digest(received.sha256, options)
@@ -159,10 +157,10 @@ class Ingestor:
         running.task = asyncio.create_task(self._build(row, running, spool), name=f"ingest-{row.id}")
         running.task.add_done_callback(_retrieve)
 
-    async def _receive(self, options: DatasetOptions, chunks: AsyncIterator[bytes], spool: Path) -> ingest.Received:
+    async def _receive(self, tenant: str, options: DatasetOptions, chunks: AsyncIterator[bytes], spool: Path
+                       ) -> ingest.Received:
         if options.source_uri:
-            bucket, key = parse_s3_uri(options.source_uri)
-            return await asyncio.to_thread(self._fetch, bucket, key, spool)
+            return await asyncio.to_thread(self._fetch, tenant, options.source_uri, spool)
         hasher = _StreamHasher(self.max_upload_bytes)
         with open(spool, "wb") as handle:
             async for chunk in chunks:
@@ -170,18 +168,23 @@ class Ingestor:
                 handle.write(chunk)
         return hasher.result()
 
-    def _fetch(self, bucket: str, key: str, spool: Path) -> ingest.Received:
-        """Copy an S3 object of the configured server into the spool."""
-        source = self.store if bucket == self.store.bucket else ObjectStore(replace(self.s3, bucket=bucket))
+    def _fetch(self, tenant: str, uri: str, spool: Path) -> ingest.Received:
+        """Copy a source object into the spool. Only the tenant's own import prefix of the platform's bucket
+        may be read; any other object, present or not, is the same NotFound, before anything about it
+        (existence, size) is looked up, so the answer tells nothing about objects the tenant may not read."""
+        bucket, key = parse_s3_uri(uri)
+        allowed = contracts.import_prefix(tenant)
+        missing = NotFound(f"source {uri} not found: a source is an object under s3://{self.store.bucket}/{allowed}")
+        if bucket != self.store.bucket or not key.startswith(allowed):
+            raise missing
         try:
-            size = source.stat(key).size
+            size = self.store.stat(key).size
         except NotFound:
-            raise NotFound(f"source s3://{bucket}/{key} not found") from None
+            raise missing from None
         if size > self.max_upload_bytes:
-            raise PayloadTooLarge(f"source s3://{bucket}/{key} is {size} bytes, over the limit of "
-                                  f"{self.max_upload_bytes} bytes")
+            raise PayloadTooLarge(f"source {uri} is {size} bytes, over the limit of {self.max_upload_bytes} bytes")
         with open(spool, "wb") as handle:
-            return ingest.receive(source.iter_chunks(key), handle, self.max_upload_bytes)
+            return ingest.receive(self.store.iter_chunks(key), handle, self.max_upload_bytes)
 
     async def _load_source(self, row: VersionRow) -> Path:
         """The stored corpus of a version taken over from another replica, checked against its digest."""

@@ -37,7 +37,7 @@ async def build_app(settings: Settings, *, models_using: ModelsUsing | None = No
     store = ObjectStore(settings.s3)
     await asyncio.to_thread(store.ensure_bucket)
     versions = VersionStore(db, store)
-    ingestor = Ingestor(versions, settings.s3, settings.state_dir / "dataset-work", settings.max_upload_bytes,
+    ingestor = Ingestor(versions, settings.state_dir / "dataset-work", settings.max_upload_bytes,
                         shard_tokens=shard_tokens, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds)
     ingestor.start()
     clients = ServiceClients(settings)

@@ -289,6 +289,7 @@ class Deployments:
                 raise Unavailable(f"Triton loaded {name} but does not report it ready", retry_after=2)
             served = ServedVersion(model, version, name, files.spec(), await asyncio.to_thread(files.tokenizer),
                                    files.digest)
+            await asyncio.to_thread(getattr, served, "max_prompt_chars")  # walks the vocabulary once, off the loop
             loaded = _Loaded(served)
             loaded.idle.set()
             self.loaded[name] = loaded

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerFast
 
@@ -18,7 +19,10 @@ from services.common.errors import BadRequest, DeadlineExceeded, ValidationFaile
 from services.inference.sampling import SamplingParams, StopScanner, choose
 from services.inference.triton_engine import TritonEngine, new_sequence_id
 
-MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_CHARS = 1_000_000  # the most any prompt may have, whatever the model
+# Prompts up to this many characters are tokenized on the event loop (microseconds); longer ones in a
+# thread, so that tokenizing a long prompt never stalls the tokens of every other request.
+INLINE_PROMPT_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,14 @@ class ServedVersion:
             return self.spec.eos_token_id
         return self.tokenizer.eos_token_id
 
+    @cached_property
+    def max_prompt_chars(self) -> int:
+        """The longest prompt that can fit the context, checked before tokenizing: no token covers more
+        characters than the vocabulary's longest (special tokens included; byte-level and character
+        tokenizers drop no character), so a longer prompt needs more tokens than the context holds."""
+        longest = max(len(token) for token in self.tokenizer.get_vocab())
+        return min(MAX_PROMPT_CHARS, self.spec.context_length * longest)
+
 
 @dataclass
 class Chunk:
@@ -56,18 +68,23 @@ class GenerationStats:
     started: float = field(default_factory=time.perf_counter)
 
 
-def encode_prompt(served: ServedVersion, prompt: str, max_tokens: int) -> list[int]:
-    """Token ids of the prompt, after checking it and max_tokens against the model's context."""
+async def encode_prompt(served: ServedVersion, prompt: str, max_tokens: int) -> list[int]:
+    """Token ids of the prompt, after checking it and max_tokens against the model's context: its length in
+    characters before tokenizing (`ServedVersion.max_prompt_chars`), its tokens after."""
     if not prompt:
         raise ValidationFailed("prompt must not be empty")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValidationFailed(f"prompt must be at most {MAX_PROMPT_CHARS} characters")
     if max_tokens < 1:
         raise ValidationFailed(f"max_tokens must be at least 1, not {max_tokens}")
-    ids = _encode(served.tokenizer, prompt)
+    context = served.spec.context_length
+    if len(prompt) > served.max_prompt_chars:
+        raise BadRequest(f"prompt has {len(prompt)} characters, over the {served.max_prompt_chars} that the model's "
+                         f"context length of {context} tokens can hold")
+    if len(prompt) <= INLINE_PROMPT_CHARS:
+        ids = _encode(served.tokenizer, prompt)
+    else:
+        ids = await asyncio.to_thread(_encode, served.tokenizer, prompt)
     if not ids:
         raise ValidationFailed("prompt encodes to no tokens")
-    context = served.spec.context_length
     if len(ids) + max_tokens > context:
         raise BadRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                          f"context length of {context} tokens")

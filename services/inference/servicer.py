@@ -148,7 +148,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         params = sampling_params(request.sampling)
         routing_key = request.routing_key or dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
         served, canary = await self.deployments.route(caller.tenant, request.deployment, routing_key)
-        prompt_ids = encode_prompt(served, request.prompt, request.max_tokens)
+        prompt_ids = await encode_prompt(served, request.prompt, request.max_tokens)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         labels = (caller.tenant, request.deployment, served.model, str(served.version), "true" if canary else "false")

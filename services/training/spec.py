@@ -112,7 +112,7 @@ class JobSpec:
     def validate(self) -> None:
         """Check every rule; the first broken one raises `ValidationFailed` naming its field."""
         d, m, h, x = self.dataset, self.model, self.hyperparameters, self.distributed
-        _check(bool(contracts.NAME.match(d.name)), "dataset.name", f"must be {contracts.NAME_RULE}")
+        contracts.validate_name(d.name, "dataset.name")
         _check(d.version >= 1, "dataset.version", "must be >= 1")
         _check(m.family in FAMILIES, "model.family", f"must be one of {', '.join(FAMILIES)}")
         _check(1 <= m.n_layer <= 128, "model.n_layer", "must be between 1 and 128")
@@ -122,8 +122,7 @@ class JobSpec:
         _check(2 <= m.block_size <= 32768, "model.block_size", "must be between 2 and 32768")
         _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         if m.init_from is not None:
-            _check(bool(contracts.NAME.match(m.init_from.name)), "model.init_from.name",
-                   f"must be {contracts.NAME_RULE}")
+            contracts.validate_name(m.init_from.name, "model.init_from.name")  # a registry path segment
             _check(m.init_from.version >= 1, "model.init_from.version", "must be >= 1")
         _check(1 <= h.batch_size <= 65536, "hyperparameters.batch_size", "must be between 1 and 65536")
         _check(1 <= h.max_steps <= 10_000_000, "hyperparameters.max_steps", "must be between 1 and 10000000")

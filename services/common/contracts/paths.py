@@ -3,6 +3,7 @@
     datasets/{tenant}/{name}/v{version}/             a dataset version (the dataset service writes it)
         manifest.json, tokenizer/…, {split}/shard-{i:05d}.bin
     sources/datasets/{tenant}/{name}/v{version}/corpus   a PENDING version's stored corpus
+    imports/{tenant}/…                               corpora a tenant puts there to create datasets from
     jobs/{tenant}/{job_id}/                          what a training job writes
         checkpoints/step-{n}/…, final/…, metrics.json
     models/{tenant}/{name}/v{version}/               a registered model version (the registry writes it)
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 DATASETS = "datasets/"
 SOURCES = "sources/"
 JOBS = "jobs/"
+IMPORTS = "imports/"
 MODELS = "models/"
 
 EXPORTS = "exports/"  # a model version's exports, relative to its prefix
@@ -41,6 +43,12 @@ def shard_file_name(index: int) -> str:
 
 def dataset_shard_key(tenant: str, name: str, version: int, split: str, index: int) -> str:
     return f"{dataset_version_prefix(tenant, name, version)}{split}/{shard_file_name(index)}"
+
+
+def import_prefix(tenant: str) -> str:
+    """Where a tenant puts corpora to create datasets from (`?source=s3://{bucket}/imports/{tenant}/…`): the
+    only objects a source may name, so a tenant never reads another's objects with the platform's credentials."""
+    return f"{IMPORTS}{tenant}/"
 
 
 def dataset_corpus_key(tenant: str, name: str, version: int) -> str:

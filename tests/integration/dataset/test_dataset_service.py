@@ -164,7 +164,7 @@ async def test_a_failed_build_leaves_no_objects_and_says_why(client, store, data
 
 
 async def test_s3_source(client, store, shakespeare):
-    key = f"uploads/{client.tenant}/corpus.jsonl"
+    key = f"imports/{client.tenant}/corpus.jsonl"  # the tenant's import prefix, the only place a source is read
     lines = [json.dumps({"text": part}) for part in shakespeare[:30_000].decode().split("\n\n")]
     store.put_bytes(key, "\n".join(lines).encode())
     response = await client.create(b"", name="from-s3", format=pb.CORPUS_FORMAT_JSONL,

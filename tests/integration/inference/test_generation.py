@@ -101,6 +101,7 @@ async def test_stop_sequence_ends_generation_before_it(service):
     ({"temperature": 3.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ({"top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ({"max_tokens": 60}, grpc.StatusCode.OUT_OF_RANGE, "context length of 64"),
+    ({"prompt": "ROMEO: " * 100_000}, grpc.StatusCode.OUT_OF_RANGE, "characters, over the"),  # before tokenizing
     ({"deployment": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
 ])
 async def test_bad_requests_are_refused_with_the_right_status(service, kwargs, code, fragment):

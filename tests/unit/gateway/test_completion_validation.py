@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import itertools
 
-import jsonschema
-
+from gateway.http import Validator
 from gateway.views.completions import _FIELD_CHECKS, COMPLETION, _plainly_valid
 
-SCHEMA = jsonschema.Draft202012Validator(COMPLETION)
+SCHEMA = Validator(COMPLETION)  # the gateway's validator: JSON Schema with its number rule
+NAN, INF = float("nan"), float("inf")
 BASE = {"model": "chat", "prompt": "Hello"}
 VALUES = {
     "model": ["chat", "", 3, None],
     "prompt": ["Hello", "", ["a"], None],
     "max_tokens": [1, 16, 4096, 0, 4097, -1, 1.0, 2.5, True, "16", None],
-    "temperature": [0, 0.7, 2, 2.01, -0.1, True, "0", None],
-    "top_p": [1, 0.9, 0, 1.1, False, None],
-    "top_k": [0, 50, -1, 1.5, True],
-    "seed": [0, 7, -3, 2**70, 1.5, False, "7"],
+    "temperature": [0, 0.7, 2, 2.01, -0.1, NAN, INF, True, "0", None],
+    "top_p": [1, 0.9, 0, 1.1, NAN, -INF, False, None],
+    "top_k": [0, 50, 2**31 - 1, -1, 2**31, 1.5, NAN, True],
+    "seed": [0, 7, 2**63 - 1, -3, 2**63, 2**70, 1.5, INF, False, "7"],
     "stop": ["\n", ["a", "b"], [], ["a"] * 5, [1], 3, None],
     "stream": [True, False, 0, "true", None],
     "user": ["u", "x" * 200, "x" * 201, 1],

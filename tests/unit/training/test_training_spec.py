@@ -82,6 +82,19 @@ def test_each_bad_value_is_refused_naming_its_field(field, value):
     assert error.value.message.startswith(field + " "), error.value.message
 
 
+BAD_NAMES = ["", " ", "../other-tenant", "a/b", "Base", "-x", "a" * 64, "x\x00", "名前"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize("field", ["dataset.name", "model.init_from.name"])
+def test_names_follow_the_name_rule(field, name):
+    body = with_field(field, name) if field == "dataset.name" else with_field("model.init_from",
+                                                                              {"name": name, "version": 1})
+    with pytest.raises(ValidationFailed) as error:
+        JobSpec.from_dict(body)
+    assert error.value.message.startswith(field + " "), error.value.message
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("model.n_layer", "2"), ("model.n_layer", 2.5), ("model.n_layer", True), ("hyperparameters.learning_rate", "x"),
     ("model.family", 3), ("distributed", []), ("hyperparameters.seed", None),
