@@ -7,14 +7,14 @@ from aiohttp import web
 from gateway.auth import key_scope
 from gateway.http import ADMIN, Route, caller, json_response, read_json
 from gateway.state import KEYS
-from services.common import errors
+from services.common import contracts, errors
 
 CREATE_KEY = {
     "type": "object",
     "additionalProperties": False,
     "required": ["tenant", "role"],
     "properties": {
-        "tenant": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+        "tenant": {"type": "string", "pattern": contracts.TENANT_PATTERN},
         "role": {"enum": ["admin", "developer", "inference"]},
         "name": {"type": "string", "maxLength": 200},
         "rate_limit": {"type": "number", "exclusiveMinimum": 0, "maximum": 100000},

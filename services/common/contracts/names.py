@@ -14,6 +14,8 @@ from services.common.errors import InvalidArgument, ValidationFailed
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 NAME = re.compile(NAME_PATTERN)
 NAME_RULE = "1-63 characters of lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
+# Tenants: a path segment of every key and a part of Triton names, never a '.' (so `..` cannot appear).
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MAX_VERSION = 2**63 - 1  # versions are int64 on the wire
 
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000  # training job priority (SubmitJobRequest.priority)
