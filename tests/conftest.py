@@ -57,15 +57,29 @@ def claim_redis_database(owner: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def private_broker_url():
-    """A Redis broker URL on a database no one else uses; flushed when the session ends."""
+def claim_broker():
+    """Claims an empty Redis database per call, for a broker URL of its own; every one is flushed when the
+    session ends. Each stack or worker fleet a session starts takes its own: two fleets' workers on one
+    queue take each other's tasks and end them as "nothing to run" against the wrong database."""
     import redis
 
-    number = claim_redis_database(f"pytest-{os.getpid()}")
-    yield f"redis://127.0.0.1:6379/{number}"
-    client = redis.Redis(host="127.0.0.1", port=6379, db=number)
-    client.flushdb()
-    client.close()
+    claimed: list[int] = []
+
+    def claim(owner: str) -> str:
+        claimed.append(claim_redis_database(f"{owner}-{os.getpid()}"))
+        return f"redis://127.0.0.1:6379/{claimed[-1]}"
+
+    yield claim
+    for number in claimed:
+        client = redis.Redis(host="127.0.0.1", port=6379, db=number)
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def private_broker_url(claim_broker):
+    """A Redis broker URL on a database no one else uses; flushed when the session ends."""
+    return claim_broker("pytest")
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, private_broker_url):
+def stack(tmp_path_factory, claim_broker):
     name = f"llmp_e2e_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(ADMIN_DATABASE_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -58,7 +58,7 @@ def stack(tmp_path_factory, private_broker_url):
     env.update({
         "LLMP_STATE_DIR": str(tmp_path_factory.mktemp("llmp-state")),
         "LLMP_DATABASE_URL": ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}",
-        "LLMP_BROKER_URL": private_broker_url,
+        "LLMP_BROKER_URL": claim_broker("e2e-stack"),
         "LLMP_S3_ENDPOINT": f"127.0.0.1:{s3}",
         "LLMP_TRITON_HTTP_URL": f"127.0.0.1:{triton_http}",
         "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{triton_grpc}",

@@ -115,7 +115,7 @@ def _make_keys(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, private_broker_url):
+def stack(tmp_path_factory, claim_broker):
     if REUSE:
         state = json.loads((Path(REUSE) / "stack.json").read_text())
         env = {key: value for key, value in os.environ.items() if not key.startswith("LLMP_")}
@@ -130,7 +130,7 @@ def stack(tmp_path_factory, private_broker_url):
         "LLMP_STATE_DIR": str(tmp_path_factory.mktemp("llmp-reliability")),
         # A closed port: `up` starts the embedded PostgreSQL there, which the suite may stop and restart.
         "LLMP_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{servers.free_port()}/llmp",
-        "LLMP_BROKER_URL": private_broker_url,
+        "LLMP_BROKER_URL": claim_broker("reliability-stack"),
         "LLMP_S3_ENDPOINT": f"127.0.0.1:{servers.free_port()}",
         "LLMP_S3_ACCESS_KEY": f"rel-{uuid.uuid4().hex[:8]}",
         "LLMP_S3_SECRET_KEY": f"rel-secret-{uuid.uuid4().hex}",

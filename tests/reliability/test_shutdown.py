@@ -185,11 +185,11 @@ async def _seed(env: dict[str, str], work: Path) -> tuple[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def cluster(settings_env, private_broker_url, tmp_path_factory):
+def cluster(settings_env, claim_broker, tmp_path_factory):
     work = tmp_path_factory.mktemp("shutdown")
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLMP_")}
     env.update(settings_env)
-    env.update({"LLMP_BROKER_URL": private_broker_url, "LLMP_LOG_FORMAT": "json",
+    env.update({"LLMP_BROKER_URL": claim_broker("shutdown-cluster"), "LLMP_LOG_FORMAT": "json",
                 "LLMP_SHUTDOWN_GRACE": str(GRACE), "LLMP_ADMIN_KEY": f"llmp_shutdown_{uuid.uuid4().hex}",
                 "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{servers.free_port()}",  # no Triton: a closed port
                 "LLMP_TRITON_HTTP_URL": f"127.0.0.1:{servers.free_port()}",
