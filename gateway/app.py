@@ -16,6 +16,7 @@ propagates the trace to the service; with it unset, no exporter and no instrumen
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -31,7 +32,7 @@ from opentelemetry import trace
 from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
 from gateway.http import VALIDATORS, Route, ValidatorCache, error_response, none_match
-from gateway.state import CALLER, CLIENTS, DATABASE, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
+from gateway.state import CALLER, CLIENTS, DATABASE, DRAINING, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
 from gateway.views import completions
 from services.common import errors, logs, tracing
 from services.common.config import Settings
@@ -240,6 +241,10 @@ async def _resources(app: web.Application):
     await database.close()
 
 
+async def _draining(app: web.Application) -> None:
+    app[DRAINING].set()
+
+
 def _with_head(table: list[Route]) -> list[Route]:
     """The table plus HEAD for every GET route that does not declare its own (aiohttp then sends the
     GET's headers, Content-Length included, without the body)."""
@@ -300,6 +305,8 @@ def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -
     app[ROUTE_TABLE] = table
     app[VALIDATORS] = ValidatorCache()
     app[completions.CACHE] = completions.ResponseCache()
+    app[DRAINING] = asyncio.Event()
+    app.on_shutdown.append(_draining)
     app.cleanup_ctx.append(_resources)
     if provider is not None:
         app.cleanup_ctx.append(_tracing(provider))
