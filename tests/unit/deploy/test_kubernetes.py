@@ -1,7 +1,7 @@
 """deploy/: the kustomize overlays render, validate against the Kubernetes schemas, and agree with the
 topology, the LLMP_* settings and docker-compose.yml.
 
-Rendering uses tests/unit/deploy/kustomize_render.py (no kustomize binary needed); schemas come from
+Rendering uses the real kustomize (`kubectl kustomize`, conftest.py); schemas come from
 the `kubernetes-validate` package (the Kubernetes OpenAPI as JSON Schema, strict: unknown fields fail).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from kustomize_render import UnsupportedFeature, containers, render
+from conftest import containers, render
 
 from services.common import topology
 from services.common.config import DEFAULTS, Settings
@@ -74,12 +74,6 @@ def test_every_manifest_parses():
     assert len(files) > 15
     for path in files:
         assert all(isinstance(doc, dict) for doc in yaml.safe_load_all(path.read_text()) if doc is not None), path
-
-
-def test_renderer_refuses_features_it_does_not_implement(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
-    with pytest.raises(UnsupportedFeature):
-        render(tmp_path)
 
 
 def test_core_objects_validate_against_the_kubernetes_schemas(overlay):
