@@ -62,6 +62,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_SHUTDOWN_GRACE", "10", "Seconds a server drains in-flight calls after SIGTERM."),
     Variable("LLMP_TRAINING_LEASE_SECONDS", "30",
              "Seconds a training node may go silent before its job is requeued; the worker renews every third."),
+    Variable("LLMP_TRAINING_ADVERTISE_HOST", "",
+             "Host the other nodes of a multi-node training job reach this worker at (node 0 publishes it as "
+             "the rendezvous endpoint); empty means the machine's hostname. On Kubernetes, the worker pod's DNS name."),
     Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
     Variable("LLMP_MAX_BODY_BYTES", str(1024**2), "Largest JSON request body the gateway accepts."),
     Variable("LLMP_OTEL_ENDPOINT", "",
@@ -126,6 +129,7 @@ class Settings:
     shutdown_grace: float
     inference_track: str
     training_lease_seconds: float
+    training_advertise_host: str
     max_upload_bytes: int
     max_body_bytes: int
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
@@ -174,6 +178,7 @@ class Settings:
             inference_track=track,
             training_lease_seconds=float(_positive_int(values["LLMP_TRAINING_LEASE_SECONDS"],
                                                        "LLMP_TRAINING_LEASE_SECONDS")),
+            training_advertise_host=values["LLMP_TRAINING_ADVERTISE_HOST"],
             max_upload_bytes=_positive_int(values["LLMP_MAX_UPLOAD_BYTES"], "LLMP_MAX_UPLOAD_BYTES"),
             max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),
             raw=values,

@@ -132,7 +132,7 @@ def test_every_service_selects_pods_and_targets_their_ports(overlay):
         pods = [obj for obj in workloads(objects)
                 if selects(svc["spec"]["selector"], obj["spec"]["template"]["metadata"]["labels"])]
         assert pods, f"Service {name} selects no pods"
-        for port in svc["spec"]["ports"]:
+        for port in svc["spec"].get("ports", []):  # a headless Service may declare none
             for obj in pods:
                 offered = {p.get("name"): p["containerPort"] for c in containers(obj) for p in c.get("ports", [])}
                 assert port["targetPort"] in offered, f"Service {name} targets {port['targetPort']}"
@@ -212,7 +212,7 @@ def test_gpu_workloads_request_gpus_on_gpu_nodes_and_nothing_else_does(overlay):
 
 def test_training_worker_and_triton_run_what_compose_runs(prod):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    worker = pod_spec(by_kind(prod, "Deployment")["training-worker"])["containers"][0]
+    worker = pod_spec(by_kind(prod, "StatefulSet")["training-worker"])["containers"][0]
     assert worker["args"][:4] == ["celery", "--app", topology.WORKER_APP, "worker"]
     assert worker["args"][worker["args"].index("--queues") + 1] == "gpu"
     assert worker["image"].endswith("/llmp/training:0.1.0")
