@@ -64,9 +64,8 @@ CALLS: dict[str, frozenset[str]] = {
     TRAINING_WORKER: frozenset({REGISTRY.name, POSTGRES, REDIS, MINIO, TRAINING_WORKER}),
     REGISTRY.name: frozenset({POSTGRES, MINIO}),
     INFERENCE.name: frozenset({REGISTRY.name, TRITON, POSTGRES, MINIO}),
-    # Third-party: Triton reads its model repository; minio-init (as `llmp-minio`) creates the bucket.
+    # Third-party: Triton reads its model repository. (MinIO creates its bucket itself, over loopback.)
     TRITON: frozenset({MINIO}),
-    MINIO: frozenset({MINIO}),
 }
 # The ports a caller reaches each component on (metrics ports are for the monitoring namespace only).
 SERVING_PORTS: dict[str, tuple[int, ...]] = {

@@ -51,12 +51,16 @@ def llmp_containers(objects: list[dict]):
                 yield obj, container
 
 
+def secret_env(objects: list[dict], names: set[str] | None = None) -> dict[str, str]:
+    """LLMP_* settings the Secrets (those named, or all) hold."""
+    return {key: value for name, secret in by_kind(objects, "Secret").items() if names is None or name in names
+            for key, value in secret.get("stringData", {}).items() if key.startswith("LLMP_")}
+
+
 def config_env(objects: list[dict]) -> dict[str, str]:
-    env = dict(by_kind(objects, "ConfigMap")["llmp-config"]["data"])
-    secret = by_kind(objects, "Secret").get("llmp-secrets")
-    if secret:
-        env.update(secret["stringData"])
-    return env
+    """The settings of an llmp service: the ConfigMap, and the Secrets the services share."""
+    return {**by_kind(objects, "ConfigMap")["llmp-config"]["data"],
+            **secret_env(objects, {"llmp-database", "llmp-s3", "llmp-admin-key"})}
 
 
 # -- rendering and schemas -------------------------------------------------------------------------
@@ -141,10 +145,10 @@ def test_every_service_selects_pods_and_targets_their_ports(overlay):
 def test_settings_are_known_variables_that_parse(overlay):
     name, objects = overlay
     config = by_kind(objects, "ConfigMap")["llmp-config"]["data"]
-    base_secret = next(o for o in render(ROOT / "deploy" / "base") if o["metadata"]["name"] == "llmp-secrets")
-    keys = set(config) | set(base_secret["stringData"])
+    base_secrets = secret_env(render(ROOT / "deploy" / "base"))
+    keys = set(config) | set(base_secrets)
     assert keys <= set(DEFAULTS), f"unknown: {sorted(keys - set(DEFAULTS))}"
-    settings = Settings.from_env({**config, **base_secret["stringData"]})
+    settings = Settings.from_env({**config, **base_secrets})
     services = by_kind(objects, "Service")
     for addr in [*settings.service_addrs.values(), settings.s3.endpoint, settings.triton_grpc_url,
                  settings.triton_http_url, settings.broker_url.split("//")[1].split("/")[0],
@@ -175,7 +179,7 @@ def test_llmp_containers_take_the_settings_and_run_as_non_root(overlay):
     for obj, container in llmp_containers(objects):
         found += 1
         refs = container.get("envFrom", [])
-        assert {"configMapRef": {"name": "llmp-config"}} in refs and {"secretRef": {"name": "llmp-secrets"}} in refs
+        assert {"configMapRef": {"name": "llmp-config"}} in refs  # credentials: test_credentials.py
         for variable in container.get("env", []):
             assert not variable["name"].startswith("LLMP_") or variable["name"] in DEFAULTS
         pod_security = pod_spec(obj).get("securityContext", {})
@@ -240,6 +244,9 @@ def test_references_resolve(overlay):
     for obj in [*workloads(objects), *by_kind(objects, "Job").values()]:
         spec = pod_spec(obj)
         assert spec["serviceAccountName"] in accounts
+        for volume in spec.get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps, volume
         for container in containers(obj):
             for ref in container.get("envFrom", []):
                 if "configMapRef" in ref:
@@ -250,7 +257,7 @@ def test_references_resolve(overlay):
                 secret_ref = variable.get("valueFrom", {}).get("secretKeyRef")
                 if secret_ref:
                     secrets_needed.add(secret_ref["name"])
-    assert secrets_needed == {"llmp-secrets", "llmp-postgres"}
+    assert secrets_needed == set(by_kind(render(ROOT / "deploy" / "base"), "Secret"))  # each one is used
     present = set(by_kind(objects, "Secret"))
     if name == "prod":
         assert not present, "production credentials never live in the repository"
@@ -260,8 +267,9 @@ def test_references_resolve(overlay):
 
 def test_dev_credentials_agree_with_each_other(dev):
     secrets = by_kind(dev, "Secret")
-    url = secrets["llmp-secrets"]["stringData"]["LLMP_DATABASE_URL"]
-    assert f":{secrets['llmp-postgres']['stringData']['password']}@postgres:" in url
+    url = secrets["llmp-database"]["stringData"]["LLMP_DATABASE_URL"]
+    assert f"//llmp:{secrets['llmp-postgres']['stringData']['llmp-password']}@postgres:" in url
+    assert secrets["llmp-postgres"]["stringData"]["password"] not in url  # services are not the superuser
 
 
 def test_prod_scales_the_serving_path(prod, dev):
