@@ -500,3 +500,41 @@ def test_every_streaming_rpc_has_a_route_without_a_per_try_timeout(prod):
     services = named(prod, "VirtualService")
     for service, path in streaming_rpcs():
         _assert_stream_route(mesh.route_for(services[service], "POST", path), path)
+
+
+# -- canary: compared on equal terms, never ejected whole ---------------------------------------------
+
+def test_canary_and_stable_pods_get_the_same_resources(overlay):
+    _, objects = overlay
+    tracks: dict[str, dict[str, list]] = {}
+    for obj in of_kind(objects, "Deployment"):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        if "llmp.dev/track" in labels:
+            resources = [(c["name"], c.get("resources")) for c in obj["spec"]["template"]["spec"]["containers"]]
+            tracks.setdefault(labels["app.kubernetes.io/name"], {})[labels["llmp.dev/track"]] = resources
+    assert tracks, "no tracked workloads"
+    for name, by_track in tracks.items():
+        assert by_track["canary"] == by_track["stable"], name
+
+
+def _ejectable(detection: dict, hosts: int) -> int:
+    """How many of `hosts` Envoy's outlier detection may eject at once (it ejects at least one whatever the
+    percentage; both error counters at 0 turn it off)."""
+    if detection.get("consecutive5xxErrors", 5) == 0 and detection.get("consecutiveGatewayErrors", 0) == 0:
+        return 0
+    return min(hosts, max(1, hosts * detection.get("maxEjectionPercent", 10) // 100))
+
+
+def test_outlier_ejection_leaves_a_canary_pod(overlay):
+    _, objects = overlay
+    for rule in of_kind(objects, "DestinationRule"):
+        service = named(objects, "Service")[rule["spec"]["host"]]
+        for subset in rule["spec"].get("subsets", []):
+            if subset["name"] != "canary":
+                continue
+            labels = {**service["spec"]["selector"], **subset["labels"]}
+            pods = sum(obj["spec"].get("replicas", 1) for obj in of_kind(objects, "Deployment")
+                       if all(obj["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in labels.items()))
+            detection = {**rule["spec"]["trafficPolicy"].get("outlierDetection", {}),
+                         **subset.get("trafficPolicy", {}).get("outlierDetection", {})}
+            assert _ejectable(detection, pods) < pods, f"{rule['metadata']['name']}/canary: all {pods} ejectable"
