@@ -75,7 +75,7 @@ def data_files_the_code_opens() -> dict[Path, Path]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     sources = {source for dockerfile in DOCKERFILES for source in _copied_sources(dockerfile)}
-    sources -= {"requirements.lock"}  # the dependencies' lock, installed before llmp
+    sources = {source for source in sources if not source.endswith(".lock")}  # dependencies, installed before llmp
     context = tmp_path_factory.mktemp("context")
     for source in sorted(sources):
         for file in _tracked([source]):  # what git tracks: .dockerignore keeps caches and venvs out too
