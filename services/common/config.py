@@ -55,6 +55,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_STATE_DIR", ".llmp", "Local state: logs, pids, embedded servers' data, admin key."),
     Variable("LLMP_LOG_LEVEL", "INFO", "Log level."),
     Variable("LLMP_LOG_FORMAT", "json", "`json` (one object per line) or `text`."),
+    Variable("LLMP_TRITON_INSTANCE_KIND", "KIND_CPU",
+             "Where Triton runs each model instance: KIND_CPU (local), or KIND_GPU on a GPU host "
+             "(compose, Kubernetes)."),
+    Variable("LLMP_TRITON_ORT_PROVIDERS", "CPUExecutionProvider",
+             "ONNX Runtime execution providers the Triton model tries, in order (comma-separated); those its "
+             "ONNX Runtime lacks are skipped. GPU: "
+             "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider."),
     Variable("LLMP_INFERENCE_TRACK", "",
              "Inference track: empty = the process splits a deployment's traffic by its canary weight itself "
              "(local, compose); `stable` or `canary` = it serves that track's version and the Istio "
@@ -74,6 +81,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_API_KEY", "", "API key the `llmp` CLI sends; empty means the admin key."),
 )
 INFERENCE_TRACKS = ("", "stable", "canary")
+TRITON_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 UPLOAD_CHECKSUMS = ("crc32", "sha256")  # trailing checksums ObjectStore.upload_file can have S3 verify
 DEFAULTS = {variable.name: variable.default for variable in VARIABLES}
 
@@ -119,6 +127,8 @@ class Settings:
     triton_grpc_url: str
     triton_http_url: str
     triton_model_repository: str
+    triton_instance_kind: str
+    triton_ort_providers: tuple[str, ...]
     service_addrs: Mapping[str, str]  # service name -> host:port
     bind_host: str
     gateway_port: int
@@ -148,6 +158,13 @@ class Settings:
         upload_checksum = values["LLMP_S3_UPLOAD_CHECKSUM"]
         if upload_checksum not in UPLOAD_CHECKSUMS:
             raise InvalidArgument(f"LLMP_S3_UPLOAD_CHECKSUM must be crc32 or sha256, not {upload_checksum!r}")
+        instance_kind = values["LLMP_TRITON_INSTANCE_KIND"]
+        if instance_kind not in TRITON_INSTANCE_KINDS:
+            raise InvalidArgument(f"LLMP_TRITON_INSTANCE_KIND must be KIND_CPU or KIND_GPU, not {instance_kind!r}")
+        providers = tuple(name.strip() for name in values["LLMP_TRITON_ORT_PROVIDERS"].split(",") if name.strip())
+        if not providers or not all(name.endswith("ExecutionProvider") for name in providers):
+            raise InvalidArgument("LLMP_TRITON_ORT_PROVIDERS must list ONNX Runtime providers (…ExecutionProvider), "
+                                  f"not {values['LLMP_TRITON_ORT_PROVIDERS']!r}")
         track = values["LLMP_INFERENCE_TRACK"]
         if track not in INFERENCE_TRACKS:
             raise InvalidArgument(f"LLMP_INFERENCE_TRACK must be empty, stable or canary, not {track!r}")
@@ -167,6 +184,8 @@ class Settings:
             triton_grpc_url=values["LLMP_TRITON_GRPC_URL"],
             triton_http_url=values["LLMP_TRITON_HTTP_URL"],
             triton_model_repository=values["LLMP_TRITON_MODEL_REPOSITORY"],
+            triton_instance_kind=instance_kind,
+            triton_ort_providers=providers,
             service_addrs={s.name: values[s.addr_env] for s in topology.GRPC_SERVICES},
             bind_host=values["LLMP_BIND_HOST"],
             gateway_port=_positive_int(values["LLMP_GATEWAY_PORT"], "LLMP_GATEWAY_PORT"),

@@ -8,7 +8,7 @@ YAML with a copied table.
 - Routing (https://istio.io/latest/docs/reference/config/networking/virtual-service/): the first HTTP
   route whose match list has a matching entry (or which has none) takes the request.
 - Istio's CRD schemas (the `istio/api` repository's customresourcedefinitions.gen.yaml, found in a
-  `shared/schemas` folder beside or above the checkout, or at $LLMP_ISTIO_CRDS): strict, so an unknown
+  `shared/schemas` folder beside or above the checkout, or at $ISTIO_CRDS_FILE): strict, so an unknown
   field fails, as the API server's field validation does.
 """
 
@@ -117,13 +117,13 @@ def route_for(virtual_service: dict, method: str, path: str) -> dict | None:
 
 
 def crd_file() -> Path:
-    if os.environ.get("LLMP_ISTIO_CRDS"):
-        return Path(os.environ["LLMP_ISTIO_CRDS"])
+    if os.environ.get("ISTIO_CRDS_FILE"):
+        return Path(os.environ["ISTIO_CRDS_FILE"])
     for folder in ROOT.parents:
         candidate = folder / "shared" / "schemas" / "istio-crds.gen.yaml"
         if candidate.exists():
             return candidate
-    raise FileNotFoundError("Istio's customresourcedefinitions.gen.yaml: set LLMP_ISTIO_CRDS")
+    raise FileNotFoundError("Istio's customresourcedefinitions.gen.yaml: set ISTIO_CRDS_FILE")
 
 
 @cache

@@ -179,7 +179,8 @@ def test_gpu_services_reserve_nvidia_devices(service):
 
 def test_triton_is_the_pinned_ngc_image_reading_its_repository_from_minio_with_explicit_control():
     triton = SERVICES["triton"]
-    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", triton["image"])
+    dockerfile = (ROOT / triton["build"]["context"] / "Dockerfile").read_text()
+    assert re.search(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", dockerfile)  # built on the NGC image
     args = triton["command"]
     repository = next(arg.split("=", 1)[1] for arg in args if arg.startswith("--model-repository="))
     assert repository == f"s3://minio:{topology.S3_PORT}/llmp/triton-models"
@@ -196,6 +197,9 @@ def test_triton_is_the_pinned_ngc_image_reading_its_repository_from_minio_with_e
     assert llmp["LLMP_TRITON_MODEL_REPOSITORY"] == repository
     # The repository is in the bucket llmp uses, which the init job creates.
     assert repository.split("/")[3] == llmp["LLMP_S3_BUCKET"]
+    # On this GPU host the models run on Triton's GPU.
+    assert llmp["LLMP_TRITON_INSTANCE_KIND"] == "KIND_GPU"
+    assert "CUDAExecutionProvider" in llmp["LLMP_TRITON_ORT_PROVIDERS"]
     assert f"llmp/{llmp['LLMP_S3_BUCKET']}/triton-models/" in SERVICES["minio-init"]["command"][0]
 
 
@@ -256,6 +260,6 @@ def test_secrets_have_no_default_and_the_dev_env_file_sets_each():
 def test_llmp_images_are_built_here_never_pulled(service):
     spec = SERVICES[service]
     assert spec.get("pull_policy") == "build", f"{service} would be pulled from a public registry"
-    assert (ROOT / spec["build"]["context"] / spec["build"]["dockerfile"]).is_file()
+    assert (ROOT / spec["build"]["context"] / spec["build"].get("dockerfile", "Dockerfile")).is_file()
     builders = {name for name, other in SERVICES.items() if other["image"] == spec["image"] and "build" in other}
-    assert {other["build"]["dockerfile"] for other in map(SERVICES.get, builders)} == {spec["build"]["dockerfile"]}
+    assert {str(other["build"]) for other in map(SERVICES.get, builders)} == {str(spec["build"])}

@@ -23,7 +23,7 @@ KUBERNETES_VERSION = "1.30"  # the oldest release the manifests target (native s
 ISTIO_KINDS = {"PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication", "Gateway",
                "VirtualService", "DestinationRule"}
 WORKLOADS = {"Deployment", "StatefulSet"}
-LLMP_IMAGES = {"dataset", "training", "registry", "inference", "gateway"}
+LLMP_IMAGES = {"dataset", "training", "registry", "inference", "gateway"}  # built from the repository's sources
 GPU_WORKLOADS = {"training-worker", "triton"}
 
 
@@ -221,7 +221,7 @@ def test_training_worker_and_triton_run_what_compose_runs(prod):
     assert worker["args"][worker["args"].index("--queues") + 1] == "gpu"
     assert worker["image"].endswith("/llmp/training:0.1.0")
     triton = pod_spec(by_kind(prod, "Deployment")["triton"])["containers"][0]
-    assert triton["image"] == compose["triton"]["image"]
+    assert triton["image"].endswith("/" + compose["triton"]["image"])  # the overlay's registry, same image
     assert triton["args"] == compose["triton"]["command"]
     ports = {p["containerPort"] for p in triton["ports"]}
     assert set(topology.PORTS["triton"]) == ports
