@@ -10,32 +10,17 @@ A template, SQL migration or console asset the package-data globs miss fails her
 from __future__ import annotations
 
 import ast
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import images
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = images.ROOT
 PACKAGES = ("services", "gateway", "cli")
-DOCKERFILES = sorted(ROOT.glob("**/Dockerfile"))
-
-
-def _copied_sources(dockerfile: Path) -> list[str]:
-    """What the build stage COPYs from the context before installing llmp (`COPY a b ./` or `COPY a ./a`)."""
-    sources: list[str] = []
-    for line in dockerfile.read_text().splitlines():
-        words = line.split()
-        if words[:1] == ["COPY"] and not any(word.startswith("--from") for word in words):
-            sources.extend(word for word in words[1:-1] if not word.startswith("--"))
-    return sources
-
-
-def _tracked(paths: list[str]) -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "-z", "--", *paths], cwd=ROOT, check=True, capture_output=True)
-    return [ROOT / name for name in listed.stdout.decode().split("\0") if name]
+DOCKERFILES = images.LLMP_DOCKERFILES
 
 
 def _path_from_file(node: ast.AST, module: Path) -> Path | None:
@@ -61,38 +46,26 @@ def data_files_the_code_opens() -> dict[Path, Path]:
 
     Maps each file to the module that names it, for the failure message."""
     opened: dict[Path, Path] = {}
-    for module in _tracked([f"{package}/**.py" for package in PACKAGES]):
+    for module in images.tracked([f"{package}/**.py" for package in PACKAGES]):
         for node in ast.walk(ast.parse(module.read_text(), str(module))):
             # Only a path joined onto the module's folder names data (`parent` alone is a folder of code).
             target = _path_from_file(node, module) if isinstance(node, ast.BinOp) else None
             if target is None or not target.exists():
                 continue
-            files = [target] if target.is_file() else _tracked([str(target.relative_to(ROOT))])
+            files = [target] if target.is_file() else images.tracked([str(target.relative_to(ROOT))])
             opened.update({file: module for file in files if file.suffix != ".py"})
     return opened
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    sources = {source for dockerfile in DOCKERFILES for source in _copied_sources(dockerfile)}
-    sources = {source for source in sources if not source.endswith(".lock")}  # dependencies, installed before llmp
-    context = tmp_path_factory.mktemp("context")
-    for source in sorted(sources):
-        for file in _tracked([source]):  # what git tracks: .dockerignore keeps caches and venvs out too
-            target = context / file.relative_to(ROOT)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(file, target)
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--wheel-dir", str(out), str(context)], check=True, capture_output=True)
-    (built,) = out.glob("llmp-*.whl")
-    return zipfile.ZipFile(built)
+    return zipfile.ZipFile(images.build_wheel(tmp_path_factory.mktemp("wheel")))
 
 
 def test_every_dockerfile_installs_llmp_from_the_copied_sources():
     # The fixture copies what the Dockerfiles COPY; make sure that is the same set for every image.
     assert DOCKERFILES, "no Dockerfile found"
-    copied = {path.relative_to(ROOT): tuple(_copied_sources(path)) for path in DOCKERFILES
+    copied = {path.relative_to(ROOT): tuple(images.copied_sources(path)) for path in DOCKERFILES
               if "pip install --no-deps --no-build-isolation ." in path.read_text()}
     assert copied, "no Dockerfile installs llmp with `pip install --no-deps --no-build-isolation .`"
     assert len(set(copied.values())) == 1, copied
