@@ -228,8 +228,33 @@ async def _forgetting(request: web.Request, handler, validators: ValidatorCache,
         validators.forget(tenant, request.path)
 
 
+# Held (a session-level PostgreSQL advisory lock) by the one gateway whose admin key is its own, not
+# LLMP_ADMIN_KEY: another replica would generate a different key. Any constant works; this spells "llmp".
+OWN_ADMIN_KEY_LOCK = 0x6C6C6D70
+
+
+async def _sole_gateway_with_its_own_key(settings: Settings):
+    """The connection holding OWN_ADMIN_KEY_LOCK, or None when LLMP_ADMIN_KEY is set (every replica shares it).
+
+    Refuses to start while another gateway on this database holds it: several replicas would each make
+    their own admin key (lost with their state), so replicas must share LLMP_ADMIN_KEY from a Secret."""
+    if settings.admin_key:
+        return None
+    import psycopg
+
+    connection = await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True)
+    held = await (await connection.execute("SELECT pg_try_advisory_lock(%s)", (OWN_ADMIN_KEY_LOCK,))).fetchone()
+    if not held[0]:
+        await connection.close()
+        raise errors.PreconditionFailed(
+            "another gateway on this database runs with its own generated admin key: set LLMP_ADMIN_KEY, the same "
+            "for every replica (on Kubernetes the llmp-admin-key Secret), instead of generating one per replica")
+    return connection
+
+
 async def _resources(app: web.Application):
     settings = app[SETTINGS]
+    own_key_lock = await _sole_gateway_with_its_own_key(settings)
     database = await Database.connect(settings.database_url, component="gateway", migrations_dir=MIGRATIONS,
                                       max_size=5)
     app[DATABASE] = database
@@ -239,6 +264,8 @@ async def _resources(app: web.Application):
     yield
     await app[CLIENTS].close()
     await database.close()
+    if own_key_lock is not None:
+        await own_key_lock.close()  # releases the lock
 
 
 async def _draining(app: web.Application) -> None:

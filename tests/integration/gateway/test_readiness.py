@@ -81,3 +81,28 @@ async def test_draining_turns_readiness_off(client):
     response = await client.get("/readyz")
     assert response.status == 503 and response.headers["Retry-After"]
     assert (await response.json())["reasons"] == ["shutting down"]
+
+
+async def test_a_second_gateway_refuses_to_generate_its_own_admin_key(aiohttp_client, settings_env, tmp_path):
+    """Replicas without LLMP_ADMIN_KEY would each generate a different admin key: the second one to start
+    on the same database refuses, naming the setting; with LLMP_ADMIN_KEY shared, replicas start."""
+    from services.common import errors
+
+    def settings(state: str, key: str = "") -> Settings:
+        return Settings.from_env({**settings_env, "LLMP_ADMIN_KEY": key, "LLMP_STATE_DIR": str(tmp_path / state)})
+
+    first = await aiohttp_client(init_app(settings("one")))
+    assert (await first.get("/readyz")).status == 200
+    from aiohttp import web
+
+    runner = web.AppRunner(init_app(settings("two")))
+    with pytest.raises(errors.PreconditionFailed, match="LLMP_ADMIN_KEY"):
+        await runner.setup()  # startup: what `python -m gateway.server` runs first
+    await runner.cleanup()
+    assert not (tmp_path / "two" / "admin.key").exists()  # refused before generating anything
+    shared = [await aiohttp_client(init_app(settings(f"s{i}", ADMIN_KEY))) for i in range(2)]
+    for replica in shared:
+        assert (await replica.get("/v1/api-keys", headers=ADMIN)).status == 200
+    await first.close()  # the lock goes with it: a gateway with its own key may start again
+    again = await aiohttp_client(init_app(settings("three")))
+    assert (await again.get("/readyz")).status == 200
