@@ -16,6 +16,7 @@ propagates the trace to the service; with it unset, no exporter and no instrumen
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -31,7 +32,7 @@ from opentelemetry import trace
 from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
 from gateway.http import NOSNIFF, VALIDATORS, Route, ValidatorCache, error_response, none_match
-from gateway.state import CALLER, CLIENTS, DATABASE, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
+from gateway.state import CALLER, CLIENTS, DATABASE, DRAINING, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
 from gateway.views import completions
 from services.common import errors, identity, logs, tracing
 from services.common.config import Settings
@@ -233,9 +234,34 @@ async def _forgetting(request: web.Request, handler, validators: ValidatorCache,
         validators.forget(tenant, request.path)
 
 
+# Held (a session-level PostgreSQL advisory lock) by the one gateway whose admin key is its own, not
+# LLMP_ADMIN_KEY: another replica would generate a different key. Any constant works; this spells "llmp".
+OWN_ADMIN_KEY_LOCK = 0x6C6C6D70
+
+
+async def _sole_gateway_with_its_own_key(settings: Settings):
+    """The connection holding OWN_ADMIN_KEY_LOCK, or None when LLMP_ADMIN_KEY is set (every replica shares it).
+
+    Refuses to start while another gateway on this database holds it: several replicas would each make
+    their own admin key (lost with their state), so replicas must share LLMP_ADMIN_KEY from a Secret."""
+    if settings.admin_key:
+        return None
+    import psycopg
+
+    connection = await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True)
+    held = await (await connection.execute("SELECT pg_try_advisory_lock(%s)", (OWN_ADMIN_KEY_LOCK,))).fetchone()
+    if not held[0]:
+        await connection.close()
+        raise errors.PreconditionFailed(
+            "another gateway on this database runs with its own generated admin key: set LLMP_ADMIN_KEY, the same "
+            "for every replica (on Kubernetes the llmp-admin-key Secret), instead of generating one per replica")
+    return connection
+
+
 def _resources(provider: TracerProvider | None):
     async def context(app: web.Application):
         settings = app[SETTINGS]
+        own_key_lock = await _sole_gateway_with_its_own_key(settings)
         database = await Database.connect(settings.database_url, component="gateway", migrations_dir=MIGRATIONS,
                                           max_size=5)
         app[DATABASE] = database
@@ -245,10 +271,16 @@ def _resources(provider: TracerProvider | None):
         yield
         await app[CLIENTS].close()
         await database.close()
+        if own_key_lock is not None:
+            await own_key_lock.close()  # releases the lock
         if provider is not None:
             provider.shutdown()  # flushes what the batch processor holds
 
     return context
+
+
+async def _draining(app: web.Application) -> None:
+    app[DRAINING].set()
 
 
 def _with_head(table: list[Route]) -> list[Route]:
@@ -298,6 +330,8 @@ def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -
     app[ROUTE_TABLE] = table
     app[VALIDATORS] = ValidatorCache()
     app[completions.CACHE] = completions.ResponseCache()
+    app[DRAINING] = asyncio.Event()
+    app.on_shutdown.append(_draining)
     app.cleanup_ctx.append(_resources(provider))
     for route in served:
         app.router.add_route(route.method, route.path, route.handler)

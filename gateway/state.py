@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from gateway.auth import KeyStore, RateLimiter
@@ -13,10 +15,12 @@ from services.common.s3 import ObjectStore
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 DATABASE: web.AppKey[Database] = web.AppKey("database", Database)
-OBJECT_STORE: web.AppKey[ObjectStore] = web.AppKey("object_store", ObjectStore)  # readiness only
+OBJECT_STORE: web.AppKey[ObjectStore] = web.AppKey("object_store", ObjectStore)  # /v1/status only
 KEYS: web.AppKey[KeyStore] = web.AppKey("keys", KeyStore)
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
 CLIENTS: web.AppKey[ServiceClients] = web.AppKey("clients", ServiceClients)
 ROUTE_TABLE: web.AppKey[list] = web.AppKey("routes", list)
+# Set when shutdown starts: /readyz turns 503 so the load balancer stops sending while requests drain.
+DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining", asyncio.Event)
 # The authenticated caller of the current request (set by the auth middleware).
 CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)

@@ -1,17 +1,21 @@
-"""Liveness, readiness, the OpenAPI document and Prometheus metrics: public routes."""
+"""Liveness, readiness, the OpenAPI document and Prometheus metrics (public); backend status (authenticated)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import grpc
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import openapi
-from gateway.http import Route, json_response
-from gateway.state import DATABASE, OBJECT_STORE, ROUTE_TABLE, SETTINGS
-from services.common.grpc_client import health_check
+from gateway.http import ALL_ROLES, Route, json_response
+from gateway.state import CLIENTS, DATABASE, DRAINING, OBJECT_STORE, ROUTE_TABLE
 from services.common.topology import GRPC_SERVICES
+
+log = logging.getLogger(__name__)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -19,32 +23,65 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when PostgreSQL and S3 answer and every gRPC service reports SERVING; else 503 naming the rest."""
-    settings = request.app[SETTINGS]
+    """Ready when this process can serve: its resources are set up, its pool open, and it is not draining.
+
+    Backends are not asked (that is `/v1/status`): one backend down must not take every replica out of
+    the load balancer, since requests that do not need it still work and those that do get 503. Cheap
+    (no query, no S3 call, no channel) and it names no internal error, since it is public.
+    """
+    app = request.app
+    reasons = []
+    if app[DRAINING].is_set():
+        reasons.append("shutting down")
+    if DATABASE not in app or app[DATABASE].pool.closed:
+        reasons.append("database pool closed")
+    if CLIENTS not in app or OBJECT_STORE not in app:
+        reasons.append("service clients not set up")
+    if reasons:
+        return json_response(request, {"status": "not ready", "reasons": reasons}, status=503,
+                             cache_control="no-store", headers={"Retry-After": "2"})
+    return json_response(request, {"status": "ready"}, cache_control="no-store")
+
+
+async def status(request: web.Request) -> web.Response:
+    """Every backend the gateway calls, named, with its health: PostgreSQL, S3 and each gRPC service.
+
+    503 (with Retry-After) while any is down. The gRPC services are asked on the gateway's own channels;
+    errors are logged here, and the body carries status names only."""
+    app = request.app
 
     async def database() -> str:
         try:
-            await request.app[DATABASE].check()
+            await app[DATABASE].check()
         except Exception as error:
-            return f"DOWN: {error}"
+            log.warning("status: PostgreSQL check failed", extra={"error": str(error)})
+            return "DOWN"
         return "SERVING"
 
     async def object_store() -> str:
         try:
-            await asyncio.wait_for(asyncio.to_thread(request.app[OBJECT_STORE].check), timeout=3)
+            await asyncio.wait_for(asyncio.to_thread(app[OBJECT_STORE].check), timeout=3)
         except Exception as error:
-            return f"DOWN: {error or 'timeout'}"
+            log.warning("status: S3 check failed", extra={"error": str(error) or "timeout"})
+            return "DOWN"
         return "SERVING"
 
-    names = ["postgresql", "s3", *(service.name for service in GRPC_SERVICES)]
-    statuses = await asyncio.gather(
-        database(), object_store(),
-        *(health_check(settings.service_addrs[service.name], timeout=2) for service in GRPC_SERVICES))
+    async def service(name: str) -> str:
+        try:
+            response = await health_pb2_grpc.HealthStub(app[CLIENTS].channel(name)).Check(
+                health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError as error:
+            return "UNREACHABLE" if error.code() == grpc.StatusCode.UNAVAILABLE else error.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    names = ["postgresql", "s3", *(grpc_service.name for grpc_service in GRPC_SERVICES)]
+    statuses = await asyncio.gather(database(), object_store(),
+                                    *(service(grpc_service.name) for grpc_service in GRPC_SERVICES))
     backends = dict(zip(names, statuses, strict=True))
-    failing = sorted(name for name, status in backends.items() if status != "SERVING")
-    body = {"status": "ready" if not failing else "not ready", "backends": backends, "failing": failing}
+    failing = sorted(name for name, state in backends.items() if state != "SERVING")
+    body = {"status": "ok" if not failing else "degraded", "backends": backends, "failing": failing}
     if failing:
-        body["error"] = {"type": "unavailable", "message": f"not ready: {', '.join(failing)}"}
+        body["error"] = {"type": "unavailable", "message": f"backends down: {', '.join(failing)}"}
         return json_response(request, body, status=503, cache_control="no-store", headers={"Retry-After": "2"})
     return json_response(request, body, cache_control="no-store")
 
@@ -61,8 +98,10 @@ async def prometheus(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("GET", "/healthz", healthz, "Liveness", roles=(), tag="system"),
-    Route("GET", "/readyz", readyz, "Readiness of every backend", roles=(), responses={503: "Not ready"},
-          tag="system"),
+    Route("GET", "/readyz", readyz, "Readiness of this process to serve (not of its backends: see /v1/status)",
+          roles=(), responses={503: "Not ready (starting or draining)"}, tag="system"),
+    Route("GET", "/v1/status", status, "Health of every backend, named", roles=ALL_ROLES,
+          responses={503: "A backend is down"}, tag="system"),
     Route("GET", "/openapi.json", openapi_json, "This API as OpenAPI 3.1", roles=(), tag="system"),
     Route("GET", "/metrics", prometheus, "Prometheus metrics", roles=(), tag="system"),
 ]

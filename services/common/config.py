@@ -55,6 +55,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_STATE_DIR", ".llmp", "Local state: logs, pids, embedded servers' data, admin key."),
     Variable("LLMP_LOG_LEVEL", "INFO", "Log level."),
     Variable("LLMP_LOG_FORMAT", "json", "`json` (one object per line) or `text`."),
+    Variable("LLMP_TRITON_INSTANCE_KIND", "KIND_CPU",
+             "Where Triton runs each model instance: KIND_CPU (local), or KIND_GPU on a GPU host "
+             "(compose, Kubernetes)."),
+    Variable("LLMP_TRITON_ORT_PROVIDERS", "CPUExecutionProvider",
+             "ONNX Runtime execution providers the Triton model tries, in order (comma-separated); those its "
+             "ONNX Runtime lacks are skipped. GPU: "
+             "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider."),
     Variable("LLMP_INFERENCE_TRACK", "",
              "Inference track: empty = the process splits a deployment's traffic by its canary weight itself "
              "(local, compose); `stable` or `canary` = it serves that track's version and the Istio "
@@ -62,6 +69,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_SHUTDOWN_GRACE", "10", "Seconds a server drains in-flight calls after SIGTERM."),
     Variable("LLMP_TRAINING_LEASE_SECONDS", "30",
              "Seconds a training node may go silent before its job is requeued; the worker renews every third."),
+    Variable("LLMP_TRAINING_ADVERTISE_HOST", "",
+             "Host the other nodes of a multi-node training job reach this worker at (node 0 publishes it as "
+             "the rendezvous endpoint); empty means the machine's hostname. On Kubernetes, the worker pod's DNS name."),
     Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
     Variable("LLMP_MAX_BODY_BYTES", str(1024**2), "Largest JSON request body the gateway accepts."),
     Variable("LLMP_OTEL_ENDPOINT", "",
@@ -74,6 +84,7 @@ VARIABLES: tuple[Variable, ...] = (
 # Every process names those still at their default in a warning when it starts (`logs.configure`).
 PUBLISHED_SECRETS = ("LLMP_S3_ACCESS_KEY", "LLMP_S3_SECRET_KEY")
 INFERENCE_TRACKS = ("", "stable", "canary")
+TRITON_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 UPLOAD_CHECKSUMS = ("crc32", "sha256")  # trailing checksums ObjectStore.upload_file can have S3 verify
 DEFAULTS = {variable.name: variable.default for variable in VARIABLES}
 
@@ -119,6 +130,8 @@ class Settings:
     triton_grpc_url: str
     triton_http_url: str
     triton_model_repository: str
+    triton_instance_kind: str
+    triton_ort_providers: tuple[str, ...]
     service_addrs: Mapping[str, str]  # service name -> host:port
     bind_host: str
     gateway_port: int
@@ -129,6 +142,7 @@ class Settings:
     shutdown_grace: float
     inference_track: str
     training_lease_seconds: float
+    training_advertise_host: str
     max_upload_bytes: int
     max_body_bytes: int
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
@@ -147,6 +161,13 @@ class Settings:
         upload_checksum = values["LLMP_S3_UPLOAD_CHECKSUM"]
         if upload_checksum not in UPLOAD_CHECKSUMS:
             raise InvalidArgument(f"LLMP_S3_UPLOAD_CHECKSUM must be crc32 or sha256, not {upload_checksum!r}")
+        instance_kind = values["LLMP_TRITON_INSTANCE_KIND"]
+        if instance_kind not in TRITON_INSTANCE_KINDS:
+            raise InvalidArgument(f"LLMP_TRITON_INSTANCE_KIND must be KIND_CPU or KIND_GPU, not {instance_kind!r}")
+        providers = tuple(name.strip() for name in values["LLMP_TRITON_ORT_PROVIDERS"].split(",") if name.strip())
+        if not providers or not all(name.endswith("ExecutionProvider") for name in providers):
+            raise InvalidArgument("LLMP_TRITON_ORT_PROVIDERS must list ONNX Runtime providers (…ExecutionProvider), "
+                                  f"not {values['LLMP_TRITON_ORT_PROVIDERS']!r}")
         track = values["LLMP_INFERENCE_TRACK"]
         if track not in INFERENCE_TRACKS:
             raise InvalidArgument(f"LLMP_INFERENCE_TRACK must be empty, stable or canary, not {track!r}")
@@ -166,6 +187,8 @@ class Settings:
             triton_grpc_url=values["LLMP_TRITON_GRPC_URL"],
             triton_http_url=values["LLMP_TRITON_HTTP_URL"],
             triton_model_repository=values["LLMP_TRITON_MODEL_REPOSITORY"],
+            triton_instance_kind=instance_kind,
+            triton_ort_providers=providers,
             service_addrs={s.name: values[s.addr_env] for s in topology.GRPC_SERVICES},
             bind_host=values["LLMP_BIND_HOST"],
             gateway_port=_positive_int(values["LLMP_GATEWAY_PORT"], "LLMP_GATEWAY_PORT"),
@@ -177,6 +200,7 @@ class Settings:
             inference_track=track,
             training_lease_seconds=float(_positive_int(values["LLMP_TRAINING_LEASE_SECONDS"],
                                                        "LLMP_TRAINING_LEASE_SECONDS")),
+            training_advertise_host=values["LLMP_TRAINING_ADVERTISE_HOST"],
             max_upload_bytes=_positive_int(values["LLMP_MAX_UPLOAD_BYTES"], "LLMP_MAX_UPLOAD_BYTES"),
             max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),
             raw=values,

@@ -47,3 +47,41 @@ PORTS: dict[str, tuple[int, ...]] = {
     "triton": (TRITON_HTTP_PORT, TRITON_GRPC_PORT, TRITON_METRICS_PORT),
     "s3": (S3_PORT,),
 }
+
+# -- who calls whom ----------------------------------------------------------------------------------
+# Every component (a Kubernetes workload running as service account `llmp-<component>`, a compose
+# service) and the components it opens connections to. llmp's own rows are what its code reaches
+# (tests/unit/deploy/test_calls.py derives them from each entry module's clients and settings and fails
+# on drift); istio/authorization.yaml is generated from this table (scripts/gen_istio_policy.py).
+POSTGRES, MINIO, REDIS, TRITON = "postgres", "minio", "redis", "triton"
+TRAINING_WORKER = "training-worker"
+CALLS: dict[str, frozenset[str]] = {
+    "gateway": frozenset({DATASET.name, TRAINING.name, REGISTRY.name, INFERENCE.name, POSTGRES, MINIO}),
+    DATASET.name: frozenset({REGISTRY.name, POSTGRES, MINIO}),
+    # The coordinator imports the worker's Celery app to dispatch, so its image reaches what the worker does.
+    TRAINING.name: frozenset({DATASET.name, POSTGRES, REDIS}),
+    # Nodes of one multi-node job: c10d rendezvous and NCCL/Gloo between the workers, on ports they pick.
+    TRAINING_WORKER: frozenset({REGISTRY.name, POSTGRES, REDIS, MINIO, TRAINING_WORKER}),
+    REGISTRY.name: frozenset({POSTGRES, MINIO}),
+    INFERENCE.name: frozenset({REGISTRY.name, TRITON, POSTGRES, MINIO}),
+    # Third-party: Triton reads its model repository. (MinIO creates its bucket itself, over loopback.)
+    TRITON: frozenset({MINIO}),
+}
+# The ports a caller reaches each component on (metrics ports are for the monitoring namespace only).
+SERVING_PORTS: dict[str, tuple[int, ...]] = {
+    "gateway": (GATEWAY_PORT,),
+    **{service.name: (service.port,) for service in GRPC_SERVICES},
+    TRITON: (TRITON_HTTP_PORT, TRITON_GRPC_PORT),
+    MINIO: (S3_PORT,),
+    POSTGRES: (POSTGRES_PORT,),
+    REDIS: (REDIS_PORT,),
+    TRAINING_WORKER: (),  # any port: rendezvous and collectives listen on ports chosen per job
+}
+METRICS_PORTS: dict[str, tuple[int, ...]] = {
+    "gateway": (GATEWAY_PORT,),  # GET /metrics
+    **{service.name: (service.metrics_port,) for service in GRPC_SERVICES},
+    TRITON: (TRITON_METRICS_PORT,),
+}
+# The Settings fields that address each backend: a module reading one connects to that backend.
+ADDRESSED_BY: dict[str, str] = {"database_url": POSTGRES, "s3": MINIO, "broker_url": REDIS,
+                                "triton_grpc_url": TRITON, "triton_http_url": TRITON}

@@ -33,13 +33,20 @@ TEMPLATE_DIR = Path(__file__).parent / "triton_model"
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """How Triton batches the decoding steps of concurrent requests."""
+    """How Triton batches the decoding steps of concurrent requests, and where it runs them."""
 
     max_batch_size: int = 64  # most steps one ORT call runs together
     # How long Triton holds a request for company. The service already sends every step it has as one
     # request, so waiting would only add latency; 0 still merges requests queued meanwhile (replicas).
     max_queue_delay_us: int = 0
     intra_op_threads: int = 1  # ORT threads per call (the machine is shared)
+    instance_kind: str = "KIND_CPU"  # KIND_GPU on a GPU host (LLMP_TRITON_INSTANCE_KIND)
+    # ORT execution providers to try, in order; model.py skips those its ONNX Runtime lacks.
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchingConfig:
+        return cls(instance_kind=settings.triton_instance_kind, providers=settings.triton_ort_providers)
 
 
 def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingConfig = BatchingConfig()) -> Path:
@@ -58,7 +65,8 @@ def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingC
     template = (TEMPLATE_DIR / "config.pbtxt.template").read_text()
     (staging / "config.pbtxt").write_text(template.format(
         name=name, max_batch_size=batching.max_batch_size, max_queue_delay_us=batching.max_queue_delay_us,
-        intra_op_threads=batching.intra_op_threads))
+        intra_op_threads=batching.intra_op_threads, instance_kind=batching.instance_kind,
+        providers=",".join(batching.providers)))
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)
     return version_dir

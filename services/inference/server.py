@@ -35,6 +35,7 @@ async def build(settings: Settings, source: ModelSource | None = None) -> tuple[
     # The mesh splits traffic only between pods of the two tracks; a process without a track splits itself.
     mesh = IstioWeights.in_cluster(os.environ) if settings.inference_track else None
     deployments = Deployments(db, engine, source, model_repository.open_repository(settings),
+                              model_repository.BatchingConfig.from_settings(settings),
                               track=settings.inference_track, mesh=mesh)
     fleet_metrics = metrics.FleetMetrics(db)  # this process's figures into PostgreSQL, for the canary controller
     canary = CanaryController(db, deployments)  # its weights go through deployments.put, mesh included

@@ -243,7 +243,7 @@ class NodeRunner:
                  tick: float = TICK_SECONDS) -> None:
         self.settings = settings
         self.worker = worker
-        self.host = socket.gethostname()
+        self.host = settings.training_advertise_host or socket.gethostname()  # what node 0 publishes
         self.register = register
         self.tick = tick
 

@@ -26,8 +26,9 @@ def test_up_is_healthy_quickly_and_every_service_serves(stack):
         assert asyncio.run(health_check(stack.env[service.addr_env])) == "SERVING", service.name
     client = stack.client()
     assert client.call("GET", "/healthz") == {"status": "ok"}
-    ready = client.call("GET", "/readyz")
-    assert ready["status"] == "ready" and not ready["failing"]
+    assert client.call("GET", "/readyz")["status"] == "ready"
+    backends = client.call("GET", "/v1/status")
+    assert backends["status"] == "ok" and not backends["failing"], backends
 
 
 @pytest.mark.parametrize("path, field", [

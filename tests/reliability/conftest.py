@@ -94,7 +94,7 @@ def wait_ready(stack: Stack, timeout: float) -> requests.Response:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            response = stack.http("GET", "/readyz", timeout=5)
+            response = stack.http("GET", "/v1/status", timeout=5)  # every backend, not just the gateway
             if response.status_code == 200:
                 return response
         except requests.RequestException:

@@ -1,7 +1,8 @@
 """Issue 9, items 4 and 5: a backend stopped while the stack serves.
 
-`/readyz` turns 503 naming what failed, requests get 503 with `Retry-After` (never a 500), nothing
-hangs past its deadline, and once the backend is back (`llmp up` restarts only what is not healthy)
+`/v1/status` turns 503 naming what failed while `/readyz` stays 200 (the gateway itself can serve),
+requests get 503 with `Retry-After` (never a 500), nothing hangs past its deadline, and once the
+backend is back (`llmp up` restarts only what is not healthy)
 the stack recovers by itself: no llmp service is restarted.
 """
 
@@ -33,14 +34,19 @@ def until(check, timeout: float, what: str):
         time.sleep(0.3)
 
 
-def readyz(stack) -> requests.Response:
-    return stack.http("GET", "/readyz", key="", timeout=10)
+def backends(stack) -> requests.Response:
+    return stack.http("GET", "/v1/status", timeout=10)
 
 
-def readyz_turns(stack, status: int, timeout: float) -> requests.Response:
-    """The first /readyz answer with `status` (a Response is falsy when not ok, hence the list)."""
-    return until(lambda: [r] if (r := readyz(stack)).status_code == status else None, timeout,
-                 f"/readyz {status}")[0]
+def backends_turn(stack, status: int, timeout: float) -> requests.Response:
+    """The first /v1/status answer with `status` (a Response is falsy when not ok, hence the list)."""
+    return until(lambda: [r] if (r := backends(stack)).status_code == status else None, timeout,
+                 f"/v1/status {status}")[0]
+
+
+def assert_still_ready(stack) -> None:
+    # Readiness is the gateway process's own: a backend down must not take the replica out of service.
+    assert stack.http("GET", "/readyz", key="", timeout=10).status_code == 200
 
 
 def timed(stack, method: str, path: str, **kwargs) -> tuple[requests.Response, float]:
@@ -68,7 +74,8 @@ def test_s3_stopped_then_back(stack):
     os.killpg(s3["pid"], signal.SIGKILL)
     until(lambda: not servers.port_open("127.0.0.1", s3["ports"][0]), 10, "S3 port closed")
     try:
-        down = readyz_turns(stack, 503, 20)
+        down = backends_turn(stack, 503, 20)
+        assert_still_ready(stack)
         assert int(down.headers["Retry-After"]) >= 1
         body = down.json()
         assert body["failing"], body
@@ -80,18 +87,19 @@ def test_s3_stopped_then_back(stack):
         assert_unavailable_not_broken(listing, elapsed)
     finally:
         stack.restore()
-    until(lambda: readyz(stack).status_code == 200, 30, "/readyz 200 after S3 returned")
+    until(lambda: backends(stack).status_code == 200, 30, "/v1/status 200 after S3 returned")
     assert service_pids(stack) == before  # recovered by itself: no service restarted
     created = stack.http("POST", "/v1/datasets", params={"name": "rel-s3-back", "tokenizer": "char"},
                          data=b"text after S3 came back\n" * 50)
     assert created.status_code in {200, 201, 202}, created.text[:300]
 
 
-def test_readyz_names_s3_when_s3_is_down(stack):
+def test_status_names_s3_when_s3_is_down(stack):
     s3 = stack.record("s3")
     os.killpg(s3["pid"], signal.SIGKILL)
     try:
-        down = readyz_turns(stack, 503, 20)
+        down = backends_turn(stack, 503, 20)
+        assert_still_ready(stack)
         assert any("s3" in name for name in down.json()["failing"]), down.json()
     finally:
         stack.restore()
@@ -101,7 +109,7 @@ def test_an_upload_while_s3_is_down_is_refused_with_503(stack):
     s3 = stack.record("s3")
     os.killpg(s3["pid"], signal.SIGKILL)
     try:
-        readyz_turns(stack, 503, 20)
+        backends_turn(stack, 503, 20)
         upload, elapsed = timed(stack, "POST", "/v1/datasets", params={"name": "rel-s3-refused", "tokenizer": "char"},
                                 data=b"some text while S3 is away\n" * 50)
         assert upload.status_code == 503, upload.text[:300]
@@ -117,7 +125,8 @@ def test_postgresql_stopped_then_back(stack):
     assert stack.http("GET", "/v1/datasets", key=developer).status_code == 200
     servers.stop_postgres(Path(postgres["detail"]), timeout=20)
     try:
-        down = readyz_turns(stack, 503, 20)
+        down = backends_turn(stack, 503, 20)
+        assert_still_ready(stack)
         assert "postgresql" in down.json()["failing"], down.json()
         assert int(down.headers["Retry-After"]) >= 1
         for path in ("/v1/datasets", "/v1/training-jobs", "/v1/models", "/v1/deployments"):
@@ -126,7 +135,7 @@ def test_postgresql_stopped_then_back(stack):
             assert response.status_code == 503, (path, response.status_code, response.text[:300])
     finally:
         stack.restore()
-    until(lambda: readyz(stack).status_code == 200, 30, "/readyz 200 after PostgreSQL returned")
+    until(lambda: backends(stack).status_code == 200, 30, "/v1/status 200 after PostgreSQL returned")
     assert service_pids(stack) == before
     until(lambda: stack.http("GET", "/v1/datasets", key=developer).status_code == 200, 15, "keys work again")
     for path in ("/v1/datasets", "/v1/training-jobs", "/v1/models", "/v1/deployments"):
@@ -150,7 +159,8 @@ def test_triton_killed_inference_answers_503_fast_and_recovers(stack):
     triton = stack.record("triton")
     os.killpg(triton["pid"], signal.SIGKILL)
     try:
-        down = readyz_turns(stack, 503, 20)
+        down = backends_turn(stack, 503, 20)
+        assert_still_ready(stack)
         assert "inference" in down.json()["failing"], down.json()
         for _ in range(5):
             response, elapsed = timed(stack, "POST", "/v1/completions", json={"model": "rel-none", "prompt": "hi"})
@@ -159,5 +169,5 @@ def test_triton_killed_inference_answers_503_fast_and_recovers(stack):
         assert stack.http("GET", "/healthz").status_code == 200  # the gateway never crashed
     finally:
         stack.restore()
-    until(lambda: readyz(stack).status_code == 200, 60, "/readyz 200 after Triton returned")
+    until(lambda: backends(stack).status_code == 200, 60, "/v1/status 200 after Triton returned")
     assert service_pids(stack) == before

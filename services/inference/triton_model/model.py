@@ -68,8 +68,11 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_threads", "1"))
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
+        # The providers the configuration asks for (TensorRT, CUDA on a GPU host), those this ONNX Runtime has.
+        available = set(ort.get_available_providers())
+        wanted = parameters.get("providers", "CPUExecutionProvider").split(",")
+        providers = [name for name in wanted if name in available] or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), options, providers=providers)
         self.past_names = [name for name in self.spec["input_names"] if name.startswith("past_key_values.")]
         self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
         self.kv_shape = (self.spec["n_head"], self.spec["head_dim"])

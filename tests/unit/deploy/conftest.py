@@ -1,18 +1,40 @@
-"""Rendered manifests shared by the deploy tests (rendered once per session: they are pure data)."""
+"""Rendered manifests shared by the deploy tests, rendered once per session by the real kustomize
+(`kubectl kustomize`, the renderer `kubectl apply -k` uses) so what is tested is what a cluster gets."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kustomize_render import render  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[3]
-OVERLAYS = ("dev", "prod")
+OVERLAYS = tuple(sorted(path.name for path in (ROOT / "deploy" / "overlays").iterdir()
+                        if (path / "kustomization.yaml").exists()))
+
+
+def render(directory: Path) -> list[dict]:
+    """The objects `kubectl kustomize directory` prints."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl (with its built-in kustomize) is needed to render deploy/: apt-get install kubectl")
+    done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"kubectl kustomize {directory}: {done.stderr}"
+    return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
+
+
+def containers(obj: dict) -> list[dict]:
+    """Every container (and init container) of a workload or Job's pod template."""
+    spec = obj.get("spec", {})
+    pod = spec.get("template", {}).get("spec") if obj["kind"] != "Pod" else spec
+    if pod is None:
+        return []
+    return [*pod.get("initContainers", []), *pod.get("containers", [])]
 
 
 @pytest.fixture(scope="session", params=OVERLAYS)

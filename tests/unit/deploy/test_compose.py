@@ -27,9 +27,18 @@ GPU_SERVICES = ["triton", "training-worker"]
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::?(?P<op>[-?])(?P<default>[^}]*))?\}")
 
 
+def _env_file(path: Path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+# The throw-away credentials the README's first try passes with --env-file.
+DEV_ENV = _env_file(ROOT / "deploy" / "compose" / "dev.env")
+
+
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's `${VAR}` / `${VAR:-default}` substitution with an empty environment by default."""
-    env = env or {}
+    """Compose's `${VAR}` / `${VAR:-default}` / `${VAR:?error}` substitution (with the dev env file by default)."""
+    env = DEV_ENV if env is None else env
 
     def substitute(match: re.Match) -> str:
         if match["name"] in env:
@@ -170,7 +179,8 @@ def test_gpu_services_reserve_nvidia_devices(service):
 
 def test_triton_is_the_pinned_ngc_image_reading_its_repository_from_minio_with_explicit_control():
     triton = SERVICES["triton"]
-    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", triton["image"])
+    dockerfile = (ROOT / triton["build"]["context"] / "Dockerfile").read_text()
+    assert re.search(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", dockerfile)  # built on the NGC image
     args = triton["command"]
     repository = next(arg.split("=", 1)[1] for arg in args if arg.startswith("--model-repository="))
     assert repository == f"s3://minio:{topology.S3_PORT}/llmp/triton-models"
@@ -187,6 +197,9 @@ def test_triton_is_the_pinned_ngc_image_reading_its_repository_from_minio_with_e
     assert llmp["LLMP_TRITON_MODEL_REPOSITORY"] == repository
     # The repository is in the bucket llmp uses, which the init job creates.
     assert repository.split("/")[3] == llmp["LLMP_S3_BUCKET"]
+    # On this GPU host the models run on Triton's GPU.
+    assert llmp["LLMP_TRITON_INSTANCE_KIND"] == "KIND_GPU"
+    assert "CUDAExecutionProvider" in llmp["LLMP_TRITON_ORT_PROVIDERS"]
     assert f"llmp/{llmp['LLMP_S3_BUCKET']}/triton-models/" in SERVICES["minio-init"]["command"][0]
 
 
@@ -207,7 +220,7 @@ def test_database_url_matches_the_postgres_service():
 
 def test_secrets_come_from_the_environment_when_set():
     raw = SERVICES["gateway"]["environment"]
-    env = {"LLMP_ADMIN_KEY": "k-123", "LLMP_S3_SECRET_KEY": "s3cr3t-from-env", "POSTGRES_PASSWORD": "pw"}
+    env = {**DEV_ENV, "LLMP_ADMIN_KEY": "k-123", "LLMP_S3_SECRET_KEY": "s3cr3t-from-env", "POSTGRES_PASSWORD": "pw"}
     assert interpolate(raw["LLMP_ADMIN_KEY"], env) == "k-123"
     assert interpolate(raw["LLMP_S3_SECRET_KEY"], env) == "s3cr3t-from-env"
     assert interpolate(raw["LLMP_DATABASE_URL"], env) == "postgresql://llmp:pw@postgres:5432/llmp"
@@ -225,3 +238,28 @@ def test_third_party_images_are_pinned(service):
     image = SERVICES[service]["image"]
     name, _, tag = image.rpartition(":")
     assert name and tag and tag != "latest" and not tag.isalpha(), image
+
+
+CREDENTIAL = re.compile(r"PASSWORD|SECRET|_KEY$")
+
+
+def test_secrets_have_no_default_and_the_dev_env_file_sets_each():
+    """A credential never silently defaults: compose refuses to start until it is set."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    references = [match for match in INTERPOLATION.finditer(text) if CREDENTIAL.search(match["name"])]
+    assert {match["name"] for match in references} >= {"POSTGRES_PASSWORD", "LLMP_S3_SECRET_KEY", "LLMP_ADMIN_KEY"}
+    for match in references:
+        assert match["op"] == "?", f"{match[0]} has a default"
+        with pytest.raises(KeyError):
+            interpolate(match[0], {})
+    assert {match["name"] for match in references} == set(DEV_ENV)
+
+
+@pytest.mark.parametrize("service", sorted(name for name, spec in SERVICES.items()
+                                           if spec["image"].startswith("llmp/")))
+def test_llmp_images_are_built_here_never_pulled(service):
+    spec = SERVICES[service]
+    assert spec.get("pull_policy") == "build", f"{service} would be pulled from a public registry"
+    assert (ROOT / spec["build"]["context"] / spec["build"].get("dockerfile", "Dockerfile")).is_file()
+    builders = {name for name, other in SERVICES.items() if other["image"] == spec["image"] and "build" in other}
+    assert {str(other["build"]) for other in map(SERVICES.get, builders)} == {str(spec["build"])}

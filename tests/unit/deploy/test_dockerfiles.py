@@ -101,10 +101,10 @@ def test_multi_stage_with_pinned_bases(image):
 def test_installs_the_lock_without_resolving_then_the_project(image):
     _, parsed, *_ = image
     build = " ".join(value for name, value in stages(parsed)[0] if name == "RUN")
-    assert re.search(r"pip install --no-deps -r (requirements\.lock|/tmp/lock-without-torch\.txt)", build)
+    assert re.search(r"pip install --no-deps -r (requirements-runtime\.lock|/tmp/lock-without-torch\.txt)", build)
     assert "pip install --no-deps --no-build-isolation ." in build
     copied = [value for name, value in stages(parsed)[0] if name == "COPY"]
-    assert copied.index("requirements.lock ./") < copied.index("services ./services"), \
+    assert copied.index("requirements-runtime.lock ./") < copied.index("services ./services"), \
         "the lock is installed before the sources are copied, so code edits keep the dependency layer"
 
 
@@ -139,7 +139,7 @@ def test_training_image_carries_cuda_torch_and_the_others_cpu_torch():
     for name, (dockerfile, *_) in IMAGES.items():
         build = " ".join(value for kind, value in stages(instructions(ROOT / dockerfile))[0] if kind == "RUN")
         if name == "training":
-            assert "pip install -c requirements.lock" in build and "whl/cpu" not in build
+            assert "pip install -c requirements-runtime.lock" in build and "whl/cpu" not in build
         else:
             assert "download.pytorch.org/whl/cpu" in build
 
@@ -167,3 +167,54 @@ def test_dockerignore_keeps_what_the_builds_copy_and_drops_local_state():
                     assert not ignored(source, patterns), f"{dockerfile} copies {source}, which .dockerignore drops"
     for local in (".venv", ".git", ".llmp", "tests", "services/dataset/__pycache__"):
         assert ignored(local, patterns), local
+
+
+def test_the_runtime_lock_is_the_locks_run_time_part():
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_runtime_lock.py"), "--check"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+def _locked(path: Path) -> set[str]:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(Requirement(line.strip()).name) for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+def test_images_install_every_module_the_code_imports_and_no_test_tool():
+    """Every third-party module llmp's packages import comes from a distribution of the runtime lock;
+    the test and benchmark extras' own tools are not in it."""
+    import ast
+    import sys
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    runtime = _locked(ROOT / "requirements-runtime.lock")
+    providers = metadata.packages_distributions()
+    imported: set[str] = set()
+    for package in ("services", "gateway", "cli"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.parent.name == "triton_model":  # runs inside Triton's Python backend (deploy/triton)
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in {"services", "gateway", "cli", "llmp"}:
+                        continue
+                    dists = {canonicalize_name(d) for d in providers.get(top, [])}
+                    assert dists & runtime, f"{path.relative_to(ROOT)} imports {top}, which no image installs"
+                    imported |= dists
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    tools = {canonicalize_name(Requirement(text).name) for group in ("test", "bench") for text in extras[group]}
+    assert not (tools - imported) & runtime, sorted((tools - imported) & runtime)

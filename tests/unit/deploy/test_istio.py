@@ -1,15 +1,24 @@
 """istio/: the mesh policy holds, checked on the rendered production overlay (which includes istio/).
 
-No cluster and no Istio CRD schemas offline: objects are checked structurally (API versions, the spec
-fields of Istio's API reference that these manifests use) and by the policy properties they promise.
+Objects validate against Istio's own CRD schemas (strict); the policy is asked behaviour questions
+(mesh.py: would Istio let this request in, which route takes this call) derived from the code: who calls
+whom from services/common/topology.py (itself checked against the code), the streaming endpoints from
+the protos and the gateway's views.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import re
+import subprocess
+import sys
 
+import jsonschema
+import mesh
 import pytest
+from conftest import ROOT, render
 from json_patch import apply_patch
 
 from services.common import topology
@@ -19,21 +28,20 @@ from services.inference.mesh import virtual_service_patch
 NAMESPACE = "llmp"
 INGRESS = "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
 MONITORING = "namespace:monitoring"
-# Who may call which workload: the architecture's calls and nothing else (see istio/authorization.yaml).
-EXPECTED_CALLS = {
-    "gateway": {INGRESS, MONITORING},
-    "dataset": {"llmp-gateway", "llmp-training", "llmp-training-worker", "llmp-registry", MONITORING},
-    "training": {"llmp-gateway", MONITORING},
-    "registry": {"llmp-gateway", "llmp-dataset", "llmp-training", "llmp-training-worker", "llmp-inference",
-                 MONITORING},
-    "inference": {"llmp-gateway", MONITORING},
-    "triton": {"llmp-inference", MONITORING},
-    "minio": {"llmp-dataset", "llmp-training", "llmp-training-worker", "llmp-registry", "llmp-inference",
-              "llmp-triton", "llmp-minio"},
-    "postgres": {"llmp-gateway", "llmp-dataset", "llmp-training", "llmp-training-worker", "llmp-registry",
-                 "llmp-inference"},
-    "redis": {"llmp-training", "llmp-training-worker"},
-}
+
+
+def expected_calls() -> dict[str, set[str]]:
+    """Workload -> the callers topology.CALLS (checked against the code by test_calls.py) gives it."""
+    expected: dict[str, set[str]] = {}
+    for caller, callees in topology.CALLS.items():
+        for callee in callees:
+            expected.setdefault(callee, set()).add(f"llmp-{caller}")
+    expected.setdefault("gateway", set()).add(INGRESS)
+    for component in topology.METRICS_PORTS:
+        expected[component].add(MONITORING)
+    return expected
+
+
 # The spec fields each Istio kind may use (from Istio's API reference); a typo is an unknown field.
 SPEC_FIELDS = {
     "PeerAuthentication": {"selector", "mtls", "portLevelMtls"},
@@ -78,8 +86,9 @@ def http_routes(objects):
 
 def test_istio_objects_are_structurally_valid(prod):
     istio = [obj for obj in prod if obj["kind"] in API_VERSIONS]
-    assert {obj["kind"] for obj in istio} == set(API_VERSIONS)
+    assert {obj["kind"] for obj in istio} >= set(API_VERSIONS) - {"RequestAuthentication"}
     for obj in istio:
+        mesh.validate(obj)  # Istio's CRD schema, strict
         assert obj["apiVersion"] == API_VERSIONS[obj["kind"]]
         assert obj["metadata"]["namespace"] == NAMESPACE
         assert set(obj.get("spec", {})) <= SPEC_FIELDS[obj["kind"]], obj["metadata"]["name"]
@@ -136,12 +145,49 @@ def allowed_calls(objects) -> dict[str, set[str]]:
     return calls
 
 
-def test_only_the_calls_the_architecture_makes_are_allowed(prod):
+def test_istio_schema_validation_catches_a_wrong_field(prod):
+    policy = copy.deepcopy(named(prod, "AuthorizationPolicy")["dataset"])
+    policy["spec"]["rules"][0]["from"][0]["source"]["principal"] = ["x"]
+    with pytest.raises(ValueError, match="principal"):
+        mesh.validate(policy)
+    policy = copy.deepcopy(named(prod, "AuthorizationPolicy")["dataset"])
+    policy["spec"]["action"] = "PERMIT"
+    with pytest.raises(jsonschema.ValidationError):
+        mesh.validate(policy)
+
+
+def test_authorization_policies_are_generated_from_the_topology():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_istio_policy.py"), "--check"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+
+
+def test_only_the_calls_the_code_makes_are_allowed(prod):
     calls = allowed_calls(prod)
     # The canary track is the same service: it takes the same callers.
     assert calls.pop("inference-canary") == calls["inference"]
-    calls.pop("training-worker", None)  # takes no calls at all
-    assert calls == EXPECTED_CALLS
+    assert calls == expected_calls()
+
+
+def _component_request(caller: str, port: int) -> mesh.Request:
+    return mesh.Request(principal=f"cluster.local/ns/{NAMESPACE}/sa/llmp-{caller}", namespace=NAMESPACE, port=port,
+                        method="POST", path="/")
+
+
+def test_the_mesh_admits_exactly_the_calls_of_the_topology(prod):
+    """Every component asks every other on its serving ports: let in exactly when topology.CALLS says
+    it calls it (the gateway reaches MinIO for /v1/status; worker nodes reach each other on any port)."""
+    components = set(topology.CALLS) | {c for callees in topology.CALLS.values() for c in callees}
+    workloads = mesh.pod_labels(prod)
+    assert components <= set(workloads), components - set(workloads)
+    for callee in sorted(components):
+        ports = topology.SERVING_PORTS[callee] or (29500, 41234)  # rendezvous and an NCCL port
+        for caller in sorted(components):
+            for port in ports:
+                expected = callee in topology.CALLS.get(caller, ())
+                got = mesh.allowed(prod, callee, _component_request(caller, port))
+                assert got == expected, f"{caller} -> {callee}:{port} allowed={got}, topology says {expected}"
+    assert mesh.allowed(prod, "minio", _component_request("gateway", topology.S3_PORT))
 
 
 def test_allowed_principals_are_service_accounts_that_exist(prod):
@@ -167,21 +213,74 @@ def test_allowed_ports_are_ports_of_the_selected_workloads(prod):
                     assert set(operation["operation"]["ports"]) <= offered, (policy["metadata"]["name"], target)
 
 
-def test_a_jwt_is_required_at_the_edge(prod):
-    (authn,) = of_kind(prod, "RequestAuthentication")
-    edge = selected_workloads(prod, authn["spec"]["selector"]["matchLabels"])
-    assert edge == {"gateway"}
-    for rule in authn["spec"]["jwtRules"]:
-        assert rule["issuer"] and rule["jwksUri"].startswith("https://") and rule["audiences"]
-    denies = [p for p in of_kind(prod, "AuthorizationPolicy") if p["spec"].get("action") == "DENY"]
-    requiring = [p for p in denies
-                 if selected_workloads(prod, p["spec"]["selector"]["matchLabels"]) == edge
-                 and any(s["source"].get("notRequestPrincipals") == ["*"]
-                         for r in p["spec"]["rules"] for s in r["from"])]
-    assert requiring, "a DENY policy for requests without a valid JWT"
-    exempt = {path for p in requiring for r in p["spec"]["rules"] for o in r.get("to", [])
-              for path in o["operation"].get("notPaths", [])}
-    assert not any(path.startswith("/v1") for path in exempt), "the API itself always needs a JWT"
+def _edge(path: str, *, jwt: str = "", method: str = "GET") -> mesh.Request:
+    return mesh.Request(principal=INGRESS, namespace="istio-system", request_principal=jwt,
+                        port=topology.GATEWAY_PORT, method=method, path=path)
+
+
+def test_api_keys_work_through_the_default_ingress(overlay):
+    """No RequestAuthentication in the shipped overlays (one on `Authorization` would reject every llmp
+    API key as a malformed JWT): requests from the ingress gateway reach the API with the key alone."""
+    _, objects = overlay
+    assert not of_kind(objects, "RequestAuthentication")
+    for method, path in [("GET", "/v1/datasets"), ("POST", "/v1/completions"), ("GET", "/v1/status"),
+                         ("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json")]:
+        assert mesh.allowed(objects, "gateway", _edge(path, method=method)), (method, path)
+
+
+def test_metrics_are_not_public(overlay):
+    _, objects = overlay
+    assert not mesh.allowed(objects, "gateway", _edge("/metrics"))
+    scrape = mesh.Request(principal="cluster.local/ns/monitoring/sa/prometheus", namespace="monitoring",
+                          port=topology.GATEWAY_PORT, path="/metrics")
+    assert mesh.allowed(objects, "gateway", scrape)
+    assert not mesh.allowed(objects, "gateway", mesh.Request(**{**scrape.__dict__, "path": "/v1/datasets"}))
+
+
+def test_readiness_names_no_backend():
+    # What is public at the edge must not describe the backends: /readyz is the process's own state.
+    from gateway.views import system
+
+    assert "backends" not in inspect.getsource(system.readyz).split('"""')[2]
+
+
+@pytest.fixture(scope="module")
+def with_edge_jwt(tmp_path_factory) -> list[dict]:
+    """An overlay as the README shows it: prod, the edge-jwt component, the issuer and JWKS set."""
+    overlay = tmp_path_factory.mktemp("overlay")
+    relative = lambda path: os.path.relpath(path, overlay)  # noqa: E731  (kustomize wants relative paths)
+    (overlay / "kustomization.yaml").write_text(f"""\
+namespace: llmp
+resources: [{relative(ROOT / "deploy/overlays/prod")}]
+components: [{relative(ROOT / "istio/components/edge-jwt")}]
+patches:
+  - target: {{kind: RequestAuthentication, name: gateway-jwt}}
+    patch: |-
+      - {{op: replace, path: /spec/jwtRules/0/issuer, value: "https://login.example.org/"}}
+      - {{op: replace, path: /spec/jwtRules/0/jwksUri, value: "https://login.example.org/jwks.json"}}
+""")
+    return render(overlay)
+
+
+def test_the_edge_jwt_component_requires_a_jwt_from_the_ingress_only(with_edge_jwt):
+    (authn,) = of_kind(with_edge_jwt, "RequestAuthentication")
+    mesh.validate(authn)
+    assert {rule["issuer"] for rule in authn["spec"]["jwtRules"]} == {"https://login.example.org/"}
+    # Not on Authorization, where the llmp API key travels.
+    assert all(header["name"] != "Authorization" for rule in authn["spec"]["jwtRules"]
+               for header in rule.get("fromHeaders", []))
+    assert not mesh.allowed(with_edge_jwt, "gateway", _edge("/v1/datasets"))
+    assert mesh.allowed(with_edge_jwt, "gateway", _edge("/v1/datasets", jwt="https://login.example.org//alice"))
+    assert mesh.allowed(with_edge_jwt, "gateway", _edge("/readyz"))
+    assert mesh.allowed(with_edge_jwt, "dataset", _component_request("gateway", topology.DATASET.port))
+
+
+def test_the_edge_jwt_component_leaves_no_placeholder_to_an_overlay(with_edge_jwt):
+    component = (ROOT / "istio/components/edge-jwt/request-authentication.yaml").read_text()
+    placeholder = "SET-IN-OVERLAY"
+    assert placeholder in component  # an overlay that forgets to set them is visible ...
+    rendered = [obj for obj in with_edge_jwt if obj["kind"] == "RequestAuthentication"]
+    assert placeholder not in str(rendered)  # ... and the README's overlay sets both
 
 
 def test_public_entry_is_the_rest_gateway_over_tls(prod):
@@ -338,3 +437,107 @@ def test_every_destination_rule_has_outlier_detection_and_a_connection_pool(prod
 def test_every_mesh_host_has_a_route_with_a_timeout(prod):
     routed = {d["destination"]["host"] for _, route in http_routes(prod) for d in route["route"]}
     assert routed >= {"gateway", "triton", *(s.name for s in topology.GRPC_SERVICES)}
+
+
+# -- streams: no per-try timeout, no retry ------------------------------------------------------------
+
+def streaming_rpcs() -> list[tuple[str, str]]:
+    """(service, gRPC path) of every streaming RPC, from the generated descriptors."""
+    import importlib
+
+    found = []
+    for service in topology.GRPC_SERVICES:
+        module = importlib.import_module(f"llmp.{service.name}.v1.{service.name}_pb2")
+        for descriptor in module.DESCRIPTOR.services_by_name.values():
+            found += [(service.name, f"/{descriptor.full_name}/{method.name}") for method in descriptor.methods
+                      if method.server_streaming or method.client_streaming]
+    return found
+
+
+def _streams_events(function, seen: set | None = None) -> bool:
+    """Whether a view (or a function of its module it calls) answers with text/event-stream."""
+    seen = seen if seen is not None else set()
+    if function in seen or not inspect.isfunction(function):
+        return False
+    seen.add(function)
+    source = inspect.getsource(function)
+    if "text/event-stream" in source or "EVENT_STREAM_HEADERS" in source:
+        return True
+    module = sys.modules[function.__module__]
+    return any(_streams_events(getattr(module, name), seen) for name in re.findall(r"\b(\w+)\(", source)
+               if name in vars(module))
+
+
+def streaming_routes() -> list[tuple[str, str]]:
+    """(method, concrete path) of every REST route that can answer with Server-Sent Events."""
+    from gateway import routes
+
+    return [(route.method, re.sub(r"\{[^}]+\}", "x", route.path)) for route in routes.all_routes()
+            if _streams_events(route.handler)]
+
+
+def _assert_stream_route(route: dict | None, what: str) -> None:
+    assert route is not None, f"no route takes {what}"
+    retries = route.get("retries", {})
+    assert "perTryTimeout" not in retries and retries.get("attempts") == 0, f"{what}: route {route['name']} {retries}"
+    assert route["timeout"] == "0s" or int(route["timeout"].rstrip("s")) >= 300, f"{what}: {route['timeout']}"
+
+
+def test_the_code_has_streams():
+    # Guards the derivations below: the three SSE endpoints and their streaming RPCs.
+    from gateway.http import EVENT_STREAM_HEADERS
+
+    assert EVENT_STREAM_HEADERS["Content-Type"] == "text/event-stream"
+    assert {path for _, path in streaming_routes()} >= {"/v1/training-jobs/x/events",
+                                                         "/v1/datasets/x/versions/x/events", "/v1/completions"}
+    assert {path.rsplit("/", 1)[1] for _, path in streaming_rpcs()} >= {"WatchJob", "WatchIngest", "GenerateStream"}
+
+
+def test_every_public_stream_has_a_route_without_a_per_try_timeout(prod):
+    public = named(prod, "VirtualService")["gateway-public"]
+    for method, path in streaming_routes():
+        _assert_stream_route(mesh.route_for(public, method, path), f"{method} {path}")
+
+
+def test_every_streaming_rpc_has_a_route_without_a_per_try_timeout(prod):
+    services = named(prod, "VirtualService")
+    for service, path in streaming_rpcs():
+        _assert_stream_route(mesh.route_for(services[service], "POST", path), path)
+
+
+# -- canary: compared on equal terms, never ejected whole ---------------------------------------------
+
+def test_canary_and_stable_pods_get_the_same_resources(overlay):
+    _, objects = overlay
+    tracks: dict[str, dict[str, list]] = {}
+    for obj in of_kind(objects, "Deployment"):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        if "llmp.dev/track" in labels:
+            resources = [(c["name"], c.get("resources")) for c in obj["spec"]["template"]["spec"]["containers"]]
+            tracks.setdefault(labels["app.kubernetes.io/name"], {})[labels["llmp.dev/track"]] = resources
+    assert tracks, "no tracked workloads"
+    for name, by_track in tracks.items():
+        assert by_track["canary"] == by_track["stable"], name
+
+
+def _ejectable(detection: dict, hosts: int) -> int:
+    """How many of `hosts` Envoy's outlier detection may eject at once (it ejects at least one whatever the
+    percentage; both error counters at 0 turn it off)."""
+    if detection.get("consecutive5xxErrors", 5) == 0 and detection.get("consecutiveGatewayErrors", 0) == 0:
+        return 0
+    return min(hosts, max(1, hosts * detection.get("maxEjectionPercent", 10) // 100))
+
+
+def test_outlier_ejection_leaves_a_canary_pod(overlay):
+    _, objects = overlay
+    for rule in of_kind(objects, "DestinationRule"):
+        service = named(objects, "Service")[rule["spec"]["host"]]
+        for subset in rule["spec"].get("subsets", []):
+            if subset["name"] != "canary":
+                continue
+            labels = {**service["spec"]["selector"], **subset["labels"]}
+            pods = sum(obj["spec"].get("replicas", 1) for obj in of_kind(objects, "Deployment")
+                       if all(obj["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in labels.items()))
+            detection = {**rule["spec"]["trafficPolicy"].get("outlierDetection", {}),
+                         **subset.get("trafficPolicy", {}).get("outlierDetection", {})}
+            assert _ejectable(detection, pods) < pods, f"{rule['metadata']['name']}/canary: all {pods} ejectable"
