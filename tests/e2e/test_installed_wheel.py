@@ -51,7 +51,7 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-def test_the_main_job_runs_from_the_installed_wheel(installed, tmp_path, private_broker_url):
+def test_the_main_job_runs_from_the_installed_wheel(installed, tmp_path, claim_broker):
     python = installed / "bin" / "python"
     located = subprocess.run([str(python), "-c", "import services, cli; print(services.__file__, cli.__file__)"],
                              capture_output=True, text=True, cwd=tmp_path,
@@ -69,7 +69,7 @@ def test_the_main_job_runs_from_the_installed_wheel(installed, tmp_path, private
         "PATH": f"{installed / 'bin'}:{os.environ['PATH']}",
         "LLMP_STATE_DIR": str(tmp_path / "state"),
         "LLMP_DATABASE_URL": ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}",
-        "LLMP_BROKER_URL": private_broker_url,
+        "LLMP_BROKER_URL": claim_broker("installed-wheel-stack"),
         "LLMP_S3_ENDPOINT": f"127.0.0.1:{s3}",
         "LLMP_TRITON_HTTP_URL": f"127.0.0.1:{triton_http}",
         "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{triton_grpc}",
