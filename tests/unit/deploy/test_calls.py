@@ -4,8 +4,9 @@ A component's code is the import closure of its entry module (`python -m …`, t
 modules it launches with `-m` (torchrun's `services.training.train`). In that code, a typed stub taken
 from a `ServiceClients` (`clients.registry.GetModelVersion(…)`, `clients(request).inference.Generate(…)`)
 or a channel naming a service (`.channel(topology.X)`) reaches that service, and reading a Settings
-field of `topology.ADDRESSED_BY` reaches that backend. The Istio policies are generated from CALLS (test_istio.py), so a new call in the code that CALLS does not list
-fails here instead of being refused by the mesh in production.
+field of `topology.ADDRESSED_BY` reaches that backend. The Istio policies are generated from CALLS
+(test_istio.py), so a new call in the code that CALLS does not list fails here instead of being refused
+by the mesh in production.
 """
 
 from __future__ import annotations
