@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +25,8 @@ from services.common.identity import Caller, caller_metadata
 from services.dataset import server as dataset_server
 from services.registry import server as registry_server
 from services.training import server as training_server
+
+from . import workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[3]
@@ -89,21 +89,8 @@ async def stack(env):
 @pytest.fixture
 def celery_worker(env, tmp_path):
     worker_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMP_")} | env | {"OMP_NUM_THREADS": "1"}
-    log_path = tmp_path / "worker.log"
-    command = [sys.executable, "-m", "celery", "-A", "services.training.worker", "worker", "-Q", "gpu", "-c", "1",
-               "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle",
-               "--without-heartbeat", "-l", "info"]
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    deadline = time.monotonic() + 90
-    while "ready." not in log_path.read_text(errors="replace"):
-        assert process.poll() is None, servers.log_tail(log_path)
-        assert time.monotonic() < deadline, "worker not ready" + servers.log_tail(log_path)
-        time.sleep(0.3)
-    process.log_path = log_path
-    yield process
-    servers.stop(process, timeout=20)
+    with workers.celery_worker(worker_env, tmp_path / "worker.log") as process:
+        yield process
 
 
 def caller(tenant: str) -> tuple[tuple[str, str], ...]:

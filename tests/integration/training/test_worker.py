@@ -37,6 +37,7 @@ from services.training.coordinator import Coordinator, JobState
 from services.training.dispatch import CeleryDispatcher, make_producer
 
 from ...tiny_dataset import upload_dataset
+from . import workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[3]
@@ -95,21 +96,8 @@ def worker_env(settings_env, broker_url, tmp_path) -> dict[str, str]:
 @pytest.fixture
 def celery_worker(worker_env, tmp_path):
     """A real worker process on the `gpu` queue; stopped (and checked gone) afterwards."""
-    log_path = tmp_path / "worker.log"
-    command = [sys.executable, "-m", "celery", "-A", "services.training.worker", "worker", "-Q", "gpu", "-c", "1",
-               "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle",
-               "--without-heartbeat", "-l", "info"]
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    deadline = time.monotonic() + 90
-    while "ready." not in log_path.read_text(errors="replace"):
-        assert process.poll() is None, servers.log_tail(log_path)
-        assert time.monotonic() < deadline, "worker not ready" + servers.log_tail(log_path)
-        time.sleep(0.3)
-    process.log_path = log_path
-    yield process
-    servers.stop(process, timeout=20)
+    with workers.celery_worker(worker_env, tmp_path / "worker.log") as process:
+        yield process
 
 
 @pytest.fixture
