@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway import openapi
 from gateway.http import ALL_ROLES, Route, json_response
 from gateway.state import CLIENTS, DATABASE, DRAINING, OBJECT_STORE, ROUTE_TABLE
+from services.common import errors
 from services.common.topology import GRPC_SERVICES
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,10 @@ async def status(request: web.Request) -> web.Response:
         try:
             response = await health_pb2_grpc.HealthStub(app[CLIENTS].channel(name)).Check(
                 health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.aio.AioRpcError as error:
-            return "UNREACHABLE" if error.code() == grpc.StatusCode.UNAVAILABLE else error.code().name
+        except errors.Unavailable:  # the channel's policy turns every failed call into the domain error
+            return "UNREACHABLE"
+        except errors.LlmpError as error:
+            return errors.mapping_for(error).grpc_code.name
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     names = ["postgresql", "s3", *(grpc_service.name for grpc_service in GRPC_SERVICES)]

@@ -98,14 +98,15 @@ def triton(tmp_path_factory):
 
 
 class Client:
-    """gRPC calls as tenant `acme`, the domain object behind the service, and the canary controller's Python API."""
+    """gRPC calls as a tenant (`acme` unless named), the domain object behind the service, and the canary controller's Python API."""
 
-    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, deployments: Deployments, address: str) -> None:
+    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, deployments: Deployments, address: str,
+                 tenant: str = TENANT) -> None:
         self.stub = stub
         self.deployments = deployments  # for tests that look inside
         self.canary = CanaryController(deployments.db, deployments)  # API only; server.build's one drives
         self.address = address  # where a gateway reaches the service
-        self.metadata = caller_metadata(Caller(TENANT, "key-test", "developer"))
+        self.metadata = caller_metadata(Caller(tenant, "key-test", "developer"))
 
     async def generate(self, prompt: str, max_tokens: int = 16, deployment: str = "tiny-chat", **sampling):
         routing_key = sampling.pop("routing_key", "")

@@ -62,7 +62,8 @@ async def test_versions_no_longer_served_keep_their_figures_and_tenants_are_apar
     assert [(v.version, v.role, v.serving, v.weight, v.requests) for v in shown.versions] == [
         (2, "stable", True, 100, 1), (1, "stable", False, 0, 3)]
 
-    stranger = type(service)(service.stub, tenant=f"other-{uuid.uuid4().hex[:6]}")
+    stranger = type(service)(service.stub, service.deployments, service.address,
+                             tenant=f"other-{uuid.uuid4().hex[:6]}")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stranger.stub.GetDeploymentMetrics(pb.GetDeploymentMetricsRequest(name=name), metadata=stranger.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
