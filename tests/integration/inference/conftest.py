@@ -98,7 +98,8 @@ def triton(tmp_path_factory):
 
 
 class Client:
-    """gRPC calls as a tenant (`acme` unless named), the domain object behind the service, and the canary controller's Python API."""
+    """gRPC calls as a tenant (`acme` unless named), the domain object behind the service, and the canary
+    controller's Python API."""
 
     def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, deployments: Deployments, address: str,
                  tenant: str = TENANT) -> None:
