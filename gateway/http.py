@@ -7,10 +7,12 @@ gathers them into the one table the app and `/openapi.json` are built from.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import OrderedDict
@@ -107,8 +109,21 @@ def _is_integer(checker, value: Any) -> bool:
     return type(value) is int  # the parser made integral floats ints; what is left is not an integer
 
 
+@functools.cache
+def _ecma_pattern(pattern: str) -> re.Pattern:
+    # JSON Schema patterns are ECMA-262 regular expressions, where a final `$` is the end of the input;
+    # Python's `$` also matches before a final "\n", which let "chat\n" pass as a name (and reach gRPC metadata).
+    return re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") else pattern)
+
+
+def _pattern(validator, pattern: str, instance: Any, schema: dict):
+    if validator.is_type(instance, "string") and not _ecma_pattern(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 Validator = jsonschema.validators.extend(
     jsonschema.Draft202012Validator,
+    validators={"pattern": _pattern},
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
         {"number": _is_number, "integer": _is_integer}))
 

@@ -40,7 +40,7 @@ _STOP = {"type": "string", "minLength": 1, "maxLength": contracts.MAX_STOP_LENGT
 COMPLETION = {
     "type": "object", "additionalProperties": False, "required": ["model", "prompt"],
     "properties": {
-        "model": {"type": "string", "minLength": 1, "description": "deployment name"},
+        "model": {"type": "string", "pattern": contracts.NAME_PATTERN, "description": "deployment name"},
         "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
                    "description": "at most what the deployment's context can hold (400 naming the limit)"},
         "max_tokens": int32(1, 4096),
@@ -106,8 +106,9 @@ def _plainly_valid(body: dict) -> bool:
     costs more than the rest of the gateway's work on a request. It may refuse a valid body (then the
     schema decides, and names the problem when there is one) but never accepts an invalid one."""
     model, prompt = body.get("model"), body.get("prompt")
-    if type(model) is not str or not model or type(prompt) is not str or not 0 < len(prompt) <= MAX_PROMPT_CHARS:
-        return False
+    if type(model) is not str or not contracts.NAME.match(model) or type(prompt) is not str \
+            or not 0 < len(prompt) <= MAX_PROMPT_CHARS:
+        return False  # the deployment name also travels as gRPC metadata, which refuses control characters
     for name, value in body.items():
         check = _FIELD_CHECKS.get(name)
         if check is None:

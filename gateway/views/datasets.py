@@ -91,6 +91,7 @@ def create_options(request: web.Request) -> pb.DatasetOptions:
     query = request.query
     if not query.get("name"):
         raise errors.ValidationFailed("name: the dataset name is required (?name=…)")
+    contracts.validate_name(query["name"], "name")
     return pb.DatasetOptions(
         name=query["name"], format=_choice(request, "format", FORMATS),
         document_mode=_choice(request, "document_mode", MODES), tokenizer=_choice(request, "tokenizer", TOKENIZERS),

@@ -12,7 +12,7 @@ from services.common.errors import InvalidArgument, ValidationFailed
 
 # Datasets, models, aliases and deployments: also a path segment in S3 keys and part of Triton names.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-NAME = re.compile(NAME_PATTERN)
+NAME = re.compile(NAME_PATTERN.removesuffix("$") + r"\Z")  # Python's `$` also matches before a final "\n"
 NAME_RULE = "1-63 characters of lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
 # Tenants: a path segment of every key and a part of Triton names, never a '.' (so `..` cannot appear).
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"

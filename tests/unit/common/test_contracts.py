@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from gateway.http import Validator
 from services.common import contracts
 from services.common.errors import InvalidArgument, ValidationFailed
 
@@ -42,6 +43,10 @@ def test_the_name_rule():
         with pytest.raises(ValidationFailed, match="model name"):
             contracts.validate_name(bad, "model name")
         assert not re.match(contracts.NAME_PATTERN, bad)  # what the gateway's JSON schemas use
+    for bad in ("chat\n", "a\x00", "\x1f"):  # Python's `$` alone matches before a final "\n"
+        with pytest.raises(ValidationFailed, match="model name"):
+            contracts.validate_name(bad, "model name")
+        assert not Validator({"type": "string", "pattern": contracts.NAME_PATTERN}).is_valid(bad)
     with pytest.raises(ValidationFailed):
         contracts.validate_version(0)
     with pytest.raises(ValidationFailed):

@@ -11,7 +11,7 @@ SCHEMA = Validator(COMPLETION)  # the gateway's validator: JSON Schema with its 
 NAN, INF = float("nan"), float("inf")
 BASE = {"model": "chat", "prompt": "Hello"}
 VALUES = {
-    "model": ["chat", "", 3, None],
+    "model": ["chat", "", 3, None, "\x1f", "a\x00", "Chat Bot", "x" * 64],  # a name: it travels as gRPC metadata
     "prompt": ["Hello", "", ["a"], None],
     "max_tokens": [1, 16, 4096, 0, 4097, -1, 1.0, 2.5, True, "16", None],
     "temperature": [0, 0.7, 2, 2.01, -0.1, NAN, INF, True, "0", None],
@@ -46,3 +46,9 @@ def test_the_quick_check_never_accepts_what_the_schema_refuses():
 def test_the_usual_requests_take_the_quick_path():
     assert _plainly_valid({**BASE, "max_tokens": 32, "temperature": 0, "stream": True})
     assert _plainly_valid({**BASE, "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "seed": 1, "stop": ["\n"]})
+
+
+def test_a_deployment_name_that_cannot_travel_as_metadata_is_refused():
+    # The OpenAPI fuzzer's find: a model of "\x1f" reached gRPC metadata and failed there as a 500.
+    for model in ("\x1f", "a\x00", "chat\n"):
+        assert not _plainly_valid({**BASE, "model": model}) and not SCHEMA.is_valid({**BASE, "model": model})
