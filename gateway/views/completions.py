@@ -35,13 +35,12 @@ from gateway.state import CALLER
 from services.common import contracts, errors
 from services.common.grpc_client import deployment_metadata
 
-MAX_PROMPT_CHARS = 1_000_000  # the inference service's bound (services/inference/generation.py), refused here first
 _STOP = {"type": "string", "minLength": 1, "maxLength": contracts.MAX_STOP_LENGTH}
 COMPLETION = {
     "type": "object", "additionalProperties": False, "required": ["model", "prompt"],
     "properties": {
         "model": {"type": "string", "pattern": contracts.NAME_PATTERN, "description": "deployment name"},
-        "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
+        "prompt": {"type": "string", "minLength": 1, "maxLength": contracts.MAX_PROMPT_CHARS,
                    "description": "at most what the deployment's context can hold (400 naming the limit)"},
         "max_tokens": int32(1, 4096),
         "temperature": {"type": "number", "minimum": 0, "maximum": contracts.MAX_TEMPERATURE},
@@ -107,7 +106,7 @@ def _plainly_valid(body: dict) -> bool:
     schema decides, and names the problem when there is one) but never accepts an invalid one."""
     model, prompt = body.get("model"), body.get("prompt")
     if type(model) is not str or not contracts.NAME.match(model) or type(prompt) is not str \
-            or not 0 < len(prompt) <= MAX_PROMPT_CHARS:
+            or not 0 < len(prompt) <= contracts.MAX_PROMPT_CHARS:
         return False  # the deployment name also travels as gRPC metadata, which refuses control characters
     for name, value in body.items():
         check = _FIELD_CHECKS.get(name)

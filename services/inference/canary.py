@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -76,14 +77,14 @@ class RolloutPolicy:
             raise ValidationFailed(f"rollout steps must increase, not {list(steps)}")
         if steps[-1] != 100:
             raise ValidationFailed(f"the last rollout step must be 100 (promotion), not {steps[-1]}")
-        if self.interval_s < 0:
-            raise ValidationFailed("rollout interval_s must not be negative")
+        if not 0 <= self.interval_s < math.inf:  # written so that NaN fails too
+            raise ValidationFailed("rollout interval_s must be a finite number, not negative")
         if self.min_requests < 1:
             raise ValidationFailed("rollout min_requests must be at least 1")
         if not 0 <= self.max_error_rate_delta <= 1:
             raise ValidationFailed("rollout max_error_rate_delta must be between 0 and 1")
-        if self.max_latency_ratio < 1:
-            raise ValidationFailed("rollout max_latency_ratio must be at least 1")
+        if not 1 <= self.max_latency_ratio < math.inf:  # NaN or infinity would switch the latency gate off
+            raise ValidationFailed("rollout max_latency_ratio must be a finite number of at least 1")
         if self.latency_statistic not in LATENCY_STATISTICS:
             raise ValidationFailed(f"rollout latency_statistic must be one of {', '.join(LATENCY_STATISTICS)}")
         return self

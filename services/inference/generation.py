@@ -14,12 +14,12 @@ from functools import cached_property
 
 from transformers import PreTrainedTokenizerFast
 
+from services.common import contracts
 from services.common.contracts import DecoderSpec
 from services.common.errors import BadRequest, DeadlineExceeded, ValidationFailed
 from services.inference.sampling import SamplingParams, StopScanner, choose
 from services.inference.triton_engine import TritonEngine, new_sequence_id
 
-MAX_PROMPT_CHARS = 1_000_000  # the most any prompt may have, whatever the model
 # Prompts up to this many characters are tokenized on the event loop (microseconds); longer ones in a
 # thread, so that tokenizing a long prompt never stalls the tokens of every other request.
 INLINE_PROMPT_CHARS = 4096
@@ -48,7 +48,7 @@ class ServedVersion:
         characters than the vocabulary's longest (special tokens included; byte-level and character
         tokenizers drop no character), so a longer prompt needs more tokens than the context holds."""
         longest = max(len(token) for token in self.tokenizer.get_vocab())
-        return min(MAX_PROMPT_CHARS, self.spec.context_length * longest)
+        return min(contracts.MAX_PROMPT_CHARS, self.spec.context_length * longest)
 
 
 @dataclass

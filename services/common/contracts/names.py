@@ -23,6 +23,7 @@ MAX_IDEMPOTENCY_KEY = 255  # characters of a training submit's Idempotency-Key
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000  # common.v1.PageRequest.page_size: 0 means the default
 MIN_VOCAB_SIZE = 260  # a BPE vocabulary: 256 byte symbols + the special tokens
 MAX_VOCAB_SIZE = 65536  # a BPE vocabulary's largest size (0 asks for the default)
+MAX_PROMPT_CHARS = 1_000_000  # characters of one prompt whatever the model: longer is refused before tokenizing
 MAX_TEMPERATURE = 2.0  # sampling temperature; 0 is greedy
 MAX_STOP_SEQUENCES = 4  # stop sequences of one completion
 MAX_STOP_LENGTH = 64  # characters of one stop sequence

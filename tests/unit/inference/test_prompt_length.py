@@ -11,7 +11,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from gateway.views import completions
-from services.common import errors
+from services.common import contracts, errors
 from services.dataset import tokenizer as dataset_tokenizer
 from services.inference import generation
 from services.inference.generation import ServedVersion, encode_prompt
@@ -46,7 +46,7 @@ def test_the_character_bound_follows_the_context_and_the_longest_token():
     version = served()
     longest = max(len(token) for token in version.tokenizer.get_vocab())  # a special token: "<|endoftext|>"…
     assert longest > 1 and version.max_prompt_chars == CONTEXT * longest
-    assert served(10**9).max_prompt_chars == generation.MAX_PROMPT_CHARS
+    assert served(10**9).max_prompt_chars == contracts.MAX_PROMPT_CHARS
 
 
 async def test_a_huge_prompt_is_refused_naming_the_limit_without_being_tokenized(encodes):
@@ -92,8 +92,7 @@ async def test_a_long_prompt_is_tokenized_off_the_event_loop(encodes):
 
 
 def test_the_gateway_refuses_what_no_deployment_could_take():
-    assert completions.MAX_PROMPT_CHARS == generation.MAX_PROMPT_CHARS
-    body = {"model": "m", "prompt": "a" * (generation.MAX_PROMPT_CHARS + 1)}
+    body = {"model": "m", "prompt": "a" * (contracts.MAX_PROMPT_CHARS + 1)}
     assert not completions._plainly_valid(body)
     with pytest.raises(errors.ValidationFailed, match="^prompt:"):
         completions.validate(body, completions.COMPLETION)

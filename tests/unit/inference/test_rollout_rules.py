@@ -41,6 +41,10 @@ def test_policy_defaults_and_json_round_trip():
     ({"steps": []}, "between 1 and 100"),
     ({"min_requests": 0}, "min_requests"),
     ({"max_latency_ratio": 0.5}, "max_latency_ratio"),
+    ({"max_latency_ratio": float("nan")}, "max_latency_ratio"),  # NaN compares false: it switched the gate off
+    ({"max_latency_ratio": float("inf")}, "max_latency_ratio"),
+    ({"max_error_rate_delta": float("nan")}, "max_error_rate_delta"),
+    ({"interval_s": float("nan")}, "interval_s"),
     ({"max_error_rate_delta": 2}, "max_error_rate_delta"),
     ({"latency_statistic": "p99"}, "latency_statistic"),
     ({"interval": 3}, "unknown rollout field"),
