@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections import OrderedDict
@@ -109,11 +108,7 @@ def _is_integer(checker, value: Any) -> bool:
     return type(value) is int  # the parser made integral floats ints; what is left is not an integer
 
 
-@functools.cache
-def _ecma_pattern(pattern: str) -> re.Pattern:
-    # JSON Schema patterns are ECMA-262 regular expressions, where a final `$` is the end of the input;
-    # Python's `$` also matches before a final "\n", which let "chat\n" pass as a name (and reach gRPC metadata).
-    return re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") else pattern)
+_ecma_pattern = functools.cache(contracts.ecma_regex)  # a name with a final "\n" reached gRPC metadata
 
 
 def _pattern(validator, pattern: str, instance: Any, schema: dict):

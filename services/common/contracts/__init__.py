@@ -39,6 +39,7 @@ from services.common.contracts.names import (
     NAME_RULE,
     PRECISIONS,
     TENANT_PATTERN,
+    ecma_regex,
     page_size,
     validate_export_format,
     validate_name,
@@ -80,7 +81,7 @@ __all__ = [
     "ManifestObject", "SplitManifest", "TENANT_PATTERN", "TokenizerManifest", "dataset_corpus_key",
     "dataset_manifest_key",
     "dataset_shard_key", "dataset_tokenizer_prefix", "dataset_version_prefix", "export_dir", "import_prefix",
-    "job_prefix", "model_export_prefix", "model_version_prefix", "page_size", "parse_model_version_key",
+    "job_prefix", "model_export_prefix", "model_version_prefix", "ecma_regex", "page_size", "parse_model_version_key",
     "shard_file_name", "triton_model_name", "validate_export_format", "validate_name", "validate_version",
     "within_dataset_version",
 ]

@@ -10,9 +10,18 @@ import re
 
 from services.common.errors import InvalidArgument, ValidationFailed
 
+
+def ecma_regex(pattern: str) -> re.Pattern:
+    """`pattern` (a JSON Schema pattern: ECMA-262, where a final `$` is the end of the input) for Python,
+    whose `$` also matches before a final "\n": without this, "chat\n" passed the name rule."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
 # Datasets, models, aliases and deployments: also a path segment in S3 keys and part of Triton names.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-NAME = re.compile(NAME_PATTERN.removesuffix("$") + r"\Z")  # Python's `$` also matches before a final "\n"
+NAME = ecma_regex(NAME_PATTERN)
 NAME_RULE = "1-63 characters of lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
 # Tenants: a path segment of every key and a part of Triton names, never a '.' (so `..` cannot appear).
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
