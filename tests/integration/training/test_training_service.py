@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import time
 import uuid
 from pathlib import Path
 
 import grpc
 import pytest
-import redis
 from llmp.common.v1 import common_pb2
 from llmp.dataset.v1 import dataset_pb2, dataset_pb2_grpc
 from llmp.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -34,30 +32,13 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
-def redis_broker():
-    """An empty Redis database of this test's own, flushed afterwards."""
-    candidates = list(range(1, 15))
-    random.shuffle(candidates)
-    for number in candidates:
-        client = redis.Redis(host="127.0.0.1", port=6379, db=number)
-        if client.dbsize() == 0:
-            client.set("llmp-test-claim", "training-service")
-            return f"redis://127.0.0.1:6379/{number}", client
-        client.close()
-    pytest.fail("no empty Redis database")
-
-
 @pytest.fixture(params=["redis", "rabbitmq"])
-def broker_url(request):
+def broker_url(request, claim_broker):
     if request.param == "rabbitmq":
         if not servers.port_open("127.0.0.1", 5672):
             pytest.fail("RabbitMQ is not running on 127.0.0.1:5672")
-        yield RABBITMQ_URL
-        return
-    url, client = redis_broker()
-    yield url
-    client.flushdb()
-    client.close()
+        return RABBITMQ_URL
+    return claim_broker("training-service")  # an empty Redis database of its own
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import redis
 from llmp.registry.v1 import registry_pb2
 
 from cli import servers
@@ -47,20 +45,9 @@ TENANT = "acme"  # the tenant tiny_dataset.write_dataset writes under
 # --- a real worker ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def broker_url() -> str:
-    """An empty Redis database of its own (other engineers' tests use others), flushed afterwards."""
-    candidates = list(range(1, 15))
-    random.shuffle(candidates)
-    for number in candidates:
-        client = redis.Redis(host="127.0.0.1", port=6379, db=number)
-        if client.dbsize() == 0:
-            client.set("llmp-test-claim", "training-worker")
-            yield f"redis://127.0.0.1:6379/{number}"
-            client.flushdb()
-            client.close()
-            return
-        client.close()
-    pytest.fail("no empty Redis database for the worker test")
+def broker_url(claim_broker) -> str:
+    """An empty Redis database of its own (other tests' workers use others), flushed when the session ends."""
+    return claim_broker("training-worker")
 
 
 @pytest.fixture
