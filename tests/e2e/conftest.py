@@ -11,17 +11,15 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 
-import psycopg
 import pytest
 
 from cli import servers
 from cli.client import Client
 from services.common import topology
 
-ADMIN_DATABASE_URL = os.environ.get("LLMP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+from .stack_env import stack_settings
 
 
 @dataclass
@@ -48,40 +46,20 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, claim_broker):
-    name = f"llmp_e2e_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(ADMIN_DATABASE_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    admin_key = f"llmp_e2e_{uuid.uuid4().hex}"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMP_")}
-    s3, triton_http, triton_grpc, triton_metrics, gateway, *service_ports = servers.free_ports(
-        5 + len(topology.GRPC_SERVICES))
-    env.update({
-        "LLMP_STATE_DIR": str(tmp_path_factory.mktemp("llmp-state")),
-        "LLMP_DATABASE_URL": ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}",
-        "LLMP_BROKER_URL": claim_broker("e2e-stack"),
-        "LLMP_S3_ENDPOINT": f"127.0.0.1:{s3}",
-        "LLMP_TRITON_HTTP_URL": f"127.0.0.1:{triton_http}",
-        "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{triton_grpc}",
-        "LLMP_TRITON_METRICS_PORT": str(triton_metrics),
-        "LLMP_GATEWAY_PORT": str(gateway),
-        "LLMP_ADMIN_KEY": admin_key,
-        "LLMP_LOG_FORMAT": "json",
-    })
-    for service, port in zip(topology.GRPC_SERVICES, service_ports, strict=True):
-        env[service.addr_env] = f"127.0.0.1:{port}"
-    running = Stack(env, admin_key)
-    started = time.monotonic()
-    up = running.llmp("up")
-    running.up_seconds = time.monotonic() - started
-    try:
-        assert up.returncode == 0, f"llmp up failed:\n{up.stdout}\n{up.stderr}"
-        yield running
-        down = running.llmp("down")
-        assert down.returncode == 0, f"llmp down failed:\n{down.stdout}\n{down.stderr}"
-        still_open = [port for port in running.ports() if servers.port_open("127.0.0.1", port)]
-        assert not still_open, f"ports still listening after down: {still_open}"
-        assert running.llmp("down").returncode == 0  # idempotent
-    finally:
-        running.llmp("down")
-        with psycopg.connect(ADMIN_DATABASE_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with stack_settings(tmp_path_factory.mktemp("llmp-state"), claim_broker("e2e-stack"), "e2e") as (settings,
+                                                                                                       admin_key):
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LLMP_")}
+        running = Stack(env | settings | {"LLMP_LOG_FORMAT": "json"}, admin_key)
+        started = time.monotonic()
+        up = running.llmp("up")
+        running.up_seconds = time.monotonic() - started
+        try:
+            assert up.returncode == 0, f"llmp up failed:\n{up.stdout}\n{up.stderr}"
+            yield running
+            down = running.llmp("down")
+            assert down.returncode == 0, f"llmp down failed:\n{down.stdout}\n{down.stderr}"
+            still_open = [port for port in running.ports() if servers.port_open("127.0.0.1", port)]
+            assert not still_open, f"ports still listening after down: {still_open}"
+            assert running.llmp("down").returncode == 0  # idempotent
+        finally:
+            running.llmp("down")

@@ -15,20 +15,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from cli import servers
 from cli.client import Client
-from services.common import topology
+
+from .stack_env import stack_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-ADMIN_DATABASE_URL = os.environ.get("LLMP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def _images_helper():
@@ -58,28 +55,13 @@ def test_the_main_job_runs_from_the_installed_wheel(installed, tmp_path, claim_b
                              env={"PATH": os.environ["PATH"]}, check=True)
     assert str(ROOT) not in located.stdout and str(installed) in located.stdout, located.stdout
 
-    name = f"llmp_wheel_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(ADMIN_DATABASE_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    admin_key = f"llmp_wheel_{uuid.uuid4().hex}"
-    s3, triton_http, triton_grpc, triton_metrics, gateway, *service_ports = servers.free_ports(
-        5 + len(topology.GRPC_SERVICES))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMP_") and key != "PYTHONPATH"}
-    env.update({
-        "PATH": f"{installed / 'bin'}:{os.environ['PATH']}",
-        "LLMP_STATE_DIR": str(tmp_path / "state"),
-        "LLMP_DATABASE_URL": ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}",
-        "LLMP_BROKER_URL": claim_broker("installed-wheel-stack"),
-        "LLMP_S3_ENDPOINT": f"127.0.0.1:{s3}",
-        "LLMP_TRITON_HTTP_URL": f"127.0.0.1:{triton_http}",
-        "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{triton_grpc}",
-        "LLMP_TRITON_METRICS_PORT": str(triton_metrics),
-        "LLMP_GATEWAY_PORT": str(gateway),
-        "LLMP_ADMIN_KEY": admin_key,
-    })
-    for service, port in zip(topology.GRPC_SERVICES, service_ports, strict=True):
-        env[service.addr_env] = f"127.0.0.1:{port}"
+    with stack_settings(tmp_path / "state", claim_broker("installed-wheel-stack"), "wheel") as (settings, admin_key):
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LLMP_") and key != "PYTHONPATH"}
+        env |= settings | {"PATH": f"{installed / 'bin'}:{os.environ['PATH']}"}
+        _main_job(installed, tmp_path, env, admin_key, int(settings["LLMP_GATEWAY_PORT"]))
 
+
+def _main_job(installed: Path, tmp_path: Path, env: dict[str, str], admin_key: str, gateway: int) -> None:
     def llmp(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(installed / "bin" / "llmp"), *args], env=env, cwd=tmp_path, capture_output=True,
                               text=True, timeout=600)
@@ -100,5 +82,3 @@ def test_the_main_job_runs_from_the_installed_wheel(installed, tmp_path, claim_b
             assert console.status == 200 and b"<html" in console.read().lower()
     finally:
         llmp("down")
-        with psycopg.connect(ADMIN_DATABASE_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
