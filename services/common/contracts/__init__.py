@@ -3,12 +3,22 @@
 - `paths`: where every service's objects live in the bucket (datasets, stored corpora, jobs, models);
 - `names`: the name rule and the limits the gateway and the services both enforce;
 - `manifest`: a dataset version's `manifest.json` as a type, with one reading policy;
-- `serving`: the served model's description (`DecoderSpec`) and its Triton model name.
+- `serving`: the served model's description (`DecoderSpec`) and its Triton model name;
+- `chat`: how a conversation is rendered to text (datasets and chat serving render it alike).
 
 docs/CONTRACTS.md explains them; this package is their definition. Everything public is re-exported
 here, so callers write `contracts.dataset_manifest_key(...)`.
 """
 
+from services.common.contracts.chat import (
+    ANSWER_ROLE,
+    CHAT_SPECIAL_TOKENS,
+    DEFAULT_CHAT_TEMPLATE,
+    END_OF_TURN,
+    ROLES,
+    TURN_START,
+    pair_messages,
+)
 from services.common.contracts.manifest import (
     SPLITS,
     TOKEN_DTYPES,
@@ -72,6 +82,8 @@ from services.common.contracts.paths import (
 from services.common.contracts.serving import DECODER_SPEC_FILE, DecoderSpec, triton_model_name
 
 __all__ = [
+    "ANSWER_ROLE", "CHAT_SPECIAL_TOKENS", "DEFAULT_CHAT_TEMPLATE", "END_OF_TURN", "ROLES", "TURN_START",
+    "pair_messages",
     "DATASETS", "DATASET_MANIFEST", "DATASET_TOKENIZER", "DECODER_SPEC_FILE", "DEFAULT_PAGE_SIZE",
     "DISTRIBUTED_MODES", "EXPORTS", "EXPORT_FORMATS", "IMPORTS", "JOBS", "MAX_IDEMPOTENCY_KEY", "MAX_PAGE_SIZE",
     "MAX_PRIORITY", "MAX_PROMPT_CHARS", "MAX_STOP_LENGTH", "MAX_STOP_SEQUENCES", "MAX_TEMPERATURE", "MAX_VERSION",
