@@ -306,3 +306,18 @@ def test_only_inference_may_read_and_patch_its_virtual_service(overlay):
     accounts = by_kind(objects, "ServiceAccount")
     assert [name for name, account in accounts.items() if account.get("automountServiceAccountToken", True)] == [
         "llmp-inference"]
+
+
+def test_llmp_pods_in_the_mesh_leave_grpc_balancing_to_envoy(overlay):
+    """Every llmp pod has a sidecar (the namespace injects it) and reaches the services through ClusterIPs:
+    its channels must not balance or health-check themselves (issue 16, defect 9)."""
+    _, objects = overlay
+    namespaces = [obj for obj in objects if obj["kind"] == "Namespace"]
+    assert all(ns["metadata"]["labels"].get("istio-injection") == "enabled" for ns in namespaces)
+    config = next(obj for obj in objects if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == "llmp-config")
+    assert config["data"]["LLMP_GRPC_BALANCING"] == "mesh"
+    services = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "Service"}
+    for key, address in config["data"].items():
+        if key.endswith("_ADDR"):
+            host = address.rsplit(":", 1)[0]
+            assert services[host]["spec"].get("clusterIP") != "None", f"{host}: headless, yet balanced by Envoy"
