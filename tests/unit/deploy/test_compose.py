@@ -155,14 +155,11 @@ def test_dependency_graph_has_no_cycle():
 
 
 @pytest.mark.parametrize("service", LLMP_SERVICES)
-def test_llmp_services_are_built_from_their_own_dockerfile(service):
-    image_of = {"training-worker": "training"}
-    source = image_of.get(service, service)
-    dockerfile = "gateway/Dockerfile" if source == "gateway" else f"services/{source}/Dockerfile"
-    builder = "training" if service == "training-worker" else service
-    assert SERVICES[builder]["build"] == {"context": ".", "dockerfile": dockerfile}
-    assert (ROOT / dockerfile).is_file()
-    assert SERVICES[service]["image"] == SERVICES[builder]["image"]
+def test_llmp_services_are_built_from_the_one_dockerfile_with_their_component(service):
+    component = {"training-worker": "training"}.get(service, service)
+    assert SERVICES[service]["build"] == {"context": ".", "dockerfile": "Dockerfile", "args": {"COMPONENT": component}}
+    assert (ROOT / "deploy" / "locks" / f"{component}.lock").is_file()
+    assert SERVICES[service]["image"] == f"llmp/{component}:0.1.0"
 
 
 def test_training_worker_consumes_the_gpu_queue_of_the_worker_app():

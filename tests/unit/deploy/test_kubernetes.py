@@ -8,6 +8,7 @@ the `kubernetes-validate` package (the Kubernetes OpenAPI as JSON Schema, strict
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -321,3 +322,18 @@ def test_llmp_pods_in_the_mesh_leave_grpc_balancing_to_envoy(overlay):
         if key.endswith("_ADDR"):
             host = address.rsplit(":", 1)[0]
             assert services[host]["spec"].get("clusterIP") != "None", f"{host}: headless, yet balanced by Envoy"
+
+
+def test_every_llmp_image_is_a_component_of_the_one_dockerfile(overlay):
+    """`llmp/<component>` images are `docker build --build-arg COMPONENT=<component> .` (the root Dockerfile),
+    except llmp/triton (deploy/triton)."""
+    from test_dockerfiles import IMAGES, STAGES
+
+    _, objects = overlay
+    images = {container["image"] for obj in objects for container in containers(obj)}
+    named = [re.search(r"(?:^|/)llmp/([\w-]+)(?::[\w.-]+|@sha256:\w+)?$", image) for image in images]
+    components = {match.group(1) for match in named if match and match.group(1) != "triton"}
+    assert components == set(IMAGES), sorted(components ^ set(IMAGES))
+    assert components <= set(STAGES)
+    for component in components:
+        assert (ROOT / "deploy" / "locks" / f"{component}.lock").is_file()
