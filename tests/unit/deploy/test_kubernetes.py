@@ -61,7 +61,7 @@ def secret_env(objects: list[dict], names: set[str] | None = None) -> dict[str, 
 def config_env(objects: list[dict]) -> dict[str, str]:
     """The settings of an llmp service: the ConfigMap, and the Secrets the services share."""
     return {**by_kind(objects, "ConfigMap")["llmp-config"]["data"],
-            **secret_env(objects, {"llmp-database", "llmp-s3", "llmp-admin-key"})}
+            **secret_env(objects, {"llmp-registry-database", "llmp-s3", "llmp-admin-key"})}
 
 
 # -- rendering and schemas -------------------------------------------------------------------------
@@ -267,10 +267,19 @@ def test_references_resolve(overlay):
 
 
 def test_dev_credentials_agree_with_each_other(dev):
+    """Each component's database URL names its own role (llmp_<component>, created by postgres-init with
+    the password the postgres pod gets for it), never the superuser."""
+    from urllib.parse import urlsplit
+
     secrets = by_kind(dev, "Secret")
-    url = secrets["llmp-database"]["stringData"]["LLMP_DATABASE_URL"]
-    assert f"//llmp:{secrets['llmp-postgres']['stringData']['llmp-password']}@postgres:" in url
-    assert secrets["llmp-postgres"]["stringData"]["password"] not in url  # services are not the superuser
+    postgres = secrets["llmp-postgres"]["stringData"]
+    urls = {name.removeprefix("llmp-").removesuffix("-database"): secret["stringData"]["LLMP_DATABASE_URL"]
+            for name, secret in secrets.items() if name.endswith("-database")}
+    assert set(urls) == {"gateway", *(service.name for service in topology.GRPC_SERVICES)}
+    for component, url in urls.items():
+        parts = urlsplit(url)
+        assert (parts.username, parts.password) == (f"llmp_{component}", postgres[f"{component}-password"])
+        assert postgres["password"] not in url  # services are not the superuser
 
 
 def test_prod_scales_the_serving_path(prod, dev):
