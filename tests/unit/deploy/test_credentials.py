@@ -147,3 +147,24 @@ def test_postgres_creates_the_roles_with_the_passwords_it_is_given(overlay):
     config_maps = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "ConfigMap"}
     assert set(config_maps[init["name"]]["data"]) == {"10-llmp-roles.sh", "llmp-roles.psql"}
     assert init["defaultMode"] & 0o111, "executed, not sourced into the entrypoint's shell"
+
+
+def test_each_component_has_an_s3_user_of_its_own(overlay):
+    """Every workload whose code reads the S3 settings gets the keys of a user no other component holds,
+    and the minio pod creates that user (with a policy limited to the llmp bucket)."""
+    _, objects = overlay
+    readers = {component for component in ENTRY_MODULES if "s3" in _fields_read(component)}
+    holders: dict[str, set[str]] = {}
+    for workload in _pods(objects).values():
+        component = workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+        if component == "minio":  # the server itself, which creates the users
+            continue
+        for container in containers(workload):
+            for name, keys in received(container).items():
+                if "LLMP_S3_ACCESS_KEY" in keys:
+                    holders.setdefault(name, set()).add(component)
+    assert set().union(*holders.values()) == readers
+    assert all(len(components) == 1 for components in holders.values()), holders
+    (minio,) = containers(_pods(objects)["minio"])
+    given = {variable["valueFrom"]["secretKeyRef"]["name"] for variable in minio["env"] if "valueFrom" in variable}
+    assert set(holders) <= given, "the minio pod creates every user llmp's components use"
