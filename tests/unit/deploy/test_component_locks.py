@@ -110,6 +110,7 @@ def use(name):
 """
 
 
+@pytest.mark.slow  # a few seconds per component: torch's import in the training and registry venvs
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_the_component_runs_from_its_lock_alone(component, tmp_path):
     python = environment_of(component, tmp_path / "venv")
