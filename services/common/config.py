@@ -49,6 +49,11 @@ VARIABLES: tuple[Variable, ...] = (
         Variable(service.addr_env, f"127.0.0.1:{service.port}", f"Address of the {service.name} gRPC service.")
         for service in topology.GRPC_SERVICES
     ),
+    Variable("LLMP_GRPC_BALANCING", "client",
+             "How llmp's gRPC clients spread calls over a service's replicas: `client` = round_robin over every "
+             "address the service's address resolves to (an `ipv4:` list, a DNS name with several records such "
+             "as a headless Service), dropping a replica its health check reports draining; `mesh` = one "
+             "connection to the local proxy (Istio's Envoy), which balances each call, and no client health check."),
     Variable("LLMP_BIND_HOST", "127.0.0.1", "Interface servers listen on (0.0.0.0 in containers)."),
     Variable("LLMP_GATEWAY_PORT", str(topology.GATEWAY_PORT), "REST gateway port."),
     Variable("LLMP_ADMIN_KEY", "", "Bootstrap admin API key; generated into .llmp/admin.key when empty."),
@@ -85,6 +90,7 @@ VARIABLES: tuple[Variable, ...] = (
 PUBLISHED_SECRETS = ("LLMP_S3_ACCESS_KEY", "LLMP_S3_SECRET_KEY")
 INFERENCE_TRACKS = ("", "stable", "canary")
 TRITON_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+GRPC_BALANCING = ("client", "mesh")
 UPLOAD_CHECKSUMS = ("crc32", "sha256")  # trailing checksums ObjectStore.upload_file can have S3 verify
 DEFAULTS = {variable.name: variable.default for variable in VARIABLES}
 
@@ -145,6 +151,7 @@ class Settings:
     training_advertise_host: str
     max_upload_bytes: int
     max_body_bytes: int
+    grpc_balancing: str = "client"  # one of GRPC_BALANCING (grpc_client.channel_options)
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -171,6 +178,9 @@ class Settings:
         track = values["LLMP_INFERENCE_TRACK"]
         if track not in INFERENCE_TRACKS:
             raise InvalidArgument(f"LLMP_INFERENCE_TRACK must be empty, stable or canary, not {track!r}")
+        balancing = values["LLMP_GRPC_BALANCING"]
+        if balancing not in GRPC_BALANCING:
+            raise InvalidArgument(f"LLMP_GRPC_BALANCING must be client or mesh, not {balancing!r}")
         return cls(
             database_url=values["LLMP_DATABASE_URL"],
             s3=S3Settings(
@@ -203,6 +213,7 @@ class Settings:
             training_advertise_host=values["LLMP_TRAINING_ADVERTISE_HOST"],
             max_upload_bytes=_positive_int(values["LLMP_MAX_UPLOAD_BYTES"], "LLMP_MAX_UPLOAD_BYTES"),
             max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),
+            grpc_balancing=balancing,
             raw=values,
         )
 

@@ -23,33 +23,48 @@ from services.common.grpc_server import ACCEPTING_HEALTH_NAME
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-# Where an address names several replicas (`ipv4:a:1,b:2`, or a DNS name with several records),
-# round_robin spreads the calls and client-side health checking (grpc.health.v1 Watch on
-# ACCEPTING_HEALTH_NAME) drops a replica the moment it starts draining. grpc retries a call that got
-# ABORTED, on every method: only a draining server's gate answers it (`grpc_server.ShutdownGate`; no domain
-# error maps to it) and the call never ran, so another attempt on another replica is safe (grpc retries
-# only before the first response arrives and while the request fits its 256 KiB replay buffer).
-# UNAVAILABLE is not retried: a service answers it when its PostgreSQL or S3 is down, possibly after it
-# changed something, and repeating would only stretch the caller's wait past its deadline.
-SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": ACCEPTING_HEALTH_NAME},
-    "methodConfig": [{
-        "name": [{}],  # every method of every service
-        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["ABORTED"]},
-    }],
+# How a channel spreads calls over a service's replicas (Settings.grpc_balancing):
+# - `client`: the address names the replicas themselves (`ipv4:a:1,b:2`, or a DNS name with several
+#   records: compose's service name, a Kubernetes headless Service). round_robin spreads the calls and
+#   client-side health checking (grpc.health.v1 Watch on ACCEPTING_HEALTH_NAME) drops a replica the moment
+#   it starts draining.
+# - `mesh`: the address is a ClusterIP and the channel's one connection goes to the local Envoy, which
+#   balances each call over the replicas and stops sending to a draining one itself. No client health
+#   check there: it would watch whichever single replica Envoy sent the Watch to, and when that one
+#   drained the channel would call its only subchannel unhealthy and fail every call.
+# Both: grpc retries a call that got ABORTED, on every method: only a draining server's gate answers it
+# (`grpc_server.ShutdownGate`; no domain error maps to it) and the call never ran, so another attempt on
+# another replica is safe (grpc retries only before the first response arrives and while the request fits
+# its 256 KiB replay buffer). UNAVAILABLE is not retried: a service answers it when its PostgreSQL or S3 is
+# down, possibly after it changed something, and repeating would only stretch the caller's wait past its
+# deadline.
+RETRY_METHOD_CONFIG = [{
+    "name": [{}],  # every method of every service
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["ABORTED"]},
+}]
+SERVICE_CONFIGS = {
+    "client": {"loadBalancingConfig": [{"round_robin": {}}],
+               "healthCheckConfig": {"serviceName": ACCEPTING_HEALTH_NAME},
+               "methodConfig": RETRY_METHOD_CONFIG},
+    "mesh": {"loadBalancingConfig": [{"pick_first": {}}], "methodConfig": RETRY_METHOD_CONFIG},
 }
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.enable_retries", 1),
-    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
-    # Each channel owns its connections: with grpc's process-wide pool a new channel inherits a shared
-    # subchannel's reconnect backoff (an old channel's failures) and fails its first calls at once.
-    ("grpc.use_local_subchannel_pool", 1),
-]
+SERVICE_CONFIG = SERVICE_CONFIGS["client"]  # the local stack's and compose's
+
+
+def channel_options(balancing: str = "client") -> list[tuple[str, object]]:
+    """The options of every channel to an llmp service, balancing as `balancing` (SERVICE_CONFIGS) says."""
+    return [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(SERVICE_CONFIGS[balancing])),
+        # Each channel owns its connections: with grpc's process-wide pool a new channel inherits a shared
+        # subchannel's reconnect backoff (an old channel's failures) and fails its first calls at once.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
 DEFAULT_TIMEOUT = 30.0
 # On inference calls for one deployment: which deployment, for the mesh. On Kubernetes the `inference`
 # VirtualService routes a deployment's calls by this header to its stable/canary split (inference/mesh.py).
@@ -145,6 +160,7 @@ class ServiceClients:
     def __init__(self, settings: Settings, *, tracer_provider: TracerProvider | None = None,
                  default_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.addresses = dict(settings.service_addrs)
+        self.options = channel_options(settings.grpc_balancing)
         self.interceptors = [*CallPolicy(default_timeout).interceptors(),
                              *tracing.client_interceptors(tracer_provider or tracing.process_provider())]
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -152,7 +168,7 @@ class ServiceClients:
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.aio.insecure_channel(self.addresses[service], options=CHANNEL_OPTIONS,
+            self._channels[service] = grpc.aio.insecure_channel(self.addresses[service], options=self.options,
                                                                 interceptors=self.interceptors)
         return self._channels[service]
 

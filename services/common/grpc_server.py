@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 READINESS_INTERVAL = 2.0  # seconds between readiness probes of the backends
 FINAL_GRACE = 0.5  # seconds the transport gets to send what is left once the application's calls drained
 # A grpc.health.v1 name that is SERVING from start until shutdown begins, whatever the readiness checks
-# say: what llmp's own clients health-check each replica with (`grpc_client.SERVICE_CONFIG`), so they
+# say: what llmp's own clients health-check each replica with (`grpc_client.SERVICE_CONFIGS['client']`), so they
 # stop sending to a draining replica at once, yet keep calling one whose backend is down (its calls
 # then answer 503 with the reason, rather than failing as "no healthy backend").
 ACCEPTING_HEALTH_NAME = "llmp.accepting"
@@ -231,7 +231,7 @@ class GrpcApp:
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes),
                      ("grpc.so_reuseport", 0),
-                     # llmp's clients ping every 30 s (grpc_client.CHANNEL_OPTIONS) and keep a health Watch open
+                     # llmp's clients ping every 30 s (grpc_client.channel_options) and keep a health Watch open
                      # on every replica; by default a server allows a ping only every 5 min on a connection
                      # sending no data and answers the third with GOAWAY too_many_pings, failing its calls.
                      ("grpc.keepalive_permit_without_calls", 1),

@@ -155,14 +155,11 @@ def test_dependency_graph_has_no_cycle():
 
 
 @pytest.mark.parametrize("service", LLMP_SERVICES)
-def test_llmp_services_are_built_from_their_own_dockerfile(service):
-    image_of = {"training-worker": "training"}
-    source = image_of.get(service, service)
-    dockerfile = "gateway/Dockerfile" if source == "gateway" else f"services/{source}/Dockerfile"
-    builder = "training" if service == "training-worker" else service
-    assert SERVICES[builder]["build"] == {"context": ".", "dockerfile": dockerfile}
-    assert (ROOT / dockerfile).is_file()
-    assert SERVICES[service]["image"] == SERVICES[builder]["image"]
+def test_llmp_services_are_built_from_the_one_dockerfile_with_their_component(service):
+    component = {"training-worker": "training"}.get(service, service)
+    assert SERVICES[service]["build"] == {"context": ".", "dockerfile": "Dockerfile", "args": {"COMPONENT": component}}
+    assert (ROOT / "deploy" / "locks" / f"{component}.lock").is_file()
+    assert SERVICES[service]["image"] == f"llmp/{component}:0.1.0"
 
 
 def test_training_worker_consumes_the_gpu_queue_of_the_worker_app():
@@ -203,27 +200,56 @@ def test_triton_is_the_pinned_ngc_image_reading_its_repository_from_minio_with_e
     assert f"llmp/{llmp['LLMP_S3_BUCKET']}/triton-models/" in SERVICES["minio-init"]["command"][0]
 
 
-def test_minio_credentials_are_the_ones_llmp_uses():
+def test_llmp_uses_a_bucket_scoped_s3_user_that_minio_init_creates_never_the_root():
+    """MinIO's root credentials stay with MinIO and minio-init (issue 16, defect 10); llmp's services and
+    Triton use the user minio-init creates, with read-write on the llmp bucket only."""
+    import json
+
     minio = environment("minio")
+    init = environment("minio-init")
     llmp = environment("dataset")
-    assert (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]) == (
-        llmp["LLMP_S3_ACCESS_KEY"], llmp["LLMP_S3_SECRET_KEY"])
+    root = (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"])
     assert len(minio["MINIO_ROOT_PASSWORD"]) >= 8  # MinIO refuses shorter root passwords
+    assert (init["ROOT_USER"], init["ROOT_PASSWORD"]) == root
+    assert (init["S3_USER"], init["S3_USER_SECRET"]) == (llmp["LLMP_S3_ACCESS_KEY"], llmp["LLMP_S3_SECRET_KEY"])
+    assert llmp["LLMP_S3_ACCESS_KEY"] != root[0]
+    for name in SERVICES:
+        values = set(environment(name).values())
+        if name not in {"minio", "minio-init"}:
+            assert root[1] not in values, f"{name} gets MinIO's root password"
+    script = SERVICES["minio-init"]["command"][0]
+    assert 'mc admin user add llmp "$S3_USER" "$S3_USER_SECRET"' in interpolate(script)
+    (mount,) = SERVICES["minio-init"]["volumes"]
+    source, target, _ = mount.split(":")
+    assert f"mc admin policy create llmp llmp-bucket {target}" in script
+    policy = json.loads((ROOT / source).read_text())
+    bucket = llmp["LLMP_S3_BUCKET"]
+    assert {resource for statement in policy["Statement"] for resource in statement["Resource"]} == {
+        f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}
 
 
-def test_database_url_matches_the_postgres_service():
+def test_each_llmp_service_connects_as_its_own_role_never_the_superuser():
+    """The postgres container creates one role per component from deploy/base/postgres-init (mounted on
+    its initdb folder) with the passwords it is given; each service's URL names its own."""
+    from urllib.parse import urlsplit
+
     postgres = environment("postgres")
-    url = environment("dataset")["LLMP_DATABASE_URL"]
-    assert url == (f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
-                   f"@postgres:{topology.POSTGRES_PORT}/{postgres['POSTGRES_DB']}")
+    assert "./deploy/base/postgres-init:/docker-entrypoint-initdb.d:ro" in SERVICES["postgres"]["volumes"]
+    assert "POSTGRES_USER" not in postgres  # the superuser is `postgres`, used by nobody else
+    for service in LLMP_SERVICES:
+        role = {"training-worker": "training"}.get(service, service)
+        url = urlsplit(environment(service)["LLMP_DATABASE_URL"])
+        assert (url.username, url.password) == (f"llmp_{role}", postgres[f"{role.upper()}_DB_PASSWORD"])
+        assert (url.hostname, url.port, url.path) == ("postgres", topology.POSTGRES_PORT, f"/{postgres['POSTGRES_DB']}")
+        assert url.password != postgres["POSTGRES_PASSWORD"]
 
 
 def test_secrets_come_from_the_environment_when_set():
     raw = SERVICES["gateway"]["environment"]
-    env = {**DEV_ENV, "LLMP_ADMIN_KEY": "k-123", "LLMP_S3_SECRET_KEY": "s3cr3t-from-env", "POSTGRES_PASSWORD": "pw"}
+    env = {**DEV_ENV, "LLMP_ADMIN_KEY": "k-123", "LLMP_S3_SECRET_KEY": "s3cr3t-from-env", "GATEWAY_DB_PASSWORD": "pw"}
     assert interpolate(raw["LLMP_ADMIN_KEY"], env) == "k-123"
     assert interpolate(raw["LLMP_S3_SECRET_KEY"], env) == "s3cr3t-from-env"
-    assert interpolate(raw["LLMP_DATABASE_URL"], env) == "postgresql://llmp:pw@postgres:5432/llmp"
+    assert interpolate(raw["LLMP_DATABASE_URL"], env) == "postgresql://llmp_gateway:pw@postgres:5432/llmp"
 
 
 def test_only_the_gateway_is_published_beyond_loopback():
@@ -252,7 +278,9 @@ def test_secrets_have_no_default_and_the_dev_env_file_sets_each():
         assert match["op"] == "?", f"{match[0]} has a default"
         with pytest.raises(KeyError):
             interpolate(match[0], {})
-    assert {match["name"] for match in references} == set(DEV_ENV)
+    assert {match["name"] for match in references} <= set(DEV_ENV)
+    required = {match["name"] for match in INTERPOLATION.finditer(text) if match["op"] == "?"}
+    assert required == set(DEV_ENV), "the dev env file sets exactly what compose requires"
 
 
 @pytest.mark.parametrize("service", sorted(name for name, spec in SERVICES.items()

@@ -104,3 +104,67 @@ def test_no_job_waits_on_a_sidecar_and_the_bucket_is_made_inside_minio(overlay):
     env = {variable["name"] for variable in server["env"]}
     for user, secret in re.findall(r'^user "\$(\w+)" "\$(\w+)"', script, re.MULTILINE):
         assert {user, secret} <= env
+
+
+# The image (and so the database role) a workload runs as: the training worker is the training component.
+ROLE_OF = {"training-worker": "training"}
+
+
+def test_each_component_connects_to_postgresql_as_its_own_role(overlay):
+    """The components whose code reads LLMP_DATABASE_URL are exactly those postgres-init gives a role,
+    and each workload gets its own role's URL only (issue 16, defect 10)."""
+    _, objects = overlay
+    readers = {component for component in ENTRY_MODULES if "database_url" in _fields_read(component)}
+    script = (ROOT / "deploy" / "base" / "postgres-init" / "llmp-roles.psql").read_text()
+    roles = set(re.findall(r"\('(\w+)', :'\1_password'\)", script))
+    assert roles == {ROLE_OF.get(component, component) for component in readers}
+    for workload in _pods(objects).values():
+        component = workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+        for container in containers(workload):
+            got = {name for name, keys in received(container).items() if "LLMP_DATABASE_URL" in keys}
+            if component in readers:
+                assert got == {f"llmp-{ROLE_OF.get(component, component)}-database"}, (component, got)
+            else:
+                assert not got, (component, got)
+    for component in roles:
+        url = BASE_SECRETS[f"llmp-{component}-database"]["stringData"]["LLMP_DATABASE_URL"]
+        assert url.startswith(f"postgresql://llmp_{component}:"), url
+
+
+def test_postgres_creates_the_roles_with_the_passwords_it_is_given(overlay):
+    _, objects = overlay
+    (server,) = containers(_pods(objects)["postgres"])
+    env = {variable["name"]: variable for variable in server["env"]}
+    script = (ROOT / "deploy" / "base" / "postgres-init" / "10-llmp-roles.sh").read_text()
+    for variable in re.findall(r'="\$(\w+)"', script):
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        component = variable.removesuffix("_DB_PASSWORD").lower()
+        assert (ref["name"], ref["key"]) == ("llmp-postgres", f"{component}-password")
+    assert env["POSTGRES_DB"]["value"] == "llmp"
+    mounts = {mount["mountPath"]: mount["name"] for mount in server["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in _pods(objects)["postgres"]["spec"]["template"]["spec"]["volumes"]}
+    init = volumes[mounts["/docker-entrypoint-initdb.d"]]["configMap"]
+    config_maps = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "ConfigMap"}
+    assert set(config_maps[init["name"]]["data"]) == {"10-llmp-roles.sh", "llmp-roles.psql"}
+    assert init["defaultMode"] & 0o111, "executed, not sourced into the entrypoint's shell"
+
+
+def test_each_component_has_an_s3_user_of_its_own(overlay):
+    """Every workload whose code reads the S3 settings gets the keys of a user no other component holds,
+    and the minio pod creates that user (with a policy limited to the llmp bucket)."""
+    _, objects = overlay
+    readers = {component for component in ENTRY_MODULES if "s3" in _fields_read(component)}
+    holders: dict[str, set[str]] = {}
+    for workload in _pods(objects).values():
+        component = workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+        if component == "minio":  # the server itself, which creates the users
+            continue
+        for container in containers(workload):
+            for name, keys in received(container).items():
+                if "LLMP_S3_ACCESS_KEY" in keys:
+                    holders.setdefault(name, set()).add(component)
+    assert set().union(*holders.values()) == readers
+    assert all(len(components) == 1 for components in holders.values()), holders
+    (minio,) = containers(_pods(objects)["minio"])
+    given = {variable["valueFrom"]["secretKeyRef"]["name"] for variable in minio["env"] if "valueFrom" in variable}
+    assert set(holders) <= given, "the minio pod creates every user llmp's components use"

@@ -1,15 +1,21 @@
-"""The per-service Dockerfiles: multi-stage, pinned bases, the lock, non-root, gRPC/HTTP healthchecks.
+"""llmp's one Dockerfile: a COMPONENT build argument per image, multi-stage, pinned bases, the
+component's lock, non-root, gRPC/HTTP healthchecks.
 
-No Docker engine runs here; each Dockerfile is parsed into its instructions and checked, and the
-healthcheck module it runs is exercised for real in test_healthcheck.py.
+No Docker engine runs here; the Dockerfile is parsed into its instructions and each component's image
+is resolved from it as BuildKit would (the COMPONENT argument substituted, the final stage followed
+through the stages it builds on). The build stage's install step is run for real in a shell with `pip`
+and `python` recording their arguments, so what each image installs (torch or not, which build) is
+what the shell the image build runs decides. The healthcheck module is exercised in test_healthcheck.py.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,13 +23,13 @@ import pytest
 from services.common import topology
 
 ROOT = Path(__file__).resolve().parents[3]
+DOCKERFILE = ROOT / "Dockerfile"
 GATEWAY = "gateway"
-# component -> (Dockerfile, the module its CMD starts, the address its HEALTHCHECK asks, ports it exposes)
+# component -> (the module its CMD starts, the address its HEALTHCHECK asks, ports it exposes)
 IMAGES = {
-    **{service.name: (f"services/{service.name}/Dockerfile", service.module, f"127.0.0.1:{service.port}",
-                      {service.port, service.metrics_port}) for service in topology.GRPC_SERVICES},
-    GATEWAY: ("gateway/Dockerfile", topology.GATEWAY_MODULE, f"http://127.0.0.1:{topology.GATEWAY_PORT}/healthz",
-              {topology.GATEWAY_PORT}),
+    **{service.name: (service.module, f"127.0.0.1:{service.port}", {service.port, service.metrics_port})
+       for service in topology.GRPC_SERVICES},
+    GATEWAY: (topology.GATEWAY_MODULE, f"http://127.0.0.1:{topology.GATEWAY_PORT}/healthz", {topology.GATEWAY_PORT}),
 }
 
 
@@ -67,8 +73,8 @@ def global_args(parsed: list[tuple[str, str]]) -> dict[str, str]:
     return args
 
 
-def resolve(image: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], image)
+def resolve(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), text)
 
 
 def pinned(image: str) -> bool:
@@ -79,69 +85,118 @@ def pinned(image: str) -> bool:
     return bool(re.match(r"\d+\.\d+\.\d+", tag))
 
 
+PARSED = instructions(DOCKERFILE)
+STAGES = {words[2]: stage for stage in stages(PARSED)
+          if len(words := stage[0][1].split()) == 3 and words[1].upper() == "AS"}
+
+
+def image_of(component: str) -> list[tuple[str, str]]:
+    """The instructions that make `component`'s image, oldest stage first: the final `FROM ${COMPONENT}`
+    resolved with the build argument, then each stage it is built `FROM`, back to the base image."""
+    args = {**global_args(PARSED), "COMPONENT": component}
+    final = stages(PARSED)[-1]
+    chain: list[list[tuple[str, str]]] = [final]
+    source = resolve(final[0][1].split()[0], args)
+    while source in STAGES:
+        chain.append(STAGES[source])
+        source = resolve(STAGES[source][0][1].split()[0], args)
+    return [instruction for stage in reversed(chain) for instruction in stage]
+
+
 @pytest.fixture(params=sorted(IMAGES), ids=str)
 def image(request):
-    dockerfile, module, health_addr, ports = IMAGES[request.param]
-    parsed = instructions(ROOT / dockerfile)
-    return request.param, parsed, module, health_addr, ports
+    module, health_addr, ports = IMAGES[request.param]
+    return request.param, image_of(request.param), module, health_addr, ports
 
 
-def test_multi_stage_with_pinned_bases(image):
-    _, parsed, *_ = image
-    args = global_args(parsed)
-    froms = [value.split() for name, value in parsed if name == "FROM"]
-    assert len(froms) >= 2, "a build stage and a runtime stage"
-    for words in froms:
-        assert pinned(resolve(words[0], args)), words[0]
-        assert words[1].upper() == "AS"
-    runtime = stages(parsed)[-1]
-    assert any(name == "COPY" and value.startswith("--from=build ") for name, value in runtime)
+def test_one_dockerfile_for_every_component():
+    assert sorted(ROOT.glob("**/Dockerfile")) == [DOCKERFILE, ROOT / "deploy" / "triton" / "Dockerfile"]
+    assert set(IMAGES) <= set(STAGES), sorted(set(IMAGES) - set(STAGES))
+    assert resolve(stages(PARSED)[-1][0][1], {"COMPONENT": "x"}) == "x", "the image built is COMPONENT's stage"
 
 
-def test_installs_the_lock_without_resolving_then_the_project(image):
-    _, parsed, *_ = image
-    build = " ".join(value for name, value in stages(parsed)[0] if name == "RUN")
-    assert re.search(r"pip install --no-deps -r (requirements-runtime\.lock|/tmp/lock-without-torch\.txt)", build)
-    assert "pip install --no-deps --no-build-isolation ." in build
-    copied = [value for name, value in stages(parsed)[0] if name == "COPY"]
-    assert copied.index("requirements-runtime.lock ./") < copied.index("services ./services"), \
-        "the lock is installed before the sources are copied, so code edits keep the dependency layer"
+def test_multi_stage_with_pinned_bases():
+    args = global_args(PARSED)
+    for stage in stages(PARSED):
+        source = resolve(stage[0][1].split()[0], args)
+        assert source in STAGES or source == args["COMPONENT"] or pinned(source), source
+    assert any(name == "COPY" and value.startswith("--from=build ") for name, value in STAGES["runtime"])
 
 
 def test_runs_as_a_non_root_user(image):
     _, parsed, *_ = image
-    users = [value for name, value in stages(parsed)[-1] if name == "USER"]
+    users = [value for name, value in parsed if name == "USER"]
     assert users, "the runtime stage sets USER"
-    user = users[-1].split(":")[0]
-    assert user not in {"root", "0"}
+    assert users[-1].split(":")[0] not in {"root", "0"}
 
 
 def test_starts_the_topology_module_and_checks_health_over_its_protocol(image):
     _, parsed, module, health_addr, _ = image
-    runtime = dict(stages(parsed)[-1])
+    runtime = dict(parsed)  # the last of each instruction wins, as in the image
     assert json.loads(runtime["CMD"]) == ["python", "-m", module]
-    healthcheck = runtime["HEALTHCHECK"]
-    command = json.loads(healthcheck.split("CMD", 1)[1])
+    command = json.loads(runtime["HEALTHCHECK"].split("CMD", 1)[1])
     assert command == ["python", "-m", "services.common.healthcheck", health_addr]
     assert runtime["STOPSIGNAL"] == "SIGTERM"
 
 
 def test_exposes_its_ports_and_listens_on_every_interface(image):
     _, parsed, _, _, ports = image
-    runtime = stages(parsed)[-1]
-    exposed = {int(port) for name, value in runtime if name == "EXPOSE" for port in value.split()}
+    exposed = {int(port) for name, value in parsed if name == "EXPOSE" for port in value.split()}
     assert exposed == ports
-    env = " ".join(value for name, value in runtime if name == "ENV")
+    env = " ".join(value for name, value in parsed if name == "ENV")
     assert "LLMP_BIND_HOST=0.0.0.0" in env
 
 
-def test_training_image_carries_cuda_torch_and_the_others_cpu_torch():
-    for name, (dockerfile, *_) in IMAGES.items():
-        build = " ".join(value for kind, value in stages(instructions(ROOT / dockerfile))[0] if kind == "RUN")
-        if name == "training":
-            assert "pip install -c requirements-runtime.lock" in build and "whl/cpu" not in build
+def _install_step(component: str, tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Run the build stage's RUN steps for `component` in a shell whose `pip` and `python` record their
+    arguments; returns (pip calls, python calls)."""
+    build = STAGES["build"]
+    work = tmp_path / component
+    (work / "bin").mkdir(parents=True)
+    (work / "component.lock").write_text((ROOT / "deploy" / "locks" / f"{component}.lock").read_text())
+    for tool in ("pip", "python"):
+        script = work / "bin" / tool
+        script.write_text(f'#!/bin/sh\necho "$*" >> "{work}/{tool}.calls"\n')
+        script.chmod(0o755)
+    steps = [resolve(value, {"COMPONENT": component}) for name, value in build if name == "RUN"
+             and "venv" not in value]
+    for step in steps:
+        done = subprocess.run(["sh", "-ec", step.replace("/tmp/", f"{work}/")], cwd=work, capture_output=True,
+                              text=True, env={**os.environ, "PATH": f"{work}/bin:{os.environ['PATH']}",
+                                              "COMPONENT": component})
+        assert done.returncode == 0, done.stderr
+    calls = [(work / f"{tool}.calls") for tool in ("pip", "python")]
+    return [path.read_text().splitlines() if path.exists() else [] for path in calls]
+
+
+def test_each_image_installs_its_own_lock_then_llmp(image, tmp_path):
+    component, *_ = image
+    build = STAGES["build"]
+    copied = [resolve(value, {"COMPONENT": component}) for name, value in build if name == "COPY"]
+    assert copied[0] == f"deploy/locks/{component}.lock ./component.lock", \
+        "the lock is copied (and installed) before the sources, so code edits keep the dependency layer"
+    pip, python = _install_step(component, tmp_path)
+    assert pip[0] == f"install --no-deps -r {tmp_path / component}/without-torch.lock"
+    assert pip[-1] == "install --no-deps --no-build-isolation ."
+    installed_without_torch = (tmp_path / component / "without-torch.lock").read_text()
+    assert "torch==" not in installed_without_torch
+    module = IMAGES[component][0] if component != "training" else topology.WORKER_APP
+    assert python == [f"-c import {module}, services.common.healthcheck"]
+
+
+def test_torch_only_where_the_lock_has_it_cuda_only_for_training(tmp_path):
+    for component in IMAGES:
+        pip, _ = _install_step(component, tmp_path)
+        torch = [call for call in pip if "torch==" in call]
+        has_torch = "torch==" in (ROOT / "deploy" / "locks" / f"{component}.lock").read_text()
+        if not has_torch:
+            assert not torch, component
+        elif component == "training":
+            assert torch == ["install -c component.lock torch==2.13.0"] and "whl/cpu" not in " ".join(torch)
         else:
-            assert "download.pytorch.org/whl/cpu" in build
+            assert len(torch) == 1 and "--index-url https://download.pytorch.org/whl/cpu" in torch[0], component
+            assert torch[0].endswith("+cpu"), component
+    assert "inference" in IMAGES and "torch==" not in (ROOT / "deploy/locks/inference.lock").read_text()
 
 
 def dockerignore_patterns() -> list[str]:
@@ -149,34 +204,31 @@ def dockerignore_patterns() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+def _matches(path: str, pattern: str) -> bool:
+    plain = pattern.removeprefix("**/")
+    return (fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, plain) or path.split("/")[0] == pattern
+            or path.startswith(pattern.rstrip("/") + "/"))
+
+
 def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path decides; `!pattern` takes it back in."""
+    dropped = False
     for pattern in patterns:
-        plain = pattern.removeprefix("**/")
-        if fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, plain) or path.split("/")[0] == pattern:
-            return True
-    return False
+        if _matches(path, pattern.removeprefix("!")):
+            dropped = not pattern.startswith("!")
+    return dropped
 
 
 def test_dockerignore_keeps_what_the_builds_copy_and_drops_local_state():
     patterns = dockerignore_patterns()
-    for dockerfile, *_ in IMAGES.values():
-        for name, value in instructions(ROOT / dockerfile):
+    for component in IMAGES:
+        for name, value in image_of(component):
             if name == "COPY" and not value.startswith("--from"):
-                *sources, _ = shlex.split(value)
+                *sources, _ = shlex.split(resolve(value, {"COMPONENT": component}))
                 for source in sources:
-                    assert not ignored(source, patterns), f"{dockerfile} copies {source}, which .dockerignore drops"
-    for local in (".venv", ".git", ".llmp", "tests", "services/dataset/__pycache__"):
+                    assert not ignored(source, patterns), f"{component}'s image copies {source}: .dockerignore drops it"
+    for local in (".venv", ".git", ".llmp", "tests", "services/dataset/__pycache__", "deploy/base/gateway.yaml"):
         assert ignored(local, patterns), local
-
-
-def test_the_runtime_lock_is_the_locks_run_time_part():
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_runtime_lock.py"), "--check"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr + done.stdout
 
 
 def _locked(path: Path) -> set[str]:
@@ -189,7 +241,8 @@ def _locked(path: Path) -> set[str]:
 
 def test_images_install_every_module_the_code_imports_and_no_test_tool():
     """Every third-party module llmp's packages import comes from a distribution of the runtime lock;
-    the test and benchmark extras' own tools are not in it."""
+    no image's lock (deploy/locks) holds a test or benchmark tool the code does not itself use (the
+    runtime lock may: peft, a run-time dependency, requires accelerate)."""
     import ast
     import sys
     import tomllib
@@ -217,4 +270,5 @@ def test_images_install_every_module_the_code_imports_and_no_test_tool():
                     imported |= dists
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     tools = {canonicalize_name(Requirement(text).name) for group in ("test", "bench") for text in extras[group]}
-    assert not (tools - imported) & runtime, sorted((tools - imported) & runtime)
+    for lock in sorted((ROOT / "deploy" / "locks").glob("*.lock")):
+        assert not (tools - imported) & _locked(lock), (lock.name, sorted((tools - imported) & _locked(lock)))

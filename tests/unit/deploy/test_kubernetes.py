@@ -8,6 +8,7 @@ the `kubernetes-validate` package (the Kubernetes OpenAPI as JSON Schema, strict
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -60,7 +61,7 @@ def secret_env(objects: list[dict], names: set[str] | None = None) -> dict[str, 
 def config_env(objects: list[dict]) -> dict[str, str]:
     """The settings of an llmp service: the ConfigMap, and the Secrets the services share."""
     return {**by_kind(objects, "ConfigMap")["llmp-config"]["data"],
-            **secret_env(objects, {"llmp-database", "llmp-s3", "llmp-admin-key"})}
+            **secret_env(objects, {"llmp-registry-database", "llmp-registry-s3", "llmp-admin-key"})}
 
 
 # -- rendering and schemas -------------------------------------------------------------------------
@@ -266,10 +267,19 @@ def test_references_resolve(overlay):
 
 
 def test_dev_credentials_agree_with_each_other(dev):
+    """Each component's database URL names its own role (llmp_<component>, created by postgres-init with
+    the password the postgres pod gets for it), never the superuser."""
+    from urllib.parse import urlsplit
+
     secrets = by_kind(dev, "Secret")
-    url = secrets["llmp-database"]["stringData"]["LLMP_DATABASE_URL"]
-    assert f"//llmp:{secrets['llmp-postgres']['stringData']['llmp-password']}@postgres:" in url
-    assert secrets["llmp-postgres"]["stringData"]["password"] not in url  # services are not the superuser
+    postgres = secrets["llmp-postgres"]["stringData"]
+    urls = {name.removeprefix("llmp-").removesuffix("-database"): secret["stringData"]["LLMP_DATABASE_URL"]
+            for name, secret in secrets.items() if name.endswith("-database")}
+    assert set(urls) == {"gateway", *(service.name for service in topology.GRPC_SERVICES)}
+    for component, url in urls.items():
+        parts = urlsplit(url)
+        assert (parts.username, parts.password) == (f"llmp_{component}", postgres[f"{component}-password"])
+        assert postgres["password"] not in url  # services are not the superuser
 
 
 def test_prod_scales_the_serving_path(prod, dev):
@@ -306,3 +316,33 @@ def test_only_inference_may_read_and_patch_its_virtual_service(overlay):
     accounts = by_kind(objects, "ServiceAccount")
     assert [name for name, account in accounts.items() if account.get("automountServiceAccountToken", True)] == [
         "llmp-inference"]
+
+
+def test_llmp_pods_in_the_mesh_leave_grpc_balancing_to_envoy(overlay):
+    """Every llmp pod has a sidecar (the namespace injects it) and reaches the services through ClusterIPs:
+    its channels must not balance or health-check themselves (issue 16, defect 9)."""
+    _, objects = overlay
+    namespaces = [obj for obj in objects if obj["kind"] == "Namespace"]
+    assert all(ns["metadata"]["labels"].get("istio-injection") == "enabled" for ns in namespaces)
+    config = next(obj for obj in objects if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == "llmp-config")
+    assert config["data"]["LLMP_GRPC_BALANCING"] == "mesh"
+    services = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "Service"}
+    for key, address in config["data"].items():
+        if key.endswith("_ADDR"):
+            host = address.rsplit(":", 1)[0]
+            assert services[host]["spec"].get("clusterIP") != "None", f"{host}: headless, yet balanced by Envoy"
+
+
+def test_every_llmp_image_is_a_component_of_the_one_dockerfile(overlay):
+    """`llmp/<component>` images are `docker build --build-arg COMPONENT=<component> .` (the root Dockerfile),
+    except llmp/triton (deploy/triton)."""
+    from test_dockerfiles import IMAGES, STAGES
+
+    _, objects = overlay
+    images = {container["image"] for obj in objects for container in containers(obj)}
+    named = [re.search(r"(?:^|/)llmp/([\w-]+)(?::[\w.-]+|@sha256:\w+)?$", image) for image in images]
+    components = {match.group(1) for match in named if match and match.group(1) != "triton"}
+    assert components == set(IMAGES), sorted(components ^ set(IMAGES))
+    assert components <= set(STAGES)
+    for component in components:
+        assert (ROOT / "deploy" / "locks" / f"{component}.lock").is_file()
