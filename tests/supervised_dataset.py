@@ -1,0 +1,56 @@
+"""A supervised (format=chat) dataset version written locally by the dataset service's own pipeline: no server.
+
+The conversations are additions ("What is 12 plus 30?" → "12 plus 30 is 42."): a tiny model learns the
+answer's shape in a few dozen steps, so a falling loss on the assistant's tokens is a real signal.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from services.common import contracts
+from services.dataset import pipeline
+from services.dataset.options import DatasetOptions, Fractions
+
+
+def addition_chats(count: int, seed: int = 0) -> list[str]:
+    """`count` JSON lines of format=chat: a system prompt, a question, the answer."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        lines.append(json.dumps({"messages": [
+            {"role": "system", "content": "You add numbers."},
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}))
+    return lines
+
+
+def write_supervised_dataset(root: Path, lines: list[str], *, fmt: str = "chat", tokenizer: str = "char",
+                             shard_tokens: int = 4096) -> contracts.DatasetManifest:
+    """Build `lines` with the dataset pipeline into `root` (manifest.json with keys relative to it); return
+    the manifest. Small shards, so readers cross shard boundaries."""
+    corpus = root.parent / f"{root.name}.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    options = DatasetOptions(name="chat", format=fmt, tokenizer=tokenizer, vocab_size=400,
+                             fractions=Fractions(0.8, 0.1, 0.1, 0.0)).validated()
+    root.mkdir(parents=True, exist_ok=True)
+    built = pipeline.build(corpus, options, root, shard_tokens=shard_tokens)
+
+    def rel(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
+    splits = {name: contracts.SplitManifest(**result.stats(), shards=tuple(rel(p) for p in result.shards),
+                                            loss_masks=tuple(rel(p) for p in result.loss_masks),
+                                            examples=rel(result.examples) if result.examples else "")
+              for name, result in built.splits.items()}
+    info = built.tokenizer
+    manifest = contracts.DatasetManifest(
+        name="chat", version=1, tenant="acme", format=fmt, digest="", dtype=built.dtype.name,
+        vocab_size=info.vocab_size, eos_token_id=info.eos_token_id, pad_token_id=info.pad_token_id,
+        tokenizer=contracts.TokenizerManifest(info.kind, info.vocab_size, "tokenizer/", sha256=info.sha256),
+        splits=splits, options=options.as_dict())
+    (root / contracts.DATASET_MANIFEST).write_text(manifest.to_json())
+    return manifest
