@@ -1,7 +1,8 @@
 """A supervised (format=chat) dataset version written locally by the dataset service's own pipeline: no server.
 
-The conversations are additions ("What is 12 plus 30?" → "12 plus 30 is 42."): a tiny model learns the
-answer's shape in a few dozen steps, so a falling loss on the assistant's tokens is a real signal.
+The conversations are additions (user "12+30", assistant "42"): short, so rows pack several, and a tiny
+model learns the answer's shape in a few dozen steps, so a falling loss on the assistant's tokens is a
+real signal.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from services.dataset.options import DatasetOptions, Fractions
 
 
 def addition_chats(count: int, seed: int = 0) -> list[str]:
-    """`count` JSON lines of format=chat: a system prompt, a question, the answer."""
+    """`count` JSON lines of format=chat: a question and its answer."""
     rng = random.Random(seed)
     lines = []
     for _ in range(count):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
-        lines.append(json.dumps({"messages": [
-            {"role": "system", "content": "You add numbers."},
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
+                                              {"role": "assistant", "content": f"{a + b}"}]}))
     return lines
 
 
