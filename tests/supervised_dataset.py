@@ -53,3 +53,30 @@ def write_supervised_dataset(root: Path, lines: list[str], *, fmt: str = "chat",
         splits=splits, options=options.as_dict())
     (root / contracts.DATASET_MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+# A model's own template, not ChatML: BOS first, "[role] content" lines, answers closed by EOS.
+MODEL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+    "{% else %}{{ '[' + m['role'] + '] ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+)
+
+
+def model_tokenizer_folder(folder: Path, chat_template: str | None = MODEL_CHAT_TEMPLATE) -> Path:
+    """A tokenizer as a pretrained model brings it: byte-level BPE whose post-processor adds BOS `<s>`, EOS
+    `</s>`, pad `<pad>`, its chat template saved the way transformers 5 saves it (chat_template.jinja)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["What is the sum of two numbers? The answer is a number."] * 20, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(folder))
+    return folder
