@@ -23,7 +23,8 @@ rows of `block_size` tokens:
   padding, and on each example's first token, so no loss term predicts one example's first token
   from the previous example's last.
 
-Only causal language models train on supervised data; `check_dataset` refuses the others.
+Only causal language models train on supervised data; `JobSpec.check_supervised_dataset` refuses the
+others (at submit, and again here at start).
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from services.training import data, models
 from services.training.models import IGNORE_INDEX
 from services.training.spec import JobSpec
 
-NOT_CAUSAL = {"bert", "t5"}  # families whose objective is not next-token prediction over one sequence
-
 
 def check_dataset(spec: JobSpec, vocab_size: int, train: data.TokenStream | data.Examples,
                   validation: data.TokenStream | data.Examples) -> None:
@@ -45,12 +44,7 @@ def check_dataset(spec: JobSpec, vocab_size: int, train: data.TokenStream | data
     if not isinstance(train, data.Examples):
         spec.check_dataset(vocab_size, train.tokens, validation.tokens)
         return
-    if spec.model.family in NOT_CAUSAL:
-        raise ValidationFailed(f"model.family {spec.model.family} does not train on supervised data (format pairs "
-                               "or chat): its loss is on answer tokens of a causal language model, e.g. gpt2")
-    for name, split in (("train", train), ("validation", validation)):
-        if not len(split):
-            raise ValidationFailed(f"dataset has no examples in its {name} split")
+    spec.check_supervised_dataset(len(train), len(validation))
 
 
 def _trainable(examples: data.Examples, block_size: int) -> np.ndarray:

@@ -157,3 +157,15 @@ def test_the_loss_on_assistant_tokens_falls_during_training(chat_dataset, tmp_pa
 def test_an_encoder_family_is_refused_on_supervised_data(chat_dataset, tmp_path):
     with pytest.raises(ValidationFailed, match="model.family bert does not train on supervised data"):
         make_run(chat_dataset, tmp_path, family="bert")
+
+
+def test_the_submit_check_counts_examples_not_tokens():
+    """What the coordinator checks at submit for a supervised dataset (services/training/server.py)."""
+    spec = JobSpec.from_dict({"dataset": {"name": "chat", "version": 1},
+                              "model": {"family": "gpt2", "block_size": 1024}})
+    spec.check_supervised_dataset(3, 1)  # three short conversations train a 1024-token block: rows are examples
+    with pytest.raises(ValidationFailed, match="dataset has no examples in its validation split"):
+        spec.check_supervised_dataset(3, 0)
+    t5 = JobSpec.from_dict({"dataset": {"name": "chat", "version": 1}, "model": {"family": "t5"}})
+    with pytest.raises(ValidationFailed, match="model.family t5 does not train on supervised data"):
+        t5.check_supervised_dataset(3, 1)
