@@ -100,6 +100,10 @@ class DatasetOptions:
             content["document_mode"] = ""
         if self.tokenizer != "model":  # absent, as before they existed: older versions keep their address
             del content["tokenizer_model"], content["tokenizer_model_version"]
+        if self.supervised:
+            # pairs used to be built as plain text: the same corpus and options now build conversations with
+            # loss masks, a different content, so they must not find a version built the old way.
+            content["examples"] = "conversations"
         return json.dumps(content, sort_keys=True, separators=(",", ":"))
 
     @property
