@@ -32,8 +32,9 @@ UNK = "<|unk|>"
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_JSON = "tokenizer.json"
 # The files of a model's tokenizer copied into a dataset version (the ones a model version has, of these).
+# Training copies a dataset's tokenizer files beside the model it saves: nothing here may be a model file.
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "generation_config.json")
+               "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 
 
 @dataclass(frozen=True)
