@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -188,9 +188,20 @@ def parse(handle: BinaryIO, options: DatasetOptions) -> Iterator[Document]:
             yield _conversation(_messages(record, number), number, offset)
 
 
-def validate(handle: BinaryIO, options: DatasetOptions) -> int:
-    """Parse the whole corpus once, raising on the first bad line; return the number of documents."""
-    count = sum(1 for _ in parse(handle, options))
+def validate(handle: BinaryIO, options: DatasetOptions, check: Callable[[Document], None] | None = None) -> int:
+    """Parse the whole corpus once, raising on the first bad line; return the number of documents.
+
+    `check` is run on every document too (a model's chat template must render each conversation); what it
+    refuses is reported with the document's line.
+    """
+    count = 0
+    for document in parse(handle, options):
+        count += 1
+        if check is not None:
+            try:
+                check(document)
+            except ValidationFailed as error:
+                raise ValidationFailed(f"line {document.line}: {error.message}") from None
     if count == 0:
         raise ValidationFailed("the corpus holds no documents")
     return count

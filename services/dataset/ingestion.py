@@ -33,7 +33,8 @@ from pathlib import Path
 from services.common import contracts
 from services.common.errors import Internal, LlmpError, NotFound, PayloadTooLarge, Unavailable
 from services.common.periodic import Periodic
-from services.dataset import ingest, model_tokenizers, pipeline
+from services.dataset import conversations, ingest, model_tokenizers, pipeline
+from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions, parse_s3_uri
 from services.dataset.versions import LeaseLost, VersionRow, VersionStore, content_digest
 
@@ -113,14 +114,15 @@ class Ingestor:
                      wait: bool = False) -> tuple[VersionRow, bool]:
         """Create (or find) the version for this corpus and options; see the module docstring."""
         options = options.validated()
-        await self._tokenizer_files(tenant, options)  # a missing model or tokenizer fails now, nothing created
+        artifacts = await self._tokenizer_files(tenant, options)  # a missing model or tokenizer fails now
         self.work_dir.mkdir(parents=True, exist_ok=True)
         spool = Path(tempfile.mkstemp(prefix="corpus-", dir=self.work_dir)[1])
         handed_over = False
         try:
             received = await self._receive(tenant, options, chunks, spool)
+            check = await asyncio.to_thread(self._template_check, artifacts, options)
             with open(spool, "rb") as handle:
-                await asyncio.to_thread(ingest.validate, handle, options)
+                await asyncio.to_thread(ingest.validate, handle, options, check)
             digest = content_digest(received.sha256, options)
             # A version is only reserved when it can be built: with S3 away, refuse now (503) rather than
             # accept and fail later.
@@ -152,6 +154,21 @@ class Ingestor:
         if self.tokenizer_source is None:
             raise Unavailable("this dataset service cannot reach the registry for a model's tokenizer")
         return await self.tokenizer_source(tenant, options.tokenizer_model, options.tokenizer_model_version)
+
+    def _template_check(self, artifacts: list, options: DatasetOptions):
+        """For conversations and a model's tokenizer: a check that its chat template renders a conversation
+        and tells its answers apart (a template may refuse some, e.g. roles that do not alternate), so such a
+        line fails the request rather than the build. None otherwise (llmp's own template renders any)."""
+        if not (artifacts and options.supervised):
+            return None
+        folder = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=self.work_dir))
+        try:
+            loaded = tokenizers.load_model_tokenizer(model_tokenizers.download(self.store, artifacts, folder),
+                                                     options.tokenizer_model, options.tokenizer_model_version)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        renderer = conversations.Renderer(loaded.chat_template, loaded.special_tokens)
+        return lambda document: renderer.render(conversations.normalised(document.messages))
 
     async def _store_source(self, row: VersionRow, spool: Path, running: _Running) -> None:
         try:

@@ -96,11 +96,19 @@ async def test_a_bad_line_is_422_naming_it_and_creates_nothing(stack, fmt, line,
     assert (await gateway.get(f"/v1/datasets/sft-bad-{fmt}", headers=AUTH)).status == 404
 
 
-def model_folder(folder: Path, with_tokenizer: bool = True) -> Path:
+# A template that, like Mistral's, refuses conversations whose roles do not alternate user/assistant.
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+)
+
+
+def model_folder(folder: Path, with_tokenizer: bool = True, template: str | None = None) -> Path:
     """A tiny GPT-2 checkpoint, with a pretrained model's kind of tokenizer (BOS, EOS, its own template)."""
     folder.mkdir(parents=True)
     if with_tokenizer:
-        model_tokenizer_folder(folder)
+        model_tokenizer_folder(folder, *([template] if template else []))
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
                                eos_token_id=1, pad_token_id=2)).save_pretrained(folder)
@@ -149,3 +157,25 @@ async def test_a_dataset_tokenized_with_a_registered_models_tokenizer(stack, tmp
     assert no_version.status == 422 and "tokenizer_model_version" in (await no_version.json())["error"]["message"]
     for name in ("sft-bare-ds",):
         assert (await gateway.get(f"/v1/datasets/{name}", headers=AUTH)).status == 404
+
+
+async def test_a_conversation_the_models_template_refuses_is_422_naming_its_line(stack, tmp_path):
+    gateway, registry, store = stack
+    metadata = caller_metadata(Caller(TENANT, "key-test", "developer"))
+    strict = await upload_model_version(registry, store, "sft-strict",
+                                        model_folder(tmp_path / "strict", template=STRICT_TEMPLATE), metadata=metadata)
+    lines = addition_chats(3)
+    lines[1] = json.dumps({"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+1"},
+                                        {"role": "assistant", "content": "2"}]})
+    response = await gateway.post(f"/v1/datasets?name=sft-strict-ds&format=chat&tokenizer=model"
+                                  f"&tokenizer_model=sft-strict&tokenizer_model_version={strict.ref.version}",
+                                  data=("\n".join(lines) + "\n").encode(), headers=AUTH)
+    assert response.status == 422, await response.text()
+    message = (await response.json())["error"]["message"]
+    assert message.startswith("line 2: the chat template cannot render") and "must alternate" in message
+    assert (await gateway.get("/v1/datasets/sft-strict-ds", headers=AUTH)).status == 404
+    # the same template accepts the conversations that alternate
+    ok = await gateway.post(f"/v1/datasets?name=sft-strict-ds&format=chat&tokenizer=model&tokenizer_model=sft-strict"
+                            f"&tokenizer_model_version={strict.ref.version}&wait=true",
+                            data=chat_corpus(30), headers=AUTH)
+    assert ok.status == 201, await ok.text()
