@@ -46,32 +46,40 @@ class Renderer:
         self.template = template or contracts.DEFAULT_CHAT_TEMPLATE
         self.variables = dict(special_tokens or {})  # bos_token, eos_token…: what templates may print
 
-    def text(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    def texts(self, chats: Sequence[Sequence[dict[str, str]]], add_generation_prompt: bool = False) -> list[str]:
+        """Several conversations rendered in one call (the template is compiled once and cached)."""
         from transformers.utils.chat_template_utils import render_jinja_template  # heavy import, used here only
 
+        if not chats:
+            return []
         try:
-            rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=self.template,
+            rendered, _ = render_jinja_template(conversations=[list(chat) for chat in chats],
+                                                chat_template=self.template,
                                                 add_generation_prompt=add_generation_prompt, **self.variables)
         except Exception as error:  # the template's own raise_exception, or a Jinja error
             raise ValidationFailed(f"the chat template cannot render this conversation: {error}") from None
-        return rendered[0]
+        return rendered
+
+    def text(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.texts([messages], add_generation_prompt)[0]
 
     def render(self, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
         """The conversation's text and the [start, end) character spans of its answers."""
         chat = as_dicts(messages)
-        full = self.text(chat)
+        answers = [index for index, (role, _) in enumerate(messages) if role == contracts.ANSWER_ROLE]
+        closed = self.texts([chat[:index + 1] for index in answers])  # through each answer
+        full = closed[-1] if answers and answers[-1] == len(chat) - 1 else self.text(chat)
+        opened = self.texts([chat[:index] for index in answers if index], add_generation_prompt=True)
+        if answers and answers[0] == 0:  # a conversation that starts with an answer
+            opened.insert(0, self._opening())
         spans = []
-        for index, (role, _) in enumerate(messages):
-            if role != contracts.ANSWER_ROLE:
-                continue
-            opened = self.text(chat[:index], add_generation_prompt=True) if index else self._opening()
-            closed = self.text(chat[:index + 1])
-            if not (closed.startswith(opened) and full.startswith(closed)):
+        for before, through in zip(opened, closed, strict=True):
+            if not (through.startswith(before) and full.startswith(through)):
                 raise ValidationFailed("the chat template does not render a conversation prefix by prefix, so the "
                                        "assistant's tokens cannot be told from the rest")
-            end = len(closed.rstrip())
-            if end > len(opened):
-                spans.append((len(opened), end))
+            end = len(through.rstrip())
+            if end > len(before):
+                spans.append((len(before), end))
         return full, spans
 
     def _opening(self) -> str:
