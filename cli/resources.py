@@ -42,7 +42,8 @@ def _get(row: dict, dotted: str):
 
 def dataset_create(args) -> int:
     query = {"name": args.name, "tokenizer": args.tokenizer, "format": args.format, "vocab_size": args.vocab_size,
-             "split_seed": args.split_seed}
+             "split_seed": args.split_seed, "tokenizer_model": args.tokenizer_model,
+             "tokenizer_model_version": args.tokenizer_model_version}
     data = Path(args.file)
     client = _client(args)
     bar = Progress(f"upload {data.name}", data.stat().st_size, "bytes")
@@ -233,9 +234,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     create = command(datasets, "create", dataset_create, "create a dataset version from a file")
     create.add_argument("file")
     create.add_argument("--name", required=True)
-    create.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe")
+    create.add_argument("--tokenizer", choices=["char", "bpe", "model"], default="bpe",
+                        help="model: the tokenizer of a registered model version (--tokenizer-model, "
+                             "--tokenizer-model-version)")
+    create.add_argument("--tokenizer-model", help="with --tokenizer model: the model's name")
+    create.add_argument("--tokenizer-model-version", type=int, help="with --tokenizer model: its version")
     create.add_argument("--vocab-size", type=int)
-    create.add_argument("--format", choices=["text", "jsonl", "pairs"], default="text")
+    create.add_argument("--format", choices=["text", "jsonl", "pairs", "chat"], default="text",
+                        help="pairs ({prompt, completion} lines) and chat ({messages} lines) are supervised: "
+                             "the loss is on the answers only")
     create.add_argument("--split-seed", type=int)
     create.add_argument("--watch", action="store_true", help="follow the ingest with a progress bar until READY")
     command(datasets, "list", dataset_list, "list datasets")

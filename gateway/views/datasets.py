@@ -37,15 +37,20 @@ FINAL_MAX_AGE = 3600  # seconds clients may keep a READY/FAILED version without 
 # Seconds the gateway answers If-None-Match for a READY/FAILED version itself (well under FINAL_MAX_AGE;
 # a DELETE through this gateway forgets it at once, one through another replica within this bound).
 REVALIDATE_LOCALLY = 60.0
-FORMATS = {"text": pb.CORPUS_FORMAT_TEXT, "jsonl": pb.CORPUS_FORMAT_JSONL, "pairs": pb.CORPUS_FORMAT_PAIRS}
+FORMATS = {"text": pb.CORPUS_FORMAT_TEXT, "jsonl": pb.CORPUS_FORMAT_JSONL, "pairs": pb.CORPUS_FORMAT_PAIRS,
+           "chat": pb.CORPUS_FORMAT_CHAT}
 MODES = {"blank-line": pb.DOCUMENT_MODE_BLANK_LINE, "line": pb.DOCUMENT_MODE_LINE}
-TOKENIZERS = {"bpe": pb.TOKENIZER_KIND_BPE, "char": pb.TOKENIZER_KIND_CHAR}
+TOKENIZERS = {"bpe": pb.TOKENIZER_KIND_BPE, "char": pb.TOKENIZER_KIND_CHAR, "model": pb.TOKENIZER_KIND_MODEL}
 CREATE_QUERY = {
     "name": {"type": "string", "pattern": contracts.NAME_PATTERN}, "format": {"enum": list(FORMATS)},
     "document_mode": {"enum": list(MODES)},
     "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
     "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": int32(0, contracts.MAX_VOCAB_SIZE), "split_seed": int64(0),
     "min_doc_chars": int32(0), "max_doc_chars": int32(0),
+    "tokenizer_model": {"type": "string", "pattern": contracts.NAME_PATTERN,
+                        "description": "tokenizer=model: the registered model whose tokenizer files are used "
+                                       "(copied unchanged; 404 when it has no READY version tokenizer_model_version)"},
+    "tokenizer_model_version": int64(1),
     "source": {"type": "string", "pattern": "^s3://",
                "description": "read the corpus from s3://{bucket}/imports/{tenant}/… (the platform bucket, the "
                               "caller tenant's import prefix) instead of the body; any other object is 404, "
@@ -101,6 +106,9 @@ def create_options(request: web.Request) -> pb.DatasetOptions:
         split_seed=query_int(request, "split_seed", 0, CREATE_QUERY["split_seed"]),
         min_doc_chars=query_int(request, "min_doc_chars", 0, CREATE_QUERY["min_doc_chars"]),
         max_doc_chars=query_int(request, "max_doc_chars", 0, CREATE_QUERY["max_doc_chars"]),
+        tokenizer_model=query.get("tokenizer_model", ""),
+        tokenizer_model_version=query_int(request, "tokenizer_model_version", 0,
+                                          CREATE_QUERY["tokenizer_model_version"]),
         fractions=_fractions(request), source_uri=query.get("source", ""),
         wait=query.get("wait", "false").lower() in {"1", "true", "yes"},
     )

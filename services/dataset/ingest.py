@@ -6,18 +6,21 @@ the byte offset) so a user can find the problem in a file of millions of lines.
 
 - `text`: documents separated by blank lines (`blank-line`) or one per non-empty line (`line`).
 - `jsonl`: one JSON object per line, the document in `text_field`; blank lines are skipped.
-- `pairs`: one JSON object per line with `prompt_field` and `completion_field`; the document is the
-  prompt immediately followed by the completion (put the separator you want in either).
+- `pairs`: one JSON object per line with `prompt_field` and `completion_field` strings: the conversation
+  [user: prompt, assistant: completion] (`contracts.pair_messages`).
+- `chat`: one JSON object per line, `{"messages": [{"role", "content"}…]}`, roles system, user and
+  assistant, at least one assistant message (the loss is computed on the assistant's tokens).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from services.common import contracts
 from services.common.errors import InvalidArgument, PayloadTooLarge, ValidationFailed
 from services.dataset.options import DatasetOptions
 
@@ -27,6 +30,9 @@ BOM = b"\xef\xbb\xbf"
 # one string the size of the corpus.
 LINE_LIMIT = 16 * 1024 * 1024  # bytes in one line
 DOCUMENT_LIMIT = 64 * 1024 * 1024  # characters in one document
+MESSAGES_FIELD = "messages"  # format=chat: the field holding the conversation
+
+Messages = tuple[tuple[str, str], ...]  # a conversation: (role, content) per message, in order
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Document:
     text: str
     line: int  # 1-based line where the document starts
     end_offset: int  # byte offset just past the document's last line (for progress)
+    messages: Messages | None = None  # supervised formats: the conversation (`text` is then its contents)
 
 
 def receive(chunks: Iterable[bytes], spool: BinaryIO, limit: int) -> Received:
@@ -127,6 +134,41 @@ def _field(record: dict, name: str, number: int) -> str:
     return value
 
 
+def _messages(record: dict, number: int) -> Messages:
+    """The conversation of a `format=chat` line, every rule checked (the error names the line and message)."""
+    messages = record.get(MESSAGES_FIELD)
+    if not isinstance(messages, list) or not messages:
+        found = "missing" if messages is None else f"a {type(messages).__name__}" if not isinstance(messages, list) \
+            else "empty"
+        raise ValidationFailed(f"line {number}: field {MESSAGES_FIELD!r} must be a non-empty list of "
+                               f"{{\"role\", \"content\"}} objects, but it is {found}")
+    conversation = []
+    for index, message in enumerate(messages):
+        where = f"line {number}: {MESSAGES_FIELD}[{index}]"
+        if not isinstance(message, dict):
+            raise ValidationFailed(f"{where} must be an object with \"role\" and \"content\"")
+        role, content = message.get("role"), message.get("content")
+        if role not in contracts.ROLES:
+            raise ValidationFailed(f"{where}: role must be one of {', '.join(contracts.ROLES)}, not {role!r}")
+        if not isinstance(content, str):
+            found = "missing" if content is None else f"a {type(content).__name__}"
+            raise ValidationFailed(f"{where}: content must be a string, but it is {found}")
+        conversation.append((role, content))
+    if not any(role == contracts.ANSWER_ROLE for role, _ in conversation):
+        raise ValidationFailed(f"line {number}: the conversation has no {contracts.ANSWER_ROLE} message, so "
+                               "nothing in it would be learned")
+    return tuple(conversation)
+
+
+def conversation_text(messages: Messages) -> str:
+    """The contents of a conversation, one message after the other: what cleaning, splits and dedup read."""
+    return "\n\n".join(content for _, content in messages)
+
+
+def _conversation(messages: Messages, number: int, offset: int) -> Document:
+    return Document(conversation_text(messages), number, offset, messages)
+
+
 def parse(handle: BinaryIO, options: DatasetOptions) -> Iterator[Document]:
     """The documents of the corpus in `handle` (opened in binary mode), in order."""
     lines = _decoded_lines(handle)
@@ -135,16 +177,31 @@ def parse(handle: BinaryIO, options: DatasetOptions) -> Iterator[Document]:
     elif options.format == "jsonl":
         for number, record, offset in _json_objects(lines):
             yield Document(_field(record, options.text_field, number), number, offset)
-    else:
+    elif options.format == "pairs":
         for number, record, offset in _json_objects(lines):
             prompt = _field(record, options.prompt_field, number)
             completion = _field(record, options.completion_field, number)
-            yield Document(prompt + completion, number, offset)
+            pair = contracts.pair_messages(prompt, completion)
+            yield _conversation(tuple((m["role"], m["content"]) for m in pair), number, offset)
+    else:
+        for number, record, offset in _json_objects(lines):
+            yield _conversation(_messages(record, number), number, offset)
 
 
-def validate(handle: BinaryIO, options: DatasetOptions) -> int:
-    """Parse the whole corpus once, raising on the first bad line; return the number of documents."""
-    count = sum(1 for _ in parse(handle, options))
+def validate(handle: BinaryIO, options: DatasetOptions, check: Callable[[Document], None] | None = None) -> int:
+    """Parse the whole corpus once, raising on the first bad line; return the number of documents.
+
+    `check` is run on every document too (a model's chat template must render each conversation); what it
+    refuses is reported with the document's line.
+    """
+    count = 0
+    for document in parse(handle, options):
+        count += 1
+        if check is not None:
+            try:
+                check(document)
+            except ValidationFailed as error:
+                raise ValidationFailed(f"line {document.line}: {error.message}") from None
     if count == 0:
         raise ValidationFailed("the corpus holds no documents")
     return count

@@ -33,7 +33,8 @@ from pathlib import Path
 from services.common import contracts
 from services.common.errors import Internal, LlmpError, NotFound, PayloadTooLarge, Unavailable
 from services.common.periodic import Periodic
-from services.dataset import ingest, pipeline
+from services.dataset import conversations, ingest, model_tokenizers, pipeline
+from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions, parse_s3_uri
 from services.dataset.versions import LeaseLost, VersionRow, VersionStore, content_digest
 
@@ -87,7 +88,8 @@ class Ingestor:
 
     def __init__(self, versions: VersionStore, work_dir: Path, max_upload_bytes: int,
                  shard_tokens: int | None = None, *, lease_seconds: float = LEASE_SECONDS,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS,
+                 tokenizer_source: model_tokenizers.ResolveTokenizer | None = None) -> None:
         self.versions = versions
         self.store = versions.store
         self.work_dir = work_dir
@@ -95,6 +97,7 @@ class Ingestor:
         self.shard_tokens = shard_tokens
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = heartbeat_seconds
+        self.tokenizer_source = tokenizer_source  # tokenizer=model: the registry's answer
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this replica, in leases
         self._running: dict[int, _Running] = {}
         self._builds = asyncio.Semaphore(1)
@@ -111,13 +114,15 @@ class Ingestor:
                      wait: bool = False) -> tuple[VersionRow, bool]:
         """Create (or find) the version for this corpus and options; see the module docstring."""
         options = options.validated()
+        artifacts = await self._tokenizer_files(tenant, options)  # a missing model or tokenizer fails now
         self.work_dir.mkdir(parents=True, exist_ok=True)
         spool = Path(tempfile.mkstemp(prefix="corpus-", dir=self.work_dir)[1])
         handed_over = False
         try:
             received = await self._receive(tenant, options, chunks, spool)
+            check = await asyncio.to_thread(self._template_check, artifacts, options)
             with open(spool, "rb") as handle:
-                await asyncio.to_thread(ingest.validate, handle, options)
+                await asyncio.to_thread(ingest.validate, handle, options, check)
             digest = content_digest(received.sha256, options)
             # A version is only reserved when it can be built: with S3 away, refuse now (503) rather than
             # accept and fail later.
@@ -141,6 +146,29 @@ class Ingestor:
         finally:
             if not handed_over:
                 spool.unlink(missing_ok=True)
+
+    async def _tokenizer_files(self, tenant: str, options: DatasetOptions) -> list:
+        """tokenizer=model: the model version's tokenizer artifacts (none for the other kinds)."""
+        if options.tokenizer != "model":
+            return []
+        if self.tokenizer_source is None:
+            raise Unavailable("this dataset service cannot reach the registry for a model's tokenizer")
+        return await self.tokenizer_source(tenant, options.tokenizer_model, options.tokenizer_model_version)
+
+    def _template_check(self, artifacts: list, options: DatasetOptions):
+        """For conversations and a model's tokenizer: a check that its chat template renders a conversation
+        and tells its answers apart (a template may refuse some, e.g. roles that do not alternate), so such a
+        line fails the request rather than the build. None otherwise (llmp's own template renders any)."""
+        if not (artifacts and options.supervised):
+            return None
+        folder = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=self.work_dir))
+        try:
+            loaded = tokenizers.load_model_tokenizer(model_tokenizers.download(self.store, artifacts, folder),
+                                                     options.tokenizer_model, options.tokenizer_model_version)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        renderer = conversations.Renderer(loaded.chat_template, loaded.special_tokens)
+        return lambda document: renderer.render(conversations.normalised(document.messages))
 
     async def _store_source(self, row: VersionRow, spool: Path, running: _Running) -> None:
         try:
@@ -229,6 +257,10 @@ class Ingestor:
                 if spool is None:
                     spool = await self._load_source(row)
                 options = {"shard_tokens": self.shard_tokens} if self.shard_tokens else {}
+                artifacts = await self._tokenizer_files(row.tenant, row.options)
+                if artifacts:
+                    options["model_tokenizer"] = await asyncio.to_thread(
+                        model_tokenizers.download, self.store, artifacts, work / "model-tokenizer")
                 built = await asyncio.to_thread(pipeline.build, spool, row.options, work, report, **options)
                 if running.stop.is_set():
                     raise _Stopped

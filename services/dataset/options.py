@@ -13,7 +13,7 @@ from services.common import contracts
 from services.common.contracts import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from services.common.errors import ValidationFailed
 
-FORMATS = ("text", "jsonl", "pairs")
+FORMATS = contracts.CORPUS_FORMATS  # a manifest names its corpus format
 DOCUMENT_MODES = ("blank-line", "line")
 TOKENIZERS = contracts.TOKENIZER_KINDS  # a manifest names its tokenizer's kind
 DEFAULT_VOCAB_SIZE = 8192
@@ -38,12 +38,12 @@ class DatasetOptions:
     """How to read, clean, split and tokenize a corpus."""
 
     name: str
-    format: str = "text"  # text | jsonl | pairs
+    format: str = "text"  # text | jsonl | pairs | chat
     document_mode: str = "blank-line"  # text only: blank-line | line
     text_field: str = "text"  # jsonl: the field holding the document
     prompt_field: str = "prompt"  # pairs: the prompt's field
     completion_field: str = "completion"  # pairs: the completion's field
-    tokenizer: str = "bpe"  # bpe | char
+    tokenizer: str = "bpe"  # bpe | char | model
     vocab_size: int = DEFAULT_VOCAB_SIZE  # bpe only; the char vocabulary is what the train split holds
     split_seed: int = 0  # keeps a document in its split as the corpus grows
     fractions: Fractions = field(default_factory=Fractions)
@@ -51,6 +51,8 @@ class DatasetOptions:
     max_doc_chars: int = 0  # longer documents are dropped; 0 = no limit
     near_dup_threshold: float = DEFAULT_NEAR_DUP_THRESHOLD  # Jaccard similarity of near duplicates
     source_uri: str = ""  # s3://bucket/key instead of an upload
+    tokenizer_model: str = ""  # tokenizer=model: the registered model whose tokenizer files are used
+    tokenizer_model_version: int = 0  # … and its version
 
     def validated(self) -> "DatasetOptions":
         """These options with every rule checked (ValidationFailed names the first broken one)."""
@@ -61,6 +63,14 @@ class DatasetOptions:
         for label in ("text_field", "prompt_field", "completion_field"):
             if not getattr(self, label):
                 raise ValidationFailed(f"{label} must not be empty")
+        if self.tokenizer == "model":
+            if not self.tokenizer_model or self.tokenizer_model_version < 1:
+                raise ValidationFailed("tokenizer=model needs tokenizer_model (a model name) and "
+                                       "tokenizer_model_version (a version number from 1)")
+            contracts.validate_name(self.tokenizer_model, "tokenizer_model")
+        elif self.tokenizer_model or self.tokenizer_model_version:
+            raise ValidationFailed(f"tokenizer_model and tokenizer_model_version go with tokenizer=model, "
+                                   f"not tokenizer={self.tokenizer}")
         if self.tokenizer == "bpe" and not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
             raise ValidationFailed(f"vocab_size must be between {MIN_VOCAB_SIZE} and {MAX_VOCAB_SIZE}, "
                                    f"not {self.vocab_size}")
@@ -84,11 +94,21 @@ class DatasetOptions:
         """Stable JSON of everything that shapes the content (not the name, not where the bytes came from)."""
         content = asdict(replace(self, name="", source_uri=""))
         del content["name"], content["source_uri"]
-        if self.tokenizer == "char":
+        if self.tokenizer != "bpe":
             content["vocab_size"] = 0
         if self.format != "text":
             content["document_mode"] = ""
+        if self.tokenizer != "model":  # absent, as before they existed: older versions keep their address
+            del content["tokenizer_model"], content["tokenizer_model_version"]
+        if self.supervised:
+            # pairs used to be built as plain text: the same corpus and options now build conversations with
+            # loss masks, a different content, so they must not find a version built the old way.
+            content["examples"] = "conversations"
         return json.dumps(content, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def supervised(self) -> bool:
+        return self.format in contracts.SUPERVISED_FORMATS
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -7,6 +7,12 @@ in order gives its whole token stream.
 
 Documents are encoded in batches with the tokenizer's parallel `encode_batch_fast` (no offsets) and
 flattened straight into a NumPy array, so memory stays bounded by one batch and one shard.
+
+Supervised examples (conversations) are written whole and in order to the same kind of token shards,
+with a loss-mask shard beside each token shard (one byte per token, cut at the same places) and the
+split's example index (where each example starts, then the total), so training can lay out rows that
+never mix two examples' attention or loss. No EOS is added between them: the template's end-of-turn
+ends each answer, and the index, not a token id, marks where an example ends.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from services.common.contracts import shard_file_name
+from services.common.contracts import EXAMPLE_INDEX_DTYPE, LOSS_MASK_DTYPE, loss_mask_file_name, shard_file_name
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
 BATCH_CHARS = 1 << 20  # characters encoded per call
@@ -32,10 +38,12 @@ def dtype_for(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Appends token arrays to `folder/shard-NNNNN.bin` files of at most `shard_tokens` tokens each."""
 
-    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> None:
+    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 file_name=shard_file_name) -> None:
         if shard_tokens <= 0:
             raise ValueError(f"shard_tokens must be positive, not {shard_tokens}")
         self.folder, self.dtype, self.shard_tokens = folder, np.dtype(dtype), shard_tokens
+        self.file_name = file_name  # index -> the shard's file name
         self.paths: list[Path] = []
         self.tokens = 0
         self._handle = None
@@ -62,7 +70,7 @@ class ShardWriter:
     def _next_shard(self) -> None:
         if self._handle is not None:
             self._handle.close()
-        path = self.folder / shard_file_name(len(self.paths))
+        path = self.folder / self.file_name(len(self.paths))
         self.paths.append(path)
         self._handle = open(path, "wb")
         self._room = self.shard_tokens
@@ -82,21 +90,48 @@ def _batches(texts: Iterable[str], budget: int) -> Iterator[list[str]]:
 
 
 def encode(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int, dtype: np.dtype,
-           batch_chars: int = BATCH_CHARS) -> Iterator[np.ndarray]:
-    """Token arrays of consecutive batches of `texts`, each document followed by `eos_id`."""
+           batch_chars: int = BATCH_CHARS, add_special_tokens: bool = False) -> Iterator[np.ndarray]:
+    """Token arrays of consecutive batches of `texts`, each document ending with `eos_id`.
+
+    `add_special_tokens`: let the tokenizer's post-processor frame each document (a model's BOS, or its
+    EOS, as it expects); EOS is then appended only where the tokenizer did not end the document with it.
+    """
     eos = [eos_id]
     for batch in _batches(texts, batch_chars):
-        encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
-        yield np.fromiter(itertools.chain.from_iterable(e.ids + eos for e in encodings), dtype)
+        encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=add_special_tokens)
+        yield np.fromiter(itertools.chain.from_iterable(
+            e.ids if e.ids[-1:] == eos else e.ids + eos for e in encodings), dtype)
 
 
 def pack(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int, writer: ShardWriter,
-         batch_chars: int = BATCH_CHARS) -> int:
+         batch_chars: int = BATCH_CHARS, add_special_tokens: bool = False) -> int:
     """Tokenize `texts` into `writer`; return the number of tokens written."""
     before = writer.tokens
-    for ids in encode(tokenizer, texts, eos_id, writer.dtype, batch_chars):
+    for ids in encode(tokenizer, texts, eos_id, writer.dtype, batch_chars, add_special_tokens):
         writer.write(ids)
     return writer.tokens - before
+
+
+class ExampleWriter:
+    """Supervised examples of one split: token shards, loss-mask shards cut at the same places, the index."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> None:
+        self.tokens = ShardWriter(folder, dtype, shard_tokens)
+        self.masks = ShardWriter(folder, np.dtype(LOSS_MASK_DTYPE), shard_tokens, file_name=loss_mask_file_name)
+        self.index_path = folder / "examples.bin"
+        self.starts: list[int] = []
+        self.loss_tokens = 0
+
+    def write(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self.starts.append(self.tokens.tokens)
+        self.tokens.write(ids)
+        self.masks.write(mask)
+        self.loss_tokens += int(mask.sum())
+
+    def close(self) -> tuple[list[Path], list[Path], Path]:
+        """(token shards, mask shards, example index), the index ending with the split's total."""
+        np.asarray([*self.starts, self.tokens.tokens], dtype=EXAMPLE_INDEX_DTYPE).tofile(self.index_path)
+        return self.tokens.close(), self.masks.close(), self.index_path
 
 
 def read_tokens(paths: Iterable[Path], dtype: np.dtype) -> np.ndarray:

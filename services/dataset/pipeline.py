@@ -2,14 +2,21 @@
 
 One pass over the corpus parses, normalises, filters and deduplicates the documents, assigns each
 to its split and writes it to that split's spool file; only hashes and MinHash indexes stay in
-memory. Then the leakage check, the tokenizer (trained on the train split) and the packing of every
-split. `build` is synchronous and CPU-bound: the service runs it in a worker thread.
+memory. Then the leakage check, the tokenizer (trained on the train split, or a registered model's
+copied unchanged) and the packing of every split. `build` is synchronous and CPU-bound: the service runs
+it in a worker thread.
+
+Supervised formats (pairs, chat) go through the same steps with a conversation as the unit: its
+messages are normalised one by one, and it is split, deduplicated and leak-checked as one document
+(the contents of its messages), so no conversation is ever cut across splits. Packing renders each
+with the chat template and writes its tokens, its loss mask and its place in the example index.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +25,7 @@ import numpy as np
 
 from services.common.contracts import SPLITS
 from services.common.errors import ValidationFailed
-from services.dataset import cleaning, ingest, packing, splits
+from services.dataset import cleaning, conversations, ingest, packing, splits
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions
 
@@ -41,10 +48,13 @@ class SplitResult:
     near_duplicates: int = 0
     leaked_exact: int = 0
     leaked_near: int = 0
+    loss_tokens: int = 0  # supervised: tokens the loss is computed on
+    loss_masks: list[Path] = field(default_factory=list)  # supervised: one per shard
+    examples: Path | None = None  # supervised: the example index
 
     def stats(self) -> dict:
         values = asdict(self)
-        del values["shards"], values["name"]
+        del values["shards"], values["name"], values["loss_masks"], values["examples"]
         return values
 
 
@@ -73,19 +83,20 @@ class Built:
 
 
 class _SplitSpool:
-    """A split's documents, kept one JSON string per line until they are packed."""
+    """A split's documents (texts, or conversations as [role, content] lists), one JSON value per line until
+    they are packed."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.handle = open(path, "w", encoding="utf-8")
         self.doc_ids: list[int] = []
 
-    def add(self, doc_id: int, text: str) -> None:
-        self.handle.write(json.dumps(text, ensure_ascii=False))
+    def add(self, doc_id: int, document: str | ingest.Messages) -> None:
+        self.handle.write(json.dumps(document, ensure_ascii=False))
         self.handle.write("\n")
         self.doc_ids.append(doc_id)
 
-    def documents(self, removed: dict[int, str]) -> Iterator[str]:
+    def documents(self, removed: dict[int, str]) -> Iterator:
         with open(self.path, encoding="utf-8") as handle:
             for doc_id, line in zip(self.doc_ids, handle, strict=True):
                 if doc_id not in removed:
@@ -93,8 +104,11 @@ class _SplitSpool:
 
 
 def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressFn | None = None,
-          shard_tokens: int = packing.DEFAULT_SHARD_TOKENS) -> Built:
-    """Clean, split, tokenize and pack the corpus at `corpus` into `work` (an empty folder)."""
+          shard_tokens: int = packing.DEFAULT_SHARD_TOKENS, model_tokenizer: Path | None = None) -> Built:
+    """Clean, split, tokenize and pack the corpus at `corpus` into `work` (an empty folder).
+
+    `model_tokenizer`: for `tokenizer=model`, the folder holding the model version's tokenizer files.
+    """
     report = progress or (lambda phase, done_bytes, done_docs: None)
     counts = CleaningCounts()
     results = {name: SplitResult(name) for name in SPLITS}
@@ -112,7 +126,12 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                 bytes_done = document.end_offset
                 if counts.documents_in % PROGRESS_EVERY == 0:
                     report("clean", bytes_done, counts.documents_in)
-                text = cleaning.normalise(document.text)
+                messages = None
+                if document.messages is not None:
+                    messages = conversations.normalised(document.messages)
+                    text = ingest.conversation_text(messages)
+                else:
+                    text = cleaning.normalise(document.text)
                 if len(text) < options.min_doc_chars:
                     counts.too_short += 1
                     continue
@@ -132,7 +151,7 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                     continue
                 doc_id = counts.documents_in
                 index.near.add(doc_id, minhash)
-                spools[name].add(doc_id, text)
+                spools[name].add(doc_id, text if messages is None else messages)
                 if name == "train":
                     index.leak_keys.add(cleaning.leak_key(text))
                     train_chars.update(text)
@@ -163,34 +182,71 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                                f"duplicates {counts.exact_duplicates + counts.near_duplicates})")
 
     report("tokenizer", bytes_done, counts.documents_in)
-    if options.tokenizer == "bpe":
-        tokenizer = tokenizers.train_bpe(spools["train"].documents(removed), options.vocab_size)
-    else:
-        tokenizer = tokenizers.build_char(train_chars)
-    info = tokenizers.info(tokenizer, options.tokenizer)
-    tokenizer_files = tokenizers.save(tokenizer, options.tokenizer, work / "tokenizer")
+    loaded, tokenizer_files = _tokenizer(options, spools["train"], removed, train_chars, work / "tokenizer",
+                                         model_tokenizer)
+    tokenizer, info = loaded.tokenizer, loaded.info
+    renderer = conversations.Renderer(loaded.chat_template, loaded.special_tokens)
     dtype = packing.dtype_for(info.vocab_size)
 
     packed = 0
     for name in SPLITS:
         result = results[name]
-        writer = packing.ShardWriter(work / name, dtype, shard_tokens)
 
-        def texts(name: str = name, result: SplitResult = result) -> Iterator[str]:
+        def documents(name: str = name, result: SplitResult = result) -> Iterator:
             nonlocal packed
-            for text in spools[name].documents(removed):
+            for document in spools[name].documents(removed):
+                text = document if isinstance(document, str) else ingest.conversation_text(document)
                 result.bytes += len(text.encode("utf-8"))
                 packed += 1
                 if packed % PROGRESS_EVERY == 0:
                     report("pack", bytes_done, packed)
-                yield text
+                yield document
 
-        try:
-            result.tokens = packing.pack(tokenizer, texts(), info.eos_token_id, writer)
-        finally:
-            result.shards = writer.close()
+        if options.supervised:
+            examples = packing.ExampleWriter(work / name, dtype, shard_tokens)
+            try:
+                for example in conversations.encode(tokenizer, renderer, documents()):
+                    examples.write(example.ids, example.mask)
+            finally:
+                result.shards, result.loss_masks, result.examples = examples.close()
+            result.tokens, result.loss_tokens = examples.tokens.tokens, examples.loss_tokens
+        else:
+            writer = packing.ShardWriter(work / name, dtype, shard_tokens)
+            try:
+                result.tokens = packing.pack(tokenizer, documents(), info.eos_token_id, writer,
+                                             add_special_tokens=loaded.add_special_tokens)
+            finally:
+                result.shards = writer.close()
         spools[name].path.unlink()
     report("pack", bytes_done, packed)
     log.info("built dataset", extra={"documents_in": counts.documents_in, "documents_out": counts.documents_out,
                                      "tokens": sum(r.tokens for r in results.values())})
     return Built(work, results, counts, info, dtype, tokenizer_files)
+
+
+def _tokenizer(options: DatasetOptions, train: _SplitSpool, removed: dict[int, str], train_chars: set[str],
+               folder: Path, model_tokenizer: Path | None) -> tuple[tokenizers.Loaded, list[Path]]:
+    """The version's tokenizer and its files in `folder`: a model's copied unchanged, or one built on train."""
+    if options.tokenizer == "model":
+        if model_tokenizer is None:
+            raise ValueError("tokenizer=model needs the model's tokenizer folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        files = [Path(shutil.copyfile(path, folder / path.name)) for path in sorted(model_tokenizer.iterdir())
+                 if path.is_file()]
+        return tokenizers.load_model_tokenizer(folder, options.tokenizer_model, options.tokenizer_model_version), files
+    chat = options.supervised
+    default = conversations.Renderer(None)
+
+    def texts() -> Iterator[str]:  # what the tokenizer learns from: conversations as the template writes them
+        for document in train.documents(removed):
+            yield document if isinstance(document, str) else default.render(document)[0]
+
+    if options.tokenizer == "bpe":
+        tokenizer = tokenizers.train_bpe(texts(), options.vocab_size, chat=chat)
+    else:
+        if chat:  # the template's own characters (role names, line breaks) besides the contents'
+            for text in texts():
+                train_chars.update(text)
+        tokenizer = tokenizers.build_char(train_chars, chat=chat)
+    files = tokenizers.save(tokenizer, options.tokenizer, folder, chat=chat)
+    return tokenizers.built(tokenizer, options.tokenizer, folder, chat), files

@@ -16,6 +16,7 @@ from services.common.grpc_server import GrpcApp, run_main
 from services.common.s3 import ObjectStore
 from services.dataset.ingestion import HEARTBEAT_SECONDS, LEASE_SECONDS, Ingestor
 from services.dataset.lineage import registry_lineage
+from services.dataset.model_tokenizers import ResolveTokenizer, registry_tokenizers
 from services.dataset.servicer import DatasetServicer
 from services.dataset.versions import ModelsUsing, VersionStore
 
@@ -26,7 +27,8 @@ SERVICE_NAME = "llmp.dataset.v1.DatasetService"
 
 async def build_app(settings: Settings, *, models_using: ModelsUsing | None = None,
                     shard_tokens: int | None = None, lease_seconds: float = LEASE_SECONDS,
-                    heartbeat_seconds: float = HEARTBEAT_SECONDS, build_grace: float | None = None) -> GrpcApp:
+                    heartbeat_seconds: float = HEARTBEAT_SECONDS, build_grace: float | None = None,
+                    tokenizer_source: ResolveTokenizer | None = None) -> GrpcApp:
     """The service's gRPC app, connected to PostgreSQL and S3, not yet started.
 
     It resumes PENDING versions whose lease has lapsed from the moment it is built. At shutdown, after
@@ -37,10 +39,11 @@ async def build_app(settings: Settings, *, models_using: ModelsUsing | None = No
     store = ObjectStore(settings.s3)
     await asyncio.to_thread(store.ensure_bucket)
     versions = VersionStore(db, store)
-    ingestor = Ingestor(versions, settings.state_dir / "dataset-work", settings.max_upload_bytes,
-                        shard_tokens=shard_tokens, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds)
-    ingestor.start()
     clients = ServiceClients(settings)
+    ingestor = Ingestor(versions, settings.state_dir / "dataset-work", settings.max_upload_bytes,
+                        shard_tokens=shard_tokens, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds,
+                        tokenizer_source=tokenizer_source or registry_tokenizers(clients))
+    ingestor.start()
     app = GrpcApp(settings, topology.DATASET)
     app.add_servicer(dataset_pb2_grpc.add_DatasetServiceServicer_to_server,
                      DatasetServicer(ingestor, versions, models_using or registry_lineage(clients)), SERVICE_NAME)

@@ -19,10 +19,11 @@ from services.dataset.options import DEFAULT_NEAR_DUP_THRESHOLD, DEFAULT_VOCAB_S
 from services.dataset.versions import ModelsUsing, VersionRow, VersionStore
 
 FORMATS = {pb.CORPUS_FORMAT_UNSPECIFIED: "text", pb.CORPUS_FORMAT_TEXT: "text", pb.CORPUS_FORMAT_JSONL: "jsonl",
-           pb.CORPUS_FORMAT_PAIRS: "pairs"}
+           pb.CORPUS_FORMAT_PAIRS: "pairs", pb.CORPUS_FORMAT_CHAT: "chat"}
 MODES = {pb.DOCUMENT_MODE_UNSPECIFIED: "blank-line", pb.DOCUMENT_MODE_BLANK_LINE: "blank-line",
          pb.DOCUMENT_MODE_LINE: "line"}
-TOKENIZERS = {pb.TOKENIZER_KIND_UNSPECIFIED: "bpe", pb.TOKENIZER_KIND_BPE: "bpe", pb.TOKENIZER_KIND_CHAR: "char"}
+TOKENIZERS = {pb.TOKENIZER_KIND_UNSPECIFIED: "bpe", pb.TOKENIZER_KIND_BPE: "bpe", pb.TOKENIZER_KIND_CHAR: "char",
+              pb.TOKENIZER_KIND_MODEL: "model"}
 STATES = {"PENDING": pb.VERSION_STATE_PENDING, "READY": pb.VERSION_STATE_READY, "FAILED": pb.VERSION_STATE_FAILED}
 
 
@@ -51,6 +52,8 @@ def options_from_proto(message: pb.DatasetOptions) -> DatasetOptions:
         max_doc_chars=message.max_doc_chars,
         near_dup_threshold=message.near_dup_threshold or DEFAULT_NEAR_DUP_THRESHOLD,
         source_uri=message.source_uri,
+        tokenizer_model=message.tokenizer_model,
+        tokenizer_model_version=message.tokenizer_model_version,
     )
 
 
@@ -67,6 +70,7 @@ def options_to_proto(options: DatasetOptions) -> pb.DatasetOptions:
         split_seed=options.split_seed, fractions=pb.SplitFractions(**vars(options.fractions)),
         min_doc_chars=options.min_doc_chars, max_doc_chars=options.max_doc_chars,
         near_dup_threshold=options.near_dup_threshold, source_uri=options.source_uri,
+        tokenizer_model=options.tokenizer_model, tokenizer_model_version=options.tokenizer_model_version,
     )
 
 
@@ -95,7 +99,9 @@ def version_to_proto(row: VersionRow) -> pb.DatasetVersion:
         tokenizer = stats["tokenizer"]
         message.tokenizer.CopyFrom(pb.TokenizerInfo(
             kind=tokenizer["kind"], vocab_size=tokenizer["vocab_size"], eos_token_id=tokenizer["eos_token_id"],
-            pad_token_id=tokenizer["pad_token_id"], prefix=tokenizer["prefix"], dtype=stats["dtype"]))
+            pad_token_id=tokenizer["pad_token_id"], prefix=tokenizer["prefix"], dtype=stats["dtype"],
+            sha256=tokenizer.get("sha256", ""), model_name=tokenizer.get("model", ""),
+            model_version=tokenizer.get("model_version", 0)))
     return message
 
 

@@ -156,13 +156,26 @@ class VersionStore:
         for split in SPLITS:
             uploads += [(path, key, f"{split}-shard")
                         for path, key in zip(built.splits[split].shards, shard_keys[split], strict=True)]
+        # Supervised versions: each shard's loss mask and the split's example index.
+        mask_keys = {split: tuple(contracts.dataset_loss_mask_key(tenant, name, number, split, index)
+                                  for index in range(len(built.splits[split].loss_masks))) for split in SPLITS}
+        example_keys = {split: contracts.dataset_examples_key(tenant, name, number, split)
+                        if built.splits[split].examples else "" for split in SPLITS}
+        for split in SPLITS:
+            uploads += [(path, key, f"{split}-loss-mask")
+                        for path, key in zip(built.splits[split].loss_masks, mask_keys[split], strict=True)]
+            if example_keys[split]:
+                uploads.append((built.splits[split].examples, example_keys[split], f"{split}-examples"))
         objects = [await asyncio.to_thread(self._upload_verified, path, key, role) for path, key, role in uploads]
+        info = built.tokenizer
         manifest = contracts.DatasetManifest(
             name=name, version=number, tenant=tenant, format=row.options.format, digest=row.digest,
-            dtype=built.dtype.name, vocab_size=built.tokenizer.vocab_size, eos_token_id=built.tokenizer.eos_token_id,
-            pad_token_id=built.tokenizer.pad_token_id,
-            tokenizer=contracts.TokenizerManifest(built.tokenizer.kind, built.tokenizer.vocab_size, tokenizer_prefix),
-            splits={split: contracts.SplitManifest(**built.splits[split].stats(), shards=shard_keys[split])
+            dtype=built.dtype.name, vocab_size=info.vocab_size, eos_token_id=info.eos_token_id,
+            pad_token_id=info.pad_token_id,
+            tokenizer=contracts.TokenizerManifest(info.kind, info.vocab_size, tokenizer_prefix, sha256=info.sha256,
+                                                  model=info.model, model_version=info.model_version),
+            splits={split: contracts.SplitManifest(**built.splits[split].stats(), shards=shard_keys[split],
+                                                   loss_masks=mask_keys[split], examples=example_keys[split])
                     for split in SPLITS},
             objects=tuple(contracts.ManifestObject(**obj) for obj in objects),
             cleaning=vars(built.cleaning).copy(), options=row.options.as_dict(),

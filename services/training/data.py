@@ -10,6 +10,9 @@ visits them in a seeded permutation, and global sample `g` is window `perm_{g //
 of `world` takes samples `position + j * world + r` for `j < batch_size`, then every rank advances the
 position by `batch_size * world`. The position is therefore one integer, identical on every rank;
 restoring it restores the exact sequence of batches.
+
+A supervised version (format pairs or chat) also has, per split, a loss mask beside each shard and an
+example index; `LocalDataset.stream` then returns `Examples`, which `supervised.py` lays out in rows.
 """
 
 from __future__ import annotations
@@ -48,6 +51,27 @@ class TokenStream:
         return out
 
 
+class Examples:
+    """A supervised split: its token stream, the loss mask of every token, and where each example starts."""
+
+    def __init__(self, tokens: TokenStream, masks: TokenStream, index: np.ndarray) -> None:
+        if masks.tokens != tokens.tokens or int(index[-1]) != tokens.tokens:
+            raise ValidationFailed(f"a supervised split's loss masks ({masks.tokens}), example index "
+                                   f"({int(index[-1])}) and tokens ({tokens.tokens}) do not line up")
+        self.stream, self.masks = tokens, masks
+        self.starts = index[:-1].astype(np.int64)  # [examples]
+        self.lengths = np.diff(index).astype(np.int64)  # [examples]
+        self.tokens = tokens.tokens
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def example(self, index: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `limit` (at most) token ids and loss-mask values of example `index`."""
+        start, length = int(self.starts[index]), min(int(self.lengths[index]), limit)
+        return self.stream.read(start, length), self.masks.read(start, length)
+
+
 @dataclass(frozen=True)
 class LocalDataset:
     """A dataset version on local disk: its manifest, shards and tokenizer folder."""
@@ -70,9 +94,24 @@ class LocalDataset:
     def has_split(self, split: str) -> bool:
         return bool(self.info.shards(split))
 
-    def stream(self, split: str) -> TokenStream:
+    @property
+    def supervised(self) -> bool:
+        return self.info.supervised
+
+    def stream(self, split: str) -> TokenStream | Examples:
+        """The split's token stream, or for a supervised version its `Examples`."""
         paths = [self.root / contracts.within_dataset_version(key) for key in self.info.shards(split)]
-        return TokenStream(paths, np.dtype(self.info.numpy_dtype))
+        tokens = TokenStream(paths, np.dtype(self.info.numpy_dtype))
+        if not self.supervised:
+            return tokens
+        found = self.info.splits.get(split)
+        if found is None or not found.examples:
+            return Examples(tokens, tokens, np.zeros(1, dtype=np.int64))
+        masks = TokenStream([self.root / contracts.within_dataset_version(key) for key in found.loss_masks],
+                            np.dtype(contracts.LOSS_MASK_DTYPE))
+        index = np.fromfile(self.root / contracts.within_dataset_version(found.examples),
+                            dtype=np.dtype(contracts.EXAMPLE_INDEX_DTYPE))
+        return Examples(tokens, masks, index)
 
 
 def _tokenizer_digest(folder: Path) -> str:
@@ -95,6 +134,8 @@ def fetch_dataset(store, manifest_key: str, root: Path) -> LocalDataset:
     prefix = manifest_key.rsplit("/", 1)[0] + "/"
     digests = {contracts.within_dataset_version(obj.key): obj.sha256 or None for obj in manifest.objects}
     wanted = {contracts.within_dataset_version(key) for split in contracts.SPLITS for key in manifest.shards(split)}
+    for split in manifest.splits.values():  # supervised: loss masks and example indexes
+        wanted |= {contracts.within_dataset_version(key) for key in (*split.loss_masks, split.examples) if key}
     wanted |= {name for name in digests if name.startswith(contracts.DATASET_TOKENIZER)}
     if not any(name.startswith(contracts.DATASET_TOKENIZER) for name in wanted):
         wanted |= {obj.key[len(prefix):] for obj in store.list(prefix + contracts.DATASET_TOKENIZER)}

@@ -28,6 +28,7 @@ from services.training.servicer import TrainingServicer
 from services.training.spec import JobSpec
 
 log = logging.getLogger(__name__)
+SUPERVISED_FORMATS = (dataset_pb2.CORPUS_FORMAT_PAIRS, dataset_pb2.CORPUS_FORMAT_CHAT)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -47,8 +48,12 @@ def dataset_checker(clients: ServiceClients) -> DatasetCheck:
         if version.state != dataset_pb2.VERSION_STATE_READY:
             state = dataset_pb2.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
             raise ValidationFailed(f"dataset {name} version {number} is {state}, not READY")
-        tokens = {split.name: split.tokens for split in version.splits}
-        spec.check_dataset(version.tokenizer.vocab_size, tokens.get("train", 0), tokens.get("validation", 0))
+        if version.options.format in SUPERVISED_FORMATS:  # rows of whole examples: counted in examples
+            documents = {split.name: split.documents for split in version.splits}
+            spec.check_supervised_dataset(documents.get("train", 0), documents.get("validation", 0))
+        else:
+            tokens = {split.name: split.tokens for split in version.splits}
+            spec.check_dataset(version.tokenizer.vocab_size, tokens.get("train", 0), tokens.get("validation", 0))
         return version.manifest_key
 
     return check

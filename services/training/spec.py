@@ -157,6 +157,18 @@ class JobSpec:
         _check(validation_tokens >= needed, "model.block_size",
                f"is {self.model.block_size} but the validation split has only {validation_tokens} tokens")
 
+    def check_supervised_dataset(self, train_examples: int, validation_examples: int) -> None:
+        """Rules for a supervised dataset (format pairs or chat), whose loss is on the answers' tokens of a
+        causal language model and whose rows are whole examples (so no minimum of tokens)."""
+        _check(self.model.family not in NOT_CAUSAL_FAMILIES, "model.family",
+               f"{self.model.family} does not train on supervised data (format pairs or chat): its loss is on "
+               "answer tokens of a causal language model, e.g. gpt2")
+        _check(train_examples > 0, "dataset", "has no examples in its train split")
+        _check(validation_examples > 0, "dataset", "has no examples in its validation split")
+
+
+NOT_CAUSAL_FAMILIES = ("bert", "t5")  # objectives other than next-token prediction over one sequence
+
 
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:

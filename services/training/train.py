@@ -42,7 +42,7 @@ import transformers
 
 from services.common.contracts import JobLayout
 from services.common.errors import Conflict
-from services.training import checkpoints, data, distributed, events, models
+from services.training import checkpoints, data, distributed, events, models, supervised
 from services.training.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Run:
         info = dataset.info
         self.vocab = models.Vocabulary(info.vocab_size, info.eos_token_id, info.pad_token_id)
         self.train_stream, self.validation_stream = dataset.stream("train"), dataset.stream("validation")
-        spec.check_dataset(self.vocab.size, self.train_stream.tokens, self.validation_stream.tokens)
+        supervised.check_dataset(spec, self.vocab.size, self.train_stream, self.validation_stream)
         self.progress = Progress()
         self.resumed_from: int | None = None
         self.logged: list[events.Train | events.Eval] = []  # so far: checkpoints carry them (see Replayed)
@@ -162,9 +162,9 @@ class Run:
         self.optimizer = make_optimizer(self.model, hp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, hp))
         self.sync = distributed.synchronizer(self.spec.distributed.mode, ctx, self.spec.distributed.sync_interval)
-        self.batches = data.TrainBatches(self.train_stream, self.spec.model.block_size, hp.batch_size,
-                                         seed=hp.seed, rank=ctx.rank, world_size=ctx.world_size,
-                                         pin_memory=ctx.device.type == "cuda")
+        self.batches = supervised.train_batches(self.train_stream, self.spec.model.block_size, hp.batch_size,
+                                                seed=hp.seed, pad_id=self.vocab.pad_token_id, rank=ctx.rank,
+                                                world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
         torch.manual_seed(_seed_for(hp.seed, ctx.rank, 1))  # dropout: distinct per rank
         if restored is not None:
             self._restore(restored)
@@ -219,13 +219,14 @@ class Run:
         return self.hp.batch_size * self.spec.model.block_size * self.hp.grad_accum * self.ctx.world_size
 
     def loss(self, module: torch.nn.Module, tokens: torch.Tensor, generator_seed: int | None) -> torch.Tensor:
-        """The objective's loss on one micro-batch (tokens: int64 [batch, block_size], on the host).
+        """The objective's loss on one micro-batch (tokens: int64 [batch, block_size], or a supervised batch's
+        inputs, on the host).
 
         `generator_seed` seeds the objective's randomness (BERT's masks); None for objectives without any.
         """
         family = self.spec.model.family
         generator = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
-        inputs = models.model_inputs(family, tokens, self.vocab, generator, self.hp.mlm_probability)
+        inputs = supervised.model_inputs(family, tokens, self.vocab, generator, self.hp.mlm_probability)
         moved: dict[int, torch.Tensor] = {}  # gpt2's input_ids and labels are one tensor: copy it once
         for name, value in inputs.items():
             if id(value) not in moved:
@@ -266,8 +267,9 @@ class Run:
     def evaluate(self, stream: data.TokenStream) -> float:
         """Mean loss over the fixed evaluation batches of `stream`, all ranks together (one host sync)."""
         self.model.eval()
-        batches = data.eval_batches(stream, self.spec.model.block_size, self.hp.batch_size, self.hp.eval_batches,
-                                    rank=self.ctx.rank, world_size=self.ctx.world_size)
+        batches = supervised.eval_batches(stream, self.spec.model.block_size, self.hp.batch_size,
+                                          self.hp.eval_batches, pad_id=self.vocab.pad_token_id, rank=self.ctx.rank,
+                                          world_size=self.ctx.world_size)
         losses = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         for index, tokens in enumerate(batches):
             seed = self._objective_seed(3, index * self.ctx.world_size + self.ctx.rank)

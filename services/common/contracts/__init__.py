@@ -20,7 +20,11 @@ from services.common.contracts.chat import (
     pair_messages,
 )
 from services.common.contracts.manifest import (
+    CORPUS_FORMATS,
+    EXAMPLE_INDEX_DTYPE,
+    LOSS_MASK_DTYPE,
     SPLITS,
+    SUPERVISED_FORMATS,
     TOKEN_DTYPES,
     TOKENIZER_KINDS,
     DatasetManifest,
@@ -66,6 +70,8 @@ from services.common.contracts.paths import (
     SOURCES,
     JobLayout,
     dataset_corpus_key,
+    dataset_examples_key,
+    dataset_loss_mask_key,
     dataset_manifest_key,
     dataset_shard_key,
     dataset_tokenizer_prefix,
@@ -73,6 +79,7 @@ from services.common.contracts.paths import (
     export_dir,
     import_prefix,
     job_prefix,
+    loss_mask_file_name,
     model_export_prefix,
     model_version_prefix,
     parse_model_version_key,
@@ -84,6 +91,8 @@ from services.common.contracts.serving import DECODER_SPEC_FILE, DecoderSpec, tr
 __all__ = [
     "ANSWER_ROLE", "CHAT_SPECIAL_TOKENS", "DEFAULT_CHAT_TEMPLATE", "END_OF_TURN", "ROLES", "TURN_START",
     "pair_messages",
+    "CORPUS_FORMATS", "EXAMPLE_INDEX_DTYPE", "LOSS_MASK_DTYPE", "SUPERVISED_FORMATS", "dataset_examples_key",
+    "dataset_loss_mask_key", "loss_mask_file_name",
     "DATASETS", "DATASET_MANIFEST", "DATASET_TOKENIZER", "DECODER_SPEC_FILE", "DEFAULT_PAGE_SIZE",
     "DISTRIBUTED_MODES", "EXPORTS", "EXPORT_FORMATS", "IMPORTS", "JOBS", "MAX_IDEMPOTENCY_KEY", "MAX_PAGE_SIZE",
     "MAX_PRIORITY", "MAX_PROMPT_CHARS", "MAX_STOP_LENGTH", "MAX_STOP_SEQUENCES", "MAX_TEMPERATURE", "MAX_VERSION",

@@ -2,6 +2,7 @@
 
     datasets/{tenant}/{name}/v{version}/             a dataset version (the dataset service writes it)
         manifest.json, tokenizer/…, {split}/shard-{i:05d}.bin
+        {split}/loss-mask-{i:05d}.bin, {split}/examples.bin   supervised formats only
     sources/datasets/{tenant}/{name}/v{version}/corpus   a PENDING version's stored corpus
     imports/{tenant}/…                               corpora a tenant puts there to create datasets from
     jobs/{tenant}/{job_id}/                          what a training job writes
@@ -43,6 +44,20 @@ def shard_file_name(index: int) -> str:
 
 def dataset_shard_key(tenant: str, name: str, version: int, split: str, index: int) -> str:
     return f"{dataset_version_prefix(tenant, name, version)}{split}/{shard_file_name(index)}"
+
+
+def loss_mask_file_name(index: int) -> str:
+    return f"loss-mask-{index:05d}.bin"
+
+
+def dataset_loss_mask_key(tenant: str, name: str, version: int, split: str, index: int) -> str:
+    """The loss mask of shard `index` of a supervised split (one byte per token of that shard)."""
+    return f"{dataset_version_prefix(tenant, name, version)}{split}/{loss_mask_file_name(index)}"
+
+
+def dataset_examples_key(tenant: str, name: str, version: int, split: str) -> str:
+    """The example index of a supervised split."""
+    return f"{dataset_version_prefix(tenant, name, version)}{split}/examples.bin"
 
 
 def import_prefix(tenant: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -104,6 +105,20 @@ def test_a_manifest_round_trips():
     assert manifest.numpy_dtype == "<u4" and manifest.shards("validation") == ()
 
 
+def test_a_supervised_manifest_round_trips_with_its_masks_and_tokenizer_identity():
+    train = contracts.SplitManifest(documents=2, tokens=40, bytes=30, shards=("train/shard-00000.bin",),
+                                    loss_masks=("train/loss-mask-00000.bin",), examples="train/examples.bin",
+                                    loss_tokens=9)
+    manifest = dataclasses.replace(
+        _manifest(), format="chat", splits={"train": train},
+        tokenizer=contracts.TokenizerManifest("model", 300, "tokenizer/", sha256="ab" * 32, model="base",
+                                              model_version=2))
+    assert manifest.supervised and contracts.DatasetManifest.from_json(manifest.to_json()) == manifest
+    body = json.loads(manifest.to_json())
+    assert body["splits"]["train"]["loss_masks"] == ["train/loss-mask-00000.bin"]
+    assert body["tokenizer"]["model"] == "base" and body["tokenizer"]["model_version"] == 2
+
+
 @pytest.mark.parametrize("change, message", [
     ({"dtype": None}, "dtype None"),
     ({"dtype": "int8"}, "dtype 'int8'"),
@@ -111,6 +126,8 @@ def test_a_manifest_round_trips():
     ({"splits": {"holdout": {"documents": 0, "tokens": 0, "bytes": 0, "shards": []}}}, "unknown splits"),
     ({"tokenizer": {"kind": "wordpiece", "vocab_size": 3}}, "tokenizer kind 'wordpiece'"),
     ({"eos_token_id": "three"}, "dataset manifest of wiki v1"),
+    ({"format": "csv"}, "format 'csv' is not one of text, jsonl, pairs, chat"),
+    ({"format": "chat"}, "format chat needs loss masks for every shard and an example index, which split train"),
 ])
 def test_a_manifest_without_what_readers_need_is_refused(change, message):
     body = json.loads(_manifest().to_json())

@@ -31,9 +31,10 @@ def test_jsonl_reads_the_text_field_and_skips_blank_lines():
     assert [d.text for d in parse(b'{"body": "x"}\n', format="jsonl", text_field="body")] == ["x"]
 
 
-def test_pairs_join_prompt_and_completion():
-    data = json.dumps({"prompt": "Q: hi\nA:", "completion": " hello"}).encode()
-    assert [d.text for d in parse(data, format="pairs")] == ["Q: hi\nA: hello"]
+def test_a_pair_is_the_conversation_user_prompt_assistant_completion():
+    data = json.dumps({"prompt": "Q: hi", "completion": "hello"}).encode()
+    [document] = parse(data, format="pairs")
+    assert document.messages == (("user", "Q: hi"), ("assistant", "hello"))
 
 
 def test_invalid_utf8_names_line_and_byte_offset():

@@ -17,6 +17,7 @@ class CorpusFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CORPUS_FORMAT_TEXT: _ClassVar[CorpusFormat]
     CORPUS_FORMAT_JSONL: _ClassVar[CorpusFormat]
     CORPUS_FORMAT_PAIRS: _ClassVar[CorpusFormat]
+    CORPUS_FORMAT_CHAT: _ClassVar[CorpusFormat]
 
 class DocumentMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ class TokenizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOKENIZER_KIND_UNSPECIFIED: _ClassVar[TokenizerKind]
     TOKENIZER_KIND_BPE: _ClassVar[TokenizerKind]
     TOKENIZER_KIND_CHAR: _ClassVar[TokenizerKind]
+    TOKENIZER_KIND_MODEL: _ClassVar[TokenizerKind]
 
 class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,12 +42,14 @@ CORPUS_FORMAT_UNSPECIFIED: CorpusFormat
 CORPUS_FORMAT_TEXT: CorpusFormat
 CORPUS_FORMAT_JSONL: CorpusFormat
 CORPUS_FORMAT_PAIRS: CorpusFormat
+CORPUS_FORMAT_CHAT: CorpusFormat
 DOCUMENT_MODE_UNSPECIFIED: DocumentMode
 DOCUMENT_MODE_BLANK_LINE: DocumentMode
 DOCUMENT_MODE_LINE: DocumentMode
 TOKENIZER_KIND_UNSPECIFIED: TokenizerKind
 TOKENIZER_KIND_BPE: TokenizerKind
 TOKENIZER_KIND_CHAR: TokenizerKind
+TOKENIZER_KIND_MODEL: TokenizerKind
 VERSION_STATE_UNSPECIFIED: VersionState
 VERSION_STATE_PENDING: VersionState
 VERSION_STATE_READY: VersionState
@@ -64,7 +68,7 @@ class SplitFractions(_message.Message):
     def __init__(self, train: _Optional[float] = ..., validation: _Optional[float] = ..., test: _Optional[float] = ..., calibration: _Optional[float] = ...) -> None: ...
 
 class DatasetOptions(_message.Message):
-    __slots__ = ("name", "format", "text_field", "document_mode", "tokenizer", "vocab_size", "split_seed", "fractions", "min_doc_chars", "max_doc_chars", "source_uri", "prompt_field", "completion_field", "wait", "near_dup_threshold")
+    __slots__ = ("name", "format", "text_field", "document_mode", "tokenizer", "vocab_size", "split_seed", "fractions", "min_doc_chars", "max_doc_chars", "source_uri", "prompt_field", "completion_field", "wait", "near_dup_threshold", "tokenizer_model", "tokenizer_model_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +84,8 @@ class DatasetOptions(_message.Message):
     COMPLETION_FIELD_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     NEAR_DUP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: CorpusFormat
     text_field: str
@@ -95,7 +101,9 @@ class DatasetOptions(_message.Message):
     completion_field: str
     wait: bool
     near_dup_threshold: float
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[CorpusFormat, str]] = ..., text_field: _Optional[str] = ..., document_mode: _Optional[_Union[DocumentMode, str]] = ..., tokenizer: _Optional[_Union[TokenizerKind, str]] = ..., vocab_size: _Optional[int] = ..., split_seed: _Optional[int] = ..., fractions: _Optional[_Union[SplitFractions, _Mapping]] = ..., min_doc_chars: _Optional[int] = ..., max_doc_chars: _Optional[int] = ..., source_uri: _Optional[str] = ..., prompt_field: _Optional[str] = ..., completion_field: _Optional[str] = ..., wait: _Optional[bool] = ..., near_dup_threshold: _Optional[float] = ...) -> None: ...
+    tokenizer_model: str
+    tokenizer_model_version: int
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[CorpusFormat, str]] = ..., text_field: _Optional[str] = ..., document_mode: _Optional[_Union[DocumentMode, str]] = ..., tokenizer: _Optional[_Union[TokenizerKind, str]] = ..., vocab_size: _Optional[int] = ..., split_seed: _Optional[int] = ..., fractions: _Optional[_Union[SplitFractions, _Mapping]] = ..., min_doc_chars: _Optional[int] = ..., max_doc_chars: _Optional[int] = ..., source_uri: _Optional[str] = ..., prompt_field: _Optional[str] = ..., completion_field: _Optional[str] = ..., wait: _Optional[bool] = ..., near_dup_threshold: _Optional[float] = ..., tokenizer_model: _Optional[str] = ..., tokenizer_model_version: _Optional[int] = ...) -> None: ...
 
 class CreateDatasetRequest(_message.Message):
     __slots__ = ("options", "chunk")
@@ -114,7 +122,7 @@ class CreateDatasetResponse(_message.Message):
     def __init__(self, version: _Optional[_Union[DatasetVersion, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class SplitStats(_message.Message):
-    __slots__ = ("name", "documents", "tokens", "bytes", "shards", "near_duplicates", "leaked_exact", "leaked_near")
+    __slots__ = ("name", "documents", "tokens", "bytes", "shards", "near_duplicates", "leaked_exact", "leaked_near", "loss_tokens", "loss_masks", "examples")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +131,9 @@ class SplitStats(_message.Message):
     NEAR_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     LEAKED_EXACT_FIELD_NUMBER: _ClassVar[int]
     LEAKED_NEAR_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_MASKS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     documents: int
     tokens: int
@@ -131,7 +142,10 @@ class SplitStats(_message.Message):
     near_duplicates: int
     leaked_exact: int
     leaked_near: int
-    def __init__(self, name: _Optional[str] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., shards: _Optional[_Iterable[str]] = ..., near_duplicates: _Optional[int] = ..., leaked_exact: _Optional[int] = ..., leaked_near: _Optional[int] = ...) -> None: ...
+    loss_tokens: int
+    loss_masks: _containers.RepeatedScalarFieldContainer[str]
+    examples: str
+    def __init__(self, name: _Optional[str] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., shards: _Optional[_Iterable[str]] = ..., near_duplicates: _Optional[int] = ..., leaked_exact: _Optional[int] = ..., leaked_near: _Optional[int] = ..., loss_tokens: _Optional[int] = ..., loss_masks: _Optional[_Iterable[str]] = ..., examples: _Optional[str] = ...) -> None: ...
 
 class CleaningStats(_message.Message):
     __slots__ = ("documents_in", "documents_out", "too_short", "too_long", "exact_duplicates", "near_duplicates", "leaked_exact", "leaked_near")
@@ -154,20 +168,26 @@ class CleaningStats(_message.Message):
     def __init__(self, documents_in: _Optional[int] = ..., documents_out: _Optional[int] = ..., too_short: _Optional[int] = ..., too_long: _Optional[int] = ..., exact_duplicates: _Optional[int] = ..., near_duplicates: _Optional[int] = ..., leaked_exact: _Optional[int] = ..., leaked_near: _Optional[int] = ...) -> None: ...
 
 class TokenizerInfo(_message.Message):
-    __slots__ = ("kind", "vocab_size", "eos_token_id", "pad_token_id", "prefix", "dtype")
+    __slots__ = ("kind", "vocab_size", "eos_token_id", "pad_token_id", "prefix", "dtype", "sha256", "model_name", "model_version")
     KIND_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PAD_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     kind: str
     vocab_size: int
     eos_token_id: int
     pad_token_id: int
     prefix: str
     dtype: str
-    def __init__(self, kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., prefix: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    sha256: str
+    model_name: str
+    model_version: int
+    def __init__(self, kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., prefix: _Optional[str] = ..., dtype: _Optional[str] = ..., sha256: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class DatasetVersion(_message.Message):
     __slots__ = ("name", "version", "state", "error", "digest", "options", "splits", "cleaning", "tokenizer", "objects", "manifest_key", "source_bytes", "created_at", "finished_at", "tenant")
