@@ -145,6 +145,6 @@ ROUTES = [
           "An import's state (PENDING, READY, or FAILED with the reason), files and architecture", tag="models"),
     Route("GET", MODEL + "/versions/{version}/download", download_version,
           "The version's Hugging Face directory as a tar (weights, config, tokenizer, adapter/), each file checked "
-          "against its recorded SHA-256 as it streams", tag="models",
-          responses={200: "application/x-tar; cut short (less than Content-Length) if a file fails its check"}),
+          "against its recorded SHA-256 as it streams (application/x-tar; cut short of its Content-Length if a "
+          "file fails its check)", tag="models"),
 ]

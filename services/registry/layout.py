@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A version's weights: one file, or the index of sharded safetensors (model-00001-of-0000N.safetensors…).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def role_of(path: str) -> str:

@@ -135,7 +135,8 @@ async def test_sharded_tar_gz_in_a_top_folder_imports_over_http(stack, tmp_path)
                                                                            "state": "PENDING"}
     assert answer.headers["Location"] == "/v1/models/sharded/imports/1"
     done = await stack.wait_import("sharded", 1)
-    assert done["state"] == "READY" and done["error"] == "" and done["architecture"] == "LlamaForCausalLM"
+    assert done["state"] == "READY" and done["error"] == "", done
+    assert done["architecture"] == "LlamaForCausalLM"
     assert done["files"] == len(_files(folder))
 
     download = await stack.http.get("/v1/models/sharded/versions/1/download", headers=stack.headers)
@@ -222,7 +223,7 @@ BAD = {  # case -> (status, words the reason must contain)
 async def test_a_bad_archive_is_refused_with_the_reason_and_leaves_nothing(stack, tmp_path, case):
     status, reason = BAD[case]
     name = f"bad-{case}"
-    answer = await stack.http.post(f"/v1/models/{name}/imports", data=bad_archive(case, tmp_path),
+    answer = await stack.http.post(f"/v1/models/{name}/imports", data=io.BytesIO(bad_archive(case, tmp_path)),
                                    headers=stack.headers)
     text = await answer.text()
     assert answer.status == status, text
