@@ -30,7 +30,7 @@ from services.common.model_transfer import upload_model_version
 from services.registry import server
 
 from ... import hf_checkpoints
-from .conftest import tiny_checkpoint
+from ..training import test_training_runtime as training_runtime
 
 pytestmark = [pytest.mark.integration]
 
@@ -149,6 +149,12 @@ async def test_sharded_tar_gz_in_a_top_folder_imports_over_http(stack, tmp_path)
     assert _files(out) == _files(folder)
     assert torch.equal(hf_checkpoints.logits(out), hf_checkpoints.logits(folder))
 
+    other = await stack.http.post("/v1/api-keys", json={"tenant": f"{stack.tenant}x", "role": "developer"},
+                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    stranger = {"Authorization": f"Bearer {(await other.json())['key']}"}
+    for path in ("/v1/models/sharded/versions/1/download", "/v1/models/sharded/imports/1"):
+        assert (await stack.http.get(path, headers=stranger)).status == 404  # another tenant's model
+
 
 def _info(name: str, **fields) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
@@ -253,24 +259,35 @@ async def test_a_download_is_cut_when_a_stored_file_no_longer_matches_its_checks
     assert code == 1 and "cut" in capsys.readouterr().err
 
 
-async def test_a_model_llmp_trained_goes_out_and_back_in_with_exactly_its_logits(stack, tmp_path, capsys):
-    # A version registered the way training publishes one (reserve, upload, commit), GPT-2 with the
-    # character tokenizer training writes.
-    trained = tiny_checkpoint(tmp_path / "trained", seed=3)
+async def test_a_model_llmp_trained_goes_out_and_back_in_with_exactly_its_logits(
+        stack, tmp_path, capsys, tiny_dataset, dataset_uploader, settings_env):
+    # A real (one-process, few-step) training run of llmp's runtime; its final folder registered as the
+    # worker does (reserve, upload, commit).
+    root, manifest = tiny_dataset
+    manifest_key = await asyncio.to_thread(dataset_uploader, stack.registry.store, root, manifest)
+    job_dir, _ = training_runtime.job_file(tmp_path, manifest_key, nproc=1, max_steps=8, eval_interval=4,
+                                           checkpoint_interval=8, log_interval=4)
+    result = await asyncio.to_thread(training_runtime.launch, job_dir, settings_env, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finished = training_runtime.read_events(job_dir)[-1]
+    assert finished["event"] == "finished"
+    trained = Path(finished["final_dir"])
     async with grpc.aio.insecure_channel(stack.settings.listen_addr(topology.REGISTRY)) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         version = await upload_model_version(stub, stack.registry.store, "home-grown", trained,
                                              metadata=caller_metadata(Caller(stack.tenant, "key-test", "developer")))
-    assert version.ref.version == 1
+    assert version.ref.version == 1 and version.lineage.origin == ""
 
     exported = tmp_path / "exported"
     assert await asyncio.to_thread(stack.llmp, "models", "download", "home-grown", "1", str(exported)) == 0
+    assert _files(exported) == _files(trained)
     assert await asyncio.to_thread(stack.llmp, "models", "import", str(exported), "--name", "home-grown") == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.rindex('{\n  "name"'):])["version"] == 2  # the download printed its JSON first
     again = tmp_path / "again"
     assert await asyncio.to_thread(stack.llmp, "models", "download", "home-grown", "2", str(again)) == 0
     assert _files(again) == _files(trained)
-    assert torch.equal(hf_checkpoints.logits(again, "hello"), hf_checkpoints.logits(trained, "hello"))
-    lineage = (await (await stack.http.get("/v1/models/home-grown/versions/2", headers=stack.headers)).json())
-    assert lineage["lineage"]["origin"] == "imported"
+    assert torch.equal(hf_checkpoints.logits(again, "ROMEO: to be"), hf_checkpoints.logits(trained, "ROMEO: to be"))
+    imported = await (await stack.http.get("/v1/models/home-grown/versions/2", headers=stack.headers)).json()
+    assert imported["lineage"]["origin"] == "imported"
+    assert imported["lineage"]["environment"]["architecture"] == "GPT2LMHeadModel"
