@@ -17,6 +17,7 @@ from cli.client import ApiError, Client
 from cli.progress import Progress
 
 FINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "CANCELLED"}
+IMPORT_ANSWER_TIMEOUT = 900.0  # seconds to wait for an import's answer after the last byte was sent
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -182,7 +183,9 @@ def models_import(args) -> int:
         print(f"error: {folder} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
         return 1
     chunks, total = model_archive.archive(folder)
-    client = _client(args)
+    # The answer comes once the registry has verified the upload (a subprocess loading it): minutes for a
+    # large model, longer than the default read timeout.
+    client = Client(args.url, args.key, timeout=IMPORT_ANSWER_TIMEOUT)
     bar = Progress(f"upload {folder.name}", total, "bytes")
     try:
         created = client.upload(f"/v1/models/{args.name}/imports", (chunks, total),

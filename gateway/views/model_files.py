@@ -103,6 +103,8 @@ async def download_version(request: web.Request) -> web.StreamResponse:
         "Content-Disposition": f'attachment; filename="{name}-v{number}.tar"', "X-Llmp-Digest": version.digest})
     response.content_length = length
     await response.prepare(request)
+    if request.method == "HEAD":  # the headers say it all; no file is read
+        return response
     for head, item in zip(headers, artifacts, strict=True):
         await response.write(head)
         digest, size = hashlib.sha256(), 0

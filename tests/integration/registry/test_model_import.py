@@ -143,6 +143,8 @@ async def test_sharded_tar_gz_in_a_top_folder_imports_over_http(stack, tmp_path)
     assert download.status == 200 and download.headers["Content-Type"] == "application/x-tar"
     raw = await download.read()
     assert len(raw) == int(download.headers["Content-Length"])
+    head = await stack.http.head("/v1/models/sharded/versions/1/download", headers=stack.headers)
+    assert head.status == 200 and head.headers["Content-Length"] == download.headers["Content-Length"]
     out = tmp_path / "out"
     with tarfile.open(fileobj=io.BytesIO(raw)) as archive:
         archive.extractall(out, filter="data")
