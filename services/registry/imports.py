@@ -210,6 +210,16 @@ class Imports:
         self.verifying = asyncio.Semaphore(VERIFY_PARALLELISM)
         self.tasks: set[asyncio.Task] = set()
 
+    def remove_leftovers(self) -> int:
+        """Delete the work folders a previous registry process left (it died mid-import: those imports'
+        reservations lapse and the sweep fails them). The work root belongs to one registry process."""
+        if self.work_root is None or not self.work_root.is_dir():
+            return 0
+        stale = [path for path in self.work_root.glob("llmp-import-*") if path.is_dir()]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(stale)
+
     async def start(self, caller: Caller, model_name: str, description: str,
                     chunks: AsyncIterator[bytes]) -> registration.Reservation:
         """Receive and verify the archive, then reserve its version and store it in the background."""

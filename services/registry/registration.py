@@ -220,7 +220,12 @@ async def register(db: Database, store: ObjectStore, caller: Caller, request: Re
             async with limit:
                 return path, await asyncio.to_thread(copy_verified, store, paths[path].key, prefix + path)
 
-        copied = await asyncio.gather(*(one(path) for path in sorted(paths)))
+        # Every copy ends before a failure is handled: one still running would write into the prefix
+        # after `_abandon` emptied it.
+        outcomes = await asyncio.gather(*(one(path) for path in sorted(paths)), return_exceptions=True)
+        if failed := next((item for item in outcomes if isinstance(item, BaseException)), None):
+            raise failed
+        copied = list(outcomes)
         heartbeat.cancel()
         digest = await _mark_ready(db, caller.tenant, name, version, registration_id, copied)
     except BaseException as error:

@@ -39,6 +39,7 @@ async def build(settings: Settings, *, sweep_seconds: float = SWEEP_SECONDS) -> 
     await asyncio.to_thread(store.ensure_bucket)
     exports = Exports(db, store)
     imports = Imports(db, store, settings.max_import_bytes, work_root=settings.state_dir / "registry-imports")
+    await asyncio.to_thread(imports.remove_leftovers)
     # The first sweep runs now (collecting what a crash left), then every `sweep_seconds`; each period
     # also fails exports whose runner stopped heartbeating (another replica that died, say).
     sweeper = registration.sweeper(db, store, sweep_seconds, also=exports.recover)
