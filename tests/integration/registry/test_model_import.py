@@ -293,3 +293,17 @@ async def test_a_model_llmp_trained_goes_out_and_back_in_with_exactly_its_logits
     imported = await (await stack.http.get("/v1/models/home-grown/versions/2", headers=stack.headers)).json()
     assert imported["lineage"]["origin"] == "imported"
     assert imported["lineage"]["environment"]["architecture"] == "GPT2LMHeadModel"
+
+
+async def test_the_cli_reports_a_refused_import_with_its_reason(stack, tmp_path, capsys):
+    mismatched = _edited(hf_checkpoints.build(tmp_path / "mismatched", "mistral"), num_hidden_layers=3)
+    code = await asyncio.to_thread(stack.llmp, "models", "import", str(mismatched), "--name", "refused")
+    assert code == 1
+    assert "422" in (err := capsys.readouterr().err) and "weights do not match config.json" in err, err
+
+    large = hf_checkpoints.build(tmp_path / "large", "gpt2")
+    (large / "extra.safetensors.txt").write_bytes(b"\1" * (IMPORT_LIMIT + 1))
+    code = await asyncio.to_thread(stack.llmp, "models", "import", str(large), "--name", "refused")
+    assert code == 1
+    assert "413" in (err := capsys.readouterr().err) and "import limit" in err, err
+    assert await stack.left_behind("refused") == ([], [])
