@@ -307,3 +307,30 @@ async def test_the_cli_reports_a_refused_import_with_its_reason(stack, tmp_path,
     assert code == 1
     assert "413" in (err := capsys.readouterr().err) and "import limit" in err, err
     assert await stack.left_behind("refused") == ([], [])
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft on transformers 5
+async def test_a_version_with_a_lora_adapter_comes_back_loadable_with_peft(stack, tmp_path, capsys):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = hf_checkpoints.build(tmp_path / "with-adapter", "llama")
+    torch.manual_seed(1)
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    tuned.save_pretrained(folder / "adapter")
+    assert (folder / "adapter" / "adapter_model.safetensors").exists()
+
+    assert await asyncio.to_thread(stack.llmp, "models", "import", str(folder), "--name", "adapted") == 0
+    version = await (await stack.http.get("/v1/models/adapted/versions/1", headers=stack.headers)).json()
+    roles = {item["path"]: item["object"]["role"] for item in version["artifacts"]}
+    assert roles["adapter/adapter_model.safetensors"] == roles["adapter/adapter_config.json"] == "adapter"
+    assert roles["model.safetensors"] == "weights"
+
+    out = tmp_path / "out"
+    assert await asyncio.to_thread(stack.llmp, "models", "download", "adapted", "1", str(out)) == 0
+    capsys.readouterr()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, tuned.eval()(input_ids=ids).logits)
