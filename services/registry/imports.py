@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from services.common import contracts
 from services.common.db import Database
 from services.common.errors import NotFound, PayloadTooLarge, ValidationFailed
 from services.common.identity import Caller
@@ -223,7 +224,7 @@ class Imports:
     async def start(self, caller: Caller, model_name: str, description: str,
                     chunks: AsyncIterator[bytes]) -> registration.Reservation:
         """Receive and verify the archive, then reserve its version and store it in the background."""
-        registration._validate(registration.Registration(model_name, ""), reserving=True)
+        contracts.validate_name(model_name, "model name")  # before a byte is unpacked
         if self.work_root is not None:
             self.work_root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="llmp-import-", dir=self.work_root))
