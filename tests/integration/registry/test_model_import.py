@@ -238,8 +238,9 @@ async def test_a_bad_archive_is_refused_with_the_reason_and_leaves_nothing(stack
     assert reason in json.loads(text)["error"]["message"], text
     rows, objects = await stack.left_behind(name)
     assert rows == [] and objects == []  # no version number taken, no object stored
-    assert not any(Path(stack.registry.imports.work_root).iterdir())  # the unpacked files are gone
-    assert not (tmp_path.parent / "escaped.txt").exists()
+    # The unpacked files are gone, and nothing was written beside them ("../escaped.txt") or at "/etc".
+    assert not any(Path(stack.registry.imports.work_root).iterdir())
+    assert not Path("/etc/llmp-escaped").exists()
     missing = await stack.http.get(f"/v1/models/{name}", headers=stack.headers)
     assert missing.status == 404
 
