@@ -27,7 +27,7 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.identity import Caller, caller_metadata
 from services.common.model_transfer import upload_model_version
-from services.registry import server
+from services.registry import imports, registration, server
 
 from ... import hf_checkpoints
 from ..training import test_training_runtime as training_runtime
@@ -335,3 +335,20 @@ async def test_a_version_with_a_lora_adapter_comes_back_loadable_with_peft(stack
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, tuned.eval()(input_ids=ids).logits)
+
+
+async def test_an_import_whose_registry_died_while_storing_shows_failed_with_the_reason(stack):
+    # What ImportModelVersion leaves when its process dies after answering 202: a reservation of origin
+    # 'imported' that nobody renews. The sweep fails it; the import says so.
+    caller = Caller(stack.tenant, "key-test", "developer")
+    await registration.reserve(stack.db, caller, registration.Registration(
+        "orphaned", "", registration.Lineage(environment={"architecture": "LlamaForCausalLM", "files": "5"},
+                                             origin=imports.ORIGIN)))
+    pending = await (await stack.http.get("/v1/models/orphaned/imports/1", headers=stack.headers)).json()
+    assert (pending["state"], pending["architecture"], pending["files"]) == ("PENDING", "LlamaForCausalLM", 5)
+    assert (await stack.http.get("/v1/models/orphaned/versions/1", headers=stack.headers)).status == 404
+
+    await registration.sweep(stack.db, stack.registry.store, lease_seconds=0, scan_orphans=False)
+    failed = await (await stack.http.get("/v1/models/orphaned/imports/1", headers=stack.headers)).json()
+    assert failed["state"] == "FAILED" and "registration interrupted" in failed["error"]
+    assert (await stack.http.get("/v1/models/orphaned/versions/1/download", headers=stack.headers)).status == 404
