@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,21 +160,41 @@ class Client:
             headers = {"If-None-Match": "*"}
         return self.call("PUT", path, payload, headers=headers)
 
-    def upload(self, path: str, data: bytes | Path, *, query: dict | None = None,
+    def upload(self, path: str, data: bytes | Path | tuple[Iterable[bytes], int], *, query: dict | None = None,
                content_type: str = "application/octet-stream",
                progress: Callable[[int, int], None] | None = None) -> Any:
-        """POST `data` (bytes, or a file streamed from disk) to `path`; `progress(sent, total)` after each chunk
-        is handed to the socket."""
+        """POST `data` (bytes, a file streamed from disk, or (chunks, their total length) made on the fly) to
+        `path`; `progress(sent, total)` after each chunk is handed to the socket."""
         if isinstance(data, Path):
             total = data.stat().st_size
             body: Any = _file_chunks(data, total, progress)
+        elif isinstance(data, tuple):
+            chunks, total = data
+            body = _counted(chunks, total, progress)
         else:
             total, body = len(data), data
         with self._request("POST", path, body=body, query=query, content_type=content_type,
                            headers={"Content-Length": str(total)}) as response:
-            if progress is not None and not isinstance(data, Path):
+            if progress is not None and isinstance(data, bytes):
                 progress(total, total)
             return json.loads(response.read())
+
+    def download(self, path: str, progress: Callable[[int, int], None] | None = None) -> Iterator[bytes]:
+        """GET `path` as a byte stream (chunks as they arrive); `progress(received, Content-Length)` after each.
+        A body that ends short of its Content-Length (the server cut it) raises ApiError."""
+        with self._request("GET", path, headers={"Accept": "application/x-tar"}) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            received = 0
+            try:
+                while chunk := response.read(UPLOAD_CHUNK):
+                    received += len(chunk)
+                    if progress is not None:
+                        progress(received, total)
+                    yield chunk
+            except (http.client.HTTPException, OSError) as error:  # IncompleteRead, reset
+                raise ApiError(0, "download", f"{path}: cut after {received} bytes: {error}") from None
+            if total and received != total:
+                raise ApiError(0, "download", f"{path}: cut after {received} of {total} bytes")
 
     def follow(self, path: str, *, last_event_id: str = "", max_failures: int = 10,
                backoff: float = 0.5) -> Iterator[Event]:
@@ -225,6 +245,17 @@ class Client:
                 if data == "[DONE]":
                     return
                 yield json.loads(data)
+
+
+def _counted(chunks: Iterable[bytes], total: int, progress: Callable[[int, int], None] | None) -> Iterator[bytes]:
+    sent = 0
+    if progress is not None:
+        progress(0, total)
+    for chunk in chunks:
+        yield chunk
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent, total)
 
 
 def _file_chunks(path: Path, total: int, progress: Callable[[int, int], None] | None) -> Iterator[bytes]:

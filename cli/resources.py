@@ -12,10 +12,12 @@ import json
 import sys
 from pathlib import Path
 
+from cli import model_archive
 from cli.client import ApiError, Client
 from cli.progress import Progress
 
 FINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "CANCELLED"}
+IMPORT_ANSWER_TIMEOUT = 900.0  # seconds to wait for an import's answer after the last byte was sent
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -176,6 +178,50 @@ def models_export(args) -> int:
     return 0
 
 
+def models_import(args) -> int:
+    folder = Path(args.dir)
+    if not (folder / "config.json").is_file():
+        print(f"error: {folder} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+        return 1
+    chunks, total = model_archive.archive(folder)
+    # The answer comes once the registry has verified the upload (a subprocess loading it): minutes for a
+    # large model, longer than the default read timeout.
+    client = Client(args.url, args.key, timeout=IMPORT_ANSWER_TIMEOUT)
+    bar = Progress(f"upload {folder.name}", total, "bytes")
+    try:
+        created = client.upload(f"/v1/models/{args.name}/imports", (chunks, total),
+                                query={"description": args.description or None}, content_type="application/x-tar",
+                                progress=lambda sent, size: bar.update(sent, size))
+    finally:
+        bar.close()
+    if created.get("state") == "PENDING" and not args.no_wait:
+        path = f"/v1/models/{created['name']}/imports/{created['version']}"
+        waiting = Progress(f"store {created['name']} v{created['version']}", 0, "")
+        try:
+            created = client.wait_until(path, lambda status: status["state"] != "PENDING", args.timeout)
+        finally:
+            waiting.close(created.get("state", ""))
+    _print(args, created, ["name", "version", "state", "architecture", "error"])
+    return 1 if created.get("state") == "FAILED" else 0
+
+
+def models_download(args) -> int:
+    destination = Path(args.dir)
+    if destination.exists() and any(destination.iterdir()):
+        print(f"error: {destination} is not empty", file=sys.stderr)
+        return 1
+    bar = Progress(f"download {args.name} v{args.version}", 0, "bytes")
+    try:
+        chunks = _client(args).download(f"/v1/models/{args.name}/versions/{args.version}/download",
+                                        progress=lambda received, total: bar.update(received, total))
+        files = model_archive.extract(chunks, destination)
+    finally:
+        bar.close()
+    _print(args, {"name": args.name, "version": args.version, "directory": str(destination), "files": files},
+           ["name", "version", "directory"])
+    return 0
+
+
 def deploy(args) -> int:
     client = _client(args)
     path = f"/v1/deployments/{args.name}"
@@ -282,6 +328,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.add_argument("name")
     export.add_argument("version", type=int)
     export.add_argument("--format", choices=["onnx", "onnx-int8", "torchscript"], default="onnx")
+    importer = command(models, "import", models_import,
+                       "import a Hugging Face model directory (config.json, safetensors, tokenizer) as a new version")
+    importer.add_argument("dir")
+    importer.add_argument("--name", required=True, help="the model to add the version to")
+    importer.add_argument("--description", default="")
+    importer.add_argument("--no-wait", action="store_true", help="return once verified, while it is still PENDING")
+    importer.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for READY")
+    downloader = command(models, "download", models_download,
+                         "download a version as a Hugging Face directory (loads with from_pretrained)")
+    downloader.add_argument("name")
+    downloader.add_argument("version", type=int)
+    downloader.add_argument("dir", help="destination directory (created; must be empty)")
 
     deployer = command(commands, "deploy", deploy, "deploy a model to Triton (with an optional canary)")
     deployer.add_argument("name")

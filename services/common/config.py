@@ -78,6 +78,8 @@ VARIABLES: tuple[Variable, ...] = (
              "Host the other nodes of a multi-node training job reach this worker at (node 0 publishes it as "
              "the rendezvous endpoint); empty means the machine's hostname. On Kubernetes, the worker pod's DNS name."),
     Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
+    Variable("LLMP_MAX_IMPORT_BYTES", str(64 * 1024**3),
+             "Largest model archive `POST /v1/models/{name}/imports` accepts (sent and unpacked, each)."),
     Variable("LLMP_MAX_BODY_BYTES", str(1024**2), "Largest JSON request body the gateway accepts."),
     Variable("LLMP_OTEL_ENDPOINT", "",
              "OTLP/gRPC collector for traces, e.g. http://otel-collector:4317; empty means no tracing."),
@@ -150,6 +152,7 @@ class Settings:
     training_lease_seconds: float
     training_advertise_host: str
     max_upload_bytes: int
+    max_import_bytes: int
     max_body_bytes: int
     grpc_balancing: str = "client"  # one of GRPC_BALANCING (grpc_client.channel_options)
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
@@ -212,6 +215,7 @@ class Settings:
                                                        "LLMP_TRAINING_LEASE_SECONDS")),
             training_advertise_host=values["LLMP_TRAINING_ADVERTISE_HOST"],
             max_upload_bytes=_positive_int(values["LLMP_MAX_UPLOAD_BYTES"], "LLMP_MAX_UPLOAD_BYTES"),
+            max_import_bytes=_positive_int(values["LLMP_MAX_IMPORT_BYTES"], "LLMP_MAX_IMPORT_BYTES"),
             max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),
             grpc_balancing=balancing,
             raw=values,

@@ -9,11 +9,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A version's weights: one file, or the index of sharded safetensors (model-00001-of-0000N.safetensors…).
+ADAPTER_DIR = "adapter/"  # a LoRA fine-tune's adapter (adapter_config.json, adapter_model.safetensors), for peft
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def role_of(path: str) -> str:
     """What an artifact is for, from its file name."""
+    if path.startswith(ADAPTER_DIR):
+        return "adapter"
     leaf = path.rsplit("/", 1)[-1]
     if leaf in WEIGHT_FILES or leaf.endswith((".safetensors", ".bin", ".pt")):
         return "weights"

@@ -68,6 +68,7 @@ class Lineage:
     environment: dict[str, str] = field(default_factory=dict)
     parent_name: str = ""
     parent_version: int = 0
+    origin: str = ""  # how the version came to be: "imported", or empty for a registration
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,12 @@ async def register(db: Database, store: ObjectStore, caller: Caller, request: Re
             async with limit:
                 return path, await asyncio.to_thread(copy_verified, store, paths[path].key, prefix + path)
 
-        copied = await asyncio.gather(*(one(path) for path in sorted(paths)))
+        # Every copy ends before a failure is handled: one still running would write into the prefix
+        # after `_abandon` emptied it.
+        outcomes = await asyncio.gather(*(one(path) for path in sorted(paths)), return_exceptions=True)
+        if failed := next((item for item in outcomes if isinstance(item, BaseException)), None):
+            raise failed
+        copied = list(outcomes)
         heartbeat.cancel()
         digest = await _mark_ready(db, caller.tenant, name, version, registration_id, copied)
     except BaseException as error:
@@ -329,12 +335,13 @@ async def _insert_pending(db: Database, caller: Caller, request: Registration, r
         await conn.execute(
             """INSERT INTO registry_versions (tenant, name, version, state, registration_id, source_prefix, prefix,
                    dataset_name, dataset_version, training_job_id, code_version, environment, parent_name,
-                   parent_version, metrics, description, created_by)
-               VALUES (%s, %s, %s, 'PENDING', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                   parent_version, metrics, description, created_by, origin)
+               VALUES (%s, %s, %s, 'PENDING', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
             (tenant, name, version, registration_id, request.source_prefix,
              contracts.model_version_prefix(tenant, name, version), lineage.dataset_name, lineage.dataset_version,
              lineage.training_job_id, lineage.code_version, Jsonb(dict(lineage.environment)), lineage.parent_name,
-             lineage.parent_version, Jsonb(dict(request.metrics)), request.description, caller.key_id))
+             lineage.parent_version, Jsonb(dict(request.metrics)), request.description, caller.key_id,
+             lineage.origin))
     return version
 
 
@@ -368,6 +375,14 @@ async def _heartbeat(db: Database, registration_id: uuid.UUID, every: float) -> 
                                    "WHERE registration_id = %s AND state = 'PENDING'", (registration_id,))
         except Exception as error:  # PostgreSQL briefly unreachable: try again next beat
             log.warning("registration heartbeat failed: %s", error)
+
+
+async def abandon(db: Database, store: ObjectStore, caller: Caller, reservation_id: uuid.UUID,
+                  error: BaseException) -> None:
+    """Give up a reservation the caller cannot finish (its upload failed): FAILED with `error`, objects deleted."""
+    async with db.pool.connection() as conn:
+        row = await _pending_row(conn, caller, reservation_id)
+    await _abandon(db, store, reservation_id, row["prefix"], error)
 
 
 async def _abandon(db: Database, store: ObjectStore, registration_id: uuid.UUID, prefix: str,

@@ -15,6 +15,7 @@ from services.common.grpc_server import GrpcApp, run_main
 from services.common.s3 import ObjectStore
 from services.registry import registration
 from services.registry.exports import Exports
+from services.registry.imports import Imports
 from services.registry.servicer import SERVICE_NAME, RegistryServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -29,6 +30,7 @@ class Registry:
     db: Database
     store: ObjectStore
     exports: Exports
+    imports: Imports
 
 
 async def build(settings: Settings, *, sweep_seconds: float = SWEEP_SECONDS) -> Registry:
@@ -36,6 +38,8 @@ async def build(settings: Settings, *, sweep_seconds: float = SWEEP_SECONDS) -> 
     store = ObjectStore(settings.s3)
     await asyncio.to_thread(store.ensure_bucket)
     exports = Exports(db, store)
+    imports = Imports(db, store, settings.max_import_bytes, work_root=settings.state_dir / "registry-imports")
+    await asyncio.to_thread(imports.remove_leftovers)
     # The first sweep runs now (collecting what a crash left), then every `sweep_seconds`; each period
     # also fails exports whose runner stopped heartbeating (another replica that died, say).
     sweeper = registration.sweeper(db, store, sweep_seconds, also=exports.recover)
@@ -44,18 +48,19 @@ async def build(settings: Settings, *, sweep_seconds: float = SWEEP_SECONDS) -> 
     async def stop_background() -> None:
         await sweeper.close()
         await exports.close()
+        await imports.close()
 
     async def store_check() -> None:
         await asyncio.to_thread(store.check)
 
     app = GrpcApp(settings, topology.REGISTRY)
-    app.add_servicer(registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(db, store, exports),
-                     SERVICE_NAME)
+    app.add_servicer(registry_pb2_grpc.add_RegistryServiceServicer_to_server,
+                     RegistryServicer(db, store, exports, imports), SERVICE_NAME)
     app.add_readiness_check("postgresql", db.check)
     app.add_readiness_check("s3", store_check)
     app.on_shutdown(db.close)
     app.on_shutdown(stop_background)  # hooks run in reverse: background work stops before the pool closes
-    return Registry(app, db, store, exports)
+    return Registry(app, db, store, exports, imports)
 
 
 async def main(settings: Settings) -> None:

@@ -17,11 +17,12 @@ from llmp.registry.v1 import registry_pb2_grpc
 
 from services.common import contracts
 from services.common.db import Database
-from services.common.errors import NotFound
+from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import caller_from_context
 from services.common.s3 import ObjectStore
 from services.registry import aliases, catalog, downloads, registration
 from services.registry.exports import Exports
+from services.registry.imports import Imports
 
 SERVICE_NAME = "llmp.registry.v1.RegistryService"
 
@@ -59,13 +60,23 @@ def version_message(view: catalog.VersionView) -> pb.ModelVersion:
             dataset=common_pb2.DatasetRef(name=row["dataset_name"], version=row["dataset_version"]),
             training_job_id=row["training_job_id"], code_version=row["code_version"],
             environment={str(k): str(v) for k, v in row["environment"].items()},
-            parent=common_pb2.ModelRef(name=row["parent_name"], version=row["parent_version"])),
+            parent=common_pb2.ModelRef(name=row["parent_name"], version=row["parent_version"]),
+            origin=row.get("origin", "")),
         metrics={str(k): float(v) for k, v in row["metrics"].items()},
         exports=[export_message(item) for item in view.exports], aliases=view.aliases, deployments=view.deployments,
         digest=row["digest"], prefix=row["prefix"], source_prefix=row["source_prefix"], created_by=row["created_by"],
         created_at=_timestamp(row["created_at"]), ready_at=_timestamp(row["ready_at"]),
         description=row["description"],
     )
+
+
+def import_message(row: dict[str, Any]) -> pb.ImportStatus:
+    details = row["environment"]
+    return pb.ImportStatus(
+        ref=common_pb2.ModelRef(name=row["name"], version=row["version"]),
+        state=pb.VersionState.Value(f"VERSION_STATE_{row['state']}"), error=row["error"],
+        files=int(details.get("files", 0)), bytes=int(details.get("bytes", 0)),
+        architecture=details.get("architecture", ""), created_at=_timestamp(row["created_at"]))
 
 
 def alias_message(row: dict[str, Any]) -> pb.Alias:
@@ -97,8 +108,8 @@ def _ref(ref: common_pb2.ModelRef) -> tuple[str, int]:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, db: Database, store: ObjectStore, exports: Exports) -> None:
-        self.db, self.store, self.exports = db, store, exports
+    def __init__(self, db: Database, store: ObjectStore, exports: Exports, imports: Imports) -> None:
+        self.db, self.store, self.exports, self.imports = db, store, exports, imports
 
     async def RegisterModelVersion(self, request: pb.RegisterModelVersionRequest, context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)
@@ -239,3 +250,27 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 yield pb.DownloadArtifactResponse(data=data, offset=offset)
         if first:  # an empty object still announces its size and digest
             yield pb.DownloadArtifactResponse(size=0, sha256=found["sha256"])
+
+    async def ImportModelVersion(self, request_iterator: AsyncIterator[pb.ImportModelVersionRequest],
+                                 context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("payload") != "options":
+            raise InvalidArgument("the first ImportModelVersion message must carry the options")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("only the first ImportModelVersion message may carry options")
+                yield message.chunk
+
+        reservation = await self.imports.start(caller, first.options.model_name, first.options.description,
+                                               chunks())
+        row = await self.imports.status(caller.tenant, reservation.name, reservation.version)
+        return pb.ImportModelVersionResponse(**{"import": import_message(row)})
+
+    async def GetImport(self, request: pb.GetImportRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        name, version = _ref(common_pb2.ModelRef(name=request.name, version=request.version))
+        row = await self.imports.status(caller.tenant, name, version)
+        return pb.GetImportResponse(**{"import": import_message(row)})

@@ -38,7 +38,7 @@ EXPORT_STATE_READY: ExportState
 EXPORT_STATE_FAILED: ExportState
 
 class Lineage(_message.Message):
-    __slots__ = ("dataset", "training_job_id", "code_version", "environment", "parent")
+    __slots__ = ("dataset", "training_job_id", "code_version", "environment", "parent", "origin")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,12 +51,14 @@ class Lineage(_message.Message):
     CODE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     dataset: _common_pb2.DatasetRef
     training_job_id: str
     code_version: str
     environment: _containers.ScalarMap[str, str]
     parent: _common_pb2.ModelRef
-    def __init__(self, dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., training_job_id: _Optional[str] = ..., code_version: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., parent: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+    origin: str
+    def __init__(self, dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., training_job_id: _Optional[str] = ..., code_version: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., parent: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class Artifact(_message.Message):
     __slots__ = ("path", "object")
@@ -506,3 +508,55 @@ class DownloadArtifactResponse(_message.Message):
     size: int
     sha256: str
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ImportOptions(_message.Message):
+    __slots__ = ("model_name", "description")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    description: str
+    def __init__(self, model_name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ImportModelVersionRequest(_message.Message):
+    __slots__ = ("options", "chunk")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    options: ImportOptions
+    chunk: bytes
+    def __init__(self, options: _Optional[_Union[ImportOptions, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ImportModelVersionResponse(_message.Message):
+    __slots__ = ()
+    IMPORT_FIELD_NUMBER: _ClassVar[int]
+    def __init__(self, **kwargs) -> None: ...
+
+class GetImportRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetImportResponse(_message.Message):
+    __slots__ = ()
+    IMPORT_FIELD_NUMBER: _ClassVar[int]
+    def __init__(self, **kwargs) -> None: ...
+
+class ImportStatus(_message.Message):
+    __slots__ = ("ref", "state", "error", "files", "bytes", "architecture", "created_at")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ref: _common_pb2.ModelRef
+    state: VersionState
+    error: str
+    files: int
+    bytes: int
+    architecture: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, ref: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., state: _Optional[_Union[VersionState, str]] = ..., error: _Optional[str] = ..., files: _Optional[int] = ..., bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -130,6 +130,16 @@ class RegistryServiceStub:
                 request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactResponse.FromString,
                 _registered_method=True)
+        self.ImportModelVersion = channel.stream_unary(
+                '/llmp.registry.v1.RegistryService/ImportModelVersion',
+                request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.ImportModelVersionRequest.SerializeToString,
+                response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.ImportModelVersionResponse.FromString,
+                _registered_method=True)
+        self.GetImport = channel.unary_unary(
+                '/llmp.registry.v1.RegistryService/GetImport',
+                request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetImportRequest.SerializeToString,
+                response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetImportResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -289,6 +299,27 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportModelVersion(self, request_iterator, context):
+        """Import a Hugging Face model directory sent as a tar or tar.gz archive: the first message carries
+        the options, the others the archive's bytes in order. The archive is checked while it streams
+        (no links, no paths leaving the directory, under the size limit: RESOURCE_EXHAUSTED past it) and
+        the directory verified with transformers without remote code (config, weights' names and shapes
+        against the config, tokenizer); a bad one is INVALID_ARGUMENT with the reason and leaves nothing.
+        A good one gets the model's next version, PENDING, returned at once while its files are stored
+        and verified in the background (READY, or FAILED with the reason; see GetImport). Lineage origin
+        is "imported".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetImport(self, request, context):
+        """The state of an imported version, PENDING and FAILED ones included (with the reason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -386,6 +417,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactResponse.SerializeToString,
+            ),
+            'ImportModelVersion': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportModelVersion,
+                    request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.ImportModelVersionRequest.FromString,
+                    response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.ImportModelVersionResponse.SerializeToString,
+            ),
+            'GetImport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImport,
+                    request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetImportRequest.FromString,
+                    response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetImportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -902,6 +943,60 @@ class RegistryService:
             '/llmp.registry.v1.RegistryService/DownloadArtifact',
             llmp_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
             llmp_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportModelVersion(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/llmp.registry.v1.RegistryService/ImportModelVersion',
+            llmp_dot_registry_dot_v1_dot_registry__pb2.ImportModelVersionRequest.SerializeToString,
+            llmp_dot_registry_dot_v1_dot_registry__pb2.ImportModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.registry.v1.RegistryService/GetImport',
+            llmp_dot_registry_dot_v1_dot_registry__pb2.GetImportRequest.SerializeToString,
+            llmp_dot_registry_dot_v1_dot_registry__pb2.GetImportResponse.FromString,
             options,
             channel_credentials,
             insecure,
