@@ -4,20 +4,23 @@ A version's files follow the registry's S3 layout (`contracts.model_version_pref
 directory:
 
     <root>/models/<tenant>/<name>/v<version>/tokenizer.json, tokenizer_config.json, ...
-    <root>/models/<tenant>/<name>/v<version>/exports/onnx/model.onnx, decoder.json
+    <root>/models/<tenant>/<name>/v<version>/exports/onnx/model.onnx, model.onnx.data, decoder.json
 
 `LocalModelSource` reads such a tree directly (tests, benchmarks, and deploying a folder by hand).
 `S3ModelSource` asks the registry service: aliases through `ResolveAlias`, the version's artifacts
 through `GetModelVersion`, its ONNX export through `GetExport(format="onnx")`, which must be READY (an
 export that failed its parity check cannot be deployed), and it mirrors the tokenizer and the export's
-`model.onnx` and `decoder.json` from S3 into a local cache in that same layout, verifying each object's
-SHA-256 against the registry's record. While a deployment serves a version, the registry knows
-(`MarkDeployed` with the export format, `UnmarkDeployed`), so deleting that version is refused (409).
+`model.onnx`, its external data `model.onnx.data` and `decoder.json` from S3 into a local cache in that
+same layout, verifying each object's SHA-256 against the registry's record. While a deployment serves a
+version, the registry knows (`MarkDeployed` with the export format, `UnmarkDeployed`), so deleting that
+version is refused (409).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ class VersionFiles:
     model: str
     version: int
     version_dir: Path  # holds the tokenizer files
-    onnx_dir: Path  # holds model.onnx and decoder.json
+    onnx_dir: Path  # holds model.onnx (with model.onnx.data, its weights) and decoder.json
     digest: str = ""
 
     def spec(self) -> DecoderSpec:
@@ -80,12 +83,20 @@ def publish_local_version(root: Path, tenant: str, model: str, version: int, onn
     target = version_dir(root, tenant, model, version)
     export = target / contracts.export_dir(EXPORT_FORMAT)
     export.mkdir(parents=True, exist_ok=True)
-    for name in ("model.onnx", DECODER_SPEC_FILE):
+    for name in (*contracts.onnx_files(os.listdir(onnx_dir)), DECODER_SPEC_FILE):
         shutil.copy2(onnx_dir / name, export / name)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy2(tokenizer_dir / name, target / name)
     return VersionFiles(model, version, target, export)
+
+
+def _weights_digest(sha256s: list[str]) -> str:
+    """What identifies the served weights: the graph's SHA-256, or with external data (where the graph holds
+    almost no weights) the SHA-256 of both files' SHA-256s."""
+    if len(sha256s) == 1:
+        return sha256s[0]
+    return hashlib.sha256(":".join(sha256s).encode()).hexdigest()
 
 
 class LocalModelSource:
@@ -164,8 +175,10 @@ class S3ModelSource:
         # path inside the version -> (S3 key, sha256): the tokenizer files and the export's decoder files
         wanted = {a.path: (a.object.key, a.object.sha256) for a in listed.artifacts if a.path in TOKENIZER_FILES}
         export_dir = contracts.export_dir(EXPORT_FORMAT)
+        onnx = [export_dir + item for item in contracts.onnx_files(a.path.removeprefix(export_dir)
+                                                                    for a in export.artifacts)]
         wanted.update({a.path: (a.object.key, a.object.sha256) for a in export.artifacts
-                       if a.path in (export_dir + "model.onnx", export_dir + DECODER_SPEC_FILE)})
+                       if a.path in (*onnx, export_dir + DECODER_SPEC_FILE)})
         for required in ("tokenizer.json", export_dir + "model.onnx", export_dir + DECODER_SPEC_FILE):
             if required not in wanted:
                 raise NotFound(f"model {model} version {version} has no {required} in the registry")
@@ -181,7 +194,7 @@ class S3ModelSource:
             await asyncio.to_thread(mirror)
         except OSError as error:
             raise Unavailable(f"cannot fetch model {model} v{version} from S3: {error}", retry_after=2) from error
-        digest = next((a.object.sha256 for a in export.artifacts if a.path == export_dir + "model.onnx"), "")
+        digest = _weights_digest([wanted[path][1] for path in onnx])
         return VersionFiles(model, version, target, target / export_dir, digest)
 
     async def mark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
