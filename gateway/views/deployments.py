@@ -133,7 +133,8 @@ DEPLOYMENT = "/v1/deployments/{name}"
 ROUTES = [
     Route("GET", "/v1/deployments", list_deployments, "List deployments", tag="deployments"),
     Route("GET", DEPLOYMENT, get_deployment, "A deployment: versions, canary weight, state", tag="deployments"),
-    Route("PUT", DEPLOYMENT, put_deployment, "Deploy (If-None-Match: * to create, If-Match to change)",
+    Route("PUT", DEPLOYMENT, put_deployment, "Deploy (If-None-Match: * to create, If-Match to change); "
+          "a version without an ONNX export is exported first (EXPORTING, then LOADING, READY or FAILED)",
           body=PUT_DEPLOYMENT, tag="deployments", responses={412: "ETag mismatch", 428: "Precondition required"}),
     Route("DELETE", DEPLOYMENT, delete_deployment, "Drain and delete a deployment", tag="deployments"),
     Route("GET", DEPLOYMENT + "/metrics", deployment_metrics,
