@@ -5,7 +5,8 @@ weights: small enough to export and serve in seconds, shaped to exercise what se
 - `gpt2`: learned positions, LayerNorm, GELU MLP, one key/value head per query head;
 - `llama`: RoPE, RMSNorm, SwiGLU, grouped-query attention (4 query heads share 2 key/value heads);
 - `qwen2`: Llama's blocks with q/k/v biases, tied embeddings and one key/value head for all 4 query heads;
-- `mistral`: grouped-query attention with a `head_dim` (24) that is not hidden_size // n_head (16).
+- `mistral`: grouped-query attention with a `head_dim` (24) that is not hidden_size // n_head (16), and a
+  sliding attention window (16 tokens) shorter than the prompts and completions the tests run.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def tiny_model(arch: str, vocab_size: int, *, context: int = 64, eos_token_id: i
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **llama_like)).eval()
     if arch == "mistral":
-        return MistralForCausalLM(MistralConfig(num_key_value_heads=2, head_dim=24, **llama_like)).eval()
+        return MistralForCausalLM(MistralConfig(num_key_value_heads=2, head_dim=24, sliding_window=16,
+                                                **llama_like)).eval()
     raise ValueError(f"unknown architecture {arch!r}")
 
 
