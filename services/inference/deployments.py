@@ -448,6 +448,8 @@ class Deployments:
             row = await self.get(tenant, name)  # NotFound when it does not exist
             if row["state"] == "FAILED":
                 raise Unavailable(f"deployment {name!r} failed: {row['message']}", retry_after=5)
+            if row["state"] == "EXPORTING":
+                raise Unavailable(f"deployment {name!r} is waiting for its version's ONNX export", retry_after=5)
             raise Unavailable(f"deployment {name!r} is still loading", retry_after=2)
         return route.pick(routing_key, self.track)
 

@@ -11,6 +11,7 @@ and the same model with NaN weights (a diverged run), whose export cannot match 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from llmp.registry.v1 import registry_pb2 as pb
 
+from cli.main import main as cli_main
 from gateway.app import init_app
 from services.common import topology
 from services.common.config import Settings
@@ -65,7 +67,8 @@ async def stack(aiohttp_client, settings_env, triton):
     created = await client.post("/v1/api-keys", json={"tenant": tenant, "role": "developer", "rate_limit": 1000},
                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert created.status == 201, await created.text()
-    client.auth = {"Authorization": f"Bearer {(await created.json())['key']}"}
+    client.key = (await created.json())["key"]
+    client.auth = {"Authorization": f"Bearer {client.key}"}
     yield client, registry, tenant
     for (owner, name) in list(deployments.routes):
         await deployments.delete(owner, name)
@@ -80,6 +83,9 @@ async def watch(client, name: str, timeout: float = 300) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = await client.get(f"/v1/deployments/{name}", headers=client.auth)
+        if got.status == 404 and not seen:  # not created yet
+            await asyncio.sleep(0.05)
+            continue
         assert got.status == 200, await got.text()
         body = await got.json()
         if not seen or seen[-1]["state"] != body["state"]:
@@ -99,6 +105,8 @@ async def test_a_version_never_exported_is_exported_then_served(stack, model_roo
     put = await client.put("/v1/deployments/byo", json={"model": "byo", "stable": 1}, headers=client.auth)
     assert put.status == 201, await put.text()
     assert (await put.json())["state"] == "EXPORTING"
+    early = await client.post("/v1/completions", json={"model": "byo", "prompt": PROMPT}, headers=client.auth)
+    assert early.status == 503 and "ONNX export" in await early.text()  # an export takes seconds, not ms
     states = [item["state"] for item in await watch(client, "byo")]
     assert states[0] == "EXPORTING" and states[-1] == "READY", states
     assert states in (["EXPORTING", "LOADING", "READY"], ["EXPORTING", "READY"])  # LOADING may pass unseen
@@ -117,7 +125,9 @@ async def test_a_version_never_exported_is_exported_then_served(stack, model_roo
     assert deleted.status == 409, await deleted.text()
 
 
-async def test_an_export_failing_its_parity_gate_fails_the_deployment_with_the_reason(stack, model_root, tmp_path):
+async def test_an_export_failing_its_parity_gate_fails_the_deployment_with_the_reason(stack, model_root, tmp_path,
+                                                                                       capsys):
+    """Deployed with the CLI (`llmp deploy --wait`), which follows the phases and exits 1 on FAILED."""
     client, registry, tenant = stack
     model = build_checkpoint("llama", tmp_path / "diverged", model_root[1][1].tokenizer, seed=6)
     with torch.no_grad():
@@ -125,10 +135,13 @@ async def test_an_export_failing_its_parity_gate_fails_the_deployment_with_the_r
     model.save_pretrained(tmp_path / "diverged")
     await register(registry, tenant, "diverged", tmp_path / "diverged")
 
-    put = await client.put("/v1/deployments/diverged", json={"model": "diverged", "stable": 1},
-                           headers=client.auth)
-    assert put.status == 201, await put.text()
+    cli = asyncio.create_task(asyncio.to_thread(cli_main, [
+        "deploy", "diverged", "--model", "diverged", "--stable", "1", "--wait", "--json",
+        "--url", str(client.make_url("")).rstrip("/"), "--key", client.key]))
     seen = await watch(client, "diverged")
+    assert await cli == 1
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["state"] == "FAILED" and "deploy EXPORTING" in printed.err
     assert [item["state"] for item in seen] == ["EXPORTING", "FAILED"]
     message = seen[-1]["message"]
     assert "ONNX export of model diverged v1 failed" in message and "parity check failed" in message, message
