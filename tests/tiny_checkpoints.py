@@ -76,3 +76,14 @@ def build_checkpoint(arch: str, folder: Path, tokenizer: PreTrainedTokenizerFast
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
+
+
+def hf_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompt: str, max_tokens: int) -> list[int]:
+    """Transformers' greedy `generate` after `prompt`: the token ids a served completion must equal (up to EOS)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    generated = out[0, len(ids):].tolist()
+    eos = tokenizer.eos_token_id
+    return generated[:generated.index(eos)] if eos in generated else generated

@@ -17,14 +17,13 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 from llmp.inference.v1 import inference_pb2 as pb
 
 from services.common import contracts
 from services.inference.model_source import publish_local_version
 from services.registry import exporters, parity
 
-from ...tiny_checkpoints import ARCHITECTURES, HEADS, build_checkpoint
+from ...tiny_checkpoints import ARCHITECTURES, HEADS, build_checkpoint, hf_greedy
 from .conftest import TENANT
 
 pytestmark = pytest.mark.integration
@@ -32,16 +31,6 @@ pytestmark = pytest.mark.integration
 CONTEXT = 64
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "What is", "O"]
 MAX_TOKENS = 20
-
-
-def hf_greedy(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    generated = out[0, len(ids):].tolist()
-    eos = tokenizer.eos_token_id
-    return generated[:generated.index(eos)] if eos in generated else generated
 
 
 @pytest.fixture(scope="module")

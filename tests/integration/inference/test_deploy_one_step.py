@@ -27,8 +27,7 @@ from services.common.identity import Caller, caller_metadata
 from services.inference import server as inference_server
 from services.registry import server as registry_server
 
-from ...tiny_checkpoints import build_checkpoint
-from .test_architectures import hf_greedy
+from ...tiny_checkpoints import build_checkpoint, hf_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +47,27 @@ async def register(registry, tenant: str, name: str, folder) -> None:
         Caller(tenant, "key-test", "developer")))
 
 
+class Inference:
+    """The inference service in-process on its configured address; `restart` stops it and starts another."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = self.deployments = None
+
+    async def start(self) -> None:
+        self.app, self.deployments = await inference_server.build(self.settings)
+        await self.app.start(self.settings.listen_addr(topology.INFERENCE))
+
+    async def restart(self) -> None:
+        await self.app.stop()
+        await self.start()
+
+    async def stop(self) -> None:
+        for owner, name in list(self.deployments.routes):
+            await self.deployments.delete(owner, name)
+        await self.app.stop()
+
+
 @pytest.fixture
 async def stack(aiohttp_client, settings_env, triton):
     import grpc
@@ -60,8 +80,8 @@ async def stack(aiohttp_client, settings_env, triton):
     await registry.app.start(settings.listen_addr(topology.REGISTRY))
     channel = grpc.aio.insecure_channel(settings.service_addrs[topology.REGISTRY.name])
     registry.servicer_stub = registry_pb2_grpc.RegistryServiceStub(channel)
-    inference, deployments = await inference_server.build(settings)
-    await inference.start(settings.listen_addr(topology.INFERENCE))
+    inference = Inference(settings)
+    await inference.start()
     client = await aiohttp_client(init_app(settings))
     tenant = f"t{uuid.uuid4().hex[:10]}"
     created = await client.post("/v1/api-keys", json={"tenant": tenant, "role": "developer", "rate_limit": 1000},
@@ -69,9 +89,8 @@ async def stack(aiohttp_client, settings_env, triton):
     assert created.status == 201, await created.text()
     client.key = (await created.json())["key"]
     client.auth = {"Authorization": f"Bearer {client.key}"}
+    client.inference = inference
     yield client, registry, tenant
-    for (owner, name) in list(deployments.routes):
-        await deployments.delete(owner, name)
     await inference.stop()
     await channel.close()
     await registry.app.stop()
@@ -83,7 +102,7 @@ async def watch(client, name: str, timeout: float = 300) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = await client.get(f"/v1/deployments/{name}", headers=client.auth)
-        if got.status == 404 and not seen:  # not created yet
+        if (got.status == 404 and not seen) or got.status == 503:  # not created yet; the service restarting
             await asyncio.sleep(0.05)
             continue
         assert got.status == 200, await got.text()
@@ -152,3 +171,22 @@ async def test_an_export_failing_its_parity_gate_fails_the_deployment_with_the_r
     # Nothing marks the version deployed: it can still be deleted.
     deleted = await client.delete("/v1/models/diverged/versions/1", headers=client.auth)
     assert deleted.status == 204, await deleted.text()
+
+
+async def test_a_deployment_exporting_when_the_service_restarts_finishes_after_it(stack, model_root, tmp_path):
+    """The EXPORTING row outlives the process that was following the export: the next one picks it up."""
+    client, registry, tenant = stack
+    tokenizer = model_root[1][1].tokenizer
+    model = build_checkpoint("qwen2", tmp_path / "qwen2", tokenizer, seed=7)
+    await register(registry, tenant, "restarted", tmp_path / "qwen2")
+    put = await client.put("/v1/deployments/restarted", json={"model": "restarted", "stable": 1},
+                           headers=client.auth)
+    assert (await put.json())["state"] == "EXPORTING"
+    await client.inference.restart()
+    states = [item["state"] for item in await watch(client, "restarted")]
+    assert states[0] == "EXPORTING" and states[-1] == "READY", states
+    answer = await client.post("/v1/completions", json={"model": "restarted", "prompt": PROMPT, "max_tokens": 12,
+                                                        "temperature": 0}, headers=client.auth)
+    assert answer.status == 200, await answer.text()
+    expected = hf_greedy(model, tokenizer, PROMPT, 12)
+    assert (await answer.json())["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
