@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from cli import model_archive
@@ -18,6 +19,7 @@ from cli.progress import Progress
 
 FINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "CANCELLED"}
 IMPORT_ANSWER_TIMEOUT = 900.0  # seconds to wait for an import's answer after the last byte was sent
+DEPLOY_POLL_S = 1.0  # how often `deploy --wait` looks at the deployment
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -229,8 +231,23 @@ def deploy(args) -> int:
     body: dict = {"model": args.model, "stable": stable}
     if args.canary:
         body["canary"] = {"version": args.canary, "weight": args.canary_weight}
-    _print(args, client.put_conditionally(path, body), ["name", "state"])
-    return 0
+    deployment = client.put_conditionally(path, body)
+    if not args.wait:
+        _print(args, deployment, ["name", "state"])
+        return 0
+    # The phases on stderr as they come (EXPORTING when the version had no ONNX export yet, LOADING), then
+    # the settled deployment on stdout.
+    bar = Progress(f"deploy {deployment['state']}")
+    deadline = time.monotonic() + args.timeout
+    try:
+        while deployment["state"] not in ("READY", "FAILED") and time.monotonic() < deadline:
+            time.sleep(DEPLOY_POLL_S)
+            deployment = client.call("GET", path)
+            bar.update(label=f"deploy {deployment['state']}")
+    finally:
+        bar.close()
+    _print(args, deployment, ["name", "state", "message"])
+    return 0 if deployment["state"] == "READY" else 1
 
 
 def complete(args) -> int:
@@ -347,6 +364,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     deployer.add_argument("--stable", required=True, help="version number or alias")
     deployer.add_argument("--canary", type=int, help="canary version number")
     deployer.add_argument("--canary-weight", type=int, default=10)
+    deployer.add_argument("--wait", action="store_true",
+                          help="follow the phases (EXPORTING, LOADING) until READY or FAILED")
+    deployer.add_argument("--timeout", type=float, default=1800, help="seconds --wait waits at most")
 
     completer = command(commands, "complete", complete, "generate a completion")
     completer.add_argument("model", help="deployment name")

@@ -71,7 +71,9 @@ async def get_deployment(request: web.Request) -> web.Response:
 
 async def put_deployment(request: web.Request) -> web.Response:
     """Create (If-None-Match: *) or change (If-Match) a deployment; the service checks the ETag atomically,
-    loads the new version, waits for Triton to report it ready, then moves traffic."""
+    exports the version to ONNX first when it has no export yet (state EXPORTING; a failed export or parity
+    gate ends it FAILED with the reason), loads it (LOADING), waits for Triton to report it ready, then moves
+    traffic (READY)."""
     body = await read_json(request, PUT_DEPLOYMENT)
     name = request.match_info["name"]
     if_match, if_none_match = request.headers.get("If-Match", ""), request.headers.get("If-None-Match", "")
@@ -131,7 +133,8 @@ DEPLOYMENT = "/v1/deployments/{name}"
 ROUTES = [
     Route("GET", "/v1/deployments", list_deployments, "List deployments", tag="deployments"),
     Route("GET", DEPLOYMENT, get_deployment, "A deployment: versions, canary weight, state", tag="deployments"),
-    Route("PUT", DEPLOYMENT, put_deployment, "Deploy (If-None-Match: * to create, If-Match to change)",
+    Route("PUT", DEPLOYMENT, put_deployment, "Deploy (If-None-Match: * to create, If-Match to change); "
+          "a version without an ONNX export is exported first (EXPORTING, then LOADING, READY or FAILED)",
           body=PUT_DEPLOYMENT, tag="deployments", responses={412: "ETag mismatch", 428: "Precondition required"}),
     Route("DELETE", DEPLOYMENT, delete_deployment, "Drain and delete a deployment", tag="deployments"),
     Route("GET", DEPLOYMENT + "/metrics", deployment_metrics,

@@ -6,6 +6,11 @@ for readiness, then swaps the route in one step, so no request fails during it; 
 any more are unloaded once their in-flight requests finish. Deleting removes the route, drains, then
 deletes the row.
 
+Deploying is one step even for a version never exported: a version whose ONNX export is not READY is
+EXPORTING first — the registry is asked for the export (`CreateExport`), which exports and checks parity
+in the background; once it is READY the version is marked deployed, LOADING, then READY. An export that
+fails (its parity gate included) ends the deployment FAILED with the registry's reason.
+
 Who splits a deployment's traffic between stable and canary depends on the process's track
 (LLMP_INFERENCE_TRACK). Without one (local, compose) `route` draws: `canary_weight`% of the routing keys
 go to the canary. On Kubernetes the pods of each Istio subset run with track `stable` or `canary` and
@@ -42,6 +47,8 @@ from services.inference.triton_engine import TritonEngine
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 60.0
+# How often a deployment waiting for its version's ONNX export asks the registry how far it got.
+EXPORT_POLL_S = 1.0
 # Every replica re-reads the deployment rows this often and routes what changed through another replica.
 SYNC_INTERVAL_S = 2.0
 PEER_GRACE_S = 3 * SYNC_INTERVAL_S
@@ -183,10 +190,15 @@ class Deployments:
 
     async def put(self, tenant: str, spec: DeploymentSpec, *, if_match: str = "", if_none_match: str = "",
                   wait: bool = False) -> tuple[dict, bool]:
-        """Store the deployment as LOADING, load its versions (in the background unless `wait`), then route."""
+        """Store the deployment as LOADING (EXPORTING when a version has no READY ONNX export yet), export
+        and load its versions (in the background unless `wait`), then route."""
         spec.validate()
+        unexported = []
         for version in spec.versions():
             await self.source.resolve(tenant, spec.model, version, "")
+            if (await self.source.export_status(tenant, spec.model, version)).state != "READY":
+                unexported.append(version)
+        state = "EXPORTING" if unexported else "LOADING"
         lock = self._changes.setdefault((tenant, spec.name), asyncio.Lock())
         async with self.db.transaction() as conn:
             current = await (await conn.execute(
@@ -197,38 +209,47 @@ class Deployments:
             if if_match and (current is None or current["etag"] != if_match):
                 raise PreconditionFailed(f"deployment {spec.name!r} does not match If-Match {if_match}")
             # The registry refuses a version whose export cannot be deployed, and from now on refuses to
-            # delete it; a failure here rolls the change back.
+            # delete it; a failure here rolls the change back. Versions still to export are marked once
+            # their export is READY (`_export`).
             for version in spec.versions():
-                await self.source.mark_deployed(tenant, spec.model, version, spec.name)
+                if version not in unexported:
+                    await self.source.mark_deployed(tenant, spec.model, version, spec.name)
             row = {"name": spec.name, "model": spec.model, "stable_version": spec.stable_version,
                    "canary_version": spec.canary_version, "canary_weight": spec.canary_weight,
-                   "state": "LOADING", "message": ""}
+                   "state": state, "message": ""}
             stored = await (await conn.execute(
                 """INSERT INTO inference_deployments
                        (tenant, name, model, stable_version, canary_version, canary_weight, state, message, etag)
                    VALUES (%(tenant)s, %(name)s, %(model)s, %(stable_version)s, %(canary_version)s,
-                           %(canary_weight)s, 'LOADING', '', '')
+                           %(canary_weight)s, %(state)s, '', '')
                    ON CONFLICT (tenant, name) DO UPDATE SET model = EXCLUDED.model,
                        stable_version = EXCLUDED.stable_version, canary_version = EXCLUDED.canary_version,
-                       canary_weight = EXCLUDED.canary_weight, state = 'LOADING', message = '', updated_at = now()
+                       canary_weight = EXCLUDED.canary_weight, state = EXCLUDED.state, message = '',
+                       updated_at = now()
                    RETURNING *""", {"tenant": tenant, **row})).fetchone()
             stored["etag"] = etag_of(stored)
             await conn.execute("UPDATE inference_deployments SET etag = %s WHERE tenant = %s AND name = %s",
                                (stored["etag"], tenant, spec.name))
         replaced = _row_versions(current) - {(spec.model, v) for v in spec.versions()} if current else set()
-        task = self._spawn(self._activate(tenant, spec, lock, replaced, mirror=True))
+        task = self._spawn(self._activate(tenant, spec, lock, replaced, mirror=True, unexported=tuple(unexported)))
         if wait:
             await asyncio.shield(task)
             stored = await self.get(tenant, spec.name)
         return stored, current is None
 
     async def _activate(self, tenant: str, spec: DeploymentSpec, lock: asyncio.Lock,
-                        replaced: set[tuple[str, int]] = frozenset(), *, mirror: bool = False) -> None:
-        """Load, then route; `replaced` are the (model, version)s the deployment served before the change;
-        `mirror`: a change made through `put` here (a client's or the canary controller's), which the mesh
-        follows once routed here (`sync` re-routes what another replica changed, and that one mirrored it)."""
+                        replaced: set[tuple[str, int]] = frozenset(), *, mirror: bool = False,
+                        unexported: tuple[int, ...] = ()) -> None:
+        """Export what `unexported` names, load, then route; `replaced` are the (model, version)s the
+        deployment served before the change; `mirror`: a change made through `put` here (a client's or the
+        canary controller's), which the mesh follows once routed here (`sync` re-routes what another
+        replica changed, and that one mirrored it)."""
         async with lock:
             try:
+                if unexported:
+                    if not await self._export(tenant, spec, unexported, retry_failed=mirror):
+                        return
+                    await self._set_state(tenant, spec.name, "LOADING", "", expect=spec)
                 stable = await self._ensure_loaded(tenant, spec.model, spec.stable_version)
                 canary = (await self._ensure_loaded(tenant, spec.model, spec.canary_version)
                           if spec.canary_version else None)
@@ -244,6 +265,38 @@ class Deployments:
             if previous is not None:
                 await self._release_unused([previous.stable, previous.canary])
             await self._unmark(tenant, spec.name, replaced)
+
+    async def _export(self, tenant: str, spec: DeploymentSpec, versions: tuple[int, ...], *,
+                      retry_failed: bool) -> bool:
+        """Have the registry export `versions` and wait for each to be READY, then mark them deployed. False
+        when the deployment FAILED (an export failed) or was changed meanwhile (that change takes over).
+        `retry_failed`: a client's PUT asks again for an export that FAILED before; a replica following the
+        table (`sync`) only waits for the export that PUT asked for."""
+        for version in versions:
+            status = await self.source.export_status(tenant, spec.model, version)
+            if status.state == "MISSING" or (status.state == "FAILED" and retry_failed):
+                status = await self.source.request_export(tenant, spec.model, version)
+            while not status.finished:
+                await asyncio.sleep(EXPORT_POLL_S)
+                if not await self._describes(tenant, spec):
+                    return False
+                status = await self.source.export_status(tenant, spec.model, version)
+            if status.state != "READY":
+                reason = f"the ONNX export of model {spec.model} v{version} failed: {status.error or status.state}"
+                log.warning("deployment export failed", extra={"deployment": spec.name, "error": reason})
+                await self._set_state(tenant, spec.name, "FAILED", reason, expect=spec)
+                return False
+            await self.source.mark_deployed(tenant, spec.model, version, spec.name)
+        return await self._describes(tenant, spec)
+
+    async def _describes(self, tenant: str, spec: DeploymentSpec) -> bool:
+        """Whether the stored deployment still asks for `spec`'s model and versions."""
+        async with self.db.pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT model, stable_version, canary_version FROM inference_deployments "
+                "WHERE tenant = %s AND name = %s", (tenant, spec.name))).fetchone()
+        return row is not None and (row["model"], row["stable_version"], row["canary_version"]) == (
+            spec.model, spec.stable_version, spec.canary_version)
 
     async def _mirror(self, tenant: str, name: str, canary_weight: int | None) -> None:
         """Set (None: remove) the deployment's split in the mesh, when there is one. The change is already
@@ -267,11 +320,18 @@ class Deployments:
                 log.warning("unmark failed", extra={"deployment": name, "model": model, "version": version,
                                                     "error": str(error)})
 
-    async def _set_state(self, tenant: str, name: str, state: str, message: str) -> None:
+    async def _set_state(self, tenant: str, name: str, state: str, message: str, *,
+                         expect: DeploymentSpec | None = None) -> None:
+        """Set the deployment's state; with `expect`, only while it still asks for that spec's versions."""
+        condition, values = "", ()
+        if expect is not None:
+            condition = " AND model = %s AND stable_version = %s AND canary_version IS NOT DISTINCT FROM %s"
+            values = (expect.model, expect.stable_version, expect.canary_version)
         async with self.db.transaction() as conn:
             row = await (await conn.execute(
-                """UPDATE inference_deployments SET state = %s, message = %s, updated_at = now()
-                   WHERE tenant = %s AND name = %s RETURNING *""", (state, message, tenant, name))).fetchone()
+                "UPDATE inference_deployments SET state = %s, message = %s, updated_at = now() "
+                "WHERE tenant = %s AND name = %s" + condition + " RETURNING *",
+                (state, message, tenant, name, *values))).fetchone()
             if row is not None:
                 await conn.execute("UPDATE inference_deployments SET etag = %s WHERE tenant = %s AND name = %s",
                                    (etag_of(row), tenant, name))
@@ -348,17 +408,20 @@ class Deployments:
     async def sync(self) -> None:
         """Bring this process's routes in line with the stored deployments: (re)activate rows whose
         versions or weight differ from the route here, drop routes whose row is gone. Deployments being
-        changed here are left to that change; FAILED rows keep the route they had."""
+        changed here are left to that change; FAILED rows keep the route they had. An EXPORTING row (its
+        change was interrupted, or made through another replica) follows its exports to the end here too."""
         async with self.db.pool.connection() as conn:
             rows = await (await conn.execute("SELECT * FROM inference_deployments")).fetchall()
         stored = {(row["tenant"], row["name"]): row for row in rows}
         for key, row in stored.items():
             lock = self._changes.setdefault(key, asyncio.Lock())
-            if row["state"] not in ("READY", "LOADING") or lock.locked() or _routes_row(self.routes.get(key), row):
+            if (row["state"] not in ("READY", "LOADING", "EXPORTING") or lock.locked()
+                    or _routes_row(self.routes.get(key), row)):
                 continue
             spec = DeploymentSpec(row["name"], row["model"], row["stable_version"], row["canary_version"],
                                   row["canary_weight"])
-            self._spawn(self._activate(key[0], spec, lock))
+            unexported = spec.versions() if row["state"] == "EXPORTING" else ()
+            self._spawn(self._activate(key[0], spec, lock, unexported=unexported))
         for key in [key for key in self.routes if key not in stored]:
             lock = self._changes.setdefault(key, asyncio.Lock())
             if not lock.locked():  # deleted through another replica
@@ -385,6 +448,8 @@ class Deployments:
             row = await self.get(tenant, name)  # NotFound when it does not exist
             if row["state"] == "FAILED":
                 raise Unavailable(f"deployment {name!r} failed: {row['message']}", retry_after=5)
+            if row["state"] == "EXPORTING":
+                raise Unavailable(f"deployment {name!r} is waiting for its version's ONNX export", retry_after=5)
             raise Unavailable(f"deployment {name!r} is still loading", retry_after=2)
         return route.pick(routing_key, self.track)
 

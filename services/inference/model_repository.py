@@ -7,6 +7,7 @@ Laid out as Triton expects:
     <repository>/<triton name>/config.pbtxt
     <repository>/<triton name>/1/model.py      (services/inference/triton_model/model.py)
     <repository>/<triton name>/1/model.onnx    (the registry's ONNX export)
+    <repository>/<triton name>/1/model.onnx.data  (its weights, as external data)
     <repository>/<triton name>/1/decoder.json  (its DecoderSpec)
 
 The repository is a local folder (`make up`: the local tritonserver reads it) or, in the compose and
@@ -17,6 +18,7 @@ NGC tritonserver reads (its Python backend then needs numpy and onnxruntime in i
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from services.common.config import Settings
-from services.common.contracts import DECODER_SPEC_FILE
+from services.common.contracts import DECODER_SPEC_FILE, ONNX_GRAPH_FILE, onnx_files
 from services.common.errors import InvalidArgument
 from services.common.s3 import ObjectStore
 
@@ -50,8 +52,9 @@ class BatchingConfig:
 
 
 def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingConfig = BatchingConfig()) -> Path:
-    """Write (or refresh) model `name` from an export folder holding `model.onnx` and `decoder.json`."""
-    for required in ("model.onnx", DECODER_SPEC_FILE):
+    """Write (or refresh) model `name` from an export folder holding `model.onnx` (and, from exports with
+    external data, `model.onnx.data`) and `decoder.json`."""
+    for required in (ONNX_GRAPH_FILE, DECODER_SPEC_FILE):
         if not (onnx_dir / required).exists():
             raise FileNotFoundError(f"{onnx_dir} has no {required}")
     model_dir = repository / name
@@ -60,7 +63,7 @@ def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingC
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "1").mkdir(parents=True)
     shutil.copy2(TEMPLATE_DIR / "model.py", staging / "1" / "model.py")
-    for item in ("model.onnx", DECODER_SPEC_FILE):
+    for item in (*onnx_files(os.listdir(onnx_dir)), DECODER_SPEC_FILE):
         _link_or_copy(onnx_dir / item, staging / "1" / item)
     template = (TEMPLATE_DIR / "config.pbtxt.template").read_text()
     (staging / "config.pbtxt").write_text(template.format(

@@ -4,20 +4,26 @@ A version's files follow the registry's S3 layout (`contracts.model_version_pref
 directory:
 
     <root>/models/<tenant>/<name>/v<version>/tokenizer.json, tokenizer_config.json, ...
-    <root>/models/<tenant>/<name>/v<version>/exports/onnx/model.onnx, decoder.json
+    <root>/models/<tenant>/<name>/v<version>/exports/onnx/model.onnx, model.onnx.data, decoder.json
 
 `LocalModelSource` reads such a tree directly (tests, benchmarks, and deploying a folder by hand).
 `S3ModelSource` asks the registry service: aliases through `ResolveAlias`, the version's artifacts
 through `GetModelVersion`, its ONNX export through `GetExport(format="onnx")`, which must be READY (an
 export that failed its parity check cannot be deployed), and it mirrors the tokenizer and the export's
-`model.onnx` and `decoder.json` from S3 into a local cache in that same layout, verifying each object's
-SHA-256 against the registry's record. While a deployment serves a version, the registry knows
-(`MarkDeployed` with the export format, `UnmarkDeployed`), so deleting that version is refused (409).
+`model.onnx`, its external data `model.onnx.data` and `decoder.json` from S3 into a local cache in that
+same layout, verifying each object's SHA-256 against the registry's record. While a deployment serves a
+version, the registry knows (`MarkDeployed` with the export format, `UnmarkDeployed`), so deleting that
+version is refused (409). A version with no ONNX export yet is exported on demand: `request_export`
+asks the registry for it (`CreateExport`) and `export_status` follows it to READY or FAILED, so one
+`PUT /v1/deployments/{name}` both exports and deploys (services/inference/deployments.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,7 @@ from typing import Protocol
 from transformers import PreTrainedTokenizerFast
 
 from services.common import contracts
-from services.common.contracts import DECODER_SPEC_FILE, DecoderSpec
+from services.common.contracts import DECODER_SPEC_FILE, ONNX_GRAPH_FILE, DecoderSpec
 from services.common.errors import Conflict, NotFound, Unavailable
 from services.common.identity import Caller, acting_as
 
@@ -41,7 +47,7 @@ class VersionFiles:
     model: str
     version: int
     version_dir: Path  # holds the tokenizer files
-    onnx_dir: Path  # holds model.onnx and decoder.json
+    onnx_dir: Path  # holds model.onnx (with model.onnx.data, its weights) and decoder.json
     digest: str = ""
 
     def spec(self) -> DecoderSpec:
@@ -51,12 +57,30 @@ class VersionFiles:
         return PreTrainedTokenizerFast.from_pretrained(str(self.version_dir))
 
 
+@dataclass(frozen=True)
+class ExportStatus:
+    """Where a version's ONNX export stands: MISSING (never asked for), PENDING, RUNNING, READY or FAILED."""
+
+    state: str
+    error: str = ""  # why it FAILED
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("READY", "FAILED")
+
+
 class ModelSource(Protocol):
     async def resolve(self, tenant: str, model: str, version: int, alias: str) -> int:
         """The version number `version` (when > 0) or `alias` points at; NotFound when neither exists."""
 
     async def fetch(self, tenant: str, model: str, version: int) -> VersionFiles:
         """The version's tokenizer and ONNX export as local files; Conflict when the export is not READY."""
+
+    async def export_status(self, tenant: str, model: str, version: int) -> ExportStatus:
+        """The version's ONNX export as it stands now (MISSING when none was asked for)."""
+
+    async def request_export(self, tenant: str, model: str, version: int) -> ExportStatus:
+        """Ask for the version's ONNX export (again, when it FAILED); an existing one is left as it is."""
 
     async def mark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
         """Record that `deployment` serves the version (Conflict when its ONNX export cannot be deployed)."""
@@ -80,12 +104,34 @@ def publish_local_version(root: Path, tenant: str, model: str, version: int, onn
     target = version_dir(root, tenant, model, version)
     export = target / contracts.export_dir(EXPORT_FORMAT)
     export.mkdir(parents=True, exist_ok=True)
-    for name in ("model.onnx", DECODER_SPEC_FILE):
+    for name in (*contracts.onnx_files(os.listdir(onnx_dir)), DECODER_SPEC_FILE):
         shutil.copy2(onnx_dir / name, export / name)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy2(tokenizer_dir / name, target / name)
     return VersionFiles(model, version, target, export)
+
+
+def _status(export) -> ExportStatus:
+    """A registry `Export` message as an ExportStatus; a parity failure says by how much it missed."""
+    from llmp.registry.v1 import registry_pb2
+
+    state = registry_pb2.ExportState.Name(export.state).removeprefix("EXPORT_STATE_")
+    error = export.error
+    if state == "FAILED" and export.parity_report_json:
+        report = json.loads(export.parity_report_json)
+        if "max_abs_logit_diff" in report and "logits" in report:
+            error += (f" (max abs logit difference {report['max_abs_logit_diff']}, "
+                      f"threshold {report['logits'].get('threshold')})")
+    return ExportStatus(state, error)
+
+
+def _weights_digest(sha256s: list[str]) -> str:
+    """What identifies the served weights: the graph's SHA-256, or with external data (where the graph holds
+    almost no weights) the SHA-256 of both files' SHA-256s."""
+    if len(sha256s) == 1:
+        return sha256s[0]
+    return hashlib.sha256(":".join(sha256s).encode()).hexdigest()
 
 
 class LocalModelSource:
@@ -108,9 +154,19 @@ class LocalModelSource:
     async def fetch(self, tenant: str, model: str, version: int) -> VersionFiles:
         target = version_dir(self.root, tenant, model, version)
         onnx_dir = target / contracts.export_dir(EXPORT_FORMAT)
-        if not (onnx_dir / "model.onnx").exists():
+        if not (onnx_dir / ONNX_GRAPH_FILE).exists():
             raise NotFound(f"model {model} version {version} has no ONNX export")
         return VersionFiles(model, version, target, onnx_dir)
+
+    async def export_status(self, tenant: str, model: str, version: int) -> ExportStatus:
+        onnx_dir = version_dir(self.root, tenant, model, version) / contracts.export_dir(EXPORT_FORMAT)
+        return ExportStatus("READY" if (onnx_dir / ONNX_GRAPH_FILE).exists() else "MISSING")
+
+    async def request_export(self, tenant: str, model: str, version: int) -> ExportStatus:
+        status = await self.export_status(tenant, model, version)
+        if status.state != "READY":  # a folder of files has no exporter: publish_local_version lays exports out
+            return ExportStatus("FAILED", "a local model source cannot export; publish the ONNX export into it")
+        return status
 
     async def mark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
         await self.fetch(tenant, model, version)  # NotFound without an export
@@ -164,8 +220,10 @@ class S3ModelSource:
         # path inside the version -> (S3 key, sha256): the tokenizer files and the export's decoder files
         wanted = {a.path: (a.object.key, a.object.sha256) for a in listed.artifacts if a.path in TOKENIZER_FILES}
         export_dir = contracts.export_dir(EXPORT_FORMAT)
+        onnx = [export_dir + item for item in contracts.onnx_files(a.path.removeprefix(export_dir)
+                                                                    for a in export.artifacts)]
         wanted.update({a.path: (a.object.key, a.object.sha256) for a in export.artifacts
-                       if a.path in (export_dir + "model.onnx", export_dir + DECODER_SPEC_FILE)})
+                       if a.path in (*onnx, export_dir + DECODER_SPEC_FILE)})
         for required in ("tokenizer.json", export_dir + "model.onnx", export_dir + DECODER_SPEC_FILE):
             if required not in wanted:
                 raise NotFound(f"model {model} version {version} has no {required} in the registry")
@@ -181,8 +239,31 @@ class S3ModelSource:
             await asyncio.to_thread(mirror)
         except OSError as error:
             raise Unavailable(f"cannot fetch model {model} v{version} from S3: {error}", retry_after=2) from error
-        digest = next((a.object.sha256 for a in export.artifacts if a.path == export_dir + "model.onnx"), "")
+        digest = _weights_digest([wanted[path][1] for path in onnx])
         return VersionFiles(model, version, target, target / export_dir, digest)
+
+    async def export_status(self, tenant: str, model: str, version: int) -> ExportStatus:
+        from llmp.common.v1 import common_pb2
+        from llmp.registry.v1 import registry_pb2
+
+        ref = common_pb2.ModelRef(name=model, version=version)
+        try:
+            with self._for(tenant):
+                export = (await self.clients.registry.GetExport(
+                    registry_pb2.GetExportRequest(model=ref, format=EXPORT_FORMAT))).export
+        except NotFound:
+            await self.resolve(tenant, model, version, "")  # NotFound for the version itself propagates
+            return ExportStatus("MISSING")
+        return _status(export)
+
+    async def request_export(self, tenant: str, model: str, version: int) -> ExportStatus:
+        from llmp.common.v1 import common_pb2
+        from llmp.registry.v1 import registry_pb2
+
+        with self._for(tenant):
+            export = (await self.clients.registry.CreateExport(registry_pb2.CreateExportRequest(
+                model=common_pb2.ModelRef(name=model, version=version), format=EXPORT_FORMAT))).export
+        return _status(export)
 
     async def mark_deployed(self, tenant: str, model: str, version: int, deployment: str) -> None:
         from llmp.common.v1 import common_pb2

@@ -6,7 +6,8 @@ Formats:
   and activations of MatMul/Gemm) and calibrated on the dataset's calibration split;
 - `torchscript`: `torch.jit.trace` of the model's `input_ids -> logits`.
 
-ONNX exports also get Triton's model repository layout (`{model}/config.pbtxt`, `{model}/1/model.onnx`).
+ONNX exports also get Triton's model repository layout (`{model}/config.pbtxt`, `{model}/1/model.onnx` and its
+external data `model.onnx.data`).
 Everything here is synchronous and CPU-bound: the service runs it in a worker thread.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.common import contracts
 from services.common.errors import ValidationFailed
 from services.registry import parity
 
@@ -73,6 +76,11 @@ def export_onnx(model_dir: Path, out_dir: Path, data: EvalData) -> Path:
     return path
 
 
+def kv_heads(spec: dict) -> int:
+    """Key/value heads of a `decoder.json` (one written before grouped-query attention has only n_head)."""
+    return int(spec.get("n_kv_head") or spec["n_head"])
+
+
 class _CalibrationReader:
     """ONNX Runtime's CalibrationDataReader over calibration windows, one window per batch, empty past."""
 
@@ -84,7 +92,7 @@ class _CalibrationReader:
         seq = input_ids.shape[1]
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": np.ones((1, seq), dtype=np.int64),
                  "position_ids": np.arange(seq, dtype=np.int64)[None, :]}
-        empty = np.zeros((1, spec["n_head"], 0, spec["head_dim"]), dtype=np.float32)
+        empty = np.zeros((1, kv_heads(spec), 0, spec["head_dim"]), dtype=np.float32)
         feeds.update({name: empty for name in input_names if name.startswith("past_key_values.")})
         return feeds
 
@@ -113,7 +121,7 @@ def export_onnx_int8(model_dir: Path, out_dir: Path, data: EvalData) -> Path:
         quantize_static(str(fp32), str(path), _CalibrationReader(data.calibration, spec, inputs),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
     shutil.copy(scratch / "decoder.json", out_dir / "decoder.json")
     shutil.rmtree(scratch)
     return path
@@ -148,7 +156,7 @@ EXPORTERS: dict[str, Exporter] = {"onnx": export_onnx, "onnx-int8": export_onnx_
 
 def triton_config(model_name: str, spec: dict) -> str:
     """config.pbtxt for the ONNX decoder: batch is Triton's implicit first dimension, dynamic batching on."""
-    heads, head_dim, vocab = spec["n_head"], spec["head_dim"], spec["vocab_size"]
+    heads, head_dim, vocab = kv_heads(spec), spec["head_dim"], spec["vocab_size"]
 
     def tensor(name: str, dtype: str, dims: list[int]) -> str:
         return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
@@ -186,11 +194,11 @@ def check(fmt: str, model_dir: Path, path: Path, data: EvalData, thresholds: par
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        run = parity.onnx_logits_fn(session, spec["n_head"], spec["head_dim"])
+        run = parity.onnx_logits_fn(session, kv_heads(spec), spec["head_dim"])
         if fmt == "onnx":
             bound = thresholds.max_abs_logit_diff
             report["logits"] = parity.logits_report(model, run, data.held_out, bound)
-            report["incremental"] = parity.incremental_report(model, session, data.held_out, spec["n_head"],
+            report["incremental"] = parity.incremental_report(model, session, data.held_out, kv_heads(spec),
                                                               spec["head_dim"], bound)
             passed = report["logits"]["passed"] and report["incremental"]["passed"]
         else:
@@ -216,7 +224,8 @@ def export(fmt: str, model_dir: Path, out_dir: Path, data: EvalData, *, triton_m
         folder = out_dir / "triton" / triton_model
         (folder / "1").mkdir(parents=True, exist_ok=True)
         (folder / "config.pbtxt").write_text(triton_config(triton_model, spec))
-        shutil.copy(path, folder / "1" / "model.onnx")
+        for item in contracts.onnx_files(os.listdir(path.parent)):  # the graph and its external data
+            shutil.copy(path.parent / item, folder / "1" / item)
         outcome.triton_model = triton_model
     outcome.files = sorted(str(item.relative_to(out_dir)) for item in out_dir.rglob("*") if item.is_file())
     log.info("exported", extra={"format": fmt, "passed": passed, "max_abs_logit_diff": report["max_abs_logit_diff"]})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import tempfile
 import uuid
 from pathlib import Path
@@ -31,6 +32,18 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
 LEASE_SECONDS = 60.0
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities as strings ("nan", "inf"): a diverged model's logits are NaN, a shape
+    mismatch reports an infinite difference, and PostgreSQL's JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 class Exports:
@@ -137,7 +150,7 @@ class Exports:
                 """UPDATE registry_exports SET state = %s, parity = %s, error = %s, artifacts = %s,
                           triton_prefix = %s, triton_model = %s, updated_at = now()
                    WHERE id = %s AND state = 'RUNNING'""",
-                (state, Jsonb(report), error[:4000], Jsonb(stored), triton[0], triton[1], export_id))
+                (state, Jsonb(_json_safe(report)), error[:4000], Jsonb(stored), triton[0], triton[1], export_id))
         log.info("export finished", extra={"export": str(export_id), "state": state})
 
     async def _heartbeat(self, export_id: uuid.UUID) -> None:

@@ -33,6 +33,10 @@ def decoder_spec(model: PreTrainedModel) -> DecoderSpec:
     config = model.config.get_text_config(decoder=True)
     n_layer = config.num_hidden_layers
     n_head = config.num_attention_heads
+    # Grouped-query attention caches fewer key/value heads than it has query heads; a model may also set
+    # its head size apart from hidden_size // n_head (Qwen2 and Mistral configs carry `head_dim`).
+    n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     names = [f"{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
     context = getattr(config, "n_positions", None) or config.max_position_embeddings
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -41,7 +45,8 @@ def decoder_spec(model: PreTrainedModel) -> DecoderSpec:
     return DecoderSpec(
         n_layer=n_layer,
         n_head=n_head,
-        head_dim=config.hidden_size // n_head,
+        n_kv_head=int(n_kv_head),
+        head_dim=int(head_dim),
         vocab_size=config.vocab_size,
         context_length=int(context),
         eos_token_id=eos if eos is not None else config.eos_token_id,
@@ -70,7 +75,7 @@ def _sample_inputs(spec: DecoderSpec, batch: int = 2, seq: int = 3, past: int = 
     input_ids = torch.zeros(batch, seq, dtype=torch.long)
     attention_mask = torch.ones(batch, past + seq, dtype=torch.long)
     position_ids = torch.arange(past, past + seq, dtype=torch.long).expand(batch, seq).contiguous()
-    shape = (batch, spec.n_head, past, spec.head_dim)
+    shape = (batch, spec.n_kv_head, past, spec.head_dim)
     past_kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(spec.n_layer)]
     return input_ids, attention_mask, position_ids, past_kv
 
@@ -89,7 +94,8 @@ def _dynamic_shapes(spec: DecoderSpec) -> dict:
 
 
 def export_model_onnx(model: PreTrainedModel, out_path: Path) -> DecoderSpec:
-    """Export an in-memory causal LM to `out_path` (one self-contained .onnx file) and write its spec beside it."""
+    """Export an in-memory causal LM to `out_path` (the graph, its weights in `out_path` + ".data") and write
+    its spec beside it."""
     model = model.eval().float()
     spec = decoder_spec(model)
     out_path = Path(out_path)
@@ -102,7 +108,8 @@ def export_model_onnx(model: PreTrainedModel, out_path: Path) -> DecoderSpec:
             dynamic_shapes=_dynamic_shapes(spec), input_names=list(spec.input_names),
             output_names=list(spec.output_names), verbose=False,
         )
-        program.save(str(out_path), external_data=False)
+        # Weights as external data always (`contracts.ONNX_DATA_FILE`): past 2 GB one file cannot hold them.
+        program.save(str(out_path), external_data=True)
     (out_path.parent / DECODER_SPEC_FILE).write_text(spec.to_json())
     log.info("exported %s layers=%d vocab=%d to %s", type(model).__name__, spec.n_layer, spec.vocab_size, out_path)
     return spec

@@ -65,7 +65,7 @@ def perplexity_report(model: torch.nn.Module, exported: LogitsFn, test_windows: 
             "passed": bool(math.isfinite(candidate) and change <= threshold)}
 
 
-def onnx_feeds(session, input_ids: np.ndarray, past: list[np.ndarray] | None, past_length: int, n_head: int,
+def onnx_feeds(session, input_ids: np.ndarray, past: list[np.ndarray] | None, past_length: int, n_kv_head: int,
                head_dim: int) -> dict[str, np.ndarray]:
     """Inputs of the ONNX decoder (docs/CONTRACTS.md) for `input_ids` after `past_length` cached tokens."""
     batch, seq = input_ids.shape
@@ -76,27 +76,27 @@ def onnx_feeds(session, input_ids: np.ndarray, past: list[np.ndarray] | None, pa
                                         (batch, seq)).copy(),
     }
     kv_names = [item.name for item in session.get_inputs() if item.name.startswith("past_key_values.")]
-    empty = np.zeros((batch, n_head, 0, head_dim), dtype=np.float32)
+    empty = np.zeros((batch, n_kv_head, 0, head_dim), dtype=np.float32)
     for index, name in enumerate(kv_names):
         feeds[name] = past[index] if past is not None else empty
     return feeds
 
 
-def onnx_logits_fn(session, n_head: int, head_dim: int) -> LogitsFn:
+def onnx_logits_fn(session, n_kv_head: int, head_dim: int) -> LogitsFn:
     def run(input_ids: np.ndarray) -> np.ndarray:
-        return session.run(["logits"], onnx_feeds(session, input_ids, None, 0, n_head, head_dim))[0]
+        return session.run(["logits"], onnx_feeds(session, input_ids, None, 0, n_kv_head, head_dim))[0]
 
     return run
 
 
-def incremental_report(model: torch.nn.Module, session, inputs: np.ndarray, n_head: int, head_dim: int,
+def incremental_report(model: torch.nn.Module, session, inputs: np.ndarray, n_kv_head: int, head_dim: int,
                        threshold: float) -> dict:
     """Prefill all but the last token, then decode the last one with the returned past: same logits?"""
     reference = reference_logits(model, inputs)[:, -1]
     outputs = [item.name for item in session.get_outputs()]
-    prefill = session.run(outputs, onnx_feeds(session, inputs[:, :-1], None, 0, n_head, head_dim))
+    prefill = session.run(outputs, onnx_feeds(session, inputs[:, :-1], None, 0, n_kv_head, head_dim))
     presents = [value for name, value in zip(outputs, prefill, strict=True) if name.startswith("present.")]
-    step = session.run(["logits"], onnx_feeds(session, inputs[:, -1:], presents, inputs.shape[1] - 1, n_head,
+    step = session.run(["logits"], onnx_feeds(session, inputs[:, -1:], presents, inputs.shape[1] - 1, n_kv_head,
                                               head_dim))[0][:, -1]
     diff = compare(reference, step)
     return {"max_abs_logit_diff": diff, "threshold": threshold,

@@ -86,7 +86,14 @@ from services.common.contracts.paths import (
     shard_file_name,
     within_dataset_version,
 )
-from services.common.contracts.serving import DECODER_SPEC_FILE, DecoderSpec, triton_model_name
+from services.common.contracts.serving import (
+    DECODER_SPEC_FILE,
+    ONNX_DATA_FILE,
+    ONNX_GRAPH_FILE,
+    DecoderSpec,
+    onnx_files,
+    triton_model_name,
+)
 
 __all__ = [
     "ANSWER_ROLE", "CHAT_SPECIAL_TOKENS", "DEFAULT_CHAT_TEMPLATE", "END_OF_TURN", "ROLES", "TURN_START",
@@ -97,12 +104,14 @@ __all__ = [
     "DISTRIBUTED_MODES", "EXPORTS", "EXPORT_FORMATS", "IMPORTS", "JOBS", "MAX_IDEMPOTENCY_KEY", "MAX_PAGE_SIZE",
     "MAX_PRIORITY", "MAX_PROMPT_CHARS", "MAX_STOP_LENGTH", "MAX_STOP_SEQUENCES", "MAX_TEMPERATURE", "MAX_VERSION",
     "MAX_VOCAB_SIZE",
-    "MIN_PRIORITY", "MIN_VOCAB_SIZE", "MODELS", "MODEL_FAMILIES", "NAME", "NAME_PATTERN", "NAME_RULE", "PRECISIONS",
+    "MIN_PRIORITY", "MIN_VOCAB_SIZE", "MODELS", "MODEL_FAMILIES", "NAME", "NAME_PATTERN", "NAME_RULE", "ONNX_DATA_FILE",
+    "ONNX_GRAPH_FILE", "PRECISIONS",
     "SOURCES", "SPLITS", "TOKENIZER_KINDS", "TOKEN_DTYPES", "DatasetManifest", "DecoderSpec", "JobLayout",
     "ManifestObject", "SplitManifest", "TENANT_PATTERN", "TokenizerManifest", "dataset_corpus_key",
     "dataset_manifest_key",
     "dataset_shard_key", "dataset_tokenizer_prefix", "dataset_version_prefix", "export_dir", "import_prefix",
-    "job_prefix", "model_export_prefix", "model_version_prefix", "ecma_regex", "page_size", "parse_model_version_key",
+    "job_prefix", "model_export_prefix", "model_version_prefix", "ecma_regex", "onnx_files", "page_size",
+    "parse_model_version_key",
     "shard_file_name", "triton_model_name", "validate_export_format", "validate_name", "validate_version",
     "within_dataset_version",
 ]

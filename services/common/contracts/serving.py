@@ -10,24 +10,41 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 DECODER_SPEC_FILE = "decoder.json"
+# The exported graph and its weights. The weights always go to the external-data file beside the graph:
+# a protobuf cannot exceed 2 GB, and one layout for every size means the large-model path is the one every
+# export (and every test) takes. An export stored before this has no data file; readers accept both.
+ONNX_GRAPH_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"
 _NOT_TRITON = re.compile(r"[^A-Za-z0-9_.-]")  # a Triton model name is a folder name and a URL segment
 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """What a runtime needs to drive the exported graph; written beside it as `decoder.json`."""
+    """What a runtime needs to drive the exported graph; written beside it as `decoder.json`.
+
+    The past key/values of every layer are [batch, n_kv_head, past, head_dim]: with grouped-query
+    attention (Llama, Qwen2, Mistral) `n_kv_head` divides `n_head`, and `head_dim` is the model's own
+    (`config.head_dim` when it has one), not necessarily hidden_size // n_head.
+    """
 
     n_layer: int
-    n_head: int
+    n_head: int  # query heads
     head_dim: int
     vocab_size: int
     context_length: int  # largest past+seq the model's position embeddings allow
     eos_token_id: int | None
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    # Key/value heads; `decoder.json` written before grouped-query attention lacks it and means n_head.
+    n_kv_head: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.n_kv_head:
+            object.__setattr__(self, "n_kv_head", self.n_head)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -38,6 +55,13 @@ class DecoderSpec:
         data["input_names"] = tuple(data["input_names"])
         data["output_names"] = tuple(data["output_names"])
         return cls(**data)
+
+
+def onnx_files(present: Iterable[str]) -> tuple[str, ...]:
+    """The ONNX files of an export folder, among the names `present` in it: the graph, and its external
+    data when there is some (exports made before external data have the graph alone)."""
+    names = set(present)
+    return (ONNX_GRAPH_FILE,) + ((ONNX_DATA_FILE,) if ONNX_DATA_FILE in names else ())
 
 
 def triton_model_name(tenant: str, name: str, version: int) -> str:

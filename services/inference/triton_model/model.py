@@ -41,7 +41,7 @@ class _Sequence:
     __slots__ = ("past", "length", "touched")
 
     def __init__(self, past: list[np.ndarray], length: int) -> None:
-        self.past = past  # per KV input, [1, n_head, length, head_dim]
+        self.past = past  # per KV input, [1, n_kv_head, length, head_dim]
         self.length = length
         self.touched = time.monotonic()
 
@@ -75,7 +75,8 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), options, providers=providers)
         self.past_names = [name for name in self.spec["input_names"] if name.startswith("past_key_values.")]
         self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
-        self.kv_shape = (self.spec["n_head"], self.spec["head_dim"])
+        # Grouped-query attention caches fewer heads than it queries; a decoder.json from before it says n_head only.
+        self.kv_shape = (int(self.spec.get("n_kv_head") or self.spec["n_head"]), int(self.spec["head_dim"]))
         self.context = int(self.spec["context_length"])
         self.vocab = int(self.spec["vocab_size"])
         self.sequences: dict[int, _Sequence] = {}
@@ -89,8 +90,8 @@ class TritonPythonModel:
         return outputs[0], outputs[1:]
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
-        n_head, head_dim = self.kv_shape
-        return [np.zeros((batch, n_head, 0, head_dim), np.float32) for _ in self.past_names]
+        n_kv_head, head_dim = self.kv_shape
+        return [np.zeros((batch, n_kv_head, 0, head_dim), np.float32) for _ in self.past_names]
 
     def _continue(self, row: _Row) -> None:
         """Several tokens after an existing past (one sequence, any length)."""
@@ -123,10 +124,10 @@ class TritonPythonModel:
         states = [row.state for row in rows]
         width = max(state.length for state in states)
         batch = len(states)
-        n_head, head_dim = self.kv_shape
+        n_kv_head, head_dim = self.kv_shape
         past = []
         for index in range(len(self.past_names)):
-            padded = np.zeros((batch, n_head, width, head_dim), np.float32)
+            padded = np.zeros((batch, n_kv_head, width, head_dim), np.float32)
             for position, state in enumerate(states):
                 padded[position, :, width - state.length:] = state.past[index][0]
             past.append(padded)

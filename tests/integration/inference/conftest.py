@@ -21,7 +21,6 @@ import pytest
 import torch
 from llmp.inference.v1 import inference_pb2 as pb
 from llmp.inference.v1 import inference_pb2_grpc
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from cli.servers import TritonPorts, start_triton, stop
@@ -33,24 +32,13 @@ from services.inference.deployments import Deployments
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.registry.onnx_export import export_model_onnx
 
+from ...tiny_checkpoints import train_tokenizer
+
 SHAKESPEARE = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
 TENANT = "acme"
 MODEL = "tiny"
 BROKEN = 3
 CONTEXT = 64
-EOS = "<|endoftext|>"
-
-
-def train_tokenizer(out: Path) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([SHAKESPEARE.read_text()[:20_000]], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS)
-    fast.save_pretrained(out)
-    return fast
 
 
 @dataclass
@@ -64,7 +52,7 @@ class TinyVersion:
 def model_root(tmp_path_factory) -> tuple[Path, dict[int, TinyVersion]]:
     """(root, healthy versions) of model `tiny` in a local source tree: v1 and v2, and the broken v3."""
     root = tmp_path_factory.mktemp("models")
-    tokenizer = train_tokenizer(root / "tokenizer")
+    tokenizer = train_tokenizer(SHAKESPEARE.read_text()[:20_000], root / "tokenizer")
     versions = {}
     for version, seed in ((1, 1), (2, 2)):
         torch.manual_seed(seed)
@@ -76,7 +64,8 @@ def model_root(tmp_path_factory) -> tuple[Path, dict[int, TinyVersion]]:
         versions[version] = TinyVersion(version, model, tokenizer)
     broken = root / f"export-v{BROKEN}"
     broken.mkdir()
-    shutil.copy2(root / "export-v2" / "model.onnx", broken / "model.onnx")
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy2(root / "export-v2" / name, broken / name)
     spec = json.loads((root / "export-v2" / "decoder.json").read_text())
     (broken / "decoder.json").write_text(json.dumps({**spec, "head_dim": spec["head_dim"] + 1}))
     publish_local_version(root, TENANT, MODEL, BROKEN, broken, root / "tokenizer")

@@ -1,3 +1,4 @@
+import hashlib
 import json
 from pathlib import Path
 
@@ -45,6 +46,10 @@ async def test_onnx_export_passes_parity_and_lands_in_triton_layout(client, sour
     assert {i.name for i in graph.graph.input} >= {"input_ids", "past_key_values.1.value"}
     paths = {a.path: a.object.sha256 for a in export.artifacts}
     assert paths["exports/onnx/model.onnx"] == paths[f"exports/onnx/triton/{triton}/1/model.onnx"]
+    # The weights are external data beside the graph, recorded and laid out in Triton's folder alike.
+    data = "exports/onnx/" + contracts.ONNX_DATA_FILE
+    assert paths[data] == paths[f"exports/onnx/triton/{triton}/1/{contracts.ONNX_DATA_FILE}"]
+    assert paths[data] == hashlib.sha256(registry.store.get_bytes(base + contracts.ONNX_DATA_FILE)).hexdigest()
     # The version shows its export, and a deployment of the READY export is accepted.
     version = (await client.stub.GetModelVersion(pb.GetModelVersionRequest(name="onnxed", version=1),
                                                  metadata=client.metadata)).version

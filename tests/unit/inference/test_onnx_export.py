@@ -1,27 +1,28 @@
-"""The exported ONNX decoder computes what the PyTorch model computes, prefix and incremental steps alike."""
+"""The exported ONNX decoder computes what the PyTorch model computes, prefix and incremental steps alike,
+for every architecture served (GPT-2; Llama, Qwen2, Mistral with grouped-query attention)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from services.common.contracts import DecoderSpec
+from services.common.contracts import ONNX_DATA_FILE, DecoderSpec
 from services.registry.onnx_export import export_decoder_onnx
+
+from ...tiny_checkpoints import ARCHITECTURES, HEADS
+from ...tiny_checkpoints import tiny_model as build_tiny_model
 
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=101, n_positions=64, eos_token_id=100,
-                        bos_token_id=100)
-    model = GPT2LMHeadModel(config).eval()
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def tiny_model(request, tmp_path_factory):
+    model = build_tiny_model(request.param, 101, context=64, eos_token_id=100)
     model_dir = tmp_path_factory.mktemp("model")
     model.save_pretrained(model_dir)
     return model, model_dir
@@ -36,7 +37,7 @@ def exported(tiny_model, tmp_path_factory):
 
 
 def empty_past(spec: DecoderSpec, batch: int) -> dict[str, np.ndarray]:
-    shape = (batch, spec.n_head, 0, spec.head_dim)
+    shape = (batch, spec.n_kv_head, 0, spec.head_dim)
     return {name: np.zeros(shape, np.float32) for name in spec.input_names if name.startswith("past_key_values.")}
 
 
@@ -46,15 +47,17 @@ def present_as_past(spec: DecoderSpec, outputs: list[np.ndarray]) -> dict[str, n
             for name in spec.input_names if name.startswith("past_key_values.")}
 
 
-def test_graph_has_the_contracted_inputs_and_outputs(exported):
+def test_graph_has_the_contracted_inputs_and_outputs(exported, tiny_model):
     spec, session, out = exported
+    arch = tiny_model[0].config.model_type
     assert [i.name for i in session.get_inputs()] == list(spec.input_names)
     assert [o.name for o in session.get_outputs()] == list(spec.output_names)
     assert spec.input_names[:3] == ("input_ids", "attention_mask", "position_ids")
     assert "past_key_values.1.value" in spec.input_names and "present.1.value" in spec.output_names
     written = DecoderSpec.from_json((out.parent / "decoder.json").read_text())
     assert written == spec
-    assert (spec.n_layer, spec.n_head, spec.head_dim, spec.vocab_size, spec.context_length) == (2, 2, 32, 101, 64)
+    assert (spec.n_layer, spec.vocab_size, spec.context_length) == (2, 101, 64)
+    assert (spec.n_head, spec.n_kv_head, spec.head_dim) == HEADS[arch]
     assert json.loads(spec.to_json())["eos_token_id"] == 100
 
 
@@ -71,7 +74,7 @@ def test_prefix_then_incremental_step_match_pytorch(exported, tiny_model):
         expected = model(prompt).logits.numpy()
     assert outputs[0].shape == (1, n, spec.vocab_size)
     np.testing.assert_allclose(outputs[0], expected, atol=TOLERANCE, rtol=0)
-    assert outputs[1].shape == (1, spec.n_head, n, spec.head_dim)
+    assert outputs[1].shape == (1, spec.n_kv_head, n, spec.head_dim)
 
     # One incremental step: only the new token goes in, the prefix comes from the past.
     next_token = np.array([[int(expected[0, -1].argmax())]])
@@ -113,3 +116,26 @@ def test_left_padded_batch_matches_each_sequence_alone(exported, tiny_model):
         expect_long = model(torch.tensor([long + [12]])).logits.numpy()[0, -1]
     np.testing.assert_allclose(step[0][0, -1], expect_short, atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(step[0][1, -1], expect_long, atol=TOLERANCE, rtol=0)
+
+
+def test_weights_are_external_data_beside_the_graph(exported, tiny_model):
+    """Every export keeps its weights in model.onnx.data, the layout a model past 2 GB needs."""
+    _, _, out = exported
+    model, _ = tiny_model
+    data = out.parent / ONNX_DATA_FILE
+    graph = onnx.load(str(out), load_external_data=False)
+    external = [init for init in graph.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {entry.value for init in external for entry in init.external_data
+                         if entry.key == "location"} == {ONNX_DATA_FILE}
+    weights = sum(parameter.numel() for parameter in model.parameters()) * 4
+    assert data.stat().st_size >= weights * 0.9  # (tied weights are stored once)
+    inline = sum(init.ByteSize() for init in graph.graph.initializer if init not in external)
+    assert inline < 0.05 * weights  # what stays in the graph are small vectors (norm weights, biases)
+
+
+def test_a_spec_written_before_grouped_query_attention_reads_as_one_kv_head_per_head():
+    old = {"n_layer": 2, "n_head": 4, "head_dim": 16, "vocab_size": 10, "context_length": 8, "eos_token_id": None,
+           "input_names": ["input_ids"], "output_names": ["logits"]}
+    spec = DecoderSpec.from_json(json.dumps(old))
+    assert spec.n_kv_head == 4
+    assert DecoderSpec.from_json(json.dumps({**old, "n_kv_head": 2})).n_kv_head == 2
