@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from gateway.http import Route
-from gateway.views import completions, console, datasets, deployments, keys, models, system, training_jobs
+from gateway.views import (
+    completions,
+    console,
+    datasets,
+    deployments,
+    keys,
+    models,
+    openai_compat,
+    system,
+    training_jobs,
+)
 
 # Every view module, in the order /openapi.json lists them.
-VIEW_MODULES = [system, keys, datasets, training_jobs, models, deployments, completions, console]
+VIEW_MODULES = [system, keys, datasets, training_jobs, models, deployments, completions, openai_compat, console]
 
 
 def all_routes() -> list[Route]:
