@@ -298,17 +298,6 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response(request, {"object": "list", "data": [_model(d, owner) for d in listed.deployments]})
 
 
-async def get_model(request: web.Request) -> web.Response:
-    name = request.match_info["model"]
-    if not contracts.NAME.match(name):
-        raise UnknownModel(f"no deployment named {name[:80]!r}")
-    try:
-        found = await clients(request).inference.GetDeployment(inference_pb2.GetDeploymentRequest(name=name))
-    except errors.NotFound as error:
-        raise UnknownModel(error.message) from None
-    return json_response(request, _model(found.deployment, caller(request).tenant))
-
-
 # -- POST /openai/v1/completions ----------------------------------------------------------------
 
 def _completion_logprobs(entries, offset: int) -> dict:
@@ -486,8 +475,6 @@ _ERRORS = {400: "Bad input (OpenAI's error shape)", 404: "Unknown model (deploym
 ROUTES = [
     Route("GET", f"{PREFIX}/models", list_models, "OpenAI: the deployments this key may call", roles=ALL_ROLES,
           tag="openai"),
-    Route("GET", f"{PREFIX}/models/{{model}}", get_model, "OpenAI: one deployment as a model", roles=ALL_ROLES,
-          tag="openai", responses={404: "Unknown model"}),
     Route("POST", f"{PREFIX}/completions", completions, "OpenAI text completion (prompt lists, n, echo, logprobs, "
           "penalties; stream: true for SSE)", roles=ALL_ROLES, body=COMPLETIONS, tag="openai", responses=_ERRORS),
     Route("POST", f"{PREFIX}/chat/completions", chat_completions, "OpenAI chat completion, rendered with the "

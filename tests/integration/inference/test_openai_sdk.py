@@ -17,13 +17,14 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+import tritonclient.grpc.aio as triton_client
 from llmp.inference.v1 import inference_pb2 as pb
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from gateway.app import init_app
 from services.common.config import Settings
-from services.common.contracts import CHAT_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE, END_OF_TURN
+from services.common.contracts import CHAT_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE, END_OF_TURN, triton_model_name
 from services.inference.model_source import publish_local_version
 from services.registry.onnx_export import export_model_onnx
 
@@ -141,9 +142,6 @@ async def test_lists_the_deployments_the_key_may_call(sdk, service):
     names = [model.id for model in listed.data]
     assert {"chat", "tiny-chat"} <= set(names)
     assert all(model.object == "model" and model.owned_by == TENANT and model.created > 0 for model in listed.data)
-    assert (await sdk.models.retrieve("chat")).id == "chat"
-    with pytest.raises(openai.NotFoundError):
-        await sdk.models.retrieve("no-such-deployment")
 
 
 async def test_chat_answers_with_the_template_and_stops_at_end_of_turn_streamed_or_not(sdk, chat_model):
@@ -188,6 +186,19 @@ async def test_n_choices_come_from_one_request_and_reproduce_with_a_seed(sdk):
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
     assert [texts[0], texts[1]] == [c.message.content for c in two.choices]
+
+
+async def test_n_choices_share_each_triton_step(sdk, triton):
+    client = triton_client.InferenceServerClient(triton[0])
+    name = triton_model_name(TENANT, MODEL, 1)
+    before = (await client.get_inference_statistics(name)).model_stats[0]
+    answer = await sdk.completions.create(model="chat", prompt="ROMEO:", n=4, max_tokens=8, temperature=1.0, seed=3)
+    after = (await client.get_inference_statistics(name)).model_stats[0]
+    await client.close()
+    rows = after.inference_count - before.inference_count
+    executions = after.execution_count - before.execution_count
+    assert len(answer.choices) == 4 and rows >= answer.usage.completion_tokens
+    assert executions <= rows / 3, f"{rows} rows ran in {executions} executions: the choices were not batched"
 
 
 async def test_logprobs_are_the_models_log_softmax(sdk, chat_model):
