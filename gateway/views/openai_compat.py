@@ -25,6 +25,7 @@ from gateway.http import (
     ALL_ROLES,
     EVENT_STREAM_HEADERS,
     VARY,
+    EventStream,
     Route,
     caller,
     clients,
@@ -227,12 +228,6 @@ async def _pieces(request: web.Request, message: inference_pb2.GenerateRequest
             raise _model_errors(error) from None
 
 
-class _EventStream(web.StreamResponse):
-    """An SSE response whose headers leave with the first event."""
-
-    _send_headers_immediately = False
-
-
 async def _stream(request: web.Request, messages: list[inference_pb2.GenerateRequest],
                   events: "_Events") -> web.StreamResponse:
     """Server-Sent Events of every piece of every request in `messages` (merged as they come), then
@@ -240,7 +235,7 @@ async def _stream(request: web.Request, messages: list[inference_pb2.GenerateReq
     pieces = merged([_pieces(request, message) for message in messages])
     try:
         first = await anext(pieces, None)
-        response = _EventStream(headers=EVENT_STREAM_HEADERS)
+        response = EventStream(headers=EVENT_STREAM_HEADERS)
         await response.prepare(request)
         item = first
         try:

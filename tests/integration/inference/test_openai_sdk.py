@@ -115,20 +115,33 @@ def chat_model(model_root) -> ChatModel:
     return ChatModel(model, tokenizer)
 
 
+@dataclass
+class Gateway:
+    client: object  # aiohttp's TestClient of the real gateway, on a port
+    base_url: str  # the gateway's /openai/v1
+
+    async def key(self, tenant: str = TENANT, role: str = "inference") -> str:
+        created = await self.client.post("/v1/api-keys", json={"tenant": tenant, "role": role, "rate_limit": 1000},
+                                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert created.status == 201, await created.text()
+        return (await created.json())["key"]
+
+
 @pytest.fixture
-async def sdk(service, chat_model, settings_env, aiohttp_client):
-    """An `openai.AsyncOpenAI` client of a real gateway on a port, with a developer key; deployment `chat`
-    serves model `chatml` v1."""
+async def gateway(service, chat_model, settings_env, aiohttp_client) -> Gateway:
+    """The real gateway in front of the inference service; deployment `chat` serves model `chatml` v1."""
     deployed = await service.call("PutDeployment", pb.PutDeploymentRequest(name="chat", model=MODEL,
                                                                            stable_version=1, wait=True))
     assert deployed.deployment.state == "READY", deployed.deployment.message
     settings = Settings.from_env({**settings_env, "LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_INFERENCE_ADDR": service.address})
-    gateway = await aiohttp_client(init_app(settings))
-    created = await gateway.post("/v1/api-keys", json={"tenant": TENANT, "role": "inference", "rate_limit": 1000},
-                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    assert created.status == 201, await created.text()
-    base_url = str(gateway.make_url("/openai/v1"))
-    async with openai.AsyncOpenAI(base_url=base_url, api_key=(await created.json())["key"], max_retries=0) as client:
+    client = await aiohttp_client(init_app(settings))
+    return Gateway(client, str(client.make_url("/openai/v1")))
+
+
+@pytest.fixture
+async def sdk(gateway):
+    """An `openai.AsyncOpenAI` client given only the base URL and an inference key of tenant acme."""
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=await gateway.key(), max_retries=0) as client:
         yield client
 
 
@@ -136,12 +149,19 @@ def user(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
 
 
-async def test_lists_the_deployments_the_key_may_call(sdk, service):
+async def test_lists_the_deployments_the_key_may_call(sdk, service, gateway):
     await service.deploy(name="tiny-chat", stable=1)  # a second deployment of the tenant
     listed = await sdk.models.list()
     names = [model.id for model in listed.data]
     assert {"chat", "tiny-chat"} <= set(names)
     assert all(model.object == "model" and model.owned_by == TENANT and model.created > 0 for model in listed.data)
+
+    stranger = f"other-{uuid.uuid4().hex[:6]}"
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=await gateway.key(stranger),
+                                  max_retries=0) as theirs:
+        assert (await theirs.models.list()).data == []  # another tenant's deployments are not theirs to call
+        with pytest.raises(openai.NotFoundError):
+            await theirs.chat.completions.create(model="chat", messages=user("say hi"))
 
 
 async def test_chat_answers_with_the_template_and_stops_at_end_of_turn_streamed_or_not(sdk, chat_model):
@@ -215,6 +235,12 @@ async def test_logprobs_are_the_models_log_softmax(sdk, chat_model):
         top = torch.topk(reference, 3)
         assert [t.token for t in entry.top_logprobs] == [chat_model.tokenizer.decode([int(i)]) for i in top.indices]
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=2e-4)
+
+    stream = await sdk.chat.completions.create(model="chat", messages=user("count to three"), temperature=0,
+                                               logprobs=True, top_logprobs=3, stream=True)
+    streamed = [entry async for chunk in stream for choice in chunk.choices if choice.logprobs
+                for entry in choice.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
 
     legacy = await sdk.completions.create(model="chat", prompt="ROMEO:", max_tokens=6, temperature=0, logprobs=2)
     prompt = chat_model.tokenizer.encode("ROMEO:", add_special_tokens=False)
