@@ -1,5 +1,6 @@
 """The official `openai` SDK, given only a base URL and an llmp key, against the real gateway, the inference
-service and Triton, serving a tiny ChatML model built here.
+service and Triton, serving a tiny ChatML model built here (from a local model tree; the last test takes
+the user's whole way instead: registry version, ONNX export, S3, deployment through the REST API).
 
 The model: a byte-level BPE tokenizer with `<|im_start|>`/`<|im_end|>` as special tokens and llmp's default
 chat template, and a 2-layer GPT-2 trained for a few hundred steps on three short conversations rendered
@@ -10,19 +11,24 @@ penalised greedy decoding.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 import torch
 import tritonclient.grpc.aio as triton_client
+from llmp.common.v1 import common_pb2
 from llmp.inference.v1 import inference_pb2 as pb
+from llmp.registry.v1 import registry_pb2, registry_pb2_grpc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from gateway.app import init_app
+from services.common import topology
 from services.common.config import Settings
 from services.common.contracts import CHAT_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE, END_OF_TURN, triton_model_name
 from services.inference.model_source import publish_local_version
@@ -319,3 +325,73 @@ async def test_errors_have_openais_shape_and_status(sdk):
         await stranger.models.list()
     assert unauthenticated.value.body["type"] == "authentication_error"
     await stranger.close()
+
+
+async def test_a_registered_version_chats_with_the_template_it_was_saved_with(chat_model, settings_env, triton,
+                                                                              aiohttp_client, tmp_path):
+    """The whole way a user's model goes: `save_pretrained` folder → registry version (chat_template.jinja
+    among its artifacts) → ONNX export → deployment through the REST API (the inference service fetching
+    from the registry and S3) → the SDK's chat, answered with the template and ended at `<|im_end|>`."""
+    from services.common.identity import Caller, caller_metadata
+    from services.common.s3 import ObjectStore
+    from services.inference import server as inference_server
+    from services.registry import server as registry_server
+
+    folder = tmp_path / "checkpoint"
+    chat_model.model.save_pretrained(folder)
+    chat_model.tokenizer.save_pretrained(folder)
+    assert (folder / "chat_template.jinja").exists()
+    url, repository = triton
+    settings = Settings.from_env({**settings_env, "LLMP_TRITON_GRPC_URL": url, "LLMP_ADMIN_KEY": ADMIN_KEY,
+                                  "LLMP_TRITON_MODEL_REPOSITORY": str(repository)})
+    registry = await registry_server.build(settings)
+    await registry.app.start(settings.listen_addr(topology.REGISTRY))
+    inference, deployments = await inference_server.build(settings)
+    address = f"127.0.0.1:{await inference.start('127.0.0.1:0')}"
+    name = f"chat-{uuid.uuid4().hex[:6]}"
+    try:
+        store = ObjectStore(settings.s3)
+        prefix = f"jobs/{TENANT}/{uuid.uuid4().hex[:8]}/final/"
+        for path in sorted(folder.iterdir()):
+            store.put_file(prefix + path.name, path)
+        metadata = caller_metadata(Caller(TENANT, "key-test", "developer"))
+        ref = common_pb2.ModelRef(name=name, version=1)
+        async with grpc.aio.insecure_channel(settings_env["LLMP_REGISTRY_ADDR"]) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            version = (await stub.RegisterModelVersion(registry_pb2.RegisterModelVersionRequest(
+                model_name=name, source_prefix=prefix, metrics={"validation_loss": 0.05},
+                lineage=registry_pb2.Lineage(training_job_id="job-chat", code_version="test")),
+                metadata=metadata)).version
+            assert "chat_template.jinja" in {a.path for a in version.artifacts}
+            await stub.CreateExport(registry_pb2.CreateExportRequest(model=ref, format="onnx"), metadata=metadata)
+            await registry.exports.wait()
+            export = (await stub.GetExport(registry_pb2.GetExportRequest(model=ref, format="onnx"),
+                                           metadata=metadata)).export
+            assert export.state == registry_pb2.EXPORT_STATE_READY, export.error
+
+        gateway = Gateway(None, "")
+        gateway.client = await aiohttp_client(init_app(Settings.from_env(
+            {**settings_env, "LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_INFERENCE_ADDR": address})))
+        gateway.base_url = str(gateway.client.make_url("/openai/v1"))
+        developer = {"Authorization": f"Bearer {await gateway.key(role='developer')}"}
+        deployed = await gateway.client.put(f"/v1/deployments/{name}", json={"model": name, "stable": 1},
+                                            headers={**developer, "If-None-Match": "*"})
+        assert deployed.status in (200, 201), await deployed.text()
+        for _ in range(240):
+            state = (await (await gateway.client.get(f"/v1/deployments/{name}", headers=developer)).json())["state"]
+            if state != "LOADING":
+                break
+            await asyncio.sleep(0.5)
+        assert state == "READY"
+        served, _ = await deployments.route(TENANT, name, "")
+        assert served.tokenizer.chat_template == chat_model.tokenizer.chat_template  # its own, fetched from S3
+        async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=await gateway.key(),
+                                      max_retries=0) as sdk:
+            for question, answer in CONVERSATIONS:
+                reply = await sdk.chat.completions.create(model=name, messages=user(question), temperature=0)
+                assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (answer, "stop")
+    finally:
+        for tenant, deployment in list(deployments.routes):
+            await deployments.delete(tenant, deployment)
+        await inference.stop()
+        await registry.app.stop()
