@@ -33,7 +33,7 @@ from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
 from gateway.http import NOSNIFF, VALIDATORS, Route, ValidatorCache, error_response, none_match
 from gateway.state import CALLER, CLIENTS, DATABASE, DRAINING, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
-from gateway.views import completions
+from gateway.views import completions, openai_compat
 from services.common import errors, identity, logs, tracing
 from services.common.config import Settings
 from services.common.db import Database
@@ -97,27 +97,29 @@ _HTTP_ERRORS: dict[int, type[errors.LlmpError]] = {
 
 def error_body(request: web.Request, error: Exception) -> web.Response:
     """Every failure leaves as `{"error": {"type", "message"}}` with the mapped status; never a bare 500.
-    (An HTTPException below 400, a redirect, is re-raised: it is an answer, not a failure.)"""
+    (An HTTPException below 400, a redirect, is re-raised: it is an answer, not a failure.) Under
+    `/openai/v1` the body has OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`)."""
+    render = openai_compat.error_response if request.path.startswith(openai_compat.PREFIX) else error_response
     if isinstance(error, errors.LlmpError):
-        return error_response(error)
+        return render(error)
     if isinstance(error, web.HTTPException):
         if error.status < 400:
             raise error
         fallback = errors.InvalidArgument if error.status < 500 else errors.Internal
         cls = _HTTP_ERRORS.get(error.status, fallback)
         message = error.text if error.status == 413 and error.text else error.reason
-        response = error_response(cls(message))
+        response = render(cls(message))
         response.set_status(error.status)
         if error.status == 405:
             response.headers["Allow"] = error.headers.get("Allow", "")
         return response
     if isinstance(error, ConnectionResetError):  # the client went away mid-body: its fault, nobody is listening
-        return error_response(errors.InvalidArgument("request body cut short: the connection was reset"))
+        return render(errors.InvalidArgument("request body cut short: the connection was reset"))
     known = errors.from_exception(error)
     if known is not None:
-        return error_response(known)
+        return render(known)
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
-    return error_response(errors.Internal(f"internal error (request id {logs.request_id.get()})"))
+    return render(errors.Internal(f"internal error (request id {logs.request_id.get()})"))
 
 
 def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):

@@ -153,17 +153,25 @@ async def read_json(request: web.Request, schema: dict | None = None) -> dict:
 _VALIDATORS: dict[int, jsonschema.protocols.Validator] = {}
 
 
-def validate(value: Any, schema: dict) -> None:
-    """422 naming the first field that breaks `schema` (with the number rule above). Validators are
-    built once per schema (the schemas are module constants), not per request."""
+def schema_problem(value: Any, schema: dict) -> tuple[str, str] | None:
+    """(where, what) of the first field that breaks `schema` (with the number rule above), None when
+    nothing does. `where` is the field's dotted path ("messages.0.role"), "body" for the whole body.
+    Validators are built once per schema (the schemas are module constants), not per request."""
     validator = _VALIDATORS.get(id(schema))
     if validator is None or validator.schema is not schema:
         validator = _VALIDATORS[id(schema)] = Validator(schema)
     problems = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
-    if problems:
-        first = problems[0]
-        where = ".".join(str(part) for part in first.absolute_path) or "body"
-        raise errors.ValidationFailed(f"{where}: {first.message}")
+    if not problems:
+        return None
+    first = problems[0]
+    return ".".join(str(part) for part in first.absolute_path) or "body", first.message
+
+
+def validate(value: Any, schema: dict) -> None:
+    """422 naming the first field that breaks `schema`."""
+    problem = schema_problem(value, schema)
+    if problem is not None:
+        raise errors.ValidationFailed(f"{problem[0]}: {problem[1]}")
 
 
 def query_int(request: web.Request, name: str, default: int, schema: dict) -> int:
@@ -334,6 +342,13 @@ NOSNIFF = ("X-Content-Type-Options", "nosniff")
 # Server-Sent Events responses, which send their headers before the middleware sees them.
 EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
                         NOSNIFF[0]: NOSNIFF[1]}
+
+
+class EventStream(web.StreamResponse):
+    """An SSE response whose headers leave with the first event (aiohttp's `Response` does the same): the
+    first token reaches the client in one write and one wake-up instead of two."""
+
+    _send_headers_immediately = False
 
 
 class ValidatorCache:

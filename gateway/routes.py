@@ -11,12 +11,14 @@ from gateway.views import (
     keys,
     model_files,
     models,
+    openai_compat,
     system,
     training_jobs,
 )
 
 # Every view module, in the order /openapi.json lists them.
-VIEW_MODULES = [system, keys, datasets, training_jobs, models, model_files, deployments, completions, console]
+VIEW_MODULES = [system, keys, datasets, training_jobs, models, model_files, deployments, completions, openai_compat,
+                console]
 
 
 def all_routes() -> list[Route]:

@@ -22,6 +22,7 @@ from gateway.http import (
     EVENT_STREAM_HEADERS,
     INT32_MAX,
     INT64_MAX,
+    EventStream,
     Route,
     clients,
     int32,
@@ -179,13 +180,6 @@ async def complete(request: web.Request) -> web.StreamResponse:
                          headers={"X-Cache": "miss"} if cache_key else None)
 
 
-class _EventStream(web.StreamResponse):
-    """An SSE response whose headers leave with the first event (aiohttp's `Response` does the same): the
-    first token reaches the client in one write and one wake-up instead of two."""
-
-    _send_headers_immediately = False
-
-
 async def _stream(request: web.Request, body: dict, message: inference_pb2.GenerateRequest) -> web.StreamResponse:
     """OpenAI-style SSE: one `text_completion` chunk per piece of text, then `data: [DONE]`."""
     call = clients(request).inference.GenerateStream(inference_pb2.GenerateStreamRequest(request=message),
@@ -193,7 +187,7 @@ async def _stream(request: web.Request, body: dict, message: inference_pb2.Gener
     with responses(call) as stream:
         first = await anext(stream, None)  # errors before the first chunk still get a proper status
         completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        response = _EventStream(headers=EVENT_STREAM_HEADERS)
+        response = EventStream(headers=EVENT_STREAM_HEADERS)
         await response.prepare(request)
         chunk = first
         try:

@@ -1,7 +1,10 @@
-"""Text generation over Triton: tokenize, prefill once, then one token per step with the KV cache in Triton.
+"""Text generation over Triton: tokenize (a prompt, or a conversation through the chat template), prefill
+once, then one token per step with the KV cache in Triton.
 
-`generate` yields `Chunk`s (new text and token ids) as tokens are chosen; the non-streaming RPC joins
-them, so streaming and non-streaming outputs are the same by construction.
+`generate` yields `Chunk`s (new text and token ids, with their log-probabilities when asked) as tokens
+are chosen; the non-streaming RPC joins them, so streaming and non-streaming outputs are the same by
+construction. The n choices of one request are n `generate`s of the same prompt running together:
+their steps meet in the engine's step batcher, so each token of all n costs one Triton call.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import jinja2
+import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from services.common import contracts
 from services.common.contracts import DecoderSpec
 from services.common.errors import BadRequest, DeadlineExceeded, ValidationFailed
-from services.inference.sampling import SamplingParams, StopScanner, choose
+from services.inference.sampling import Penalties, SamplingParams, StopScanner, choose, log_softmax, most_likely
 from services.inference.triton_engine import TritonEngine, new_sequence_id
 
 # Prompts up to this many characters are tokenized on the event loop (microseconds); longer ones in a
@@ -43,12 +48,41 @@ class ServedVersion:
         return self.tokenizer.eos_token_id
 
     @cached_property
+    def end_of_turn_ids(self) -> frozenset[int]:
+        """The tokens that end a chat answer: the end-of-turn marker (when the vocabulary has it as a
+        token) and the end of sequence."""
+        ids = {self.eos_token_id} if self.eos_token_id is not None else set()
+        marker = self.tokenizer.get_vocab().get(contracts.END_OF_TURN)
+        if marker is not None:
+            ids.add(marker)
+        return frozenset(ids)
+
+    @property
+    def chat_template(self) -> str:
+        """The version's own chat template, else llmp's default (contracts.chat)."""
+        return self.tokenizer.chat_template or contracts.DEFAULT_CHAT_TEMPLATE
+
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens included (how log-probabilities name tokens)."""
+        return self.tokenizer.backend_tokenizer.decode([token], skip_special_tokens=False)
+
+    @cached_property
     def max_prompt_chars(self) -> int:
         """The longest prompt that can fit the context, checked before tokenizing: no token covers more
         characters than the vocabulary's longest (special tokens included; byte-level and character
         tokenizers drop no character), so a longer prompt needs more tokens than the context holds."""
         longest = max(len(token) for token in self.tokenizer.get_vocab())
         return min(contracts.MAX_PROMPT_CHARS, self.spec.context_length * longest)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability, and the most likely alternatives at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob), most likely first
 
 
 @dataclass
@@ -58,6 +92,7 @@ class Chunk:
     finish_reason: str = ""  # set on the last chunk: "stop" (EOS or a stop sequence) or "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in token_ids, when asked
 
 
 @dataclass
@@ -68,13 +103,30 @@ class GenerationStats:
     started: float = field(default_factory=time.perf_counter)
 
 
+def render_chat(served: ServedVersion, messages: list[dict[str, str]]) -> str:
+    """The conversation as the prompt text the version was trained on, the assistant's turn opened
+    (contracts.chat: the tokenizer's template, else ChatML)."""
+    if not messages:
+        raise ValidationFailed("messages must not be empty")
+    for index, message in enumerate(messages):
+        if message["role"] not in contracts.ROLES:
+            raise ValidationFailed(f"messages[{index}].role must be one of {', '.join(contracts.ROLES)}, "
+                                   f"not {message['role']!r}")
+    try:
+        return served.tokenizer.apply_chat_template(messages, chat_template=served.chat_template, tokenize=False,
+                                                    add_generation_prompt=True)
+    except jinja2.TemplateError as error:  # a template's raise_exception (e.g. roles out of order)
+        raise ValidationFailed(f"messages: the model's chat template refuses them: {error}") from None
+
+
 async def encode_prompt(served: ServedVersion, prompt: str, max_tokens: int) -> list[int]:
-    """Token ids of the prompt, after checking it and max_tokens against the model's context: its length in
-    characters before tokenizing (`ServedVersion.max_prompt_chars`), its tokens after."""
+    """Token ids of the prompt, after checking it and max_tokens (0: what the context leaves) against the
+    model's context: its length in characters before tokenizing (`ServedVersion.max_prompt_chars`), its
+    tokens after."""
     if not prompt:
         raise ValidationFailed("prompt must not be empty")
-    if max_tokens < 1:
-        raise ValidationFailed(f"max_tokens must be at least 1, not {max_tokens}")
+    if max_tokens < 0:
+        raise ValidationFailed(f"max_tokens must be at least 1 (or 0 for the rest of the context), not {max_tokens}")
     context = served.spec.context_length
     if len(prompt) > served.max_prompt_chars:
         raise BadRequest(f"prompt has {len(prompt)} characters, over the {served.max_prompt_chars} that the model's "
@@ -85,6 +137,9 @@ async def encode_prompt(served: ServedVersion, prompt: str, max_tokens: int) -> 
         ids = await asyncio.to_thread(_encode, served.tokenizer, prompt)
     if not ids:
         raise ValidationFailed("prompt encodes to no tokens")
+    if max_tokens == 0 and len(ids) >= context:
+        raise BadRequest(f"prompt ({len(ids)} tokens) leaves no room in the model's context length of "
+                         f"{context} tokens")
     if len(ids) + max_tokens > context:
         raise BadRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                          f"context length of {context} tokens")
@@ -103,11 +158,20 @@ def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
 
 async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list[int], max_tokens: int,
                    params: SamplingParams, *, deadline: float | None = None,
-                   stats: GenerationStats | None = None, stream_text: bool = True) -> AsyncIterator[Chunk]:
+                   stats: GenerationStats | None = None, stream_text: bool = True,
+                   stop_token_ids: frozenset[int] | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                   choice: int = 0) -> AsyncIterator[Chunk]:
     """Decode up to `max_tokens` tokens after `prompt_ids`. `deadline` is a `time.monotonic()` instant.
+
+    Generation ends at any of `stop_token_ids` (default: the end of sequence), which is not part of the
+    output. `logprobs`: each chunk carries its tokens' log-probabilities (and `top_logprobs` alternatives).
+    `choice`: which of a request's n choices this is (it picks the choice's random generator).
 
     With `stream_text` false (a caller that joins the chunks anyway) and no stop sequences, the text is
     decoded once at the end instead of after every token: the same text, less work per token.
+
+    Greedy decoding without penalties or log-probabilities needs only Triton's argmax; anything else
+    asks for the logits, penalises them, and chooses (and reports) from those.
 
     The next step is sent to Triton before a chunk is handed to the consumer, so whatever the consumer
     does with it (the gRPC stream, the gateway, the client) overlaps the model's work on the next token.
@@ -117,12 +181,16 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
     """
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
-    rng = None if params.greedy else params.rng()  # seeding from OS entropy is not free: only when sampling
+    rng = None if params.greedy else params.rng(choice)  # seeding from OS entropy is not free: only when sampling
     scanner = StopScanner(params.stop)
-    eos = served.eos_token_id
+    if stop_token_ids is None:
+        stop_token_ids = frozenset() if served.eos_token_id is None else frozenset((served.eos_token_id,))
+    need_logits = not params.greedy or params.penalized or logprobs
+    penalties = Penalties(params, served.spec.vocab_size)
     sequence_id = new_sequence_id()
     generated: list[int] = []
     pending: list[int] = []
+    pending_logprobs: list[TokenLogprob] = []
     finished = False
     first_text = True  # no text handed out yet
     incremental = stream_text or bool(params.stop)
@@ -130,7 +198,10 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
     def send(feed: list[int], start: bool) -> asyncio.Future:
         last = len(generated) + 1 >= max_tokens
         return engine.submit(served.triton_name, sequence_id, feed, start=start, end=last,
-                             logits=not params.greedy, timeout=_remaining(deadline))
+                             logits=need_logits, timeout=_remaining(deadline))
+
+    def chunk(text: str, reason: str = "") -> Chunk:
+        return Chunk(text, pending, reason, stats.prompt_tokens, len(generated), pending_logprobs)
 
     step = send(prompt_ids, True)
     try:
@@ -138,39 +209,46 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
             last = len(generated) + 1 >= max_tokens
             result = await step
             finished = last
-            token = result.next_token if params.greedy else choose(result.logits, params, rng)
+            if need_logits:
+                scores = penalties.apply(result.logits)
+                token = int(np.argmax(scores)) if params.greedy else choose(scores, params, rng)
+            else:
+                token = result.next_token
             if stats.first_token_s is None:
                 stats.first_token_s = time.perf_counter() - stats.started
-            if token == eos:
-                yield _final(scanner, served, generated, pending, "stop", stats)
+            if token in stop_token_ids:
+                yield chunk(_final_text(scanner, served, generated), "stop")
                 return
             generated.append(token)
             pending.append(token)
+            penalties.add(token)
+            if logprobs:
+                pending_logprobs.append(_logprob(served, scores, token, top_logprobs))
             stats.completion_tokens = len(generated)
             if not incremental:
                 if last:
-                    yield _final(scanner, served, generated, pending, "length", stats)
+                    yield chunk(_final_text(scanner, served, generated), "length")
                     return
                 step = send([token], False)
                 continue
             text = served.tokenizer.decode(generated, skip_special_tokens=True)
             release = scanner.feed(text)
             if scanner.stopped:
-                yield Chunk(release, pending, "stop", stats.prompt_tokens, len(generated))
+                yield chunk(release, "stop")
                 return
             if last:
-                yield Chunk(release + scanner.flush(text), pending, "length", stats.prompt_tokens, len(generated))
+                yield chunk(release + scanner.flush(text), "length")
                 return
             if release and first_text:  # the time to first token: nothing runs beside its delivery
                 first_text = False
-                yield Chunk(release, pending, "", stats.prompt_tokens, len(generated))
-                pending = []
+                yield chunk(release)
+                pending, pending_logprobs = [], []
                 step = send([token], False)
                 continue
             step = send([token], False)
             if release:
-                yield Chunk(release, pending, "", stats.prompt_tokens, len(generated))
-                pending = []
+                yield chunk(release)
+                pending, pending_logprobs = [], []
     finally:
         if not step.done():
             step.cancel()  # drops the result; the step itself still runs, and the free below follows it
@@ -183,10 +261,14 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
                 pass
 
 
-def _final(scanner: StopScanner, served: ServedVersion, generated: list[int], pending: list[int], reason: str,
-           stats: GenerationStats) -> Chunk:
-    text = served.tokenizer.decode(generated, skip_special_tokens=True)
-    return Chunk(scanner.flush(text), pending, reason, stats.prompt_tokens, len(generated))
+def _logprob(served: ServedVersion, scores: np.ndarray, token: int, top: int) -> TokenLogprob:
+    logprobs = log_softmax(scores)
+    return TokenLogprob(token, served.token_text(token), float(logprobs[token]),
+                        tuple((other, served.token_text(other), value) for other, value in most_likely(logprobs, top)))
+
+
+def _final_text(scanner: StopScanner, served: ServedVersion, generated: list[int]) -> str:
+    return scanner.flush(served.tokenizer.decode(generated, skip_special_tokens=True))
 
 
 def _remaining(deadline: float | None) -> float | None:

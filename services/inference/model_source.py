@@ -36,7 +36,8 @@ from services.common.contracts import DECODER_SPEC_FILE, ONNX_GRAPH_FILE, Decode
 from services.common.errors import Conflict, NotFound, Unavailable
 from services.common.identity import Caller, acting_as
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The tokenizer files a version serves with; transformers 5 writes the chat template to its own file.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 EXPORT_FORMAT = "onnx"  # what the Triton model runs (services/inference/triton_model/model.py)
 
 

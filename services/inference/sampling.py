@@ -1,7 +1,10 @@
 """Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p (nucleus).
 
 The same order of operations as Hugging Face's logits warpers (temperature, then top-k, then top-p),
-on numpy, with a per-request `numpy.random.Generator` so a seed reproduces a sample exactly.
+on numpy, with a per-request `numpy.random.Generator` so a seed reproduces a sample exactly. Before
+them, OpenAI's presence and frequency penalties lower the logits of the tokens already generated (as
+vLLM does: the generated tokens count, not the prompt's); log-probabilities are reported from those
+penalised logits, the distribution the sampler starts from.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.contracts import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, MAX_TEMPERATURE
+from services.common.contracts import MAX_PENALTY, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, MAX_TEMPERATURE
 from services.common.errors import ValidationFailed
 
 
@@ -23,10 +26,16 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     seed: int | None = None  # makes sampling reproducible; None = fresh entropy
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    presence_penalty: float = 0.0  # subtracted once from each already generated token's logit
+    frequency_penalty: float = 0.0  # subtracted per occurrence of an already generated token
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self) -> "SamplingParams":
         if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
@@ -42,10 +51,53 @@ class SamplingParams:
         for stop in self.stop:
             if not stop or len(stop) > MAX_STOP_LENGTH:
                 raise ValidationFailed(f"each stop sequence must have 1-{MAX_STOP_LENGTH} characters")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ValidationFailed(f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, "
+                                       f"not {getattr(self, name)}")
         return self
 
-    def rng(self) -> np.random.Generator:
-        return np.random.default_rng(self.seed)
+    def rng(self, choice: int = 0) -> np.random.Generator:
+        """The generator of choice `choice`: choice 0 samples as a lone request with the same seed does, the
+        others from (seed, choice), so the n choices of one seeded request differ and each is reproducible."""
+        if self.seed is None or choice == 0:
+            return np.random.default_rng(self.seed)
+        return np.random.default_rng([self.seed, choice])
+
+
+class Penalties:
+    """The counts of the tokens a sequence generated, and the penalised logits they give."""
+
+    def __init__(self, params: SamplingParams, vocab: int) -> None:
+        self.presence = params.presence_penalty
+        self.frequency = params.frequency_penalty
+        self.counts = np.zeros(vocab, np.float32) if params.penalized else None
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        if self.counts is None:
+            return logits
+        return logits - self.frequency * self.counts - self.presence * (self.counts > 0)
+
+    def add(self, token: int) -> None:
+        if self.counts is not None and 0 <= token < self.counts.shape[0]:
+            self.counts[token] += 1
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Natural-log probabilities of a [vocab] logits vector, in float64."""
+    scores = logits.astype(np.float64)
+    shifted = scores - scores.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def most_likely(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token id, logprob), most likely first (ties by lower id)."""
+    if k <= 0:
+        return []
+    k = min(k, logprobs.shape[0])
+    top = np.argpartition(-logprobs, k - 1)[:k]
+    top = top[np.lexsort((top, -logprobs[top]))]
+    return [(int(token), float(logprobs[token])) for token in top]
 
 
 def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

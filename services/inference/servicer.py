@@ -11,12 +11,21 @@ from contextlib import aclosing
 from google.protobuf.timestamp_pb2 import Timestamp
 from llmp.inference.v1 import inference_pb2, inference_pb2_grpc
 
+from services.common import contracts
 from services.common.errors import NotFound, PreconditionFailed, ValidationFailed
 from services.common.identity import REQUEST_ID_KEY, caller_from_context
+from services.common.merge import merged
 from services.inference import metrics
 from services.inference.canary import CanaryController, RolloutPolicy
 from services.inference.deployments import Deployments, DeploymentSpec
-from services.inference.generation import Chunk, GenerationStats, encode_prompt, generate
+from services.inference.generation import (
+    Chunk,
+    GenerationStats,
+    TokenLogprob,
+    encode_prompt,
+    generate,
+    render_chat,
+)
 from services.inference.sampling import SamplingParams
 from services.inference.triton_engine import TritonEngine
 
@@ -25,7 +34,30 @@ def sampling_params(message: inference_pb2.SamplingParameters) -> SamplingParams
     return SamplingParams(
         temperature=message.temperature, top_p=message.top_p or 1.0, top_k=message.top_k,
         seed=message.seed if message.HasField("seed") else None, stop=tuple(message.stop),
+        presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
     ).validate()
+
+
+def choice_count(request: inference_pb2.GenerateRequest) -> int:
+    n = request.n or 1
+    if not 1 <= n <= contracts.MAX_CHOICES:
+        raise ValidationFailed(f"n must be between 1 and {contracts.MAX_CHOICES}, not {n}")
+    if not 0 <= request.top_logprobs <= contracts.MAX_TOP_LOGPROBS:
+        raise ValidationFailed(f"top_logprobs must be between 0 and {contracts.MAX_TOP_LOGPROBS}, "
+                               f"not {request.top_logprobs}")
+    if request.top_logprobs and not request.logprobs:
+        raise ValidationFailed("top_logprobs needs logprobs")
+    if request.messages and request.prompt:
+        raise ValidationFailed("give prompt or messages, not both")
+    return n
+
+
+def logprob_messages(entries: list[TokenLogprob]) -> list[inference_pb2.TokenLogprob]:
+    return [inference_pb2.TokenLogprob(
+        token_id=entry.token_id, token=entry.token, logprob=entry.logprob,
+        top_logprobs=[inference_pb2.TokenLogprob(token_id=token_id, token=token, logprob=logprob)
+                      for token_id, token, logprob in entry.top])
+        for entry in entries]
 
 
 def _timestamp(value) -> Timestamp:
@@ -110,6 +142,7 @@ def deployment_metrics_message(tenant: str, row: dict) -> inference_pb2.GetDeplo
                                                       replica=metrics.replica(), since=since)
 
 
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, deployments: Deployments, engine: TritonEngine, canary: CanaryController) -> None:
         self.deployments = deployments
@@ -141,58 +174,90 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return row["etag"]
 
     async def _chunks(self, request: inference_pb2.GenerateRequest, context,
-                      stream_text: bool = True) -> AsyncIterator[tuple[Chunk, object]]:
+                      stream_text: bool = True) -> AsyncIterator[tuple[int, Chunk, object]]:
+        """(choice index, chunk, (served version, canary)) of every choice, as they are generated."""
         caller = caller_from_context(context)
         if not request.deployment:
             raise ValidationFailed("deployment must be set")
         params = sampling_params(request.sampling)
+        n = choice_count(request)
         routing_key = request.routing_key or dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
         served, canary = await self.deployments.route(caller.tenant, request.deployment, routing_key)
-        prompt_ids = await encode_prompt(served, request.prompt, request.max_tokens)
+        stop_token_ids = None
+        prompt = request.prompt
+        if not request.messages and request.max_tokens < 1:  # 0 (the rest of the context) is for chat answers
+            raise ValidationFailed(f"max_tokens must be at least 1, not {request.max_tokens}")
+        if request.messages:
+            prompt = render_chat(served, [{"role": m.role, "content": m.content} for m in request.messages])
+            stop_token_ids = served.end_of_turn_ids
+        prompt_ids = await encode_prompt(served, prompt, request.max_tokens)
+        max_tokens = request.max_tokens or served.spec.context_length - len(prompt_ids)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         labels = (caller.tenant, request.deployment, served.model, str(served.version), "true" if canary else "false")
-        stats = GenerationStats()
+        stats = [GenerationStats() for _ in range(n)]
+        routed = (served, canary)
         outcome = "error"
         self.deployments.acquire(served)
         try:
-            async with aclosing(generate(self.engine, served, prompt_ids, request.max_tokens, params,
-                                         deadline=deadline, stats=stats, stream_text=stream_text)) as chunks:
-                async for chunk in chunks:
-                    yield chunk, (served, canary)
+            streams = [generate(self.engine, served, prompt_ids, max_tokens, params, deadline=deadline,
+                                stats=stats[index], stream_text=stream_text, stop_token_ids=stop_token_ids,
+                                logprobs=request.logprobs, top_logprobs=request.top_logprobs, choice=index)
+                       for index in range(n)]
+            if n == 1:
+                async with aclosing(streams[0]) as chunks:
+                    async for chunk in chunks:
+                        yield 0, chunk, routed
+            else:
+                async with aclosing(merged(streams)) as chunks:
+                    async for index, chunk in chunks:
+                        yield index, chunk, routed
             outcome = "ok"
         finally:
             self.deployments.release(served)
             metrics.REQUESTS.labels(*labels, outcome).inc()
-            metrics.LATENCY.labels(*labels).observe(time.perf_counter() - stats.started)
-            if stats.first_token_s is not None:
-                metrics.FIRST_TOKEN.labels(*labels).observe(stats.first_token_s)
-            metrics.TOKENS.labels(*labels, "prompt").inc(stats.prompt_tokens)
-            metrics.TOKENS.labels(*labels, "completion").inc(stats.completion_tokens)
+            metrics.LATENCY.labels(*labels).observe(time.perf_counter() - stats[0].started)
+            first_tokens = [item.first_token_s for item in stats if item.first_token_s is not None]
+            if first_tokens:
+                metrics.FIRST_TOKEN.labels(*labels).observe(min(first_tokens))
+            metrics.TOKENS.labels(*labels, "prompt").inc(stats[0].prompt_tokens)
+            metrics.TOKENS.labels(*labels, "completion").inc(sum(item.completion_tokens for item in stats))
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
-        text, ids, last, routed = [], [], None, (None, False)
+        n = request.n or 1
+        text = [[] for _ in range(n)]
+        ids = [[] for _ in range(n)]
+        logprobs = [[] for _ in range(n)]
+        last: list[Chunk | None] = [None] * n
+        routed = (None, False)
         async with aclosing(self._chunks(request, context, stream_text=False)) as chunks:
-            async for chunk, where in chunks:
-                text.append(chunk.text)
-                ids.extend(chunk.token_ids)
-                last, routed = chunk, where
+            async for index, chunk, where in chunks:
+                routed = where
+                text[index].append(chunk.text)
+                ids[index].extend(chunk.token_ids)
+                logprobs[index].extend(chunk.logprobs)
+                last[index] = chunk
         served, canary = routed
-        return inference_pb2.GenerateResponse(completion=inference_pb2.Completion(
-            text="".join(text), token_ids=ids, finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens, model=served.model, model_version=served.version,
-            canary=canary))
+        choices = [inference_pb2.Completion(
+            text="".join(text[index]), token_ids=ids[index], finish_reason=last[index].finish_reason,
+            prompt_tokens=last[index].prompt_tokens, completion_tokens=last[index].completion_tokens,
+            model=served.model, model_version=served.version, canary=canary, index=index,
+            logprobs=logprob_messages(logprobs[index]))
+            for index in range(n)]
+        return inference_pb2.GenerateResponse(completion=choices[0], choices=choices if n > 1 else [])
 
     async def GenerateStream(self, request, context):  # noqa: N802 (gRPC method names)
         async with aclosing(self._chunks(request.request, context)) as chunks:
-            async for chunk, (served, canary) in chunks:
+            async for index, chunk, (served, canary) in chunks:
                 message = inference_pb2.GenerateStreamResponse(
-                    text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason)
+                    text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason, index=index)
+                if chunk.logprobs:
+                    message.logprobs.extend(logprob_messages(chunk.logprobs))
                 if chunk.finish_reason:
                     message.summary.CopyFrom(inference_pb2.Completion(
                         finish_reason=chunk.finish_reason, prompt_tokens=chunk.prompt_tokens,
                         completion_tokens=chunk.completion_tokens, model=served.model,
-                        model_version=served.version, canary=canary))
+                        model_version=served.version, canary=canary, index=index))
                 yield message
 
     async def PutDeployment(self, request, context):  # noqa: N802 (gRPC method names)

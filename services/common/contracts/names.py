@@ -36,6 +36,9 @@ MAX_PROMPT_CHARS = 1_000_000  # characters of one prompt whatever the model: lon
 MAX_TEMPERATURE = 2.0  # sampling temperature; 0 is greedy
 MAX_STOP_SEQUENCES = 4  # stop sequences of one completion
 MAX_STOP_LENGTH = 64  # characters of one stop sequence
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+MAX_CHOICES = 16  # `n`: choices generated from one prompt
+MAX_TOP_LOGPROBS = 20  # alternatives reported per generated token
 
 # The values an enumerated field accepts, as the API spells them.
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from llmp.inference.v1 import inference_pb2 as pb
 
 from gateway.http import validate
 from gateway.views.completions import COMPLETION
 from gateway.views.deployments import PUT_DEPLOYMENT
+from gateway.views.openai_compat import CHAT_COMPLETIONS, COMPLETIONS
 from gateway.views.training_jobs import SUBMIT_JOB
 from services.common import contracts
 from services.common.errors import ValidationFailed
@@ -20,6 +22,7 @@ from services.common.identity import Caller
 from services.dataset.options import DatasetOptions
 from services.inference.deployments import DeploymentSpec
 from services.inference.sampling import SamplingParams
+from services.inference.servicer import choice_count
 from services.training.coordinator import Coordinator
 
 JOB = {"dataset": {"name": "wiki", "version": 1}, "model": {"family": "gpt2"}}
@@ -90,3 +93,29 @@ def test_stop_sequences(stop, refused):
 def test_temperature(temperature, refused):
     assert _gateway_refuses(COMPLETION, {"model": "chat", "prompt": "hi", "temperature": temperature}) is refused
     assert _refused(lambda: SamplingParams(temperature=temperature).validate()) is refused
+
+
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("penalty, refused", [(contracts.MAX_PENALTY, False), (contracts.MAX_PENALTY + 0.01, True),
+                                              (-contracts.MAX_PENALTY, False), (-contracts.MAX_PENALTY - 0.01, True)])
+def test_penalties(penalty, refused):
+    for name in ("presence_penalty", "frequency_penalty"):
+        assert _gateway_refuses(CHAT_COMPLETIONS, {**CHAT, name: penalty}) is refused
+        assert _gateway_refuses(COMPLETIONS, {"model": "chat", "prompt": "hi", name: penalty}) is refused
+        assert _refused(lambda name=name: SamplingParams(**{name: penalty}).validate()) is refused
+
+
+@pytest.mark.parametrize("n, refused", [(contracts.MAX_CHOICES, False), (contracts.MAX_CHOICES + 1, True),
+                                        (0, True)])
+def test_choices(n, refused):
+    assert _gateway_refuses(CHAT_COMPLETIONS, {**CHAT, "n": n}) is refused
+    if n:  # 0 on the wire is proto3's "unset", read as 1
+        assert _refused(lambda: choice_count(pb.GenerateRequest(n=n))) is refused
+
+
+@pytest.mark.parametrize("top, refused", [(contracts.MAX_TOP_LOGPROBS, False), (contracts.MAX_TOP_LOGPROBS + 1, True)])
+def test_top_logprobs(top, refused):
+    assert _gateway_refuses(CHAT_COMPLETIONS, {**CHAT, "logprobs": True, "top_logprobs": top}) is refused
+    assert _refused(lambda: choice_count(pb.GenerateRequest(logprobs=True, top_logprobs=top))) is refused

@@ -3,7 +3,7 @@ import pytest
 
 from services.common.errors import ValidationFailed
 from services.inference.deployments import DeploymentSpec, Route, canary_bucket
-from services.inference.sampling import SamplingParams, StopScanner, choose
+from services.inference.sampling import Penalties, SamplingParams, StopScanner, choose, log_softmax, most_likely
 
 LOGITS = np.array([0.1, 3.0, 2.9, -1.0, 0.5], np.float32)
 
@@ -79,3 +79,35 @@ def test_route_without_canary_weight_always_takes_stable():
 def test_invalid_deployments_are_refused(spec):
     with pytest.raises(ValidationFailed):
         spec.validate()
+
+
+def test_penalties_lower_the_generated_tokens_by_presence_once_and_frequency_per_occurrence():
+    penalties = Penalties(SamplingParams(presence_penalty=0.5, frequency_penalty=2.0), vocab=5)
+    for token in (1, 1, 2):
+        penalties.add(token)
+    assert penalties.apply(LOGITS).tolist() == pytest.approx([0.1, 3.0 - 0.5 - 4.0, 2.9 - 0.5 - 2.0, -1.0, 0.5])
+    assert choose(penalties.apply(LOGITS), SamplingParams(), np.random.default_rng(0)) == 4  # 1 and 2 fell below
+    untouched = Penalties(SamplingParams(), vocab=5)
+    untouched.add(1)
+    assert untouched.apply(LOGITS) is LOGITS  # no penalty: no copy per token
+
+
+def test_log_softmax_is_normalised_and_most_likely_orders_by_probability():
+    logprobs = log_softmax(LOGITS)
+    assert np.exp(logprobs).sum() == pytest.approx(1.0)
+    assert logprobs[1] - logprobs[2] == pytest.approx(0.1, abs=1e-6)  # differences of logits survive
+    assert [token for token, _ in most_likely(logprobs, 3)] == [1, 2, 4]
+    assert most_likely(logprobs, 0) == [] and len(most_likely(logprobs, 50)) == 5
+
+
+def test_each_choice_has_its_own_reproducible_generator_and_choice_zero_is_the_lone_requests():
+    params = SamplingParams(temperature=1.0, seed=5)
+    draws = {choice: params.rng(choice).random(4).tolist() for choice in range(3)}
+    assert draws[0] == np.random.default_rng(5).random(4).tolist()
+    assert draws[1] == params.rng(1).random(4).tolist() and len({tuple(d) for d in draws.values()}) == 3
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+def test_penalties_out_of_range_are_refused(field):
+    with pytest.raises(ValidationFailed, match=field):
+        SamplingParams(**{field: 2.5}).validate()
