@@ -266,7 +266,8 @@ def _resources(provider: TracerProvider | None):
                                           max_size=5)
         app[DATABASE] = database
         app[KEYS] = KeyStore(database, admin_key(settings))
-        app[CLIENTS] = ServiceClients(settings, tracer_provider=provider)  # client spans when tracing is on
+        app[CLIENTS] = ServiceClients(  # client spans when tracing is on
+            settings, principal=identity.GATEWAY, tracer_provider=provider)
         app[OBJECT_STORE] = ObjectStore(settings.s3, timeout=3)
         yield
         await app[CLIENTS].close()

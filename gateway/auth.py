@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common import errors
+from services.common import errors, private_files
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.identity import Caller
@@ -59,33 +58,7 @@ def admin_key(settings: Settings) -> str:
     """The bootstrap admin key: LLMP_ADMIN_KEY, else the one in the state dir (created if missing)."""
     if settings.admin_key:
         return settings.admin_key
-    path = Path(settings.state_dir) / "admin.key"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _, _, key = new_key()
-    return _create_private(path, key + "\n").strip()
-
-
-def _create_private(path: Path, text: str) -> str:
-    """Create `path` holding `text`, readable by its owner only from the first instant (no write-then-chmod
-    window, whatever the umask), and whole or absent to readers: written under a temporary name created
-    0600, then linked into place, which fails if another process created it meanwhile. Returns the
-    file's content: `text`, or the other process's."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return path.read_text()
-        return text
-    finally:
-        temporary.unlink(missing_ok=True)
+    return private_files.read_or_create(Path(settings.state_dir) / "admin.key", lambda: new_key()[2])
 
 
 @dataclass(slots=True)

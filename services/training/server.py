@@ -20,7 +20,7 @@ from services.common.db import Database
 from services.common.errors import NotFound, Unavailable, ValidationFailed
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
-from services.common.identity import Caller, acting_as
+from services.common.identity import Caller, acting_as, service_principal
 from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
 from services.training.dispatch import CeleryDispatcher, make_producer
@@ -73,7 +73,7 @@ def broker_checker(producer):
 async def build(settings: Settings) -> GrpcApp:
     """The service wired and ready to start (tests start it on a port of their choosing)."""
     db = await Database.connect(settings.database_url, component="training", migrations_dir=MIGRATIONS)
-    clients = ServiceClients(settings)
+    clients = ServiceClients(settings, principal=service_principal(topology.TRAINING.name))
     producer = make_producer(settings)
     coordinator = Coordinator(db, CeleryDispatcher(producer), check_dataset=dataset_checker(clients),
                               lease_seconds=settings.training_lease_seconds)
