@@ -25,7 +25,7 @@ from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
 from services.training.dispatch import CeleryDispatcher, make_producer
 from services.training.servicer import TrainingServicer
-from services.training.spec import JobSpec
+from services.training.spec import FleetLimits, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ async def build(settings: Settings) -> GrpcApp:
     clients = ServiceClients(settings, principal=service_principal(topology.TRAINING.name))
     producer = make_producer(settings)
     coordinator = Coordinator(db, CeleryDispatcher(producer), check_dataset=dataset_checker(clients),
-                              lease_seconds=settings.training_lease_seconds)
+                              lease_seconds=settings.training_lease_seconds, limits=FleetLimits.from_settings(settings))
 
     app = GrpcApp(settings, topology.TRAINING)
     app.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(coordinator),
