@@ -175,7 +175,7 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
                     keys = app[KEYS]
                     known = keys.cached(key)
                     if known is None:
-                        app[IP_LIMITER].take(request.remote or "")
+                        app[IP_LIMITER].take(client_address(request, app[SETTINGS].trusted_proxy_hops))
                         known = await keys.authenticate(key)
                     who, rate = known
                     quotas = app[QUOTAS]
@@ -220,6 +220,17 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
             logs.request_id.reset(token)
 
     return middleware
+
+
+def client_address(request: web.Request, trusted_hops: int) -> str:
+    """The client's address: the connection's peer, or behind `trusted_hops` proxies that each append the
+    address they saw to X-Forwarded-For, the entry that many from the right (what the client itself wrote
+    in the header, further left, is not believed)."""
+    if trusted_hops:
+        forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",") if part.strip()]
+        if len(forwarded) >= trusted_hops:
+            return forwarded[-trusted_hops]
+    return request.remote or ""
 
 
 def _bearer(request: web.Request) -> str:

@@ -97,6 +97,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_IP_RATE_LIMIT", "20",
              "Requests per second one client address may make with a key the gateway has not recently accepted "
              "(checked before the key costs a database query)."),
+    Variable("LLMP_TRUSTED_PROXY_HOPS", "0",
+             "Proxies in front of the gateway that append the client's address to X-Forwarded-For (behind the Istio "
+             "ingress gateway: 1); the per-address limiter reads the address that many entries from the right. "
+             "0: the connection's peer."),
     Variable("LLMP_TRAINING_WORKERS", "8",
              "Training nodes the fleet runs: the most `distributed.nnodes` a job may ask."),
     Variable("LLMP_TRAINING_MAX_N_EMBD", "4096", "Largest `model.n_embd` a training job may ask."),
@@ -130,6 +134,16 @@ def _positive_int(value: str, name: str) -> int:
         raise InvalidArgument(f"{name} must be an integer, not {value!r}") from None
     if number <= 0:
         raise InvalidArgument(f"{name} must be positive, not {number}")
+    return number
+
+
+def _count(value: str, name: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidArgument(f"{name} must be an integer, not {value!r}") from None
+    if number < 0:
+        raise InvalidArgument(f"{name} must be 0 or more, not {number}")
     return number
 
 
@@ -177,6 +191,7 @@ class Settings:
     tenant_max_streams: int = 16
     quota_redis_url: str = ""
     ip_rate_limit: float = 20.0
+    trusted_proxy_hops: int = 0
     training_workers: int = 8
     training_max_n_embd: int = 4096
     training_max_n_layer: int = 48
@@ -257,6 +272,7 @@ class Settings:
             tenant_max_streams=_positive_int(values["LLMP_TENANT_MAX_STREAMS"], "LLMP_TENANT_MAX_STREAMS"),
             quota_redis_url=quota_redis,
             ip_rate_limit=float(_positive_int(values["LLMP_IP_RATE_LIMIT"], "LLMP_IP_RATE_LIMIT")),
+            trusted_proxy_hops=_count(values["LLMP_TRUSTED_PROXY_HOPS"], "LLMP_TRUSTED_PROXY_HOPS"),
             training_workers=_positive_int(values["LLMP_TRAINING_WORKERS"], "LLMP_TRAINING_WORKERS"),
             training_max_n_embd=_positive_int(values["LLMP_TRAINING_MAX_N_EMBD"], "LLMP_TRAINING_MAX_N_EMBD"),
             training_max_n_layer=_positive_int(values["LLMP_TRAINING_MAX_N_LAYER"], "LLMP_TRAINING_MAX_N_LAYER"),
