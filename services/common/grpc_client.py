@@ -70,8 +70,8 @@ def domain_error(error: grpc.aio.AioRpcError) -> errors.LlmpError:
 class CallPolicy:
     """What every call to an llmp service needs, in one place: the current caller (signed by `signer` for the
     service the method belongs to) and request id in its metadata (a key the call sets itself is left as it
-    set it), `default_timeout` on a unary call that
-    names no deadline (a stream or an upload runs as long as its caller wants), and a peer's error
+    set it), `default_timeout` on a unary call that names no deadline (a stream or an upload runs as long
+    as its caller wants), and a peer's error
     raised as the domain error (`errors.from_grpc`), so callers and the gateway's error middleware only
     ever see `errors.LlmpError`. grpc.aio runs interceptors in a task created when the stub is called,
     which copies the caller's context: the caller is the one current where the call is made.
