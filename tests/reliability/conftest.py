@@ -138,6 +138,8 @@ def stack(tmp_path_factory, claim_broker):
         "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{servers.free_port()}",
         "LLMP_TRITON_METRICS_PORT": str(servers.free_port()),
         "LLMP_GATEWAY_PORT": str(servers.free_port()),
+        # The load test drives one tenant at the gateway's full speed: a throughput figure, not a quota's.
+        "LLMP_TENANT_RATE_LIMIT": "1000000",
         "LLMP_ADMIN_KEY": admin_key,
         "LLMP_LOG_FORMAT": "json",
         "LLMP_SHUTDOWN_GRACE": "5",
