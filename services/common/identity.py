@@ -50,7 +50,7 @@ SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
     "service:inference": frozenset({
         "registry/GetModelVersion", "registry/ResolveAlias", "registry/GetExport",
         "registry/MarkDeployed", "registry/UnmarkDeployed"}),
-    "service:dataset": frozenset({"registry/ListModelVersionsByDataset", "registry/GetModelVersion"}),
+    "service:dataset": frozenset({"registry/ListModelVersionsByDataset"}),
     "service:training": frozenset({
         "dataset/GetDatasetVersion", "registry/GetModelVersion", "registry/ReserveModelVersion",
         "registry/RenewModelVersionReservation", "registry/CommitModelVersion"}),
