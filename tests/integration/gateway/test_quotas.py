@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from gateway.app import init_app
-from gateway.quotas import GENERATIONS, TenantQuotas
+from gateway.quotas import GENERATIONS, STREAMS, TenantQuotas
 from gateway.state import KEYS, QUOTAS
 from services.common import errors
 from services.common.config import Settings
@@ -71,17 +71,26 @@ async def test_a_tenants_request_quota_is_shared_by_every_replica_and_key(replic
     assert (await replicas[1].get("/v1/api-keys", headers=bystander)).status == 200
 
 
-async def test_concurrent_generations_are_counted_across_replicas(replicas):
+@pytest.mark.parametrize("kind, method, path, body", [
+    (GENERATIONS, "POST", "/v1/completions", {"model": "anything", "prompt": "hi", "max_tokens": 1}),
+    (STREAMS, "GET", "/v1/training-jobs/00000000-0000-4000-8000-000000000000/events", None),
+])
+async def test_concurrent_generations_and_streams_are_counted_across_replicas(replicas, kind, method, path, body):
     tenant = f"q{uuid.uuid4().hex[:8]}"
     developer = (await _tenant_keys(replicas[0], tenant, 1, role="developer"))[0]
-    body = {"model": "anything", "prompt": "hi", "max_tokens": 1}
-    async with replicas[1].app[QUOTAS].slot(tenant, GENERATIONS):  # a generation running on the other replica
-        busy = await replicas[0].post("/v1/completions", json=body, headers=developer)
+    holders = [replicas[1].app[QUOTAS].slot(tenant, kind) for _ in range(replicas[1].app[QUOTAS].limits[kind])]
+    for holder in holders:  # every slot of the tenant taken, on the other replica
+        await holder.__aenter__()
+    try:
+        busy = await replicas[0].request(method, path, json=body, headers=developer)
         assert busy.status == 429, await busy.text()
-        assert "concurrent generations" in (await busy.json())["error"]["message"]
+        assert f"concurrent {kind}" in (await busy.json())["error"]["message"]
         assert busy.headers["Retry-After"] == "1"
-    freed = await replicas[0].post("/v1/completions", json=body, headers=developer)
-    assert freed.status != 429, await freed.text()  # past the quota (the deployment itself does not exist)
+    finally:
+        for holder in holders:
+            await holder.__aexit__(None, None, None)
+    freed = await replicas[0].request(method, path, json=body, headers=developer)
+    assert freed.status != 429, await freed.text()  # past the quota (the object itself does not exist)
 
 
 async def test_slots_are_shared_and_freed_through_redis(quota_env):
