@@ -98,17 +98,18 @@ class KeyStore:
     def __init__(self, db: Database, bootstrap_key: str) -> None:
         self.db = db
         self.bootstrap_key = bootstrap_key
+        self._bootstrap = bootstrap_key.encode()
         self._cache: dict[str, tuple[float, Caller, float]] = {}  # full key -> (expires, caller, rate)
         self._unknown: dict[str, float] = {}  # full key found unknown or revoked -> until when that holds
 
     def cached(self, full_key: str) -> tuple[Caller, float] | None:
         """The caller and rate limit of the bootstrap key, or of a key checked within the last few seconds
         (no await, no query)."""
-        if hmac.compare_digest(full_key.encode(), self.bootstrap_key.encode()):
-            return BOOTSTRAP_CALLER, 0.0
-        cached = self._cache.get(full_key)
+        cached = self._cache.get(full_key)  # first: the hot path is an ordinary key seen a moment ago
         if cached is not None and cached[0] > time.monotonic():
             return cached[1], cached[2]
+        if hmac.compare_digest(full_key.encode(), self._bootstrap):
+            return BOOTSTRAP_CALLER, 0.0
         return None
 
     async def authenticate(self, full_key: str) -> tuple[Caller, float]:

@@ -3,9 +3,9 @@ event streams running at once. One tenant's keys all draw on its tenant's quotas
 nothing; a refused request is 429 with Retry-After and a message naming the quota.
 
 Requests/s is a token bucket per tenant in Redis (one Lua script: refill, take). So that the hot path does
-not pay a Redis round trip per request, a replica takes tokens in small batches (`batch`: a tenth of a
-second's worth, at most 50) and spends them locally for up to `LEASE_SECONDS`; the tenant's total stays
-within its rate plus one batch per replica. Concurrency is a sorted set of leases per tenant and kind,
+not pay a Redis round trip per request, a replica takes tokens in batches (`batch`: a tenth of a second's
+worth) and spends them locally for up to `LEASE_SECONDS`; the tenant's total stays within its rate plus one
+batch per replica. Concurrency is a sorted set of leases per tenant and kind,
 scored by expiry, so the slots of a replica that died free themselves within `SLOT_LEASE_SECONDS`; a
 long stream renews its lease while it runs.
 
@@ -74,7 +74,7 @@ class TenantQuotas:
     def __init__(self, settings: Settings) -> None:
         self.rate = settings.tenant_rate_limit
         self.burst = max(1.0, 2 * self.rate)  # two seconds' worth
-        self.batch = max(1, min(50, int(self.rate / 10)))
+        self.batch = max(1, int(self.rate / 10))  # at most ten Redis calls a second per tenant and replica
         self.limits = {GENERATIONS: settings.tenant_max_generations, STREAMS: settings.tenant_max_streams}
         self._redis = None
         if settings.quota_redis_url:
