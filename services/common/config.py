@@ -112,6 +112,7 @@ VARIABLES: tuple[Variable, ...] = (
 # refuses to start with them outside the dev profile.
 PUBLISHED_SECRETS = ("LLMP_S3_ACCESS_KEY", "LLMP_S3_SECRET_KEY")
 PROFILES = ("dev", "production")
+MIN_SERVICE_SECRET_BYTES = 16  # signing.MIN_SECRET_BYTES: a shorter secret is guessable from one captured token
 INFERENCE_TRACKS = ("", "stable", "canary")
 TRITON_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 UPLOAD_CHECKSUMS = ("crc32", "sha256")  # trailing checksums ObjectStore.upload_file can have S3 verify
@@ -231,6 +232,8 @@ class Settings:
                                   "dev profile accepts those)")
         if profile != "dev" and not values["LLMP_SERVICE_SECRET"]:
             raise InvalidArgument("LLMP_SERVICE_SECRET must be set outside the dev profile")
+        if values["LLMP_SERVICE_SECRET"] and len(values["LLMP_SERVICE_SECRET"].encode()) < MIN_SERVICE_SECRET_BYTES:
+            raise InvalidArgument(f"LLMP_SERVICE_SECRET must be at least {MIN_SERVICE_SECRET_BYTES} bytes")
         broker = values["LLMP_BROKER_URL"]
         quota_redis = values["LLMP_QUOTA_REDIS_URL"] or (broker if broker.startswith(("redis://", "rediss://")) else "")
         return cls(

@@ -18,9 +18,10 @@ import time
 from dataclasses import asdict, dataclass
 
 from services.common import errors
+from services.common.config import MIN_SERVICE_SECRET_BYTES
 
 VERSION = "v1"
-MIN_SECRET_BYTES = 16  # a shorter secret is guessable offline from one captured token
+MIN_SECRET_BYTES = MIN_SERVICE_SECRET_BYTES  # a shorter secret is guessable offline from one captured token
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ def test_an_expired_token_is_unauthenticated():
 def test_a_short_secret_is_refused():
     with pytest.raises(errors.InvalidArgument, match="at least 16 bytes"):
         Signer(b"short")
+    with pytest.raises(errors.InvalidArgument, match="LLMP_SERVICE_SECRET must be at least 16 bytes"):
+        Settings.from_env({"LLMP_SERVICE_SECRET": "short"})  # at startup, before any call
 
 
 def test_the_dev_profile_shares_one_generated_secret_through_the_state_dir(tmp_path):
