@@ -6,12 +6,11 @@ services a test starts, in-process or as processes, verify what `metadata` signs
 
 from __future__ import annotations
 
-import secrets
-
 from services.common.identity import Caller, signed_metadata
 from services.common.signing import Signer
 
-SERVICE_SECRET = f"test-{secrets.token_urlsafe(24)}"
+# Fixed, not random: a stack kept between sessions (LLMP_RELIABILITY_STACK) still verifies what a later one signs.
+SERVICE_SECRET = "llmp-test-service-secret-never-for-real-use"
 SIGNER = Signer(SERVICE_SECRET.encode())
 
 
