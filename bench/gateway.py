@@ -177,6 +177,8 @@ async def run(options: argparse.Namespace) -> None:
                "LLMP_S3_ENDPOINT": f"127.0.0.1:{ports.s3}", "LLMP_S3_ACCESS_KEY": ACCESS,
                "LLMP_S3_SECRET_KEY": SECRET, "LLMP_S3_BUCKET": "llmp-bench", "LLMP_LOG_LEVEL": "WARNING",
                "LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_STATE_DIR": str(root / "state"),
+               # The bench measures the gateway's own cost, not a tenant's quota: one tenant drives all of it.
+               "LLMP_TENANT_RATE_LIMIT": "10000000",
                **{service.addr_env: f"127.0.0.1:{servers.free_port()}" for service in topology.GRPC_SERVICES}}
         dataset, runners = None, []
         try:

@@ -46,8 +46,9 @@ from minio import Minio
 from cli import servers
 from services.common import contracts, topology
 from services.common.config import UPLOAD_CHECKSUMS, Settings
-from services.common.identity import Caller, caller_metadata
+from services.common.identity import Caller, signed_metadata, signer_for
 from services.common.model_transfer import download_artifact, fetch_artifact, upload_model_version
+from services.common.signing import Signer
 from services.registry import server
 
 ACCESS, SECRET = "llmp-bench", "llmp-bench-secret"
@@ -87,9 +88,9 @@ class TimedStub:
         return timed
 
 
-async def project_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
+async def project_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str, signer: Signer,
                         round_no: int) -> tuple[float, dict[str, float]]:
-    metadata = caller_metadata(Caller(tenant, "bench", "developer"))
+    metadata = signed_metadata(signer, Caller(tenant, "bench", "developer"), "registry")
     timed = TimedStub(stub)
     started = time.perf_counter()
     version = await upload_model_version(timed, registry.store, "bench", folder, metadata=metadata)
@@ -104,9 +105,9 @@ async def project_round(registry: server.Registry, stub, folder: Path, out: Path
     return finished - started, phases
 
 
-async def copy_path_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str,
+async def copy_path_round(registry: server.Registry, stub, folder: Path, out: Path, tenant: str, signer: Signer,
                           round_no: int) -> tuple[float, dict[str, float]]:
-    metadata = caller_metadata(Caller(tenant, "bench", "developer"))
+    metadata = signed_metadata(signer, Caller(tenant, "bench", "developer"), "registry")
     prefix = contracts.JobLayout(tenant, f"bench-{round_no}").final
     started = time.perf_counter()
     files = sorted(path for path in folder.iterdir() if path.is_file())
@@ -190,6 +191,7 @@ async def run(options: argparse.Namespace) -> None:
             raw = Minio(f"127.0.0.1:{ports.s3}", access_key=ACCESS, secret_key=SECRET, secure=False)
             best = {"project": float("inf"), "baseline": float("inf")}
             measure = copy_path_round if options.copy_path else project_round
+            signer = signer_for(settings)
             round_ratios: list[float] = []
             for round_no in range(options.repeats):
                 # Each side starts with no dirty pages (the other side's gigabyte of writes must not
@@ -201,7 +203,7 @@ async def run(options: argparse.Namespace) -> None:
                                                                  round_no)
                         best["baseline"] = min(best["baseline"], base)
                     else:
-                        elapsed, phases = await measure(registry, stub, folder, out, "bench", round_no)
+                        elapsed, phases = await measure(registry, stub, folder, out, "bench", signer, round_no)
                         best["project"] = min(best["project"], elapsed)
                 await asyncio.to_thread(forget_round, raw, settings.s3.bucket, ports.master)
                 round_ratios.append(base / elapsed)

@@ -32,7 +32,20 @@ from opentelemetry import trace
 from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
 from gateway.http import NOSNIFF, VALIDATORS, Route, ValidatorCache, error_response, none_match
-from gateway.state import CALLER, CLIENTS, DATABASE, DRAINING, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
+from gateway.quotas import TenantQuotas, slot_kind
+from gateway.state import (
+    CALLER,
+    CLIENTS,
+    DATABASE,
+    DRAINING,
+    IP_LIMITER,
+    KEYS,
+    LIMITER,
+    OBJECT_STORE,
+    QUOTAS,
+    ROUTE_TABLE,
+    SETTINGS,
+)
 from gateway.views import completions, openai_compat
 from services.common import errors, identity, logs, tracing
 from services.common.config import Settings
@@ -130,9 +143,12 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
        latency, an access log line (only when `llmp.access` logs at INFO), `X-Content-Type-Options:
        nosniff`, and `Cache-Control: no-store` on any response that did not choose its own;
     2. errors → one JSON body (`error_body`);
-    3. API key → caller (`KeyStore`, verified keys cached for `auth.CACHE_SECONDS`), per-key rate limit,
-       role check, query parameter names; the handler runs acting as that caller (`identity.acting_as`),
-       so every service call it makes carries it;
+    3. API key → caller (`KeyStore`, verified keys cached for `auth.CACHE_SECONDS`, unknown ones too); a key
+       not already known first passes the per-address limiter (`IP_LIMITER`), so a flood of bogus keys
+       cannot each cost a query; then the tenant's request quota (`quotas.TenantQuotas`, shared by every
+       replica), per-key rate limit, role check, query parameter names; the handler runs acting as that
+       caller (`identity.acting_as`), so every service call it makes carries it, holding one of the
+       tenant's generation or stream slots when the route is one (`quotas.slot_kind`);
     4. the conditional-GET fast path: If-None-Match for a representation known immutable
        (`ValidatorCache`, keyed by the caller's tenant) is answered 304 here, with the ETag,
        Cache-Control and Vary the 200 carries, without calling a service. Unsafe requests forget their
@@ -157,14 +173,26 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
                     response = await handler(request)
                 else:
                     key = _bearer(request)
-                    keys = request.app[KEYS]
-                    who, rate = keys.cached(key) or await keys.authenticate(key)
+                    app = request.app
+                    keys = app[KEYS]
+                    known = keys.cached(key)
+                    if known is None:
+                        app[IP_LIMITER].take(client_address(request, app[SETTINGS].trusted_proxy_hops))
+                        known = await keys.authenticate(key)
+                    who, rate = known
+                    quotas = app[QUOTAS]
+                    if not quotas.take_local(who.tenant):  # a batch in hand: no await (the 304 path)
+                        await quotas.take(who.tenant)
                     response = _admit(request, route, method, name, who, rate)
                     if response is None:
                         acting = identity.current.set(who)  # `identity.acting_as` without its generator: hot path
                         try:
-                            if method in UNSAFE:
-                                response = await _forgetting(request, handler, request.app[VALIDATORS], who.tenant)
+                            kind = slot_kind(method, name)
+                            if kind is not None:
+                                async with quotas.slot(who.tenant, kind):
+                                    response = await handler(request)
+                            elif method in UNSAFE:
+                                response = await _forgetting(request, handler, app[VALIDATORS], who.tenant)
                             else:
                                 response = await handler(request)
                         finally:
@@ -194,6 +222,17 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
             logs.request_id.reset(token)
 
     return middleware
+
+
+def client_address(request: web.Request, trusted_hops: int) -> str:
+    """The client's address: the connection's peer, or behind `trusted_hops` proxies that each append the
+    address they saw to X-Forwarded-For, the entry that many from the right (what the client itself wrote
+    in the header, further left, is not believed)."""
+    if trusted_hops:
+        forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",") if part.strip()]
+        if len(forwarded) >= trusted_hops:
+            return forwarded[-trusted_hops]
+    return request.remote or ""
 
 
 def _bearer(request: web.Request) -> str:
@@ -268,9 +307,12 @@ def _resources(provider: TracerProvider | None):
                                           max_size=5)
         app[DATABASE] = database
         app[KEYS] = KeyStore(database, admin_key(settings))
-        app[CLIENTS] = ServiceClients(settings, tracer_provider=provider)  # client spans when tracing is on
+        app[CLIENTS] = ServiceClients(  # client spans when tracing is on
+            settings, principal=identity.GATEWAY, tracer_provider=provider)
         app[OBJECT_STORE] = ObjectStore(settings.s3, timeout=3)
+        app[QUOTAS] = TenantQuotas(settings)
         yield
+        await app[QUOTAS].close()
         await app[CLIENTS].close()
         await database.close()
         if own_key_lock is not None:
@@ -329,6 +371,8 @@ def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = RateLimiter(rate=50, burst=100)
+    app[IP_LIMITER] = RateLimiter(rate=settings.ip_rate_limit, burst=int(2 * settings.ip_rate_limit),
+                                  subject="this client address while its key is unknown")
     app[ROUTE_TABLE] = table
     app[VALIDATORS] = ValidatorCache()
     app[completions.CACHE] = completions.ResponseCache()

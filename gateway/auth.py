@@ -1,4 +1,4 @@
-"""API keys: stored hashed in PostgreSQL, each with a role and a tenant; per-key rate limits.
+"""API keys: stored hashed in PostgreSQL, each with a role and a tenant; per-key and per-address rate limits.
 
 A key looks like `llmp_<id>_<secret>`: the id finds the row, the secret is compared by its SHA-256
 (keys are 256-bit random, so a slow password hash adds nothing). The bootstrap admin key comes from
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common import errors
+from services.common import errors, private_files
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.identity import Caller
@@ -26,6 +25,7 @@ BOOTSTRAP_ID = "bootstrap"
 DEFAULT_TENANT = "default"
 BOOTSTRAP_CALLER = Caller(tenant=DEFAULT_TENANT, key_id=BOOTSTRAP_ID, role="admin")
 CACHE_SECONDS = 5.0  # a revoked key (through another gateway replica) stops working within this
+MAX_CACHED = 100_000  # keys remembered (known or unknown) before the caches start over: memory stays bounded
 
 
 def key_scope(caller: Caller) -> str | None:
@@ -59,33 +59,7 @@ def admin_key(settings: Settings) -> str:
     """The bootstrap admin key: LLMP_ADMIN_KEY, else the one in the state dir (created if missing)."""
     if settings.admin_key:
         return settings.admin_key
-    path = Path(settings.state_dir) / "admin.key"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _, _, key = new_key()
-    return _create_private(path, key + "\n").strip()
-
-
-def _create_private(path: Path, text: str) -> str:
-    """Create `path` holding `text`, readable by its owner only from the first instant (no write-then-chmod
-    window, whatever the umask), and whole or absent to readers: written under a temporary name created
-    0600, then linked into place, which fails if another process created it meanwhile. Returns the
-    file's content: `text`, or the other process's."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return path.read_text()
-        return text
-    finally:
-        temporary.unlink(missing_ok=True)
+    return private_files.read_or_create(Path(settings.state_dir) / "admin.key", lambda: new_key()[2])
 
 
 @dataclass(slots=True)
@@ -95,10 +69,11 @@ class _Bucket:
 
 
 class RateLimiter:
-    """A token bucket per key: `rate` requests per second sustained, bursts of `burst`."""
+    """A token bucket per key (an API key's id, or a client address): `rate` requests per second sustained,
+    bursts of `burst`."""
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
+    def __init__(self, rate: float, burst: int, *, subject: str = "this key") -> None:
+        self.rate, self.burst, self.subject = rate, burst, subject
         self._buckets: dict[str, _Bucket] = {}
 
     def take(self, key_id: str, rate: float | None = None) -> None:
@@ -106,11 +81,13 @@ class RateLimiter:
         now = time.monotonic()
         bucket = self._buckets.get(key_id)
         if bucket is None:
+            if len(self._buckets) >= MAX_CACHED:  # a flood of addresses: forget them all rather than grow
+                self._buckets.clear()
             bucket = self._buckets[key_id] = _Bucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         if bucket.tokens < 1:
-            raise errors.RateLimited(f"rate limit of {rate:g} requests/s exceeded for this key",
+            raise errors.RateLimited(f"rate limit of {rate:g} requests/s exceeded for {self.subject}",
                                      retry_after=(1 - bucket.tokens) / rate)
         bucket.tokens -= 1
 
@@ -121,22 +98,28 @@ class KeyStore:
     def __init__(self, db: Database, bootstrap_key: str) -> None:
         self.db = db
         self.bootstrap_key = bootstrap_key
+        self._bootstrap = bootstrap_key.encode()
         self._cache: dict[str, tuple[float, Caller, float]] = {}  # full key -> (expires, caller, rate)
+        self._unknown: dict[str, float] = {}  # full key found unknown or revoked -> until when that holds
 
     def cached(self, full_key: str) -> tuple[Caller, float] | None:
-        """The caller and rate limit of a key checked within the last few seconds (no await, no query)."""
-        cached = self._cache.get(full_key)
+        """The caller and rate limit of the bootstrap key, or of a key checked within the last few seconds
+        (no await, no query)."""
+        cached = self._cache.get(full_key)  # first: the hot path is an ordinary key seen a moment ago
         if cached is not None and cached[0] > time.monotonic():
             return cached[1], cached[2]
+        if hmac.compare_digest(full_key.encode(), self._bootstrap):
+            return BOOTSTRAP_CALLER, 0.0
         return None
 
     async def authenticate(self, full_key: str) -> tuple[Caller, float]:
-        """The caller a key stands for and its rate limit (requests/s); Unauthenticated otherwise."""
-        if hmac.compare_digest(full_key.encode(), self.bootstrap_key.encode()):
-            return BOOTSTRAP_CALLER, 0.0
+        """The caller a key stands for and its rate limit (requests/s); Unauthenticated otherwise. A key
+        found unknown is remembered as such for `CACHE_SECONDS`: repeating it costs no query."""
         cached = self.cached(full_key)
         if cached is not None:
             return cached
+        if self._unknown.get(full_key, 0.0) > time.monotonic():
+            raise errors.Unauthenticated("unknown or revoked API key")
         key_id, secret = parse_key(full_key)
         async with self.db.pool.connection() as conn:
             cursor = await conn.execute(
@@ -144,7 +127,12 @@ class KeyStore:
                 (key_id,))
             row = await cursor.fetchone()
         if row is None or not hmac.compare_digest(row["secret_sha256"], hash_secret(secret)):
+            if len(self._unknown) >= MAX_CACHED:
+                self._unknown.clear()
+            self._unknown[full_key] = time.monotonic() + CACHE_SECONDS
             raise errors.Unauthenticated("unknown or revoked API key")
+        if len(self._cache) >= MAX_CACHED:
+            self._cache.clear()
         caller = Caller(tenant=row["tenant"], key_id=key_id, role=row["role"])
         self._cache[full_key] = (time.monotonic() + CACHE_SECONDS, caller, row["rate_limit"])
         return caller, row["rate_limit"]

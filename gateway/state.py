@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from gateway.auth import KeyStore, RateLimiter
+from gateway.quotas import TenantQuotas
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
@@ -18,6 +19,9 @@ DATABASE: web.AppKey[Database] = web.AppKey("database", Database)
 OBJECT_STORE: web.AppKey[ObjectStore] = web.AppKey("object_store", ObjectStore)  # /v1/status only
 KEYS: web.AppKey[KeyStore] = web.AppKey("keys", KeyStore)
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
+# Per client address, in front of authentication: requests whose key is not already known cost a query.
+IP_LIMITER: web.AppKey[RateLimiter] = web.AppKey("ip_limiter", RateLimiter)
+QUOTAS: web.AppKey[TenantQuotas] = web.AppKey("quotas", TenantQuotas)
 CLIENTS: web.AppKey[ServiceClients] = web.AppKey("clients", ServiceClients)
 ROUTE_TABLE: web.AppKey[list] = web.AppKey("routes", list)
 # Set when shutdown starts: /readyz turns 503 so the load balancer stops sending while requests drain.

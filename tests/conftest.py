@@ -21,6 +21,7 @@ import pytest
 from cli import servers
 from services.common.config import Settings
 
+from .identities import SERVICE_SECRET
 from .tiny_dataset import dataset_uploader, tiny_dataset, write_dataset_fixture  # noqa: F401 (fixtures)
 
 ADMIN_DATABASE_URL = os.environ.get("LLMP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -106,6 +107,7 @@ def settings_env(database_url, s3_endpoint, tmp_path_factory) -> dict[str, str]:
         "LLMP_LOG_FORMAT": "text",
         "LLMP_GATEWAY_PORT": str(servers.free_port()),
         "LLMP_SHUTDOWN_GRACE": "2",
+        "LLMP_SERVICE_SECRET": SERVICE_SECRET,  # what tests/identities.py signs with
     }
     from services.common import topology
 

@@ -16,6 +16,7 @@ from cli import servers
 from cli.stack.errors import StackError
 from cli.stack.settings import child_env
 from cli.stack.state import Record, StateDir
+from services.common import config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # A started component: its record and the LLMP_* settings it resolved (e.g. the embedded PostgreSQL's URL).
@@ -119,8 +120,11 @@ class PythonProcess(Component):
     """One of llmp's own processes: `python -m <module>`, on ports that must be free."""
 
     def command(self, launch: Launch) -> tuple[list[str], dict[str, str], str]:
-        """Its command line, environment and record detail."""
-        return [sys.executable, "-m", self.module], child_env(launch.env), ""
+        """Its command line, environment and record detail. Every process gets the stack's one service
+        secret (generated into the state dir on first `up`), so each verifies what the others sign."""
+        env = child_env(launch.env)
+        env["LLMP_SERVICE_SECRET"] = config.Settings.from_env(env).service_secret().decode()
+        return [sys.executable, "-m", self.module], env, ""
 
     def start(self, launch: Launch) -> Started:
         launch.require_free(self)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from cli.stack.broker import supports_broadcast
 from cli.stack.component import Launch, PythonProcess
-from cli.stack.settings import child_env
 from cli.stack.state import Record
 
 
@@ -22,7 +21,7 @@ class Worker(PythonProcess):
         node = f"llmp-worker-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
         command = [sys.executable, "-m", "celery", "-A", self.module, "worker", "-Q", "gpu",
                    "--concurrency", "1", "--prefetch-multiplier", "1", "-n", node, "--loglevel", "INFO"]
-        return command, child_env(launch.env), node
+        return command, super().command(launch)[1], node  # the environment every llmp process gets
 
     def probe(self, record: Record, env: Mapping[str, str], timeout: float) -> bool:
         """The worker answers a Celery ping (Redis/AMQP), or, on a broker without broadcast, its log says it

@@ -75,7 +75,9 @@ _FIELD_CHECKS = {
     "n": lambda v: type(v) is int and v == 1,
 }
 CACHE_HITS = Counter("llmp_completion_cache_total", "Deterministic completion cache lookups", ["result"])
-TOKENS = Counter("llmp_deployment_tokens_total", "Tokens served per deployment", ["deployment", "kind"])
+# All tenants together, on purpose: /metrics is public (scrapers carry no key), so no label may carry a name
+# a tenant chose. A deployment's own figures are GET /v1/deployments/{name}/metrics, for its tenant only.
+TOKENS = Counter("llmp_completion_tokens_total", "Tokens the gateway served, all tenants together", ["kind"])
 
 
 class ResponseCache:
@@ -171,8 +173,8 @@ async def complete(request: web.Request) -> web.StreamResponse:
     response = await clients(request).inference.Generate(message, timeout=120,
                                                           metadata=_deployment_metadata(request, body))
     completion = response.completion
-    TOKENS.labels(body["model"], "prompt").inc(completion.prompt_tokens)
-    TOKENS.labels(body["model"], "completion").inc(completion.completion_tokens)
+    TOKENS.labels("prompt").inc(completion.prompt_tokens)
+    TOKENS.labels("completion").inc(completion.completion_tokens)
     answer = _openai_body(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body["model"], completion)
     if cache_key is not None:
         request.app[CACHE].put(cache_key, answer)
@@ -200,7 +202,7 @@ async def _stream(request: web.Request, body: dict, message: inference_pb2.Gener
                     payload["usage"] = {"prompt_tokens": summary.prompt_tokens,
                                         "completion_tokens": summary.completion_tokens,
                                         "total_tokens": summary.prompt_tokens + summary.completion_tokens}
-                    TOKENS.labels(body["model"], "completion").inc(summary.completion_tokens)
+                    TOKENS.labels("completion").inc(summary.completion_tokens)
                 await response.write(f"data: {json.dumps(payload)}\n\n".encode())
                 chunk = await anext(stream, None)
         except errors.LlmpError as error:  # headers are sent: report in-band, as OpenAI does

@@ -8,11 +8,12 @@ are generated from / tested against it.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common import topology
+from services.common import private_files, topology
 from services.common.errors import InvalidArgument
 
 
@@ -86,10 +87,39 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_UP_TIMEOUT", "120", "Seconds `llmp up` waits for one component to become healthy."),
     Variable("LLMP_URL", "", "Gateway URL the `llmp` CLI talks to; empty means http://127.0.0.1:$LLMP_GATEWAY_PORT."),
     Variable("LLMP_API_KEY", "", "API key the `llmp` CLI sends; empty means the admin key."),
+    Variable("LLMP_PROFILE", "dev",
+             "`dev` (one's own machine: published default secrets only warn, a missing service secret is generated "
+             "into the state dir) or `production` (both refused at startup)."),
+    Variable("LLMP_SERVICE_SECRET", "",
+             "Secret (at least 16 bytes) every llmp process shares to sign and verify the identity on gRPC calls; "
+             "empty means <state dir>/service.secret, generated when missing (dev profile only)."),
+    Variable("LLMP_TENANT_RATE_LIMIT", "200", "Requests per second one tenant may send, across all gateway replicas."),
+    Variable("LLMP_TENANT_MAX_GENERATIONS", "32",
+             "Generations (completions, chat) one tenant may have running at once, across all gateway replicas."),
+    Variable("LLMP_TENANT_MAX_STREAMS", "16",
+             "Event streams (SSE) one tenant may hold open at once, across all gateway replicas."),
+    Variable("LLMP_QUOTA_REDIS_URL", "",
+             "Redis where the gateway replicas share tenant quotas; empty means LLMP_BROKER_URL when it is Redis, "
+             "else quotas per replica."),
+    Variable("LLMP_IP_RATE_LIMIT", "20",
+             "Requests per second one client address may make with a key the gateway has not recently accepted "
+             "(checked before the key costs a database query)."),
+    Variable("LLMP_TRUSTED_PROXY_HOPS", "0",
+             "Proxies in front of the gateway that append the client's address to X-Forwarded-For (behind the Istio "
+             "ingress gateway: 1); the per-address limiter reads the address that many entries from the right. "
+             "0: the connection's peer."),
+    Variable("LLMP_TRAINING_WORKERS", "8",
+             "Training nodes the fleet runs: the most `distributed.nnodes` a job may ask."),
+    Variable("LLMP_TRAINING_MAX_N_EMBD", "4096", "Largest `model.n_embd` a training job may ask."),
+    Variable("LLMP_TRAINING_MAX_N_LAYER", "48", "Largest `model.n_layer` a training job may ask."),
+    Variable("LLMP_TRAINING_MAX_STEPS", "1000000", "Largest `hyperparameters.max_steps` a training job may ask."),
 )
 # Secrets whose defaults anyone can read here: right for a stack on one's own machine, wrong anywhere else.
-# Every process names those still at their default in a warning when it starts (`logs.configure`).
+# Every process names those still at their default in a warning when it starts (`logs.configure`), and
+# refuses to start with them outside the dev profile.
 PUBLISHED_SECRETS = ("LLMP_S3_ACCESS_KEY", "LLMP_S3_SECRET_KEY")
+PROFILES = ("dev", "production")
+MIN_SERVICE_SECRET_BYTES = 16  # signing.MIN_SECRET_BYTES: a shorter secret is guessable from one captured token
 INFERENCE_TRACKS = ("", "stable", "canary")
 TRITON_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 GRPC_BALANCING = ("client", "mesh")
@@ -113,6 +143,16 @@ def _positive_int(value: str, name: str) -> int:
         raise InvalidArgument(f"{name} must be an integer, not {value!r}") from None
     if number <= 0:
         raise InvalidArgument(f"{name} must be positive, not {number}")
+    return number
+
+
+def _count(value: str, name: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidArgument(f"{name} must be an integer, not {value!r}") from None
+    if number < 0:
+        raise InvalidArgument(f"{name} must be 0 or more, not {number}")
     return number
 
 
@@ -155,6 +195,18 @@ class Settings:
     max_import_bytes: int
     max_body_bytes: int
     grpc_balancing: str = "client"  # one of GRPC_BALANCING (grpc_client.channel_options)
+    profile: str = "dev"  # one of PROFILES
+    service_secret_text: str = field(default="", repr=False)  # LLMP_SERVICE_SECRET; see service_secret()
+    tenant_rate_limit: float = 200.0
+    tenant_max_generations: int = 32
+    tenant_max_streams: int = 16
+    quota_redis_url: str = ""
+    ip_rate_limit: float = 20.0
+    trusted_proxy_hops: int = 0
+    training_workers: int = 8
+    training_max_n_embd: int = 4096
+    training_max_n_layer: int = 48
+    training_max_steps: int = 1_000_000
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -184,6 +236,19 @@ class Settings:
         balancing = values["LLMP_GRPC_BALANCING"]
         if balancing not in GRPC_BALANCING:
             raise InvalidArgument(f"LLMP_GRPC_BALANCING must be client or mesh, not {balancing!r}")
+        profile = values["LLMP_PROFILE"]
+        if profile not in PROFILES:
+            raise InvalidArgument(f"LLMP_PROFILE must be dev or production, not {profile!r}")
+        published = [name for name in PUBLISHED_SECRETS if values[name] == DEFAULTS[name]]
+        if published and profile != "dev":
+            raise InvalidArgument(f"{', '.join(published)} still hold their published defaults: set them (only the "
+                                  "dev profile accepts those)")
+        if profile != "dev" and not values["LLMP_SERVICE_SECRET"]:
+            raise InvalidArgument("LLMP_SERVICE_SECRET must be set outside the dev profile")
+        if values["LLMP_SERVICE_SECRET"] and len(values["LLMP_SERVICE_SECRET"].encode()) < MIN_SERVICE_SECRET_BYTES:
+            raise InvalidArgument(f"LLMP_SERVICE_SECRET must be at least {MIN_SERVICE_SECRET_BYTES} bytes")
+        broker = values["LLMP_BROKER_URL"]
+        quota_redis = values["LLMP_QUOTA_REDIS_URL"] or (broker if broker.startswith(("redis://", "rediss://")) else "")
         return cls(
             database_url=values["LLMP_DATABASE_URL"],
             s3=S3Settings(
@@ -218,12 +283,35 @@ class Settings:
             max_import_bytes=_positive_int(values["LLMP_MAX_IMPORT_BYTES"], "LLMP_MAX_IMPORT_BYTES"),
             max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),
             grpc_balancing=balancing,
+            profile=profile,
+            service_secret_text=values["LLMP_SERVICE_SECRET"],
+            tenant_rate_limit=float(_positive_int(values["LLMP_TENANT_RATE_LIMIT"], "LLMP_TENANT_RATE_LIMIT")),
+            tenant_max_generations=_positive_int(values["LLMP_TENANT_MAX_GENERATIONS"], "LLMP_TENANT_MAX_GENERATIONS"),
+            tenant_max_streams=_positive_int(values["LLMP_TENANT_MAX_STREAMS"], "LLMP_TENANT_MAX_STREAMS"),
+            quota_redis_url=quota_redis,
+            ip_rate_limit=float(_positive_int(values["LLMP_IP_RATE_LIMIT"], "LLMP_IP_RATE_LIMIT")),
+            trusted_proxy_hops=_count(values["LLMP_TRUSTED_PROXY_HOPS"], "LLMP_TRUSTED_PROXY_HOPS"),
+            training_workers=_positive_int(values["LLMP_TRAINING_WORKERS"], "LLMP_TRAINING_WORKERS"),
+            training_max_n_embd=_positive_int(values["LLMP_TRAINING_MAX_N_EMBD"], "LLMP_TRAINING_MAX_N_EMBD"),
+            training_max_n_layer=_positive_int(values["LLMP_TRAINING_MAX_N_LAYER"], "LLMP_TRAINING_MAX_N_LAYER"),
+            training_max_steps=_positive_int(values["LLMP_TRAINING_MAX_STEPS"], "LLMP_TRAINING_MAX_STEPS"),
             raw=values,
         )
 
     def published_secrets(self) -> list[str]:
         """The PUBLISHED_SECRETS variables still holding their published default value."""
         return [name for name in PUBLISHED_SECRETS if self.raw.get(name, DEFAULTS[name]) == DEFAULTS[name]]
+
+    def service_secret(self) -> bytes:
+        """The secret signing service identities: LLMP_SERVICE_SECRET, else (dev profile, checked at
+        `from_env`) the one in <state dir>/service.secret, generated there (owner-only) when missing, so
+        every process of a local stack shares it."""
+        if self.service_secret_text:
+            return self.service_secret_text.encode()
+        if self.profile != "dev":
+            raise InvalidArgument("LLMP_SERVICE_SECRET must be set outside the dev profile")
+        return private_files.read_or_create(Path(self.state_dir) / "service.secret",
+                                            lambda: secrets.token_urlsafe(32)).encode()
 
     def listen_addr(self, service: topology.GrpcService) -> str:
         """Where `service` listens: the bind host on the port of its advertised address."""

@@ -1,7 +1,8 @@
 """Calling llmp's gRPC services through their generated, typed stubs: `clients.registry.GetModelVersion(
 request)`. Each service has one channel, and every channel one client interceptor policy (`CallPolicy`) that
-sends the current caller and request id (`identity`), gives a unary call the default deadline when it names
-none, and turns a peer's error back into the domain error it started as."""
+sends the current caller, signed for the service called, and the request id (`identity.CallSigner`), gives a
+unary call the default deadline when it names none, and turns a peer's error back into the domain error it
+started as."""
 
 from __future__ import annotations
 
@@ -82,9 +83,10 @@ def domain_error(error: grpc.aio.AioRpcError) -> errors.LlmpError:
 
 
 class CallPolicy:
-    """What every call to an llmp service needs, in one place: the current caller and request id in its
-    metadata (a key the call sets itself is left as it set it), `default_timeout` on a unary call that
-    names no deadline (a stream or an upload runs as long as its caller wants), and a peer's error
+    """What every call to an llmp service needs, in one place: the current caller (signed by `signer` for the
+    service the method belongs to) and request id in its metadata (a key the call sets itself is left as it
+    set it), `default_timeout` on a unary call that names no deadline (a stream or an upload runs as long
+    as its caller wants), and a peer's error
     raised as the domain error (`errors.from_grpc`), so callers and the gateway's error middleware only
     ever see `errors.LlmpError`. grpc.aio runs interceptors in a task created when the stub is called,
     which copies the caller's context: the caller is the one current where the call is made.
@@ -92,13 +94,15 @@ class CallPolicy:
     One policy, one interceptor per kind of call (`interceptors()`): a grpc.aio channel files an
     interceptor under the first kind it implements only."""
 
-    def __init__(self, default_timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, signer: identity.CallSigner, default_timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.signer = signer
         self.default_timeout = default_timeout
 
     def details(self, details: grpc.aio.ClientCallDetails, *, unary: bool) -> grpc.aio.ClientCallDetails:
         given = details.metadata or ()
         named = {key for key, _ in given}
-        metadata = grpc.aio.Metadata(*(item for item in identity.call_metadata() if item[0] not in named), *given)
+        identified = self.signer.metadata(identity.audience_of(details.method))
+        metadata = grpc.aio.Metadata(*(item for item in identified if item[0] not in named), *given)
         timeout = self.default_timeout if unary and details.timeout is None else details.timeout
         return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials,
                                           details.wait_for_ready)
@@ -153,15 +157,17 @@ async def _domain_errors(call) -> AsyncIterator[Any]:
 
 
 class ServiceClients:
-    """One channel per llmp service, opened on first use, and its typed stub. The channels carry
+    """One channel per llmp service, opened on first use, and its typed stub, calling as `principal`:
+    `identity.GATEWAY`, or a service's own `identity.service_principal(name)`. The channels carry
     `CallPolicy`'s interceptors outermost, then the tracing interceptors (client spans, the trace context in the
     metadata) when tracing is on, so a span records the call's own status before errors are mapped."""
 
-    def __init__(self, settings: Settings, *, tracer_provider: TracerProvider | None = None,
+    def __init__(self, settings: Settings, *, principal: str, tracer_provider: TracerProvider | None = None,
                  default_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.addresses = dict(settings.service_addrs)
         self.options = channel_options(settings.grpc_balancing)
-        self.interceptors = [*CallPolicy(default_timeout).interceptors(),
+        signer = identity.CallSigner(identity.signer_for(settings), principal)
+        self.interceptors = [*CallPolicy(signer, default_timeout).interceptors(),
                              *tracing.client_interceptors(tracer_provider or tracing.process_provider())]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, Any] = {}

@@ -47,8 +47,24 @@ def _method_parts(full_method: str) -> tuple[str, str]:
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Innermost (inside the shutdown gate and the trace span): set the request id, map domain errors to
-    status codes, count and time every call, log its outcome."""
+    """Innermost (inside the shutdown gate and the trace span): verify who the call acts for (`verifier`:
+    signed metadata only, docs/CONTRACTS.md "Identity"), set the request id, map domain errors to status
+    codes, count and time every call, log its outcome."""
+
+    # Open without a signed identity: health (orchestrators' probes, the clients' per-replica health
+    # watch) and reflection (it describes the protos, which are public, and no tenant's data).
+    UNSIGNED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, verifier: identity.CallVerifier) -> None:
+        self.verifier = verifier
+
+    def _identify(self, metadata, method: str) -> identity.Caller | errors.LlmpError | None:
+        if method.startswith(self.UNSIGNED):
+            return None
+        try:
+            return self.verifier.caller(metadata, method)
+        except errors.LlmpError as refused:  # raised inside the call's scope: answered, counted, logged
+            return refused
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -57,7 +73,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         service, method = _method_parts(handler_call_details.method)
         metadata = handler_call_details.invocation_metadata or ()
         incoming_id = dict(metadata).get(identity.REQUEST_ID_KEY) or uuid.uuid4().hex
-        caller = identity.caller_from_metadata(metadata)
+        caller = self._identify(metadata, handler_call_details.method)
 
         def observe(code: str, started: float) -> None:
             elapsed = time.perf_counter() - started
@@ -76,15 +92,18 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
 
 
 @asynccontextmanager
-async def _call_scope(context: grpc.aio.ServicerContext, request_id: str, caller: identity.Caller | None,
-                      observe) -> AsyncIterator[None]:
-    """Scope one call: its request id in every log line, its caller the current one (so the calls the
-    handler makes carry both on), domain errors mapped to status codes."""
+async def _call_scope(context: grpc.aio.ServicerContext, request_id: str,
+                      caller: identity.Caller | errors.LlmpError | None, observe) -> AsyncIterator[None]:
+    """Scope one call: its request id in every log line, its verified caller the current one (so the calls
+    the handler makes carry both on; a refused identity is raised before the handler runs), domain errors
+    mapped to status codes."""
     token = logs.request_id.set(request_id)
-    caller_token = identity.current.set(caller)
+    caller_token = identity.current.set(None if isinstance(caller, errors.LlmpError) else caller)
     started = time.perf_counter()
     code = "OK"
     try:
+        if isinstance(caller, errors.LlmpError):
+            raise caller
         yield
     except errors.LlmpError as error:
         mapping = errors.mapping_for(error)
@@ -227,7 +246,8 @@ class GrpcApp:
         self.gate = ShutdownGate()  # outermost: a call refused while draining runs nothing else
         self.server = grpc.aio.server(
             # The span next, so the request-id scope, the logs and the handler run inside it.
-            interceptors=[self.gate, *tracing.server_interceptors(provider), ObservabilityInterceptor()],
+            interceptors=[self.gate, *tracing.server_interceptors(provider),
+                          ObservabilityInterceptor(identity.CallVerifier(identity.signer_for(settings), service.name))],
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes),
                      ("grpc.so_reuseport", 0),

@@ -11,7 +11,7 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2
 
 from services.common.grpc_client import ServiceClients
-from services.common.identity import Caller, acting_as
+from services.common.identity import SERVICE_ROLE, Caller, acting_as
 from services.dataset.versions import ModelsUsing
 
 TIMEOUT = 10.0  # seconds
@@ -23,8 +23,9 @@ def registry_lineage(clients: ServiceClients) -> ModelsUsing:
     async def models_using(tenant: str, name: str, version: int) -> list[str]:
         request = registry_pb2.ListModelVersionsByDatasetRequest(
             dataset=common_pb2.DatasetRef(name=name, version=version))
-        # The dataset service asks as an admin of the tenant: the check must see every model of it.
-        with acting_as(Caller(tenant=tenant, key_id="dataset-service", role="admin")):
+        # As itself (`service:dataset`, granted this read): the check must see every model of the tenant,
+        # whoever asked for the delete.
+        with acting_as(Caller(tenant=tenant, key_id="", role=SERVICE_ROLE)):
             response = await clients.registry.ListModelVersionsByDataset(request, timeout=TIMEOUT)
         return [f"{model.name}:{model.version}" for model in response.versions]
 

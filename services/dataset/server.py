@@ -13,6 +13,7 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
+from services.common.identity import service_principal
 from services.common.s3 import ObjectStore
 from services.dataset.ingestion import HEARTBEAT_SECONDS, LEASE_SECONDS, Ingestor
 from services.dataset.lineage import registry_lineage
@@ -39,7 +40,7 @@ async def build_app(settings: Settings, *, models_using: ModelsUsing | None = No
     store = ObjectStore(settings.s3)
     await asyncio.to_thread(store.ensure_bucket)
     versions = VersionStore(db, store)
-    clients = ServiceClients(settings)
+    clients = ServiceClients(settings, principal=service_principal(topology.DATASET.name))
     ingestor = Ingestor(versions, settings.state_dir / "dataset-work", settings.max_upload_bytes,
                         shard_tokens=shard_tokens, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds,
                         tokenizer_source=tokenizer_source or registry_tokenizers(clients))

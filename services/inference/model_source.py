@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerFast
 from services.common import contracts
 from services.common.contracts import DECODER_SPEC_FILE, ONNX_GRAPH_FILE, DecoderSpec
 from services.common.errors import Conflict, NotFound, Unavailable
-from services.common.identity import Caller, acting_as
+from services.common.identity import acting_as, acting_for
 
 # The tokenizer files a version serves with; transformers 5 writes the chat template to its own file.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -187,9 +187,10 @@ class S3ModelSource:
 
     @staticmethod
     def _for(tenant: str):
-        """The inference service calls the registry as an admin of the deployment's tenant: it reads and marks
-        versions whoever created them."""
-        return acting_as(Caller(tenant=tenant, key_id="inference", role="admin"))
+        """The inference service calls the registry for the deployment's tenant: passing on the token of the
+        user whose request this is, or as itself (`service:inference`, granted only the reads and marks it
+        makes) for work of its own (loading deployments at start)."""
+        return acting_as(acting_for(tenant))
 
     async def resolve(self, tenant: str, model: str, version: int, alias: str) -> int:
         from llmp.registry.v1 import registry_pb2

@@ -12,6 +12,7 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
+from services.common.identity import service_principal
 from services.common.s3 import ObjectStore
 from services.inference import metrics, model_repository
 from services.inference.canary import CanaryController
@@ -28,7 +29,7 @@ async def build(settings: Settings, source: ModelSource | None = None) -> tuple[
     """The service, wired but not started (tests call this with their own model source)."""
     db = await Database.connect(settings.database_url, component="inference", migrations_dir=MIGRATIONS)
     engine = TritonEngine(settings.triton_grpc_url)
-    clients = ServiceClients(settings)
+    clients = ServiceClients(settings, principal=service_principal(topology.INFERENCE.name))
     if source is None:
         store = ObjectStore(settings.s3)
         source = S3ModelSource(clients, store, settings.state_dir / "inference-cache")

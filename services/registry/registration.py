@@ -111,14 +111,16 @@ class DeclaredArtifact:
     crc32: str = ""  # optional: the uploader's CRC32 of the same bytes, from the same pass
 
 
-def _validate(request: Registration, *, reserving: bool = False) -> None:
+def _validate(request: Registration, tenant: str, *, reserving: bool = False) -> None:
     contracts.validate_name(request.model_name, "model name")
     if not reserving:
         if not request.source_prefix or not request.source_prefix.endswith("/"):
             raise ValidationFailed(
                 f"source_prefix {request.source_prefix!r} must be a non-empty S3 prefix ending in '/'")
-        if request.source_prefix.startswith(contracts.MODELS):
-            raise ValidationFailed("source_prefix must not point inside the registry's own models/ prefix")
+        allowed = contracts.registrable_prefixes(tenant)
+        if not request.source_prefix.startswith(allowed):
+            raise ValidationFailed(f"source_prefix must lie under {' or '.join(allowed)} (the caller tenant's "
+                                   "job outputs or imports)")
     lineage = request.lineage
     if lineage.dataset_name:
         contracts.validate_name(lineage.dataset_name, "lineage dataset name")
@@ -198,7 +200,7 @@ def _hash_object(store: ObjectStore, key: str) -> tuple[str, int, str]:
 async def register(db: Database, store: ObjectStore, caller: Caller, request: Registration, *,
                    heartbeat_seconds: float = HEARTBEAT_SECONDS) -> tuple[str, int]:
     """Register `request` as the next version of its model; returns (name, version), READY."""
-    _validate(request)
+    _validate(request, caller.tenant)
     sources = [obj for obj in await asyncio.to_thread(store.list, request.source_prefix)
                if not obj.key.endswith("/")]
     paths = {obj.key[len(request.source_prefix):]: obj for obj in sources}
@@ -239,7 +241,7 @@ async def register(db: Database, store: ObjectStore, caller: Caller, request: Re
 async def reserve(db: Database, caller: Caller, request: Registration,
                   lease_seconds: float = LEASE_SECONDS) -> Reservation:
     """Allocate the next version PENDING (lineage and metrics recorded now) for the caller to upload into."""
-    _validate(request, reserving=True)
+    _validate(request, caller.tenant, reserving=True)
     registration_id = uuid.uuid4()
     version = await _insert_pending(db, caller, request, registration_id)
     log.info("reserved", extra={"model": request.model_name, "version": version})

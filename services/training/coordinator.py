@@ -41,7 +41,7 @@ from psycopg.types.json import Jsonb
 from services.common import contracts
 from services.common.errors import Conflict, InvalidArgument, NotFound, ValidationFailed
 from services.common.identity import Caller
-from services.training.spec import JobSpec
+from services.training.spec import FleetLimits, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,10 @@ class Coordinator:
     """Every read and write of training jobs; the servicer and the worker both go through it."""
 
     def __init__(self, db, dispatcher: Dispatcher | None = None, *, check_dataset: DatasetCheck | None = None,
-                 lease_seconds: float = DEFAULT_LEASE_SECONDS, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+                 lease_seconds: float = DEFAULT_LEASE_SECONDS, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 limits: FleetLimits | None = None) -> None:
         self.db = db
+        self.limits = limits or FleetLimits()
         self.dispatcher = dispatcher
         self.check_dataset = check_dataset
         self.lease_seconds = lease_seconds
@@ -237,6 +239,7 @@ class Coordinator:
                      priority: int = 0, model_name: str = "") -> tuple[Job, bool]:
         """Validate and store a job, then dispatch it. Returns (job, created)."""
         spec = resolve_spec(raw_spec)
+        spec.check_fleet(self.limits)
         if not contracts.MIN_PRIORITY <= priority <= contracts.MAX_PRIORITY:
             raise ValidationFailed(f"priority must be between {contracts.MIN_PRIORITY} and {contracts.MAX_PRIORITY}")
         if len(idempotency_key) > contracts.MAX_IDEMPOTENCY_KEY:

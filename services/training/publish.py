@@ -26,11 +26,11 @@ from typing import Any
 from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2
 
-from services.common import model_transfer
+from services.common import model_transfer, topology
 from services.common.config import Settings
 from services.common.errors import Conflict, Internal, NotFound
 from services.common.grpc_client import ServiceClients
-from services.common.identity import Caller, acting_as
+from services.common.identity import Caller, acting_as, service_principal
 from services.common.s3 import ObjectStore
 from services.training.coordinator import Assignment, Coordinator, Job, ModelReservation
 from services.training.events import Finished
@@ -93,7 +93,7 @@ async def register_model(settings: Settings, coordinator: Coordinator, assignmen
         raise Internal("the run reported no final model")
     job = assignment.job
     caller = Caller(tenant=job.tenant, key_id=job.created_by, role="developer")
-    clients = ServiceClients(settings)
+    clients = ServiceClients(settings, principal=service_principal(topology.TRAINING.name))
     try:
         registry = _Registry(clients, caller)
         reservation = await coordinator.reservation(job.id)

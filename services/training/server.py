@@ -20,12 +20,12 @@ from services.common.db import Database
 from services.common.errors import NotFound, Unavailable, ValidationFailed
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
-from services.common.identity import Caller, acting_as
+from services.common.identity import Caller, acting_as, service_principal
 from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
 from services.training.dispatch import CeleryDispatcher, make_producer
 from services.training.servicer import TrainingServicer
-from services.training.spec import JobSpec
+from services.training.spec import FleetLimits, JobSpec
 
 log = logging.getLogger(__name__)
 SUPERVISED_FORMATS = (dataset_pb2.CORPUS_FORMAT_PAIRS, dataset_pb2.CORPUS_FORMAT_CHAT)
@@ -78,10 +78,10 @@ def broker_checker(producer):
 async def build(settings: Settings) -> GrpcApp:
     """The service wired and ready to start (tests start it on a port of their choosing)."""
     db = await Database.connect(settings.database_url, component="training", migrations_dir=MIGRATIONS)
-    clients = ServiceClients(settings)
+    clients = ServiceClients(settings, principal=service_principal(topology.TRAINING.name))
     producer = make_producer(settings)
     coordinator = Coordinator(db, CeleryDispatcher(producer), check_dataset=dataset_checker(clients),
-                              lease_seconds=settings.training_lease_seconds)
+                              lease_seconds=settings.training_lease_seconds, limits=FleetLimits.from_settings(settings))
 
     app = GrpcApp(settings, topology.TRAINING)
     app.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(coordinator),

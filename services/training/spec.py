@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.common import contracts
 from services.common.errors import ValidationFailed
+
+if TYPE_CHECKING:
+    from services.common.config import Settings
 
 FAMILIES = contracts.MODEL_FAMILIES
 MODES = contracts.DISTRIBUTED_MODES
@@ -92,6 +95,23 @@ class DistributedSpec:
         return self.nproc_per_node * self.nnodes
 
 
+@dataclass(frozen=True)
+class FleetLimits:
+    """What this deployment's fleet can run, from its settings (LLMP_TRAINING_*): tighter than the rules of
+    `JobSpec.validate`, which hold on any fleet. Checked at submit, so a job the fleet cannot run is refused
+    (422 naming the field and the setting) instead of waiting forever or hogging the fleet."""
+
+    max_nnodes: int = 8  # LLMP_TRAINING_WORKERS: nodes a job may span, at most every worker
+    max_n_embd: int = 4096  # LLMP_TRAINING_MAX_N_EMBD
+    max_n_layer: int = 48  # LLMP_TRAINING_MAX_N_LAYER
+    max_steps: int = 1_000_000  # LLMP_TRAINING_MAX_STEPS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FleetLimits:
+        return cls(max_nnodes=settings.training_workers, max_n_embd=settings.training_max_n_embd,
+                   max_n_layer=settings.training_max_n_layer, max_steps=settings.training_max_steps)
+
+
 @dataclass
 class JobSpec:
     dataset: DatasetRef = field(default_factory=DatasetRef)
@@ -147,6 +167,18 @@ class JobSpec:
         _check(1 <= x.nproc_per_node <= 64, "distributed.nproc_per_node", "must be between 1 and 64")
         _check(1 <= x.nnodes <= 64, "distributed.nnodes", "must be between 1 and 64")
         _check(x.sync_interval >= 1, "distributed.sync_interval", "must be >= 1")
+
+    def check_fleet(self, limits: FleetLimits) -> None:
+        """The bounds of what this deployment's fleet runs (`FleetLimits`), each refusal naming the field."""
+        m, h, x = self.model, self.hyperparameters, self.distributed
+        _check(x.nnodes <= limits.max_nnodes, "distributed.nnodes",
+               f"is {x.nnodes} but the fleet runs {limits.max_nnodes} training nodes (LLMP_TRAINING_WORKERS)")
+        _check(m.n_embd <= limits.max_n_embd, "model.n_embd",
+               f"must be at most {limits.max_n_embd} on this deployment (LLMP_TRAINING_MAX_N_EMBD)")
+        _check(m.n_layer <= limits.max_n_layer, "model.n_layer",
+               f"must be at most {limits.max_n_layer} on this deployment (LLMP_TRAINING_MAX_N_LAYER)")
+        _check(h.max_steps <= limits.max_steps, "hyperparameters.max_steps",
+               f"must be at most {limits.max_steps} on this deployment (LLMP_TRAINING_MAX_STEPS)")
 
     def check_dataset(self, vocab_size: int, train_tokens: int, validation_tokens: int) -> None:
         """Rules that need the dataset's manifest (the coordinator has it at submit, the runtime at start)."""

@@ -27,6 +27,7 @@ import requests
 from cli import servers
 from cli.client import Client
 from services.common import topology
+from tests import identities
 
 SCALE = float(os.environ.get("LLMP_RELIABILITY_SCALE", "1"))
 REUSE = os.environ.get("LLMP_RELIABILITY_STACK", "")
@@ -138,6 +139,9 @@ def stack(tmp_path_factory, claim_broker):
         "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{servers.free_port()}",
         "LLMP_TRITON_METRICS_PORT": str(servers.free_port()),
         "LLMP_GATEWAY_PORT": str(servers.free_port()),
+        # The load test drives one tenant at the gateway's full speed: a throughput figure, not a quota's.
+        "LLMP_TENANT_RATE_LIMIT": "1000000",
+        "LLMP_SERVICE_SECRET": identities.SERVICE_SECRET,  # so that tests may call a service as the gateway does
         "LLMP_ADMIN_KEY": admin_key,
         "LLMP_LOG_FORMAT": "json",
         "LLMP_SHUTDOWN_GRACE": "5",

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import openapi
+from tests import identities
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -180,11 +181,11 @@ def test_an_oversize_grpc_message_is_resource_exhausted(stack):
         stub = dataset_pb2_grpc.DatasetServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
             stub.GetDatasetVersion(dataset_pb2.GetDatasetVersionRequest(name="x" * (65 * 1024 * 1024), version=1),
-                                   metadata=(("llmp-tenant", "acme"),), timeout=60)
+                                   metadata=identities.metadata("acme", "dataset"), timeout=60)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         with pytest.raises(grpc.RpcError) as small:  # and the server still answers
             stub.GetDatasetVersion(dataset_pb2.GetDatasetVersionRequest(name="x\x00'", version=1),
-                                   metadata=(("llmp-tenant", "acme"),), timeout=10)
+                                   metadata=identities.metadata("acme", "dataset"), timeout=10)
         assert small.value.code() in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 
 

@@ -57,9 +57,10 @@ from cli import servers
 from gateway.auth import DEFAULT_TENANT
 from services.common import topology
 from services.common.config import Settings
-from services.common.identity import REQUEST_ID_KEY, Caller, caller_metadata
+from services.common.identity import REQUEST_ID_KEY
 from services.common.model_transfer import upload_model_version
 from services.common.s3 import ObjectStore
+from tests import identities
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -68,7 +69,11 @@ CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 GRACE = 8  # LLMP_SHUTDOWN_GRACE of every server here: the drain must finish well inside it
 CLIENTS = 16  # concurrent callers of the victim
 LOAD_BEFORE_SIGTERM = 1.5  # seconds of load before the signal
-CALLER = Caller(tenant=DEFAULT_TENANT, key_id="shutdown-test", role="admin")  # the admin key's tenant
+
+
+def caller_metadata(service: str) -> tuple[tuple[str, str], ...]:
+    """An admin of the admin key's tenant calling `service`."""
+    return identities.metadata(DEFAULT_TENANT, service, key_id="shutdown-test", role="admin")
 MODEL, ARTIFACT = "shutdown-model", "model.safetensors"
 ARTIFACT_BYTES = 3 * 1024 * 1024  # a streamed download of this size takes a while on 2 busy cores
 UPLOAD_BYTES = 96 * 1024
@@ -160,7 +165,7 @@ async def _seed(env: dict[str, str], work: Path) -> tuple[str, tuple[str, int]]:
     """A READY dataset version (for the reads) and a READY model version with one artifact (for the
     streamed downloads), made through the stable services."""
     settings = Settings.from_env(env)
-    metadata = caller_metadata(CALLER)
+    metadata = caller_metadata("dataset")
     async with grpc.aio.insecure_channel(settings.service_addrs["dataset"]) as channel:
         created = await dataset_pb2_grpc.DatasetServiceStub(channel).CreateDataset(
             _upload_requests("shutdown-seed", CORPUS.read_bytes()[:UPLOAD_BYTES]), metadata=metadata, timeout=60)
@@ -180,7 +185,7 @@ async def _seed(env: dict[str, str], work: Path) -> tuple[str, tuple[str, int]]:
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     async with grpc.aio.insecure_channel(settings.service_addrs["registry"]) as channel:
         await upload_model_version(registry_pb2_grpc.RegistryServiceStub(channel), ObjectStore(settings.s3),
-                                   MODEL, folder, metadata=metadata, timeout=60)
+                                   MODEL, folder, metadata=caller_metadata("registry"), timeout=60)
     return hashlib.sha256(payload).hexdigest(), (created.version.name, created.version.version)
 
 
@@ -263,7 +268,7 @@ def _grpc_calls(name: str, channel: grpc.aio.Channel, cluster: Cluster):
     """(call name, call(request_id)) for the service `name`: each raises unless the answer is whole."""
 
     def meta(request_id: str):
-        return (*caller_metadata(CALLER), (REQUEST_ID_KEY, request_id))
+        return (*caller_metadata(name), (REQUEST_ID_KEY, request_id))
 
     page = common_pb2.PageRequest(page_size=20)
     corpus = CORPUS.read_bytes()[:UPLOAD_BYTES]
@@ -408,7 +413,7 @@ def test_sigterm_to_a_service_under_load_loses_no_accepted_call(cluster, name):
 async def _assert_every_upload_ends_ready(cluster: Cluster) -> None:
     """What the dataset victim accepted is not lost with it: a build it had not finished at SIGTERM was
     released PENDING, and the stable instance resumes it from the stored corpus."""
-    metadata = caller_metadata(CALLER)
+    metadata = caller_metadata("dataset")
     request = dataset_pb2.ListDatasetVersionsRequest(name="shutdown-upload")
     async with grpc.aio.insecure_channel(cluster.env["LLMP_DATASET_ADDR"]) as channel:
         stub = dataset_pb2_grpc.DatasetServiceStub(channel)

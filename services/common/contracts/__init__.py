@@ -86,6 +86,7 @@ from services.common.contracts.paths import (
     model_export_prefix,
     model_version_prefix,
     parse_model_version_key,
+    registrable_prefixes,
     shard_file_name,
     within_dataset_version,
 )
@@ -115,7 +116,7 @@ __all__ = [
     "dataset_manifest_key",
     "dataset_shard_key", "dataset_tokenizer_prefix", "dataset_version_prefix", "export_dir", "import_prefix",
     "job_prefix", "model_export_prefix", "model_version_prefix", "ecma_regex", "onnx_files", "page_size",
-    "parse_model_version_key",
+    "parse_model_version_key", "registrable_prefixes",
     "shard_file_name", "triton_model_name", "validate_export_format", "validate_name", "validate_version",
     "within_dataset_version",
 ]

@@ -105,6 +105,13 @@ def job_prefix(tenant: str, job_id: str) -> str:
     return f"{JOBS}{tenant}/{job_id}/"
 
 
+def registrable_prefixes(tenant: str) -> tuple[str, ...]:
+    """Where a tenant's model version may be registered from (`RegisterModelVersion.source_prefix`): its own
+    jobs' outputs and its own imports, never another tenant's (the registry copies with the platform's
+    credentials, so the prefix is the only thing that keeps a tenant to its own objects)."""
+    return f"{JOBS}{tenant}/", import_prefix(tenant)
+
+
 @dataclass(frozen=True)
 class JobLayout:
     """Where a job's objects live in the bucket."""

@@ -11,9 +11,11 @@ from services.common import errors, topology
 from services.common.grpc_client import domain_error
 from services.common.grpc_server import GrpcApp
 from services.common.identity import caller_from_context
+from tests import identities
 
 pytestmark = pytest.mark.integration
 SERVICE = "llmp.test.v1.Probe"
+SIGNED = identities.metadata("acme", topology.DATASET.name)  # the app below runs as the dataset service
 
 
 def _identity(data: bytes) -> bytes:
@@ -89,20 +91,20 @@ async def test_health_reflection_and_a_call(running):
         assert {SERVICE, "grpc.health.v1.Health"} <= names
         break
     call = channel.unary_unary(f"/{SERVICE}/Call")
-    assert await call(b"x", metadata=(("llmp-tenant", "acme"),)) == b"ok:x"
-    assert await call(b"whoami", metadata=(("llmp-tenant", "acme"),)) == b"acme"
+    assert await call(b"x", metadata=SIGNED) == b"ok:x"
+    assert await call(b"whoami", metadata=SIGNED) == b"acme"
 
 
 @pytest.mark.parametrize("payload, expected, http", [
     (b"missing", errors.NotFound, 404),
     (b"precondition", errors.PreconditionRequired, 428),
     (b"crash", errors.Internal, 500),
-    (b"whoami", errors.Unauthenticated, 401),  # no tenant in the metadata
+    (b"whoami", errors.Unauthenticated, 401),  # sent unsigned (below): refused before the handler
 ])
 async def test_errors_cross_the_wire_as_domain_errors(running, payload, expected, http):
     _, _, channel, _ = running
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await channel.unary_unary(f"/{SERVICE}/Call")(payload)
+        await channel.unary_unary(f"/{SERVICE}/Call")(payload, metadata=None if payload == b"whoami" else SIGNED)
     rebuilt = domain_error(raised.value)
     assert type(rebuilt) is expected
     assert errors.mapping_for(rebuilt).http_status == http
@@ -114,7 +116,7 @@ async def test_streams_map_errors_after_items(running):
     _, _, channel, _ = running
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        async for item in channel.unary_stream(f"/{SERVICE}/Stream")(b""):
+        async for item in channel.unary_stream(f"/{SERVICE}/Stream")(b"", metadata=SIGNED):
             received.append(item)
     assert received == [b"0", b"1", b"2"]
     assert isinstance(domain_error(raised.value), errors.Conflict)
@@ -136,7 +138,7 @@ async def test_readiness_follows_the_backends(running):
 async def test_shutdown_drains_in_flight_calls(running):
     app, probe, channel, _ = running
     async def slow_call():
-        return await channel.unary_unary(f"/{SERVICE}/Call")(b"slow")
+        return await channel.unary_unary(f"/{SERVICE}/Call")(b"slow", metadata=SIGNED)
 
     in_flight = asyncio.create_task(slow_call())
     await probe.slow_started.wait()
@@ -170,7 +172,7 @@ async def test_a_call_continues_the_callers_trace(settings):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary(f"/{SERVICE}/Call")
-            assert await call(b"x", metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),)) == b"ok:x"
+            assert await call(b"x", metadata=(*SIGNED, ("traceparent", f"00-{trace_id}-{parent_id}-01"))) == b"ok:x"
     finally:
         await app.stop()
         provider.shutdown()

@@ -13,9 +13,9 @@ from llmp.dataset.v1 import dataset_pb2 as pb
 from llmp.dataset.v1 import dataset_pb2_grpc
 
 from services.common.config import Settings
-from services.common.identity import Caller, caller_metadata
 from services.common.s3 import ObjectStore
 from services.dataset import server
+from tests import identities
 
 SHAKESPEARE = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
 UPLOAD_LIMIT = 2_000_000  # bytes: small, so the over-limit test stays cheap
@@ -41,7 +41,7 @@ def requests(options: pb.DatasetOptions, data: bytes) -> Iterator[pb.CreateDatas
 class Client:
     def __init__(self, stub: dataset_pb2_grpc.DatasetServiceStub, tenant: str) -> None:
         self.stub, self.tenant = stub, tenant
-        self.metadata = caller_metadata(Caller(tenant, "key-test", "developer"))
+        self.metadata = identities.metadata(tenant, "dataset")
 
     async def create(self, data: bytes, **options) -> pb.CreateDatasetResponse:
         options.setdefault("wait", True)

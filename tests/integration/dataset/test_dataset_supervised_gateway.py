@@ -20,12 +20,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from gateway.app import init_app
 from services.common import contracts, topology
 from services.common.config import Settings
-from services.common.identity import Caller, caller_metadata
 from services.common.model_transfer import upload_model_version
 from services.common.s3 import ObjectStore
 from services.dataset import server as dataset_server
 from services.registry import server as registry_server
 from services.training import data
+from tests import identities
 
 from ...supervised_dataset import addition_chats, model_tokenizer_folder
 
@@ -117,7 +117,7 @@ def model_folder(folder: Path, with_tokenizer: bool = True, template: str | None
 
 async def test_a_dataset_tokenized_with_a_registered_models_tokenizer(stack, tmp_path):
     gateway, registry, store = stack
-    metadata = caller_metadata(Caller(TENANT, "key-test", "developer"))
+    metadata = identities.metadata(TENANT, "registry")
     base = await upload_model_version(registry, store, "sft-base", model_folder(tmp_path / "base"), metadata=metadata)
     model_sha = {artifact.path: artifact.object.sha256 for artifact in base.artifacts}
     query = "name=sft-with-model&format=chat&tokenizer=model&tokenizer_model=sft-base"
@@ -161,7 +161,7 @@ async def test_a_dataset_tokenized_with_a_registered_models_tokenizer(stack, tmp
 
 async def test_a_conversation_the_models_template_refuses_is_422_naming_its_line(stack, tmp_path):
     gateway, registry, store = stack
-    metadata = caller_metadata(Caller(TENANT, "key-test", "developer"))
+    metadata = identities.metadata(TENANT, "registry")
     strict = await upload_model_version(registry, store, "sft-strict",
                                         model_folder(tmp_path / "strict", template=STRICT_TEMPLATE), metadata=metadata)
     lines = addition_chats(3)

@@ -24,8 +24,8 @@ from llmp.registry.v1 import registry_pb2
 from gateway import routes
 from services.common import topology
 from services.common.config import Settings
-from services.common.identity import Caller, caller_metadata
 from services.common.s3 import ObjectStore
+from tests import identities
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +114,7 @@ async def world(gateway, settings_env, private_broker_url):
                 model_name=model, source_prefix=prefix, metrics={"validation_loss": 1.0},
                 lineage=registry_pb2.Lineage(dataset=common_pb2.DatasetRef(name=name, version=version),
                                              training_job_id=job_id)),
-                metadata=caller_metadata(Caller(alpha, "iso", "developer")))
+                metadata=identities.metadata(alpha, "registry", key_id="iso"))
         alias = await gateway.client.put(f"/v1/models/{model}/aliases/prod", json={"version": 1},
                                          headers={**developer, "If-None-Match": "*"})
         assert alias.status in {200, 201}, await alias.text()

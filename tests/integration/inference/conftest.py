@@ -25,12 +25,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from cli.servers import TritonPorts, start_triton, stop
 from services.common.config import Settings
-from services.common.identity import Caller, caller_metadata
 from services.inference import server
 from services.inference.canary import CanaryController
 from services.inference.deployments import Deployments
 from services.inference.model_source import LocalModelSource, publish_local_version
 from services.registry.onnx_export import export_model_onnx
+from tests import identities
 
 from ...tiny_checkpoints import train_tokenizer
 
@@ -96,7 +96,7 @@ class Client:
         self.deployments = deployments  # for tests that look inside
         self.canary = CanaryController(deployments.db, deployments)  # API only; server.build's one drives
         self.address = address  # where a gateway reaches the service
-        self.metadata = caller_metadata(Caller(tenant, "key-test", "developer"))
+        self.metadata = identities.metadata(tenant, "inference")
 
     async def generate(self, prompt: str, max_tokens: int = 16, deployment: str = "tiny-chat", **sampling):
         routing_key = sampling.pop("routing_key", "")

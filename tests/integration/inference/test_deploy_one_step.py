@@ -23,9 +23,9 @@ from cli.main import main as cli_main
 from gateway.app import init_app
 from services.common import topology
 from services.common.config import Settings
-from services.common.identity import Caller, caller_metadata
 from services.inference import server as inference_server
 from services.registry import server as registry_server
+from tests import identities
 
 from ...tiny_checkpoints import build_checkpoint, hf_greedy
 
@@ -43,8 +43,7 @@ async def register(registry, tenant: str, name: str, folder) -> None:
             registry.store.put_file(prefix + str(path.relative_to(folder)), path)
     request = pb.RegisterModelVersionRequest(model_name=name, source_prefix=prefix, lineage=pb.Lineage(
         training_job_id="job-1", code_version="abc123"))
-    await registry.servicer_stub.RegisterModelVersion(request, metadata=caller_metadata(
-        Caller(tenant, "key-test", "developer")))
+    await registry.servicer_stub.RegisterModelVersion(request, metadata=identities.metadata(tenant, "registry"))
 
 
 class Inference:

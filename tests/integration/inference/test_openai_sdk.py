@@ -33,6 +33,7 @@ from services.common.config import Settings
 from services.common.contracts import CHAT_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE, END_OF_TURN, triton_model_name
 from services.inference.model_source import publish_local_version
 from services.registry.onnx_export import export_model_onnx
+from tests import identities
 
 from .conftest import SHAKESPEARE, TENANT
 
@@ -332,7 +333,6 @@ async def test_a_registered_version_chats_with_the_template_it_was_saved_with(ch
     """The whole way a user's model goes: `save_pretrained` folder → registry version (chat_template.jinja
     among its artifacts) → ONNX export → deployment through the REST API (the inference service fetching
     from the registry and S3) → the SDK's chat, answered with the template and ended at `<|im_end|>`."""
-    from services.common.identity import Caller, caller_metadata
     from services.common.s3 import ObjectStore
     from services.inference import server as inference_server
     from services.registry import server as registry_server
@@ -354,7 +354,7 @@ async def test_a_registered_version_chats_with_the_template_it_was_saved_with(ch
         prefix = f"jobs/{TENANT}/{uuid.uuid4().hex[:8]}/final/"
         for path in sorted(folder.iterdir()):
             store.put_file(prefix + path.name, path)
-        metadata = caller_metadata(Caller(TENANT, "key-test", "developer"))
+        metadata = identities.metadata(TENANT, "registry")
         ref = common_pb2.ModelRef(name=name, version=1)
         async with grpc.aio.insecure_channel(settings_env["LLMP_REGISTRY_ADDR"]) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)

@@ -13,9 +13,9 @@ from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2 as pb
 from llmp.registry.v1 import registry_pb2_grpc
 
-from services.common.identity import Caller, caller_metadata
 from services.common.s3 import ObjectStore
 from services.registry import server
+from tests import identities
 
 VOCAB = 64  # characters of the tiny tokenizer
 
@@ -63,7 +63,7 @@ class Client:
 
     def __init__(self, stub, registry: server.Registry, tenant: str) -> None:
         self.stub, self.registry, self.tenant = stub, registry, tenant
-        self.metadata = caller_metadata(Caller(tenant, "key-test", "developer"))
+        self.metadata = identities.metadata(tenant, "registry")
 
     async def register(self, model: str, source_prefix: str, **lineage) -> pb.ModelVersion:
         request = pb.RegisterModelVersionRequest(

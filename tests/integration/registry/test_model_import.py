@@ -25,9 +25,10 @@ from gateway.app import init_app
 from services.common import contracts, topology
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.identity import Caller, caller_metadata
+from services.common.identity import Caller
 from services.common.model_transfer import upload_model_version
 from services.registry import imports, registration, server
+from tests import identities
 
 from ... import hf_checkpoints
 from ..training import test_training_runtime as training_runtime
@@ -278,7 +279,7 @@ async def test_a_model_llmp_trained_goes_out_and_back_in_with_exactly_its_logits
     async with grpc.aio.insecure_channel(stack.settings.listen_addr(topology.REGISTRY)) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         version = await upload_model_version(stub, stack.registry.store, "home-grown", trained,
-                                             metadata=caller_metadata(Caller(stack.tenant, "key-test", "developer")))
+                                             metadata=identities.metadata(stack.tenant, "registry"))
     assert version.ref.version == 1 and version.lineage.origin == ""
 
     exported = tmp_path / "exported"

@@ -15,7 +15,7 @@ from llmp.registry.v1 import registry_pb2 as pb
 from services.common.db import Database
 from services.common.errors import NotFound
 from services.common.grpc_client import ServiceClients
-from services.common.identity import Caller, acting_as
+from services.common.identity import GATEWAY, Caller, acting_as
 from services.common.s3 import ObjectStore
 from services.registry import registration
 from services.registry import server as registry_server
@@ -69,7 +69,8 @@ def finished(tmp_path) -> events.Finished:
 
 
 async def registry_call(settings, caller: Caller, method: str, request):
-    clients = ServiceClients(settings)
+    """A registry call as `caller` makes it through the gateway (the test looking, or preparing a state)."""
+    clients = ServiceClients(settings, principal=GATEWAY)
     try:
         with acting_as(caller):
             return await getattr(clients.registry, method)(request)

@@ -19,10 +19,10 @@ from llmp.training.v1 import training_pb2_grpc
 
 from cli import servers
 from services.common.config import Settings
-from services.common.identity import Caller, caller_metadata
 from services.dataset import server as dataset_server
 from services.registry import server as registry_server
 from services.training import server as training_server
+from tests import identities
 
 from . import workers
 
@@ -74,8 +74,8 @@ def celery_worker(env, tmp_path):
         yield process
 
 
-def caller(tenant: str) -> tuple[tuple[str, str], ...]:
-    return caller_metadata(Caller(tenant, "key-1", "developer"))
+def caller(tenant: str, service: str = "training") -> tuple[tuple[str, str], ...]:
+    return identities.metadata(tenant, service, key_id="key-1")
 
 
 def job_spec(dataset: str, max_steps: int = 16, **hyper) -> pb.JobSpec:
@@ -95,7 +95,7 @@ async def test_submit_watch_and_register_through_grpc(stack, celery_worker):
     corpus = SHAKESPEARE.read_bytes()[:60_000]
     created = await stack["dataset"].CreateDataset(
         iter([dataset_pb2.CreateDatasetRequest(options=options), dataset_pb2.CreateDatasetRequest(chunk=corpus)]),
-        metadata=metadata)
+        metadata=caller(tenant, "dataset"))
     assert created.version.state == dataset_pb2.VERSION_STATE_READY
     training = stack["training"]
 
@@ -135,7 +135,7 @@ async def test_submit_watch_and_register_through_grpc(stack, celery_worker):
     assert [point.step for point in metrics.validation_loss] == [8, 16]
     assert "test_perplexity" in metrics.final
     version = (await stack["registry"].GetModelVersion(registry_pb2.GetModelVersionRequest(name="bard", version=1),
-                                                       metadata=metadata)).version
+                                                       metadata=caller(tenant, "registry"))).version
     assert version.lineage.training_job_id == job_id and version.lineage.dataset.name == "shakespeare"
     # Uploaded once, straight into the version's prefix (reserve / upload / commit): no source to copy from.
     assert version.source_prefix == "" and version.prefix == f"models/{tenant}/bard/v1/"

@@ -26,7 +26,7 @@ from cli import servers
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
-from services.common.identity import Caller, acting_as
+from services.common.identity import Caller, acting_as, service_principal
 from services.common.s3 import ObjectStore
 from services.registry import server as registry_server
 from services.training import checkpoints, events, processes
@@ -157,7 +157,7 @@ async def test_worker_runs_torchrun_to_success_and_registers_the_model(coordinat
     assert [step for step, _, _ in series["validation_loss"]] == [8, 16]
     assert "test_perplexity" in series
     # The registry has the version as the job's tenant, with the contract's lineage and metrics.
-    clients = ServiceClients(settings)
+    clients = ServiceClients(settings, principal=service_principal("training"))
     try:
         with acting_as(CALLER):
             version = (await clients.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(

@@ -23,7 +23,7 @@ SLOW = 0.5  # seconds a "slow" handler takes; the test clients' default deadline
 
 
 def _seen() -> str:
-    """What the handler sees: the server's current caller (set from the metadata) and the request id."""
+    """What the handler sees: the server's current caller (verified from the signed metadata) and the request id."""
     caller = identity.current.get()
     who = "-" if caller is None else f"{caller.tenant}/{caller.key_id}/{caller.role}"
     return f"{who}|{logs.request_id.get()}"
@@ -63,7 +63,7 @@ class Datasets(dataset_pb2_grpc.DatasetServiceServicer):
 async def server():
     """The settings that reach a running dataset service."""
     socket = f"unix:/tmp/llmp-test-{uuid.uuid4().hex[:12]}.sock"  # short: a socket path has ~100 bytes
-    settings = Settings.from_env({"LLMP_DATASET_ADDR": socket})
+    settings = Settings.from_env({"LLMP_DATASET_ADDR": socket, "LLMP_SERVICE_SECRET": "unit-test-service-secret"})
     app = GrpcApp(settings, topology.DATASET)
     app.add_servicer(dataset_pb2_grpc.add_DatasetServiceServicer_to_server, Datasets(),
                      "llmp.dataset.v1.DatasetService")
@@ -75,7 +75,7 @@ async def server():
 
 @pytest.fixture
 async def clients(server):
-    clients = ServiceClients(server, default_timeout=SLOW / 5)
+    clients = ServiceClients(server, principal=identity.GATEWAY, default_timeout=SLOW / 5)
     yield clients
     await clients.close()
 
@@ -96,7 +96,7 @@ async def test_the_current_caller_and_request_id_reach_the_handler(clients):
 
 async def test_a_call_made_as_no_one_is_refused_as_unauthenticated(clients):
     assert identity.current.get() is None
-    with pytest.raises(errors.Unauthenticated, match="no tenant"):
+    with pytest.raises(errors.Unauthenticated, match="no signed identity"):
         await clients.dataset.GetDatasetVersion(pb.GetDatasetVersionRequest(name="x"))
 
 
@@ -167,7 +167,7 @@ async def test_with_tracing_a_failed_call_still_ends_its_span_with_the_peers_sta
 
     exporter = InMemorySpanExporter()
     provider = tracing.tracer_provider(server, "llmp-test", exporter)
-    clients = ServiceClients(server, tracer_provider=provider)
+    clients = ServiceClients(server, principal=identity.GATEWAY, tracer_provider=provider)
     try:
         with identity.acting_as(ACME), pytest.raises(errors.NotFound):
             await clients.dataset.GetDatasetVersion(pb.GetDatasetVersionRequest(name="missing"))

@@ -61,7 +61,8 @@ def secret_env(objects: list[dict], names: set[str] | None = None) -> dict[str, 
 def config_env(objects: list[dict]) -> dict[str, str]:
     """The settings of an llmp service: the ConfigMap, and the Secrets the services share."""
     return {**by_kind(objects, "ConfigMap")["llmp-config"]["data"],
-            **secret_env(objects, {"llmp-registry-database", "llmp-registry-s3", "llmp-admin-key"})}
+            **secret_env(objects, {"llmp-registry-database", "llmp-registry-s3", "llmp-admin-key",
+                                   "llmp-service-secret"})}
 
 
 # -- rendering and schemas -------------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""Issue 15, findings 4 and 5: a tenant's quotas hold across gateway replicas (two app instances sharing one
+Redis and one database), whatever keys it mints; a flood of bogus keys is limited per client address before
+each costs a database query, and a key found unknown is remembered as such."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from gateway.app import init_app
+from gateway.quotas import GENERATIONS, STREAMS, TenantQuotas
+from gateway.state import KEYS, QUOTAS
+from services.common import errors
+from services.common.config import Settings
+
+pytestmark = pytest.mark.integration
+
+ADMIN_KEY = "llmp_bootstrap_quota-admin"
+RATE = 5  # requests/s per tenant in these tests (bursts of 10)
+
+
+@pytest.fixture
+def quota_env(settings_env, private_broker_url) -> dict[str, str]:
+    return {**settings_env, "LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_QUOTA_REDIS_URL": private_broker_url,
+            "LLMP_TENANT_RATE_LIMIT": str(RATE), "LLMP_TENANT_MAX_GENERATIONS": "1", "LLMP_IP_RATE_LIMIT": "2"}
+
+
+@pytest.fixture
+async def replicas(aiohttp_client, quota_env):
+    """Two gateway replicas on the same database and Redis."""
+    settings = Settings.from_env(quota_env)
+    return [await aiohttp_client(init_app(settings)) for _ in range(2)]
+
+
+async def _tenant_keys(client, tenant: str, count: int, role: str = "admin") -> list[dict[str, str]]:
+    keys = []
+    for _ in range(count):
+        created = await client.post("/v1/api-keys", json={"tenant": tenant, "role": role, "rate_limit": 100000},
+                                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert created.status == 201, await created.text()
+        keys.append({"Authorization": f"Bearer {(await created.json())['key']}"})
+    return keys
+
+
+async def test_a_tenants_request_quota_is_shared_by_every_replica_and_key(replicas):
+    tenant, other = f"q{uuid.uuid4().hex[:8]}", f"q{uuid.uuid4().hex[:8]}"
+    keys = await _tenant_keys(replicas[0], tenant, 4)
+    bystander = (await _tenant_keys(replicas[0], other, 1))[0]
+    started = time.monotonic()
+    statuses: dict[int, list[int]] = {0: [], 1: []}
+    refusal = None
+    for attempt in range(40):  # each replica and each key in turn
+        replica = attempt % 2
+        response = await replicas[replica].get("/v1/api-keys", headers=keys[attempt % len(keys)])
+        statuses[replica].append(response.status)
+        if response.status == 429 and refusal is None:
+            refusal = (response.headers.get("Retry-After"), (await response.json())["error"]["message"])
+    elapsed = time.monotonic() - started
+    admitted = sum(status == 200 for replica in statuses.values() for status in replica)
+    # The burst (2 s worth) plus what refilled meanwhile, once, for the tenant: not once per replica or key.
+    assert admitted <= 2 * RATE + RATE * elapsed + 1, (admitted, elapsed, statuses)
+    assert 429 in statuses[0] and 429 in statuses[1], statuses
+    assert set(statuses[0] + statuses[1]) == {200, 429}
+    retry_after, message = refusal
+    assert retry_after is not None and int(retry_after) >= 1
+    assert "tenant request quota" in message and "LLMP_TENANT_RATE_LIMIT" in message
+    # Another tenant's quota is its own.
+    assert (await replicas[1].get("/v1/api-keys", headers=bystander)).status == 200
+
+
+@pytest.mark.parametrize("kind, method, path, body", [
+    (GENERATIONS, "POST", "/v1/completions", {"model": "anything", "prompt": "hi", "max_tokens": 1}),
+    (STREAMS, "GET", "/v1/training-jobs/00000000-0000-4000-8000-000000000000/events", None),
+])
+async def test_concurrent_generations_and_streams_are_counted_across_replicas(replicas, kind, method, path, body):
+    tenant = f"q{uuid.uuid4().hex[:8]}"
+    developer = (await _tenant_keys(replicas[0], tenant, 1, role="developer"))[0]
+    holders = [replicas[1].app[QUOTAS].slot(tenant, kind) for _ in range(replicas[1].app[QUOTAS].limits[kind])]
+    for holder in holders:  # every slot of the tenant taken, on the other replica
+        await holder.__aenter__()
+    try:
+        busy = await replicas[0].request(method, path, json=body, headers=developer)
+        assert busy.status == 429, await busy.text()
+        assert f"concurrent {kind}" in (await busy.json())["error"]["message"]
+        assert busy.headers["Retry-After"] == "1"
+    finally:
+        for holder in holders:
+            await holder.__aexit__(None, None, None)
+    freed = await replicas[0].request(method, path, json=body, headers=developer)
+    assert freed.status != 429, await freed.text()  # past the quota (the object itself does not exist)
+
+
+async def test_slots_are_shared_and_freed_through_redis(quota_env):
+    settings = Settings.from_env({**quota_env, "LLMP_TENANT_MAX_STREAMS": "2"})
+    first, second = TenantQuotas(settings), TenantQuotas(settings)
+    tenant = f"q{uuid.uuid4().hex[:8]}"
+    try:
+        async with first.slot(tenant, "streams"), second.slot(tenant, "streams"):
+            with pytest.raises(errors.RateLimited, match="2 concurrent streams"):
+                async with first.slot(tenant, "streams"):
+                    pass
+        async with second.slot(tenant, "streams"), first.slot(tenant, "streams"):  # both released
+            pass
+    finally:
+        await asyncio.gather(first.close(), second.close())
+
+
+async def test_bogus_keys_are_limited_per_address_before_they_cost_a_query(replicas):
+    gateway = replicas[0]
+    real = (await _tenant_keys(gateway, f"q{uuid.uuid4().hex[:8]}", 1))[0]
+    # Its first use took one of the address's tokens (its key was not yet known); now known, it takes none.
+    assert (await gateway.get("/v1/api-keys", headers=real)).status == 200
+    statuses = []
+    for _ in range(12):
+        bogus = {"Authorization": f"Bearer llmp_{uuid.uuid4().hex[:12]}_{uuid.uuid4().hex}"}
+        statuses.append((await gateway.get("/v1/api-keys", headers=bogus)).status)
+    assert statuses[:3] == [401] * 3  # the rest of the address's burst (2/s, bursts of 4)
+    assert statuses.count(429) >= 6, statuses
+    assert (await gateway.get("/v1/api-keys", headers=real)).status == 200  # a known key is not held up
+
+
+async def test_a_key_found_unknown_is_not_looked_up_again(replicas):
+    gateway = replicas[1]
+    bogus = {"Authorization": f"Bearer llmp_{uuid.uuid4().hex[:12]}_{uuid.uuid4().hex}"}
+    assert (await gateway.get("/v1/api-keys", headers=bogus)).status == 401
+    keys = gateway.app[KEYS]
+    database, keys.db = keys.db, None  # any lookup now would fail with a 500
+    try:
+        again = await gateway.get("/v1/api-keys", headers=bogus)
+        assert again.status == 401, await again.text()
+    finally:
+        keys.db = database
