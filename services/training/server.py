@@ -17,7 +17,7 @@ from llmp.training.v1 import training_pb2_grpc
 from services.common import topology
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.errors import NotFound, Unavailable, ValidationFailed
+from services.common.errors import Conflict, NotFound, Unavailable
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.identity import Caller, acting_as
@@ -33,7 +33,9 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def dataset_checker(clients: ServiceClients) -> DatasetCheck:
-    """Refuse a spec whose dataset version is missing, not READY, or too small for it (422 naming why)."""
+    """Refuse a spec whose dataset version is missing (404), not READY (409: it may become so), or too small
+    for it (422 naming why). A missing or unfinished version is the state of another resource, not a malformed
+    field, so a spec valid by /openapi.json is never a 422 for it."""
 
     async def check(caller: Caller, spec: JobSpec) -> str:
         name, number = spec.dataset.name, spec.dataset.version
@@ -42,11 +44,11 @@ def dataset_checker(clients: ServiceClients) -> DatasetCheck:
                 response = await clients.dataset.GetDatasetVersion(
                     dataset_pb2.GetDatasetVersionRequest(name=name, version=number))
         except NotFound:
-            raise ValidationFailed(f"dataset {name} version {number} does not exist") from None
+            raise NotFound(f"dataset {name} version {number} does not exist") from None
         version = response.version
         if version.state != dataset_pb2.VERSION_STATE_READY:
             state = dataset_pb2.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
-            raise ValidationFailed(f"dataset {name} version {number} is {state}, not READY")
+            raise Conflict(f"dataset {name} version {number} is {state}, not READY")
         tokens = {split.name: split.tokens for split in version.splits}
         spec.check_dataset(version.tokenizer.vocab_size, tokens.get("train", 0), tokens.get("validation", 0))
         return version.manifest_key

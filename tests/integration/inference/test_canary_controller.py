@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from services.common.errors import ValidationFailed
+from services.common.errors import Conflict
 from services.inference.canary import RolloutPolicy
 
 from .conftest import BROKEN, MODEL, TENANT
@@ -130,7 +130,7 @@ async def test_failing_canary_is_rolled_back_by_itself_alias_unchanged(service, 
 
 async def test_a_clients_change_during_a_rollout_aborts_it(service):
     await service.deploy("chat-mine", stable=1)
-    with pytest.raises(ValidationFailed):
+    with pytest.raises(Conflict):
         await service.canary.begin(TENANT, "chat-mine", 1)  # already stable
     await service.canary.begin(TENANT, "chat-mine", 2, RolloutPolicy(interval_s=60), wait=True)
     await service.deploy("chat-mine", stable=1, canary=(2, 40))  # the operator takes over
