@@ -242,7 +242,7 @@ def validate_query(route: Route, query) -> None:
         raise errors.ValidationFailed(f"unknown query parameter(s): {', '.join(unknown)}")
     for name in route.required_query:
         if not query.get(name):
-            raise errors.ValidationFailed(f"query parameter {name} is required")
+            raise errors.ValidationFailed(f"{name}: required (query parameter)")
     for name, schema in route.query.items():
         values = query.getall(name, [])
         if not values:
