@@ -44,7 +44,7 @@ def test_every_list_declares_its_page_size_range_and_token_format(document):
     lists = [(method, path, operation) for method, path, operation in _operations(document)
              if any(p["name"] == "page_token" for p in operation["parameters"])]
     assert len(lists) >= 10  # datasets, a dataset, jobs, models, a model: GET and HEAD
-    for method, path, operation in lists:
+    for method, _path, operation in lists:
         query = {p["name"]: p["schema"] for p in operation["parameters"] if p["in"] == "query"}
         assert query["page_size"]["minimum"] == 1 and query["page_size"]["maximum"] == contracts.MAX_PAGE_SIZE
         assert query["page_size"]["default"] == contracts.DEFAULT_PAGE_SIZE
