@@ -32,7 +32,16 @@ from opentelemetry import trace
 
 from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
-from gateway.http import NOSNIFF, VALIDATORS, Route, ValidatorCache, error_response, none_match, validate_query
+from gateway.http import (
+    NOSNIFF,
+    VALIDATORS,
+    Route,
+    ValidatorCache,
+    error_response,
+    none_match,
+    validate_path,
+    validate_query,
+)
 from gateway.state import CALLER, CLIENTS, DATABASE, DRAINING, KEYS, LIMITER, OBJECT_STORE, ROUTE_TABLE, SETTINGS
 from gateway.views import completions
 from services.common import errors, identity, logs, tracing
@@ -216,6 +225,8 @@ def _admit(request: web.Request, route: Route, method: str, name: str, who: Call
         raise errors.PermissionDenied(f"role {who.role} may not call {method} {name}")
     if request.query_string or route.required_query:
         validate_query(route, request.query)
+    if "{" in route.path:
+        validate_path(route, request.match_info)
     request[CALLER] = who
     if method == "GET" or method == "HEAD":
         condition = request.headers.get("If-None-Match")

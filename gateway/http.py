@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import OrderedDict
@@ -282,6 +283,25 @@ PATH_PARAMETERS = {
     "version": int64(1, contracts.MAX_VERSION),
     "id": {"type": "string", "format": "uuid"},
 }
+
+
+_PATH_PATTERNS: dict[tuple[str, str], list[tuple[str, re.Pattern]]] = {}
+
+
+def validate_path(route: Route, match_info) -> None:
+    """422 naming the first path segment that breaks its declared pattern (a `{name}` outside the name rule),
+    before the view reads a header or calls a service: the answer to a bad name never depends on the rest of
+    the request. Integers (`{version}`) are read and judged by `path_version`."""
+    checks = _PATH_PATTERNS.get((route.method, route.path))
+    if checks is None:
+        checks = _PATH_PATTERNS[(route.method, route.path)] = [
+            (name, _ecma_pattern(schema["pattern"])) for name in re.findall(r"{(\w+)}", route.path)
+            for schema in [route.path_parameters.get(name) or PATH_PARAMETERS.get(name, {})]
+            if schema.get("type") == "string" and "pattern" in schema]
+    for name, pattern in checks:
+        value = match_info.get(name, "")
+        if not pattern.search(value):
+            raise errors.ValidationFailed(f"{name}: {value[:80]!r} does not match {pattern.pattern!r} (path)")
 
 
 def path_version(request: web.Request) -> int:

@@ -49,6 +49,9 @@ PRECONDITIONS = ["412", "428"]
 # words: a corpus is judged by ingest (UTF-8, lines of JSON holding the named fields, documents left after
 # cleaning under the options), which no schema of a text body can state.
 CONTENT_JUDGED = {"post_v1_datasets"}
+# The statuses that refuse an invalid request: schemathesis' own list plus 413, the answer to a body past the
+# gateway's size limit (a huge invalid body is refused before it is read whole, as the document declares).
+INVALID_REFUSED = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
 
 def _schema_cannot_say(case, *, issued_token: bool = False) -> bool:
@@ -90,6 +93,7 @@ def load(base_url: str, key: str) -> schemathesis.BaseSchema:
         "headers": {"Authorization": f"Bearer {key}"},
         "request-timeout": 60,
         "generation": {"max-examples": EXAMPLES, "mode": "all"},
+        "checks": {"negative_data_rejection": {"expected-statuses": INVALID_REFUSED}},
         "operations": [{"include-operation-id": operation_id,
                         "checks": {"positive_data_acceptance": {"expected-statuses": statuses}}}
                        for operation_id, statuses in sorted(allowed.items())],
@@ -140,16 +144,36 @@ def test_every_answer_is_one_the_document_describes(api):
 def test_following_the_documents_links_finds_nothing(api):
     """Chains of calls along the document's links: what a create answers can be read, what was deleted is gone."""
     machine = api.as_state_machine()
+    failures: list[str] = []
+    followed: list[str] = []
 
     class Chained(machine):
         def step(self, input):
             issued = any(name == "page_token" for _, name in input.applied_parameters)
             hypothesis.assume(_schema_cannot_say(input.case, issued_token=issued))
+            if input.transition is not None:
+                followed.append(input.transition.id)
             return super().step(input)
 
         def validate_response(self, response, case, additional_checks=None, **kwargs):
-            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+            # Recorded, not raised: a chain changed the stack, so hypothesis could not replay it to shrink it.
+            try:
+                case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+            except (Exception, BaseExceptionGroup) as error:  # noqa: BLE001 (each reported below)
+                failures.append(f"{case.operation.label}: {error}")
 
-    # Generation only: a chain that failed is reported as found, not shrunk (shrinking replays it against a stack
-    # whose state the first run changed).
-    Chained.run(settings=hypothesis.settings(SETTINGS, max_examples=max(EXAMPLES * 3, 10), stateful_step_count=6))
+    # Hypothesis explores chains by replaying their prefixes; against a live stack a replay can take another turn
+    # (a create that answered 202 now answers 200), which hypothesis calls flaky and ends the run on. Failures
+    # are recorded as they happen, so an ended run loses none: it is started again until enough chains ran.
+    for _ in range(4):
+        try:
+            Chained.run(settings=hypothesis.settings(SETTINGS, max_examples=EXAMPLES * 8, stateful_step_count=6,
+                                                     derandomize=False))
+            break
+        except hypothesis.errors.FlakyStrategyDefinition:
+            if len(followed) >= EXAMPLES * 8:
+                break
+    assert not failures, "\n\n".join(dict.fromkeys(failures))
+    assert len(followed) >= EXAMPLES, f"only {len(followed)} links followed"
+    assert any(link.startswith(("POST /v1/datasets", "POST /v1/api-keys")) for link in followed), \
+        "no link from a create to its reads was followed"
