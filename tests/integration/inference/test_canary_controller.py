@@ -150,7 +150,8 @@ async def test_a_rollout_through_put_deployment_is_shown_by_get_deployment(servi
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "100" in bad.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as other_stable:
         await service.rollout("chat-wire", 2, stable=2)
-    assert other_stable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # well formed, refused by the deployment's state (its stable is 1): 409 through the gateway
+    assert other_stable.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "stable" in other_stable.value.details()
     assert not (await service.get("chat-wire")).HasField("rollout")
 
     started = await service.rollout("chat-wire", 2, if_match=created.etag, steps=[50, 100], interval_s=0.5,
