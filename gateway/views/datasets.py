@@ -57,12 +57,13 @@ UPLOADS = {
 CREATE_QUERY = {
     "name": {"type": "string", "pattern": contracts.NAME_PATTERN}, "format": {"enum": list(FORMATS)},
     "document_mode": {"enum": list(MODES)},
-    "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
+    **{field: {"type": "string", "pattern": contracts.TEXT_PATTERN}
+       for field in ("text_field", "prompt_field", "completion_field")},
     "tokenizer": {"enum": list(TOKENIZERS)},
     "vocab_size": int32(contracts.MIN_VOCAB_SIZE, contracts.MAX_VOCAB_SIZE, description="bpe only"),
     "split_seed": int64(0),
     "min_doc_chars": int32(0), "max_doc_chars": int32(0, description="0 (no limit) or at least min_doc_chars"),
-    "source": {"type": "string", "pattern": "^s3://",
+    "source": {"type": "string", "pattern": r"^s3://[^\u0000]*$",
                "description": "read the corpus from s3://{bucket}/imports/{tenant}/… (the platform bucket, the "
                               "caller tenant's import prefix) instead of the body; any other object is 404, "
                               "as a missing one is"},

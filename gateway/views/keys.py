@@ -16,7 +16,7 @@ CREATE_KEY = {
     "properties": {
         "tenant": {"type": "string", "pattern": contracts.TENANT_PATTERN},
         "role": {"enum": ["admin", "developer", "inference"]},
-        "name": {"type": "string", "maxLength": 200},
+        "name": {"type": "string", "maxLength": 200, "pattern": contracts.TEXT_PATTERN},
         "rate_limit": {"type": "number", "exclusiveMinimum": 0, "maximum": 100000},
     },
 }

@@ -28,7 +28,8 @@ from services.common import contracts, errors
 
 SET_ALIAS = {
     "type": "object", "additionalProperties": False, "required": ["version"],
-    "properties": {"version": int64(1), "reason": {"type": "string", "maxLength": 500}},
+    "properties": {"version": int64(1),
+                   "reason": {"type": "string", "maxLength": 500, "pattern": contracts.TEXT_PATTERN}},
 }
 CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],

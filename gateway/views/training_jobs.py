@@ -171,7 +171,8 @@ ROUTES = [
                  "JobMetrics": Link("GET", JOB + "/metrics", _OF_JOB), "CancelJob": Link("DELETE", JOB, _OF_JOB)},
           responses={202: "Accepted, QUEUED", 200: "Same Idempotency-Key and spec: the existing job",
                      404: "The dataset version (or init_from model version) does not exist",
-                     409: "Idempotency-Key reused with another spec, or the dataset version is not READY"}),
+                     409: "Idempotency-Key reused with another spec, or the dataset version is not READY or too "
+                          "small for the spec"}),
     Route("GET", "/v1/training-jobs", list_jobs, "List training jobs", query=JOB_QUERY, tag="training",
           returns=JOB_LIST, links={"NextPage": Link("GET", "/v1/training-jobs",
                                                     {"page_token": "$response.body#/next_page_token"})}),

@@ -17,7 +17,7 @@ from llmp.training.v1 import training_pb2_grpc
 from services.common import topology
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.errors import Conflict, NotFound, Unavailable
+from services.common.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.identity import Caller, acting_as
@@ -33,9 +33,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def dataset_checker(clients: ServiceClients) -> DatasetCheck:
-    """Refuse a spec whose dataset version is missing (404), not READY (409: it may become so), or too small
-    for it (422 naming why). A missing or unfinished version is the state of another resource, not a malformed
-    field, so a spec valid by /openapi.json is never a 422 for it."""
+    """Refuse a spec whose dataset version is missing (404), not READY or too small for it (409, naming why): the
+    state of another resource, not a malformed field, so a spec valid by /openapi.json is never a 422 for it."""
 
     async def check(caller: Caller, spec: JobSpec) -> str:
         name, number = spec.dataset.name, spec.dataset.version
@@ -50,7 +49,10 @@ def dataset_checker(clients: ServiceClients) -> DatasetCheck:
             state = dataset_pb2.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
             raise Conflict(f"dataset {name} version {number} is {state}, not READY")
         tokens = {split.name: split.tokens for split in version.splits}
-        spec.check_dataset(version.tokenizer.vocab_size, tokens.get("train", 0), tokens.get("validation", 0))
+        try:
+            spec.check_dataset(version.tokenizer.vocab_size, tokens.get("train", 0), tokens.get("validation", 0))
+        except ValidationFailed as error:  # the spec is valid; this dataset version cannot serve it
+            raise Conflict(f"dataset {name} version {number}: {error.message}") from None
         return version.manifest_key
 
     return check
