@@ -9,7 +9,9 @@ and deletion, a submitted job to its reads and cancellation, a key to its revoca
 a create answers can be read, and that what was deleted is gone.
 
 What JSON Schema cannot state, and so the document says in words only, is kept out of the *valid* requests
-by the same rules the services apply (`_schema_cannot_say`); nothing else is filtered or excused.
+by the same rules the services apply (`_schema_cannot_say`). The only other allowances are named below: 412/428
+for a valid request to an operation that documents preconditions, 400/422 for a corpus judged by ingest, and
+413 counted as a refusal of an invalid body. Every job the run manages to submit is cancelled at once.
 """
 
 from __future__ import annotations
