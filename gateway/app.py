@@ -27,11 +27,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import trace
 
 from gateway import routes
 from gateway.auth import KeyStore, RateLimiter, admin_key
-from gateway.http import NOSNIFF, VALIDATORS, Route, ValidatorCache, error_response, none_match
+from gateway.http import (
+    NOSNIFF,
+    VALIDATORS,
+    Route,
+    ValidatorCache,
+    error_response,
+    none_match,
+    validate_path,
+    validate_query,
+)
 from gateway.quotas import TenantQuotas, slot_kind
 from gateway.state import (
     CALLER,
@@ -104,7 +114,7 @@ _request_ids = _request_id_source()
 
 _HTTP_ERRORS: dict[int, type[errors.LlmpError]] = {
     400: errors.InvalidArgument, 404: errors.NotFound, 405: errors.InvalidArgument,
-    413: errors.PayloadTooLarge, 415: errors.InvalidArgument,
+    413: errors.PayloadTooLarge, 415: errors.UnsupportedMediaType,
 }
 
 
@@ -126,6 +136,8 @@ def error_body(request: web.Request, error: Exception) -> web.Response:
         if error.status == 405:
             response.headers["Allow"] = error.headers.get("Allow", "")
         return response
+    if isinstance(error, HttpProcessingError) and 400 <= (error.code or 0) < 500:  # e.g. a bad multipart header
+        return error_response(errors.InvalidArgument(f"malformed request: {error.message}"[:300]))
     if isinstance(error, ConnectionResetError):  # the client went away mid-body: its fault, nobody is listening
         return render(errors.InvalidArgument("request body cut short: the connection was reset"))
     known = errors.from_exception(error)
@@ -252,10 +264,10 @@ def _admit(request: web.Request, route: Route, method: str, name: str, who: Call
         app[LIMITER].take(who.key_id, rate)
     if who.role != "admin" and who.role not in route.roles:
         raise errors.PermissionDenied(f"role {who.role} may not call {method} {name}")
-    if request.query_string:
-        unknown = sorted(set(request.query) - route.query.keys())
-        if unknown:  # a field the caller may not set (?state=READY, ?tenant=…) is refused, not ignored
-            raise errors.ValidationFailed(f"unknown query parameter(s): {', '.join(unknown)}")
+    if request.query_string or route.required_query:
+        validate_query(route, request.query)
+    if "{" in route.path:
+        validate_path(route, request.match_info)
     request[CALLER] = who
     if method == "GET" or method == "HEAD":
         condition = request.headers.get("If-None-Match")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import OrderedDict
@@ -43,8 +44,25 @@ BUILDERS = (ADMIN, DEVELOPER)
 
 
 @dataclass(frozen=True)
+class Link:
+    """An OpenAPI link from a route's success answer to another operation (`method path`): where each of that
+    operation's parameters comes from, as OpenAPI runtime expressions (`$response.body#/id`,
+    `$request.path.name`). Tools (and the fuzz test) follow it to chain a create to its reads."""
+
+    method: str
+    path: str
+    parameters: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Route:
-    """One REST route: how it is served, who may call it, and how it is documented."""
+    """One REST route: how it is served, who may call it, and how it is documented.
+
+    `gateway/openapi.py` derives the rest of the route's contract from these fields, so a new route declares
+    only what is particular to it: every authenticated route may answer 401/403/422/429/503, a route with a
+    path parameter 404, one with a body 400/413/415, a GET 304, a route with `If-Match`/`If-None-Match`
+    among its `headers` 412 (and 428 when it says so in `responses`).
+    """
 
     method: str
     path: str
@@ -53,8 +71,17 @@ class Route:
     roles: tuple[str, ...] = BUILDERS  # empty tuple: public, no API key needed
     body: dict | None = None  # JSON Schema of the request body (JSON routes)
     query: dict[str, dict] = field(default_factory=dict)  # query parameter -> JSON Schema
-    responses: dict[int, str] = field(default_factory=dict)  # extra statuses to document
+    # Statuses particular to the route -> meaning. Its 2xx are the route's successes (200 when none is listed),
+    # its 4xx/5xx are added to (or reword) the ones derived from the other fields.
+    responses: dict[int, str] = field(default_factory=dict)
     tag: str = ""
+    required_query: tuple[str, ...] = ()  # query parameters the route refuses to run without (422)
+    headers: dict[str, dict] = field(default_factory=dict)  # request headers it reads -> JSON Schema
+    path_parameters: dict[str, dict] = field(default_factory=dict)  # beyond PATH_PARAMETERS, by name
+    returns: dict | None = None  # JSON Schema of a success's body (None: a JSON object)
+    media_type: str | tuple[str, ...] = "application/json"  # of a success's body (several: the request chooses)
+    uploads: dict[str, dict] = field(default_factory=dict)  # media type -> schema of a non-JSON request body
+    links: dict[str, Link] = field(default_factory=dict)  # name -> where a success leads
 
 
 # -- request side -------------------------------------------------------------------------------
@@ -137,8 +164,15 @@ def parse_json(raw: bytes) -> Any:
                                      "digits") from None
 
 
+# What a JSON body may be labelled (aiohttp's `content_type` is the media type alone, lowercase); any other
+# label is 415, as /openapi.json declares. A body sent without a Content-Type is read as JSON.
+JSON_MEDIA_TYPES = frozenset({"application/json"})
+
+
 async def read_json(request: web.Request, schema: dict | None = None) -> dict:
     """The request's JSON object, validated against `schema` (422 naming the field on failure)."""
+    if "Content-Type" in request.headers and request.content_type not in JSON_MEDIA_TYPES:
+        raise errors.UnsupportedMediaType(f"request body must be application/json, not {request.content_type!r}")
     raw = await request.read()
     if not raw:
         raise errors.InvalidArgument("request body is empty; a JSON object is required")
@@ -190,14 +224,92 @@ def query_int(request: web.Request, name: str, default: int, schema: dict) -> in
     return value
 
 
-# The query of every list route: `?page_size` (services' default when absent) and `?page_token`.
-PAGE_SIZE = int32(1, contracts.MAX_PAGE_SIZE)
-PAGING = {"page_size": PAGE_SIZE, "page_token": {"type": "string"}}
+_TRUE, _FALSE = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no"})
+
+
+def query_value(raw: str, schema: dict) -> Any:
+    """A query string value read as `schema`'s type (integers and booleans from their spelling), else the
+    string itself, for `validate` to judge."""
+    kind = schema.get("type")
+    if kind == "integer":
+        try:
+            return int(raw) if raw.strip() == raw else raw
+        except ValueError:
+            return raw
+    if kind == "boolean":
+        lowered = raw.lower()
+        return True if lowered in _TRUE else False if lowered in _FALSE else raw
+    return raw
+
+
+def validate_query(route: Route, query) -> None:
+    """422 naming the first query parameter that breaks the route's declaration: an unknown name (a field the
+    caller may not set, like ?tenant=, is refused, not ignored), a missing required one, or a value outside its
+    schema. Every route gets it from its `query` and `required_query`, as /openapi.json declares them."""
+    unknown = sorted(set(query) - route.query.keys())
+    if unknown:
+        raise errors.ValidationFailed(f"unknown query parameter(s): {', '.join(unknown)}")
+    for name in route.required_query:
+        if not query.get(name):
+            raise errors.ValidationFailed(f"{name}: required (query parameter)")
+    for name, schema in route.query.items():
+        values = query.getall(name, [])
+        if not values:
+            continue
+        if schema.get("type") == "array":
+            value, item = [query_value(raw, schema.get("items", {})) for raw in values], schema
+        elif len(values) > 1:
+            raise errors.ValidationFailed(f"query parameter {name} given {len(values)} times; once at most")
+        else:
+            value, item = query_value(values[0], schema), schema
+        try:
+            validate(value, item)
+        except errors.ValidationFailed as error:
+            raise errors.ValidationFailed(f"{name}: {error.message.removeprefix('body: ')} (query parameter)") \
+                from None
+
+
+# The query of every list route: `?page_size` (services' default when absent) and `?page_token`, the
+# `next_page_token` of the page before (the services issue them as URL-safe base64; any other is 400).
+PAGE_SIZE = int32(1, contracts.MAX_PAGE_SIZE, default=contracts.DEFAULT_PAGE_SIZE)
+PAGE_TOKEN = {"type": "string", "pattern": contracts.PAGE_TOKEN_PATTERN,
+              "description": "the next_page_token of the page before; absent for the first page"}
+PAGING = {"page_size": PAGE_SIZE, "page_token": PAGE_TOKEN}
 
 
 def page(request: web.Request) -> common_pb2.PageRequest:
     return common_pb2.PageRequest(page_size=query_int(request, "page_size", contracts.DEFAULT_PAGE_SIZE, PAGE_SIZE),
                                   page_token=request.query.get("page_token", ""))
+
+
+# The schema of each path parameter, by name, as the views read it: a route with `{name}` in its path gets the
+# name rule, one with `{version}` what `path_version` accepts, whatever view declares it.
+NAME = {"type": "string", "pattern": contracts.NAME_PATTERN}
+PATH_PARAMETERS = {
+    "name": NAME,
+    "alias": NAME,
+    "version": int64(1, contracts.MAX_VERSION),
+    "id": {"type": "string", "format": "uuid"},
+}
+
+
+_PATH_PATTERNS: dict[tuple[str, str], list[tuple[str, re.Pattern]]] = {}
+
+
+def validate_path(route: Route, match_info) -> None:
+    """422 naming the first path segment that breaks its declared pattern (a `{name}` outside the name rule),
+    before the view reads a header or calls a service: the answer to a bad name never depends on the rest of
+    the request. Integers (`{version}`) are read and judged by `path_version`."""
+    checks = _PATH_PATTERNS.get((route.method, route.path))
+    if checks is None:
+        checks = _PATH_PATTERNS[(route.method, route.path)] = [
+            (name, _ecma_pattern(schema["pattern"])) for name in re.findall(r"{(\w+)}", route.path)
+            for schema in [route.path_parameters.get(name) or PATH_PARAMETERS.get(name, {})]
+            if schema.get("type") == "string" and "pattern" in schema]
+    for name, pattern in checks:
+        value = match_info.get(name, "")
+        if not pattern.search(value):
+            raise errors.ValidationFailed(f"{name}: {value[:80]!r} does not match {pattern.pattern!r} (path)")
 
 
 def path_version(request: web.Request) -> int:
@@ -276,6 +388,46 @@ def _restyle(value: dict, descriptor) -> dict:
     return value
 
 
+_SCALAR_SCHEMAS = {
+    FieldDescriptor.TYPE_DOUBLE: {"type": "number"}, FieldDescriptor.TYPE_FLOAT: {"type": "number"},
+    FieldDescriptor.TYPE_BOOL: {"type": "boolean"}, FieldDescriptor.TYPE_STRING: {"type": "string"},
+    FieldDescriptor.TYPE_BYTES: {"type": "string"},
+}
+# Well-known types as proto3 JSON writes them (Timestamp and Duration as strings, Struct as an object).
+_WELL_KNOWN_SCHEMAS = {"google.protobuf.Timestamp": {"type": "string"}, "google.protobuf.Duration": {"type": "string"},
+                       "google.protobuf.Struct": {"type": "object"}, "google.protobuf.Value": {}}
+
+
+def message_schema(descriptor, *, nullable: tuple[str, ...] = (), **replaced: dict) -> dict:
+    """The JSON Schema of what `to_dict` makes of a message of `descriptor`: its views declare it as their
+    answer (`Route.returns`), so /openapi.json describes the body the gateway really sends. `replaced`: fields
+    the view presents otherwise (`present_*`); `nullable`: fields it sets to null when unset."""
+    properties = {field.name: _field_schema(field) for field in descriptor.fields}
+    properties.update(replaced)
+    for name in nullable:
+        properties[name] = {"anyOf": [properties[name], {"type": "null"}]}
+    return {"type": "object", "properties": properties}
+
+
+def _field_schema(field_descriptor) -> dict:
+    message_type = field_descriptor.message_type
+    if message_type is not None and message_type.GetOptions().map_entry:
+        return {"type": "object", "additionalProperties": _field_schema(message_type.fields_by_name["value"])}
+    if field_descriptor.enum_type is not None:
+        enum_type = field_descriptor.enum_type
+        one = {"enum": [_enum_name(value.name, enum_type) for value in enum_type.values]}
+    elif message_type is not None:
+        one = _WELL_KNOWN_SCHEMAS.get(message_type.full_name) or message_schema(message_type)
+    elif field_descriptor.type in _INT64 or field_descriptor.cpp_type in (FieldDescriptor.CPPTYPE_INT32,
+                                                                          FieldDescriptor.CPPTYPE_UINT32):
+        one = {"type": "integer"}
+    else:
+        one = _SCALAR_SCHEMAS[field_descriptor.type]
+    if field_descriptor.label == FieldDescriptor.LABEL_REPEATED:
+        return {"type": "array", "items": one}
+    return one
+
+
 # -- response side: ETags and conditional requests ------------------------------------------------
 
 def etag_of(payload: Any) -> str:
@@ -340,7 +492,8 @@ VARY = "Authorization"
 # content type than the one declared, e.g. render an error body that echoes input as HTML.
 NOSNIFF = ("X-Content-Type-Options", "nosniff")
 # Server-Sent Events responses, which send their headers before the middleware sees them.
-EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+EVENT_STREAM = "text/event-stream"
+EVENT_STREAM_HEADERS = {"Content-Type": EVENT_STREAM, "Cache-Control": "no-store", "X-Accel-Buffering": "no",
                         NOSNIFF[0]: NOSNIFF[1]}
 
 

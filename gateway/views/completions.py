@@ -19,6 +19,7 @@ from prometheus_client import Counter
 
 from gateway.http import (
     ALL_ROLES,
+    EVENT_STREAM,
     EVENT_STREAM_HEADERS,
     INT32_MAX,
     INT64_MAX,
@@ -210,8 +211,24 @@ async def _stream(request: web.Request, body: dict, message: inference_pb2.Gener
     await response.write(b"data: [DONE]\n\n")
     return response
 
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {name: {"type": "integer", "minimum": 0}
+                         for name in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+# The OpenAI `text_completion` object `_openai_body` answers (a stream sends chunks of it as events instead).
+COMPLETION_BODY = {
+    "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "system_fingerprint": {"type": "string"}, "usage": _USAGE,
+        "choices": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["text", "index", "finish_reason"],
+            "properties": {"text": {"type": "string"}, "index": {"type": "integer"}, "logprobs": {"type": "null"},
+                           "finish_reason": {"type": "string"}}}},
+    },
+}
 ROUTES = [
     Route("POST", "/v1/completions", complete, "OpenAI-compatible text completion (stream: true for SSE)",
-          roles=ALL_ROLES, body=COMPLETION, tag="completions",
+          roles=ALL_ROLES, body=COMPLETION, tag="completions", returns=COMPLETION_BODY,
+          media_type=("application/json", EVENT_STREAM),
           responses={404: "Unknown deployment", 400: "Prompt longer than the model's context"}),
 ]

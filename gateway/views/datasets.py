@@ -11,11 +11,14 @@ import math
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from llmp.common.v1 import common_pb2
 from llmp.dataset.v1 import dataset_pb2 as pb
 
 from gateway.http import (
+    EVENT_STREAM,
     EVENT_STREAM_HEADERS,
     PAGING,
+    Link,
     Route,
     check_if_match,
     clients,
@@ -23,6 +26,7 @@ from gateway.http import (
     int32,
     int64,
     json_response,
+    message_schema,
     page,
     path_version,
     query_int,
@@ -41,23 +45,58 @@ FORMATS = {"text": pb.CORPUS_FORMAT_TEXT, "jsonl": pb.CORPUS_FORMAT_JSONL, "pair
            "chat": pb.CORPUS_FORMAT_CHAT}
 MODES = {"blank-line": pb.DOCUMENT_MODE_BLANK_LINE, "line": pb.DOCUMENT_MODE_LINE}
 TOKENIZERS = {"bpe": pb.TOKENIZER_KIND_BPE, "char": pb.TOKENIZER_KIND_CHAR, "model": pb.TOKENIZER_KIND_MODEL}
+_SHARE = r"(?:0(?:\.[0-9]*)?|\.[0-9]+|1(?:\.0*)?)"
+FRACTIONS_PATTERN = rf"^{_SHARE}(?:,{_SHARE}){{3}}$"  # four shares in [0, 1]; the service checks their sum
+# The corpus of an upload, UTF-8 text (plain text, JSON Lines): the raw body or a multipart form's first file part;
+# none with ?source=.
+UPLOADS = {
+    "text/plain": {"type": "string"},
+    "multipart/form-data": {"type": "object", "required": ["file"], "additionalProperties": False,
+                            "properties": {"file": {"type": "string", "contentMediaType": "text/plain",
+                                                    "description": "the corpus (or the first part with a filename)"}}},
+}
 CREATE_QUERY = {
     "name": {"type": "string", "pattern": contracts.NAME_PATTERN}, "format": {"enum": list(FORMATS)},
     "document_mode": {"enum": list(MODES)},
-    "text_field": {"type": "string"}, "prompt_field": {"type": "string"}, "completion_field": {"type": "string"},
-    "tokenizer": {"enum": list(TOKENIZERS)}, "vocab_size": int32(0, contracts.MAX_VOCAB_SIZE), "split_seed": int64(0),
-    "min_doc_chars": int32(0), "max_doc_chars": int32(0),
+    **{field: {"type": "string", "pattern": contracts.TEXT_PATTERN}
+       for field in ("text_field", "prompt_field", "completion_field")},
+    "tokenizer": {"enum": list(TOKENIZERS)},
+    "vocab_size": int32(contracts.MIN_VOCAB_SIZE, contracts.MAX_VOCAB_SIZE, description="bpe only"),
+    "split_seed": int64(0),
+    "min_doc_chars": int32(0), "max_doc_chars": int32(0, description="0 (no limit) or at least min_doc_chars"),
     "tokenizer_model": {"type": "string", "pattern": contracts.NAME_PATTERN,
                         "description": "tokenizer=model: the registered model whose tokenizer files are used "
                                        "(copied unchanged; 404 when it has no READY version tokenizer_model_version)"},
     "tokenizer_model_version": int64(1),
-    "source": {"type": "string", "pattern": "^s3://",
+    "source": {"type": "string", "pattern": r"^s3://[^\u0000]*$",
                "description": "read the corpus from s3://{bucket}/imports/{tenant}/… (the platform bucket, the "
                               "caller tenant's import prefix) instead of the body; any other object is 404, "
                               "as a missing one is"},
-    "fractions": {"type": "string", "description": "train,validation,test,calibration e.g. 0.9,0.05,0.03,0.02"},
+    "fractions": {"type": "string", "pattern": FRACTIONS_PATTERN,
+                  "description": "train,validation,test,calibration, summing to 1 with train > 0, "
+                                 "e.g. 0.9,0.05,0.03,0.02"},
     "wait": {"type": "boolean"},
 }
+
+
+# What `present_version` makes of a version, and the bodies built from it.
+VERSION_BODY = message_schema(
+    pb.DatasetVersion.DESCRIPTOR, nullable=("created_at", "finished_at"),
+    splits={"type": "object", "additionalProperties": message_schema(pb.SplitStats.DESCRIPTOR)},
+    manifest={"type": "object", "required": ["key", "objects"], "properties": {
+        "key": {"type": "string"},
+        "objects": {"type": "array", "items": message_schema(common_pb2.StoredObject.DESCRIPTOR)}}})
+VERSION_BODY["required"] = ["name", "version", "state", "splits", "manifest"]
+_NEXT = {"next_page_token": {"type": "string", "pattern": contracts.PAGE_TOKEN_PATTERN}}
+_DATASET_ITEM = {"type": "object", "required": ["name", "version_count", "latest"], "properties": {
+    "name": {"type": "string"}, "version_count": {"type": "integer"}, "latest": VERSION_BODY,
+    "created_at": {"type": "string"}}}
+DATASET_LIST = {"type": "object", "required": ["datasets", "next_page_token"], "properties": {
+    "datasets": {"type": "array", "items": _DATASET_ITEM}, **_NEXT}}
+DATASET = {"type": "object", "required": ["name", "versions", "next_page_token"], "properties": {
+    "name": {"type": "string"}, "versions": {"type": "array", "items": VERSION_BODY}, **_NEXT}}
+DELETED = {"type": "object", "required": ["name", "version", "objects_deleted"], "properties": {
+    "name": {"type": "string"}, "version": {"type": "integer"}, "objects_deleted": {"type": "integer"}}}
 
 
 def present_version(version: pb.DatasetVersion) -> dict:
@@ -87,7 +126,8 @@ def _fractions(request: web.Request) -> pb.SplitFractions | None:
         shares = [float(part) for part in raw.split(",")]
     except ValueError:
         raise errors.ValidationFailed(f"fractions: four comma-separated numbers, not {raw!r}") from None
-    if len(shares) != 4 or not all(math.isfinite(share) for share in shares):  # float() reads "nan" and "inf"
+    if len(shares) != 4 or not all(math.isfinite(share) for share in shares) \
+            or not contracts.ecma_regex(FRACTIONS_PATTERN).search(raw):  # float() reads "nan", "inf", "1e-1"
         raise errors.ValidationFailed(f"fractions: four comma-separated numbers, not {raw!r}")
     return pb.SplitFractions(train=shares[0], validation=shares[1], test=shares[2], calibration=shares[3])
 
@@ -115,13 +155,14 @@ def create_options(request: web.Request) -> pb.DatasetOptions:
 
 
 async def _body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
-    """The corpus bytes: the first file part of a multipart form, else the raw body; at most `limit`."""
+    """The corpus bytes: the first file part of a multipart form (one with a filename, or named `file`), else the
+    raw body; at most `limit`."""
     if request.content_length is not None and request.content_length > limit:
         raise errors.PayloadTooLarge(f"upload of {request.content_length} bytes exceeds the limit of {limit} bytes")
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
         part = await reader.next()
-        while part is not None and not getattr(part, "filename", None):
+        while part is not None and not getattr(part, "filename", None) and getattr(part, "name", None) != "file":
             part = await reader.next()
         if part is None:
             raise errors.ValidationFailed("multipart upload has no file part")
@@ -226,18 +267,39 @@ async def version_events(request: web.Request) -> web.StreamResponse:
 
 
 VERSION = "/v1/datasets/{name}/versions/{version}"
+# Where a created version leads (each success of the create): its reads, its events, its deletion, its dataset.
+_OF_VERSION = {"name": "$response.body#/name", "version": "$response.body#/version"}
+VERSION_LINKS = {
+    "GetVersion": Link("GET", VERSION, _OF_VERSION),
+    "VersionEvents": Link("GET", VERSION + "/events", _OF_VERSION),
+    "DeleteVersion": Link("DELETE", VERSION, _OF_VERSION),
+    "GetDataset": Link("GET", "/v1/datasets/{name}", {"name": "$response.body#/name"}),
+}
+
+
+def _next_page(method: str, path: str, **path_parameters: str) -> dict[str, Link]:
+    """The link from a page of a list to the next one."""
+    return {"NextPage": Link(method, path, {**path_parameters, "page_token": "$response.body#/next_page_token"})}
+
+
 ROUTES = [
     Route("POST", "/v1/datasets", create_dataset,
           "Create a dataset version from the body (raw or multipart) or ?source=s3://… → 202 while it is built",
-          query=CREATE_QUERY, tag="datasets",
+          query=CREATE_QUERY, required_query=("name",), uploads=UPLOADS, tag="datasets", returns=VERSION_BODY,
+          links=VERSION_LINKS,
           responses={200: "Same corpus and options: the existing version", 201: "Created READY (?wait=true)",
-                     202: "Accepted, PENDING", 413: "Upload over the limit"}),
+                     202: "Accepted, PENDING", 404: "?source names no object of the caller's import prefix",
+                     413: "Upload over the limit"}),
     Route("GET", "/v1/datasets", list_datasets, "List datasets with their latest version", query=PAGING,
-          tag="datasets"),
+          tag="datasets", returns=DATASET_LIST, links=_next_page("GET", "/v1/datasets")),
     Route("GET", "/v1/datasets/{name}", get_dataset, "A dataset's versions, newest first", query=PAGING,
-          tag="datasets"),
-    Route("GET", VERSION, get_version, "A version: splits, tokens, tokenizer, manifest checksums", tag="datasets"),
-    Route("GET", VERSION + "/events", version_events, "Ingest progress (text/event-stream)", tag="datasets"),
+          tag="datasets", returns=DATASET,
+          links=_next_page("GET", "/v1/datasets/{name}", name="$request.path.name")),
+    Route("GET", VERSION, get_version, "A version: splits, tokens, tokenizer, manifest checksums", tag="datasets",
+          returns=VERSION_BODY),
+    Route("GET", VERSION + "/events", version_events, "Ingest progress (text/event-stream)", tag="datasets",
+          media_type=EVENT_STREAM),
     Route("DELETE", VERSION, delete_version, "Delete a version (409 while a model's lineage points at it)",
-          tag="datasets", responses={409: "A model version's lineage uses it"}),
+          tag="datasets", returns=DELETED, headers={"If-Match": {"type": "string"}},
+          responses={409: "A model version's lineage uses it"}),
 ]

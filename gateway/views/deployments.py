@@ -7,16 +7,17 @@ import json
 from aiohttp import web
 from llmp.inference.v1 import inference_pb2
 
-from gateway.http import Route, clients, int32, int64, json_response, read_json, to_dict
+from gateway.http import Link, Route, clients, int32, int64, json_response, message_schema, read_json, to_dict
 from services.common import contracts, errors
 
 ROLLOUT = {
     "type": "object", "additionalProperties": False,
     "description": "automatic rollout (services/inference/canary.py); unset fields take the defaults",
     "properties": {
-        "steps": {"type": "array", "minItems": 1, "maxItems": 100,
+        "steps": {"type": "array", "minItems": 1, "maxItems": 100, "uniqueItems": True,
                   "items": int32(1, 100),
-                  "contains": {"const": 100}, "description": "increasing canary weights ending at 100"},
+                  "contains": {"const": 100},
+                  "description": "the canary weights to pass through, taken in increasing order; 100 promotes"},
         "interval_s": {"type": "number", "minimum": 0},
         "min_requests": int32(1),
         "max_error_rate_delta": {"type": "number", "minimum": 0, "maximum": 1},
@@ -37,6 +38,25 @@ PUT_DEPLOYMENT = {
                    "description": "a fixed weight, or a rollout that advances the weight by itself"},
     },
 }
+
+
+_OPTIONAL_FIGURES = ("latency_mean_s", "latency_p50_s", "latency_p99_s", "time_to_first_token_mean_s",
+                     "time_to_first_token_p99_s")
+# What `present` and `present_metrics` make of a deployment and its figures.
+_ROLLOUT_EVENT = message_schema(inference_pb2.CanaryRolloutStatus.DESCRIPTOR.fields_by_name["events"].message_type,
+                                observed={"type": "object"})
+DEPLOYMENT_BODY = message_schema(
+    inference_pb2.Deployment.DESCRIPTOR, stable={"type": "integer"},
+    canary={"anyOf": [message_schema(inference_pb2.Canary.DESCRIPTOR), {"type": "null"}]},
+    rollout={"anyOf": [message_schema(inference_pb2.CanaryRolloutStatus.DESCRIPTOR,
+                                      events={"type": "array", "items": _ROLLOUT_EVENT}), {"type": "null"}]})
+DEPLOYMENT_BODY["required"] = ["name", "model", "stable", "canary", "rollout"]
+DEPLOYMENT_LIST = {"type": "object", "required": ["deployments"],
+                   "properties": {"deployments": {"type": "array", "items": DEPLOYMENT_BODY}}}
+_FIGURES = inference_pb2.GetDeploymentMetricsResponse.DESCRIPTOR.fields_by_name["versions"].message_type
+DEPLOYMENT_METRICS = message_schema(
+    inference_pb2.GetDeploymentMetricsResponse.DESCRIPTOR,
+    versions={"type": "array", "items": message_schema(_FIGURES, nullable=_OPTIONAL_FIGURES)})
 
 
 def present(deployment: inference_pb2.Deployment) -> dict:
@@ -96,7 +116,10 @@ async def put_deployment(request: web.Request) -> web.Response:
     if canary:
         message.canary.CopyFrom(inference_pb2.Canary(version=canary["version"], weight=canary.get("weight", 0)))
         if "rollout" in canary:
-            message.canary.rollout.CopyFrom(inference_pb2.CanaryRollout(**canary["rollout"]))
+            rollout = dict(canary["rollout"])
+            if "steps" in rollout:  # a set of weights (the schema refuses repeats), passed through in order
+                rollout["steps"] = sorted(rollout["steps"])
+            message.canary.rollout.CopyFrom(inference_pb2.CanaryRollout(**rollout))
     response = await clients(request).inference.PutDeployment(message, timeout=600)
     return json_response(request, present(response.deployment), status=201 if response.created else 200,
                          cache_control="no-store", etag=_etag(response.deployment))
@@ -108,8 +131,6 @@ async def delete_deployment(request: web.Request) -> web.Response:
     return web.Response(status=204, headers={"Cache-Control": "no-store"})
 
 
-_OPTIONAL_FIGURES = ("latency_mean_s", "latency_p50_s", "latency_p99_s", "time_to_first_token_mean_s",
-                     "time_to_first_token_p99_s")
 
 
 def present_metrics(response: inference_pb2.GetDeploymentMetricsResponse) -> dict:
@@ -130,14 +151,23 @@ async def deployment_metrics(request: web.Request) -> web.Response:
     return json_response(request, present_metrics(response))
 
 DEPLOYMENT = "/v1/deployments/{name}"
+_OF_DEPLOYMENT = {"name": "$request.path.name"}
 ROUTES = [
-    Route("GET", "/v1/deployments", list_deployments, "List deployments", tag="deployments"),
-    Route("GET", DEPLOYMENT, get_deployment, "A deployment: versions, canary weight, state", tag="deployments"),
+    Route("GET", "/v1/deployments", list_deployments, "List deployments", tag="deployments", returns=DEPLOYMENT_LIST),
+    Route("GET", DEPLOYMENT, get_deployment, "A deployment: versions, canary weight, state", tag="deployments",
+          returns=DEPLOYMENT_BODY),
     Route("PUT", DEPLOYMENT, put_deployment, "Deploy (If-None-Match: * to create, If-Match to change); "
           "a version without an ONNX export is exported first (EXPORTING, then LOADING, READY or FAILED)",
-          body=PUT_DEPLOYMENT, tag="deployments", responses={412: "ETag mismatch", 428: "Precondition required"}),
-    Route("DELETE", DEPLOYMENT, delete_deployment, "Drain and delete a deployment", tag="deployments"),
+          body=PUT_DEPLOYMENT, tag="deployments", returns=DEPLOYMENT_BODY,
+          headers={"If-Match": {"type": "string"}, "If-None-Match": {"type": "string"}},
+          links={"GetDeployment": Link("GET", DEPLOYMENT, _OF_DEPLOYMENT),
+                 "DeploymentMetrics": Link("GET", DEPLOYMENT + "/metrics", _OF_DEPLOYMENT),
+                 "DeleteDeployment": Link("DELETE", DEPLOYMENT, _OF_DEPLOYMENT)},
+          responses={200: "Changed", 201: "Created", 409: "The change conflicts with the deployment's state",
+                     412: "ETag mismatch", 428: "The deployment exists: changing it needs If-Match"}),
+    Route("DELETE", DEPLOYMENT, delete_deployment, "Drain and delete a deployment", tag="deployments",
+          headers={"If-Match": {"type": "string"}}, responses={204: "Deleted"}),
     Route("GET", DEPLOYMENT + "/metrics", deployment_metrics,
           "Serving figures per version and track (requests, errors, latency p50/p99, time to first token, tokens), "
-          "as counted by the answering inference process", tag="deployments"),
+          "as counted by the answering inference process", tag="deployments", returns=DEPLOYMENT_METRICS),
 ]

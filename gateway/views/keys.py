@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.auth import key_scope
-from gateway.http import ADMIN, Route, caller, json_response, read_json
+from gateway.http import ADMIN, Link, Route, caller, json_response, read_json
 from gateway.state import KEYS
 from services.common import contracts, errors
 
@@ -16,10 +16,18 @@ CREATE_KEY = {
     "properties": {
         "tenant": {"type": "string", "pattern": contracts.TENANT_PATTERN},
         "role": {"enum": ["admin", "developer", "inference"]},
-        "name": {"type": "string", "maxLength": 200},
+        "name": {"type": "string", "maxLength": 200, "pattern": contracts.TEXT_PATTERN},
         "rate_limit": {"type": "number", "exclusiveMinimum": 0, "maximum": 100000},
     },
 }
+
+
+_KEY_PROPERTIES = {"id": {"type": "string"}, "tenant": {"type": "string"}, "role": CREATE_KEY["properties"]["role"],
+                   "name": {"type": "string"}, "rate_limit": {"type": "number"}, "created_at": {"type": "string"}}
+CREATED_KEY = {"type": "object", "required": ["id", "tenant", "role", "key"],
+               "properties": {**_KEY_PROPERTIES, "key": {"type": "string", "description": "the secret, shown once"}}}
+KEY_LIST = {"type": "object", "required": ["api_keys"],
+        "properties": {"api_keys": {"type": "array", "items": {"type": "object", "properties": _KEY_PROPERTIES}}}}
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -41,9 +49,12 @@ async def revoke_key(request: web.Request) -> web.Response:
     return web.Response(status=204, headers={"Cache-Control": "no-store"})
 
 
+KEY = "/v1/api-keys/{key_id}"
 ROUTES = [
     Route("POST", "/v1/api-keys", create_key, "Create an API key (the secret is shown once)", roles=(ADMIN,),
-          body=CREATE_KEY, tag="api-keys"),
-    Route("GET", "/v1/api-keys", list_keys, "List API keys", roles=(ADMIN,), tag="api-keys"),
-    Route("DELETE", "/v1/api-keys/{key_id}", revoke_key, "Revoke an API key", roles=(ADMIN,), tag="api-keys"),
+          body=CREATE_KEY, tag="api-keys", responses={201: "Created"}, returns=CREATED_KEY,
+          links={"RevokeKey": Link("DELETE", KEY, {"key_id": "$response.body#/id"})}),
+    Route("GET", "/v1/api-keys", list_keys, "List API keys", roles=(ADMIN,), tag="api-keys", returns=KEY_LIST),
+    Route("DELETE", KEY, revoke_key, "Revoke an API key", roles=(ADMIN,), tag="api-keys",
+          responses={204: "Revoked"}),
 ]

@@ -10,6 +10,7 @@ from llmp.registry.v1 import registry_pb2
 
 from gateway.http import (
     PAGING,
+    Link,
     Route,
     caller,
     check_if_match,
@@ -17,6 +18,7 @@ from gateway.http import (
     etag_of,
     int64,
     json_response,
+    message_schema,
     page,
     path_version,
     read_json,
@@ -26,12 +28,29 @@ from services.common import contracts, errors
 
 SET_ALIAS = {
     "type": "object", "additionalProperties": False, "required": ["version"],
-    "properties": {"version": int64(1), "reason": {"type": "string", "maxLength": 500}},
+    "properties": {"version": int64(1),
+                   "reason": {"type": "string", "maxLength": 500, "pattern": contracts.TEXT_PATTERN}},
 }
 CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],
     "properties": {"format": {"enum": list(contracts.EXPORT_FORMATS)}},
 }
+
+
+# What `present_version` makes of a version (name and version at the top, parity reports as objects).
+_PARITY = {"parity": {"type": ["object", "null"]}}
+EXPORT_BODY = message_schema(registry_pb2.Export.DESCRIPTOR, **_PARITY)
+VERSION_BODY = message_schema(registry_pb2.ModelVersion.DESCRIPTOR, name={"type": "string"},
+                              version={"type": "integer"}, exports={"type": "array", "items": EXPORT_BODY})
+VERSION_BODY["required"] = ["name", "version", "state"]
+_NEXT = {"next_page_token": {"type": "string", "pattern": contracts.PAGE_TOKEN_PATTERN}}
+MODEL_LIST = {"type": "object", "required": ["models", "next_page_token"], "properties": {
+    "models": {"type": "array", "items": message_schema(registry_pb2.Model.DESCRIPTOR)}, **_NEXT}}
+MODEL_BODY = message_schema(registry_pb2.Model.DESCRIPTOR, versions={"type": "array", "items": VERSION_BODY},
+                            **_NEXT)
+ALIAS_BODY = message_schema(registry_pb2.Alias.DESCRIPTOR)
+ALIAS_HISTORY = {"type": "object", "required": ["entries"], "properties": {
+    "entries": {"type": "array", "items": message_schema(registry_pb2.AliasHistoryEntry.DESCRIPTOR)}}}
 
 
 def present_version(version: registry_pb2.ModelVersion) -> dict:
@@ -125,18 +144,30 @@ async def create_export(request: web.Request) -> web.Response:
 
 VERSION = "/v1/models/{name}/versions/{version}"
 ALIAS = "/v1/models/{name}/aliases/{alias}"
+_IF_MATCH = {"If-Match": {"type": "string"}}
+_CONDITIONS = {**_IF_MATCH, "If-None-Match": {"type": "string"}}
+_OF_ALIAS = {"name": "$request.path.name", "alias": "$request.path.alias"}
+_OF_VERSION = {"name": "$request.path.name", "version": "$request.path.version"}
 ROUTES = [
-    Route("GET", "/v1/models", list_models, "List registered models", query=PAGING, tag="models"),
+    Route("GET", "/v1/models", list_models, "List registered models", query=PAGING, tag="models", returns=MODEL_LIST,
+          links={"NextPage": Link("GET", "/v1/models", {"page_token": "$response.body#/next_page_token"})}),
     Route("GET", "/v1/models/{name}", get_model, "A model with its versions and aliases", query=PAGING,
-          tag="models"),
+          tag="models", returns=MODEL_BODY,
+          links={"NextPage": Link("GET", "/v1/models/{name}", {"name": "$request.path.name",
+                                                               "page_token": "$response.body#/next_page_token"})}),
     Route("GET", VERSION, get_version, "A model version: artifacts with SHA-256, lineage, metrics, exports",
-          tag="models"),
+          tag="models", returns=VERSION_BODY),
     Route("DELETE", VERSION, delete_version, "Delete a version (409 while deployed)", tag="models",
-          responses={409: "In use by a deployment", 412: "If-Match did not match"}),
-    Route("GET", ALIAS, get_alias, "The version an alias points at", tag="models"),
+          headers=_IF_MATCH, responses={204: "Deleted", 409: "In use by a deployment"}),
+    Route("GET", ALIAS, get_alias, "The version an alias points at", tag="models", returns=ALIAS_BODY),
     Route("PUT", ALIAS, put_alias, "Create (If-None-Match: *) or move (If-Match) an alias", body=SET_ALIAS,
-          tag="models", responses={412: "ETag mismatch", 428: "Precondition required"}),
-    Route("GET", ALIAS + "/history", alias_history, "Audit trail of an alias's moves", tag="models"),
+          tag="models", headers=_CONDITIONS, returns=ALIAS_BODY,
+          links={"GetAlias": Link("GET", ALIAS, _OF_ALIAS), "AliasHistory": Link("GET", ALIAS + "/history", _OF_ALIAS)},
+          responses={200: "Moved", 201: "Created", 412: "ETag mismatch (or the alias exists, with If-None-Match: *)",
+                     428: "Neither If-Match nor If-None-Match: * was sent"}),
+    Route("GET", ALIAS + "/history", alias_history, "Audit trail of an alias's moves", tag="models",
+          returns=ALIAS_HISTORY),
     Route("POST", VERSION + "/exports", create_export, "Export a version (onnx, onnx-int8, torchscript)",
-          body=CREATE_EXPORT, tag="models"),
+          body=CREATE_EXPORT, tag="models", returns=EXPORT_BODY, responses={202: "Accepted: the export is built"},
+          links={"GetVersion": Link("GET", VERSION, _OF_VERSION)}),
 ]

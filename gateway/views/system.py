@@ -38,8 +38,9 @@ async def readyz(request: web.Request) -> web.Response:
     if CLIENTS not in app or OBJECT_STORE not in app:
         reasons.append("service clients not set up")
     if reasons:
-        return json_response(request, {"status": "not ready", "reasons": reasons}, status=503,
-                             cache_control="no-store", headers={"Retry-After": "2"})
+        return json_response(request, {"status": "not ready", "reasons": reasons,
+                                       "error": {"type": "unavailable", "message": "not ready: " + ", ".join(reasons)}},
+                             status=503, cache_control="no-store", headers={"Retry-After": "2"})
     return json_response(request, {"status": "ready"}, cache_control="no-store")
 
 
@@ -93,17 +94,25 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 async def prometheus(request: web.Request) -> web.Response:
-    response = web.Response(body=generate_latest(), headers={"Cache-Control": "no-store"})
-    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    return response
+    # The exposition format's own media type, its version included (what /openapi.json declares).
+    return web.Response(body=generate_latest(),
+                        headers={"Cache-Control": "no-store", "Content-Type": CONTENT_TYPE_LATEST})
+
+
+_STATE = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+STATUS = {"type": "object", "required": ["status", "backends", "failing"],
+          "properties": {"status": {"enum": ["ok", "degraded"]},
+                         "backends": {"type": "object", "additionalProperties": {"type": "string"}},
+                         "failing": {"type": "array", "items": {"type": "string"}}}}
 
 
 ROUTES = [
-    Route("GET", "/healthz", healthz, "Liveness", roles=(), tag="system"),
+    Route("GET", "/healthz", healthz, "Liveness", roles=(), tag="system", returns=_STATE),
     Route("GET", "/readyz", readyz, "Readiness of this process to serve (not of its backends: see /v1/status)",
-          roles=(), responses={503: "Not ready (starting or draining)"}, tag="system"),
+          roles=(), responses={503: "Not ready (starting or draining)"}, tag="system", returns=_STATE),
     Route("GET", "/v1/status", status, "Health of every backend, named", roles=ALL_ROLES,
-          responses={503: "A backend is down"}, tag="system"),
-    Route("GET", "/openapi.json", openapi_json, "This API as OpenAPI 3.1", roles=(), tag="system"),
-    Route("GET", "/metrics", prometheus, "Prometheus metrics", roles=(), tag="system"),
+          responses={503: "A backend is down"}, tag="system", returns=STATUS),
+    Route("GET", "/openapi.json", openapi_json, "This API as OpenAPI 3.1", roles=(), tag="system",
+          returns={"type": "object", "required": ["openapi", "paths"]}),
+    Route("GET", "/metrics", prometheus, "Prometheus metrics", roles=(), tag="system", media_type=CONTENT_TYPE_LATEST),
 ]

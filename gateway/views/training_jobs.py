@@ -9,13 +9,16 @@ from google.protobuf import json_format
 from llmp.training.v1 import training_pb2
 
 from gateway.http import (
+    EVENT_STREAM,
     EVENT_STREAM_HEADERS,
     PAGING,
+    Link,
     Route,
     clients,
     int32,
     int64,
     json_response,
+    message_schema,
     page,
     read_json,
     responses,
@@ -74,7 +77,16 @@ SUBMIT_JOB = {
         "model_name": _NAME,
     },
 }
-JOB_QUERY = {"state": {"type": "string"}, **PAGING}
+# ?state=: a job state as jobs show it (QUEUED), or in lower case; repeat it for several.
+JOB_STATES = {spelling: value for name, value in training_pb2.JobState.items() if value
+              for spelling in (name.removeprefix("JOB_STATE_"), name.removeprefix("JOB_STATE_").lower())}
+JOB_QUERY = {"state": {"type": "array", "items": {"enum": list(JOB_STATES)}}, **PAGING}
+JOB_BODY = message_schema(training_pb2.Job.DESCRIPTOR, nullable=("model_version",))
+JOB_BODY["required"] = ["id", "state"]
+JOB_LIST = {"type": "object", "required": ["jobs", "next_page_token"], "properties": {
+    "jobs": {"type": "array", "items": JOB_BODY},
+    "next_page_token": {"type": "string", "pattern": contracts.PAGE_TOKEN_PATTERN}}}
+JOB_METRICS = message_schema(training_pb2.GetJobMetricsResponse.DESCRIPTOR)
 
 
 def present_job(job: training_pb2.Job) -> dict:
@@ -104,10 +116,9 @@ async def submit_job(request: web.Request) -> web.Response:
 async def list_jobs(request: web.Request) -> web.Response:
     states = []
     for state in request.query.getall("state", []):
-        name = f"JOB_STATE_{state.upper()}"
-        if name not in training_pb2.JobState.keys():
+        if state not in JOB_STATES:
             raise errors.ValidationFailed(f"state: unknown job state {state!r}")
-        states.append(training_pb2.JobState.Value(name))
+        states.append(JOB_STATES[state])
     response = await clients(request).training.ListJobs(training_pb2.ListJobsRequest(
         page=page(request), states=states))
     return json_response(request, {"jobs": [present_job(job) for job in response.jobs],
@@ -151,14 +162,25 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 
 JOB = "/v1/training-jobs/{id}"
+_OF_JOB = {"id": "$response.body#/id"}
 ROUTES = [
     Route("POST", "/v1/training-jobs", submit_job, "Submit a training job (Idempotency-Key honoured)",
-          body=SUBMIT_JOB, tag="training", responses={409: "Idempotency-Key reused with another spec"}),
-    Route("GET", "/v1/training-jobs", list_jobs, "List training jobs",
-          query=JOB_QUERY,
-          tag="training"),
-    Route("GET", JOB, get_job, "A job's state, progress and latest metrics", tag="training"),
-    Route("DELETE", JOB, cancel_job, "Cancel a job", tag="training"),
-    Route("GET", JOB + "/metrics", job_metrics, "Loss curves, learning rate, tokens/s", tag="training"),
-    Route("GET", JOB + "/events", job_events, "Live events (text/event-stream)", tag="training"),
+          body=SUBMIT_JOB, tag="training", returns=JOB_BODY,
+          headers={"Idempotency-Key": {"type": "string", "maxLength": contracts.MAX_IDEMPOTENCY_KEY}},
+          links={"GetJob": Link("GET", JOB, _OF_JOB), "JobEvents": Link("GET", JOB + "/events", _OF_JOB),
+                 "JobMetrics": Link("GET", JOB + "/metrics", _OF_JOB), "CancelJob": Link("DELETE", JOB, _OF_JOB)},
+          responses={202: "Accepted, QUEUED", 200: "Same Idempotency-Key and spec: the existing job",
+                     404: "The dataset version (or init_from model version) does not exist",
+                     409: "Idempotency-Key reused with another spec, or the dataset version is not READY or too "
+                          "small for the spec"}),
+    Route("GET", "/v1/training-jobs", list_jobs, "List training jobs", query=JOB_QUERY, tag="training",
+          returns=JOB_LIST, links={"NextPage": Link("GET", "/v1/training-jobs",
+                                                    {"page_token": "$response.body#/next_page_token"})}),
+    Route("GET", JOB, get_job, "A job's state, progress and latest metrics", tag="training", returns=JOB_BODY),
+    Route("DELETE", JOB, cancel_job, "Cancel a job", tag="training", returns=JOB_BODY,
+          responses={202: "Cancellation requested (a finished job is answered as it is)"}),
+    Route("GET", JOB + "/metrics", job_metrics, "Loss curves, learning rate, tokens/s", tag="training",
+          returns=JOB_METRICS),
+    Route("GET", JOB + "/events", job_events, "Live events (text/event-stream)", tag="training",
+          media_type=EVENT_STREAM, headers={"Last-Event-ID": {"type": "string"}}),
 ]

@@ -80,6 +80,12 @@ class PayloadTooLarge(LlmpError):
     type = "payload_too_large"
 
 
+class UnsupportedMediaType(LlmpError):
+    """A request body in a media type the operation does not read (e.g. text/plain where JSON is expected)."""
+
+    type = "unsupported_media_type"
+
+
 class RateLimited(LlmpError):
     type = "rate_limited"
 
@@ -120,6 +126,7 @@ MAPPING: dict[type[LlmpError], Mapping] = {
     PreconditionFailed: Mapping(grpc.StatusCode.FAILED_PRECONDITION, 412),
     PreconditionRequired: Mapping(grpc.StatusCode.FAILED_PRECONDITION, 428),
     PayloadTooLarge: Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    UnsupportedMediaType: Mapping(grpc.StatusCode.INVALID_ARGUMENT, 415),
     RateLimited: Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     Unavailable: Mapping(grpc.StatusCode.UNAVAILABLE, 503),
     DeadlineExceeded: Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504),

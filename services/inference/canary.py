@@ -43,7 +43,7 @@ from itertools import pairwise
 from typing import Protocol
 
 from services.common.db import Database
-from services.common.errors import NotFound, PreconditionFailed, ValidationFailed
+from services.common.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from services.common.periodic import Periodic
 from services.inference import metrics
 from services.inference.deployments import Deployments, DeploymentSpec
@@ -265,7 +265,7 @@ class CanaryController:
         if if_match and current["etag"] != if_match:
             raise PreconditionFailed(f"deployment {name!r} does not match If-Match {if_match}")
         if canary_version == current["stable_version"]:
-            raise ValidationFailed(f"version {canary_version} is already stable in deployment {name!r}")
+            raise Conflict(f"version {canary_version} is already stable in deployment {name!r}")
         async with self.db.transaction() as conn:
             running = await (await conn.execute(
                 "SELECT * FROM inference_canary_rollouts WHERE tenant = %s AND name = %s AND state = 'PROGRESSING' "

@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from llmp.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common import contracts
-from services.common.errors import NotFound, PreconditionFailed, ValidationFailed
+from services.common.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from services.common.identity import REQUEST_ID_KEY, caller_from_context
 from services.common.merge import merged
 from services.inference import metrics
@@ -281,13 +281,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                                    created=created)
 
     async def _begin_rollout(self, tenant: str, request, stable: int, canary, if_match: str) -> dict:
-        """A rollout changes only the canary of an existing deployment: model and stable must be as they are."""
+        """A rollout changes only the canary of an existing deployment: model and stable must be as they are.
+        Either rule broken is 409: the request is well formed, the deployment's state (absent, or another
+        model) is what refuses it."""
         policy = rollout_policy(canary.rollout)
         if request.if_none_match == "*":
-            raise ValidationFailed("a canary rollout needs an existing deployment; create it first")
+            raise Conflict("a canary rollout needs an existing deployment; create it first")
         current = await self.deployments.get(tenant, request.name)
         if (current["model"], current["stable_version"]) != (request.model, stable):
-            raise ValidationFailed(
+            raise Conflict(
                 f"a canary rollout keeps the deployment's model and stable version ({current['model']} "
                 f"v{current['stable_version']}); change those in a PUT without a rollout")
         await self.canary.begin(tenant, request.name, canary.version, policy, if_match=if_match, wait=request.wait)

@@ -17,7 +17,7 @@ from llmp.training.v1 import training_pb2_grpc
 from services.common import topology
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.errors import NotFound, Unavailable, ValidationFailed
+from services.common.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.identity import Caller, acting_as, service_principal
@@ -34,7 +34,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def dataset_checker(clients: ServiceClients) -> DatasetCheck:
-    """Refuse a spec whose dataset version is missing, not READY, or too small for it (422 naming why)."""
+    """Refuse a spec whose dataset version is missing (404), not READY or too small for it (409, naming why): the
+    state of another resource, not a malformed field, so a spec valid by /openapi.json is never a 422 for it."""
 
     async def check(caller: Caller, spec: JobSpec) -> str:
         name, number = spec.dataset.name, spec.dataset.version
@@ -43,17 +44,20 @@ def dataset_checker(clients: ServiceClients) -> DatasetCheck:
                 response = await clients.dataset.GetDatasetVersion(
                     dataset_pb2.GetDatasetVersionRequest(name=name, version=number))
         except NotFound:
-            raise ValidationFailed(f"dataset {name} version {number} does not exist") from None
+            raise NotFound(f"dataset {name} version {number} does not exist") from None
         version = response.version
         if version.state != dataset_pb2.VERSION_STATE_READY:
             state = dataset_pb2.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
-            raise ValidationFailed(f"dataset {name} version {number} is {state}, not READY")
+            raise Conflict(f"dataset {name} version {number} is {state}, not READY")
         if version.options.format in SUPERVISED_FORMATS:  # rows of whole examples: counted in examples
             documents = {split.name: split.documents for split in version.splits}
             spec.check_supervised_dataset(documents.get("train", 0), documents.get("validation", 0))
-        else:
-            tokens = {split.name: split.tokens for split in version.splits}
+            return version.manifest_key
+        tokens = {split.name: split.tokens for split in version.splits}
+        try:
             spec.check_dataset(version.tokenizer.vocab_size, tokens.get("train", 0), tokens.get("validation", 0))
+        except ValidationFailed as error:  # the spec is valid; this dataset version cannot serve it
+            raise Conflict(f"dataset {name} version {number}: {error.message}") from None
         return version.manifest_key
 
     return check

@@ -30,6 +30,12 @@ MAX_VERSION = 2**63 - 1  # versions are int64 on the wire
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000  # training job priority (SubmitJobRequest.priority)
 MAX_IDEMPOTENCY_KEY = 255  # characters of a training submit's Idempotency-Key
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000  # common.v1.PageRequest.page_size: 0 means the default
+# Free text kept in PostgreSQL (a key's name, an alias move's reason, a dataset's field names): any characters but
+# NUL, which PostgreSQL text and jsonb cannot hold.
+TEXT_PATTERN = r"^[^\u0000]*$"
+# common.v1.PageRequest.page_token: the `next_page_token` a service issued, always URL-safe base64 with its
+# padding (its content is the service's own); "" asks for the first page.
+PAGE_TOKEN_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2}==|[A-Za-z0-9_-]{3}=)?$"
 MIN_VOCAB_SIZE = 260  # a BPE vocabulary: 256 byte symbols + the special tokens
 MAX_VOCAB_SIZE = 65536  # a BPE vocabulary's largest size (0 asks for the default)
 MAX_PROMPT_CHARS = 1_000_000  # characters of one prompt whatever the model: longer is refused before tokenizing

@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from services.common.errors import ValidationFailed
+from services.common.errors import Conflict
 from services.inference.canary import RolloutPolicy
 
 from .conftest import BROKEN, MODEL, TENANT
@@ -130,7 +130,7 @@ async def test_failing_canary_is_rolled_back_by_itself_alias_unchanged(service, 
 
 async def test_a_clients_change_during_a_rollout_aborts_it(service):
     await service.deploy("chat-mine", stable=1)
-    with pytest.raises(ValidationFailed):
+    with pytest.raises(Conflict):
         await service.canary.begin(TENANT, "chat-mine", 1)  # already stable
     await service.canary.begin(TENANT, "chat-mine", 2, RolloutPolicy(interval_s=60), wait=True)
     await service.deploy("chat-mine", stable=1, canary=(2, 40))  # the operator takes over
@@ -150,7 +150,8 @@ async def test_a_rollout_through_put_deployment_is_shown_by_get_deployment(servi
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "100" in bad.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as other_stable:
         await service.rollout("chat-wire", 2, stable=2)
-    assert other_stable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # well formed, refused by the deployment's state (its stable is 1): 409 through the gateway
+    assert other_stable.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "stable" in other_stable.value.details()
     assert not (await service.get("chat-wire")).HasField("rollout")
 
     started = await service.rollout("chat-wire", 2, if_match=created.etag, steps=[50, 100], interval_s=0.5,

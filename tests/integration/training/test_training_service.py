@@ -99,7 +99,7 @@ async def test_submit_watch_and_register_through_grpc(stack, celery_worker):
     assert created.version.state == dataset_pb2.VERSION_STATE_READY
     training = stack["training"]
 
-    # Refused at submit, naming the field: a broken spec, a missing dataset.
+    # Refused at submit: a broken spec (naming the field), a missing dataset.
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await training.SubmitJob(pb.SubmitJobRequest(spec=job_spec("shakespeare", learning_rate=2.0)),
                                  metadata=metadata)
@@ -107,7 +107,7 @@ async def test_submit_watch_and_register_through_grpc(stack, celery_worker):
     assert "hyperparameters.learning_rate" in refused.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await training.SubmitJob(pb.SubmitJobRequest(spec=job_spec("nowhere")), metadata=metadata)
-    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not exist" in missing.value.details()
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "does not exist" in missing.value.details()
 
     request = pb.SubmitJobRequest(spec=job_spec("shakespeare"), idempotency_key="k1", model_name="bard")
     submitted = await training.SubmitJob(request, metadata=metadata)
