@@ -10,10 +10,13 @@ import hashlib
 from collections.abc import Iterable
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ADAPTER_DIR = "adapter/"  # adapter_config.json + adapter_model.safetensors, loadable with peft on the base
 
 
 def role_of(path: str) -> str:
-    """What an artifact is for, from its file name."""
+    """What an artifact is for, from its file name (and folder: a LoRA fine-tune's adapter lives in `adapter/`)."""
+    if path.startswith(ADAPTER_DIR):
+        return "adapter"
     leaf = path.rsplit("/", 1)[-1]
     if leaf in WEIGHT_FILES or leaf.endswith((".safetensors", ".bin", ".pt")):
         return "weights"
