@@ -14,6 +14,7 @@ Transformers or serving code loads) and `adapter/`, which `peft.PeftModel.from_p
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +40,9 @@ def wrap(model: PreTrainedModel, spec: AdapterSpec, family: str, *, seed: int) -
                         target_modules=list(spec.target_modules), bias="none",
                         task_type=_TASKS.get(family, "CAUSAL_LM"),
                         fan_in_fan_out=family == "gpt2")  # GPT-2's Conv1D stores weights transposed
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft (locked version) still asks for the property Transformers renamed; harmless until v6.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(model, config)
 
@@ -82,7 +85,7 @@ def write_final(model: PeftModel, final_dir: Path, base: str) -> PreTrainedModel
     """
     for config in model.peft_config.values():
         config.base_model_name_or_path = base  # not the scratch folder it was loaded from
-    model.save_pretrained(final_dir / ADAPTER_DIR, safe_serialization=True)
+    model.save_pretrained(final_dir / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
     merged = model.merge_and_unload()
     merged.save_pretrained(final_dir, safe_serialization=True)
     return merged

@@ -109,7 +109,7 @@ def build_model(spec: ModelSpec, vocab: Vocabulary, *, seed: int, init_dir: Path
         if family not in CAUSAL_FAMILIES and family not in _CLASSES:
             raise ValidationFailed(f"model.init_from is a {family} model, which llmp cannot fine-tune")
         # Never remote code: only architectures Transformers itself implements load.
-        model = _class_of(family).from_pretrained(init_dir, trust_remote_code=False, torch_dtype=torch.float32)
+        model = _class_of(family).from_pretrained(init_dir, trust_remote_code=False, dtype=torch.float32)
         needed = vocab.size + (1 if family == "bert" else 0)
         if model.config.vocab_size < needed:
             raise ValidationFailed(f"model.init_from embeds {model.config.vocab_size} tokens, "
