@@ -178,3 +178,20 @@ def test_a_family_that_contradicts_the_version_is_named():
     spec = JobSpec.from_dict({"dataset": DATASET, "model": {"init_from": BASE, "family": "gpt2"}})
     with pytest.raises(ValidationFailed, match=r"^model\.family is gpt2 but model\.init_from base v1 is a llama"):
         spec.model.resolve_base("llama")
+
+
+# -- the gateway's schema ---------------------------------------------------------------------------
+def test_the_gateway_takes_a_fine_tune_by_version_alone_and_names_bad_adapter_fields():
+    from gateway.http import validate
+    from gateway.views.training_jobs import SUBMIT_JOB
+
+    validate({"dataset": DATASET, "model": {"init_from": BASE, "adapter": {"type": "lora"}}}, SUBMIT_JOB)
+    validate({"dataset": DATASET, "model": {"init_from": BASE, "family": "mistral"}}, SUBMIT_JOB)
+    for adapter, field in (({"type": "lora", "r": 0}, "model.adapter.r"),
+                           ({"type": "ia3"}, "model.adapter.type"),
+                           ({"type": "lora", "target_modules": ["q_proj", 3]}, "model.adapter.target_modules.1"),
+                           ({"type": "lora", "target_modules": ["a/b"]}, "model.adapter.target_modules.0"),
+                           ({"type": "lora", "bias": "all"}, "model.adapter")):
+        with pytest.raises(ValidationFailed) as refused:
+            validate({"dataset": DATASET, "model": {"init_from": BASE, "adapter": adapter}}, SUBMIT_JOB)
+        assert refused.value.message.startswith(field + ":"), refused.value.message
