@@ -38,6 +38,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import psutil
 import torch
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -152,6 +153,8 @@ def child(args) -> None:
     work = Path(args.work)
     result = (run_project if args.side == "project" else run_trainer)(args, work, args.mode)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # After the last step: weights, gradients and optimizer state all live (the peak may be loading's).
+    result["final_rss_bytes"] = psutil.Process().memory_info().rss
     if torch.cuda.is_available():
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     print("RESULT " + json.dumps(result), flush=True)
@@ -170,14 +173,14 @@ def spawn(args, work: Path, side: str, mode: str, passthrough: list[str]) -> dic
 def main(argv: list[str] | None = None) -> None:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30 if gpu else 20, help="timed steps (a multiple of --warmup)")
+    parser.add_argument("--steps", type=int, default=30 if gpu else 15, help="timed steps (a multiple of --warmup)")
     parser.add_argument("--warmup", type=int, default=10 if gpu else 5, help="untimed steps first; the log interval")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=1024 if gpu else 128)
-    parser.add_argument("--hidden", type=int, default=1024 if gpu else 256)
-    parser.add_argument("--intermediate", type=int, default=2816 if gpu else 688)
-    parser.add_argument("--layers", type=int, default=12 if gpu else 4)
+    parser.add_argument("--hidden", type=int, default=1024 if gpu else 512)
+    parser.add_argument("--intermediate", type=int, default=2816 if gpu else 1376)
+    parser.add_argument("--layers", type=int, default=12 if gpu else 6)
     parser.add_argument("--heads", type=int, default=16 if gpu else 8)
     parser.add_argument("--kv-heads", type=int, default=4 if gpu else 2)
     parser.add_argument("--rank", type=int, default=16 if gpu else 8)
@@ -225,9 +228,11 @@ def main(argv: list[str] | None = None) -> None:
             rate = window_tokens / statistics.median([w for run in runs for w in run["windows"]])
             figures[(mode, side)] = rate
             rss = max(run["peak_rss_bytes"] for run in runs) / 2**20
+            final_rss = max(run["final_rss_bytes"] for run in runs) / 2**20
             gpu_peak = (f", peak GPU memory {max(run['peak_gpu_bytes'] for run in runs) / 2**20:,.0f} MiB"
                         if gpu else "")
-            print(f"{mode:4} {name:17}: {rate:,.0f} tokens/s, peak RSS {rss:,.0f} MiB{gpu_peak}, "
+            print(f"{mode:4} {name:17}: {rate:,.0f} tokens/s, peak RSS {rss:,.0f} MiB (after training "
+                  f"{final_rss:,.0f} MiB){gpu_peak}, "
                   f"trainable {runs[0]['trainable']:,} params, optimizer state "
                   f"{runs[0]['optimizer_state_bytes'] / 2**20:,.2f} MiB")
     lora = figures[("lora", "project")] / figures[("lora", "trainer")]
