@@ -39,7 +39,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from services.common import contracts
-from services.training import data, distributed, models, train
+from services.training import data, distributed, events, models, train
 from services.training.spec import JobSpec
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -112,7 +112,7 @@ def measure_project(dataset: data.LocalDataset, spec: JobSpec, work: Path, warmu
     """Seconds of each window of `warmup` steps among steps warmup+1 … warmup+steps of `Run.run`."""
     clock = EventClock(torch.device("cpu"), warmup, warmup + steps, warmup)
     job = train.Job(tenant="bench", job_id=uuid.uuid4().hex, spec=spec)
-    run = train.Run(job, distributed.init(), dataset, work_dir=work, events=train.Events(clock))
+    run = train.Run(job, distributed.init(), dataset, work_dir=work, writer=events.EventWriter(clock))
     run.setup()
     clock.device = run.ctx.device
     run.run()

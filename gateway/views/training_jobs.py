@@ -45,13 +45,24 @@ SUBMIT_JOB = {
     "properties": {
         "dataset": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
                     "properties": {"name": _NAME, "version": int64(1)}},
+        # `family` may be left out: gpt2 from scratch, the version's own architecture with init_from.
         "model": {
-            "type": "object", "additionalProperties": False, "required": ["family"],
+            "type": "object", "additionalProperties": False,
             "properties": {
-                "family": {"enum": list(contracts.MODEL_FAMILIES)}, "n_layer": int32(1, 128), "n_head": int32(1, 128),
-                "n_embd": int32(1, 16384), "block_size": int32(2, 32768), "dropout": _number(0, 1, open_above=True),
+                "family": {"enum": list(contracts.FINETUNE_FAMILIES)}, "n_layer": int32(1, 128),
+                "n_head": int32(1, 128), "n_embd": int32(1, 16384), "block_size": int32(2, 32768),
+                "dropout": _number(0, 1, open_above=True),
                 "init_from": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
                               "properties": {"name": _NAME, "version": int64(1)}},
+                "adapter": {
+                    "type": "object", "additionalProperties": False, "required": ["type"],
+                    "properties": {
+                        "type": {"enum": list(contracts.ADAPTER_TYPES)}, "r": int32(1, 1024),
+                        "alpha": _number(0, 65536, open_below=True), "dropout": _number(0, 1, open_above=True),
+                        "target_modules": {"type": "array", "maxItems": 64, "uniqueItems": True,
+                                           "items": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"}},
+                    },
+                },
             },
         },
         "hyperparameters": {

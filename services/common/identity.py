@@ -54,6 +54,7 @@ SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
     "service:dataset": frozenset({"registry/ListModelVersionsByDataset", "registry/GetModelVersion"}),
     "service:training": frozenset({
         "dataset/GetDatasetVersion", "registry/GetModelVersion", "registry/ReserveModelVersion",
+        "registry/DownloadArtifact",  # a fine-tune's base: its config.json names the architecture
         "registry/RenewModelVersionReservation", "registry/CommitModelVersion"}),
 }
 

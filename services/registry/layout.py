@@ -10,12 +10,12 @@ import hashlib
 from collections.abc import Iterable
 
 # A version's weights: one file, or the index of sharded safetensors (model-00001-of-0000N.safetensors…).
-ADAPTER_DIR = "adapter/"  # a LoRA fine-tune's adapter (adapter_config.json, adapter_model.safetensors), for peft
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+ADAPTER_DIR = "adapter/"  # a LoRA fine-tune's adapter (adapter_config.json, adapter_model.safetensors), for peft
 
 
 def role_of(path: str) -> str:
-    """What an artifact is for, from its file name."""
+    """What an artifact is for, from its file name (and folder: a LoRA fine-tune's adapter lives in `adapter/`)."""
     if path.startswith(ADAPTER_DIR):
         return "adapter"
     leaf = path.rsplit("/", 1)[-1]

@@ -255,6 +255,7 @@ class Coordinator:
         manifest = contracts.dataset_manifest_key(caller.tenant, spec.dataset.name, spec.dataset.version)
         if self.check_dataset is not None:
             manifest = await self.check_dataset(caller, spec)
+            resolved = spec.to_dict()  # with what the init_from version decides (architecture, adapter targets)
 
         job_id = uuid.uuid4()
         async with self.db.transaction() as conn:

@@ -138,14 +138,21 @@ class DDPSync(Synchronizer):
         return contextlib.nullcontext()
 
 
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters replicas can disagree on: those that train. A LoRA job's frozen base is the same on
+    every rank, so the averaging modes exchange the adapter alone."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _average_now(ctx: Context, model: torch.nn.Module) -> None:
     if not ctx.distributed:
         return
     with torch.no_grad():
-        flat = torch.nn.utils.parameters_to_vector(model.parameters())
+        params = trainable(model)
+        flat = torch.nn.utils.parameters_to_vector(params)
         dist.all_reduce(flat)
         flat /= ctx.world_size
-        torch.nn.utils.vector_to_parameters(flat, model.parameters())
+        torch.nn.utils.vector_to_parameters(flat, params)
 
 
 class LocalSGDSync(Synchronizer):
@@ -158,7 +165,7 @@ class LocalSGDSync(Synchronizer):
 
     def after_step(self, model: torch.nn.Module, step: int) -> None:
         if self.averager is not None:
-            self.averager.average_parameters(model.parameters())
+            self.averager.average_parameters(trainable(model))
 
     def finalize(self, model: torch.nn.Module) -> None:
         _average_now(self.ctx, model)
@@ -192,7 +199,7 @@ class AsyncSync(Synchronizer):
         if not self.ctx.distributed or step % self.period:
             return
         with torch.no_grad():
-            params = list(model.parameters())
+            params = trainable(model)
             current = torch.nn.utils.parameters_to_vector(params)
             if self.snapshot is not None:
                 self._settle()
@@ -207,7 +214,7 @@ class AsyncSync(Synchronizer):
             with torch.no_grad():
                 if self.snapshot is not None:
                     self._settle()
-                    params = list(model.parameters())
+                    params = trainable(model)
                     current = torch.nn.utils.parameters_to_vector(params)
                     current = self.reduced / self.ctx.world_size + (current - self.snapshot)
                     torch.nn.utils.vector_to_parameters(current, params)

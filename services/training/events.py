@@ -42,6 +42,8 @@ class Started(Event):
     max_steps: int
     tokens_per_step: int
     environment: dict[str, Any] = field(default_factory=dict)  # python, torch, transformers, cuda, hardware, …
+    trainable_parameters: int | None = None  # those the optimizer updates (a LoRA adapter's); None: all
+    optimizer_state_bytes: int | None = None  # AdamW's moments for them, once allocated
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,5 @@
-"""The three model families, built from Transformers configs, and the objective each trains on.
+"""The model families, built from Transformers configs or loaded from a registry version, and the
+objective each trains on.
 
 - `gpt2`: `GPT2LMHeadModel`, causal LM: predict every next token of the block.
 - `bert`: `BertForMaskedLM`, masked LM (BERT's recipe: 15% of positions chosen; of those 80% become
@@ -7,6 +8,10 @@
 - `t5`: `T5ForConditionalGeneration`, prefix-to-continuation: the encoder reads the first half of
   the block and the decoder learns to produce the second half (the decoder starts from the pad id).
   Simpler than T5's span corruption, needs no sentinel tokens, and trains both stacks on every token.
+
+A fine-tune (`model.init_from`) loads the version's own architecture: the three above, and the causal
+decoders people import (`llama`, with grouped-query attention, `qwen2`, `mistral`), which train on
+gpt2's objective (`CAUSAL_FAMILIES`).
 
 Every objective's randomness (BERT's masking) comes from a generator the caller seeds from the data
 position, so a resumed run draws exactly the same masks as an uninterrupted one.
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
@@ -73,23 +79,49 @@ def model_config(spec: ModelSpec, vocab: Vocabulary) -> PretrainedConfig:
 _CLASSES: dict[str, type[PreTrainedModel]] = {
     "gpt2": GPT2LMHeadModel, "bert": BertForMaskedLM, "t5": T5ForConditionalGeneration,
 }
+CAUSAL_FAMILIES = frozenset({"gpt2", "llama", "qwen2", "mistral"})  # next-token prediction
+
+
+def _class_of(family: str):
+    return AutoModelForCausalLM if family in CAUSAL_FAMILIES else _CLASSES[family]
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    """The most positions the architecture can attend over (None: no fixed limit, as T5's relative ones)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
 
 
 def build_model(spec: ModelSpec, vocab: Vocabulary, *, seed: int, init_dir: Path | None = None) -> PreTrainedModel:
     """A freshly initialised model (weights drawn from `seed`), or one loaded from a saved model dir.
 
-    A saved model must be of the same family and vocabulary; its architecture wins over `spec`'s sizes.
+    A saved model's architecture wins over `spec`'s sizes (`spec.family` empty: whatever it is); it must
+    embed every token id of the dataset (a larger embedding, padded for speed, is fine) and the block.
     """
+    if init_dir is not None:
+        config = PretrainedConfig.get_config_dict(init_dir)[0]
+        family = spec.family or config.get("model_type", "")
+        if family != config.get("model_type"):
+            raise ValidationFailed(f"model.family is {family} but model.init_from is a "
+                                   f"{config.get('model_type')} model")
+        if family not in CAUSAL_FAMILIES and family not in _CLASSES:
+            raise ValidationFailed(f"model.init_from is a {family} model, which llmp cannot fine-tune")
+        # Never remote code: only architectures Transformers itself implements load.
+        model = _class_of(family).from_pretrained(init_dir, trust_remote_code=False, dtype=torch.float32)
+        needed = vocab.size + (1 if family == "bert" else 0)
+        if model.config.vocab_size < needed:
+            raise ValidationFailed(f"model.init_from embeds {model.config.vocab_size} tokens, "
+                                   f"the dataset needs {needed}")
+        limit = context_length(model.config)
+        if limit is not None and spec.block_size > limit:
+            raise ValidationFailed(f"model.block_size is {spec.block_size} but model.init_from attends over "
+                                   f"at most {limit} positions")
+        return model
     if spec.family not in _CLASSES:
         model_config(spec, vocab)  # raises the error naming the field
     cls = _CLASSES[spec.family]
-    if init_dir is not None:
-        model = cls.from_pretrained(init_dir)
-        expected = model_config(spec, vocab).vocab_size
-        if model.config.vocab_size != expected:
-            raise ValidationFailed(f"model.init_from has a vocabulary of {model.config.vocab_size} tokens, "
-                                   f"the dataset needs {expected}")
-        return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cls(model_config(spec, vocab))
@@ -106,7 +138,7 @@ def model_inputs(family: str, tokens: torch.Tensor, vocab: Vocabulary, generator
 
     tokens: int64 [batch, block_size], windows of the token stream.
     """
-    if family == "gpt2":
+    if family in CAUSAL_FAMILIES:
         return {"input_ids": tokens, "labels": tokens}  # the model shifts labels by one itself
     if family == "bert":
         return _masked_lm(tokens, vocab, generator, mlm_probability)
@@ -130,8 +162,13 @@ def _masked_lm(tokens: torch.Tensor, vocab: Vocabulary, generator: torch.Generat
     return {"input_ids": inputs, "labels": labels}
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def parameter_count(model: torch.nn.Module, *, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def optimizer_state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of AdamW's two moments for the trainable parameters (what LoRA shrinks)."""
+    return sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def flops_per_token(model: PreTrainedModel, block_size: int) -> float:

@@ -8,13 +8,16 @@ maintenance loop into the gRPC server. The jobs themselves run in Celery workers
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
+from llmp.common.v1 import common_pb2
 from llmp.dataset.v1 import dataset_pb2
+from llmp.registry.v1 import registry_pb2
 from llmp.training.v1 import training_pb2_grpc
 
-from services.common import topology
+from services.common import contracts, topology
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import Conflict, NotFound, Unavailable, ValidationFailed
@@ -31,11 +34,17 @@ log = logging.getLogger(__name__)
 SUPERVISED_FORMATS = (dataset_pb2.CORPUS_FORMAT_PAIRS, dataset_pb2.CORPUS_FORMAT_CHAT)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+TOKENIZER_FILE = "tokenizer.json"  # a tokenizer's identity is the SHA-256 of this file (docs/CONTRACTS.md)
+MAX_CONFIG_BYTES = 1 << 20  # a config.json larger than this is not a Transformers config
 
 
 def dataset_checker(clients: ServiceClients) -> DatasetCheck:
     """Refuse a spec whose dataset version is missing (404), not READY or too small for it (409, naming why): the
-    state of another resource, not a malformed field, so a spec valid by /openapi.json is never a 422 for it."""
+    state of another resource, not a malformed field, so a spec valid by /openapi.json is never a 422 for it.
+    A fine-tune's `init_from` version must exist and tokenize as the dataset does (422 naming both, as
+    SPEC.md says); its spec gets the version's architecture and the adapter's default targets filled in
+    (`resolve_base`).
+    """
 
     async def check(caller: Caller, spec: JobSpec) -> str:
         name, number = spec.dataset.name, spec.dataset.version
@@ -49,6 +58,10 @@ def dataset_checker(clients: ServiceClients) -> DatasetCheck:
         if version.state != dataset_pb2.VERSION_STATE_READY:
             state = dataset_pb2.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
             raise Conflict(f"dataset {name} version {number} is {state}, not READY")
+        if spec.model.init_from is not None:  # first: it fills in the architecture the checks below read
+            ours = next((obj.sha256 for obj in version.objects
+                         if obj.key.endswith("/" + contracts.DATASET_TOKENIZER + TOKENIZER_FILE)), "")
+            await _check_base(clients, caller, spec, f"dataset {name} v{number}", ours)
         if version.options.format in SUPERVISED_FORMATS:  # rows of whole examples: counted in examples
             documents = {split.name: split.documents for split in version.splits}
             spec.check_supervised_dataset(documents.get("train", 0), documents.get("validation", 0))
@@ -61,6 +74,47 @@ def dataset_checker(clients: ServiceClients) -> DatasetCheck:
         return version.manifest_key
 
     return check
+
+
+async def _check_base(clients: ServiceClients, caller: Caller, spec: JobSpec, dataset: str,
+                      dataset_tokenizer: str) -> None:
+    """The `init_from` version exists, tokenizes as the dataset does, and is an architecture llmp fine-tunes."""
+    base = spec.model.init_from
+    where = f"model.init_from {base.name} v{base.version}"
+    try:
+        with acting_as(caller):
+            reply = await clients.registry.GetModelVersion(
+                registry_pb2.GetModelVersionRequest(name=base.name, version=base.version))
+        artifacts = {artifact.path: artifact.object.sha256 for artifact in reply.version.artifacts}
+        if "config.json" not in artifacts:
+            raise ValidationFailed(f"{where} has no config.json: it is not a Transformers model")
+        theirs = artifacts.get(TOKENIZER_FILE, "")
+        if not theirs:
+            raise ValidationFailed(f"{where} has no {TOKENIZER_FILE}: its tokenizer is unknown")
+        if theirs != dataset_tokenizer:
+            raise ValidationFailed(
+                f"{dataset} was tokenized with a different tokenizer than {where}: {TOKENIZER_FILE} "
+                f"SHA-256 {dataset_tokenizer[:12] or 'none'}… vs {theirs[:12]}…; create the dataset with "
+                f"tokenizer=model&tokenizer_model={base.name}&tokenizer_model_version={base.version}")
+        config = await _read_artifact(clients, caller, base.name, base.version, "config.json")
+    except NotFound:
+        raise ValidationFailed(f"{where} does not exist") from None
+    try:
+        family = json.loads(config).get("model_type", "")
+    except (ValueError, AttributeError):
+        raise ValidationFailed(f"{where} has a config.json that is not a JSON object") from None
+    spec.model.resolve_base(str(family))
+
+
+async def _read_artifact(clients: ServiceClients, caller: Caller, name: str, version: int, path: str) -> bytes:
+    request = registry_pb2.DownloadArtifactRequest(model=common_pb2.ModelRef(name=name, version=version), path=path)
+    data = bytearray()
+    with acting_as(caller):
+        async for message in clients.registry.DownloadArtifact(request):
+            data += message.data
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ValidationFailed(f"model.init_from {name} v{version} has a {path} over {MAX_CONFIG_BYTES} bytes")
+    return bytes(data)
 
 
 def broker_checker(producer):

@@ -26,7 +26,10 @@ def message_to_dict(message: Message) -> dict[str, Any]:
     """
     values: dict[str, Any] = {}
     for field, value in message.ListFields():
-        values[field.name] = message_to_dict(value) if field.message_type is not None else value
+        if field.is_repeated:
+            values[field.name] = [message_to_dict(item) if field.message_type is not None else item for item in value]
+        else:
+            values[field.name] = message_to_dict(value) if field.message_type is not None else value
     return values
 
 

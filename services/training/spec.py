@@ -10,6 +10,7 @@ the job file and is stored in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,10 @@ if TYPE_CHECKING:
     from services.common.config import Settings
 
 FAMILIES = contracts.MODEL_FAMILIES
+FINETUNE_FAMILIES = contracts.FINETUNE_FAMILIES
 MODES = contracts.DISTRIBUTED_MODES
 PRECISIONS = contracts.PRECISIONS
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 @dataclass
@@ -40,17 +43,74 @@ class ModelRef:
     version: int = 0  # its version, >= 1
 
 
+# LoRA's default target modules per architecture: the attention projections, where LoRA's authors found
+# most of the gain (Hu et al. 2021, section 7.1). GPT-2's `c_proj` names both the attention output and the
+# MLP output projection (both are adapted).
+LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+# The linear layers of each architecture's blocks that an adapter may target (checked at submit, so a
+# misspelt name is a 422, not a job that fails when peft finds nothing to adapt).
+LINEAR_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+@dataclass
+class AdapterSpec:
+    """A parameter-efficient fine-tune: only the adapter's weights train (see `adapters.py`)."""
+
+    type: str = "lora"  # lora (low-rank updates W + (alpha / r) * B @ A of the target layers)
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scale numerator: the update is multiplied by alpha / r
+    dropout: float = 0.05  # dropout on the adapter's input
+    target_modules: list[str] = field(default_factory=list)  # layer names; [] = the architecture's default
+
+
 @dataclass
 class ModelSpec:
-    """The architecture, built from a Transformers config (see `models.py`)."""
+    """The architecture, built from a Transformers config (see `models.py`), or a registry version's."""
 
-    family: str = "gpt2"  # gpt2 (decoder, causal LM), bert (encoder, masked LM), t5 (encoder-decoder)
+    # gpt2 (decoder, causal LM), bert (encoder, masked LM), t5 (encoder-decoder); with `init_from`, the
+    # version's architecture (also llama, qwen2, mistral), filled in at submit when left out.
+    family: str = "gpt2"
     n_layer: int = 4  # transformer blocks (per stack for t5)
     n_head: int = 4  # attention heads; must divide n_embd
     n_embd: int = 128  # hidden size
     block_size: int = 128  # tokens per training sequence (the model's context for gpt2/bert)
     dropout: float = 0.0  # dropout on embeddings, residuals and attention; 0 for small data is fine
     init_from: ModelRef | None = None  # start from a registry version instead of from scratch
+    adapter: AdapterSpec | None = None  # with init_from: train an adapter instead of every weight
+
+    def resolve_base(self, family: str) -> None:
+        """Fill in what the `init_from` version decides: its architecture, the adapter's default targets.
+
+        ValidationFailed naming the field when the spec asks for something the version cannot be.
+        """
+        if self.family and self.family != family:
+            raise ValidationFailed(f"model.family is {self.family} but model.init_from "
+                                   f"{self.init_from.name} v{self.init_from.version} is a {family} model")
+        _check(family in FINETUNE_FAMILIES, "model.init_from",
+               f"is a {family} model; fine-tuning supports {', '.join(FINETUNE_FAMILIES)}")
+        self.family = family
+        adapter = self.adapter
+        if adapter is None:
+            return
+        known = LINEAR_MODULES.get(family)
+        if not adapter.target_modules:
+            _check(family in LORA_TARGET_MODULES, "model.adapter.target_modules",
+                   f"has no default for {family} models: name the layers to adapt")
+            adapter.target_modules = list(LORA_TARGET_MODULES[family])
+        elif known is not None:
+            for name in adapter.target_modules:
+                _check(name in known, "model.adapter.target_modules",
+                       f"names {name!r}, not a linear layer of {family} blocks ({', '.join(known)})")
 
 
 @dataclass
@@ -121,8 +181,14 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: Any) -> JobSpec:
-        """Parse a JSON-like dict; unknown fields and wrong types raise `ValidationFailed` naming the field."""
+        """Parse a JSON-like dict; unknown fields and wrong types raise `ValidationFailed` naming the field.
+
+        A fine-tune (`model.init_from`) that names no family gets the version's own (`resolve_base`).
+        """
         spec = _build(cls, data, "")
+        model = data.get("model") or {}
+        if spec.model.init_from is not None and not model.get("family"):
+            spec.model.family = ""
         spec.validate()
         return spec
 
@@ -134,7 +200,12 @@ class JobSpec:
         d, m, h, x = self.dataset, self.model, self.hyperparameters, self.distributed
         contracts.validate_name(d.name, "dataset.name")
         _check(d.version >= 1, "dataset.version", "must be >= 1")
-        _check(m.family in FAMILIES, "model.family", f"must be one of {', '.join(FAMILIES)}")
+        if m.init_from is None:
+            _check(m.family in FAMILIES, "model.family",
+                   f"must be one of {', '.join(FAMILIES)} (other architectures need model.init_from)")
+        else:  # "" until the coordinator reads the version's architecture
+            _check(m.family in ("", *FINETUNE_FAMILIES), "model.family",
+                   f"must be one of {', '.join(FINETUNE_FAMILIES)}")
         _check(1 <= m.n_layer <= 128, "model.n_layer", "must be between 1 and 128")
         _check(1 <= m.n_head <= 128, "model.n_head", "must be between 1 and 128")
         _check(1 <= m.n_embd <= 16384, "model.n_embd", "must be between 1 and 16384")
@@ -144,6 +215,20 @@ class JobSpec:
         if m.init_from is not None:
             contracts.validate_name(m.init_from.name, "model.init_from.name")  # a registry path segment
             _check(m.init_from.version >= 1, "model.init_from.version", "must be >= 1")
+        if m.adapter is not None:
+            a = m.adapter
+            _check(m.init_from is not None, "model.adapter", "needs model.init_from (an adapter adapts a model)")
+            _check(a.type in contracts.ADAPTER_TYPES, "model.adapter.type",
+                   f"must be one of {', '.join(contracts.ADAPTER_TYPES)}")
+            _check(1 <= a.r <= 1024, "model.adapter.r", "must be between 1 and 1024")
+            _check(0.0 < a.alpha <= 65536.0, "model.adapter.alpha", "must be in (0, 65536]")
+            _check(0.0 <= a.dropout < 1.0, "model.adapter.dropout", "must be in [0, 1)")
+            _check(len(a.target_modules) <= 64, "model.adapter.target_modules", "must name at most 64 layers")
+            for name in a.target_modules:
+                _check(bool(_MODULE_NAME.match(name)), "model.adapter.target_modules",
+                       f"names {name!r}: layer names are letters, digits and underscores")
+            _check(len(set(a.target_modules)) == len(a.target_modules), "model.adapter.target_modules",
+                   "names a layer twice")
         _check(1 <= h.batch_size <= 65536, "hyperparameters.batch_size", "must be between 1 and 65536")
         _check(1 <= h.max_steps <= 10_000_000, "hyperparameters.max_steps", "must be between 1 and 10000000")
         _check(0.0 < h.learning_rate <= 1.0, "hyperparameters.learning_rate", "must be in (0, 1]")
@@ -223,10 +308,19 @@ def _build(cls: type, data: Any, path: str) -> Any:
         kind = _FIELD_TYPES[cls][name]
         where = f"{path}{name}"
         if dataclasses.is_dataclass(kind):
-            values[name] = None if value is None and name == "init_from" else _build(kind, value, where + ".")
+            optional = name in ("init_from", "adapter")
+            values[name] = None if value is None and optional else _build(kind, value, where + ".")
+        elif kind is list:
+            values[name] = _strings(value, where)
         else:
             values[name] = _scalar(kind, value, where)
     return cls(**values)
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise ValidationFailed(f"{where} must be a list of strings")
+    return list(value)
 
 
 def _scalar(kind: type, value: Any, where: str) -> Any:
@@ -250,8 +344,9 @@ def _scalar(kind: type, value: Any, where: str) -> Any:
 _FIELD_TYPES: dict[type, dict[str, type]] = {
     DatasetRef: {"name": str, "version": int},
     ModelRef: {"name": str, "version": int},
+    AdapterSpec: {"type": str, "r": int, "alpha": float, "dropout": float, "target_modules": list},
     ModelSpec: {"family": str, "n_layer": int, "n_head": int, "n_embd": int, "block_size": int,
-                "dropout": float, "init_from": ModelRef},
+                "dropout": float, "init_from": ModelRef, "adapter": AdapterSpec},
     HyperParameters: {f.name: {"int": int, "float": float, "str": str}[f.type]
                       for f in dataclasses.fields(HyperParameters)},
     DistributedSpec: {f.name: {"int": int, "float": float, "str": str}[f.type]

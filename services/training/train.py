@@ -42,7 +42,7 @@ import transformers
 
 from services.common.contracts import JobLayout
 from services.common.errors import Conflict
-from services.training import checkpoints, data, distributed, events, models, supervised
+from services.training import adapters, checkpoints, data, distributed, events, models, supervised
 from services.training.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def make_optimizer(model: torch.nn.Module, hp) -> torch.optim.AdamW:
 
 
 _RANDOM_OBJECTIVES = {"bert"}  # families whose objective draws random numbers (masks) every micro-batch
-_CACHING_FAMILIES = {"gpt2", "t5"}  # families whose forward builds a KV cache unless told not to
+_NON_CACHING_FAMILIES = {"bert"}  # every other family's forward builds a KV cache unless told not to
 
 
 def _seed_for(*parts: int) -> int:
@@ -151,14 +151,23 @@ class Run:
         ctx, hp = self.ctx, self.hp
         latest = checkpoints.latest_step(self.store, self.job.layout) if self.store else None
         restored = None
+        adapter = self.spec.model.adapter
         if latest is not None:
             restored = checkpoints.fetch(self.store, self.job.layout, latest, ctx, self.work_dir / "resume")
             self._check_lineage(restored.state)
-            init_dir = restored.folder / "model"
-        else:
-            init_dir = self._fetch_init()
-        self.model = models.build_model(self.spec.model, self.vocab, seed=hp.seed, init_dir=init_dir)
+        # An adapter's checkpoint holds the adapter alone: its base is the init_from version, every time.
+        init_dir = restored.folder / "model" if restored is not None and adapter is None else self._fetch_init()
+        model = models.build_model(self.spec.model, self.vocab, seed=hp.seed, init_dir=init_dir)
+        self.family = self.spec.model.family or model.config.model_type
+        if self.spec.model.init_from is not None:
+            self.spec.model.resolve_base(self.family)  # a job file written before resolution: defaults
+        if adapter is not None:
+            model = adapters.wrap(model, adapter, self.family, seed=_seed_for(hp.seed, 4))
+            if restored is not None:
+                adapters.load_checkpoint(model, restored.folder / "model")
+        self.model = model
         self.model.to(ctx.device).train()
+        self.trainable = distributed.trainable(self.model)
         self.optimizer = make_optimizer(self.model, hp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, hp))
         self.sync = distributed.synchronizer(self.spec.distributed.mode, ctx, self.spec.distributed.sync_interval)
@@ -194,7 +203,7 @@ class Run:
     def _restore(self, restored: checkpoints.Restored) -> None:
         mine = restored.load(checkpoints.rank_file(self.ctx.rank))
         if self.sync.per_rank_state:
-            self.model.load_state_dict(mine["model"])
+            adapters.load_trainable_state(self.model, mine["model"])
             self.optimizer.load_state_dict(mine["optimizer"])
         else:
             self.optimizer.load_state_dict(restored.load("optimizer.pt"))
@@ -224,7 +233,7 @@ class Run:
 
         `generator_seed` seeds the objective's randomness (BERT's masks); None for objectives without any.
         """
-        family = self.spec.model.family
+        family = self.family
         generator = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
         inputs = supervised.model_inputs(family, tokens, self.vocab, generator, self.hp.mlm_probability)
         moved: dict[int, torch.Tensor] = {}  # gpt2's input_ids and labels are one tensor: copy it once
@@ -232,7 +241,7 @@ class Run:
             if id(value) not in moved:
                 moved[id(value)] = value.to(self.ctx.device, non_blocking=True)
             inputs[name] = moved[id(value)]
-        if family in _CACHING_FAMILIES:
+        if family not in _NON_CACHING_FAMILIES:
             # Training never reads a KV cache; building one copies every layer's keys and values
             # (what HF Trainer avoids by setting config.use_cache = False).
             inputs["use_cache"] = False
@@ -240,7 +249,7 @@ class Run:
             return module(**inputs).loss
 
     def _objective_seed(self, *parts: int) -> int | None:
-        return _seed_for(self.hp.seed, *parts) if self.spec.model.family in _RANDOM_OBJECTIVES else None
+        return _seed_for(self.hp.seed, *parts) if self.family in _RANDOM_OBJECTIVES else None
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step (grad_accum micro-batches); returns this rank's mean micro-batch loss as a
@@ -254,7 +263,7 @@ class Run:
                 (loss / hp.grad_accum).backward()
             total += loss.detach().float()
         if hp.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trainable, hp.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.progress.step += 1
@@ -284,7 +293,9 @@ class Run:
         self.events.emit(events.Started(
             step=progress.step, world_size=ctx.world_size, mode=self.spec.distributed.mode, device=str(ctx.device),
             precision=hp.precision, parameters=models.parameter_count(self.model), resumed_from=self.resumed_from,
-            max_steps=hp.max_steps, tokens_per_step=self.tokens_per_step, environment=environment(ctx.device)))
+            max_steps=hp.max_steps, tokens_per_step=self.tokens_per_step, environment=environment(ctx.device),
+            trainable_parameters=models.parameter_count(self.model, trainable=True),
+            optimizer_state_bytes=models.optimizer_state_bytes(self.model)))
         for logged in self.logged:  # the worker may have been killed before it forwarded them
             self.events.emit(events.Replayed(step=logged.step, of=logged))
         interval = hp.effective_checkpoint_interval
@@ -349,7 +360,7 @@ class Run:
         started, progress = time.perf_counter(), self.progress
         rank_state = {"rng": checkpoints.rng_state(self.ctx.device), "sync": self.sync.state_dict()}
         if self.sync.per_rank_state:
-            rank_state["model"] = {k: v.cpu() for k, v in self.model.state_dict().items()}
+            rank_state["model"] = adapters.trainable_state(self.model)
             rank_state["optimizer"] = self.optimizer.state_dict()
         state = {
             "data_position": self.batches.position, "spec": self.spec.to_dict(),
@@ -387,7 +398,11 @@ class Run:
         if self.store is not None and self.ctx.is_main:
             final_dir = self.work_dir / "final"  # rank 0 only
             shutil.rmtree(final_dir, ignore_errors=True)
-            self.model.save_pretrained(final_dir, safe_serialization=True)
+            init = self.spec.model.init_from
+            if adapters.is_adapted(self.model):  # merged weights, and the adapter under adapter/
+                adapters.write_final(self.model, final_dir, base=f"{init.name}/v{init.version}")
+            else:
+                self.model.save_pretrained(final_dir, safe_serialization=True)
             for path in self.dataset.tokenizer_dir.iterdir():
                 if path.is_file():
                     shutil.copy(path, final_dir / path.name)

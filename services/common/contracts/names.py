@@ -48,7 +48,11 @@ MAX_TOP_LOGPROBS = 20  # alternatives reported per generated token
 
 # The values an enumerated field accepts, as the API spells them.
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
-MODEL_FAMILIES = ("gpt2", "bert", "t5")
+MODEL_FAMILIES = ("gpt2", "bert", "t5")  # built from sizes (trained from scratch)
+# Architectures a job may fine-tune from a registry version (`model.init_from`): the above and the
+# pretrained causal decoders people import (Llama with grouped-query attention, Qwen2, Mistral).
+FINETUNE_FAMILIES = (*MODEL_FAMILIES, "llama", "qwen2", "mistral")
+ADAPTER_TYPES = ("lora",)  # parameter-efficient fine-tuning methods (`model.adapter.type`)
 DISTRIBUTED_MODES = ("ddp", "local-sgd", "async")
 PRECISIONS = ("fp32", "bf16")
 

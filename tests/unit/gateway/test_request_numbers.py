@@ -62,6 +62,8 @@ def test_every_integer_the_document_declares_is_bounded_as_an_int64_or_narrower(
 NON_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e400"]
 JOB = {"dataset": {"name": "d", "version": 1}, "model": {"family": "gpt2"}, "hyperparameters": {},
        "distributed": {"mode": "ddp"}}
+LORA_JOB = {"dataset": {"name": "d", "version": 1},
+            "model": {"init_from": {"name": "base", "version": 1}, "adapter": {"type": "lora"}}}
 # Every number field of the bodies, with a valid body to put it in.
 NUMBER_FIELDS = [
     (COMPLETION, {"model": "m", "prompt": "p"}, path) for path in
@@ -74,7 +76,9 @@ NUMBER_FIELDS = [
     (SUBMIT_JOB, JOB, f"{group}.{name}") for group in ("model", "hyperparameters", "distributed")
     for name, field in SUBMIT_JOB["properties"][group]["properties"].items()
     if field.get("type") in {"integer", "number"}
-] + [(SUBMIT_JOB, JOB, "dataset.version"), (SUBMIT_JOB, JOB, "priority")]
+] + [(SUBMIT_JOB, JOB, "dataset.version"), (SUBMIT_JOB, JOB, "priority")] + [
+    (SUBMIT_JOB, LORA_JOB, f"model.adapter.{name}") for name in ("r", "alpha", "dropout")
+]
 IDS = [path for _, _, path in NUMBER_FIELDS]
 
 
@@ -152,9 +156,12 @@ OFFSETS = {"minimum": (0, -1), "exclusiveMinimum": (1, 0), "maximum": (0, 1), "e
 @pytest.mark.parametrize("path", [path for schema, _, path in NUMBER_FIELDS if schema is SUBMIT_JOB
                                   and path != "priority"])
 def test_the_training_bounds_are_the_training_services(path):
-    group, name = path.split(".")
-    schema = SUBMIT_JOB["properties"][group]["properties"][name]
-    base = JOB
+    *groups, name = path.split(".")
+    node = SUBMIT_JOB
+    for group in groups:
+        node = node["properties"][group]
+    schema = node["properties"][name]
+    base = LORA_JOB if path.startswith("model.adapter.") else JOB
     for companion, value in COMPANIONS.get(path, {}).items():
         base = _put(base, companion, value)
     step = 1 if schema["type"] == "integer" else 1e-9

@@ -28,7 +28,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class ModelConfig(_message.Message):
-    __slots__ = ("family", "n_layer", "n_head", "n_embd", "block_size", "dropout", "init_from")
+    __slots__ = ("family", "n_layer", "n_head", "n_embd", "block_size", "dropout", "init_from", "adapter")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     N_LAYER_FIELD_NUMBER: _ClassVar[int]
     N_HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class ModelConfig(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     INIT_FROM_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     family: str
     n_layer: int
     n_head: int
@@ -43,7 +44,22 @@ class ModelConfig(_message.Message):
     block_size: int
     dropout: float
     init_from: _common_pb2.ModelRef
-    def __init__(self, family: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., block_size: _Optional[int] = ..., dropout: _Optional[float] = ..., init_from: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+    adapter: AdapterConfig
+    def __init__(self, family: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., block_size: _Optional[int] = ..., dropout: _Optional[float] = ..., init_from: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., adapter: _Optional[_Union[AdapterConfig, _Mapping]] = ...) -> None: ...
+
+class AdapterConfig(_message.Message):
+    __slots__ = ("type", "r", "alpha", "dropout", "target_modules")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    R_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, type: _Optional[str] = ..., r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
     __slots__ = ("batch_size", "max_steps", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "grad_accum", "eval_interval", "eval_batches", "early_stopping_patience", "checkpoint_interval", "log_interval", "precision", "seed", "mlm_probability")
