@@ -59,7 +59,8 @@ CALLS: dict[str, frozenset[str]] = {
     "gateway": frozenset({DATASET.name, TRAINING.name, REGISTRY.name, INFERENCE.name, POSTGRES, MINIO}),
     DATASET.name: frozenset({REGISTRY.name, POSTGRES, MINIO}),
     # The coordinator imports the worker's Celery app to dispatch, so its image reaches what the worker does.
-    TRAINING.name: frozenset({DATASET.name, POSTGRES, REDIS}),
+    # The registry: a fine-tune's base version is checked at submit (its tokenizer and config.json).
+    TRAINING.name: frozenset({DATASET.name, REGISTRY.name, POSTGRES, REDIS}),
     # Nodes of one multi-node job: c10d rendezvous and NCCL/Gloo between the workers, on ports they pick.
     TRAINING_WORKER: frozenset({REGISTRY.name, POSTGRES, REDIS, MINIO, TRAINING_WORKER}),
     REGISTRY.name: frozenset({POSTGRES, MINIO}),

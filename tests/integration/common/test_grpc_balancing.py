@@ -171,7 +171,8 @@ async def test_sigterm_to_one_of_two_replicas_behind_one_dns_name_fails_no_call(
     clients = None
     try:
         replicas = await _start_replicas(settings_env, tmp_path, address, port)
-        clients = ServiceClients(Settings.from_env({**settings_env, "LLMP_REGISTRY_ADDR": address}))
+        clients = ServiceClients(Settings.from_env({**settings_env, "LLMP_REGISTRY_ADDR": address}),
+                                 principal=identity.GATEWAY)
         await _drain_one_under_load(clients, replicas, f"two registry replicas behind {NAME}")
     finally:
         if clients is not None:
@@ -235,7 +236,7 @@ async def test_under_the_mesh_sigterm_to_one_replica_behind_the_sidecar_fails_no
         replicas = await _start_replicas(settings_env, tmp_path, f"127.0.0.1:{port}", port)
         settings = Settings.from_env({**settings_env, "LLMP_REGISTRY_ADDR": f"127.0.0.1:{proxy_port}",
                                       "LLMP_GRPC_BALANCING": "mesh"})
-        clients = ServiceClients(settings)
+        clients = ServiceClients(settings, principal=identity.GATEWAY)
         await _drain_one_under_load(clients, replicas, "two registry replicas behind a sidecar proxy")
     finally:
         if clients is not None:
