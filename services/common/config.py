@@ -113,6 +113,19 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_TRAINING_MAX_N_EMBD", "4096", "Largest `model.n_embd` a training job may ask."),
     Variable("LLMP_TRAINING_MAX_N_LAYER", "48", "Largest `model.n_layer` a training job may ask."),
     Variable("LLMP_TRAINING_MAX_STEPS", "1000000", "Largest `hyperparameters.max_steps` a training job may ask."),
+    Variable("LLMP_TENANT_MAX_TRAINING_NODES", "8",
+             "Training nodes one tenant's queued and running jobs may hold at once, across all coordinator replicas."),
+    Variable("LLMP_TENANT_NODE_HOURS_PER_DAY", "192",
+             "Node-hours (wall time x nnodes x nproc_per_node) one tenant's jobs may run in any 24 hours; a job "
+             "is refused at submit once the tenant's jobs of the last 24 hours reached it."),
+    Variable("LLMP_TENANT_INGEST_BYTES_PER_DAY", "10737418240",
+             "Corpus bytes one tenant may ingest into new dataset versions in any 24 hours."),
+    Variable("LLMP_GRPC_TLS_CERT", "",
+             "PEM certificate this process presents on gRPC (as server and as client); with _KEY and _CA: mutual "
+             "TLS, servers require a client certificate signed by LLMP_GRPC_TLS_CA. Empty: plaintext (the mesh "
+             "adds mTLS on Kubernetes)."),
+    Variable("LLMP_GRPC_TLS_KEY", "", "PEM private key of LLMP_GRPC_TLS_CERT."),
+    Variable("LLMP_GRPC_TLS_CA", "", "PEM CA that signs every gRPC peer's certificate (servers and clients)."),
 )
 # Secrets whose defaults anyone can read here: right for a stack on one's own machine, wrong anywhere else.
 # Every process names those still at their default in a warning when it starts (`logs.configure`), and
@@ -168,6 +181,30 @@ class S3Settings:
 
 
 @dataclass(frozen=True)
+class GrpcTls:
+    """Mutual TLS on gRPC: this process's certificate and key, and the CA every peer's certificate must chain to."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, str]) -> "GrpcTls | None":
+        names = ("LLMP_GRPC_TLS_CERT", "LLMP_GRPC_TLS_KEY", "LLMP_GRPC_TLS_CA")
+        given = [name for name in names if values.get(name)]
+        if not given:
+            return None
+        if len(given) != len(names):  # half a TLS setup would silently fall back to plaintext
+            missing = ", ".join(name for name in names if name not in given)
+            raise InvalidArgument(f"mutual TLS on gRPC needs all of {', '.join(names)}; missing {missing}")
+        return cls(*(Path(values[name]) for name in names))
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(certificate, key, CA) as PEM bytes."""
+        return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a llmp process is configured with."""
 
@@ -207,6 +244,10 @@ class Settings:
     training_max_n_embd: int = 4096
     training_max_n_layer: int = 48
     training_max_steps: int = 1_000_000
+    tenant_max_training_nodes: int = 8
+    tenant_node_hours_per_day: int = 192
+    tenant_ingest_bytes_per_day: int = 10 * 1024**3
+    grpc_tls: GrpcTls | None = None  # LLMP_GRPC_TLS_*: mutual TLS on gRPC; None is plaintext
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -295,6 +336,13 @@ class Settings:
             training_max_n_embd=_positive_int(values["LLMP_TRAINING_MAX_N_EMBD"], "LLMP_TRAINING_MAX_N_EMBD"),
             training_max_n_layer=_positive_int(values["LLMP_TRAINING_MAX_N_LAYER"], "LLMP_TRAINING_MAX_N_LAYER"),
             training_max_steps=_positive_int(values["LLMP_TRAINING_MAX_STEPS"], "LLMP_TRAINING_MAX_STEPS"),
+            tenant_max_training_nodes=_positive_int(values["LLMP_TENANT_MAX_TRAINING_NODES"],
+                                                    "LLMP_TENANT_MAX_TRAINING_NODES"),
+            tenant_node_hours_per_day=_positive_int(values["LLMP_TENANT_NODE_HOURS_PER_DAY"],
+                                                    "LLMP_TENANT_NODE_HOURS_PER_DAY"),
+            tenant_ingest_bytes_per_day=_positive_int(values["LLMP_TENANT_INGEST_BYTES_PER_DAY"],
+                                                      "LLMP_TENANT_INGEST_BYTES_PER_DAY"),
+            grpc_tls=GrpcTls.from_values(values),
             raw=values,
         )
 

@@ -18,7 +18,7 @@ from llmp.registry.v1 import registry_pb2_grpc
 from llmp.training.v1 import training_pb2_grpc
 
 from services.common import errors, identity, tracing
-from services.common.config import Settings
+from services.common.config import GrpcTls, Settings
 from services.common.grpc_server import ACCEPTING_HEALTH_NAME
 
 if TYPE_CHECKING:
@@ -166,6 +166,7 @@ class ServiceClients:
                  default_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.addresses = dict(settings.service_addrs)
         self.options = channel_options(settings.grpc_balancing)
+        self.tls = settings.grpc_tls
         signer = identity.CallSigner(identity.signer_for(settings), principal)
         self.interceptors = [*CallPolicy(signer, default_timeout).interceptors(),
                              *tracing.client_interceptors(tracer_provider or tracing.process_provider())]
@@ -174,8 +175,8 @@ class ServiceClients:
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.aio.insecure_channel(self.addresses[service], options=self.options,
-                                                                interceptors=self.interceptors)
+            self._channels[service] = open_channel(self.addresses[service], self.tls, options=self.options,
+                                                   interceptors=self.interceptors)
         return self._channels[service]
 
     def _stub(self, service: str, stub_class: type) -> Any:
@@ -207,11 +208,24 @@ class ServiceClients:
         self._stubs.clear()
 
 
-async def health_check(address: str, service: str = "", timeout: float = 2.0) -> str:
+def credentials(tls: GrpcTls) -> grpc.ChannelCredentials:
+    """This process's certificate (servers under mTLS require one) and the CA that must sign the server's."""
+    cert, key, ca = tls.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def open_channel(address: str, tls: GrpcTls | None, **kwargs: Any) -> grpc.aio.Channel:
+    """An aio channel to `address`: mutual TLS when `tls` is set (LLMP_GRPC_TLS_*), else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, **kwargs)
+    return grpc.aio.secure_channel(address, credentials(tls), **kwargs)
+
+
+async def health_check(address: str, service: str = "", timeout: float = 2.0, tls: GrpcTls | None = None) -> str:
     """The grpc.health.v1 status name of `service` at `address` ('UNREACHABLE' when it can't be asked)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         try:
             response = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -304,7 +304,13 @@ class GrpcApp:
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         address = listen_addr or self.settings.listen_addr(self.service)
-        self.port = self.server.add_insecure_port(address)
+        if self.settings.grpc_tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:  # mutual TLS: a caller without a certificate from our CA never reaches a servicer
+            cert, key, ca = self.settings.grpc_tls.read()
+            credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                      require_client_auth=True)
+            self.port = self.server.add_secure_port(address, credentials)
         if not self.port:
             raise errors.Unavailable(f"cannot listen on {address}")
         await self.server.start()

@@ -11,6 +11,7 @@ Docker's HEALTHCHECK, docker-compose and any exec probe use it, so the images ne
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -18,17 +19,27 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.config import GrpcTls
+
 
 def check_grpc(addr: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
     """Whether the gRPC server at `addr` reports `service` ("" = the whole server) as SERVING."""
+    tls = GrpcTls.from_values(os.environ)  # under mTLS the probe needs the component's own certificate
     try:
-        with grpc.insecure_channel(addr) as channel:
+        with (grpc.insecure_channel(addr) if tls is None
+              else grpc.secure_channel(addr, grpc.ssl_channel_credentials(*_pem(tls)))) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as error:
         return False, f"{addr}: {error.code().name}: {error.details()}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     return response.status == health_pb2.HealthCheckResponse.SERVING, f"{addr}: {status}"
+
+
+def _pem(tls: GrpcTls) -> tuple[bytes, bytes, bytes]:
+    """(CA, key, certificate), in the order ssl_channel_credentials takes them."""
+    cert, key, ca = tls.read()
+    return ca, key, cert
 
 
 def check_http(url: str, timeout: float = 3.0) -> tuple[bool, str]:

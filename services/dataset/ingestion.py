@@ -3,8 +3,10 @@
 The corpus is streamed to a spool file (never held in memory) and parsed once while the caller waits,
 so a bad line or an empty corpus fails the request itself and nothing is created. Then the version is
 reserved PENDING (leased to this replica), the corpus stored in S3 beside it, and only then is the
-ingest accepted; it is built in a worker thread (one build at a time: it is CPU-bound) while watchers
-follow its progress. A failure of the build removes the uploaded objects and marks the version FAILED.
+ingest accepted; it is built in a worker thread (one build at a time: it is CPU-bound; waiting builds
+take turns across tenants, see turns.py) while watchers follow its progress. A failure of the build
+removes the uploaded objects and marks the version FAILED. A new version's corpus counts against its
+tenant's ingest bytes per day (`VersionStore.reserve`), shared by every replica through PostgreSQL.
 
 Accepted ingests survive the replica: it renews the leases of its builds every `heartbeat_seconds`,
 and in the same loop claims a PENDING version whose lease has lapsed (its owner stopped or died) and
@@ -36,6 +38,7 @@ from services.common.periodic import Periodic
 from services.dataset import conversations, ingest, model_tokenizers, pipeline
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions, parse_s3_uri
+from services.dataset.turns import TenantTurns
 from services.dataset.versions import LeaseLost, VersionRow, VersionStore, content_digest
 
 log = logging.getLogger(__name__)
@@ -89,8 +92,10 @@ class Ingestor:
     def __init__(self, versions: VersionStore, work_dir: Path, max_upload_bytes: int,
                  shard_tokens: int | None = None, *, lease_seconds: float = LEASE_SECONDS,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
-                 tokenizer_source: model_tokenizers.ResolveTokenizer | None = None) -> None:
+                 tokenizer_source: model_tokenizers.ResolveTokenizer | None = None,
+                 ingest_bytes_per_day: int | None = None) -> None:
         self.versions = versions
+        self.ingest_bytes_per_day = ingest_bytes_per_day  # LLMP_TENANT_INGEST_BYTES_PER_DAY; None: unbounded
         self.store = versions.store
         self.work_dir = work_dir
         self.max_upload_bytes = max_upload_bytes
@@ -100,7 +105,7 @@ class Ingestor:
         self.tokenizer_source = tokenizer_source  # tokenizer=model: the registry's answer
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this replica, in leases
         self._running: dict[int, _Running] = {}
-        self._builds = asyncio.Semaphore(1)
+        self._builds = TenantTurns(1)  # one build at a time, the tenants' queues served in turn
         # A round in progress at close is cut: close() itself settles the builds whose leases it renews.
         self._upkeep = Periodic("dataset lease upkeep", heartbeat_seconds, self._keep_leases, first_at_start=True,
                                 cancel_at_close=True)
@@ -128,7 +133,7 @@ class Ingestor:
             # accept and fail later.
             await asyncio.to_thread(self.store.check)
             row, created = await self.versions.reserve(tenant, options, digest, received.size, self.owner,
-                                                       self.lease_seconds)
+                                                       self.lease_seconds, bytes_per_day=self.ingest_bytes_per_day)
             if created:
                 running = _Running(received.size)
                 running.progress = replace(running.progress, phase="receive")
@@ -253,7 +258,7 @@ class Ingestor:
             asyncio.run_coroutine_threadsafe(running.update(event), loop)
 
         try:
-            async with self._builds:
+            async with self._builds.held(row.tenant):
                 if spool is None:
                     spool = await self._load_source(row)
                 options = {"shard_tokens": self.shard_tokens} if self.shard_tokens else {}

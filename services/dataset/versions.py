@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 from services.common import contracts
 from services.common.contracts import SPLITS
 from services.common.db import Database
-from services.common.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable
+from services.common.errors import Conflict, Internal, InvalidArgument, NotFound, RateLimited, Unavailable
 from services.common.s3 import ObjectStore, StoredObject
 from services.dataset.options import DatasetOptions
 from services.dataset.pipeline import Built
@@ -104,6 +104,7 @@ def decode_token(token: str):
         raise InvalidArgument(f"page_token {token!r} is not one this service issued") from None
 
 
+INGEST_RETRY_AFTER = 3600.0  # seconds: the 24-hour window of the ingest bytes quota slides by the hour
 _COLUMNS = ("id, tenant, name, version, state, digest, options, source_bytes, stats, objects, manifest_key, "
             "error, created_at, finished_at, owner, attempts")
 
@@ -117,9 +118,11 @@ class VersionStore:
 
     # -- create ---------------------------------------------------------------------------------
     async def reserve(self, tenant: str, options: DatasetOptions, digest: str, source_bytes: int,
-                      owner: str, lease_seconds: float) -> tuple[VersionRow, bool]:
+                      owner: str, lease_seconds: float, *, bytes_per_day: int | None = None
+                      ) -> tuple[VersionRow, bool]:
         """A new PENDING version for this content, leased to `owner`, or the live one that already has it
-        (created False)."""
+        (created False). A new version is refused (RateLimited, nothing created) when its corpus would take
+        the tenant's versions created in the last 24 hours past `bytes_per_day`."""
         async with self.db.transaction() as conn:
             await conn.execute("INSERT INTO datasets (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                                (tenant, options.name))
@@ -131,6 +134,8 @@ class VersionStore:
             existing = await cursor.fetchone()
             if existing:
                 return VersionRow.from_row(existing), False
+            if bytes_per_day is not None:
+                await _admit_bytes(conn, tenant, source_bytes, bytes_per_day)
             cursor = await conn.execute(
                 "UPDATE datasets SET last_version = last_version + 1 WHERE tenant = %s AND name = %s "
                 "RETURNING last_version", (tenant, options.name))
@@ -341,3 +346,20 @@ class VersionStore:
         removed = await asyncio.to_thread(self.store.delete_prefix, row.prefix)
         log.info("dataset version deleted", extra={"dataset": name, "version": version, "objects": removed})
         return removed
+
+
+async def _admit_bytes(conn, tenant: str, source_bytes: int, bytes_per_day: int) -> None:
+    """The ingest bytes quota, counted from the versions themselves (failed ones too: their corpus was taken
+    in and built), under a per-tenant lock so two replicas cannot both admit the corpus that passes it.
+    429 with Retry-After: the 24-hour window slides, so the same request succeeds later."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('llmp.dataset.ingest-quota:' || %s, 0))",
+                       (tenant,))
+    cursor = await conn.execute(
+        "SELECT coalesce(sum(source_bytes), 0) AS used FROM dataset_versions "
+        "WHERE tenant = %s AND created_at > now() - interval '1 day'", (tenant,))
+    used = await cursor.fetchone()
+    if used["used"] + source_bytes > bytes_per_day:
+        raise RateLimited(
+            f"ingest bytes quota: tenant {tenant!r} ingested {used['used']} bytes in the last 24 hours; this "
+            f"corpus's {source_bytes} would pass LLMP_TENANT_INGEST_BYTES_PER_DAY={bytes_per_day}",
+            retry_after=INGEST_RETRY_AFTER)

@@ -8,8 +8,9 @@ How a job moves (every change is one transaction, recorded in the job's event lo
 
 Dispatch. A job of `nnodes` nodes has one row per node in `training_job_nodes`, and submitting it
 sends `nnodes` Celery messages to the `gpu` queue. A message is a *slot*, not an order: the worker
-that receives one claims the highest-priority free node of any job (`claim`), so the broker's FIFO
-never overrides priorities, and a message whose work was taken (or cancelled) is a no-op. Every free
+that receives one claims a free node (`claim`: the tenant served least recently first, then priority
+within that tenant), so the broker's FIFO never overrides fairness or priorities, and a message whose
+work was taken (or cancelled) is a no-op. Every free
 node always has at least one message in flight, so no job starves while workers are idle.
 
 Leases. A claimed node holds a lease that its worker renews with `heartbeat`; the coordinator's
@@ -41,6 +42,7 @@ from psycopg.types.json import Jsonb
 from services.common import contracts
 from services.common.errors import Conflict, InvalidArgument, NotFound, ValidationFailed
 from services.common.identity import Caller
+from services.training.quotas import TrainingQuotas
 from services.training.spec import FleetLimits, JobSpec
 
 log = logging.getLogger(__name__)
@@ -225,9 +227,10 @@ class Coordinator:
 
     def __init__(self, db, dispatcher: Dispatcher | None = None, *, check_dataset: DatasetCheck | None = None,
                  lease_seconds: float = DEFAULT_LEASE_SECONDS, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 limits: FleetLimits | None = None) -> None:
+                 limits: FleetLimits | None = None, quotas: TrainingQuotas | None = None) -> None:
         self.db = db
         self.limits = limits or FleetLimits()
+        self.quotas = quotas or TrainingQuotas()
         self.dispatcher = dispatcher
         self.check_dataset = check_dataset
         self.lease_seconds = lease_seconds
@@ -259,6 +262,7 @@ class Coordinator:
 
         job_id = uuid.uuid4()
         async with self.db.transaction() as conn:
+            await self.quotas.admit(conn, caller.tenant, spec.distributed.nnodes)
             cursor = await conn.execute(
                 f"""INSERT INTO training_jobs (id, tenant, spec, spec_sha256, priority, idempotency_key, model_name,
                                                dataset_manifest_key, nnodes, max_steps, lease_seconds, created_by)
@@ -454,17 +458,25 @@ class Coordinator:
     # --- worker side ----------------------------------------------------------------------------
 
     async def claim(self, worker: str, host: str) -> Assignment | None:
-        """Take the free node of the highest-priority runnable job (oldest first among equals), or None."""
+        """Take a free node, or None: first the remaining nodes of a job already running (its claimed nodes
+        wait for them at the rendezvous), then the tenant served least recently, so one tenant's long queue
+        cannot starve another's job; within that tenant, the highest-priority job (oldest first among equals)."""
         async with self.db.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CLAIM_LOCK,))
             cursor = await conn.execute(
-                """SELECT n.job_id, n.node_rank FROM training_job_nodes n JOIN training_jobs j ON j.id = n.job_id
+                """SELECT n.job_id, n.node_rank, j.tenant
+                   FROM training_job_nodes n JOIN training_jobs j ON j.id = n.job_id
+                   LEFT JOIN training_tenant_turns t ON t.tenant = j.tenant
                    WHERE n.worker IS NULL AND j.state IN ('QUEUED', 'RUNNING') AND NOT j.cancel_requested
-                   ORDER BY j.priority DESC, j.created_at, j.id, n.node_rank LIMIT 1""")
+                   ORDER BY j.state = 'RUNNING' DESC, t.last_claimed_at NULLS FIRST, j.priority DESC, j.created_at,
+                            j.id, n.node_rank LIMIT 1""")
             candidate = await cursor.fetchone()
             if candidate is None:
                 return None
             job_id, node_rank = candidate["job_id"], candidate["node_rank"]
+            await conn.execute(
+                "INSERT INTO training_tenant_turns (tenant, last_claimed_at) VALUES (%s, clock_timestamp()) "
+                "ON CONFLICT (tenant) DO UPDATE SET last_claimed_at = excluded.last_claimed_at", (candidate["tenant"],))
             cursor = await conn.execute(
                 f"SELECT {_JOB_COLUMNS} FROM training_jobs WHERE id = %s FOR UPDATE", (job_id,))
             job = Job.from_row(await cursor.fetchone())

@@ -27,6 +27,7 @@ from services.common.identity import Caller, acting_as, service_principal
 from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
 from services.training.dispatch import CeleryDispatcher, make_producer
+from services.training.quotas import TrainingQuotas
 from services.training.servicer import TrainingServicer
 from services.training.spec import FleetLimits, JobSpec
 
@@ -139,7 +140,8 @@ async def build(settings: Settings) -> GrpcApp:
     clients = ServiceClients(settings, principal=service_principal(topology.TRAINING.name))
     producer = make_producer(settings)
     coordinator = Coordinator(db, CeleryDispatcher(producer), check_dataset=dataset_checker(clients),
-                              lease_seconds=settings.training_lease_seconds, limits=FleetLimits.from_settings(settings))
+                              lease_seconds=settings.training_lease_seconds, limits=FleetLimits.from_settings(settings),
+                              quotas=TrainingQuotas.from_settings(settings))
 
     app = GrpcApp(settings, topology.TRAINING)
     app.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(coordinator),

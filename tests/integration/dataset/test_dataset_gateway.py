@@ -116,3 +116,23 @@ async def test_oversize_upload_is_413_naming_the_limit_and_creates_nothing(gatew
     listed = await (await gateway.get("/v1/datasets", headers=AUTH)).json()
     assert f"gw-huge-{how}" not in [d["name"] for d in listed["datasets"]]
     assert (await gateway.get(f"/v1/datasets/gw-huge-{how}", headers=AUTH)).status == 404
+
+
+async def test_an_ingest_past_the_tenants_bytes_per_day_is_429_naming_the_quota(aiohttp_client, settings_env,
+                                                                                  lineage, shakespeare):
+    settings = Settings.from_env({**settings_env, "LLMP_ADMIN_KEY": ADMIN_KEY,
+                                  "LLMP_TENANT_INGEST_BYTES_PER_DAY": "1"})
+    app = await server.build_app(settings, models_using=lineage)
+    await app.start(settings.listen_addr(topology.DATASET))
+    try:
+        gateway = await aiohttp_client(init_app(settings))
+        refused = await gateway.post("/v1/datasets?name=gw-over-quota&tokenizer=char", data=shakespeare[:20_000],
+                                     headers=AUTH)
+        assert refused.status == 429, await refused.text()
+        assert int(refused.headers["Retry-After"]) > 0
+        error = (await refused.json())["error"]
+        assert error["type"] == "rate_limited" and "LLMP_TENANT_INGEST_BYTES_PER_DAY=1" in error["message"]
+        missing = await gateway.get("/v1/datasets/gw-over-quota/versions/1", headers=AUTH)
+        assert missing.status == 404  # nothing was created
+    finally:
+        await app.stop()

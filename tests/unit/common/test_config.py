@@ -49,3 +49,12 @@ def test_variables_are_unique_and_prefixed():
     names = [variable.name for variable in VARIABLES]
     assert len(names) == len(set(names)) == len(DEFAULTS)
     assert all(name.startswith("LLMP_") for name in names)
+
+
+def test_grpc_tls_needs_its_certificate_key_and_ca_together():
+    assert Settings.from_env({}).grpc_tls is None
+    with pytest.raises(InvalidArgument, match="LLMP_GRPC_TLS_CA"):
+        Settings.from_env({"LLMP_GRPC_TLS_CERT": "/c.pem", "LLMP_GRPC_TLS_KEY": "/k.pem"})
+    tls = Settings.from_env({"LLMP_GRPC_TLS_CERT": "/c.pem", "LLMP_GRPC_TLS_KEY": "/k.pem",
+                             "LLMP_GRPC_TLS_CA": "/ca.pem"}).grpc_tls
+    assert (str(tls.cert), str(tls.key), str(tls.ca)) == ("/c.pem", "/k.pem", "/ca.pem")
