@@ -25,7 +25,8 @@ function lineageCells(lineage = {}) {
   return { dataset, job };
 }
 
-const redraw = () => window.dispatchEvent(new HashChangeEvent("hashchange")); // the view again, from the API
+// The view again, from the API, once the user had a moment to read what the form says was done.
+const redraw = () => setTimeout(() => window.dispatchEvent(new HashChangeEvent("hashchange")), 1500);
 
 const versionChoices = (versions, current) => versions.filter((v) => v.version !== current)
   .map((v) => [String(v.version), `v${v.version}`]);

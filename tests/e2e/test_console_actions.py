@@ -126,7 +126,8 @@ def test_a_training_job_submitted_from_the_form(browser, console_url, stack):  #
     for name, value in [("dataset.ref", f"{UPLOADED}@1"), ("model.family", "gpt2"), ("model.n_layer", "1"),
                         ("model.n_head", "2"), ("model.n_embd", "32"), ("model.block_size", "32"),
                         ("hyperparameters.max_steps", "4"), ("hyperparameters.batch_size", "8"),
-                        ("hyperparameters.learning_rate", "0.003"), ("hyperparameters.seed", "7")]:
+                        ("hyperparameters.learning_rate", "0.003"), ("hyperparameters.warmup_steps", "1"),
+                        ("hyperparameters.eval_interval", "2"), ("hyperparameters.seed", "7")]:
         fill(browser, "job-submit", name, value)
     outcome = submit(browser, "job-submit")
     assert outcome.startswith("done: Submitted job"), outcome
@@ -137,7 +138,7 @@ def test_a_training_job_submitted_from_the_form(browser, console_url, stack):  #
     assert {k: spec["model"][k] for k in ("family", "n_layer", "n_head", "n_embd", "block_size")} == {
         "family": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
     hp = spec["hyperparameters"]
-    assert (hp["max_steps"], hp["batch_size"], hp["seed"]) == (4, 8, 7)
+    assert (hp["max_steps"], hp["batch_size"], hp["warmup_steps"], hp["eval_interval"], hp["seed"]) == (4, 8, 1, 2, 7)
     assert hp["learning_rate"] == pytest.approx(0.003)
 
 
