@@ -263,7 +263,7 @@ def test_llmp_chat_streams_piece_by_piece(stack, deployment):
 
 def test_llmp_chat_ends_cleanly_on_ctrl_c_and_names_an_unknown_deployment(stack, deployment):
     chat = llmp_chat(stack)
-    time.sleep(3)  # started and waiting for a line
+    time.sleep(5)  # started and waiting for a line
     os.kill(chat.pid, signal.SIGINT)
     out, err = chat.communicate(timeout=30)
     assert chat.returncode == 130 and "Traceback" not in err, err
