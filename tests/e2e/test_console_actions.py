@@ -201,7 +201,7 @@ def test_the_playground_streams_the_apis_answer(browser, console_url, stack, dep
         assert chunks >= 2 and len(seen) >= 2, (chunks, seen)
         assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:], strict=False))
         assert seen[-1] == expected
-    assert history[1]["content"].startswith("hello") and "one two three".startswith(history[3]["content"][:3])
+    assert history[1]["content"] == "hello there"  # what the tiny model was taught to answer
 
 
 def test_a_canary_is_added_and_its_weight_changed(browser, console_url, stack, deployment, chat_versions):  # noqa: F811
