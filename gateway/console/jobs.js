@@ -45,6 +45,8 @@ export function jobSpec(fields) {
     } else if (group === "init") {
       const [model, version] = value.split("@");
       spec.model.init_from = { name: model, version: Number(version) };
+    } else if (group === "adapter") { // LoRA and the like: only with a starting version
+      spec.model.adapter = { ...spec.model.adapter, [key]: value };
     } else if (group === "model_name") {
       spec.model_name = value;
     } else {
@@ -73,6 +75,11 @@ async function submitForm(signal) {
         field("Start from", select("init.ref", starts), "fine-tune a registered version: its architecture wins over the sizes below"),
         field("Family", select("model.family", ["gpt2", "bert", "t5"])),
         field("Register as", input("model_name.", { placeholder: "the dataset's name" }))),
+      h("div", { class: "row" },
+        field("Adapter", select("adapter.type", [["", "none (all weights)"], ["lora", "LoRA"]]),
+          "with a starting version: train a LoRA adapter, register merged weights plus adapter/"),
+        field("LoRA rank", input("adapter.r", { type: "number", min: 1, placeholder: "default" })),
+        field("LoRA alpha", input("adapter.alpha", { type: "number", min: 0, step: "any", placeholder: "default" }))),
       h("div", { class: "row" },
         field("Layers", numberInput("model.n_layer", 2, { min: 1 })),
         field("Heads", numberInput("model.n_head", 4, { min: 1 })),
