@@ -33,20 +33,57 @@ async function failure(response) {
 
 // GET (or another method with a JSON body) → the parsed JSON answer; throws ApiError.
 // The browser's HTTP cache revalidates with If-None-Match, so unchanged resources come back as 304s.
-export async function api(path, { method = "GET", body, signal } = {}) {
+export async function api(path, options = {}) {
+  return (await withEtag(path, options)).body;
+}
+
+// Like api(), also giving the answer's ETag: the If-Match of a later change (`ifMatch`), so a change
+// made meanwhile by someone else fails with 412 instead of being overwritten.
+export async function withEtag(path, { method = "GET", body, signal, ifMatch, ifNoneMatch } = {}) {
   const extra = body === undefined ? {} : { "Content-Type": "application/json" };
+  if (ifMatch) extra["If-Match"] = ifMatch;
+  if (ifNoneMatch) extra["If-None-Match"] = ifNoneMatch;
   const response = await fetch(path, {
     method, signal, headers: headers("application/json", extra),
     body: body === undefined ? undefined : JSON.stringify(body),
+    cache: method === "GET" ? "no-cache" : "no-store", // an ETag about to guard a change must be current
   });
   if (!response.ok) throw await failure(response);
-  return response.status === 204 ? null : response.json();
+  return { body: response.status === 204 ? null : await response.json(), etag: response.headers.get("ETag") ?? "" };
+}
+
+// POST a file as the raw body with XMLHttpRequest, whose upload events (unlike fetch's) report the bytes
+// sent: `progress(sent, total)` as they go. Resolves to the parsed JSON answer; rejects with ApiError.
+export function upload(path, file, { progress, contentType = "text/plain" } = {}) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", path);
+    for (const [name, value] of Object.entries(headers("application/json", { "Content-Type": contentType }))) {
+      request.setRequestHeader(name, value);
+    }
+    request.upload.addEventListener("progress", (event) => progress?.(event.loaded, event.total || file.size));
+    request.addEventListener("load", () => {
+      let body = null;
+      try { body = JSON.parse(request.responseText); } catch { /* not JSON: keep the status line */ }
+      if (request.status >= 200 && request.status < 300) return resolve(body);
+      const error = body?.error ?? { type: "http", message: `${request.status} ${request.statusText}` };
+      if (request.status === 401) window.dispatchEvent(new CustomEvent("llmp:unauthenticated", { detail: error.message }));
+      reject(new ApiError(request.status, error.type, error.message));
+    });
+    request.addEventListener("error", () => reject(new ApiError(0, "network", "the upload failed (connection lost)")));
+    request.addEventListener("abort", () => reject(new ApiError(0, "aborted", "the upload was cancelled")));
+    request.send(file);
+  });
 }
 
 // Server-Sent Events read with fetch, because EventSource cannot send an Authorization header.
 // Yields {id, event, data} with `data` parsed as JSON; returns at `data: [DONE]` or the end of the stream.
-export async function* events(path, { signal } = {}) {
-  const response = await fetch(path, { signal, headers: headers("text/event-stream") });
+// With `body`, the request is a POST of that JSON (a streamed completion).
+export async function* events(path, { signal, body } = {}) {
+  const response = await fetch(path, body === undefined ? { signal, headers: headers("text/event-stream") } : {
+    method: "POST", signal, body: JSON.stringify(body),
+    headers: headers("text/event-stream", { "Content-Type": "application/json" }),
+  });
   if (!response.ok) throw await failure(response);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";

@@ -8,6 +8,7 @@ import * as datasets from "./datasets.js";
 import * as deployments from "./deployments.js";
 import * as jobs from "./jobs.js";
 import * as models from "./models.js";
+import * as playground from "./playground.js";
 
 const ROUTES = [
   [/^#\/datasets$/, "datasets", datasets.list],
@@ -19,6 +20,8 @@ const ROUTES = [
   [/^#\/models\/([^/]+)\/versions\/(\d+)$/, "models", models.version],
   [/^#\/deployments$/, "deployments", deployments.list],
   [/^#\/deployments\/([^/]+)$/, "deployments", deployments.show],
+  [/^#\/playground$/, "playground", playground.show],
+  [/^#\/playground\/([^/]+)$/, "playground", playground.show],
 ];
 
 const $ = (id) => document.getElementById(id);

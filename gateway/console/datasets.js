@@ -1,8 +1,9 @@
 // Datasets: every dataset's latest version with its split statistics; one dataset's versions with
 // splits, cleaning and the manifest's checksums.
 
-import { api } from "./api.js";
+import { api, upload } from "./api.js";
 import { badge, bytes, count, encode, facts, h, link, table, when } from "./dom.js";
+import { actionForm, field, input, select, values } from "./forms.js";
 import { poll } from "./live.js";
 
 export const SPLITS = ["train", "validation", "test", "calibration"];
@@ -30,7 +31,39 @@ export async function list(_, signal) {
   const holder = h("div", {}, datasetsTable(first.datasets));
   // New datasets and PENDING ones finishing show up without a reload.
   poll(signal, 3000, load, (data) => holder.replaceChildren(datasetsTable(data.datasets)), { initial: first });
-  return h("div", {}, h("h1", {}, "Datasets"), holder);
+  return h("div", {}, h("h1", {}, "Datasets"), uploadForm(), holder);
+}
+
+// A corpus from this computer becomes a dataset's next version: POST /v1/datasets with the file as the body,
+// its bytes counted out by the upload's progress events; the table above shows it build until READY.
+function uploadForm() {
+  const file = input("corpus", { type: "file", required: true });
+  const bar = h("progress", { id: "upload-progress", max: 1, value: 0 });
+  const sent = h("span", { id: "upload-sent", class: "muted" });
+  return actionForm({
+    id: "dataset-upload", title: "Upload a corpus", submit: "Upload",
+    children: [
+      field("Corpus file", file, "text (documents separated by blank lines), JSON lines, pairs or chat"),
+      field("Dataset name", input("name", { required: true, maxlength: 63 })),
+      field("Format", select("format", ["text", "jsonl", "pairs", "chat"])),
+      field("Tokenizer", select("tokenizer", [["bpe", "bpe (trained on the corpus)"], ["char", "char"]])),
+      field("Vocabulary size", input("vocab_size", { type: "number", min: 1, placeholder: "default" }), "bpe only"),
+      h("div", { class: "field" }, bar, sent),
+    ],
+    act: async (form) => {
+      const corpus = file.files[0];
+      const query = new URLSearchParams(values(form));
+      const created = await upload(`/v1/datasets?${query}`, corpus, {
+        progress: (done, total) => {
+          bar.max = total || 1;
+          bar.value = done;
+          sent.textContent = ` ${bytes(done)} of ${bytes(total)}`;
+        },
+      });
+      return h("span", {}, "Uploaded: ", link(`#/datasets/${encode(created.name)}`, `${created.name} v${created.version}`),
+        ` (${created.state})`);
+    },
+  });
 }
 
 function splitsTable(version) {

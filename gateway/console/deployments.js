@@ -2,8 +2,9 @@
 // (requests, errors, latency, time to first token, tokens: the inference service's per-version counters)
 // and each served version's training metrics from the registry.
 
-import { api } from "./api.js";
+import { api, withEtag } from "./api.js";
 import { badge, count, encode, facts, h, link, number, table, when } from "./dom.js";
+import { actionForm, field, input, select, values } from "./forms.js";
 import { poll } from "./live.js";
 
 // The traffic split as a bar: stable (100 - w)% and canary w%.
@@ -39,7 +40,48 @@ export async function list(_, signal) {
   const first = await load();
   const holder = h("div", {}, deploymentsTable(first.deployments));
   poll(signal, 3000, load, (data) => holder.replaceChildren(deploymentsTable(data.deployments)), { initial: first });
-  return h("div", {}, h("h1", {}, "Deployments"), holder);
+  return h("div", {}, h("h1", {}, "Deployments"), holder, createForm());
+}
+
+// A new deployment (If-None-Match: *, so an existing one of that name is never replaced from here).
+function createForm() {
+  return actionForm({
+    id: "deployment-create", title: "New deployment", submit: "Deploy",
+    children: h("div", { class: "row" },
+      field("Name", input("name", { required: true, maxlength: 63 })),
+      field("Model", input("model", { required: true, maxlength: 63 })),
+      field("Stable", input("stable", { required: true, placeholder: "version number or alias" }))),
+    act: async (form) => {
+      const { name, model, stable } = values(form);
+      const body = { model, stable: /^\d+$/.test(stable) ? Number(stable) : stable };
+      const deployment = await api(`/v1/deployments/${encode(name)}`, { method: "PUT", body, ifNoneMatch: "*" });
+      return h("span", {}, "Deploying ", link(`#/deployments/${encode(name)}`, name), ` (${deployment.state})`);
+    },
+  });
+}
+
+// Give the deployment a canary or change its share: PUT of the whole deployment with If-Match, the ETag
+// of the deployment as last read (a change made meanwhile elsewhere gets 412 and is not overwritten).
+function canaryForm(current, versions) {
+  const deployment = () => current.deployment;
+  const choices = versions.map((v) => [String(v.version), `v${v.version}`]);
+  const start = deployment().canary;
+  return actionForm({
+    id: "canary-form", title: "Canary", submit: "Apply",
+    children: h("div", { class: "row" },
+      field("Canary version", select("version", [["", "none"], ...choices], { value: start?.version })),
+      field("Weight (%)", input("weight", { type: "number", min: 0, max: 100, value: start?.weight ?? 10 }))),
+    act: async (form) => {
+      const { version, weight = 0 } = values(form);
+      const body = { model: deployment().model, stable: deployment().stable,
+        canary: version ? { version: Number(version), weight } : null };
+      const changed = await withEtag(`/v1/deployments/${encode(deployment().name)}`,
+        { method: "PUT", body, ifMatch: current.etag });
+      current.etag = changed.etag || current.etag;
+      current.deployment = changed.body;
+      return version ? `v${version} now receives ${weight}% of requests` : "canary removed";
+    },
+  });
 }
 
 async function servedVersions(deployment, signal) {
@@ -116,13 +158,18 @@ function detail(deployment, served, figures) {
 }
 
 export async function show([name], signal) {
+  const current = { deployment: null, etag: "" }; // as last read: what the canary form changes
   const load = async () => {
-    const deployment = await api(`/v1/deployments/${encode(name)}`, { signal });
+    const { body: deployment, etag } = await withEtag(`/v1/deployments/${encode(name)}`, { signal });
+    Object.assign(current, { deployment, etag });
     return { deployment, figures: await servingFigures(deployment, signal) };
   };
   const first = await load();
   const draw = async ({ deployment, figures }) => detail(deployment, await servedVersions(deployment, signal), figures);
   const holder = h("div", {}, await draw(first));
   poll(signal, 3000, load, async (data) => holder.replaceChildren(await draw(data)), { initial: first });
-  return h("div", {}, h("p", {}, link("#/deployments", "← Deployments")), holder);
+  const { versions } = await api(`/v1/models/${encode(first.deployment.model)}`, { signal })
+    .catch(() => ({ versions: [] }));
+  return h("div", {}, h("p", {}, link("#/deployments", "← Deployments"), " · ",
+    link(`#/playground/${encode(name)}`, "Chat with it")), holder, canaryForm(current, versions));
 }

@@ -2,6 +2,7 @@
 
 import { api, events } from "./api.js";
 import { badge, count, encode, facts, h, link, number, progressBar, shortId, table, when } from "./dom.js";
+import { actionForm, field, input, select, values } from "./forms.js";
 import { poll, sleep } from "./live.js";
 import { lineChart } from "./plot.js";
 
@@ -28,7 +29,78 @@ export async function list(_, signal) {
   const first = await load();
   const holder = h("div", {}, jobsTable(first.jobs));
   poll(signal, 3000, load, (data) => holder.replaceChildren(jobsTable(data.jobs)), { initial: first });
-  return h("div", {}, h("h1", {}, "Training jobs"), holder);
+  return h("div", {}, h("h1", {}, "Training jobs"), await submitForm(signal), holder);
+}
+
+const numberInput = (name, value, attributes = {}) => input(name, { type: "number", value, required: true, ...attributes });
+
+// The body of POST /v1/training-jobs from the form's fields (`group.field` names say where each goes).
+export function jobSpec(fields) {
+  const spec = { dataset: {}, model: {}, hyperparameters: {}, distributed: { mode: "ddp", nproc_per_node: 1, nnodes: 1 } };
+  for (const [name, value] of Object.entries(fields)) {
+    const [group, key] = name.split(".");
+    if (group === "dataset" && key === "ref") {
+      const [dataset, version] = value.split("@");
+      spec.dataset = { name: dataset, version: Number(version) };
+    } else if (group === "init") {
+      const [model, version] = value.split("@");
+      spec.model.init_from = { name: model, version: Number(version) };
+    } else if (group === "adapter") { // LoRA and the like: only with a starting version
+      spec.model.adapter = { ...spec.model.adapter, [key]: value };
+    } else if (group === "model_name") {
+      spec.model_name = value;
+    } else {
+      spec[group][key] = value;
+    }
+  }
+  return spec;
+}
+
+// Submit a job: a dataset version, the model's family and sizes (or a registered version to start from),
+// and the usual hyper-parameters; the rest takes the training service's defaults.
+async function submitForm(signal) {
+  const [{ datasets }, { models }] = await Promise.all([
+    api("/v1/datasets?page_size=200", { signal }).catch(() => ({ datasets: [] })),
+    api("/v1/models?page_size=200", { signal }).catch(() => ({ models: [] })),
+  ]);
+  const ready = datasets.filter((d) => d.latest?.state === "READY")
+    .map((d) => [`${d.name}@${d.latest.version}`, `${d.name} v${d.latest.version}`]);
+  const starts = [["", "scratch (random weights)"],
+    ...models.filter((m) => m.latest_version).map((m) => [`${m.name}@${m.latest_version}`, `${m.name} v${m.latest_version}`])];
+  return actionForm({
+    id: "job-submit", title: "Submit a training job", submit: "Submit job",
+    children: [
+      h("div", { class: "row" },
+        field("Dataset", select("dataset.ref", ready, { required: true })),
+        field("Start from", select("init.ref", starts), "fine-tune a registered version: its architecture wins over the sizes below"),
+        field("Family", select("model.family", ["gpt2", "bert", "t5"])),
+        field("Register as", input("model_name.", { placeholder: "the dataset's name" }))),
+      h("div", { class: "row" },
+        field("Adapter", select("adapter.type", [["", "none (all weights)"], ["lora", "LoRA"]]),
+          "with a starting version: train a LoRA adapter, register merged weights plus adapter/"),
+        field("LoRA rank", input("adapter.r", { type: "number", min: 1, placeholder: "default" })),
+        field("LoRA alpha", input("adapter.alpha", { type: "number", min: 0, step: "any", placeholder: "default" }))),
+      h("div", { class: "row" },
+        field("Layers", numberInput("model.n_layer", 2, { min: 1 })),
+        field("Heads", numberInput("model.n_head", 4, { min: 1 })),
+        field("Width", numberInput("model.n_embd", 128, { min: 1 })),
+        field("Context", numberInput("model.block_size", 128, { min: 2 }))),
+      h("div", { class: "row" },
+        field("Steps", numberInput("hyperparameters.max_steps", 200, { min: 1 })),
+        field("Batch size", numberInput("hyperparameters.batch_size", 16, { min: 1 })),
+        field("Learning rate", numberInput("hyperparameters.learning_rate", 0.001, { step: "any", min: 0 })),
+        field("Warm-up steps", input("hyperparameters.warmup_steps", { type: "number", min: 0, placeholder: "default" })),
+        field("Evaluate every", input("hyperparameters.eval_interval", { type: "number", min: 1, placeholder: "default" }),
+          "steps"),
+        field("Seed", input("hyperparameters.seed", { type: "number", min: 0, placeholder: "random" })),
+        field("Precision", select("hyperparameters.precision", ["fp32", "bf16"]))),
+    ],
+    act: async (form) => {
+      const spec = jobSpec(values(form));
+      const job = await api("/v1/training-jobs", { method: "POST", body: spec });
+      return h("span", {}, "Submitted ", link(`#/jobs/${encode(job.id)}`, `job ${shortId(job.id)}`), ` (${job.state})`);
+    },
+  });
 }
 
 // The job's metric series keyed by step, so replayed and live events never draw a point twice.

@@ -1,8 +1,9 @@
 // The registry: models with their aliases and the aliases' history, versions with lineage,
 // metrics, artifacts with SHA-256 and exports with their parity reports.
 
-import { api } from "./api.js";
+import { api, withEtag } from "./api.js";
 import { badge, bytes, encode, facts, h, link, number, shortId, table, when } from "./dom.js";
+import { actionForm, field, input, select, values } from "./forms.js";
 
 const versionLink = (name, version) => link(`#/models/${encode(name)}/versions/${version}`, `v${version}`);
 
@@ -24,10 +25,52 @@ function lineageCells(lineage = {}) {
   return { dataset, job };
 }
 
-function aliasSection(name, alias, history) {
+// The view again, from the API, once the user had a moment to read what the form says was done.
+const redraw = () => setTimeout(() => window.dispatchEvent(new HashChangeEvent("hashchange")), 1500);
+
+const versionChoices = (versions, current) => versions.filter((v) => v.version !== current)
+  .map((v) => [String(v.version), `v${v.version}`]);
+
+// Move an alias: PUT with If-Match carrying the ETag the alias had when this page read it, so a move made
+// meanwhile by someone else is refused (412) rather than silently undone.
+function moveForm(name, alias, etag, versions) {
+  return actionForm({
+    id: `move-${alias.alias}`, submit: "Move",
+    children: h("div", { class: "row" },
+      field("Move to", select("version", versionChoices(versions, alias.version), { required: true })),
+      field("Reason", input("reason", { maxlength: 500, placeholder: "why (kept in the history)" }))),
+    act: async (form) => {
+      const { version, reason = "" } = values(form);
+      await api(`/v1/models/${encode(name)}/aliases/${encode(alias.alias)}`,
+        { method: "PUT", body: { version: Number(version), reason }, ifMatch: etag });
+      redraw();
+      return `${alias.alias} → v${version}`;
+    },
+  });
+}
+
+function newAliasForm(name, versions) {
+  return actionForm({
+    id: "alias-create", title: "New alias", submit: "Create alias",
+    children: h("div", { class: "row" },
+      field("Alias", input("alias", { required: true, maxlength: 63 })),
+      field("Version", select("version", versionChoices(versions), { required: true })),
+      field("Reason", input("reason", { maxlength: 500 }))),
+    act: async (form) => {
+      const { alias, version, reason = "" } = values(form);
+      await api(`/v1/models/${encode(name)}/aliases/${encode(alias)}`,
+        { method: "PUT", body: { version: Number(version), reason }, ifNoneMatch: "*" });
+      redraw();
+      return `${alias} → v${version}`;
+    },
+  });
+}
+
+function aliasSection(name, alias, history, etag, versions) {
   return h("section", { class: "card alias", "data-alias": alias.alias },
     h("h3", {}, `${alias.alias} → `, versionLink(name, alias.version)),
     h("p", { class: "muted" }, `moved ${when(alias.updated_at)} by ${alias.updated_by || "—"}`),
+    moveForm(name, alias, etag, versions),
     table([
       ["#", (e) => e.sequence],
       ["From", (e) => (e.from_version ? `v${e.from_version}` : "(created)")],
@@ -42,6 +85,8 @@ export async function show([name], signal) {
   const model = await api(`/v1/models/${encode(name)}`, { signal });
   const histories = await Promise.all(model.aliases.map((alias) =>
     api(`/v1/models/${encode(name)}/aliases/${encode(alias.alias)}/history`, { signal })));
+  const etags = await Promise.all(model.aliases.map(async (alias) =>
+    (await withEtag(`/v1/models/${encode(name)}/aliases/${encode(alias.alias)}`, { signal })).etag));
   return h("div", {},
     h("p", {}, link("#/models", "← Models")),
     h("h1", {}, `Model ${name}`),
@@ -59,8 +104,10 @@ export async function show([name], signal) {
     ], model.versions, { id: "model-versions", class: "grid" }),
     h("h2", {}, "Aliases"),
     model.aliases.length
-      ? h("div", { id: "aliases" }, model.aliases.map((alias, i) => aliasSection(name, alias, histories[i].entries)))
-      : h("p", { class: "empty" }, "No aliases."));
+      ? h("div", { id: "aliases" },
+        model.aliases.map((alias, i) => aliasSection(name, alias, histories[i].entries, etags[i], model.versions)))
+      : h("p", { class: "empty" }, "No aliases."),
+    newAliasForm(name, model.versions));
 }
 
 function parity(report) {
