@@ -15,7 +15,8 @@ S3 into a local cache in that same layout, verifying each object's SHA-256 again
 While a deployment serves a version, the registry knows (`MarkDeployed` with the export format,
 `UnmarkDeployed`), so deleting that version is refused (409). A version with no ONNX export yet is
 exported on demand: `request_export` asks the registry for it (`CreateExport`) and `export_status`
-follows it to READY or FAILED, so one `PUT /v1/deployments/{name}` both exports and deploys (services/inference/deployments.py).
+follows it to READY or FAILED, so one `PUT /v1/deployments/{name}` both exports and deploys
+(services/inference/deployments.py).
 """
 
 from __future__ import annotations
