@@ -12,6 +12,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "cli.stack",  # up, down, status
     "cli.resources",  # dataset, train, jobs, models, deploy, complete, keys
+    "cli.embed",  # embed
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,17 +107,40 @@ async def _key(client, tenant: str = TENANT, role: str = "inference") -> str:
 
 
 @pytest.fixture
-async def sdk(service, encoder, settings_env, aiohttp_client):
-    """The SDK on the real gateway; deployment `embed` serves the BERT, `tiny-chat` a decoder."""
+async def gateway(service, encoder, settings_env, aiohttp_client):
+    """The real gateway (aiohttp's TestClient, on a port); deployment `embed` serves the BERT, `tiny-chat` a
+    decoder."""
     deployed = await service.call("PutDeployment", pb.PutDeploymentRequest(name="embed", model=ENCODER,
                                                                            stable_version=1, wait=True))
     assert deployed.deployment.state == "READY", deployed.deployment.message
     assert (await service.deploy(name="tiny-chat")).deployment.state == "READY"
     settings = Settings.from_env({**settings_env, "LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_INFERENCE_ADDR": service.address})
-    client = await aiohttp_client(init_app(settings))
-    async with openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key=await _key(client),
+    return await aiohttp_client(init_app(settings))
+
+
+@pytest.fixture
+async def sdk(gateway):
+    """The official SDK given only the gateway's base URL and an inference key."""
+    async with openai.AsyncOpenAI(base_url=str(gateway.make_url("/openai/v1")), api_key=await _key(gateway),
                                   max_retries=0) as sdk:
         yield sdk
+
+
+async def test_llmp_embed_prints_the_vectors_or_a_summary(gateway, encoder, capsys):
+    from cli.main import main
+
+    where = ["--url", str(gateway.make_url("/")).rstrip("/"), "--key", await _key(gateway)]
+    # The CLI's client is synchronous: it runs in a thread while this loop serves the gateway.
+    assert await asyncio.to_thread(main, ["embed", "embed", *TEXTS[:2], "--json", *where]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(np.array([item["embedding"] for item in printed["data"]]),
+                               encoder.reference(TEXTS[:2]), atol=1e-4, rtol=0)
+    assert await asyncio.to_thread(main, ["embed", "embed", TEXTS[0], *where]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    norm = float(np.linalg.norm(encoder.reference(TEXTS[:1])[0]))
+    assert summary[0].startswith("1 embeddings from embed") and f"norm={norm:.4f}" in summary[1]
+    assert await asyncio.to_thread(main, ["embed", "tiny-chat", "hello", *where]) == 1
+    assert "decoder" in capsys.readouterr().err
 
 
 async def test_embeddings_are_hfs_masked_mean_for_one_text_and_a_list(sdk, encoder):
