@@ -278,7 +278,7 @@ class _Events:
         if piece.HasField("summary"):
             self.prompt_tokens[prompt] = piece.summary.prompt_tokens
             self.completion_tokens += piece.summary.completion_tokens
-            TOKENS.labels(self.body["model"], "completion").inc(piece.summary.completion_tokens)
+            TOKENS.labels("completion").inc(piece.summary.completion_tokens)
 
     def usage(self) -> dict:
         return _usage(sum(self.prompt_tokens.values()), self.completion_tokens)
@@ -392,8 +392,8 @@ async def _all(request: web.Request, messages: list[inference_pb2.GenerateReques
 
 
 def _count(model: str, prompt_tokens: int, completion_tokens: int) -> None:
-    TOKENS.labels(model, "prompt").inc(prompt_tokens)
-    TOKENS.labels(model, "completion").inc(completion_tokens)
+    TOKENS.labels("prompt").inc(prompt_tokens)
+    TOKENS.labels("completion").inc(completion_tokens)
 
 
 # -- POST /openai/v1/chat/completions -----------------------------------------------------------
