@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cli.stack",  # up, down, status
     "cli.resources",  # dataset, train, jobs, models, deploy, complete, keys
     "cli.chat",  # chat
+    "cli.embed",  # embed
 )
 
 

@@ -10,6 +10,9 @@ Laid out as Triton expects:
     <repository>/<triton name>/1/model.onnx.data  (its weights, as external data)
     <repository>/<triton name>/1/decoder.json  (its DecoderSpec)
 
+An encoder's export (`encoder.json`, an EncoderSpec, instead of decoder.json) gets the embedding model
+instead: triton_model/encoder_model.py as model.py, and encoder_config.pbtxt.template.
+
 The repository is a local folder (`make up`: the local tritonserver reads it) or, in the compose and
 Kubernetes form `s3://host:port/bucket/prefix`, a prefix in S3 written through `ObjectStore`, which the
 NGC tritonserver reads (its Python backend then needs numpy and onnxruntime in its image).
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from services.common.config import Settings
-from services.common.contracts import DECODER_SPEC_FILE, ONNX_GRAPH_FILE, onnx_files
+from services.common.contracts import ENCODER_SPEC_FILE, ONNX_GRAPH_FILE, onnx_files, spec_files
 from services.common.errors import InvalidArgument
 from services.common.s3 import ObjectStore
 
@@ -53,19 +56,21 @@ class BatchingConfig:
 
 def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingConfig = BatchingConfig()) -> Path:
     """Write (or refresh) model `name` from an export folder holding `model.onnx` (and, from exports with
-    external data, `model.onnx.data`) and `decoder.json`."""
-    for required in (ONNX_GRAPH_FILE, DECODER_SPEC_FILE):
+    external data, `model.onnx.data`) and `decoder.json` (or an encoder's `encoder.json`)."""
+    spec_file = spec_files(os.listdir(onnx_dir))[0]
+    for required in (ONNX_GRAPH_FILE, spec_file):
         if not (onnx_dir / required).exists():
             raise FileNotFoundError(f"{onnx_dir} has no {required}")
+    encoder = spec_file == ENCODER_SPEC_FILE
     model_dir = repository / name
     version_dir = model_dir / "1"
     staging = repository / f".{name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "1").mkdir(parents=True)
-    shutil.copy2(TEMPLATE_DIR / "model.py", staging / "1" / "model.py")
-    for item in (*onnx_files(os.listdir(onnx_dir)), DECODER_SPEC_FILE):
+    shutil.copy2(TEMPLATE_DIR / ("encoder_model.py" if encoder else "model.py"), staging / "1" / "model.py")
+    for item in (*onnx_files(os.listdir(onnx_dir)), spec_file):
         _link_or_copy(onnx_dir / item, staging / "1" / item)
-    template = (TEMPLATE_DIR / "config.pbtxt.template").read_text()
+    template = (TEMPLATE_DIR / ("encoder_config.pbtxt.template" if encoder else "config.pbtxt.template")).read_text()
     (staging / "config.pbtxt").write_text(template.format(
         name=name, max_batch_size=batching.max_batch_size, max_queue_delay_us=batching.max_queue_delay_us,
         intra_op_threads=batching.intra_op_threads, instance_kind=batching.instance_kind,

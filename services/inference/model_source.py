@@ -10,12 +10,13 @@ directory:
 `S3ModelSource` asks the registry service: aliases through `ResolveAlias`, the version's artifacts
 through `GetModelVersion`, its ONNX export through `GetExport(format="onnx")`, which must be READY (an
 export that failed its parity check cannot be deployed), and it mirrors the tokenizer and the export's
-`model.onnx`, its external data `model.onnx.data` and `decoder.json` from S3 into a local cache in that
-same layout, verifying each object's SHA-256 against the registry's record. While a deployment serves a
-version, the registry knows (`MarkDeployed` with the export format, `UnmarkDeployed`), so deleting that
-version is refused (409). A version with no ONNX export yet is exported on demand: `request_export`
-asks the registry for it (`CreateExport`) and `export_status` follows it to READY or FAILED, so one
-`PUT /v1/deployments/{name}` both exports and deploys (services/inference/deployments.py).
+`model.onnx`, its external data `model.onnx.data` and `decoder.json` (`encoder.json` for an encoder) from
+S3 into a local cache in that same layout, verifying each object's SHA-256 against the registry's record.
+While a deployment serves a version, the registry knows (`MarkDeployed` with the export format,
+`UnmarkDeployed`), so deleting that version is refused (409). A version with no ONNX export yet is
+exported on demand: `request_export` asks the registry for it (`CreateExport`) and `export_status`
+follows it to READY or FAILED, so one `PUT /v1/deployments/{name}` both exports and deploys
+(services/inference/deployments.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from typing import Protocol
 from transformers import PreTrainedTokenizerFast
 
 from services.common import contracts
-from services.common.contracts import DECODER_SPEC_FILE, ONNX_GRAPH_FILE, DecoderSpec
+from services.common.contracts import (
+    DECODER_SPEC_FILE,
+    ENCODER_SPEC_FILE,
+    ONNX_GRAPH_FILE,
+    DecoderSpec,
+    EncoderSpec,
+    spec_files,
+)
 from services.common.errors import Conflict, NotFound, Unavailable
 from services.common.identity import acting_as, acting_for
 
@@ -48,10 +56,13 @@ class VersionFiles:
     model: str
     version: int
     version_dir: Path  # holds the tokenizer files
-    onnx_dir: Path  # holds model.onnx (with model.onnx.data, its weights) and decoder.json
+    onnx_dir: Path  # holds model.onnx (with model.onnx.data, its weights) and decoder.json or encoder.json
     digest: str = ""
 
-    def spec(self) -> DecoderSpec:
+    def spec(self) -> DecoderSpec | EncoderSpec:
+        """The export's description: an `EncoderSpec` when it is an encoder's (embeddings), else a decoder's."""
+        if (self.onnx_dir / ENCODER_SPEC_FILE).exists():
+            return EncoderSpec.from_json((self.onnx_dir / ENCODER_SPEC_FILE).read_text())
         return DecoderSpec.from_json((self.onnx_dir / DECODER_SPEC_FILE).read_text())
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
@@ -105,7 +116,7 @@ def publish_local_version(root: Path, tenant: str, model: str, version: int, onn
     target = version_dir(root, tenant, model, version)
     export = target / contracts.export_dir(EXPORT_FORMAT)
     export.mkdir(parents=True, exist_ok=True)
-    for name in (*contracts.onnx_files(os.listdir(onnx_dir)), DECODER_SPEC_FILE):
+    for name in (*contracts.onnx_files(os.listdir(onnx_dir)), *spec_files(os.listdir(onnx_dir))):
         shutil.copy2(onnx_dir / name, export / name)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
@@ -224,9 +235,11 @@ class S3ModelSource:
         export_dir = contracts.export_dir(EXPORT_FORMAT)
         onnx = [export_dir + item for item in contracts.onnx_files(a.path.removeprefix(export_dir)
                                                                     for a in export.artifacts)]
+        # An encoder's export describes itself in encoder.json, a decoder's in decoder.json.
+        spec_file = export_dir + spec_files(a.path.removeprefix(export_dir) for a in export.artifacts)[0]
         wanted.update({a.path: (a.object.key, a.object.sha256) for a in export.artifacts
-                       if a.path in (*onnx, export_dir + DECODER_SPEC_FILE)})
-        for required in ("tokenizer.json", export_dir + "model.onnx", export_dir + DECODER_SPEC_FILE):
+                       if a.path in (*onnx, spec_file)})
+        for required in ("tokenizer.json", export_dir + "model.onnx", spec_file):
             if required not in wanted:
                 raise NotFound(f"model {model} version {version} has no {required} in the registry")
         target = version_dir(self.cache_root, tenant, model, version)

@@ -15,7 +15,7 @@ from services.common import contracts
 from services.common.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 from services.common.identity import REQUEST_ID_KEY, caller_from_context
 from services.common.merge import merged
-from services.inference import metrics
+from services.inference import embeddings, metrics
 from services.inference.canary import CanaryController, RolloutPolicy
 from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.generation import (
@@ -183,6 +183,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         n = choice_count(request)
         routing_key = request.routing_key or dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
         served, canary = await self.deployments.route(caller.tenant, request.deployment, routing_key)
+        embeddings.require_decoder(served, request.deployment)
         stop_token_ids = None
         prompt = request.prompt
         if not request.messages and request.max_tokens < 1:  # 0 (the rest of the context) is for chat answers
@@ -305,6 +306,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         rows = await self.deployments.list(caller.tenant)
         return inference_pb2.ListDeploymentsResponse(
             deployments=[await self._message(caller.tenant, row) for row in rows])
+
+    async def Embed(self, request, context):  # noqa: N802 (gRPC method names)
+        caller = caller_from_context(context)
+        if not request.deployment:
+            raise ValidationFailed("deployment must be set")
+        routing_key = request.routing_key or dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
+        served, canary = await self.deployments.route(caller.tenant, request.deployment, routing_key)
+        embeddings.require_encoder(served, request.deployment)
+        remaining = context.time_remaining()
+        labels = (caller.tenant, request.deployment, served.model, str(served.version), "true" if canary else "false")
+        self.deployments.acquire(served)
+        try:
+            vectors, tokens = await embeddings.embed(self.engine, served, list(request.inputs), labels=labels,
+                                                     timeout=remaining)
+        finally:
+            self.deployments.release(served)
+        return inference_pb2.EmbedResponse(
+            embeddings=[inference_pb2.Embedding(values=vector.tolist(), tokens=count)
+                        for vector, count in zip(vectors, tokens, strict=True)],
+            model=served.model, model_version=served.version, canary=canary)
 
     async def GetDeploymentMetrics(self, request, context):  # noqa: N802 (gRPC method names)
         caller = caller_from_context(context)

@@ -241,6 +241,31 @@ class TritonEngine:
         return [StepResult(int(next_tokens[row]), logits[row] if logits is not None and step.logits else None)
                 for row, step in enumerate(steps)]
 
+    async def embed(self, model: str, token_lists: list[list[int]], *, timeout: float | None) -> np.ndarray:
+        """Embeddings [len(token_lists), hidden] from an encoder model (triton_model/encoder_model.py).
+
+        Requests of at most MAX_BATCH rows (the model's max_batch_size), sent at once: Triton's dynamic
+        batcher hands concurrent requests to one execute, which runs them as one ORT call."""
+        chunks = [token_lists[start:start + MAX_BATCH] for start in range(0, len(token_lists), MAX_BATCH)]
+        parts = await asyncio.gather(*(self._embed_rows(model, chunk, timeout=timeout) for chunk in chunks))
+        return np.concatenate(parts, axis=0)
+
+    async def _embed_rows(self, model: str, token_lists: list[list[int]], *, timeout: float | None) -> np.ndarray:
+        width = max(len(tokens) for tokens in token_lists)
+        ids = np.zeros((len(token_lists), width), np.int64)
+        for row, tokens in enumerate(token_lists):
+            ids[row, :len(tokens)] = tokens
+        inputs = [_tensor("INPUT_IDS", ids, "INT64"),
+                  _tensor("INPUT_LENGTH", np.array([[len(tokens)] for tokens in token_lists], np.int32), "INT32")]
+        try:
+            result = await self.client.infer(model, inputs, outputs=[InferRequestedOutput("EMBEDDING")],
+                                             client_timeout=timeout)
+        except InferenceServerException as error:
+            raise _domain_error(error, f"infer {model}") from None
+        except grpc.aio.AioRpcError as error:
+            raise Unavailable(f"Triton unreachable: {error.details()}", retry_after=RETRY_AFTER_S) from None
+        return result.as_numpy("EMBEDDING").reshape(len(token_lists), -1)
+
 
 def _tensor(name: str, value: np.ndarray, datatype: str) -> InferInput:
     tensor = InferInput(name, list(value.shape), datatype)

@@ -1,7 +1,8 @@
 """Export a version's `save_pretrained` folder to a serving format and check it against PyTorch.
 
 Formats:
-- `onnx`: the decoder with past key/values (`onnx_export.export_decoder_onnx`, dynamo exporter);
+- `onnx`: the decoder with past key/values (`onnx_export.export_decoder_onnx`, dynamo exporter), or for
+  an encoder (BERT, RoBERTa) its last hidden state (`encoder_export.export_encoder_onnx`), for embeddings;
 - `onnx-int8`: that graph, statically quantized with ONNX Runtime (`quantize_static`, QDQ, INT8 weights
   and activations of MatMul/Gemm) and calibrated on the dataset's calibration split;
 - `torchscript`: `torch.jit.trace` of the model's `input_ids -> logits`.
@@ -69,11 +70,23 @@ Exporter = Callable[[Path, Path, EvalData], Path]
 
 
 def export_onnx(model_dir: Path, out_dir: Path, data: EvalData) -> Path:
+    """The decoder with past key/values, or for an encoder (BERT-style) its last hidden state."""
+    from services.registry.encoder_export import export_encoder_onnx, is_encoder_dir
     from services.registry.onnx_export import export_decoder_onnx
 
     path = out_dir / "model.onnx"
-    export_decoder_onnx(model_dir, path)
+    if is_encoder_dir(model_dir):
+        export_encoder_onnx(model_dir, path)
+    else:
+        export_decoder_onnx(model_dir, path)
     return path
+
+
+def _decoder_only(fmt: str, model_dir: Path) -> None:
+    from services.registry.encoder_export import is_encoder_dir
+
+    if is_encoder_dir(model_dir):
+        raise ValidationFailed(f"format {fmt!r} is for decoders; an encoder exports as 'onnx' (embeddings)")
 
 
 def kv_heads(spec: dict) -> int:
@@ -107,6 +120,7 @@ def export_onnx_int8(model_dir: Path, out_dir: Path, data: EvalData) -> Path:
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    _decoder_only("onnx-int8", model_dir)
     if data.calibration is None or data.test is None:
         raise ValidationFailed("onnx-int8 needs the lineage dataset's calibration and test splits; "
                                "this version names no READY dataset")
@@ -137,6 +151,7 @@ class _LogitsOnly(torch.nn.Module):
 
 
 def export_torchscript(model_dir: Path, out_dir: Path, data: EvalData) -> Path:
+    _decoder_only("torchscript", model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.config.return_dict = True
     # Trace with a batch and length unlike the parity inputs': the check then proves shapes stay dynamic.
@@ -175,6 +190,8 @@ def triton_config(model_name: str, spec: dict) -> str:
 
 def check(fmt: str, model_dir: Path, path: Path, data: EvalData, thresholds: parity.Thresholds) -> tuple[dict, bool]:
     """Run the format's parity checks of `path` against the PyTorch model in `model_dir`."""
+    if (path.parent / contracts.ENCODER_SPEC_FILE).exists():
+        return _check_encoder(fmt, model_dir, path, data, thresholds)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     report: dict = {"format": fmt, "inputs_from": data.source}
     if fmt == "torchscript":
@@ -211,6 +228,25 @@ def check(fmt: str, model_dir: Path, path: Path, data: EvalData, thresholds: par
     return report, bool(passed)
 
 
+def _check_encoder(fmt: str, model_dir: Path, path: Path, data: EvalData,
+                   thresholds: parity.Thresholds) -> tuple[dict, bool]:
+    """An encoder export: hidden states and mean-pooled embeddings against PyTorch's, on padded rows."""
+    import onnxruntime
+
+    from services.registry.encoder_export import load_encoder
+
+    spec = contracts.EncoderSpec.from_json((path.parent / contracts.ENCODER_SPEC_FILE).read_text())
+    # The held-out windows are the dataset's tokens (or random ones); an encoder's context may be shorter.
+    inputs = np.ascontiguousarray(data.held_out[:, : spec.context_length] % spec.vocab_size)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    embeddings = parity.encoder_report(load_encoder(model_dir), session, inputs, thresholds.max_abs_logit_diff)
+    report = {"format": fmt, "inputs_from": data.source, "kind": "encoder", "embeddings": embeddings,
+              "max_abs_logit_diff": embeddings["max_abs_hidden_diff"], "passed": embeddings["passed"]}
+    return report, bool(embeddings["passed"])
+
+
 def export(fmt: str, model_dir: Path, out_dir: Path, data: EvalData, *, triton_model: str = "",
            thresholds: parity.Thresholds | None = None, exporters: dict[str, Exporter] | None = None) -> ExportOutcome:
     """Export `model_dir` as `fmt` into `out_dir`, check parity, lay out the Triton repository for ONNX."""
@@ -219,7 +255,8 @@ def export(fmt: str, model_dir: Path, out_dir: Path, data: EvalData, *, triton_m
     path = (exporters or EXPORTERS)[fmt](model_dir, out_dir, data)
     report, passed = check(fmt, model_dir, path, data, thresholds)
     outcome = ExportOutcome(report=report, passed=passed)
-    if fmt in {"onnx", "onnx-int8"} and triton_model:
+    # An encoder is served by llmp's Python-backend model only (model_repository.py), not this layout.
+    if fmt in {"onnx", "onnx-int8"} and triton_model and (out_dir / contracts.DECODER_SPEC_FILE).exists():
         spec = json.loads((out_dir / "decoder.json").read_text())
         folder = out_dir / "triton" / triton_model
         (folder / "1").mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 Each check runs the reference (the Transformers model from the version's `save_pretrained` folder) and
 the export on the same held-out token windows and reports the largest absolute logit difference;
 the ONNX decoder is also checked on incremental decoding (prefill, then one token with the returned
-past key/values). INT8 exports are lossy by design, so they also report the perplexity of both on the
+past key/values). An encoder export (embeddings) is checked on its last hidden states and their masked mean instead
+(`encoder_report`). INT8 exports are lossy by design, so they also report the perplexity of both on the
 test split and pass only if it rose by less than a threshold.
 """
 
@@ -101,3 +102,31 @@ def incremental_report(model: torch.nn.Module, session, inputs: np.ndarray, n_kv
     diff = compare(reference, step)
     return {"max_abs_logit_diff": diff, "threshold": threshold,
             "passed": bool(math.isfinite(diff) and diff <= threshold)}
+
+
+def mean_pooled(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Embeddings [batch, hidden]: the mean of each row's last hidden states over its real tokens."""
+    mask = attention_mask.astype(np.float32)[..., None]
+    return (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+
+
+def encoder_report(model: torch.nn.Module, session, inputs: np.ndarray, threshold: float) -> dict:
+    """An exported encoder against the PyTorch one on `inputs` [batch, seq], every row but the first
+    right-padded by a different amount (so masking is checked too): the largest absolute difference of
+    the hidden states of real tokens and of the mean-pooled embeddings."""
+    batch, seq = inputs.shape
+    mask = np.ones_like(inputs, dtype=np.int64)
+    for row in range(1, batch):
+        mask[row, max(1, seq - row):] = 0
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(inputs), attention_mask=torch.from_numpy(mask)
+                          ).last_hidden_state.float().numpy()
+    exported = session.run(["last_hidden_state"], {"input_ids": inputs.astype(np.int64), "attention_mask": mask})[0]
+    if exported.shape != reference.shape:
+        hidden_diff = pooled_diff = math.inf
+    else:
+        hidden_diff = compare(reference * mask[..., None], exported * mask[..., None])
+        pooled_diff = compare(mean_pooled(reference, mask), mean_pooled(exported, mask))
+    return {"max_abs_hidden_diff": hidden_diff, "max_abs_embedding_diff": pooled_diff, "threshold": threshold,
+            "inputs": list(inputs.shape),
+            "passed": bool(math.isfinite(hidden_diff) and max(hidden_diff, pooled_diff) <= threshold)}

@@ -3,7 +3,7 @@
 - `paths`: where every service's objects live in the bucket (datasets, stored corpora, jobs, models);
 - `names`: the name rule and the limits the gateway and the services both enforce;
 - `manifest`: a dataset version's `manifest.json` as a type, with one reading policy;
-- `serving`: the served model's description (`DecoderSpec`) and its Triton model name;
+- `serving`: the served model's description (`DecoderSpec`, `EncoderSpec`) and its Triton model name;
 - `chat`: how a conversation is rendered to text (datasets and chat serving render it alike).
 
 docs/CONTRACTS.md explains them; this package is their definition. Everything public is re-exported
@@ -96,10 +96,13 @@ from services.common.contracts.paths import (
 )
 from services.common.contracts.serving import (
     DECODER_SPEC_FILE,
+    ENCODER_SPEC_FILE,
     ONNX_DATA_FILE,
     ONNX_GRAPH_FILE,
     DecoderSpec,
+    EncoderSpec,
     onnx_files,
+    spec_files,
     triton_model_name,
 )
 
@@ -115,7 +118,8 @@ __all__ = [
     "MAX_VOCAB_SIZE",
     "MIN_PRIORITY", "MIN_VOCAB_SIZE", "MODELS", "MODEL_FAMILIES", "NAME", "NAME_PATTERN", "NAME_RULE", "ONNX_DATA_FILE",
     "ONNX_GRAPH_FILE", "PAGE_TOKEN_PATTERN", "PRECISIONS",
-    "SOURCES", "SPLITS", "TOKENIZER_KINDS", "TOKEN_DTYPES", "DatasetManifest", "DecoderSpec", "JobLayout",
+    "SOURCES", "SPLITS", "TOKENIZER_KINDS", "TOKEN_DTYPES", "DatasetManifest", "DecoderSpec",
+    "EncoderSpec", "ENCODER_SPEC_FILE", "spec_files", "JobLayout",
     "ManifestObject", "SplitManifest", "TENANT_PATTERN", "TEXT_PATTERN", "TokenizerManifest", "dataset_corpus_key",
     "dataset_manifest_key",
     "dataset_shard_key", "dataset_tokenizer_prefix", "dataset_version_prefix", "export_dir", "import_prefix",

@@ -1,6 +1,7 @@
 """The served model's description (registry exports → inference) and its name in Triton.
 
-`DecoderSpec` is a plain record: the registry builds it from a model when it exports one
+`DecoderSpec` (and `EncoderSpec`, its sibling for encoders served as embeddings) is a plain record: the
+registry builds it from a model when it exports one
 (`services/registry/onnx_export.py: decoder_spec`) and writes it as `decoder.json` beside the graph; the
 inference service reads it back to drive the KV cache. Nothing here imports torch.
 """
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 DECODER_SPEC_FILE = "decoder.json"
+ENCODER_SPEC_FILE = "encoder.json"  # written instead of decoder.json for an encoder (BERT-style) export
 # The exported graph and its weights. The weights always go to the external-data file beside the graph:
 # a protobuf cannot exceed 2 GB, and one layout for every size means the large-model path is the one every
 # export (and every test) takes. An export stored before this has no data file; readers accept both.
@@ -55,6 +57,39 @@ class DecoderSpec:
         data["input_names"] = tuple(data["input_names"])
         data["output_names"] = tuple(data["output_names"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """An exported encoder (BERT, RoBERTa): `input_ids`, `attention_mask` int64 [batch, seq] in,
+    `last_hidden_state` float32 [batch, seq, hidden_size] out. Written beside the graph as `encoder.json`;
+    what it serves is the embedding of a text, the mean of its tokens' last hidden states (padding masked)."""
+
+    n_layer: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int  # most tokens (special tokens included) the position embeddings allow
+    pad_token_id: int
+    input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+    output_names: tuple[str, ...] = ("last_hidden_state",)
+    kind: str = "encoder"
+    eos_token_id: int | None = None  # an encoder generates nothing; read by code that serves both kinds
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> EncoderSpec:
+        data = json.loads(text)
+        data["input_names"] = tuple(data["input_names"])
+        data["output_names"] = tuple(data["output_names"])
+        return cls(**data)
+
+
+def spec_files(present: Iterable[str]) -> tuple[str, ...]:
+    """The spec file of an export folder among the names `present` in it: `encoder.json` for an encoder,
+    else `decoder.json`."""
+    return (ENCODER_SPEC_FILE,) if ENCODER_SPEC_FILE in set(present) else (DECODER_SPEC_FILE,)
 
 
 def onnx_files(present: Iterable[str]) -> tuple[str, ...]:

@@ -70,6 +70,11 @@ class InferenceServiceStub:
                 request_serializer=llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsRequest.SerializeToString,
                 response_deserializer=llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmp.inference.v1.InferenceService/Embed',
+                request_serializer=llmp_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llmp_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -126,6 +131,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed texts with a deployment of an encoder (BERT-style) model: the mean of each text's last hidden
+        states over its tokens. A deployment of a decoder is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +176,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetDeploymentMetrics,
                     request_deserializer=llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsRequest.FromString,
                     response_serializer=llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmp_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=llmp_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +373,33 @@ class InferenceService:
             '/llmp.inference.v1.InferenceService/GetDeploymentMetrics',
             llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsRequest.SerializeToString,
             llmp_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.inference.v1.InferenceService/Embed',
+            llmp_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            llmp_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,93 @@
+"""Triton Python-backend model: an exported ONNX encoder (BERT-style) run by ONNX Runtime, for embeddings.
+
+Copied by the inference service into `<repository>/<model>/1/model.py` beside `model.onnx` and
+`encoder.json` (a `services.common.contracts.EncoderSpec`). It runs inside Triton's Python stub, so it
+imports nothing from llmp.
+
+Protocol: every row of a request is one text to embed, and a request may carry many rows.
+- `INPUT_IDS` int64 [n]: the text's tokens (special tokens included), right-padded to the request's longest.
+- `INPUT_LENGTH` int32 [1] (optional): how many of the row's INPUT_IDS are real (default all).
+- output `EMBEDDING` float32 [hidden]: the mean of the row's last hidden states over its real tokens.
+
+Every row of every request handed to one `execute` (Triton's dynamic batcher merges concurrent requests)
+runs in ONE ORT call, right-padded to the longest row with the padding masked out; the masked mean is
+taken here, so only one vector per text crosses the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        here = os.path.join(args["model_repository"], args["model_version"])
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        with open(os.path.join(here, "encoder.json")) as handle:
+            self.spec = json.load(handle)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(parameters.get("intra_op_threads", "1"))
+        options.inter_op_num_threads = 1
+        available = set(ort.get_available_providers())
+        wanted = parameters.get("providers", "CPUExecutionProvider").split(",")
+        providers = [name for name in wanted if name in available] or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), options, providers=providers)
+        self.context = int(self.spec["context_length"])
+        self.hidden = int(self.spec["hidden_size"])
+        self.pad = int(self.spec["pad_token_id"])
+
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        rows: list[tuple[int, np.ndarray]] = []  # (request index, tokens)
+        for index, request in enumerate(requests):
+            try:
+                rows.extend((index, tokens) for tokens in self._rows(request))
+            except Exception as error:  # a malformed request fails alone
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+        try:
+            embeddings = self._embed([tokens for _, tokens in rows]) if rows else np.zeros((0, self.hidden))
+        except Exception as error:
+            for index, _ in rows:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+            return responses
+        for index in range(len(requests)):
+            if responses[index] is None:
+                mine = np.stack([embeddings[n] for n, (owner, _) in enumerate(rows) if owner == index])
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("EMBEDDING", mine.astype(np.float32))])
+        return responses
+
+    def _rows(self, request) -> list[np.ndarray]:
+        tokens = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy()
+        tokens = tokens.reshape(tokens.shape[0], -1)
+        length_tensor = pb_utils.get_input_tensor_by_name(request, "INPUT_LENGTH")
+        lengths = (length_tensor.as_numpy().reshape(-1) if length_tensor is not None
+                   else np.full(tokens.shape[0], tokens.shape[1]))
+        rows = []
+        for position in range(tokens.shape[0]):
+            length = int(lengths[position])
+            if not 1 <= length <= min(self.context, tokens.shape[1]):
+                raise ValueError(f"row {position} has {length} tokens; 1 to {self.context} fit the context")
+            rows.append(tokens[position, :length])
+        return rows
+
+    def _embed(self, rows: list[np.ndarray]) -> np.ndarray:
+        """All rows in one ORT call, right-padded; the masked mean of the last hidden states."""
+        width = max(row.shape[0] for row in rows)
+        ids = np.full((len(rows), width), self.pad, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for position, row in enumerate(rows):
+            ids[position, :row.shape[0]] = row
+            mask[position, :row.shape[0]] = 1
+        hidden = self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+        weights = mask.astype(np.float32)[..., None]
+        return (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+
+    def finalize(self):
+        pass
