@@ -1,0 +1,56 @@
+"""`llmp train`: the POST /v1/training-jobs body its flags build, from scratch and fine-tuning (--init-from,
+--lora-*), as the gateway's schema (gateway/views/training_jobs.py) accepts it."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from cli import main, resources
+from gateway.views.training_jobs import SUBMIT_JOB
+
+
+def _body(*flags: str) -> dict:
+    args = main.build_parser().parse_args(["train", "--dataset", "corpus", *flags])
+    body = resources.job_spec(args)
+    jsonschema.validate(body, SUBMIT_JOB)
+    return body
+
+
+def test_from_scratch_is_a_gpt2_of_the_flags_sizes():
+    body = _body("--n-layer", "3", "--max-steps", "40")
+    assert body["model"] == {"family": "gpt2", "n_layer": 3, "n_head": 4, "n_embd": 128, "block_size": 128}
+    assert body["hyperparameters"]["max_steps"] == 40 and body["dataset"] == {"name": "corpus", "version": 1}
+
+
+def test_init_from_fine_tunes_every_weight_of_that_version_and_sends_no_shape():
+    body = _body("--init-from", "my-llama:2", "--block-size", "32")
+    assert body["model"] == {"init_from": {"name": "my-llama", "version": 2}, "block_size": 32}
+
+
+def test_lora_flags_make_an_adapter_with_only_what_was_given():
+    body = _body("--init-from", "my-llama:1", "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0.05",
+                 "--lora-targets", "q_proj,v_proj,o_proj")
+    assert body["model"]["adapter"] == {"type": "lora", "r": 8, "alpha": 16.0, "dropout": 0.05,
+                                        "target_modules": ["q_proj", "v_proj", "o_proj"]}
+    assert _body("--init-from", "my-llama:1", "--lora")["model"]["adapter"] == {"type": "lora"}
+    assert "adapter" not in _body("--init-from", "my-llama:1")["model"]
+
+
+def test_an_adapter_without_init_from_is_still_sent_for_the_gateway_to_refuse():
+    assert _body("--lora-r", "4")["model"]["adapter"] == {"type": "lora", "r": 4}
+
+
+@pytest.mark.parametrize("bad", ["my-llama", "my-llama:", ":1", "my-llama:0", "my-llama:v1"])
+def test_init_from_that_is_not_name_colon_version_is_a_usage_error(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.build_parser().parse_args(["train", "--init-from", bad])
+    assert exit_info.value.code == 2 and "NAME:VERSION" in capsys.readouterr().err
+
+
+def test_spec_file_is_sent_as_written(tmp_path):
+    spec = {"dataset": {"name": "corpus", "version": 1}, "model": {"init_from": {"name": "m", "version": 1}}}
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    assert _body("--spec", str(tmp_path / "job.json")) == spec
