@@ -94,13 +94,19 @@ def job_spec(args) -> dict:
     """The POST /v1/training-jobs body `llmp train` sends: --spec as it is, else one built from the flags."""
     if args.spec:
         return json.loads(Path(args.spec).read_text())
-    return {
+    hyperparameters = {"max_steps": args.max_steps, "batch_size": args.batch_size,
+                       "learning_rate": args.learning_rate}
+    if args.warmup_steps is not None:
+        hyperparameters["warmup_steps"] = args.warmup_steps
+    spec = {
         "dataset": {"name": args.dataset, "version": args.dataset_version},
         "model": model_spec(args),
-        "hyperparameters": {"max_steps": args.max_steps, "batch_size": args.batch_size,
-                            "learning_rate": args.learning_rate},
+        "hyperparameters": hyperparameters,
         "distributed": {"mode": args.mode, "nproc_per_node": args.nproc_per_node, "nnodes": 1},
     }
+    if args.model_name:
+        spec["model_name"] = args.model_name
+    return spec
 
 
 def train(args) -> int:
@@ -367,6 +373,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                           ("--max-steps", 200), ("--batch-size", 16), ("--nproc-per-node", 1)):
         trainer.add_argument(flag, type=int, default=default)
     trainer.add_argument("--learning-rate", type=float, default=1e-3)
+    trainer.add_argument("--warmup-steps", type=int, help="linear warmup steps (the service's default otherwise)")
+    trainer.add_argument("--model-name", help="the registry model the trained version is added to")
     trainer.add_argument("--mode", choices=["ddp", "local-sgd", "async"], default="ddp")
     trainer.add_argument("--idempotency-key")
     trainer.add_argument("--watch", action="store_true", help="follow the job with a progress bar")

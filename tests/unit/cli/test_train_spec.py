@@ -23,11 +23,13 @@ def test_from_scratch_is_a_gpt2_of_the_flags_sizes():
     body = _body("--n-layer", "3", "--max-steps", "40")
     assert body["model"] == {"family": "gpt2", "n_layer": 3, "n_head": 4, "n_embd": 128, "block_size": 128}
     assert body["hyperparameters"]["max_steps"] == 40 and body["dataset"] == {"name": "corpus", "version": 1}
+    assert "warmup_steps" not in body["hyperparameters"] and "model_name" not in body  # the service's defaults
 
 
 def test_init_from_fine_tunes_every_weight_of_that_version_and_sends_no_shape():
-    body = _body("--init-from", "my-llama:2", "--block-size", "32")
+    body = _body("--init-from", "my-llama:2", "--block-size", "32", "--warmup-steps", "0", "--model-name", "tuned")
     assert body["model"] == {"init_from": {"name": "my-llama", "version": 2}, "block_size": 32}
+    assert body["hyperparameters"]["warmup_steps"] == 0 and body["model_name"] == "tuned"
 
 
 def test_lora_flags_make_an_adapter_with_only_what_was_given():
