@@ -116,7 +116,7 @@ def test_import_tokenize_lora_deploy_and_complete(stack, tmp_path):
     split = data.fetch_dataset(store, dataset["manifest"]["key"], tmp_path / "dataset")
     base_loss, tuned_loss = validation_loss(base_dir, split), validation_loss(tuned_dir, split)
     log.info("validation loss on %s: base %.3f, LoRA fine-tune %.3f", DATASET, base_loss, tuned_loss)
-    assert tuned_loss < base_loss - 0.1, (base_loss, tuned_loss)
+    assert tuned_loss < base_loss - 0.05, (base_loss, tuned_loss)  # measured: 5.717 → 5.571
 
     # 5. Deploy in one step (`PUT /v1/deployments/{name}`): never exported, so it shows EXPORTING, then READY.
     deployed, progress = llmp_with_progress(stack, "deploy", TUNED, "--model", TUNED, "--stable", str(tuned_version),
