@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -56,3 +58,16 @@ def test_spec_file_is_sent_as_written(tmp_path):
     spec = {"dataset": {"name": "corpus", "version": 1}, "model": {"init_from": {"name": "m", "version": 1}}}
     (tmp_path / "job.json").write_text(json.dumps(spec))
     assert _body("--spec", str(tmp_path / "job.json")) == spec
+
+
+def test_the_readme_walkthrough_is_commands_llmp_accepts():
+    """README's "Bring your own model" (the e2e test's steps): every `llmp` line parses, and its train line
+    sends the LoRA fine-tune of the imported version."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("### Bring your own model", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line) for line in section.replace("\\\n", " ").splitlines() if line.startswith("llmp ")]
+    assert [line[1] for line in lines] == ["models", "dataset", "train", "models", "models", "deploy", "complete"]
+    parser = main.build_parser()
+    parsed = [parser.parse_args(line[1:]) for line in lines]
+    model = resources.job_spec(parsed[2])["model"]
+    assert model["init_from"] == {"name": "my-llama", "version": 1} and model["adapter"]["type"] == "lora"
