@@ -90,15 +90,27 @@ def dataset_show(args) -> int:
     return 0
 
 
-def train(args) -> int:
-    spec = json.loads(Path(args.spec).read_text()) if args.spec else {
+def job_spec(args) -> dict:
+    """The POST /v1/training-jobs body `llmp train` sends: --spec as it is, else one built from the flags."""
+    if args.spec:
+        return json.loads(Path(args.spec).read_text())
+    hyperparameters = {"max_steps": args.max_steps, "batch_size": args.batch_size,
+                       "learning_rate": args.learning_rate}
+    if args.warmup_steps is not None:
+        hyperparameters["warmup_steps"] = args.warmup_steps
+    spec = {
         "dataset": {"name": args.dataset, "version": args.dataset_version},
-        "model": {"family": args.family, "n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
-                  "block_size": args.block_size},
-        "hyperparameters": {"max_steps": args.max_steps, "batch_size": args.batch_size,
-                            "learning_rate": args.learning_rate},
+        "model": model_spec(args),
+        "hyperparameters": hyperparameters,
         "distributed": {"mode": args.mode, "nproc_per_node": args.nproc_per_node, "nnodes": 1},
     }
+    if args.model_name:
+        spec["model_name"] = args.model_name
+    return spec
+
+
+def train(args) -> int:
+    spec = job_spec(args)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     job = _client(args).call("POST", "/v1/training-jobs", spec, headers=headers)
     if not args.watch:
@@ -106,6 +118,34 @@ def train(args) -> int:
         return 0
     print(f"job {job['id']} submitted", file=sys.stderr)  # stdout gets only the finished job (one JSON document)
     return watch(args, job["id"])
+
+
+def model_version(text: str) -> dict:
+    """NAME:VERSION (`--init-from my-llama:1`) as a model reference; argparse reports the error."""
+    name, _, version = text.rpartition(":")
+    if not name or not version.isdigit() or int(version) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:VERSION (e.g. my-llama:1)")
+    return {"name": name, "version": int(version)}
+
+
+def model_spec(args) -> dict:
+    """The job's `model`: a from-scratch shape, or with --init-from a registry version to fine-tune (its
+    architecture and sizes are the version's own, so only the context is sent); with --lora or a --lora-*
+    flag, a LoRA adapter whose unset fields the training service fills in (the architecture's targets…)."""
+    if args.init_from:
+        model: dict = {"init_from": args.init_from, "block_size": args.block_size}
+        if args.family:
+            model["family"] = args.family
+    else:
+        model = {"family": args.family or "gpt2", "n_layer": args.n_layer, "n_head": args.n_head,
+                 "n_embd": args.n_embd, "block_size": args.block_size}
+    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+            "target_modules": args.lora_targets.split(",") if args.lora_targets else None}
+    if args.lora or any(value is not None for value in lora.values()):
+        # Sent without --init-from too: the gateway's 422 says an adapter needs one, rather than a silent
+        # full training from scratch.
+        model["adapter"] = {"type": "lora", **{key: value for key, value in lora.items() if value is not None}}
+    return model
 
 
 def watch(args, job_id: str | None = None) -> int:
@@ -317,11 +357,24 @@ def register(commands: argparse._SubParsersAction) -> None:
     trainer.add_argument("--spec", help="a JSON job spec (the POST /v1/training-jobs body); overrides the flags below")
     trainer.add_argument("--dataset")
     trainer.add_argument("--dataset-version", type=int, default=1)
-    trainer.add_argument("--family", choices=["gpt2", "bert", "t5"], default="gpt2")
+    trainer.add_argument("--family", choices=["gpt2", "bert", "t5"],
+                         help="from scratch (default gpt2); with --init-from the version's own architecture")
+    trainer.add_argument("--init-from", metavar="NAME:VERSION", type=model_version,
+                         help="fine-tune this registry version (trained or imported) instead of training from "
+                              "scratch; every weight unless a --lora-* flag asks for a LoRA adapter")
+    trainer.add_argument("--lora", action="store_true",
+                         help="with --init-from: train a LoRA adapter (the --lora-* flags left out get defaults)")
+    trainer.add_argument("--lora-r", type=int, help="LoRA rank (implies --lora)")
+    trainer.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (alpha / r)")
+    trainer.add_argument("--lora-dropout", type=float)
+    trainer.add_argument("--lora-targets", metavar="a,b",
+                         help="module names to adapt (default: the architecture's attention projections)")
     for flag, default in (("--n-layer", 2), ("--n-head", 4), ("--n-embd", 128), ("--block-size", 128),
                           ("--max-steps", 200), ("--batch-size", 16), ("--nproc-per-node", 1)):
         trainer.add_argument(flag, type=int, default=default)
     trainer.add_argument("--learning-rate", type=float, default=1e-3)
+    trainer.add_argument("--warmup-steps", type=int, help="linear warmup steps (the service's default otherwise)")
+    trainer.add_argument("--model-name", help="the registry model the trained version is added to")
     trainer.add_argument("--mode", choices=["ddp", "local-sgd", "async"], default="ddp")
     trainer.add_argument("--idempotency-key")
     trainer.add_argument("--watch", action="store_true", help="follow the job with a progress bar")

@@ -15,7 +15,7 @@ from services.common.s3 import ObjectStore
 from services.registry import server as registry_server
 from services.training import server as training_server
 from tests import identities
-from tests.pretrained import write_checkpoint
+from tests.tiny_checkpoints import write_checkpoint
 from tests.tiny_dataset import write_dataset
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,7 @@ from services.common.model_transfer import upload_model_version
 from services.registry import imports, registration, server
 from tests import identities
 
-from ... import hf_checkpoints
+from ...tiny_checkpoints import IMPORTABLE, build_importable, importable_config, logits, tar_bytes, tar_of
 from ..training import test_training_runtime as training_runtime
 
 pytestmark = [pytest.mark.integration]
@@ -95,10 +95,10 @@ def _files(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("architecture", hf_checkpoints.ARCHITECTURES)
+@pytest.mark.parametrize("architecture", IMPORTABLE)
 async def test_each_architecture_imports_with_the_cli_and_comes_back_with_the_same_logits(
         stack, tmp_path, capsys, architecture):
-    folder = hf_checkpoints.build(tmp_path / "source", architecture)
+    folder = build_importable(tmp_path / "source", architecture)
     name = f"imported-{architecture}"
 
     code = await asyncio.to_thread(stack.llmp, "models", "import", str(folder), "--name", name)
@@ -106,7 +106,7 @@ async def test_each_architecture_imports_with_the_cli_and_comes_back_with_the_sa
     assert code == 0, err
     status = json.loads(out)
     assert (status["name"], status["version"], status["state"]) == (name, 1, "READY"), status
-    assert status["architecture"] == hf_checkpoints.config_for(architecture).architectures[0]
+    assert status["architecture"] == importable_config(architecture).architectures[0]
     bar = [line for line in err.splitlines() if line.startswith("upload source")]
     assert bar and bar[-1].split("]")[1].strip().startswith("100%"), err  # the bytes sent were counted
 
@@ -120,13 +120,13 @@ async def test_each_architecture_imports_with_the_cli_and_comes_back_with_the_sa
     out, err = capsys.readouterr()
     assert code == 0, err
     assert _files(downloaded) == _files(folder)
-    assert torch.equal(hf_checkpoints.logits(downloaded), hf_checkpoints.logits(folder))
+    assert torch.equal(logits(downloaded), logits(folder))
 
 
 async def test_sharded_tar_gz_in_a_top_folder_imports_over_http(stack, tmp_path):
-    folder = hf_checkpoints.build(tmp_path / "sharded", "llama", max_shard_size="20KB")
+    folder = build_importable(tmp_path / "sharded", "llama", max_shard_size="20KB")
     assert (folder / "model.safetensors.index.json").exists() and len(list(folder.glob("*.safetensors"))) > 2
-    body = hf_checkpoints.tar_bytes(folder, gzip=True, prefix="my-llama/")
+    body = tar_bytes(folder, gzip=True, prefix="my-llama/")
 
     answer = await stack.http.post("/v1/models/sharded/imports?description=gqa", data=body,
                                    headers={**stack.headers, "Content-Type": "application/gzip"})
@@ -150,7 +150,7 @@ async def test_sharded_tar_gz_in_a_top_folder_imports_over_http(stack, tmp_path)
     with tarfile.open(fileobj=io.BytesIO(raw)) as archive:
         archive.extractall(out, filter="data")
     assert _files(out) == _files(folder)
-    assert torch.equal(hf_checkpoints.logits(out), hf_checkpoints.logits(folder))
+    assert torch.equal(logits(out), logits(folder))
 
     other = await stack.http.post("/v1/api-keys", json={"tenant": f"{stack.tenant}x", "role": "developer"},
                                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
@@ -174,39 +174,39 @@ def _edited(folder: Path, **config) -> Path:
 
 
 def bad_archive(case: str, tmp: Path) -> bytes:
-    good = hf_checkpoints.build(tmp / case, "gpt2")
+    good = build_importable(tmp / case, "gpt2")
     files = [(_info(path), (good / path).read_bytes()) for path in _files(good)]
     if case == "traversal":
-        return hf_checkpoints.tar_of([*files, (_info("../escaped.txt"), b"out")])
+        return tar_of([*files, (_info("../escaped.txt"), b"out")])
     if case == "absolute":
-        return hf_checkpoints.tar_of([*files, (_info("/etc/llmp-escaped"), b"out")])
+        return tar_of([*files, (_info("/etc/llmp-escaped"), b"out")])
     if case == "symlink":
-        return hf_checkpoints.tar_of([*files, (_info("link", type=tarfile.SYMTYPE, linkname="/etc/passwd"), None)])
+        return tar_of([*files, (_info("link", type=tarfile.SYMTYPE, linkname="/etc/passwd"), None)])
     if case == "hardlink":
-        return hf_checkpoints.tar_of([*files, (_info("hard", type=tarfile.LNKTYPE, linkname="config.json"), None)])
+        return tar_of([*files, (_info("hard", type=tarfile.LNKTYPE, linkname="config.json"), None)])
     if case == "no-config":
-        return hf_checkpoints.tar_of([item for item in files if item[0].name != "config.json"])
+        return tar_of([item for item in files if item[0].name != "config.json"])
     if case == "more-layers":  # the config describes 3 layers, the weights hold 2
-        return hf_checkpoints.tar_bytes(_edited(good, n_layer=3))
+        return tar_bytes(_edited(good, n_layer=3))
     if case == "wider":  # the config's width differs from the weights'
-        return hf_checkpoints.tar_bytes(_edited(good, n_embd=48))
+        return tar_bytes(_edited(good, n_embd=48))
     if case == "auto-map":
-        return hf_checkpoints.tar_bytes(_edited(good, auto_map={"AutoModelForCausalLM": "modeling_evil.Evil"}))
+        return tar_bytes(_edited(good, auto_map={"AutoModelForCausalLM": "modeling_evil.Evil"}))
     if case == "remote-code-file":
         (good / "modeling_evil.py").write_text("import os\n")
-        return hf_checkpoints.tar_bytes(good)
+        return tar_bytes(good)
     if case == "unsupported":
-        return hf_checkpoints.tar_bytes(_edited(good, model_type="t5", architectures=["T5ForConditionalGeneration"]))
+        return tar_bytes(_edited(good, model_type="t5", architectures=["T5ForConditionalGeneration"]))
     if case == "pickle":
         (good / "model.safetensors").rename(good / "pytorch_model.bin")
-        return hf_checkpoints.tar_bytes(good)
+        return tar_bytes(good)
     if case == "no-tokenizer":
         (good / "tokenizer.json").unlink()
-        return hf_checkpoints.tar_bytes(good)
+        return tar_bytes(good)
     if case == "not-a-tar":
         return b"just some text, not an archive" * 100
     if case == "too-large":
-        return hf_checkpoints.tar_of([*files, (_info("padding.bin"), b"\0" * IMPORT_LIMIT)])
+        return tar_of([*files, (_info("padding.bin"), b"\0" * IMPORT_LIMIT)])
     raise ValueError(case)
 
 
@@ -247,8 +247,8 @@ async def test_a_bad_archive_is_refused_with_the_reason_and_leaves_nothing(stack
 
 
 async def test_a_download_is_cut_when_a_stored_file_no_longer_matches_its_checksum(stack, tmp_path, capsys):
-    folder = hf_checkpoints.build(tmp_path / "source", "qwen2")
-    answer = await stack.http.post("/v1/models/tampered/imports", data=hf_checkpoints.tar_bytes(folder),
+    folder = build_importable(tmp_path / "source", "qwen2")
+    answer = await stack.http.post("/v1/models/tampered/imports", data=tar_bytes(folder),
                                    headers=stack.headers)
     assert answer.status == 202, await answer.text()
     assert (await stack.wait_import("tampered", 1))["state"] == "READY"
@@ -291,19 +291,19 @@ async def test_a_model_llmp_trained_goes_out_and_back_in_with_exactly_its_logits
     again = tmp_path / "again"
     assert await asyncio.to_thread(stack.llmp, "models", "download", "home-grown", "2", str(again)) == 0
     assert _files(again) == _files(trained)
-    assert torch.equal(hf_checkpoints.logits(again, "ROMEO: to be"), hf_checkpoints.logits(trained, "ROMEO: to be"))
+    assert torch.equal(logits(again, "ROMEO: to be"), logits(trained, "ROMEO: to be"))
     imported = await (await stack.http.get("/v1/models/home-grown/versions/2", headers=stack.headers)).json()
     assert imported["lineage"]["origin"] == "imported"
     assert imported["lineage"]["environment"]["architecture"] == "GPT2LMHeadModel"
 
 
 async def test_the_cli_reports_a_refused_import_with_its_reason(stack, tmp_path, capsys):
-    mismatched = _edited(hf_checkpoints.build(tmp_path / "mismatched", "mistral"), num_hidden_layers=3)
+    mismatched = _edited(build_importable(tmp_path / "mismatched", "mistral"), num_hidden_layers=3)
     code = await asyncio.to_thread(stack.llmp, "models", "import", str(mismatched), "--name", "refused")
     assert code == 1
     assert "422" in (err := capsys.readouterr().err) and "weights do not match config.json" in err, err
 
-    large = hf_checkpoints.build(tmp_path / "large", "gpt2")
+    large = build_importable(tmp_path / "large", "gpt2")
     (large / "extra.safetensors.txt").write_bytes(b"\1" * (IMPORT_LIMIT + 1))
     code = await asyncio.to_thread(stack.llmp, "models", "import", str(large), "--name", "refused")
     assert code == 1
@@ -316,7 +316,7 @@ async def test_a_version_with_a_lora_adapter_comes_back_loadable_with_peft(stack
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    folder = hf_checkpoints.build(tmp_path / "with-adapter", "llama")
+    folder = build_importable(tmp_path / "with-adapter", "llama")
     torch.manual_seed(1)
     tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

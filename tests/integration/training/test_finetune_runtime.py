@@ -1,6 +1,6 @@
 """LoRA fine-tuning in the runtime: real `torchrun` processes (gloo on CPU), every distributed mode, exact
 resume, against the real SeaweedFS fixture. The base is a random Llama-style checkpoint with grouped-query
-attention built here (tests/pretrained.py) and uploaded where a registry version lives."""
+attention built here (tests/tiny_checkpoints.py) and uploaded where a registry version lives."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from services.training import checkpoints
 from services.training.checkpoints import JobLayout
 from services.training.spec import JobSpec
 from tests.integration.training.test_training_runtime import launch, read_events
-from tests.pretrained import write_checkpoint
+from tests.tiny_checkpoints import write_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BASE_PREFIX = "models/acme/llama-base/v1/"

@@ -28,7 +28,7 @@ from services.common.config import Settings
 from services.common.s3 import ObjectStore
 from services.training import data
 from tests.integration.training.test_training_service import SHAKESPEARE, caller, celery_worker, stack  # noqa: F401
-from tests.pretrained import write_checkpoint
+from tests.tiny_checkpoints import write_checkpoint
 from tests.tiny_dataset import write_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,7 +44,7 @@ def env(settings_env, claim_broker, tmp_path) -> dict[str, str]:
 async def register(registry, store: ObjectStore, metadata, name: str, folder: Path) -> registry_pb2.ModelVersion:
     return await model_transfer.upload_model_version(
         registry, store, name, folder, metadata=metadata, description="built in the test",
-        lineage=registry_pb2.Lineage(environment={"source": "random weights, tests/pretrained.py"}))
+        lineage=registry_pb2.Lineage(environment={"source": "random weights, tests/tiny_checkpoints.py"}))
 
 
 def download_version(store: ObjectStore, version: registry_pb2.ModelVersion, folder: Path) -> Path:

@@ -15,7 +15,7 @@ from cli import model_archive
 from services.common.errors import PayloadTooLarge, ValidationFailed
 from services.registry import checkpoint_check, imports
 
-from ... import hf_checkpoints
+from ...tiny_checkpoints import IMPORTABLE, build_importable, tar_of
 
 
 def _folder(tmp_path: Path) -> Path:
@@ -95,27 +95,27 @@ async def test_a_dangerous_member_is_refused_with_its_name(tmp_path, member, rea
         setattr(info, key, value)
     members.append((info, data))
     with pytest.raises(ValidationFailed, match=reason):
-        await _unpack(hf_checkpoints.tar_of(members), tmp_path / "work")
+        await _unpack(tar_of(members), tmp_path / "work")
     assert not (tmp_path / "x").exists()
 
 
 async def test_limits_stop_a_large_body_and_a_gzip_bomb(tmp_path):
-    bomb = gzip.compress(hf_checkpoints.tar_of([(tarfile.TarInfo("zeros"), b"\0" * 200_000)]))
+    bomb = gzip.compress(tar_of([(tarfile.TarInfo("zeros"), b"\0" * 200_000)]))
     assert len(bomb) < 10_000
     with pytest.raises(PayloadTooLarge, match="unpacks to more than"):
         await _unpack(bomb, tmp_path / "a", limit=50_000)
     # 45 000 bytes unpacked fit the limit, but the archive sent is longer (headers, padding): stopped there,
     # before the member's last bytes arrive.
-    member = hf_checkpoints.tar_of([(tarfile.TarInfo("w"), bytes(range(250)) * 180)])
+    member = tar_of([(tarfile.TarInfo("w"), bytes(range(250)) * 180)])
     with pytest.raises(PayloadTooLarge, match="exceeds the import limit"):
         await _unpack(member, tmp_path / "b", limit=45_400)
     with pytest.raises(ValidationFailed, match="not a tar"):
         await _unpack(b"hello" * 100, tmp_path / "c")
 
 
-@pytest.mark.parametrize("architecture", hf_checkpoints.ARCHITECTURES)
+@pytest.mark.parametrize("architecture", IMPORTABLE)
 def test_the_checkpoint_check_accepts_each_architecture_and_names_a_mismatch(tmp_path, architecture):
-    folder = hf_checkpoints.build(tmp_path / architecture, architecture)
+    folder = build_importable(tmp_path / architecture, architecture)
     result = checkpoint_check.verify(folder)
     assert result["ok"] and result["loaded"] and result["architecture"].lower().startswith(architecture)
     key, shape = next(iter(checkpoint_check.weight_shapes(folder).items()))

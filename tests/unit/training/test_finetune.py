@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained checkpoint in one process, without S3: each supported architecture, full and LoRA.
 
-The base is a random checkpoint built here (tests/pretrained.py) with the dataset's own tokenizer; the run
+The base is a random checkpoint built here (tests/tiny_checkpoints.py) with the dataset's own tokenizer; the run
 loads it the way the runtime loads an `init_from` version (the folder `_fetch_init` would download).
 """
 
@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from services.common.errors import ValidationFailed
 from services.training import adapters, data, distributed, events, train
 from services.training.spec import JobSpec
-from tests.pretrained import ARCHITECTURES, write_checkpoint
+from tests.tiny_checkpoints import ARCHITECTURES, write_checkpoint
 
 SINGLE = distributed.Context(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 DATASET = {"name": "shakespeare", "version": 1}
