@@ -152,7 +152,8 @@ CHAT_COMPLETIONS = {
         "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": 1000},
         "max_completion_tokens": int32(1, description="most tokens per choice; wins over max_tokens"),
         "logprobs": {"type": "boolean"},
-        "top_logprobs": int32(0, contracts.MAX_TOP_LOGPROBS, description="alternatives per token (needs logprobs)"),
+        "top_logprobs": int32(0, contracts.MAX_TOP_LOGPROBS,
+                              description="alternatives per token; more than 0 returns log-probabilities too"),
     },
 }
 
@@ -399,15 +400,16 @@ def _count(model: str, prompt_tokens: int, completion_tokens: int) -> None:
 # -- POST /openai/v1/chat/completions -----------------------------------------------------------
 
 def _chat_request(request: web.Request, body: dict) -> inference_pb2.GenerateRequest:
-    if "top_logprobs" in body and not body.get("logprobs"):
-        raise FieldError("top_logprobs: needs logprobs: true", "top_logprobs")
+    # OpenAI refuses top_logprobs without logprobs: true; a cross-field rule the document cannot state, so
+    # here asking for alternatives asks for the log-probabilities too (and top_logprobs 0 asks for nothing).
+    wants_logprobs = bool(body.get("logprobs")) or body.get("top_logprobs", 0) > 0
     conversation = [inference_pb2.ChatMessage(role="system" if m["role"] == "developer" else m["role"],
                                               content=_message_text(m)) for m in body["messages"]]
     return inference_pb2.GenerateRequest(
         deployment=body["model"], messages=conversation,
         max_tokens=body.get("max_completion_tokens", body.get("max_tokens", 0)),  # 0: what the context leaves
         sampling=_sampling(body), routing_key=body.get("user") or request.headers.get("X-Request-Id", ""),
-        n=body.get("n", 1), logprobs=bool(body.get("logprobs")), top_logprobs=body.get("top_logprobs", 0))
+        n=body.get("n", 1), logprobs=wants_logprobs, top_logprobs=body.get("top_logprobs", 0))
 
 
 def _chat_logprobs(entries) -> dict:

@@ -35,7 +35,12 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from services.common import errors
-from services.training.spec import JobSpec
+from services.common.config import Settings
+from services.training.spec import FleetLimits, JobSpec
+
+# The fleet the stack runs (LLMP_TRAINING_*, their defaults there): a spec valid by the document's bounds, which
+# hold on any fleet, is still too big for this one. The document states the settings' names, not their values.
+FLEET = FleetLimits.from_settings(Settings.from_env({}))
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,7 +56,9 @@ PRECONDITIONS = ["412", "428"]
 # Valid requests whose refusal (400 malformed, 422 breaking a rule) is about content the document describes in
 # words: a corpus is judged by ingest (UTF-8, lines of JSON holding the named fields, documents left after
 # cleaning under the options), which no schema of a text body can state.
-CONTENT_JUDGED = {"post_v1_datasets"}
+# The same for an import: an archive is judged by its members (a tar of a Hugging Face directory whose weights
+# match its config), which no schema of a binary body can state.
+CONTENT_JUDGED = {"post_v1_datasets", "post_v1_models_name_imports"}
 # The statuses that refuse an invalid request: schemathesis' own list plus 413, the answer to a body past the
 # gateway's size limit (a huge invalid body is refused before it is read whole, as the document declares).
 INVALID_REFUSED = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
@@ -60,7 +67,7 @@ INVALID_REFUSED = ["400", "401", "403", "404", "405", "406", "409", "413", "415"
 def _schema_cannot_say(case, *, issued_token: bool = False) -> bool:
     """False for a valid request that breaks a rule the document states in words only: a page token the server
     did not issue (any URL-safe base64 fits the pattern), a cross-field rule of a dataset's options or a
-    training spec (checked with the training service's own `JobSpec`)."""
+    training spec (checked with the training service's own `JobSpec` and the stack's `FleetLimits`)."""
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return True
     query = case.query or {}
@@ -75,7 +82,7 @@ def _schema_cannot_say(case, *, issued_token: bool = False) -> bool:
     if case.operation.path == "/v1/training-jobs" and case.method.upper() == "POST" and isinstance(case.body, dict):
         try:
             JobSpec.from_dict({key: value for key, value in case.body.items()
-                               if key in ("dataset", "model", "hyperparameters", "distributed")})
+                               if key in ("dataset", "model", "hyperparameters", "distributed")}).check_fleet(FLEET)
         except errors.ValidationFailed:
             return False
     return True
