@@ -73,7 +73,7 @@ def hf_batched(model, tokenizer, chats: list[list[dict]], max_tokens: int, batch
     torch.set_num_threads(os.cpu_count() or 1)
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side, tokenizer.pad_token = "left", EOS  # padding is masked out: any token will do
     tokens, started = 0, time.perf_counter()
     for first in range(0, len(prompts), batch):
         encoded = tokenizer(prompts[first:first + batch], return_tensors="pt", padding=True,

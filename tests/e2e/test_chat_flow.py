@@ -38,7 +38,7 @@ DATASET = MODEL = DEPLOYMENT = "capitals"
 SEED = 1234
 JOB = {
     "model": {"family": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128, "dropout": 0.0},
-    "hyperparameters": {"batch_size": 16, "max_steps": 400, "learning_rate": 5e-3, "min_learning_rate": 5e-4,
+    "hyperparameters": {"batch_size": 16, "max_steps": 150, "learning_rate": 5e-3, "min_learning_rate": 5e-4,
                         "warmup_steps": 20, "eval_interval": 50, "eval_batches": 4, "log_interval": 20,
                         "seed": SEED, "precision": "fp32"},
     "distributed": {"mode": "ddp", "nproc_per_node": 1, "nnodes": 1},
@@ -93,7 +93,7 @@ def test_a_model_fine_tuned_on_chat_data_answers_through_the_openai_sdk(stack, t
     # so a falling validation loss is the answers being learnt, not the template's fixed characters.
     curves = client.call("GET", f"/v1/training-jobs/{job['id']}/metrics")
     validation = [point["value"] for point in sorted(curves["validation_loss"], key=lambda p: p["step"])]
-    assert len(validation) == 8 and validation[-1] < 0.5 * validation[0], validation
+    assert len(validation) == 3 and validation[-1] < 0.5 * validation[0], validation
     version = finished["model_version"]["version"]
 
     deployed = client.put_conditionally(f"/v1/deployments/{DEPLOYMENT}", {"model": MODEL, "stable": version})
