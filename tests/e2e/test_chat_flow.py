@@ -5,8 +5,9 @@ the base URL `/openai/v1` and an llmp key.
 
 The task: "<name>: capital of <country>?" → "<capital>", 16 countries asked by 24 people, so the 384
 conversations are distinct (datasets dedup by conversation) while the answer depends on the country
-alone: a 2-layer char-level model learns it in a few hundred steps, and an untrained one of the same
-shape gets none right. Embeddings are tested elsewhere (an encoder model).
+alone: a 2-layer char-level model learns it in about a hundred steps (the validation loss went 0.60,
+0.022, 0.0009 at steps 50, 100, 150 here), and must answer better than an untrained one of its shape.
+Embeddings are tested elsewhere (an encoder model).
 """
 
 from __future__ import annotations
