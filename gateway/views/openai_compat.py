@@ -374,7 +374,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             choices.append({"text": echo + completion.text, "index": prompt * n + completion.index,
                             "logprobs": _completion_logprobs(completion.logprobs, 0) if "logprobs" in body else None,
                             "finish_reason": completion.finish_reason or "stop"})
-    _count(body["model"], prompt_tokens, completion_tokens)
+    _count(prompt_tokens, completion_tokens)
     return json_response(request, {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
         "model": body["model"], "choices": choices, "usage": _usage(prompt_tokens, completion_tokens),
@@ -392,7 +392,8 @@ async def _all(request: web.Request, messages: list[inference_pb2.GenerateReques
             task.cancel()
 
 
-def _count(model: str, prompt_tokens: int, completion_tokens: int) -> None:
+def _count(prompt_tokens: int, completion_tokens: int) -> None:
+    # No deployment label: /metrics is public and a deployment's name is the tenant's (completions.TOKENS).
     TOKENS.labels("prompt").inc(prompt_tokens)
     TOKENS.labels("completion").inc(completion_tokens)
 
@@ -463,7 +464,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _stream(request, [message], _ChatEvents(body, message.n))
     choices = await _generate(request, message)
     prompt_tokens, completion_tokens = choices[0].prompt_tokens, sum(c.completion_tokens for c in choices)
-    _count(body["model"], prompt_tokens, completion_tokens)
+    _count(prompt_tokens, completion_tokens)
     return json_response(request, {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
         "model": body["model"], "system_fingerprint": _fingerprint(choices[0]),
