@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import time
 import uuid
@@ -52,6 +53,8 @@ MAX_PROMPTS = 16  # strings in one completion request's `prompt` list
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /completions' `logprobs`
 DEFAULT_COMPLETION_TOKENS = 16  # /completions' max_tokens when absent (OpenAI's default)
 TIMEOUT_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 # -- errors in OpenAI's shape ---------------------------------------------------------------------
@@ -254,6 +257,12 @@ async def _stream(request: web.Request, messages: list[inference_pb2.GenerateReq
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
         except errors.LlmpError as error:  # headers are sent: report in-band, as OpenAI does
             await response.write(f"data: {json.dumps(error_body(error))}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client left: nobody to tell
+        except Exception:  # a fault of ours mid-stream: the client must still see the stream end, not hang
+            log.exception("stream of %s failed after its first piece", request.path)
+            failure = errors.Internal("the stream failed on the server; see its log")
+            await response.write(f"data: {json.dumps(error_body(failure))}\n\n".encode())
     finally:
         await pieces.aclose()
     await response.write(b"data: [DONE]\n\n")
