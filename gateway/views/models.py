@@ -7,6 +7,7 @@ import json
 from aiohttp import web
 from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2
+from llmp.training.v1 import training_pb2
 
 from gateway.http import (
     PAGING,
@@ -24,6 +25,7 @@ from gateway.http import (
     read_json,
     to_dict,
 )
+from gateway.views import evaluations
 from services.common import contracts, errors
 
 SET_ALIAS = {
@@ -43,6 +45,9 @@ EXPORT_BODY = message_schema(registry_pb2.Export.DESCRIPTOR, **_PARITY)
 VERSION_BODY = message_schema(registry_pb2.ModelVersion.DESCRIPTOR, name={"type": "string"},
                               version={"type": "integer"}, exports={"type": "array", "items": EXPORT_BODY})
 VERSION_BODY["required"] = ["name", "version", "state"]
+# GET of one version also shows its evaluations (newest first; the training service keeps them).
+ONE_VERSION_BODY = {**VERSION_BODY, "properties": {
+    **VERSION_BODY["properties"], "evaluations": {"type": "array", "items": evaluations.EVALUATION_BODY}}}
 _NEXT = {"next_page_token": {"type": "string", "pattern": contracts.PAGE_TOKEN_PATTERN}}
 MODEL_LIST = {"type": "object", "required": ["models", "next_page_token"], "properties": {
     "models": {"type": "array", "items": message_schema(registry_pb2.Model.DESCRIPTOR)}, **_NEXT}}
@@ -82,8 +87,12 @@ async def get_model(request: web.Request) -> web.Response:
 async def get_version(request: web.Request) -> web.Response:
     response = await clients(request).registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
         name=request.match_info["name"], version=path_version(request)))
-    # READY versions are immutable except for exports and aliases, which the ETag covers.
-    return json_response(request, present_version(response.version))
+    measured = await clients(request).training.ListEvaluations(training_pb2.ListEvaluationsRequest(
+        model_name=response.version.ref.name, model_version=response.version.ref.version))
+    body = {**present_version(response.version),
+            "evaluations": [evaluations.present(item) for item in measured.evaluations]}
+    # READY versions are immutable except for exports, aliases and evaluations, which the ETag covers.
+    return json_response(request, body)
 
 
 async def delete_version(request: web.Request) -> web.Response:
@@ -155,8 +164,9 @@ ROUTES = [
           tag="models", returns=MODEL_BODY,
           links={"NextPage": Link("GET", "/v1/models/{name}", {"name": "$request.path.name",
                                                                "page_token": "$response.body#/next_page_token"})}),
-    Route("GET", VERSION, get_version, "A model version: artifacts with SHA-256, lineage, metrics, exports",
-          tag="models", returns=VERSION_BODY),
+    Route("GET", VERSION, get_version,
+          "A model version: artifacts with SHA-256, lineage, metrics, exports, evaluations",
+          tag="models", returns=ONE_VERSION_BODY),
     Route("DELETE", VERSION, delete_version, "Delete a version (409 while deployed)", tag="models",
           headers=_IF_MATCH, responses={204: "Deleted", 409: "In use by a deployment"}),
     Route("GET", ALIAS, get_alias, "The version an alias points at", tag="models", returns=ALIAS_BODY),
