@@ -171,7 +171,7 @@ def load_model(folder: Path, device: torch.device) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(folder)
     if config.model_type in ("bert", "t5"):
         raise ValidationFailed(f"evaluation measures next-token prediction; a {config.model_type} model has none")
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.to(device).eval()
 
 
