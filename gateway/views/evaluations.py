@@ -12,7 +12,7 @@ from services.common import contracts, errors
 _NAME = {"type": "string", "pattern": contracts.NAME_PATTERN}
 _REF = {"type": "object", "additionalProperties": False, "required": ["name", "version"],
         "properties": {"name": _NAME, "version": int64(1)}}
-SPLITS = ["test", "validation", "calibration", "all"]  # services/training/evaluation.EVAL_SPLITS
+SPLITS = list(contracts.EVALUATION_SPLITS)
 SUBMIT_EVALUATION = {
     "type": "object", "additionalProperties": False, "required": ["model", "dataset"],
     "properties": {"model": _REF, "dataset": _REF, "split": {"enum": SPLITS}},

@@ -33,6 +33,18 @@ SET_ALIAS = {
     "properties": {"version": int64(1),
                    "reason": {"type": "string", "maxLength": 500, "pattern": contracts.TEXT_PATTERN}},
 }
+GATE = {
+    "type": "object", "additionalProperties": False, "required": ["dataset", "metric", "max_regression"],
+    "properties": {
+        "dataset": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
+                    "properties": {"name": {"type": "string", "pattern": contracts.NAME_PATTERN},
+                                   "version": int64(1)}},
+        "split": {"enum": evaluations.SPLITS},
+        "metric": {"enum": ["loss", "perplexity", "expected_calibration_error", "token_accuracy"]},
+        "max_regression": {"type": "number", "minimum": 0, "maximum": 10,
+                           "description": "relative, e.g. 0.02: the new version may be 2% worse at most"},
+    },
+}
 CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],
     "properties": {"format": {"enum": list(contracts.EXPORT_FORMATS)}},
@@ -54,6 +66,7 @@ MODEL_LIST = {"type": "object", "required": ["models", "next_page_token"], "prop
 MODEL_BODY = message_schema(registry_pb2.Model.DESCRIPTOR, versions={"type": "array", "items": VERSION_BODY},
                             **_NEXT)
 ALIAS_BODY = message_schema(registry_pb2.Alias.DESCRIPTOR)
+GATE_BODY = message_schema(registry_pb2.AliasGate.DESCRIPTOR)
 ALIAS_HISTORY = {"type": "object", "required": ["entries"], "properties": {
     "entries": {"type": "array", "items": message_schema(registry_pb2.AliasHistoryEntry.DESCRIPTOR)}}}
 
@@ -134,6 +147,23 @@ async def put_alias(request: web.Request) -> web.Response:
                          cache_control="no-store", etag=_alias_etag(response.alias))
 
 
+async def put_gate(request: web.Request) -> web.Response:
+    """Gate an alias: it then moves only to versions evaluated no worse on the gate's data (409 otherwise)."""
+    body = await read_json(request, GATE)
+    response = await clients(request).registry.PutAliasGate(registry_pb2.PutAliasGateRequest(
+        gate=registry_pb2.AliasGate(
+            model_name=request.match_info["name"], alias=request.match_info["alias"],
+            dataset=common_pb2.DatasetRef(**body["dataset"]), split=body.get("split", "test"),
+            metric=body["metric"], max_regression=body["max_regression"])))
+    return json_response(request, to_dict(response.gate), cache_control="no-store")
+
+
+async def get_gate(request: web.Request) -> web.Response:
+    response = await clients(request).registry.GetAliasGate(registry_pb2.GetAliasGateRequest(
+        model_name=request.match_info["name"], alias=request.match_info["alias"]))
+    return json_response(request, to_dict(response.gate))
+
+
 async def alias_history(request: web.Request) -> web.Response:
     response = await clients(request).registry.ListAliasHistory(registry_pb2.ListAliasHistoryRequest(
         model_name=request.match_info["name"], alias=request.match_info["alias"]))
@@ -175,6 +205,10 @@ ROUTES = [
           links={"GetAlias": Link("GET", ALIAS, _OF_ALIAS), "AliasHistory": Link("GET", ALIAS + "/history", _OF_ALIAS)},
           responses={200: "Moved", 201: "Created", 412: "ETag mismatch (or the alias exists, with If-None-Match: *)",
                      428: "Neither If-Match nor If-None-Match: * was sent"}),
+    Route("PUT", ALIAS + "/gate", put_gate, "Gate an alias on evaluations (a promotion gate)", body=GATE,
+          tag="models", returns=GATE_BODY, responses={404: "The model does not exist"}),
+    Route("GET", ALIAS + "/gate", get_gate, "An alias's promotion gate", tag="models", returns=GATE_BODY,
+          responses={404: "The alias has no gate"}),
     Route("GET", ALIAS + "/history", alias_history, "Audit trail of an alias's moves", tag="models",
           returns=ALIAS_HISTORY),
     Route("POST", VERSION + "/exports", create_export, "Export a version (onnx, onnx-int8, torchscript)",

@@ -59,10 +59,11 @@ CALLS: dict[str, frozenset[str]] = {
     "gateway": frozenset({DATASET.name, TRAINING.name, REGISTRY.name, INFERENCE.name, POSTGRES, MINIO}),
     DATASET.name: frozenset({REGISTRY.name, POSTGRES, MINIO}),
     # The coordinator imports the worker's Celery app to dispatch, so its image reaches what the worker does.
-    TRAINING.name: frozenset({DATASET.name, POSTGRES, REDIS}),
+    # Evaluations are checked against the model version (its tokenizer) at submit.
+    TRAINING.name: frozenset({DATASET.name, REGISTRY.name, POSTGRES, REDIS}),
     # Nodes of one multi-node job: c10d rendezvous and NCCL/Gloo between the workers, on ports they pick.
     TRAINING_WORKER: frozenset({REGISTRY.name, POSTGRES, REDIS, MINIO, TRAINING_WORKER}),
-    REGISTRY.name: frozenset({POSTGRES, MINIO}),
+    REGISTRY.name: frozenset({TRAINING.name, POSTGRES, MINIO}),  # a gated alias reads evaluations
     INFERENCE.name: frozenset({REGISTRY.name, TRITON, POSTGRES, MINIO}),
     # Third-party: Triton reads its model repository. (MinIO creates its bucket itself, over loopback.)
     TRITON: frozenset({MINIO}),

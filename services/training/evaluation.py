@@ -46,7 +46,6 @@ from services.training.models import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 ECE_BINS = 15
-EVAL_SPLITS = ("test", "validation", "calibration", "all")  # "all": the four splits one after the other
 DEFAULT_BATCH_SIZE = 8
 CHECKPOINT_SECONDS = 5.0  # how often the running sums are recorded (what a resumed attempt starts from)
 HEARTBEAT_SECONDS_SHARE = 1 / 3  # of the lease
@@ -103,9 +102,10 @@ class Sums:
 # --- what is evaluated ----------------------------------------------------------------------------
 
 def split_names(split: str) -> tuple[str, ...]:
-    if split not in EVAL_SPLITS:
-        raise ValidationFailed(f"split: must be one of {', '.join(EVAL_SPLITS)}, not {split!r}")
-    return contracts.SPLITS if split == "all" else (split,)
+    try:
+        return contracts.evaluated_splits(split)
+    except ValueError as error:
+        raise ValidationFailed(f"split: {error}") from None
 
 
 def batches(dataset: data.LocalDataset, split: str, block_size: int, batch_size: int,

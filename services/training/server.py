@@ -15,7 +15,7 @@ from llmp.dataset.v1 import dataset_pb2
 from llmp.registry.v1 import registry_pb2
 from llmp.training.v1 import training_pb2_grpc
 
-from services.common import topology
+from services.common import contracts, topology
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import Conflict, NotFound, Unavailable, ValidationFailed
@@ -25,7 +25,6 @@ from services.common.identity import Caller, acting_as, service_principal
 from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
 from services.training.dispatch import CeleryDispatcher, make_producer
-from services.training.evaluation import split_names
 from services.training.servicer import EvaluationTarget, TrainingServicer
 from services.training.spec import FleetLimits, JobSpec
 
@@ -71,7 +70,10 @@ def evaluation_checker(clients: ServiceClients):
     agree, as fine-tuning requires); a mismatch is the request's fault (422), a missing version a 404."""
 
     async def check(caller: Caller, model: tuple[str, int], dataset: tuple[str, int], split: str) -> EvaluationTarget:
-        split_names(split)
+        try:
+            wanted = contracts.evaluated_splits(split)
+        except ValueError as error:
+            raise ValidationFailed(f"split: {error}") from None
         try:
             with acting_as(caller):
                 found = await clients.registry.GetModelVersion(
@@ -99,7 +101,7 @@ def evaluation_checker(clients: ServiceClients):
                 f"!= {model_tokenizer[:12] or 'none'}); build it with tokenizer=model&tokenizer_model={model[0]}"
                 f"&tokenizer_model_version={model[1]}")
         tokens = {item.name: item.tokens for item in data.splits}
-        if not sum(tokens.get(name, 0) for name in split_names(split)):
+        if not sum(tokens.get(name, 0) for name in wanted):
             raise ValidationFailed(f"split: {split} of dataset {dataset[0]} version {dataset[1]} holds no tokens")
         return EvaluationTarget(manifest_key=data.manifest_key)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cli.client import Client
+from cli.client import ApiError, Client
 from services.common.config import Settings
 from services.common.s3 import ObjectStore
 
@@ -157,3 +157,44 @@ def test_two_versions_compared_on_an_external_test_set(stack, tmp_path):
     assert listed.returncode == 0, listed.stderr
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
     assert {(row[0], row[3]) for row in rows} >= {(first["id"], str(weak)), (second["id"], str(strong))}, listed.stdout
+
+
+def move(client: Client, alias: str, version: int) -> tuple[int, dict]:
+    try:
+        return 200, client.put_conditionally(f"/v1/models/{MODEL}/aliases/{alias}", {"version": version})
+    except ApiError as error:
+        return error.status, {"message": error.message}
+
+
+def test_a_gated_alias_moves_only_to_a_version_measured_no_worse(stack):
+    client = stack.client()
+    versions = client.call("GET", f"/v1/models/{MODEL}")["versions"]
+    weak, strong = sorted(v["version"] for v in versions)[:2]  # trained 8 and 80 steps (the test above)
+    external = client.call("GET", "/v1/datasets/eval-external/versions/1")
+    assert move(client, "production", weak)[0] == 200  # created, ungated
+
+    gate = {"dataset": {"name": "eval-external", "version": external["version"]}, "split": "all",
+            "metric": "loss", "max_regression": 0.02}
+    client.call("PUT", f"/v1/models/{MODEL}/aliases/production/gate", gate)
+    assert client.call("GET", f"/v1/models/{MODEL}/aliases/production/gate")["metric"] == "loss"
+
+    # Nothing measured on split "all" yet: the move waits, and the gate starts both evaluations.
+    status, refused = move(client, "production", strong)
+    assert status == 409 and "evaluation pending" in refused["message"], refused
+    for version in (weak, strong):
+        listed = client.wait_until(
+            "/v1/evaluations?" + f"model={MODEL}&version={version}",
+            lambda body: any(e["split"] == "all" and e["state"] == "SUCCEEDED" for e in body["evaluations"]), 600)
+        assert listed
+
+    status, moved = move(client, "production", strong)  # better: allowed
+    assert status == 200 and moved["version"] == strong, moved
+    status, refused = move(client, "production", weak)  # worse by far more than 2 %: refused, both figures named
+    assert status == 409 and "gate refused" in refused["message"], refused
+    assert f"version {weak} is" in refused["message"] and f"version {strong} (current)" in refused["message"]
+    assert client.call("GET", f"/v1/models/{MODEL}/aliases/production")["version"] == strong
+
+    history = client.call("GET", f"/v1/models/{MODEL}/aliases/production/history")["entries"]
+    decisions = [(entry.get("decision"), entry["to_version"]) for entry in history]
+    assert decisions == [("moved", weak), ("pending", strong), ("moved", strong), ("refused", weak)], history
+    assert "gate passed" in history[2]["gate"] and "gate refused" in history[3]["gate"]
