@@ -39,7 +39,7 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import LlmpError, ValidationFailed
 from services.common.s3 import ObjectStore
-from services.training import data, supervised
+from services.training import contamination, data, supervised
 from services.training.coordinator import Assignment, Coordinator, JobKind, JobState, Update
 from services.training.models import IGNORE_INDEX
 
@@ -234,6 +234,10 @@ class EvaluationRunner:
         dataset = await asyncio.to_thread(data.fetch_dataset, store, job.dataset_manifest_key, work / "dataset")
         folder = await asyncio.to_thread(fetch_model, store, prefix, work / "model")
         model = await asyncio.to_thread(load_model, folder, device)
+        if not job.environment.get("contamination"):  # measured once; a resumed attempt keeps it
+            found = await self._contamination(job, store, dataset, work)
+            if not await coordinator.record(assignment, [Update(environment={"contamination": found.as_dict()})]):
+                return "lost"
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         plan = batches(dataset, spec["split"], context_length(model), self.batch_size, pad_id)
         await coordinator.set_max_steps(assignment, len(plan))
@@ -260,8 +264,53 @@ class EvaluationRunner:
                 if not await coordinator.record(assignment, [Update(step=sums.batches, checkpoint={
                         "step": sums.batches, "sums": sums.as_dict()})]):
                     return "lost"
-        figures = sums.metrics()
+        figures = sums.metrics()  # (the job's environment holds the contamination found before)
         if not await coordinator.record(assignment, [Update(step=sums.batches, metrics=figures)]):
             return "lost"
         log.info("evaluated", extra={"job_id": job.id, **figures})
         return "done"
+
+    async def _contamination(self, job, store: ObjectStore, dataset: data.LocalDataset,
+                             work: Path) -> contamination.Contamination:
+        """Compare the evaluated documents with the train splits of the model's lineage (contamination.py)."""
+        spec = job.spec
+        lineage = await training_datasets(self.settings, job, spec["model"]["name"], int(spec["model"]["version"]))
+        training = {}
+        for name, version in lineage:
+            key = contracts.dataset_manifest_key(job.tenant, name, version)
+            training[f"{name}@{version}"] = await asyncio.to_thread(
+                data.fetch_dataset, store, key, work / "lineage" / f"{name}-v{version}")
+        threshold = float(dataset.info.options.get("near_dup_threshold") or contamination.DEFAULT_NEAR_DUP_THRESHOLD)
+        evaluated = contamination.documents(dataset, split_names(spec["split"]))
+        return await asyncio.to_thread(contamination.measure, evaluated, training, threshold)
+
+
+async def training_datasets(settings: Settings, job, model: str, version: int) -> list[tuple[str, int]]:
+    """(name, version) of the dataset of every version in the model's lineage, itself first; an imported
+    version ends the chain (what it was trained on is unknown)."""
+    from llmp.registry.v1 import registry_pb2
+
+    from services.common import topology
+    from services.common.grpc_client import ServiceClients
+    from services.common.identity import Caller, acting_as, service_principal
+
+    caller = Caller(tenant=job.tenant, key_id=job.created_by, role="developer")
+    clients = ServiceClients(settings, principal=service_principal(topology.TRAINING.name))
+    found: list[tuple[str, int]] = []
+    seen: set[tuple[str, int]] = set()
+    current: tuple[str, int] | None = (model, version)
+    try:
+        while current is not None and current not in seen:
+            seen.add(current)
+            with acting_as(caller):
+                reply = await clients.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
+                    name=current[0], version=current[1]))
+            lineage = reply.version.lineage
+            if lineage.origin == "imported":
+                break
+            if lineage.dataset.name and (lineage.dataset.name, lineage.dataset.version) not in found:
+                found.append((lineage.dataset.name, int(lineage.dataset.version)))
+            current = (lineage.parent.name, int(lineage.parent.version)) if lineage.parent.name else None
+    finally:
+        await clients.close()
+    return found

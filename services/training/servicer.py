@@ -111,6 +111,11 @@ def evaluation_to_proto(job: Job) -> training_pb2.Evaluation:
                                      message=job.error),
         metrics=job.latest_metrics if job.state == JobState.SUCCEEDED else {}, error=job.error,
         attempt=job.attempt, cancel_requested=job.cancel_requested, idempotency_key=job.idempotency_key or "")
+    found = job.environment.get("contamination")
+    if found:
+        message.contamination.CopyFrom(training_pb2.Contamination(
+            share=found["share"], documents=found["documents"], contaminated=found["contaminated"],
+            datasets=found["datasets"]))
     for field in ("created_at", "started_at", "finished_at"):
         _timestamp(message, field, getattr(job, field))
     return message

@@ -132,6 +132,16 @@ def test_two_versions_compared_on_an_external_test_set(stack, tmp_path):
     assert second["metrics"]["loss"] < first["metrics"]["loss"] - 0.1, (first["metrics"], second["metrics"])
     assert second["metrics"]["token_accuracy"] > first["metrics"]["token_accuracy"]
 
+    # The external set is clean; one cut from the training corpus is reported contaminated.
+    for done in (first, second):
+        assert done["contamination"]["datasets"] == [f"eval-train@{training['version']}"], done
+        assert done["contamination"]["share"] < 0.05, done["contamination"]
+    copied = ready(client, "eval-copied", text[:20_000].encode(), purpose="evaluation", tokenizer="model",
+                   tokenizer_model=MODEL, tokenizer_model_version=str(weak))
+    contaminated = evaluate(client, weak, copied)["contamination"]
+    # About 90 % of those documents went to the train split (the rest to validation, test, calibration).
+    assert 0.7 < contaminated["share"] <= 1 and contaminated["documents"] > 50, contaminated
+
     # The figures are what a bare no_grad loop over the same shards finds.
     store = ObjectStore(Settings.from_env(stack.env).s3)
     registered = client.call("GET", f"/v1/models/{MODEL}/versions/{strong}")
