@@ -204,6 +204,8 @@ ROUTES = [
           tag="models", headers=_CONDITIONS, returns=ALIAS_BODY,
           links={"GetAlias": Link("GET", ALIAS, _OF_ALIAS), "AliasHistory": Link("GET", ALIAS + "/history", _OF_ALIAS)},
           responses={200: "Moved", 201: "Created", 412: "ETag mismatch (or the alias exists, with If-None-Match: *)",
+                     409: "A gated alias: evaluation pending (started), or the version measured worse than "
+                          "the current target by more than the gate allows (both figures named)",
                      428: "Neither If-Match nor If-None-Match: * was sent"}),
     Route("PUT", ALIAS + "/gate", put_gate, "Gate an alias on evaluations (a promotion gate)", body=GATE,
           tag="models", returns=GATE_BODY, responses={404: "The model does not exist"}),
