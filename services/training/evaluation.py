@@ -65,23 +65,26 @@ class Sums:
     bin_correct: list[int] = field(default_factory=lambda: [0] * ECE_BINS)
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add the predictions `logits` [n, vocab] of `targets` [n] (already without ignored positions)."""
-        logits = logits.float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        self.loss += float(-log_probs.gather(1, targets[:, None]).sum())
-        confidence, predicted = log_probs.exp().max(dim=-1)
-        right = predicted == targets
-        self.tokens += int(targets.numel())
-        self.correct += int(right.sum())
+        """Add the predictions `logits` [n, vocab] of `targets` [n] (already without ignored positions).
+
+        Everything is reduced on the logits' device and brought back in one transfer (one GPU sync a batch)."""
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        top, predicted = log_probs.max(dim=-1)
+        confidence, right = top.exp().double(), (predicted == targets).double()
         bins = (confidence * ECE_BINS).long().clamp_(0, ECE_BINS - 1)
-        counts = torch.bincount(bins, minlength=ECE_BINS)
-        sums = torch.zeros(ECE_BINS, dtype=torch.float64, device=logits.device).index_add_(
-            0, bins, confidence.double())
-        hits = torch.bincount(bins, weights=right.double(), minlength=ECE_BINS)
+        per_bin = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=logits.device)
+        per_bin[0].index_add_(0, bins, torch.ones_like(confidence))
+        per_bin[1].index_add_(0, bins, confidence)
+        per_bin[2].index_add_(0, bins, right)
+        loss = -log_probs.gather(1, targets[:, None]).double().sum()
+        counts, confidences, hits = per_bin.tolist()
+        self.loss += float(loss)
+        self.tokens += int(targets.numel())
+        self.correct += int(round(sum(hits)))
         for b in range(ECE_BINS):
             self.bin_tokens[b] += int(counts[b])
-            self.bin_confidence[b] += float(sums[b])
-            self.bin_correct[b] += int(round(float(hits[b])))
+            self.bin_confidence[b] += confidences[b]
+            self.bin_correct[b] += int(round(hits[b]))
 
     def metrics(self) -> dict[str, float]:
         if not self.tokens:
@@ -149,6 +152,9 @@ def evaluate_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], sums:
     inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items() if name != "labels"}
     logits = model(**inputs).logits[:, :-1]
     labels = batch["labels"].to(device, non_blocking=True)[:, 1:]
+    if "position_ids" not in batch:  # a window of the token stream: every position is predicted (no copy)
+        sums.add(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return
     keep = labels != IGNORE_INDEX
     sums.add(logits[keep], labels[keep])
 
