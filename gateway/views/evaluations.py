@@ -22,7 +22,7 @@ EVALUATION_BODY["required"] = ["id", "state"]
 EVALUATION_LIST = {"type": "object", "required": ["evaluations", "next_page_token"], "properties": {
     "evaluations": {"type": "array", "items": EVALUATION_BODY},
     "next_page_token": {"type": "string", "pattern": contracts.PAGE_TOKEN_PATTERN}}}
-LIST_QUERY = {"model": _NAME, "version": int64(1, description="with model: only this version's"), **PAGING}
+LIST_QUERY = {"model": _NAME, "version": int64(1), **PAGING}  # version: with model, only that version's
 
 
 def present(evaluation: training_pb2.Evaluation) -> dict:
