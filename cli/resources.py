@@ -47,7 +47,7 @@ def _get(row: dict, dotted: str):
 def dataset_create(args) -> int:
     query = {"name": args.name, "tokenizer": args.tokenizer, "format": args.format, "vocab_size": args.vocab_size,
              "split_seed": args.split_seed, "tokenizer_model": args.tokenizer_model,
-             "tokenizer_model_version": args.tokenizer_model_version}
+             "tokenizer_model_version": args.tokenizer_model_version, "purpose": args.purpose}
     data = Path(args.file)
     client = _client(args)
     bar = Progress(f"upload {data.name}", data.stat().st_size, "bytes")
@@ -193,6 +193,35 @@ def jobs_list(args) -> int:
 
 def jobs_cancel(args) -> int:
     _print(args, _client(args).call("DELETE", f"/v1/training-jobs/{args.id}"), ["id", "state"])
+    return 0
+
+
+EVAL_COLUMNS = ["id", "state", "model.name", "model.version", "dataset.name", "dataset.version", "split",
+                "metrics.loss", "metrics.perplexity", "metrics.token_accuracy", "metrics.expected_calibration_error"]
+
+
+def eval_create(args) -> int:
+    client = _client(args)
+    body = {"model": {"name": args.model, "version": args.version},
+            "dataset": {"name": args.dataset, "version": args.dataset_version}, "split": args.split}
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+    evaluation = client.call("POST", "/v1/evaluations", body, headers=headers)
+    if args.wait:
+        evaluation = client.wait_until(f"/v1/evaluations/{evaluation['id']}",
+                                       lambda e: e["state"] in FINAL_JOB_STATES, args.timeout)
+    _print(args, evaluation, EVAL_COLUMNS)
+    return 0 if evaluation["state"] != "FAILED" else 1
+
+
+def eval_list(args) -> int:
+    query = {"model": args.model, "version": args.version}
+    _print(args, _client(args).call("GET", "/v1/evaluations", query={k: v for k, v in query.items() if v}),
+           EVAL_COLUMNS, "evaluations")
+    return 0
+
+
+def eval_show(args) -> int:
+    _print(args, _client(args).call("GET", f"/v1/evaluations/{args.id}"))
     return 0
 
 
@@ -347,6 +376,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="pairs ({prompt, completion} lines) and chat ({messages} lines) are supervised: "
                              "the loss is on the answers only")
     create.add_argument("--split-seed", type=int)
+    create.add_argument("--purpose", choices=["training", "evaluation"],
+                        help="evaluation: an external test set, every document in test")
     create.add_argument("--watch", action="store_true", help="follow the ingest with a progress bar until READY")
     command(datasets, "list", dataset_list, "list datasets")
     show = command(datasets, "show", dataset_show, "show a dataset or one version")
@@ -383,6 +414,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     command(jobs, "list", jobs_list, "list jobs")
     command(jobs, "watch", watch, "follow a job until it ends").add_argument("id")
     command(jobs, "cancel", jobs_cancel, "cancel a job").add_argument("id")
+
+    evals = group("eval", "evaluate model versions on datasets and compare them")
+    creator = command(evals, "create", eval_create, "evaluate a model version on a dataset split")
+    creator.add_argument("model")
+    creator.add_argument("version", type=int)
+    creator.add_argument("--dataset", required=True)
+    creator.add_argument("--dataset-version", type=int, default=1)
+    creator.add_argument("--split", choices=["test", "validation", "calibration", "all"], default="test")
+    creator.add_argument("--idempotency-key")
+    creator.add_argument("--wait", action="store_true", help="wait until it has its figures")
+    creator.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
+    lister = command(evals, "list", eval_list, "list evaluations; of one model (and version) side by side")
+    lister.add_argument("model", nargs="?")
+    lister.add_argument("version", nargs="?", type=int)
+    command(evals, "show", eval_show, "show one evaluation").add_argument("id")
 
     models = group("models", "the model registry")
     command(models, "list", models_list, "list models")

@@ -8,6 +8,7 @@ from gateway.views import (
     console,
     datasets,
     deployments,
+    evaluations,
     keys,
     model_files,
     models,
@@ -17,8 +18,8 @@ from gateway.views import (
 )
 
 # Every view module, in the order /openapi.json lists them.
-VIEW_MODULES = [system, keys, datasets, training_jobs, models, model_files, deployments, completions, openai_compat,
-                console]
+VIEW_MODULES = [system, keys, datasets, training_jobs, evaluations, models, model_files, deployments, completions,
+                openai_compat, console]
 
 
 def all_routes() -> list[Route]:

@@ -19,7 +19,7 @@ from cli.stack.state import Record
 class Worker(PythonProcess):
     def command(self, launch: Launch) -> tuple[list[str], dict[str, str], str]:
         node = f"llmp-worker-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
-        command = [sys.executable, "-m", "celery", "-A", self.module, "worker", "-Q", "gpu",
+        command = [sys.executable, "-m", "celery", "-A", self.module, "worker", "-Q", "gpu,eval",
                    "--concurrency", "1", "--prefetch-multiplier", "1", "-n", node, "--loglevel", "INFO"]
         return command, super().command(launch)[1], node  # the environment every llmp process gets
 

@@ -68,6 +68,8 @@ CREATE_QUERY = {
                         "description": "tokenizer=model: the registered model whose tokenizer files are used "
                                        "(copied unchanged; 404 when it has no READY version tokenizer_model_version)"},
     "tokenizer_model_version": int64(1),
+    "purpose": {"enum": ["training", "evaluation"],
+                "description": "evaluation: an external test set, every document in test (leave fractions out)"},
     "source": {"type": "string", "pattern": r"^s3://[^\u0000]*$",
                "description": "read the corpus from s3://{bucket}/imports/{tenant}/… (the platform bucket, the "
                               "caller tenant's import prefix) instead of the body; any other object is 404, "
@@ -132,6 +134,13 @@ def _fractions(request: web.Request) -> pb.SplitFractions | None:
     return pb.SplitFractions(train=shares[0], validation=shares[1], test=shares[2], calibration=shares[3])
 
 
+def _purpose(request: web.Request) -> str:
+    value = request.query.get("purpose", "training")
+    if value not in CREATE_QUERY["purpose"]["enum"]:
+        raise errors.ValidationFailed(f"purpose: must be training or evaluation, not {value!r}")
+    return value
+
+
 def create_options(request: web.Request) -> pb.DatasetOptions:
     query = request.query
     if not query.get("name"):
@@ -150,7 +159,7 @@ def create_options(request: web.Request) -> pb.DatasetOptions:
         tokenizer_model_version=query_int(request, "tokenizer_model_version", 0,
                                           CREATE_QUERY["tokenizer_model_version"]),
         fractions=_fractions(request), source_uri=query.get("source", ""),
-        wait=query.get("wait", "false").lower() in {"1", "true", "yes"},
+        purpose=_purpose(request), wait=query.get("wait", "false").lower() in {"1", "true", "yes"},
     )
 
 

@@ -7,6 +7,7 @@ import json
 from aiohttp import web
 from llmp.common.v1 import common_pb2
 from llmp.registry.v1 import registry_pb2
+from llmp.training.v1 import training_pb2
 
 from gateway.http import (
     PAGING,
@@ -24,12 +25,25 @@ from gateway.http import (
     read_json,
     to_dict,
 )
+from gateway.views import evaluations
 from services.common import contracts, errors
 
 SET_ALIAS = {
     "type": "object", "additionalProperties": False, "required": ["version"],
     "properties": {"version": int64(1),
                    "reason": {"type": "string", "maxLength": 500, "pattern": contracts.TEXT_PATTERN}},
+}
+GATE = {
+    "type": "object", "additionalProperties": False, "required": ["dataset", "metric", "max_regression"],
+    "properties": {
+        "dataset": {"type": "object", "additionalProperties": False, "required": ["name", "version"],
+                    "properties": {"name": {"type": "string", "pattern": contracts.NAME_PATTERN},
+                                   "version": int64(1)}},
+        "split": {"enum": evaluations.SPLITS},
+        "metric": {"enum": ["loss", "perplexity", "expected_calibration_error", "token_accuracy"]},
+        "max_regression": {"type": "number", "minimum": 0, "maximum": 10,
+                           "description": "relative, e.g. 0.02: the new version may be 2% worse at most"},
+    },
 }
 CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],
@@ -43,12 +57,16 @@ EXPORT_BODY = message_schema(registry_pb2.Export.DESCRIPTOR, **_PARITY)
 VERSION_BODY = message_schema(registry_pb2.ModelVersion.DESCRIPTOR, name={"type": "string"},
                               version={"type": "integer"}, exports={"type": "array", "items": EXPORT_BODY})
 VERSION_BODY["required"] = ["name", "version", "state"]
+# GET of one version also shows its evaluations (newest first; the training service keeps them).
+ONE_VERSION_BODY = {**VERSION_BODY, "properties": {
+    **VERSION_BODY["properties"], "evaluations": {"type": "array", "items": evaluations.EVALUATION_BODY}}}
 _NEXT = {"next_page_token": {"type": "string", "pattern": contracts.PAGE_TOKEN_PATTERN}}
 MODEL_LIST = {"type": "object", "required": ["models", "next_page_token"], "properties": {
     "models": {"type": "array", "items": message_schema(registry_pb2.Model.DESCRIPTOR)}, **_NEXT}}
 MODEL_BODY = message_schema(registry_pb2.Model.DESCRIPTOR, versions={"type": "array", "items": VERSION_BODY},
                             **_NEXT)
 ALIAS_BODY = message_schema(registry_pb2.Alias.DESCRIPTOR)
+GATE_BODY = message_schema(registry_pb2.AliasGate.DESCRIPTOR)
 ALIAS_HISTORY = {"type": "object", "required": ["entries"], "properties": {
     "entries": {"type": "array", "items": message_schema(registry_pb2.AliasHistoryEntry.DESCRIPTOR)}}}
 
@@ -82,8 +100,12 @@ async def get_model(request: web.Request) -> web.Response:
 async def get_version(request: web.Request) -> web.Response:
     response = await clients(request).registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
         name=request.match_info["name"], version=path_version(request)))
-    # READY versions are immutable except for exports and aliases, which the ETag covers.
-    return json_response(request, present_version(response.version))
+    measured = await clients(request).training.ListEvaluations(training_pb2.ListEvaluationsRequest(
+        model_name=response.version.ref.name, model_version=response.version.ref.version))
+    body = {**present_version(response.version),
+            "evaluations": [evaluations.present(item) for item in measured.evaluations]}
+    # READY versions are immutable except for exports, aliases and evaluations, which the ETag covers.
+    return json_response(request, body)
 
 
 async def delete_version(request: web.Request) -> web.Response:
@@ -125,6 +147,23 @@ async def put_alias(request: web.Request) -> web.Response:
                          cache_control="no-store", etag=_alias_etag(response.alias))
 
 
+async def put_gate(request: web.Request) -> web.Response:
+    """Gate an alias: it then moves only to versions evaluated no worse on the gate's data (409 otherwise)."""
+    body = await read_json(request, GATE)
+    response = await clients(request).registry.PutAliasGate(registry_pb2.PutAliasGateRequest(
+        gate=registry_pb2.AliasGate(
+            model_name=request.match_info["name"], alias=request.match_info["alias"],
+            dataset=common_pb2.DatasetRef(**body["dataset"]), split=body.get("split", "test"),
+            metric=body["metric"], max_regression=body["max_regression"])))
+    return json_response(request, to_dict(response.gate), cache_control="no-store")
+
+
+async def get_gate(request: web.Request) -> web.Response:
+    response = await clients(request).registry.GetAliasGate(registry_pb2.GetAliasGateRequest(
+        model_name=request.match_info["name"], alias=request.match_info["alias"]))
+    return json_response(request, to_dict(response.gate))
+
+
 async def alias_history(request: web.Request) -> web.Response:
     response = await clients(request).registry.ListAliasHistory(registry_pb2.ListAliasHistoryRequest(
         model_name=request.match_info["name"], alias=request.match_info["alias"]))
@@ -155,8 +194,9 @@ ROUTES = [
           tag="models", returns=MODEL_BODY,
           links={"NextPage": Link("GET", "/v1/models/{name}", {"name": "$request.path.name",
                                                                "page_token": "$response.body#/next_page_token"})}),
-    Route("GET", VERSION, get_version, "A model version: artifacts with SHA-256, lineage, metrics, exports",
-          tag="models", returns=VERSION_BODY),
+    Route("GET", VERSION, get_version,
+          "A model version: artifacts with SHA-256, lineage, metrics, exports, evaluations",
+          tag="models", returns=ONE_VERSION_BODY),
     Route("DELETE", VERSION, delete_version, "Delete a version (409 while deployed)", tag="models",
           headers=_IF_MATCH, responses={204: "Deleted", 409: "In use by a deployment"}),
     Route("GET", ALIAS, get_alias, "The version an alias points at", tag="models", returns=ALIAS_BODY),
@@ -164,7 +204,13 @@ ROUTES = [
           tag="models", headers=_CONDITIONS, returns=ALIAS_BODY,
           links={"GetAlias": Link("GET", ALIAS, _OF_ALIAS), "AliasHistory": Link("GET", ALIAS + "/history", _OF_ALIAS)},
           responses={200: "Moved", 201: "Created", 412: "ETag mismatch (or the alias exists, with If-None-Match: *)",
+                     409: "A gated alias: evaluation pending (started), or the version measured worse than "
+                          "the current target by more than the gate allows (both figures named)",
                      428: "Neither If-Match nor If-None-Match: * was sent"}),
+    Route("PUT", ALIAS + "/gate", put_gate, "Gate an alias on evaluations (a promotion gate)", body=GATE,
+          tag="models", returns=GATE_BODY, responses={404: "The model does not exist"}),
+    Route("GET", ALIAS + "/gate", get_gate, "An alias's promotion gate", tag="models", returns=GATE_BODY,
+          responses={404: "The alias has no gate"}),
     Route("GET", ALIAS + "/history", alias_history, "Audit trail of an alias's moves", tag="models",
           returns=ALIAS_HISTORY),
     Route("POST", VERSION + "/exports", create_export, "Export a version (onnx, onnx-int8, torchscript)",

@@ -49,9 +49,12 @@ FORWARD_MARGIN = 10.0  # a caller token this close to expiry is not passed on; t
 SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
     "service:inference": frozenset({
         "registry/GetModelVersion", "registry/ResolveAlias", "registry/CreateExport", "registry/GetExport",
-        "registry/MarkDeployed", "registry/UnmarkDeployed"}),  # CreateExport: a deployment exports what it needs
+        "registry/MarkDeployed", "registry/UnmarkDeployed",  # CreateExport: a deployment exports what it needs
+        "registry/CheckAliasGate"}),  # a canary of a deployment whose stable is a gated alias asks its gate first
     # GetModelVersion: a dataset tokenized with a registered model's tokenizer reads its files' digests.
     "service:dataset": frozenset({"registry/ListModelVersionsByDataset", "registry/GetModelVersion"}),
+    # A gated alias's move reads (and starts) the evaluations of the versions it compares.
+    "service:registry": frozenset({"training/ListEvaluations", "training/SubmitEvaluation"}),
     "service:training": frozenset({
         "dataset/GetDatasetVersion", "registry/GetModelVersion", "registry/ReserveModelVersion",
         "registry/DownloadArtifact",  # a fine-tune's base: its config.json names the architecture

@@ -59,11 +59,11 @@ CALLS: dict[str, frozenset[str]] = {
     "gateway": frozenset({DATASET.name, TRAINING.name, REGISTRY.name, INFERENCE.name, POSTGRES, MINIO}),
     DATASET.name: frozenset({REGISTRY.name, POSTGRES, MINIO}),
     # The coordinator imports the worker's Celery app to dispatch, so its image reaches what the worker does.
-    # The registry: a fine-tune's base version is checked at submit (its tokenizer and config.json).
+    # The registry: a fine-tune's base and an evaluated version are checked at submit (tokenizer, config.json).
     TRAINING.name: frozenset({DATASET.name, REGISTRY.name, POSTGRES, REDIS}),
     # Nodes of one multi-node job: c10d rendezvous and NCCL/Gloo between the workers, on ports they pick.
     TRAINING_WORKER: frozenset({REGISTRY.name, POSTGRES, REDIS, MINIO, TRAINING_WORKER}),
-    REGISTRY.name: frozenset({POSTGRES, MINIO}),
+    REGISTRY.name: frozenset({TRAINING.name, POSTGRES, MINIO}),  # a gated alias reads evaluations
     INFERENCE.name: frozenset({REGISTRY.name, TRITON, POSTGRES, MINIO}),
     # Third-party: Triton reads its model repository. (MinIO creates its bucket itself, over loopback.)
     TRITON: frozenset({MINIO}),

@@ -18,6 +18,7 @@ DOCUMENT_MODES = ("blank-line", "line")
 TOKENIZERS = contracts.TOKENIZER_KINDS  # a manifest names its tokenizer's kind
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_NEAR_DUP_THRESHOLD = 0.8
+PURPOSES = ("training", "evaluation")  # evaluation: an external test set, the whole corpus in `test`
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,16 @@ class Fractions:
     test: float = 0.03
     calibration: float = 0.02
 
+    @property
+    def learning_split(self) -> str:
+        """The split the tokenizer learns from and that must not end up empty: train, or test for a test set."""
+        return "train" if self.train > 0 else "test"
+
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.train, self.validation, self.test, self.calibration)
+
+
+EVALUATION_FRACTIONS = Fractions(train=0.0, validation=0.0, test=1.0, calibration=0.0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class DatasetOptions:
     source_uri: str = ""  # s3://bucket/key instead of an upload
     tokenizer_model: str = ""  # tokenizer=model: the registered model whose tokenizer files are used
     tokenizer_model_version: int = 0  # … and its version
+    purpose: str = "training"  # training | evaluation (every document in `test`, see PURPOSES)
 
     def validated(self) -> "DatasetOptions":
         """These options with every rule checked (ValidationFailed names the first broken one)."""
@@ -74,8 +84,18 @@ class DatasetOptions:
         if self.tokenizer == "bpe" and not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
             raise ValidationFailed(f"vocab_size must be between {MIN_VOCAB_SIZE} and {MAX_VOCAB_SIZE}, "
                                    f"not {self.vocab_size}")
+        _one_of("purpose", self.purpose, PURPOSES)
+        if self.purpose == "evaluation":
+            if self.fractions not in (Fractions(), EVALUATION_FRACTIONS):
+                raise ValidationFailed("fractions: purpose=evaluation puts every document in test; "
+                                       "leave fractions out")
+            return replace(self, fractions=EVALUATION_FRACTIONS)._checked()
+        return self._checked()
+
+    def _checked(self) -> "DatasetOptions":
         shares = self.fractions.as_tuple()
-        if any(share < 0 or share > 1 for share in shares) or self.fractions.train <= 0:
+        train_needed = self.purpose == "training"
+        if any(share < 0 or share > 1 for share in shares) or (train_needed and self.fractions.train <= 0):
             raise ValidationFailed(f"split fractions must be in [0, 1] with train > 0, not {shares}")
         if abs(sum(shares) - 1.0) > 1e-6:
             raise ValidationFailed(f"split fractions must sum to 1, not {sum(shares):g}")
@@ -100,6 +120,8 @@ class DatasetOptions:
             content["document_mode"] = ""
         if self.tokenizer != "model":  # absent, as before they existed: older versions keep their address
             del content["tokenizer_model"], content["tokenizer_model_version"]
+        if self.purpose == "training":  # absent, as before it existed
+            del content["purpose"]
         if self.supervised:
             # pairs used to be built as plain text: the same corpus and options now build conversations with
             # loss masks, a different content, so they must not find a version built the old way.

@@ -152,7 +152,7 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                 doc_id = counts.documents_in
                 index.near.add(doc_id, minhash)
                 spools[name].add(doc_id, text if messages is None else messages)
-                if name == "train":
+                if name == options.fractions.learning_split:
                     index.leak_keys.add(cleaning.leak_key(text))
                     train_chars.update(text)
                 else:
@@ -176,13 +176,15 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
     counts.leaked_exact = sum(result.leaked_exact for result in results.values())
     counts.leaked_near = sum(result.leaked_near for result in results.values())
     counts.documents_out = sum(result.documents for result in results.values())
-    if results["train"].documents == 0:
-        raise ValidationFailed(f"no training documents left after cleaning {counts.documents_in} document(s) "
+    learning = options.fractions.learning_split
+    learning_label = "training" if learning == "train" else learning
+    if results[learning].documents == 0:
+        raise ValidationFailed(f"no {learning_label} documents left after cleaning {counts.documents_in} document(s) "
                                f"(too short {counts.too_short}, too long {counts.too_long}, "
                                f"duplicates {counts.exact_duplicates + counts.near_duplicates})")
 
     report("tokenizer", bytes_done, counts.documents_in)
-    loaded, tokenizer_files = _tokenizer(options, spools["train"], removed, train_chars, work / "tokenizer",
+    loaded, tokenizer_files = _tokenizer(options, spools[learning], removed, train_chars, work / "tokenizer",
                                          model_tokenizer)
     tokenizer, info = loaded.tokenizer, loaded.info
     renderer = conversations.Renderer(loaded.chat_template, loaded.special_tokens)

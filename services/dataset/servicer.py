@@ -54,6 +54,7 @@ def options_from_proto(message: pb.DatasetOptions) -> DatasetOptions:
         source_uri=message.source_uri,
         tokenizer_model=message.tokenizer_model,
         tokenizer_model_version=message.tokenizer_model_version,
+        purpose=message.purpose or "training",
     )
 
 
@@ -71,6 +72,7 @@ def options_to_proto(options: DatasetOptions) -> pb.DatasetOptions:
         min_doc_chars=options.min_doc_chars, max_doc_chars=options.max_doc_chars,
         near_dup_threshold=options.near_dup_threshold, source_uri=options.source_uri,
         tokenizer_model=options.tokenizer_model, tokenizer_model_version=options.tokenizer_model_version,
+        purpose=options.purpose,
     )
 
 

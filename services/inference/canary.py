@@ -266,6 +266,11 @@ class CanaryController:
             raise PreconditionFailed(f"deployment {name!r} does not match If-Match {if_match}")
         if canary_version == current["stable_version"]:
             raise Conflict(f"version {canary_version} is already stable in deployment {name!r}")
+        # A stable that is the target of a gated alias (say `production`): the canary must pass that gate
+        # before any traffic reaches it (registry, services/registry/gates.py). Local sources have no gates.
+        check_gates = getattr(self.deployments.source, "check_gates", None)
+        if check_gates is not None:
+            await check_gates(tenant, current["model"], current["stable_version"], canary_version)
         async with self.db.transaction() as conn:
             running = await (await conn.execute(
                 "SELECT * FROM inference_canary_rollouts WHERE tenant = %s AND name = %s AND state = 'PROGRESSING' "

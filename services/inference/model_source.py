@@ -216,6 +216,18 @@ class S3ModelSource:
                                                                                                  alias=alias))
         return int(response.version.ref.version)
 
+    async def check_gates(self, tenant: str, model: str, stable: int, candidate: int) -> None:
+        """Ask the gate of every alias pointing at `stable` whether it may move to `candidate` (a canary
+        rollout would put it there): the registry answers 409 naming why not, and records the refusal."""
+        from llmp.registry.v1 import registry_pb2
+
+        with self._for(tenant):
+            found = await self.clients.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
+                name=model, version=stable))
+            for alias in found.version.aliases:
+                await self.clients.registry.CheckAliasGate(registry_pb2.CheckAliasGateRequest(
+                    model_name=model, alias=alias, version=candidate))
+
     async def fetch(self, tenant: str, model: str, version: int) -> VersionFiles:
         from llmp.common.v1 import common_pb2
         from llmp.registry.v1 import registry_pb2

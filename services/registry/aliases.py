@@ -22,7 +22,7 @@ def etag_for(tenant: str, name: str, alias: str, version: int, revision: int) ->
 
 
 async def set_alias(db: Database, tenant: str, name: str, alias: str, version: int, *, expected_etag: str = "",
-                    must_not_exist: bool = False, actor: str, reason: str = "") -> dict[str, Any]:
+                    must_not_exist: bool = False, actor: str, reason: str = "", gate: str = "") -> dict[str, Any]:
     contracts.validate_name(name, "model name")
     contracts.validate_name(alias, "alias")
     contracts.validate_version(version)
@@ -62,8 +62,8 @@ async def set_alias(db: Database, tenant: str, name: str, alias: str, version: i
                                        "or must_not_exist (If-None-Match: *) to create it")
         await conn.execute(
             """INSERT INTO registry_alias_history (tenant, name, alias, sequence, from_version, to_version, actor,
-                   reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
-            (tenant, name, alias, row["revision"], previous, version, actor, reason))
+                   reason, gate) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+            (tenant, name, alias, row["revision"], previous, version, actor, reason, gate))
     return row
 
 
@@ -80,7 +80,7 @@ async def get_alias(db: Database, tenant: str, name: str, alias: str) -> dict[st
 async def history(db: Database, tenant: str, name: str, alias: str) -> list[dict[str, Any]]:
     async with db.pool.connection() as conn:
         rows = await (await conn.execute(
-            "SELECT * FROM registry_alias_history WHERE tenant = %s AND name = %s AND alias = %s ORDER BY sequence",
+            "SELECT * FROM registry_alias_history WHERE tenant = %s AND name = %s AND alias = %s ORDER BY sequence, id",
             (tenant, name, alias))).fetchall()
     if not rows:
         raise NotFound(f"alias {alias} of model {name} not found")

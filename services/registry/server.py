@@ -11,9 +11,11 @@ from llmp.registry.v1 import registry_pb2_grpc
 from services.common import topology
 from services.common.config import Settings
 from services.common.db import Database
+from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
+from services.common.identity import service_principal
 from services.common.s3 import ObjectStore
-from services.registry import registration
+from services.registry import gates, registration
 from services.registry.exports import Exports
 from services.registry.imports import Imports
 from services.registry.servicer import SERVICE_NAME, RegistryServicer
@@ -53,12 +55,15 @@ async def build(settings: Settings, *, sweep_seconds: float = SWEEP_SECONDS) -> 
     async def store_check() -> None:
         await asyncio.to_thread(store.check)
 
+    # Gated aliases read (and start) evaluations in the training service, as the caller who moves them.
+    clients = ServiceClients(settings, principal=service_principal(topology.REGISTRY.name))
     app = GrpcApp(settings, topology.REGISTRY)
     app.add_servicer(registry_pb2_grpc.add_RegistryServiceServicer_to_server,
-                     RegistryServicer(db, store, exports, imports), SERVICE_NAME)
+                     RegistryServicer(db, store, exports, imports, gates.TrainingEvaluations(clients)), SERVICE_NAME)
     app.add_readiness_check("postgresql", db.check)
     app.add_readiness_check("s3", store_check)
     app.on_shutdown(db.close)
+    app.on_shutdown(clients.close)
     app.on_shutdown(stop_background)  # hooks run in reverse: background work stops before the pool closes
     return Registry(app, db, store, exports, imports)
 

@@ -17,10 +17,10 @@ from llmp.registry.v1 import registry_pb2_grpc
 
 from services.common import contracts
 from services.common.db import Database
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.identity import caller_from_context
 from services.common.s3 import ObjectStore
-from services.registry import aliases, catalog, downloads, registration
+from services.registry import aliases, catalog, downloads, gates, registration
 from services.registry.exports import Exports
 from services.registry.imports import Imports
 
@@ -79,6 +79,13 @@ def import_message(row: dict[str, Any]) -> pb.ImportStatus:
         architecture=details.get("architecture", ""), created_at=_timestamp(row["created_at"]))
 
 
+def _gate_message(row: dict[str, Any]) -> pb.AliasGate:
+    return pb.AliasGate(model_name=row["name"], alias=row["alias"],
+                        dataset=common_pb2.DatasetRef(name=row["dataset_name"], version=row["dataset_version"]),
+                        split=row["split"], metric=row["metric"], max_regression=row["max_regression"],
+                        updated_by=row["updated_by"], updated_at=_timestamp(row["updated_at"]))
+
+
 def alias_message(row: dict[str, Any]) -> pb.Alias:
     return pb.Alias(model_name=row["name"], alias=row["alias"], version=row["version"], etag=row["etag"],
                     updated_at=_timestamp(row["updated_at"]), updated_by=row["updated_by"])
@@ -108,8 +115,10 @@ def _ref(ref: common_pb2.ModelRef) -> tuple[str, int]:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, db: Database, store: ObjectStore, exports: Exports, imports: Imports) -> None:
+    def __init__(self, db: Database, store: ObjectStore, exports: Exports, imports: Imports,
+                 evaluations: gates.Evaluations | None = None) -> None:
         self.db, self.store, self.exports, self.imports = db, store, exports, imports
+        self.evaluations = evaluations  # the training service's, for gated aliases
 
     async def RegisterModelVersion(self, request: pb.RegisterModelVersionRequest, context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)
@@ -186,11 +195,55 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def SetAlias(self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)
+        actor = request.actor or caller.key_id
+        note = ""
+        if request.expected_etag and not request.must_not_exist:  # a move: a gated alias asks its gate first
+            note = await self._gate(caller.tenant, request.model_name, request.alias, request.version, actor,
+                                    request.reason)
         row = await aliases.set_alias(
             self.db, caller.tenant, request.model_name, request.alias, request.version,
             expected_etag=request.expected_etag, must_not_exist=request.must_not_exist,
-            actor=request.actor or caller.key_id, reason=request.reason)
+            actor=actor, reason=request.reason, gate=note)
         return pb.SetAliasResponse(alias=alias_message(row))
+
+    async def _gate(self, tenant: str, name: str, alias: str, version: int, actor: str, reason: str) -> str:
+        """The gate's verdict on moving `alias` to `version`: its note when allowed ('' without a gate);
+        a refusal is recorded in the history and raised (409)."""
+        gate = await gates.get_gate(self.db, tenant, name, alias)
+        if gate is None:
+            return ""
+        if self.evaluations is None:
+            raise Conflict(f"alias {alias} of {name} is gated, and this registry cannot reach evaluations")
+        current = await aliases.get_alias(self.db, tenant, name, alias)
+        decision = await gates.decide(gate, self.evaluations, name, current["version"], version)
+        if not decision.allowed:
+            await gates.record_refusal(self.db, tenant, name, alias, version, decision, actor, reason)
+            raise gates.refuse(decision)
+        return decision.message
+
+    async def PutAliasGate(self, request: pb.PutAliasGateRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        message = request.gate
+        row = await gates.put_gate(self.db, caller.tenant, message.model_name, message.alias, gates.Gate(
+            message.dataset.name, message.dataset.version, message.split, message.metric, message.max_regression),
+            caller.key_id)
+        return pb.PutAliasGateResponse(gate=_gate_message(row))
+
+    async def GetAliasGate(self, request: pb.GetAliasGateRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        async with self.db.pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT * FROM registry_alias_gates WHERE tenant = %s AND name = %s AND alias = %s",
+                (caller.tenant, request.model_name, request.alias))).fetchone()
+        if row is None:
+            raise NotFound(f"alias {request.alias} of model {request.model_name} has no gate")
+        return pb.GetAliasGateResponse(gate=_gate_message(row))
+
+    async def CheckAliasGate(self, request: pb.CheckAliasGateRequest, context: grpc.aio.ServicerContext):
+        caller = caller_from_context(context)
+        note = await self._gate(caller.tenant, request.model_name, request.alias, request.version,
+                                request.actor or caller.key_id, "canary rollout")
+        return pb.CheckAliasGateResponse(allowed=True, message=note)
 
     async def GetAlias(self, request: pb.GetAliasRequest, context: grpc.aio.ServicerContext):
         caller = caller_from_context(context)
@@ -202,7 +255,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         rows = await aliases.history(self.db, caller.tenant, request.model_name, request.alias)
         return pb.ListAliasHistoryResponse(entries=[pb.AliasHistoryEntry(
             sequence=row["sequence"], alias=row["alias"], from_version=row["from_version"],
-            to_version=row["to_version"], actor=row["actor"], reason=row["reason"], at=_timestamp(row["at"]))
+            to_version=row["to_version"], actor=row["actor"], reason=row["reason"], at=_timestamp(row["at"]),
+            decision=row["decision"], gate=row["gate"])
             for row in rows])
 
     async def ResolveAlias(self, request: pb.ResolveAliasRequest, context: grpc.aio.ServicerContext):

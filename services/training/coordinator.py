@@ -53,6 +53,14 @@ WATCH_POLL_SECONDS = 0.25
 _CLAIM_LOCK = 7_212_052  # advisory lock serialising claims (any value unique among llmp's locks)
 
 
+class JobKind(StrEnum):
+    TRAINING = "training"
+    EVALUATION = "evaluation"  # evaluation.py: a registered version measured on a dataset split
+
+
+_NOUN = {JobKind.TRAINING: "training job", JobKind.EVALUATION: "evaluation"}
+
+
 class JobState(StrEnum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
@@ -105,12 +113,14 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    kind: JobKind = JobKind.TRAINING
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
         values = {name: row[name] for name in cls.__dataclass_fields__}
         values["id"] = str(row["id"])
         values["state"] = JobState(row["state"])
+        values["kind"] = JobKind(row["kind"])
         return cls(**values)
 
     @property
@@ -185,6 +195,12 @@ class Dispatcher(Protocol):
     def dispatch(self, job_id: str, messages: int) -> None: ...
 
 
+class KindDispatcher(Protocol):
+    """A Dispatcher that also sends evaluation jobs, to their own queue (dispatch.CeleryDispatcher)."""
+
+    def dispatch(self, job_id: str, messages: int, kind: JobKind = JobKind.TRAINING) -> None: ...
+
+
 # Checks that the spec's dataset version exists, is READY and fits the spec; returns its manifest key.
 DatasetCheck = Callable[[Caller, JobSpec], Awaitable[str]]
 
@@ -199,11 +215,11 @@ def spec_digest(spec: dict[str, Any], model_name: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def parse_job_id(job_id: str) -> uuid.UUID:
+def parse_job_id(job_id: str, kind: JobKind = JobKind.TRAINING) -> uuid.UUID:
     try:
         return uuid.UUID(job_id)
     except (ValueError, AttributeError, TypeError):
-        raise NotFound(f"training job {job_id!r} not found") from None
+        raise NotFound(f"{_NOUN[kind]} {job_id!r} not found") from None
 
 
 def _page_token(row: dict[str, Any]) -> str:
@@ -284,8 +300,52 @@ class Coordinator:
             return existing, False
         job = Job.from_row(row)
         log.info("job submitted", extra={"job_id": job.id, "priority": priority, "nnodes": job.nnodes})
-        await self._dispatch([(job.id, job.nnodes)])
+        await self._dispatch([(job.id, job.nnodes, job.kind)])
         return job, True
+
+    async def submit_evaluation(self, caller: Caller, request: dict[str, Any], *, model_version: int,
+                                manifest_key: str, idempotency_key: str = "") -> tuple[Job, bool]:
+        """Store an evaluation job (`request` already checked by the service: evaluation.EvaluationRequest)
+        and dispatch it to the evaluation queue. Returns (job, created), as `submit`."""
+        if len(idempotency_key) > contracts.MAX_IDEMPOTENCY_KEY:
+            raise ValidationFailed(f"idempotency_key is longer than {contracts.MAX_IDEMPOTENCY_KEY} characters")
+        model_name = request["model"]["name"]
+        digest = spec_digest({"evaluation": request}, model_name)
+        key = idempotency_key or None
+        if key is not None:
+            existing = await self._by_idempotency_key(caller.tenant, key, digest)
+            if existing is not None:
+                return existing, False
+        job_id = uuid.uuid4()
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                f"""INSERT INTO training_jobs (id, tenant, kind, spec, spec_sha256, idempotency_key, model_name,
+                                               model_version, dataset_manifest_key, nnodes, max_steps,
+                                               lease_seconds, created_by)
+                    VALUES (%s, %s, 'evaluation', %s, %s, %s, %s, %s, %s, 1, 0, %s, %s)
+                    ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                    RETURNING {_JOB_COLUMNS}""",
+                (job_id, caller.tenant, Jsonb(request), digest, key, model_name, model_version, manifest_key,
+                 self.lease_seconds, caller.key_id))
+            row = await cursor.fetchone()
+            if row is not None:
+                await conn.execute("INSERT INTO training_job_nodes (job_id, node_rank) VALUES (%s, 0)", (job_id,))
+                await self._event(conn, job_id, "state", {"state": JobState.QUEUED, "reason": "submitted",
+                                                          "attempt": 0})
+        if row is None:
+            existing = await self._by_idempotency_key(caller.tenant, key, digest)
+            assert existing is not None
+            return existing, False
+        job = Job.from_row(row)
+        log.info("evaluation submitted", extra={"job_id": job.id, "model": model_name, "version": model_version})
+        await self._dispatch([(job.id, 1, job.kind)])
+        return job, True
+
+    async def evaluations(self, tenant: str, *, model_name: str = "", model_version: int = 0,
+                          page_size: int = 0, page_token: str = "") -> tuple[list[Job], str]:
+        """A page of the tenant's evaluations (of one model, one version), newest first."""
+        return await self.list(tenant, kind=JobKind.EVALUATION, model_name=model_name, model_version=model_version,
+                               page_size=page_size, page_token=page_token)
 
     async def _by_idempotency_key(self, tenant: str, key: str, digest: str) -> Job | None:
         async with self.db.pool.connection() as conn:
@@ -299,20 +359,28 @@ class Coordinator:
             raise Conflict(f"idempotency key {key!r} was used for job {row['id']} with a different spec")
         return Job.from_row(row)
 
-    async def get(self, tenant: str, job_id: str) -> Job:
+    async def get(self, tenant: str, job_id: str, kind: JobKind = JobKind.TRAINING) -> Job:
         async with self.db.pool.connection() as conn:
-            cursor = await conn.execute(f"SELECT {_JOB_COLUMNS} FROM training_jobs WHERE id = %s AND tenant = %s",
-                                        (parse_job_id(job_id), tenant))
+            cursor = await conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM training_jobs WHERE id = %s AND tenant = %s AND kind = %s",
+                (parse_job_id(job_id, kind), tenant, kind.value))
             row = await cursor.fetchone()
         if row is None:
-            raise NotFound(f"training job {job_id!r} not found")
+            raise NotFound(f"{_NOUN[kind]} {job_id!r} not found")
         return Job.from_row(row)
 
     async def list(self, tenant: str, *, states: Iterable[JobState] = (), page_size: int = 0,
-                   page_token: str = "") -> tuple[list[Job], str]:
+                   page_token: str = "", kind: JobKind = JobKind.TRAINING, model_name: str = "",
+                   model_version: int = 0) -> tuple[list[Job], str]:
         """A page of the tenant's jobs, newest first, and the next page's token ('' on the last)."""
         size = contracts.page_size(page_size)
-        conditions, params = ["tenant = %s"], [tenant]
+        conditions, params = ["tenant = %s", "kind = %s"], [tenant, kind.value]
+        if model_name:
+            conditions.append("model_name = %s")
+            params.append(model_name)
+        if model_version:
+            conditions.append("model_version = %s")
+            params.append(model_version)
         wanted = [JobState(state).value for state in states]
         if wanted:
             conditions.append("state = ANY(%s)")
@@ -328,20 +396,20 @@ class Coordinator:
         token = _page_token(rows[size - 1]) if len(rows) > size else ""
         return [Job.from_row(row) for row in rows[:size]], token
 
-    async def cancel(self, tenant: str, job_id: str) -> Job:
+    async def cancel(self, tenant: str, job_id: str, kind: JobKind = JobKind.TRAINING) -> Job:
         """Cancel: QUEUED (or RUNNING with no live node) at once; otherwise flag it for its workers."""
         async with self.db.transaction() as conn:
             cursor = await conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM training_jobs WHERE id = %s AND tenant = %s FOR UPDATE",
-                (parse_job_id(job_id), tenant))
+                f"SELECT {_JOB_COLUMNS} FROM training_jobs WHERE id = %s AND tenant = %s AND kind = %s FOR UPDATE",
+                (parse_job_id(job_id, kind), tenant, kind.value))
             row = await cursor.fetchone()
             if row is None:
-                raise NotFound(f"training job {job_id!r} not found")
+                raise NotFound(f"{_NOUN[kind]} {job_id!r} not found")
             job = Job.from_row(row)
             if job.state == JobState.CANCELLED:
                 return job
             if job.state in TERMINAL:
-                raise Conflict(f"training job {job_id} already {job.state}; it cannot be cancelled")
+                raise Conflict(f"{_NOUN[kind]} {job_id} already {job.state}; it cannot be cancelled")
             cursor = await conn.execute(
                 "SELECT count(*) AS live FROM training_job_nodes WHERE job_id = %s AND worker IS NOT NULL "
                 "AND NOT released AND lease_expires_at > now()", (job.id,))
@@ -370,8 +438,9 @@ class Coordinator:
             series.setdefault(row["name"], []).append((row["step"], row["value"], row["recorded_at"]))
         return series
 
-    async def events(self, tenant: str, job_id: str, after_sequence: int = 0, limit: int = 500) -> list[Event]:
-        job = await self.get(tenant, job_id)
+    async def events(self, tenant: str, job_id: str, after_sequence: int = 0, limit: int = 500,
+                     kind: JobKind = JobKind.TRAINING) -> list[Event]:
+        job = await self.get(tenant, job_id, kind)
         return await self._events_after(job.id, after_sequence, limit)
 
     async def _events_after(self, job_id: str, after_sequence: int, limit: int = 500) -> list[Event]:
@@ -384,9 +453,9 @@ class Coordinator:
                 for row in rows]
 
     async def watch(self, tenant: str, job_id: str, after_sequence: int = 0,
-                    poll_seconds: float = WATCH_POLL_SECONDS) -> AsyncIterator[Event]:
+                    poll_seconds: float = WATCH_POLL_SECONDS, kind: JobKind = JobKind.TRAINING) -> AsyncIterator[Event]:
         """The job's events after `after_sequence`, then live ones; ends after the final state event."""
-        job = await self.get(tenant, job_id)
+        job = await self.get(tenant, job_id, kind)
         cursor = after_sequence
         while True:
             batch = await self._events_after(job.id, cursor)
@@ -406,7 +475,7 @@ class Coordinator:
         Returns the ids of the jobs re-queued (a job past its attempts fails instead; a job with a
         cancel pending is cancelled).
         """
-        requeued: list[tuple[str, int]] = []
+        requeued: list[tuple[str, int, JobKind]] = []
         async with self.db.transaction() as conn:
             cursor = await conn.execute(
                 f"""SELECT {_JOB_COLUMNS} FROM training_jobs j WHERE state = 'RUNNING' AND EXISTS (
@@ -422,16 +491,16 @@ class Coordinator:
                     await self._set_final(conn, job.id, JobState.FAILED, why, job.attempt, error=why)
                 else:
                     await self._requeue(conn, job, "a worker's lease expired; resuming from the last checkpoint")
-                    requeued.append((job.id, job.nnodes))
+                    requeued.append((job.id, job.nnodes, job.kind))
             cursor = await conn.execute(
-                "SELECT id, nnodes FROM training_jobs WHERE state = 'QUEUED' AND dispatched_at IS NULL "
+                "SELECT id, nnodes, kind FROM training_jobs WHERE state = 'QUEUED' AND dispatched_at IS NULL "
                 "AND NOT (id = ANY(%s)) FOR UPDATE SKIP LOCKED",
-                ([uuid.UUID(job_id) for job_id, _ in requeued],))
-            undispatched = [(str(row["id"]), row["nnodes"]) for row in await cursor.fetchall()]
-        for job_id, _ in requeued:
+                ([uuid.UUID(job_id) for job_id, _, _ in requeued],))
+            undispatched = [(str(row["id"]), row["nnodes"], JobKind(row["kind"])) for row in await cursor.fetchall()]
+        for job_id, _, _ in requeued:
             log.warning("lease expired, job re-queued", extra={"job_id": job_id})
         await self._dispatch(requeued + undispatched)
-        return [job_id for job_id, _ in requeued]
+        return [job_id for job_id, _, _ in requeued]
 
     async def _requeue(self, conn, job: Job, reason: str) -> None:
         await conn.execute(
@@ -442,12 +511,14 @@ class Coordinator:
             "released = false WHERE job_id = %s", (job.id,))
         await self._event(conn, job.id, "state", {"state": JobState.QUEUED, "reason": reason, "attempt": job.attempt})
 
-    async def _dispatch(self, jobs: list[tuple[str, int]]) -> None:
+    async def _dispatch(self, jobs: list[tuple[str, int, JobKind]]) -> None:
         if self.dispatcher is None or not jobs:
             return
-        for job_id, messages in jobs:
+        for job_id, messages, kind in jobs:
+            # A training-only Dispatcher keeps its two-argument form; evaluations name their kind.
+            extra = {} if kind == JobKind.TRAINING else {"kind": kind}
             try:
-                await asyncio.to_thread(self.dispatcher.dispatch, job_id, messages)
+                await asyncio.to_thread(self.dispatcher.dispatch, job_id, messages, **extra)
             except Exception as error:  # broker down: the maintenance loop sends it again
                 log.warning("dispatch failed; will retry", extra={"job_id": job_id, "error": str(error)})
                 continue
@@ -457,10 +528,11 @@ class Coordinator:
 
     # --- worker side ----------------------------------------------------------------------------
 
-    async def claim(self, worker: str, host: str) -> Assignment | None:
-        """Take a free node, or None: first the remaining nodes of a job already running (its claimed nodes
-        wait for them at the rendezvous), then the tenant served least recently, so one tenant's long queue
-        cannot starve another's job; within that tenant, the highest-priority job (oldest first among equals)."""
+    async def claim(self, worker: str, host: str, kind: JobKind = JobKind.TRAINING) -> Assignment | None:
+        """Take a free node of a job of `kind`, or None: first the remaining nodes of a job already running (its
+        claimed nodes wait for them at the rendezvous), then the tenant served least recently, so one tenant's
+        long queue cannot starve another's job; within that tenant, the highest-priority job (oldest first
+        among equals)."""
         async with self.db.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CLAIM_LOCK,))
             cursor = await conn.execute(
@@ -468,8 +540,9 @@ class Coordinator:
                    FROM training_job_nodes n JOIN training_jobs j ON j.id = n.job_id
                    LEFT JOIN training_tenant_turns t ON t.tenant = j.tenant
                    WHERE n.worker IS NULL AND j.state IN ('QUEUED', 'RUNNING') AND NOT j.cancel_requested
+                     AND j.kind = %s
                    ORDER BY j.state = 'RUNNING' DESC, t.last_claimed_at NULLS FIRST, j.priority DESC, j.created_at,
-                            j.id, n.node_rank LIMIT 1""")
+                            j.id, n.node_rank LIMIT 1""", (kind.value,))
             candidate = await cursor.fetchone()
             if candidate is None:
                 return None
@@ -587,6 +660,20 @@ class Coordinator:
                                             (job_id,))).fetchone()
         return ModelReservation(**row["model_reservation"]) if row and row["model_reservation"] else None
 
+    async def set_max_steps(self, assignment: Assignment, max_steps: int) -> None:
+        """An evaluation learns its size (batches) only once its worker has the data."""
+        async with self.db.pool.connection() as conn:
+            await conn.execute("UPDATE training_jobs SET max_steps = %s WHERE id = %s AND attempt = %s",
+                               (max_steps, assignment.job_id, assignment.attempt))
+
+    async def last_checkpoint(self, job_id: str) -> dict[str, Any] | None:
+        """The payload of the job's latest checkpoint event (what an evaluation resumes from), if any."""
+        async with self.db.pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT payload FROM training_job_events WHERE job_id = %s AND kind = 'checkpoint' "
+                "ORDER BY sequence DESC LIMIT 1", (job_id,))).fetchone()
+        return row["payload"] if row else None
+
     async def release(self, assignment: Assignment) -> None:
         """This node's torchrun exited cleanly; its lease no longer needs renewing (multi-node jobs)."""
         async with self.db.pool.connection() as conn:
@@ -606,7 +693,8 @@ class Coordinator:
                 (assignment.job_id, assignment.attempt, assignment.node_rank, assignment.worker))
             if await cursor.fetchone() is None:
                 return None
-            reason = error or {JobState.SUCCEEDED: "trained and registered",
+            reason = error or {JobState.SUCCEEDED: ("trained and registered" if assignment.job.kind == JobKind.TRAINING
+                                                    else "evaluated"),
                                JobState.CANCELLED: "cancelled on request"}.get(state, "")
             row = await self._set_final(conn, assignment.job_id, state, reason, assignment.attempt,
                                         error=error, model_version=model_version)

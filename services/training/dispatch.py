@@ -24,6 +24,8 @@ from services.common.config import Settings
 
 TASK_NAME = "llmp.training.run_node"
 QUEUE = "gpu"
+EVAL_TASK_NAME = "llmp.training.run_evaluation"  # one evaluation job (evaluation.py), on a queue of its own
+EVAL_QUEUE = "eval"  # workers consume both (`--queues gpu,eval`); a fleet may give evaluations workers of their own
 VISIBILITY_TIMEOUT = 24 * 3600  # Redis: seconds before an unacked message is delivered again
 
 
@@ -37,8 +39,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": QUEUE,
-        "task_queues": (Queue(QUEUE, routing_key=QUEUE),),
-        "task_routes": {TASK_NAME: {"queue": QUEUE, "routing_key": QUEUE}},
+        "task_queues": (Queue(QUEUE, routing_key=QUEUE), Queue(EVAL_QUEUE, routing_key=EVAL_QUEUE)),
+        "task_routes": {TASK_NAME: {"queue": QUEUE, "routing_key": QUEUE},
+                        EVAL_TASK_NAME: {"queue": EVAL_QUEUE, "routing_key": EVAL_QUEUE}},
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
@@ -74,14 +77,16 @@ def make_producer(settings: Settings) -> Celery:
 
 
 class CeleryDispatcher:
-    """coordinator.Dispatcher over Celery: `messages` run_node messages to the `gpu` queue."""
+    """coordinator.Dispatcher over Celery: `messages` run_node messages to the `gpu` queue (run_evaluation
+    messages to the `eval` queue for evaluations)."""
 
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def dispatch(self, job_id: str, messages: int) -> None:
+    def dispatch(self, job_id: str, messages: int, kind: str = "training") -> None:
+        task, queue = (TASK_NAME, QUEUE) if kind == "training" else (EVAL_TASK_NAME, EVAL_QUEUE)
         for _ in range(messages):
-            self.app.send_task(TASK_NAME, args=[job_id], queue=QUEUE, routing_key=QUEUE)
+            self.app.send_task(task, args=[job_id], queue=queue, routing_key=queue)
 
 
 app = TrainingCelery("llmp-training")  # the worker's app (worker.py registers the task on it)

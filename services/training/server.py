@@ -28,7 +28,7 @@ from services.common.periodic import Periodic
 from services.training.coordinator import Coordinator, DatasetCheck
 from services.training.dispatch import CeleryDispatcher, make_producer
 from services.training.quotas import TrainingQuotas
-from services.training.servicer import TrainingServicer
+from services.training.servicer import EvaluationTarget, TrainingServicer
 from services.training.spec import FleetLimits, JobSpec
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,50 @@ async def _read_artifact(clients: ServiceClients, caller: Caller, name: str, ver
     return bytes(data)
 
 
+def evaluation_checker(clients: ServiceClients):
+    """Resolve what an evaluation names: the model version (READY, with a tokenizer.json) and the dataset
+    version (READY, with the split), tokenized with the model's tokenizer (their tokenizer.json SHA-256s
+    agree, as fine-tuning requires); a mismatch is the request's fault (422), a missing version a 404."""
+
+    async def check(caller: Caller, model: tuple[str, int], dataset: tuple[str, int], split: str) -> EvaluationTarget:
+        try:
+            wanted = contracts.evaluated_splits(split)
+        except ValueError as error:
+            raise ValidationFailed(f"split: {error}") from None
+        try:
+            with acting_as(caller):
+                found = await clients.registry.GetModelVersion(
+                    registry_pb2.GetModelVersionRequest(name=model[0], version=model[1]))
+        except NotFound:
+            raise NotFound(f"model {model[0]} version {model[1]} does not exist") from None
+        version = found.version
+        if version.state != registry_pb2.VERSION_STATE_READY:
+            raise Conflict(f"model {model[0]} version {model[1]} is not READY")
+        model_tokenizer = next((a.object.sha256 for a in version.artifacts if a.path == "tokenizer.json"), "")
+        try:
+            with acting_as(caller):
+                response = await clients.dataset.GetDatasetVersion(
+                    dataset_pb2.GetDatasetVersionRequest(name=dataset[0], version=dataset[1]))
+        except NotFound:
+            raise NotFound(f"dataset {dataset[0]} version {dataset[1]} does not exist") from None
+        data = response.version
+        if data.state != dataset_pb2.VERSION_STATE_READY:
+            state = dataset_pb2.VersionState.Name(data.state).removeprefix("VERSION_STATE_")
+            raise Conflict(f"dataset {dataset[0]} version {dataset[1]} is {state}, not READY")
+        if not model_tokenizer or model_tokenizer != data.tokenizer.sha256:
+            raise ValidationFailed(
+                f"dataset: {dataset[0]} version {dataset[1]} was tokenized with another tokenizer than model "
+                f"{model[0]} version {model[1]} (tokenizer.json SHA-256 {data.tokenizer.sha256[:12] or 'unknown'} "
+                f"!= {model_tokenizer[:12] or 'none'}); build it with tokenizer=model&tokenizer_model={model[0]}"
+                f"&tokenizer_model_version={model[1]}")
+        tokens = {item.name: item.tokens for item in data.splits}
+        if not sum(tokens.get(name, 0) for name in wanted):
+            raise ValidationFailed(f"split: {split} of dataset {dataset[0]} version {dataset[1]} holds no tokens")
+        return EvaluationTarget(manifest_key=data.manifest_key)
+
+    return check
+
+
 def broker_checker(producer):
     """Readiness of the Celery broker: a connection opens within two seconds."""
 
@@ -144,7 +188,8 @@ async def build(settings: Settings) -> GrpcApp:
                               quotas=TrainingQuotas.from_settings(settings))
 
     app = GrpcApp(settings, topology.TRAINING)
-    app.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(coordinator),
+    app.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server,
+                     TrainingServicer(coordinator, evaluation_checker(clients)),
                      "llmp.training.v1.TrainingService")
     app.add_readiness_check("postgresql", db.check)
     app.add_readiness_check("broker", broker_checker(producer))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -12,7 +13,7 @@ from llmp.training.v1 import training_pb2, training_pb2_grpc
 
 from services.common.errors import InvalidArgument
 from services.common.identity import caller_from_context
-from services.training.coordinator import Coordinator, Event, Job, JobState
+from services.training.coordinator import Coordinator, Event, Job, JobKind, JobState
 
 _STATE_PREFIX = "JOB_STATE_"
 # Series GetJobMetrics returns as curves; every other metric is reported once, in `final`.
@@ -91,9 +92,74 @@ def event_to_proto(event: Event) -> training_pb2.WatchJobResponse:
     return message
 
 
+@dataclass(frozen=True)
+class EvaluationTarget:
+    """What the service learnt checking an evaluation request (server.evaluation_checker)."""
+
+    manifest_key: str
+
+
+# (caller, (model, version), (dataset, version), split) -> the target; raises naming what is wrong.
+EvaluationCheck = Callable[[Any, tuple[str, int], tuple[str, int], str], Awaitable[EvaluationTarget]]
+
+
+def evaluation_to_proto(job: Job) -> training_pb2.Evaluation:
+    spec = job.spec
+    message = training_pb2.Evaluation(
+        id=job.id, state=state_to_proto(job.state),
+        model=common_pb2.ModelRef(name=spec["model"]["name"], version=int(spec["model"]["version"])),
+        dataset=common_pb2.DatasetRef(name=spec["dataset"]["name"], version=int(spec["dataset"]["version"])),
+        split=spec["split"],
+        progress=common_pb2.Progress(phase="evaluate", done=job.step, total=job.max_steps, unit="batches",
+                                     message=job.error),
+        metrics=job.latest_metrics if job.state == JobState.SUCCEEDED else {}, error=job.error,
+        attempt=job.attempt, cancel_requested=job.cancel_requested, idempotency_key=job.idempotency_key or "")
+    found = job.environment.get("contamination")
+    if found:
+        message.contamination.CopyFrom(training_pb2.Contamination(
+            share=found["share"], documents=found["documents"], contaminated=found["contaminated"],
+            datasets=found["datasets"]))
+    for field in ("created_at", "started_at", "finished_at"):
+        _timestamp(message, field, getattr(job, field))
+    return message
+
+
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, check_evaluation: EvaluationCheck | None = None) -> None:
         self.coordinator = coordinator
+        self.check_evaluation = check_evaluation
+
+    async def SubmitEvaluation(self, request, context):  # noqa: N802
+        caller = caller_from_context(context)
+        split = request.split or "test"
+        model, dataset = (request.model.name, request.model.version), (request.dataset.name, request.dataset.version)
+        for label, (name, number) in (("model", model), ("dataset", dataset)):
+            if not name or number < 1:
+                raise InvalidArgument(f"{label}: a name and a version from 1 are required")
+        body = {"model": {"name": model[0], "version": model[1]},
+                "dataset": {"name": dataset[0], "version": dataset[1]}, "split": split}
+        if self.check_evaluation is None:
+            raise InvalidArgument("this training service does not evaluate")
+        target = await self.check_evaluation(caller, model, dataset, split)
+        job, created = await self.coordinator.submit_evaluation(
+            caller, body, model_version=model[1], manifest_key=target.manifest_key,
+            idempotency_key=request.idempotency_key)
+        return training_pb2.SubmitEvaluationResponse(evaluation=evaluation_to_proto(job), created=created)
+
+    async def GetEvaluation(self, request, context):  # noqa: N802
+        job = await self.coordinator.get(caller_from_context(context).tenant, request.id, JobKind.EVALUATION)
+        return training_pb2.GetEvaluationResponse(evaluation=evaluation_to_proto(job))
+
+    async def ListEvaluations(self, request, context):  # noqa: N802
+        jobs, token = await self.coordinator.evaluations(
+            caller_from_context(context).tenant, model_name=request.model_name, model_version=request.model_version,
+            page_size=request.page.page_size, page_token=request.page.page_token)
+        return training_pb2.ListEvaluationsResponse(evaluations=[evaluation_to_proto(job) for job in jobs],
+                                                    page=common_pb2.PageResponse(next_page_token=token))
+
+    async def CancelEvaluation(self, request, context):  # noqa: N802
+        job = await self.coordinator.cancel(caller_from_context(context).tenant, request.id, JobKind.EVALUATION)
+        return training_pb2.CancelEvaluationResponse(evaluation=evaluation_to_proto(job))
 
     async def SubmitJob(self, request, context):  # noqa: N802 (gRPC method names)
         caller = caller_from_context(context)

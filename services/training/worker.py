@@ -1,4 +1,5 @@
-"""The Celery worker that runs training jobs: `celery -A services.training.worker worker -Q gpu -c 1`.
+"""The Celery worker that runs training and evaluation jobs:
+`celery -A services.training.worker worker -Q gpu,eval -c 1`.
 
 This module wires the pieces together for the launchers (docker-compose.yml, deploy/, `llmp stack`):
 the queue and its app (dispatch.py), and the one task, `llmp.training.run_node`, which runs a node
@@ -17,10 +18,11 @@ from celery import signals
 
 from services.common import logs
 from services.common.config import Settings
-from services.training.dispatch import TASK_NAME, app
+from services.training.dispatch import EVAL_TASK_NAME, TASK_NAME, app
+from services.training.evaluation import EvaluationRunner
 from services.training.processes import NodeRunner
 
-__all__ = ["app", "run_node"]
+__all__ = ["app", "run_evaluation", "run_node"]
 
 
 @signals.setup_logging.connect
@@ -34,3 +36,11 @@ def run_node(self, job_hint: str) -> str:
     settings = self.app.settings or Settings.from_env()
     worker = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
     return asyncio.run(NodeRunner(settings, worker).run(job_hint))
+
+
+@app.task(name=EVAL_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_evaluation(self, job_hint: str) -> str:
+    """Claim the oldest free evaluation job (not necessarily `job_hint`) and compute it (evaluation.py)."""
+    settings = self.app.settings or Settings.from_env()
+    worker = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+    return asyncio.run(EvaluationRunner(settings, worker).run(job_hint))

@@ -21,6 +21,7 @@ from services.common.contracts.chat import (
 )
 from services.common.contracts.manifest import (
     CORPUS_FORMATS,
+    EVALUATION_SPLITS,
     EXAMPLE_INDEX_DTYPE,
     LOSS_MASK_DTYPE,
     SPLITS,
@@ -31,6 +32,7 @@ from services.common.contracts.manifest import (
     ManifestObject,
     SplitManifest,
     TokenizerManifest,
+    evaluated_splits,
 )
 from services.common.contracts.names import (
     ADAPTER_TYPES,
@@ -118,8 +120,8 @@ __all__ = [
     "MAX_VOCAB_SIZE",
     "MIN_PRIORITY", "MIN_VOCAB_SIZE", "MODELS", "MODEL_FAMILIES", "NAME", "NAME_PATTERN", "NAME_RULE", "ONNX_DATA_FILE",
     "ONNX_GRAPH_FILE", "PAGE_TOKEN_PATTERN", "PRECISIONS",
-    "SOURCES", "SPLITS", "TOKENIZER_KINDS", "TOKEN_DTYPES", "DatasetManifest", "DecoderSpec",
-    "EncoderSpec", "ENCODER_SPEC_FILE", "spec_files", "JobLayout",
+    "SOURCES", "SPLITS", "EVALUATION_SPLITS", "evaluated_splits", "TOKENIZER_KINDS", "TOKEN_DTYPES",
+    "DatasetManifest", "DecoderSpec", "EncoderSpec", "ENCODER_SPEC_FILE", "spec_files", "JobLayout",
     "ManifestObject", "SplitManifest", "TENANT_PATTERN", "TEXT_PATTERN", "TokenizerManifest", "dataset_corpus_key",
     "dataset_manifest_key",
     "dataset_shard_key", "dataset_tokenizer_prefix", "dataset_version_prefix", "export_dir", "import_prefix",

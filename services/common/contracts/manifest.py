@@ -15,6 +15,15 @@ from services.common.contracts.paths import dataset_tokenizer_prefix
 from services.common.errors import ValidationFailed
 
 SPLITS = ("train", "validation", "test", "calibration")
+# What an evaluation (or a promotion gate) measures on: one split, or "all" of them one after the other.
+EVALUATION_SPLITS = ("test", "validation", "calibration", "all")
+
+
+def evaluated_splits(split: str) -> tuple[str, ...]:
+    """The dataset splits an evaluation on `split` reads (ValueError for an unknown one)."""
+    if split not in EVALUATION_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(EVALUATION_SPLITS)}, not {split!r}")
+    return SPLITS if split == "all" else (split,)
 # Token id types of the shards (flat little-endian arrays) and their NumPy spelling.
 TOKEN_DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 # bpe and char: trained on the train split by the dataset service; model: a registered model version's own

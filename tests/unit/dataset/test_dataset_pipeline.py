@@ -97,3 +97,18 @@ def test_bpe_dataset_of_shakespeare(tmp_path):
 def test_everything_filtered_out_is_a_validation_error(tmp_path):
     with pytest.raises(ValidationFailed, match="no training documents left"):
         build(tmp_path, ["a", "b"], tokenizer="char", min_doc_chars=5)
+
+
+def test_an_evaluation_dataset_puts_every_document_in_test(tmp_path):
+    docs = unique_documents(120)
+    built = build(tmp_path, docs, tokenizer="char", purpose="evaluation")
+    assert {name: split.documents for name, split in built.splits.items()} == \
+        {"train": 0, "validation": 0, "test": 120, "calibration": 0}
+    assert sorted(decoded_split(built, "test")) == sorted(docs)
+
+
+def test_an_evaluation_dataset_refuses_fractions(tmp_path):
+    with pytest.raises(ValidationFailed, match="fractions"):
+        DatasetOptions(name="t", purpose="evaluation", fractions=Fractions(0.5, 0.2, 0.2, 0.1)).validated()
+    with pytest.raises(ValidationFailed, match="purpose"):
+        DatasetOptions(name="t", purpose="tuning").validated()

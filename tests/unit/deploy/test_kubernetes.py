@@ -220,7 +220,7 @@ def test_training_worker_and_triton_run_what_compose_runs(prod):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     worker = pod_spec(by_kind(prod, "StatefulSet")["training-worker"])["containers"][0]
     assert worker["args"][:4] == ["celery", "--app", topology.WORKER_APP, "worker"]
-    assert worker["args"][worker["args"].index("--queues") + 1] == "gpu"
+    assert worker["args"][worker["args"].index("--queues") + 1] == "gpu,eval"  # training and evaluation jobs
     assert worker["image"].endswith("/llmp/training:0.1.0")
     triton = pod_spec(by_kind(prod, "Deployment")["triton"])["containers"][0]
     assert triton["image"].endswith("/" + compose["triton"]["image"])  # the overlay's registry, same image

@@ -68,7 +68,7 @@ class SplitFractions(_message.Message):
     def __init__(self, train: _Optional[float] = ..., validation: _Optional[float] = ..., test: _Optional[float] = ..., calibration: _Optional[float] = ...) -> None: ...
 
 class DatasetOptions(_message.Message):
-    __slots__ = ("name", "format", "text_field", "document_mode", "tokenizer", "vocab_size", "split_seed", "fractions", "min_doc_chars", "max_doc_chars", "source_uri", "prompt_field", "completion_field", "wait", "near_dup_threshold", "tokenizer_model", "tokenizer_model_version")
+    __slots__ = ("name", "format", "text_field", "document_mode", "tokenizer", "vocab_size", "split_seed", "fractions", "min_doc_chars", "max_doc_chars", "source_uri", "prompt_field", "completion_field", "wait", "near_dup_threshold", "tokenizer_model", "tokenizer_model_version", "purpose")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class DatasetOptions(_message.Message):
     NEAR_DUP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: CorpusFormat
     text_field: str
@@ -103,7 +104,8 @@ class DatasetOptions(_message.Message):
     near_dup_threshold: float
     tokenizer_model: str
     tokenizer_model_version: int
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[CorpusFormat, str]] = ..., text_field: _Optional[str] = ..., document_mode: _Optional[_Union[DocumentMode, str]] = ..., tokenizer: _Optional[_Union[TokenizerKind, str]] = ..., vocab_size: _Optional[int] = ..., split_seed: _Optional[int] = ..., fractions: _Optional[_Union[SplitFractions, _Mapping]] = ..., min_doc_chars: _Optional[int] = ..., max_doc_chars: _Optional[int] = ..., source_uri: _Optional[str] = ..., prompt_field: _Optional[str] = ..., completion_field: _Optional[str] = ..., wait: _Optional[bool] = ..., near_dup_threshold: _Optional[float] = ..., tokenizer_model: _Optional[str] = ..., tokenizer_model_version: _Optional[int] = ...) -> None: ...
+    purpose: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[CorpusFormat, str]] = ..., text_field: _Optional[str] = ..., document_mode: _Optional[_Union[DocumentMode, str]] = ..., tokenizer: _Optional[_Union[TokenizerKind, str]] = ..., vocab_size: _Optional[int] = ..., split_seed: _Optional[int] = ..., fractions: _Optional[_Union[SplitFractions, _Mapping]] = ..., min_doc_chars: _Optional[int] = ..., max_doc_chars: _Optional[int] = ..., source_uri: _Optional[str] = ..., prompt_field: _Optional[str] = ..., completion_field: _Optional[str] = ..., wait: _Optional[bool] = ..., near_dup_threshold: _Optional[float] = ..., tokenizer_model: _Optional[str] = ..., tokenizer_model_version: _Optional[int] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class CreateDatasetRequest(_message.Message):
     __slots__ = ("options", "chunk")

@@ -152,7 +152,7 @@ class Alias(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., etag: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ...) -> None: ...
 
 class AliasHistoryEntry(_message.Message):
-    __slots__ = ("sequence", "alias", "from_version", "to_version", "actor", "reason", "at")
+    __slots__ = ("sequence", "alias", "from_version", "to_version", "actor", "reason", "at", "decision", "gate")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,8 @@ class AliasHistoryEntry(_message.Message):
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     alias: str
     from_version: int
@@ -167,7 +169,75 @@ class AliasHistoryEntry(_message.Message):
     actor: str
     reason: str
     at: _timestamp_pb2.Timestamp
-    def __init__(self, sequence: _Optional[int] = ..., alias: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    decision: str
+    gate: str
+    def __init__(self, sequence: _Optional[int] = ..., alias: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decision: _Optional[str] = ..., gate: _Optional[str] = ...) -> None: ...
+
+class AliasGate(_message.Message):
+    __slots__ = ("model_name", "alias", "dataset", "split", "metric", "max_regression", "updated_by", "updated_at")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    MAX_REGRESSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    alias: str
+    dataset: _common_pb2.DatasetRef
+    split: str
+    metric: str
+    max_regression: float
+    updated_by: str
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., split: _Optional[str] = ..., metric: _Optional[str] = ..., max_regression: _Optional[float] = ..., updated_by: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PutAliasGateRequest(_message.Message):
+    __slots__ = ("gate",)
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    gate: AliasGate
+    def __init__(self, gate: _Optional[_Union[AliasGate, _Mapping]] = ...) -> None: ...
+
+class PutAliasGateResponse(_message.Message):
+    __slots__ = ("gate",)
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    gate: AliasGate
+    def __init__(self, gate: _Optional[_Union[AliasGate, _Mapping]] = ...) -> None: ...
+
+class GetAliasGateRequest(_message.Message):
+    __slots__ = ("model_name", "alias")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    alias: str
+    def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class GetAliasGateResponse(_message.Message):
+    __slots__ = ("gate",)
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    gate: AliasGate
+    def __init__(self, gate: _Optional[_Union[AliasGate, _Mapping]] = ...) -> None: ...
+
+class CheckAliasGateRequest(_message.Message):
+    __slots__ = ("model_name", "alias", "version", "actor")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    alias: str
+    version: int
+    actor: str
+    def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class CheckAliasGateResponse(_message.Message):
+    __slots__ = ("allowed", "message")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    message: str
+    def __init__(self, allowed: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("name", "latest_version", "version_count", "aliases", "created_at")

@@ -90,6 +90,21 @@ class RegistryServiceStub:
                 request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.SetAliasResponse.FromString,
                 _registered_method=True)
+        self.PutAliasGate = channel.unary_unary(
+                '/llmp.registry.v1.RegistryService/PutAliasGate',
+                request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.PutAliasGateRequest.SerializeToString,
+                response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.PutAliasGateResponse.FromString,
+                _registered_method=True)
+        self.GetAliasGate = channel.unary_unary(
+                '/llmp.registry.v1.RegistryService/GetAliasGate',
+                request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetAliasGateRequest.SerializeToString,
+                response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetAliasGateResponse.FromString,
+                _registered_method=True)
+        self.CheckAliasGate = channel.unary_unary(
+                '/llmp.registry.v1.RegistryService/CheckAliasGate',
+                request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.CheckAliasGateRequest.SerializeToString,
+                response_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.CheckAliasGateResponse.FromString,
+                _registered_method=True)
         self.GetAlias = channel.unary_unary(
                 '/llmp.registry.v1.RegistryService/GetAlias',
                 request_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetAliasRequest.SerializeToString,
@@ -231,7 +246,31 @@ class RegistryServiceServicer:
 
     def SetAlias(self, request, context):
         """Create or move an alias. Creating needs must_not_exist (HTTP If-None-Match: *); moving needs the
-        alias's current etag (HTTP If-Match): a mismatch is 412, no precondition at all is 428.
+        alias's current etag (HTTP If-Match): a mismatch is 412, no precondition at all is 428. A gated
+        alias (PutAliasGate) moves only when the gate allows it: FAILED_PRECONDITION (409) "evaluation
+        pending" (the missing evaluations started) or naming both figures; the refusal joins the history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutAliasGate(self, request, context):
+        """Gate an alias on evaluations (services/registry/gates.py); replaces the alias's gate if it has one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAliasGate(self, request, context):
+        """An alias's gate (NOT_FOUND when it has none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckAliasGate(self, request, context):
+        """Would the gate of `alias` let it move to `version`? FAILED_PRECONDITION (409) as SetAlias when not,
+        recorded in the history; OK (allowed true) when it would or the alias has no gate. For canary rollouts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -377,6 +416,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.SetAlias,
                     request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.SetAliasRequest.FromString,
                     response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'PutAliasGate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutAliasGate,
+                    request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.PutAliasGateRequest.FromString,
+                    response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.PutAliasGateResponse.SerializeToString,
+            ),
+            'GetAliasGate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAliasGate,
+                    request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetAliasGateRequest.FromString,
+                    response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.GetAliasGateResponse.SerializeToString,
+            ),
+            'CheckAliasGate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckAliasGate,
+                    request_deserializer=llmp_dot_registry_dot_v1_dot_registry__pb2.CheckAliasGateRequest.FromString,
+                    response_serializer=llmp_dot_registry_dot_v1_dot_registry__pb2.CheckAliasGateResponse.SerializeToString,
             ),
             'GetAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAlias,
@@ -727,6 +781,87 @@ class RegistryService:
             '/llmp.registry.v1.RegistryService/SetAlias',
             llmp_dot_registry_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
             llmp_dot_registry_dot_v1_dot_registry__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutAliasGate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.registry.v1.RegistryService/PutAliasGate',
+            llmp_dot_registry_dot_v1_dot_registry__pb2.PutAliasGateRequest.SerializeToString,
+            llmp_dot_registry_dot_v1_dot_registry__pb2.PutAliasGateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAliasGate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.registry.v1.RegistryService/GetAliasGate',
+            llmp_dot_registry_dot_v1_dot_registry__pb2.GetAliasGateRequest.SerializeToString,
+            llmp_dot_registry_dot_v1_dot_registry__pb2.GetAliasGateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckAliasGate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.registry.v1.RegistryService/CheckAliasGate',
+            llmp_dot_registry_dot_v1_dot_registry__pb2.CheckAliasGateRequest.SerializeToString,
+            llmp_dot_registry_dot_v1_dot_registry__pb2.CheckAliasGateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,26 @@ class TrainingServiceStub:
                 request_serializer=llmp_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.SubmitEvaluation = channel.unary_unary(
+                '/llmp.training.v1.TrainingService/SubmitEvaluation',
+                request_serializer=llmp_dot_training_dot_v1_dot_training__pb2.SubmitEvaluationRequest.SerializeToString,
+                response_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.SubmitEvaluationResponse.FromString,
+                _registered_method=True)
+        self.GetEvaluation = channel.unary_unary(
+                '/llmp.training.v1.TrainingService/GetEvaluation',
+                request_serializer=llmp_dot_training_dot_v1_dot_training__pb2.GetEvaluationRequest.SerializeToString,
+                response_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.GetEvaluationResponse.FromString,
+                _registered_method=True)
+        self.ListEvaluations = channel.unary_unary(
+                '/llmp.training.v1.TrainingService/ListEvaluations',
+                request_serializer=llmp_dot_training_dot_v1_dot_training__pb2.ListEvaluationsRequest.SerializeToString,
+                response_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.ListEvaluationsResponse.FromString,
+                _registered_method=True)
+        self.CancelEvaluation = channel.unary_unary(
+                '/llmp.training.v1.TrainingService/CancelEvaluation',
+                request_serializer=llmp_dot_training_dot_v1_dot_training__pb2.CancelEvaluationRequest.SerializeToString,
+                response_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.CancelEvaluationResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -119,6 +139,37 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitEvaluation(self, request, context):
+        """Evaluate a registered model version on a split of a dataset version: a job of its own kind,
+        dispatched to the `eval` queue (same leases, cancel and idempotency key as training jobs). The
+        model version and dataset version must exist (NOT_FOUND) and be READY (FAILED_PRECONDITION); the
+        dataset's tokenizer must be the model's (SHA-256 of tokenizer.json), else INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvaluation(self, request, context):
+        """One evaluation of the caller's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvaluations(self, request, context):
+        """The caller's evaluations, newest first; of one model (and version) when named.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelEvaluation(self, request, context):
+        """Cancel an evaluation (as CancelJob).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +202,26 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
                     response_serializer=llmp_dot_training_dot_v1_dot_training__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'SubmitEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEvaluation,
+                    request_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.SubmitEvaluationRequest.FromString,
+                    response_serializer=llmp_dot_training_dot_v1_dot_training__pb2.SubmitEvaluationResponse.SerializeToString,
+            ),
+            'GetEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvaluation,
+                    request_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.GetEvaluationRequest.FromString,
+                    response_serializer=llmp_dot_training_dot_v1_dot_training__pb2.GetEvaluationResponse.SerializeToString,
+            ),
+            'ListEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvaluations,
+                    request_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.ListEvaluationsRequest.FromString,
+                    response_serializer=llmp_dot_training_dot_v1_dot_training__pb2.ListEvaluationsResponse.SerializeToString,
+            ),
+            'CancelEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelEvaluation,
+                    request_deserializer=llmp_dot_training_dot_v1_dot_training__pb2.CancelEvaluationRequest.FromString,
+                    response_serializer=llmp_dot_training_dot_v1_dot_training__pb2.CancelEvaluationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +387,114 @@ class TrainingService:
             '/llmp.training.v1.TrainingService/WatchJob',
             llmp_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
             llmp_dot_training_dot_v1_dot_training__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.training.v1.TrainingService/SubmitEvaluation',
+            llmp_dot_training_dot_v1_dot_training__pb2.SubmitEvaluationRequest.SerializeToString,
+            llmp_dot_training_dot_v1_dot_training__pb2.SubmitEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.training.v1.TrainingService/GetEvaluation',
+            llmp_dot_training_dot_v1_dot_training__pb2.GetEvaluationRequest.SerializeToString,
+            llmp_dot_training_dot_v1_dot_training__pb2.GetEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.training.v1.TrainingService/ListEvaluations',
+            llmp_dot_training_dot_v1_dot_training__pb2.ListEvaluationsRequest.SerializeToString,
+            llmp_dot_training_dot_v1_dot_training__pb2.ListEvaluationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmp.training.v1.TrainingService/CancelEvaluation',
+            llmp_dot_training_dot_v1_dot_training__pb2.CancelEvaluationRequest.SerializeToString,
+            llmp_dot_training_dot_v1_dot_training__pb2.CancelEvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,
