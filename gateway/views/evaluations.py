@@ -22,7 +22,8 @@ EVALUATION_BODY["required"] = ["id", "state"]
 EVALUATION_LIST = {"type": "object", "required": ["evaluations", "next_page_token"], "properties": {
     "evaluations": {"type": "array", "items": EVALUATION_BODY},
     "next_page_token": {"type": "string", "pattern": contracts.PAGE_TOKEN_PATTERN}}}
-LIST_QUERY = {"model": _NAME, "version": int64(1), **PAGING}  # version: with model, only that version's
+# Each filter narrows on its own: ?version=N alone lists the evaluations of version N of every model.
+LIST_QUERY = {"model": _NAME, "version": int64(1), **PAGING}
 
 
 def present(evaluation: training_pb2.Evaluation) -> dict:
@@ -50,8 +51,6 @@ async def list_evaluations(request: web.Request) -> web.Response:
     model, version = request.query.get("model", ""), request.query.get("version", "")
     if model:
         contracts.validate_name(model, "model")
-    if version and not model:
-        raise errors.ValidationFailed("version: goes with model (?model=NAME&version=N)")
     if version and (not version.isdigit() or int(version) < 1 or int(version) >= 2**63):
         raise errors.ValidationFailed(f"version: a version number from 1, not {version!r}")
     response = await clients(request).training.ListEvaluations(training_pb2.ListEvaluationsRequest(

@@ -25,8 +25,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from services.common import contracts
+from services.common.cleaning import normalise
 from services.common.errors import ValidationFailed
-from services.dataset.cleaning import normalise
 from services.dataset.ingest import Messages
 
 

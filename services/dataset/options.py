@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from services.common import contracts
+from services.common.cleaning import DEFAULT_NEAR_DUP_THRESHOLD
 from services.common.contracts import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from services.common.errors import ValidationFailed
 
@@ -17,7 +18,6 @@ FORMATS = contracts.CORPUS_FORMATS  # a manifest names its corpus format
 DOCUMENT_MODES = ("blank-line", "line")
 TOKENIZERS = contracts.TOKENIZER_KINDS  # a manifest names its tokenizer's kind
 DEFAULT_VOCAB_SIZE = 8192
-DEFAULT_NEAR_DUP_THRESHOLD = 0.8
 PURPOSES = ("training", "evaluation")  # evaluation: an external test set, the whole corpus in `test`
 
 

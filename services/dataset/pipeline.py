@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common import cleaning
 from services.common.contracts import SPLITS
 from services.common.errors import ValidationFailed
-from services.dataset import cleaning, conversations, ingest, packing, splits
+from services.dataset import conversations, ingest, packing, splits
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from datasketch import MinHash
 
+from services.common.cleaning import NearDuplicateIndex
 from services.common.contracts import SPLITS
-from services.dataset.cleaning import NearDuplicateIndex
 from services.dataset.options import Fractions
 
 _SCALE = float(2**64)

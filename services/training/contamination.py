@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from services.dataset import cleaning
-from services.dataset.options import DEFAULT_NEAR_DUP_THRESHOLD
+from services.common import cleaning
+from services.common.cleaning import DEFAULT_NEAR_DUP_THRESHOLD
 from services.training import data
 
 

@@ -1,6 +1,6 @@
 """Normalisation, exact-duplicate keys and MinHash near-duplicate detection."""
 
-from services.dataset import cleaning
+from services.common import cleaning
 
 BASE = " ".join(f"word{i}" for i in range(60))  # 58 distinct word trigrams
 

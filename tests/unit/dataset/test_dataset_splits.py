@@ -3,7 +3,8 @@
 import random
 from collections import Counter
 
-from services.dataset import cleaning, splits
+from services.common import cleaning
+from services.dataset import splits
 from services.dataset.options import Fractions
 
 FRACTIONS = Fractions(0.7, 0.1, 0.1, 0.1)

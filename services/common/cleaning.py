@@ -8,6 +8,9 @@ Normalisation (what "the same document" means):
 
 Near duplicates are documents whose word-trigram sets have a Jaccard similarity of at least the
 threshold, estimated with `datasketch`'s MinHash and found through its LSH index.
+
+Shared: the dataset service dedups and checks leaks between splits with it, and an evaluation measures
+contamination with it, so "the same document" means the same thing in both.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Hashable
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
+DEFAULT_NEAR_DUP_THRESHOLD = 0.8  # Jaccard similarity of near duplicates, unless a dataset asks otherwise
 NUM_PERM = 128  # MinHash permutations: ~0.09 standard error on a Jaccard estimate
 SHINGLE_WORDS = 3  # words per shingle
 
