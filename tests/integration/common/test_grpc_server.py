@@ -15,7 +15,10 @@ from tests import identities
 
 pytestmark = pytest.mark.integration
 SERVICE = "llmp.test.v1.Probe"
-SIGNED = identities.metadata("acme", topology.DATASET.name)  # the app below runs as the dataset service
+def signed() -> tuple[tuple[str, str], ...]:
+    """A caller of the app below (it runs as the dataset service), signed now: a token signed at import
+    time expires before the suite reaches these tests (300 s)."""
+    return identities.metadata("acme", topology.DATASET.name)
 
 
 def _identity(data: bytes) -> bytes:
@@ -91,8 +94,8 @@ async def test_health_reflection_and_a_call(running):
         assert {SERVICE, "grpc.health.v1.Health"} <= names
         break
     call = channel.unary_unary(f"/{SERVICE}/Call")
-    assert await call(b"x", metadata=SIGNED) == b"ok:x"
-    assert await call(b"whoami", metadata=SIGNED) == b"acme"
+    assert await call(b"x", metadata=signed()) == b"ok:x"
+    assert await call(b"whoami", metadata=signed()) == b"acme"
 
 
 @pytest.mark.parametrize("payload, expected, http", [
@@ -104,7 +107,7 @@ async def test_health_reflection_and_a_call(running):
 async def test_errors_cross_the_wire_as_domain_errors(running, payload, expected, http):
     _, _, channel, _ = running
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await channel.unary_unary(f"/{SERVICE}/Call")(payload, metadata=None if payload == b"whoami" else SIGNED)
+        await channel.unary_unary(f"/{SERVICE}/Call")(payload, metadata=None if payload == b"whoami" else signed())
     rebuilt = domain_error(raised.value)
     assert type(rebuilt) is expected
     assert errors.mapping_for(rebuilt).http_status == http
@@ -116,7 +119,7 @@ async def test_streams_map_errors_after_items(running):
     _, _, channel, _ = running
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        async for item in channel.unary_stream(f"/{SERVICE}/Stream")(b"", metadata=SIGNED):
+        async for item in channel.unary_stream(f"/{SERVICE}/Stream")(b"", metadata=signed()):
             received.append(item)
     assert received == [b"0", b"1", b"2"]
     assert isinstance(domain_error(raised.value), errors.Conflict)
@@ -138,7 +141,7 @@ async def test_readiness_follows_the_backends(running):
 async def test_shutdown_drains_in_flight_calls(running):
     app, probe, channel, _ = running
     async def slow_call():
-        return await channel.unary_unary(f"/{SERVICE}/Call")(b"slow", metadata=SIGNED)
+        return await channel.unary_unary(f"/{SERVICE}/Call")(b"slow", metadata=signed())
 
     in_flight = asyncio.create_task(slow_call())
     await probe.slow_started.wait()
@@ -172,7 +175,7 @@ async def test_a_call_continues_the_callers_trace(settings):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary(f"/{SERVICE}/Call")
-            assert await call(b"x", metadata=(*SIGNED, ("traceparent", f"00-{trace_id}-{parent_id}-01"))) == b"ok:x"
+            assert await call(b"x", metadata=(*signed(), ("traceparent", f"00-{trace_id}-{parent_id}-01"))) == b"ok:x"
     finally:
         await app.stop()
         provider.shutdown()
