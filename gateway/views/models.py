@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from aiohttp import web
 from llmp.common.v1 import common_pb2
@@ -49,6 +50,8 @@ CREATE_EXPORT = {
     "type": "object", "additionalProperties": False, "required": ["format"],
     "properties": {"format": {"enum": list(contracts.EXPORT_FORMATS)}},
 }
+
+log = logging.getLogger(__name__)
 
 
 # What `present_version` makes of a version (name and version at the top, parity reports as objects).
@@ -100,10 +103,15 @@ async def get_model(request: web.Request) -> web.Response:
 async def get_version(request: web.Request) -> web.Response:
     response = await clients(request).registry.GetModelVersion(registry_pb2.GetModelVersionRequest(
         name=request.match_info["name"], version=path_version(request)))
-    measured = await clients(request).training.ListEvaluations(training_pb2.ListEvaluationsRequest(
-        model_name=response.version.ref.name, model_version=response.version.ref.version))
-    body = {**present_version(response.version),
-            "evaluations": [evaluations.present(item) for item in measured.evaluations]}
+    body = present_version(response.version)
+    try:
+        measured = await clients(request).training.ListEvaluations(training_pb2.ListEvaluationsRequest(
+            model_name=response.version.ref.name, model_version=response.version.ref.version))
+        body["evaluations"] = [evaluations.present(item) for item in measured.evaluations]
+    except (errors.Unavailable, errors.DeadlineExceeded):
+        # The version is the registry's; its evaluations are the training service's. One backend down must
+        # not hide the other's answer: the version is shown without them (the key is absent, not empty).
+        log.warning("evaluations of %s v%d unavailable", response.version.ref.name, response.version.ref.version)
     # READY versions are immutable except for exports, aliases and evaluations, which the ETag covers.
     return json_response(request, body)
 
