@@ -42,28 +42,52 @@ def database_url():
 
 
 def claim_redis_database(owner: str) -> int:
-    """An empty Redis database number claimed for `owner`, so two stacks (or a stack and a leftover
-    worker of an earlier run) never share a Celery queue. 0 is the default broker and 15 the tests'
-    shared one, so the claim is among 1-14. Raises when none is free."""
+    """An empty Redis database number claimed for `owner` ("<name>-<pid>"), so two stacks (or a stack and a
+    leftover worker of an earlier run) never share a Celery queue. 0 is the default broker and 15 the tests'
+    shared one, so the claim is among 1-14. A database whose claimant process is gone (a run that was killed
+    before it could flush) is flushed and claimed again. Raises when none is free."""
     import redis
 
     for number in range(1, 15):
         client = redis.Redis(host="127.0.0.1", port=6379, db=number)
         try:
-            if client.dbsize() == 0 and client.set("llmp-test-claim", owner, nx=True):
+            if client.dbsize() == 0 and client.set(CLAIM_KEY, owner, nx=True):
                 return number
+            claimant = client.get(CLAIM_KEY)
+            if claimant is not None and not _alive(claimant.decode()):
+                client.flushdb()
+                if client.set(CLAIM_KEY, owner, nx=True):
+                    return number
         finally:
             client.close()
     raise RuntimeError("no empty Redis database (1-14) to claim for a test broker")
+
+
+CLAIM_KEY = "llmp-test-claim"
+
+
+def _alive(claimant: str) -> bool:
+    """Whether the process named by a claim ("<name>-<pid>") still runs on this machine."""
+    pid = claimant.rsplit("-", 1)[-1]
+    return not pid.isdigit() or Path(f"/proc/{pid}").exists()
+
+
+def release_redis_database(number: int) -> None:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, db=number)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
 def claim_broker():
     """Claims an empty Redis database per call, for a broker URL of its own; every one is flushed when the
     session ends. Each stack or worker fleet a session starts takes its own: two fleets' workers on one
-    queue take each other's tasks and end them as "nothing to run" against the wrong database."""
-    import redis
-
+    queue take each other's tasks and end them as "nothing to run" against the wrong database. There are
+    only 14: a test that needs one of its own takes `own_broker_url`, which gives it back at its end."""
     claimed: list[int] = []
 
     def claim(owner: str) -> str:
@@ -72,9 +96,15 @@ def claim_broker():
 
     yield claim
     for number in claimed:
-        client = redis.Redis(host="127.0.0.1", port=6379, db=number)
-        client.flushdb()
-        client.close()
+        release_redis_database(number)
+
+
+@pytest.fixture
+def own_broker_url(request):
+    """A Redis broker URL on a database of this test's own, flushed and given back when the test ends."""
+    number = claim_redis_database(f"{request.node.name[:40]}-{os.getpid()}")
+    yield f"redis://127.0.0.1:6379/{number}"
+    release_redis_database(number)
 
 
 @pytest.fixture(scope="session")

@@ -89,5 +89,7 @@ ROUTES = [
     Route("GET", EVALUATION, get_evaluation, "An evaluation: state, progress, figures", tag="evaluations",
           returns=EVALUATION_BODY),
     Route("DELETE", EVALUATION, cancel_evaluation, "Cancel an evaluation", tag="evaluations",
-          returns=EVALUATION_BODY, responses={202: "Cancellation requested (a finished one is answered as it is)"}),
+          returns=EVALUATION_BODY,
+          responses={202: "Cancellation requested (a cancelled evaluation is answered as it is)",
+                     409: "The evaluation already finished (SUCCEEDED or FAILED): nothing is left to cancel"}),
 ]

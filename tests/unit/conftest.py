@@ -23,7 +23,8 @@ import psutil
 import pytest
 
 MOVE = "unit tests need no server: move this test to tests/integration"
-SERVER_FIXTURES = ("database_url", "private_broker_url", "claim_broker", "s3_endpoint", "settings_env", "settings")
+SERVER_FIXTURES = ("database_url", "private_broker_url", "claim_broker", "own_broker_url", "s3_endpoint",
+                   "settings_env", "settings")
 
 
 def _refused_fixture(name: str):

@@ -36,8 +36,8 @@ BLOCK = 32
 
 
 @pytest.fixture
-def env(settings_env, claim_broker, tmp_path) -> dict[str, str]:
-    return {**settings_env, "LLMP_BROKER_URL": claim_broker("finetune-service"),
+def env(settings_env, own_broker_url, tmp_path) -> dict[str, str]:
+    return {**settings_env, "LLMP_BROKER_URL": own_broker_url,
             "LLMP_STATE_DIR": str(tmp_path / "state")}
 
 

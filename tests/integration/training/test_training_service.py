@@ -33,12 +33,12 @@ RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])
-def broker_url(request, claim_broker):
+def broker_url(request):
     if request.param == "rabbitmq":
         if not servers.port_open("127.0.0.1", 5672):
             pytest.fail("RabbitMQ is not running on 127.0.0.1:5672")
         return RABBITMQ_URL
-    return claim_broker("training-service")  # an empty Redis database of its own
+    return request.getfixturevalue("own_broker_url")  # an empty Redis database of its own
 
 
 @pytest.fixture

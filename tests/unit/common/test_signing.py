@@ -3,8 +3,6 @@ and in time; and the service secret a process signs with comes from its settings
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from services.common import errors
@@ -12,7 +10,8 @@ from services.common.config import Settings
 from services.common.signing import Claims, Signer
 
 SIGNER = Signer(b"0123456789abcdef-unit")
-CLAIMS = Claims("gateway", "registry", "acme", "key-1", "developer", time.time() + 60)
+# Expiring in 2100: claims built at import time must still be in time when a long run reaches these tests.
+CLAIMS = Claims("gateway", "registry", "acme", "key-1", "developer", 4_102_444_800.0)
 
 
 def test_a_token_verifies_to_the_claims_it_was_signed_with():
