@@ -33,6 +33,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from bench import harness
 from bench.inference import ADMIN_URL, DEPLOYMENT, MODEL, SHAKESPEARE, TENANT, deploy, spawn
 from cli.servers import TritonPorts, free_port, http_ok, port_open, start_triton, stop, wait_until
 from services.common.contracts import CHAT_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE, END_OF_TURN
@@ -157,10 +158,10 @@ async def main_async(args) -> None:
     print(f"gateway, {args.clients} concurrent streamed clients: {tokens} tokens in {elapsed:.2f}s "
           f"= {project:.1f} tok/s")
     print(f"HF generate, batches of {args.clients}: {hf_tokens} tokens in {hf_elapsed:.2f}s = {baseline:.1f} tok/s")
-    print(f"BENCH chat project={project:.1f}tok/s baseline={baseline:.1f}tok/s ratio={project / baseline:.2f} "
-          f"(HF model.generate on the same rendered prompts batched {args.clients} at a time in one process on all "
-          f"cores, same model, greedy; project: {args.clients} concurrent streamed clients of "
-          f"/openai/v1/chat/completions through the gateway)")
+    harness.report("chat", project, baseline, "tok/s",
+                   f"HF model.generate on the same rendered prompts batched {args.clients} at a time in one process "
+                   f"on all cores, same model, greedy; project: {args.clients} concurrent streamed clients of "
+                   f"/openai/v1/chat/completions through the gateway")
 
 
 def main() -> None:

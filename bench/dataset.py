@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import harness
 from services.dataset import packing
 from services.dataset import tokenizer as tokenizers
 
@@ -96,9 +97,9 @@ def main() -> None:
         print(f"{name:>9}: {rate:7.2f} MB/s")
     print(f"project / limit = {rates['project'] / rates['limit']:.2f}, "
           f"project / limit_fast = {rates['project'] / rates['limit_fast']:.2f}")
-    print(f"BENCH dataset project={rates['project']:.2f}MB/s baseline={rates['baseline']:.2f}MB/s "
-          f"ratio={rates['project'] / rates['baseline']:.2f} (datasets.Dataset.map(batched=True) with the same "
-          f"tokenizer; bare encode_batch limit={rates['limit']:.2f}MB/s)")
+    harness.report("dataset", rates["project"], rates["baseline"], "MB/s",
+                   f"datasets.Dataset.map(batched=True) with the same tokenizer; bare encode_batch "
+                   f"limit={rates['limit']:.2f}MB/s", digits=2)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerFast
 
+from bench import harness
 from bench.inference import ADMIN_URL, DEPLOYMENT, MODEL, SHAKESPEARE, TENANT, deploy, spawn
 from cli.servers import TritonPorts, free_port, http_ok, port_open, start_triton, stop, wait_until
 from services.inference.model_source import publish_local_version
@@ -157,9 +158,9 @@ async def main_async(args) -> None:
           f"{elapsed:.2f}s = {project:.1f} embeddings/s")
     print(f"HF AutoModel + masked mean, batches of {args.hf_batch}, {torch.get_num_threads()} threads: "
           f"{hf_elapsed:.2f}s = {baseline:.1f} embeddings/s")
-    print(f"BENCH embeddings project={project:.1f}emb/s baseline={baseline:.1f}emb/s ratio={project / baseline:.2f} "
-          f"(HF AutoModel batched in one process on all cores, same encoder, masked mean; project through the "
-          f"REST gateway's /openai/v1/embeddings, {args.clients} concurrent clients)")
+    harness.report("embeddings", project, baseline, "emb/s",
+                   f"HF AutoModel batched in one process on all cores, same encoder, masked mean; project through "
+                   f"the REST gateway's /openai/v1/embeddings, {args.clients} concurrent clients")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from bench import harness
 from services.training import data, evaluation
 
 
@@ -77,8 +78,8 @@ def main() -> None:
                     torch.cuda.synchronize()
                 best[name] = max(best[name], tokens / (time.perf_counter() - started))
     print(f"device {device}, {args.tokens} tokens, GPT-2 4x256, block {args.block_size}, batch {args.batch_size}")
-    print(f"BENCH eval project={best['project']:.0f}tok/s baseline={best['baseline']:.0f}tok/s "
-          f"ratio={best['project'] / best['baseline']:.2f} (a bare torch.no_grad() loop over the same shard)")
+    harness.report("eval", best["project"], best["baseline"], "tok/s",
+                   "a bare torch.no_grad() loop over the same shard", digits=0)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from bench import harness
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -235,14 +237,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"{final_rss:,.0f} MiB){gpu_peak}, "
                   f"trainable {runs[0]['trainable']:,} params, optimizer state "
                   f"{runs[0]['optimizer_state_bytes'] / 2**20:,.2f} MiB")
-    lora = figures[("lora", "project")] / figures[("lora", "trainer")]
     full = figures[("full", "project")] / figures[("full", "trainer")]
     print(f"full fine-tune: project {figures[('full', 'project')]:.0f} tok/s vs Trainer "
           f"{figures[('full', 'trainer')]:.0f} tok/s, ratio {full:.2f}")
-    print(f"BENCH finetune project={figures[('lora', 'project')]:.0f}tok/s "
-          f"baseline={figures[('lora', 'trainer')]:.0f}tok/s ratio={lora:.2f} "
-          f"(LoRA: Hugging Face Trainer + peft, same Llama-style GQA checkpoint, data, batch, block and steps; "
-          f"full fine-tune ratio={full:.2f}; medians over {args.repeats} interleaved runs, {where})")
+    harness.report("finetune", figures[("lora", "project")], figures[("lora", "trainer")], "tok/s",
+                   f"LoRA: Hugging Face Trainer + peft, same Llama-style GQA checkpoint, data, batch, block and steps; "
+                   f"full fine-tune ratio={full:.2f}; medians over {args.repeats} interleaved runs, {where}", digits=0)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import aiohttp
 import psycopg
 from aiohttp import web
 
+from bench import harness
 from cli import servers
 from services.common import topology
 from services.common.config import Settings
@@ -208,10 +209,10 @@ async def run(options: argparse.Namespace) -> None:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     project, baseline = best["project"], best["baseline"]
-    print(f"BENCH gateway project={project:.0f}req/s baseline={baseline:.0f}req/s ratio={project / baseline:.2f} "
-          f"(a bare aiohttp handler returning a constant, same machine and load process, {options.connections} "
-          "keep-alive connections; project = authenticated GET of a READY dataset version with If-None-Match "
-          "answered 304 through every gateway middleware)")
+    harness.report("gateway", project, baseline, "req/s",
+                   f"a bare aiohttp handler returning a constant, same machine and load process, {options.connections} "
+                   "keep-alive connections; project = authenticated GET of a READY dataset version with If-None-Match "
+                   "answered 304 through every gateway middleware", digits=0)
 
 
 async def _no_lineage(tenant: str, name: str, version: int) -> list[str]:

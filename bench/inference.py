@@ -39,6 +39,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from bench import harness
 from cli.servers import TritonPorts, free_port, http_ok, port_open, start_triton, stop, wait_until
 from services.common import contracts
 from services.common.config import Settings
@@ -235,9 +236,9 @@ async def main_async(args) -> None:
           f"(overhead {overhead(ttft_g, ttft_d):.1f}%)")
     print(f"single request time per output token: gateway {ms(tpot_g):.2f} ms, Triton direct {ms(tpot_d):.2f} ms "
           f"(overhead {overhead(tpot_g, tpot_d):.1f}%)")
-    print(f"BENCH inference project={project:.1f}tok/s baseline={baseline:.1f}tok/s ratio={project / baseline:.2f} "
-          f"(HF model.generate called sequentially in one process, same model, greedy; project through the "
-          f"REST gateway, {args.clients} concurrent clients)")
+    harness.report("inference", project, baseline, "tok/s",
+                   f"HF model.generate called sequentially in one process, same model, greedy; project through the "
+                   f"REST gateway, {args.clients} concurrent clients")
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import urllib.request
@@ -43,6 +42,7 @@ from llmp.registry.v1 import registry_pb2 as pb
 from llmp.registry.v1 import registry_pb2_grpc
 from minio import Minio
 
+from bench import harness
 from cli import servers
 from services.common import contracts, topology
 from services.common.config import UPLOAD_CHECKSUMS, Settings
@@ -219,13 +219,13 @@ async def run(options: argparse.Namespace) -> None:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     project, baseline = size_mb / best["project"], size_mb / best["baseline"]
-    print(f"per-round ratios {' '.join(f'{ratio:.2f}' for ratio in round_ratios)}; "
-          f"median {statistics.median(round_ratios):.2f}")
-    print(f"BENCH registry project={project:.1f}MB/s baseline={baseline:.1f}MB/s ratio={project / baseline:.2f} "
-          f"(minio SDK fput_object+fget_object of the same {size_mb:.0f} MB checkpoint to the same SeaweedFS, "
-          "no checksums; project = " + ("upload + copying register + verified gRPC download)" if options.copy_path
-                                        else f"reserve + upload with S3-enforced {options.upload_checksum.upper()} + "
-                                             "commit checking it + XXH3-128-verified S3 download)"))
+    harness.rounds("registry", round_ratios)
+    project_is = ("upload + copying register + verified gRPC download" if options.copy_path
+                  else f"reserve + upload with S3-enforced {options.upload_checksum.upper()} + commit checking it + "
+                       "XXH3-128-verified S3 download")
+    harness.report("registry", project, baseline, "MB/s",
+                   f"minio SDK fput_object+fget_object of the same {size_mb:.0f} MB checkpoint to the same SeaweedFS, "
+                   f"no checksums; project = {project_is}")
 
 
 def main() -> None:

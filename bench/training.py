@@ -38,6 +38,7 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from bench import harness
 from services.common import contracts
 from services.training import data, distributed, events, models, train
 from services.training.spec import JobSpec
@@ -198,7 +199,6 @@ def main(argv: list[str] | None = None) -> None:
     # Medians over windows: a burst of other work on a shared machine spoils a window, not the figure.
     project = window_tokens / statistics.median(project_s)
     baseline = window_tokens / statistics.median(baseline_s)
-    ratio = project / baseline
     where = torch.cuda.get_device_name() if gpu else f"CPU x{torch.get_num_threads()} threads"
     print(f"model: GPT-2 n_layer={args.n_layer} n_head={args.n_head} n_embd={args.n_embd} "
           f"({parameters / 1e6:.2f}M params), block={args.block_size}, batch={args.batch_size}, "
@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         if peak:
             print(f"MFU: project {flops_per_token * project / peak:.1%}, "
                   f"Trainer {flops_per_token * baseline / peak:.1%} of {peak / 1e12:.0f} TFLOP/s dense bf16")
-    print(f"BENCH training project={project:.0f}tok/s baseline={baseline:.0f}tok/s ratio={ratio:.2f} "
-          f"(Hugging Face Trainer, same GPT-2 config, data, batch, block size and steps, medians over "
-          f"{args.repeats} interleaved runs, {where})")
+    harness.report("training", project, baseline, "tok/s",
+                   f"Hugging Face Trainer, same GPT-2 config, data, batch, block size and steps, medians over "
+                   f"{args.repeats} interleaved runs, {where}", digits=0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""What every benchmark shares: the machine's load, and the BENCH line, which is never printed from a busy machine.
+
+A ratio taken while other work competes for the cores is not the project's figure (under concurrent load ratios
+drop by half), so a benchmark refuses to report when the load average was above the core count at its start: it
+prints why instead of the BENCH line and exits 3. Only the start counts: by its end the benchmark's own processes
+(servers, load generators) are in the average. The end's load is printed beside it. `LLMP_BENCH_ALLOW_BUSY=1`
+reports anyway, marked, for a figure that is only looked at, never recorded in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+
+BUSY_EXIT = 3
+_started_load = os.getloadavg()[0]  # when the benchmark's module was imported, before its own work
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages and the core count, for a benchmark's header."""
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.2f} {five:.2f} {fifteen:.2f} on {cores()} cores"
+
+
+def rounds(label: str, ratios: Sequence[float]) -> None:
+    """Prints each round's ratio and their median, so a reader sees the spread behind the BENCH figure."""
+    if ratios:
+        print(f"{label}: per-round ratios {' '.join(f'{ratio:.2f}' for ratio in ratios)}; "
+              f"median {statistics.median(ratios):.2f}")
+
+
+def report(name: str, project: float, baseline: float, unit: str, baseline_is: str, digits: int = 1) -> None:
+    """The BENCH line (SPEC: `BENCH <name> project=<v><unit> baseline=<v><unit> ratio=<p/b> (<baseline>)`), or,
+    from a busy machine, why there is none (exit 3)."""
+    at_start, at_end = _started_load, os.getloadavg()[0]
+    busy = at_start > cores()
+    line = (f"BENCH {name} project={project:.{digits}f}{unit} baseline={baseline:.{digits}f}{unit} "
+            f"ratio={project / baseline:.2f} ({baseline_is}; load {at_start:.2f} at start, {at_end:.2f} at end, "
+            f"{cores()} cores)")
+    if busy and os.environ.get("LLMP_BENCH_ALLOW_BUSY") != "1":
+        print(f"BENCH {name} not reported: the load average was {at_start:.2f} at its start on {cores()} cores, so "
+              f"other work competed for them (figures of this run: project={project:.{digits}f}{unit} "
+              f"baseline={baseline:.{digits}f}{unit}). Run it alone.", file=sys.stderr)
+        sys.exit(BUSY_EXIT)
+    print(line + (" [busy: not for RESULTS.md]" if busy else ""))
