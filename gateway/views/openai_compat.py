@@ -309,6 +309,16 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response(request, {"object": "list", "data": [_model(d, owner) for d in listed.deployments]})
 
 
+async def retrieve_model(request: web.Request) -> web.Response:
+    """OpenAI's "retrieve model": one deployment the key may call; another tenant's is as unknown as none."""
+    try:
+        found = await clients(request).inference.GetDeployment(
+            inference_pb2.GetDeploymentRequest(name=request.match_info["model"]))
+    except errors.LlmpError as error:
+        raise _model_errors(error) from None
+    return json_response(request, _model(found.deployment, caller(request).tenant))
+
+
 # -- POST /openai/v1/completions ----------------------------------------------------------------
 
 def _completion_logprobs(entries, offset: int) -> dict:
@@ -541,9 +551,18 @@ async def embeddings(request: web.Request) -> web.Response:
 
 _ERRORS = {400: "Bad input (OpenAI's error shape)", 404: "Unknown model (deployment)",
            422: "A field breaks the schema; `param` names it"}
+_MODEL = {"type": "object", "additionalProperties": False, "required": ["id", "object", "created", "owned_by"],
+          "properties": {"id": {"type": "string", "description": "deployment name"}, "object": {"const": "model"},
+                         "created": int64(0, description="the deployment's creation, Unix seconds"),
+                         "owned_by": {"type": "string", "description": "the caller's tenant"}}}
+_MODEL_LIST = {"type": "object", "additionalProperties": False, "required": ["object", "data"],
+               "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}}
 ROUTES = [
     Route("GET", f"{PREFIX}/models", list_models, "OpenAI: the deployments this key may call", roles=ALL_ROLES,
-          tag="openai"),
+          tag="openai", returns=_MODEL_LIST),
+    Route("GET", f"{PREFIX}/models/{{model}}", retrieve_model, "OpenAI: one deployment this key may call",
+          roles=ALL_ROLES, tag="openai", returns=_MODEL, path_parameters={"model": _SAMPLING["model"]},
+          responses={404: "Unknown model (deployment), OpenAI's error shape with code model_not_found"}),
     Route("POST", f"{PREFIX}/completions", completions, "OpenAI text completion (prompt lists, n, echo, logprobs, "
           "penalties; stream: true for SSE)", roles=ALL_ROLES, body=COMPLETIONS, tag="openai", responses=_ERRORS),
     Route("POST", f"{PREFIX}/chat/completions", chat_completions, "OpenAI chat completion, rendered with the "

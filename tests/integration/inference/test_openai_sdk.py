@@ -162,11 +162,19 @@ async def test_lists_the_deployments_the_key_may_call(sdk, service, gateway):
     names = [model.id for model in listed.data]
     assert {"chat", "tiny-chat"} <= set(names)
     assert all(model.object == "model" and model.owned_by == TENANT and model.created > 0 for model in listed.data)
+    retrieved = await sdk.models.retrieve("tiny-chat")
+    assert retrieved == next(model for model in listed.data if model.id == "tiny-chat")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await sdk.models.retrieve("no-such-deployment")
+    assert unknown.value.body["code"] == "model_not_found" and unknown.value.body["param"] == "model"
+    assert unknown.value.body["type"] == "invalid_request_error"
 
     stranger = f"other-{uuid.uuid4().hex[:6]}"
     async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=await gateway.key(stranger),
                                   max_retries=0) as theirs:
         assert (await theirs.models.list()).data == []  # another tenant's deployments are not theirs to call
+        with pytest.raises(openai.NotFoundError):
+            await theirs.models.retrieve("chat")
         with pytest.raises(openai.NotFoundError):
             await theirs.chat.completions.create(model="chat", messages=user("say hi"))
 
