@@ -306,6 +306,40 @@ async def test_prompt_lists_with_n_and_echo(sdk, chat_model):
     assert texts == [c.text for c in echoed.choices]
 
 
+async def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(sdk, chat_model):
+    prompt = "ROMEO: O"
+    ids = chat_model.tokenizer.encode(prompt, add_special_tokens=False)
+    assert len(ids) > 2
+    with torch.no_grad():  # position i's distribution scores prompt token i + 1
+        scores = torch.log_softmax(chat_model.model(torch.tensor([ids])).logits[0].double(), -1)
+    generated, references = chat_model.greedy(ids, 4, {chat_model.tokenizer.eos_token_id})
+    answer = await sdk.completions.create(model="chat", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                          logprobs=2)
+    choice = answer.choices[0]
+    assert choice.text == prompt + chat_model.text(generated)
+    shown = choice.logprobs
+    assert shown.tokens == [chat_model.tokenizer.decode([t]) for t in ids + generated]
+    assert shown.token_logprobs[0] is None and shown.top_logprobs[0] is None  # nothing predicts the first
+    expected = [scores[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    expected += [r[t].item() for t, r in zip(generated, references, strict=True)]
+    assert shown.token_logprobs[1:] == pytest.approx(expected, abs=2e-4)
+    for position in range(1, len(ids)):
+        top = torch.topk(scores[position - 1], 2)
+        assert list(shown.top_logprobs[position]) == [chat_model.tokenizer.decode([int(i)]) for i in top.indices]
+        assert list(shown.top_logprobs[position].values()) == pytest.approx(top.values.tolist(), abs=2e-4)
+    assert shown.text_offset[:2] == [0, len(shown.tokens[0])]
+
+    stream = await sdk.completions.create(model="chat", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                          logprobs=2, stream=True)
+    tokens, logprobs = [], []
+    async for chunk in stream:
+        for piece in chunk.choices:
+            if piece.logprobs:
+                tokens += piece.logprobs.tokens
+                logprobs += piece.logprobs.token_logprobs
+    assert tokens == shown.tokens and logprobs == shown.token_logprobs
+
+
 async def test_errors_have_openais_shape_and_status(sdk):
     with pytest.raises(openai.NotFoundError) as missing:
         await sdk.chat.completions.create(model="no-such-deployment", messages=user("hi"))
@@ -322,9 +356,6 @@ async def test_errors_have_openais_shape_and_status(sdk):
     with pytest.raises(openai.UnprocessableEntityError) as unknown:
         await sdk.chat.completions.create(model="chat", messages=user("hi"), extra_body={"best_of": 3})
     assert unknown.value.body["param"] == "best_of"
-    with pytest.raises(openai.BadRequestError) as echo:
-        await sdk.completions.create(model="chat", prompt="O", echo=True, logprobs=1)
-    assert echo.value.status_code == 400 and echo.value.body["param"] == "echo"
     with pytest.raises(openai.BadRequestError) as too_long:  # prompt + max_tokens over the context of 128
         await sdk.completions.create(model="chat", prompt="O", max_tokens=500)
     assert "context length" in too_long.value.body["message"]
