@@ -339,6 +339,21 @@ async def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(sdk, chat_
                 logprobs += piece.logprobs.token_logprobs
     assert tokens == shown.tokens and logprobs == shown.token_logprobs
 
+    # A character split across byte-level tokens: named in context, the tokens join into the prompt (decoded
+    # alone, the snowman's three pieces were each U+FFFD); chat's `bytes` are each token's own.
+    snowman = "ROMEO: ☃ O"
+    pieces = chat_model.tokenizer.encode(snowman, add_special_tokens=False)
+    assert "\ufffd" in "".join(chat_model.tokenizer.decode([t]) for t in pieces)
+    echoed = await sdk.completions.create(model="chat", prompt=snowman, max_tokens=1, temperature=0, echo=True,
+                                          logprobs=1)
+    assert "".join(echoed.choices[0].logprobs.tokens[:len(pieces)]) == snowman
+    chat = await sdk.chat.completions.create(model="chat", messages=user("say hi"), temperature=0, logprobs=True,
+                                             top_logprobs=2, max_tokens=3)
+    for entry in chat.choices[0].logprobs.content:
+        assert bytes(entry.bytes).decode() == entry.token
+        assert all(bytes(top.bytes).decode(errors="replace") == top.token for top in entry.top_logprobs
+                   if len(top.bytes) == len(top.token.encode()))
+
 
 async def test_errors_have_openais_shape_and_status(sdk):
     with pytest.raises(openai.NotFoundError) as missing:
