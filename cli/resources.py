@@ -197,13 +197,16 @@ def jobs_cancel(args) -> int:
 
 
 EVAL_COLUMNS = ["id", "state", "model.name", "model.version", "dataset.name", "dataset.version", "split",
-                "metrics.loss", "metrics.perplexity", "metrics.token_accuracy", "metrics.expected_calibration_error"]
+                "metrics.loss", "metrics.perplexity", "metrics.token_accuracy", "metrics.expected_calibration_error",
+                "contamination.share", "contamination.clean_metrics.loss"]
 
 
 def eval_create(args) -> int:
     client = _client(args)
     body = {"model": {"name": args.model, "version": args.version},
             "dataset": {"name": args.dataset, "version": args.dataset_version}, "split": args.split}
+    if args.exclude_contaminated:
+        body["exclude_contaminated"] = True
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     evaluation = client.call("POST", "/v1/evaluations", body, headers=headers)
     if args.wait:
@@ -423,6 +426,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     creator.add_argument("--dataset-version", type=int, default=1)
     creator.add_argument("--split", choices=["test", "validation", "calibration", "all"], default="test")
     creator.add_argument("--idempotency-key")
+    creator.add_argument("--exclude-contaminated", action="store_true",
+                         help="figures without the documents found in the model's training data")
     creator.add_argument("--wait", action="store_true", help="wait until it has its figures")
     creator.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
     lister = command(evals, "list", eval_list, "list evaluations; of one model (and version) side by side")

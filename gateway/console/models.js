@@ -2,8 +2,9 @@
 // metrics, artifacts with SHA-256 and exports with their parity reports.
 
 import { api, withEtag } from "./api.js";
-import { badge, bytes, encode, facts, h, link, number, shortId, table, when } from "./dom.js";
+import { badge, bytes, count, encode, errorBox, facts, h, link, number, shortId, table, when } from "./dom.js";
 import { actionForm, field, input, select, values } from "./forms.js";
+import { lineChart } from "./plot.js";
 
 const versionLink = (name, version) => link(`#/models/${encode(name)}/versions/${version}`, `v${version}`);
 
@@ -81,12 +82,76 @@ function aliasSection(name, alias, history, etag, versions) {
     ], history, { class: "alias-history", empty: "No moves recorded." }));
 }
 
+// -- evaluations ------------------------------------------------------------------------------------
+// Figures come from the training service; without it the registry's pages still show, saying so here.
+
+async function evaluationsOf(query, signal) {
+  try {
+    const { evaluations } = await api(`/v1/evaluations?${query}&page_size=100`, { signal });
+    return { evaluations };
+  } catch (error) {
+    if (error?.name === "AbortError") throw error;
+    return { evaluations: [], error };
+  }
+}
+
+const onData = (e) => `${e.dataset.name} v${e.dataset.version} (${e.split})`;
+const share = (c) => (c && typeof c.share === "number" ? `${number(c.share * 100, 3)} % of ${count(c.documents)}` : "—");
+
+function evaluationTable(evaluations, { withVersion = false, id }) {
+  return table([
+    ...(withVersion ? [["Version", (e) => `v${e.model.version}`]] : []),
+    ["Evaluation", (e) => h("code", { title: e.id }, shortId(e.id))],
+    ["Data", (e) => link(`#/datasets/${encode(e.dataset.name)}`, onData(e))],
+    ["State", (e) => badge(e.state)],
+    ["Loss", (e) => number(e.metrics.loss)],
+    ["Perplexity", (e) => number(e.metrics.perplexity)],
+    ["Token accuracy", (e) => number(e.metrics.token_accuracy)],
+    ["Calibration error", (e) => number(e.metrics.expected_calibration_error)],
+    ["Tokens", (e) => count(e.metrics.tokens)],
+    ["Contaminated", (e) => share(e.contamination)],
+    ["Loss without them", (e) => number(e.contamination?.clean_metrics?.loss)],
+    ["Figures", (e) => (e.exclude_contaminated ? "without contaminated" : "all documents")],
+    ["Finished", (e) => when(e.finished_at)],
+  ], evaluations, { id, class: "grid evaluations", empty: "No evaluation yet." });
+}
+
+// Versions side by side: per dataset and split, the loss of each version's latest finished evaluation.
+function comparison(evaluations) {
+  const latest = new Map();
+  for (const e of evaluations) {
+    if (e.state !== "SUCCEEDED" || typeof e.metrics.loss !== "number") continue;
+    const key = `${onData(e)}|${e.model.version}`;
+    const seen = latest.get(key);
+    if (!seen || (e.finished_at ?? "") > (seen.finished_at ?? "")) latest.set(key, e);
+  }
+  const series = new Map();
+  for (const e of latest.values()) {
+    const name = onData(e);
+    if (!series.has(name)) series.set(name, []);
+    series.get(name).push({ step: Number(e.model.version), value: e.metrics.loss });
+  }
+  return [...series].map(([name, points]) => ({ name, points }));
+}
+
+function evaluationSection(found, { withVersion, id, chart = false }) {
+  if (found.error) {
+    return h("section", { id }, h("h2", {}, "Evaluations"), errorBox(found.error));
+  }
+  const series = chart ? comparison(found.evaluations) : [];
+  return h("section", { id }, h("h2", {}, "Evaluations"),
+    series.length ? h("div", { class: "charts", id: `${id}-chart` },
+      lineChart(series, { title: "Evaluation loss by version", xLabel: "version", height: 220 })) : null,
+    evaluationTable(found.evaluations, { withVersion, id: `${id}-table` }));
+}
+
 export async function show([name], signal) {
   const model = await api(`/v1/models/${encode(name)}`, { signal });
   const histories = await Promise.all(model.aliases.map((alias) =>
     api(`/v1/models/${encode(name)}/aliases/${encode(alias.alias)}/history`, { signal })));
   const etags = await Promise.all(model.aliases.map(async (alias) =>
     (await withEtag(`/v1/models/${encode(name)}/aliases/${encode(alias.alias)}`, { signal })).etag));
+  const evaluated = await evaluationsOf(`model=${encode(name)}`, signal);
   return h("div", {},
     h("p", {}, link("#/models", "← Models")),
     h("h1", {}, `Model ${name}`),
@@ -107,7 +172,8 @@ export async function show([name], signal) {
       ? h("div", { id: "aliases" },
         model.aliases.map((alias, i) => aliasSection(name, alias, histories[i].entries, etags[i], model.versions)))
       : h("p", { class: "empty" }, "No aliases."),
-    newAliasForm(name, model.versions));
+    newAliasForm(name, model.versions),
+    evaluationSection(evaluated, { withVersion: true, id: "model-evaluations", chart: true }));
 }
 
 function parity(report) {
@@ -118,6 +184,7 @@ function parity(report) {
 
 export async function version([name, number_], signal) {
   const v = await api(`/v1/models/${encode(name)}/versions/${number_}`, { signal });
+  const evaluated = await evaluationsOf(`model=${encode(name)}&version=${encode(number_)}`, signal);
   const lineage = v.lineage ?? {};
   const cells = lineageCells(lineage);
   const environment = Object.entries(lineage.environment ?? {}).sort();
@@ -139,6 +206,7 @@ export async function version([name, number_], signal) {
     h("section", {}, h("h2", {}, "Metrics"),
       table([["Metric", ([key]) => key], ["Value", ([, value]) => number(value)]],
         Object.entries(v.metrics ?? {}).sort(), { id: "version-metrics" })),
+    evaluationSection(evaluated, { withVersion: false, id: "version-evaluations" }),
     h("section", {}, h("h2", {}, "Artifacts"), table([
       ["Path", (a) => h("code", {}, a.path)], ["Role", (a) => a.object?.role], ["Size", (a) => bytes(a.object?.size)],
       ["SHA-256", (a) => h("code", { class: "digest" }, a.object?.sha256)],

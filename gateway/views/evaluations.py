@@ -15,7 +15,10 @@ _REF = {"type": "object", "additionalProperties": False, "required": ["name", "v
 SPLITS = list(contracts.EVALUATION_SPLITS)
 SUBMIT_EVALUATION = {
     "type": "object", "additionalProperties": False, "required": ["model", "dataset"],
-    "properties": {"model": _REF, "dataset": _REF, "split": {"enum": SPLITS}},
+    "properties": {"model": _REF, "dataset": _REF, "split": {"enum": SPLITS},
+                   "exclude_contaminated": {"type": "boolean", "description": (
+                       "metrics leave out the documents found in the model's training data (default false); "
+                       "contamination.all_metrics and contamination.clean_metrics report both either way")}},
 }
 EVALUATION_BODY = message_schema(training_pb2.Evaluation.DESCRIPTOR)
 EVALUATION_BODY["required"] = ["id", "state"]
@@ -41,7 +44,8 @@ async def submit_evaluation(request: web.Request) -> web.Response:
         raise errors.ValidationFailed(f"Idempotency-Key: at most {contracts.MAX_IDEMPOTENCY_KEY} characters")
     response = await clients(request).training.SubmitEvaluation(training_pb2.SubmitEvaluationRequest(
         model=common_pb2.ModelRef(**body["model"]), dataset=common_pb2.DatasetRef(**body["dataset"]),
-        split=body.get("split", "test"), idempotency_key=key))
+        split=body.get("split", "test"), idempotency_key=key,
+        exclude_contaminated=body.get("exclude_contaminated", False)))
     evaluation = response.evaluation
     return json_response(request, present(evaluation), status=202 if response.created else 200,
                          cache_control="no-store", headers={"Location": f"/v1/evaluations/{evaluation.id}"})

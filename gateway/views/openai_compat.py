@@ -67,14 +67,6 @@ class FieldError(errors.ValidationFailed):
         self.param = param
 
 
-class Unsupported(errors.InvalidArgument):
-    """A well-formed request this server cannot serve as asked (400), naming the field."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 class UnknownModel(errors.NotFound):
     param = "model"
 
@@ -131,7 +123,8 @@ COMPLETIONS = {
         **_SAMPLING,
         "prompt": {"oneOf": [_PROMPT, {"type": "array", "items": _PROMPT, "minItems": 1, "maxItems": MAX_PROMPTS}],
                    "description": f"a string or a list of up to {MAX_PROMPTS}"},
-        "echo": {"type": "boolean", "description": "the prompt is repeated before each choice's text"},
+        "echo": {"type": "boolean", "description": "the prompt is repeated before each choice's text; with "
+                 "logprobs, its tokens are scored too (the first one null), read one per model step"},
         "logprobs": int32(0, MAX_COMPLETION_LOGPROBS, description="log-probabilities of the chosen tokens "
                           "and of this many alternatives"),
     },
@@ -309,32 +302,44 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response(request, {"object": "list", "data": [_model(d, owner) for d in listed.deployments]})
 
 
+async def retrieve_model(request: web.Request) -> web.Response:
+    """OpenAI's "retrieve model": one deployment the key may call; another tenant's is as unknown as none."""
+    try:
+        found = await clients(request).inference.GetDeployment(
+            inference_pb2.GetDeploymentRequest(name=request.match_info["model"]))
+    except errors.LlmpError as error:
+        raise _model_errors(error) from None
+    return json_response(request, _model(found.deployment, caller(request).tenant))
+
+
 # -- POST /openai/v1/completions ----------------------------------------------------------------
 
-def _completion_logprobs(entries, offset: int) -> dict:
-    """The legacy completions' logprobs object: tokens, their logprobs, alternatives and text offsets."""
+def _completion_logprobs(entries, offset: int, prompt=()) -> dict:
+    """The legacy completions' logprobs object: tokens, their logprobs, alternatives and text offsets.
+    `prompt` (echo): the prompt's tokens first, the first of them null as OpenAI shows it (nothing predicts it)."""
     offsets = []
-    for entry in entries:
+    scored = [*prompt, *entries]
+    for entry in scored:
         offsets.append(offset)
         offset += len(entry.token)
-    return {"tokens": [entry.token for entry in entries],
-            "token_logprobs": [entry.logprob for entry in entries],
-            "top_logprobs": [{top.token: top.logprob for top in entry.top_logprobs} for entry in entries],
+    logprobs = [entry.logprob for entry in scored]
+    tops = [{top.token: top.logprob for top in entry.top_logprobs} for entry in scored]
+    if prompt:
+        logprobs[0] = tops[0] = None
+    return {"tokens": [entry.token for entry in scored], "token_logprobs": logprobs, "top_logprobs": tops,
             "text_offset": offsets}
 
 
 def _completion_requests(request: web.Request, body: dict) -> tuple[list[str], list[inference_pb2.GenerateRequest]]:
     prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
-    if body.get("echo") and "logprobs" in body:
-        raise Unsupported("echo with logprobs is not supported: the served models return the next token's "
-                          "logits only, not the prompt's", "echo")
     routing_key = body.get("user") or request.headers.get("X-Request-Id", "")
     sampling = _sampling(body)
     logprobs = body.get("logprobs")
     return prompts, [inference_pb2.GenerateRequest(
         deployment=body["model"], prompt=prompt, max_tokens=body.get("max_tokens", DEFAULT_COMPLETION_TOKENS),
         sampling=sampling, routing_key=routing_key, n=body.get("n", 1), logprobs=logprobs is not None,
-        top_logprobs=logprobs or 0) for prompt in prompts]
+        top_logprobs=logprobs or 0, prompt_logprobs=logprobs is not None and bool(body.get("echo")))
+        for prompt in prompts]
 
 
 class _CompletionEvents(_Events):
@@ -353,8 +358,8 @@ class _CompletionEvents(_Events):
             if self.body.get("echo"):
                 text = self.prompts[prompt] + text
         logprobs = None
-        if "logprobs" in self.body:
-            logprobs = _completion_logprobs(piece.logprobs, self.offsets[index])
+        if "logprobs" in self.body:  # the prompt's scores come with the choice's first piece (echo)
+            logprobs = _completion_logprobs(piece.logprobs, self.offsets[index], piece.prompt_logprobs)
         self.offsets[index] += len(text)
         return [{"id": self.id, "object": "text_completion", "created": self.created, "model": self.body["model"],
                  "choices": [{"text": text, "index": index, "logprobs": logprobs,
@@ -381,7 +386,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             completion_tokens += completion.completion_tokens
             echo = text if body.get("echo") else ""
             choices.append({"text": echo + completion.text, "index": prompt * n + completion.index,
-                            "logprobs": _completion_logprobs(completion.logprobs, 0) if "logprobs" in body else None,
+                            "logprobs": _completion_logprobs(completion.logprobs, 0, completion.prompt_logprobs)
+                            if "logprobs" in body else None,
                             "finish_reason": completion.finish_reason or "stop"})
     _count(prompt_tokens, completion_tokens)
     return json_response(request, {
@@ -424,7 +430,7 @@ def _chat_request(request: web.Request, body: dict) -> inference_pb2.GenerateReq
 
 def _chat_logprobs(entries) -> dict:
     def item(entry) -> dict:
-        return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token.encode())}
+        return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes)}
 
     return {"content": [{**item(entry), "top_logprobs": [item(top) for top in entry.top_logprobs]}
                         for entry in entries], "refusal": None}
@@ -541,9 +547,18 @@ async def embeddings(request: web.Request) -> web.Response:
 
 _ERRORS = {400: "Bad input (OpenAI's error shape)", 404: "Unknown model (deployment)",
            422: "A field breaks the schema; `param` names it"}
+_MODEL = {"type": "object", "additionalProperties": False, "required": ["id", "object", "created", "owned_by"],
+          "properties": {"id": {"type": "string", "description": "deployment name"}, "object": {"const": "model"},
+                         "created": int64(0, description="the deployment's creation, Unix seconds"),
+                         "owned_by": {"type": "string", "description": "the caller's tenant"}}}
+_MODEL_LIST = {"type": "object", "additionalProperties": False, "required": ["object", "data"],
+               "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}}
 ROUTES = [
     Route("GET", f"{PREFIX}/models", list_models, "OpenAI: the deployments this key may call", roles=ALL_ROLES,
-          tag="openai"),
+          tag="openai", returns=_MODEL_LIST),
+    Route("GET", f"{PREFIX}/models/{{model}}", retrieve_model, "OpenAI: one deployment this key may call",
+          roles=ALL_ROLES, tag="openai", returns=_MODEL, path_parameters={"model": _SAMPLING["model"]},
+          responses={404: "Unknown model (deployment), OpenAI's error shape with code model_not_found"}),
     Route("POST", f"{PREFIX}/completions", completions, "OpenAI text completion (prompt lists, n, echo, logprobs, "
           "penalties; stream: true for SSE)", roles=ALL_ROLES, body=COMPLETIONS, tag="openai", responses=_ERRORS),
     Route("POST", f"{PREFIX}/chat/completions", chat_completions, "OpenAI chat completion, rendered with the "

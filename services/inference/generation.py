@@ -10,6 +10,8 @@ their steps meet in the engine's step batcher, so each token of all n costs one 
 from __future__ import annotations
 
 import asyncio
+import codecs
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,6 +30,18 @@ from services.inference.triton_engine import TritonEngine, new_sequence_id
 # Prompts up to this many characters are tokenized on the event loop (microseconds); longer ones in a
 # thread, so that tokenizing a long prompt never stalls the tokens of every other request.
 INLINE_PROMPT_CHARS = 4096
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as the printable character a byte-level vocabulary writes it with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -63,8 +77,30 @@ class ServedVersion:
         return self.tokenizer.chat_template or contracts.DEFAULT_CHAT_TEMPLATE
 
     def token_text(self, token: int) -> str:
-        """One token's text, special tokens included (how log-probabilities name tokens)."""
+        """One token's text decoded alone, special tokens included."""
         return self.tokenizer.backend_tokenizer.decode([token], skip_special_tokens=False)
+
+    @cached_property
+    def _byte_level(self) -> dict[str, int] | None:
+        """GPT-2's byte-to-character table inverted, when the tokenizer decodes byte-level (else None)."""
+        decoder = json.loads(self.tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type")} | {part.get("type") for part in decoder.get("decoders") or ()}
+        if "ByteLevel" not in kinds:
+            return None
+        return {char: byte for byte, char in bytes_to_unicode().items()}
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes (OpenAI's `bytes`): for a byte-level vocabulary, the bytes its piece stands for,
+        which may be part of a multi-byte character; otherwise its text's UTF-8."""
+        table = self._byte_level
+        piece = self.tokenizer.backend_tokenizer.id_to_token(token)
+        if table is None or piece is None or token in self._special_ids or any(char not in table for char in piece):
+            return self.token_text(token).encode()
+        return bytes(table[char] for char in piece)
 
     @cached_property
     def max_prompt_chars(self) -> int:
@@ -80,9 +116,32 @@ class TokenLogprob:
     """A chosen token's log-probability, and the most likely alternatives at its position."""
 
     token_id: int
-    token: str
+    token: str  # its text in context (TokenText)
     logprob: float
-    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob), most likely first
+    top: tuple[tuple[int, str, float, bytes], ...] = ()  # (token id, text, logprob, bytes), most likely first
+    raw: bytes = b""  # its own bytes
+
+
+class TokenText:
+    """Tokens' text as the tokenizer decodes them in context: a token that ends a character carries it
+    whole, one holding only its first bytes carries nothing (the characters' bytes are split across byte-
+    level tokens). The texts of a sequence's tokens join into its decoded text; `bytes` keep each token's own."""
+
+    def __init__(self, served: ServedVersion) -> None:
+        self.served = served
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def take(self, token: int) -> tuple[str, bytes]:
+        """The text `token` adds after the tokens taken so far (and its bytes); it is taken too."""
+        raw = self.served.token_bytes(token)
+        return self.decoder.decode(raw), raw
+
+    def peek(self, token: int) -> tuple[str, bytes]:
+        """What `take` would answer, without taking it (an alternative at this position)."""
+        other = codecs.getincrementaldecoder("utf-8")("replace")
+        other.setstate(self.decoder.getstate())
+        raw = self.served.token_bytes(token)
+        return other.decode(raw), raw
 
 
 @dataclass
@@ -93,6 +152,7 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in token_ids, when asked
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # on the first chunk, when asked
 
 
 @dataclass
@@ -160,12 +220,15 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
                    params: SamplingParams, *, deadline: float | None = None,
                    stats: GenerationStats | None = None, stream_text: bool = True,
                    stop_token_ids: frozenset[int] | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                   choice: int = 0) -> AsyncIterator[Chunk]:
+                   choice: int = 0, prompt_logprobs: bool = False) -> AsyncIterator[Chunk]:
     """Decode up to `max_tokens` tokens after `prompt_ids`. `deadline` is a `time.monotonic()` instant.
 
     Generation ends at any of `stop_token_ids` (default: the end of sequence), which is not part of the
     output. `logprobs`: each chunk carries its tokens' log-probabilities (and `top_logprobs` alternatives).
     `choice`: which of a request's n choices this is (it picks the choice's random generator).
+    `prompt_logprobs`: the first chunk also scores every prompt token given the ones before it (the first
+    with logprob 0); Triton gives the logits of a step's last position only, so the prompt is then read
+    one token per step.
 
     With `stream_text` false (a caller that joins the chunks anyway) and no stop sequences, the text is
     decoded once at the end instead of after every token: the same text, less work per token.
@@ -200,11 +263,28 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
         return engine.submit(served.triton_name, sequence_id, feed, start=start, end=last,
                              logits=need_logits, timeout=_remaining(deadline))
 
-    def chunk(text: str, reason: str = "") -> Chunk:
-        return Chunk(text, pending, reason, stats.prompt_tokens, len(generated), pending_logprobs)
+    scored: list[TokenLogprob] = []  # the prompt's, until the first chunk carries them
+    texts = TokenText(served) if logprobs else None
 
-    step = send(prompt_ids, True)
+    def chunk(text: str, reason: str = "") -> Chunk:
+        nonlocal scored
+        made = Chunk(text, pending, reason, stats.prompt_tokens, len(generated), pending_logprobs, scored)
+        scored = []
+        return made
+
+    step: asyncio.Future | None = None
     try:
+        if prompt_logprobs:
+            text, raw = texts.take(prompt_ids[0])
+            scored = [TokenLogprob(prompt_ids[0], text, 0.0, raw=raw)]
+            for position, token in enumerate(prompt_ids[:-1]):
+                step = engine.submit(served.triton_name, sequence_id, [token], start=position == 0,
+                                     logits=True, timeout=_remaining(deadline))
+                result = await step
+                scored.append(_logprob(texts, result.logits, prompt_ids[position + 1], top_logprobs))
+            step = send(prompt_ids[-1:], len(prompt_ids) == 1)
+        else:  # (the prompt is text: its tokens' bytes end with a whole character, nothing for `texts` to carry)
+            step = send(prompt_ids, True)
         while True:
             last = len(generated) + 1 >= max_tokens
             result = await step
@@ -223,7 +303,7 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
             pending.append(token)
             penalties.add(token)
             if logprobs:
-                pending_logprobs.append(_logprob(served, scores, token, top_logprobs))
+                pending_logprobs.append(_logprob(texts, scores, token, top_logprobs))
             stats.completion_tokens = len(generated)
             if not incremental:
                 if last:
@@ -250,7 +330,9 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
                 yield chunk(release)
                 pending, pending_logprobs = [], []
     finally:
-        if not step.done():
+        if step is None:
+            pass
+        elif not step.done():
             step.cancel()  # drops the result; the step itself still runs, and the free below follows it
         elif not step.cancelled():
             step.exception()  # retrieved: an error of a step nobody awaits any more is not worth a log line
@@ -261,10 +343,15 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
                 pass
 
 
-def _logprob(served: ServedVersion, scores: np.ndarray, token: int, top: int) -> TokenLogprob:
+def _logprob(texts: TokenText, scores: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability among `scores` (and the `top` most likely), named in context; `token` is taken."""
     logprobs = log_softmax(scores)
-    return TokenLogprob(token, served.token_text(token), float(logprobs[token]),
-                        tuple((other, served.token_text(other), value) for other, value in most_likely(logprobs, top)))
+    alternatives = []
+    for other, value in most_likely(logprobs, top):
+        text, raw = texts.peek(other)
+        alternatives.append((other, text, value, raw))
+    text, raw = texts.take(token)
+    return TokenLogprob(token, text, float(logprobs[token]), tuple(alternatives), raw)
 
 
 def _final_text(scanner: StopScanner, served: ServedVersion, generated: list[int]) -> str:

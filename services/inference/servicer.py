@@ -47,6 +47,8 @@ def choice_count(request: inference_pb2.GenerateRequest) -> int:
                                f"not {request.top_logprobs}")
     if request.top_logprobs and not request.logprobs:
         raise ValidationFailed("top_logprobs needs logprobs")
+    if request.prompt_logprobs and (not request.logprobs or request.messages):
+        raise ValidationFailed("prompt_logprobs needs logprobs and a prompt (not messages)")
     if request.messages and request.prompt:
         raise ValidationFailed("give prompt or messages, not both")
     return n
@@ -54,9 +56,9 @@ def choice_count(request: inference_pb2.GenerateRequest) -> int:
 
 def logprob_messages(entries: list[TokenLogprob]) -> list[inference_pb2.TokenLogprob]:
     return [inference_pb2.TokenLogprob(
-        token_id=entry.token_id, token=entry.token, logprob=entry.logprob,
-        top_logprobs=[inference_pb2.TokenLogprob(token_id=token_id, token=token, logprob=logprob)
-                      for token_id, token, logprob in entry.top])
+        token_id=entry.token_id, token=entry.token, logprob=entry.logprob, token_bytes=entry.raw,
+        top_logprobs=[inference_pb2.TokenLogprob(token_id=token_id, token=token, logprob=logprob, token_bytes=raw)
+                      for token_id, token, logprob, raw in entry.top])
         for entry in entries]
 
 
@@ -203,7 +205,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             streams = [generate(self.engine, served, prompt_ids, max_tokens, params, deadline=deadline,
                                 stats=stats[index], stream_text=stream_text, stop_token_ids=stop_token_ids,
-                                logprobs=request.logprobs, top_logprobs=request.top_logprobs, choice=index)
+                                logprobs=request.logprobs, top_logprobs=request.top_logprobs, choice=index,
+                                prompt_logprobs=request.prompt_logprobs)
                        for index in range(n)]
             if n == 1:
                 async with aclosing(streams[0]) as chunks:
@@ -229,6 +232,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         text = [[] for _ in range(n)]
         ids = [[] for _ in range(n)]
         logprobs = [[] for _ in range(n)]
+        prompt_logprobs = [[] for _ in range(n)]
         last: list[Chunk | None] = [None] * n
         routed = (None, False)
         async with aclosing(self._chunks(request, context, stream_text=False)) as chunks:
@@ -237,13 +241,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 text[index].append(chunk.text)
                 ids[index].extend(chunk.token_ids)
                 logprobs[index].extend(chunk.logprobs)
+                prompt_logprobs[index].extend(chunk.prompt_logprobs)
                 last[index] = chunk
         served, canary = routed
         choices = [inference_pb2.Completion(
             text="".join(text[index]), token_ids=ids[index], finish_reason=last[index].finish_reason,
             prompt_tokens=last[index].prompt_tokens, completion_tokens=last[index].completion_tokens,
             model=served.model, model_version=served.version, canary=canary, index=index,
-            logprobs=logprob_messages(logprobs[index]))
+            logprobs=logprob_messages(logprobs[index]), prompt_logprobs=logprob_messages(prompt_logprobs[index]))
             for index in range(n)]
         return inference_pb2.GenerateResponse(completion=choices[0], choices=choices if n > 1 else [])
 
@@ -254,6 +259,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason, index=index)
                 if chunk.logprobs:
                     message.logprobs.extend(logprob_messages(chunk.logprobs))
+                if chunk.prompt_logprobs:
+                    message.prompt_logprobs.extend(logprob_messages(chunk.prompt_logprobs))
                 if chunk.finish_reason:
                     message.summary.CopyFrom(inference_pb2.Completion(
                         finish_reason=chunk.finish_reason, prompt_tokens=chunk.prompt_tokens,

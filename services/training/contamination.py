@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -26,18 +27,30 @@ class Contamination:
     documents: int  # evaluated documents
     contaminated: int  # of them, exact or near copies of a training document
     datasets: tuple[str, ...]  # "name@version" of the training data compared with
+    # Ordinals (in `spans` order) of the contaminated documents: what the figures without them leave out.
+    flagged: tuple[int, ...] = ()
 
     @property
     def share(self) -> float:
         return self.contaminated / self.documents if self.documents else 0.0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "datasets": list(self.datasets), "share": self.share}
+        return {**asdict(self), "datasets": list(self.datasets), "flagged": list(self.flagged), "share": self.share}
 
 
-def documents(dataset: data.LocalDataset, splits: tuple[str, ...]) -> Iterator[str]:
-    """The normalised text of every document of `splits`, decoded with the dataset's own tokenizer."""
-    tokenizer = Tokenizer.from_file(str(dataset.tokenizer_dir / "tokenizer.json"))
+@dataclass(frozen=True)
+class Span:
+    """Where one document lies: tokens [start, end] of a plain split (its end-of-text token included, when
+    it has one), or example `start` of a supervised split (end unused)."""
+
+    split: str
+    start: int
+    end: int
+    example: bool
+
+
+def spans(dataset: data.LocalDataset, splits: tuple[str, ...]) -> Iterator[Span]:
+    """Every document of `splits`, in order (the ordinals `Contamination.flagged` counts)."""
     eos = dataset.info.eos_token_id
     for split in splits:
         if not dataset.has_split(split):
@@ -45,16 +58,44 @@ def documents(dataset: data.LocalDataset, splits: tuple[str, ...]) -> Iterator[s
         stream = dataset.stream(split)
         if isinstance(stream, data.Examples):
             for index in range(len(stream)):
-                ids, _ = stream.example(index, int(stream.lengths[index]))
-                yield cleaning.normalise(tokenizer.decode(ids.tolist()))
+                yield Span(split, index, index, True)
             continue
-        tokens = stream.read(0, stream.tokens)
-        ends = np.flatnonzero(tokens == eos)
+        ends = np.flatnonzero(stream.read(0, stream.tokens) == eos)
         start = 0
-        for end in [*ends.tolist(), len(tokens)]:
+        for end in [*ends.tolist(), stream.tokens]:
             if end > start:
-                yield cleaning.normalise(tokenizer.decode(tokens[start:end].tolist()))
+                yield Span(split, start, min(end, stream.tokens - 1), False)
             start = end + 1
+
+
+def documents(dataset: data.LocalDataset, splits: tuple[str, ...]) -> Iterator[str]:
+    """The normalised text of every document of `splits` (in `spans` order), decoded with the dataset's
+    own tokenizer: a plain split's documents end with the end-of-text token, a supervised split's are its examples."""
+    tokenizer = Tokenizer.from_file(str(dataset.tokenizer_dir / "tokenizer.json"))
+    eos = dataset.info.eos_token_id
+    streams: dict[str, Any] = {}
+    for span in spans(dataset, splits):
+        stream = streams.get(span.split) or streams.setdefault(span.split, dataset.stream(span.split))
+        if span.example:
+            ids, _ = stream.example(span.start, int(stream.lengths[span.start]))
+            ids = ids.tolist()
+        else:
+            ids = [token for token in stream.read(span.start, span.end + 1 - span.start).tolist() if token != eos]
+        yield cleaning.normalise(tokenizer.decode(ids))
+
+
+def token_mask(dataset: data.LocalDataset, split: str, flagged: set[int], splits: tuple[str, ...]) -> np.ndarray | None:
+    """For a plain split: True on the tokens of the flagged documents (None when it has none).
+    For a supervised split: True at the flagged examples' indices."""
+    stream = dataset.stream(split)
+    size = len(stream) if isinstance(stream, data.Examples) else stream.tokens
+    mask = np.zeros(size, dtype=bool)
+    hit = False
+    for ordinal, span in enumerate(spans(dataset, splits)):
+        if span.split == split and ordinal in flagged:
+            mask[span.start:span.end + 1] = True
+            hit = True
+    return mask if hit else None
 
 
 def measure(evaluated: Iterator[str], training: dict[str, data.LocalDataset],
@@ -67,11 +108,12 @@ def measure(evaluated: Iterator[str], training: dict[str, data.LocalDataset],
                 continue
             keys.add(cleaning.leak_key(text))
             index.add((label, number), cleaning.signature(text))
-    total = hits = 0
-    for text in evaluated:
+    total = 0
+    flagged = []
+    for ordinal, text in enumerate(evaluated):
         if not text:
             continue
         total += 1
         if cleaning.leak_key(text) in keys or index.find(cleaning.signature(text)):
-            hits += 1
-    return Contamination(total, hits, tuple(training))
+            flagged.append(ordinal)
+    return Contamination(total, len(flagged), tuple(training), tuple(flagged))

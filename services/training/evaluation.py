@@ -112,51 +112,93 @@ def split_names(split: str) -> tuple[str, ...]:
 
 
 def batches(dataset: data.LocalDataset, split: str, block_size: int, batch_size: int,
-            pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Every batch of the split(s), in order: {input_ids, labels[, position_ids]} with IGNORE_INDEX labels
-    where nothing is predicted. Built up front: their count is the job's progress total."""
+            pad_id: int, flagged: set[int] | frozenset[int] = frozenset()) -> list[dict[str, torch.Tensor]]:
+    """Every batch of the split(s), in order: {input_ids, labels[, position_ids][, clean]} with IGNORE_INDEX
+    labels where nothing is predicted. `flagged`: ordinals of contaminated documents (contamination.spans);
+    when some are, each batch has `clean`, True where the label belongs to none of them. Built up front:
+    their count is the job's progress total."""
     out: list[dict[str, torch.Tensor]] = []
-    for name in split_names(split):
+    names = split_names(split)
+    for name in names:
         if not dataset.has_split(name):
             continue
         stream = dataset.stream(name)
+        dirty = contamination.token_mask(dataset, name, set(flagged), names) if flagged else None
         if isinstance(stream, data.Examples):
             if not len(stream):
                 continue
             rows = supervised.Rows(stream, block_size, seed=None)
-            out += [rows.batch(list(range(start, min(start + batch_size, rows.count))), pad_id)
-                    for start in range(0, rows.count, batch_size)]
+            for start in range(0, rows.count, batch_size):
+                chosen = list(range(start, min(start + batch_size, rows.count)))
+                batch = rows.batch(chosen, pad_id)
+                if dirty is not None:
+                    batch["clean"] = torch.from_numpy(~np.stack([_row_examples(rows, row, dirty) for row in chosen]))
+                out.append(batch)
         else:
-            out += list(_window_batches(stream, block_size, batch_size))
+            out += list(_window_batches(stream, block_size, batch_size, dirty))
     if not out:
         raise ValidationFailed(f"split {split!r} of this dataset version holds no tokens")
     return out
 
 
-def _window_batches(stream: data.TokenStream, block_size: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Consecutive windows of `block_size` tokens; the remainder (2 tokens or more) as a last, shorter batch."""
+def _row_examples(rows: supervised.Rows, row: int, flagged: np.ndarray) -> np.ndarray:
+    """[block_size] bools: True where row `row` holds a token of a flagged example (as Rows.fill lays them)."""
+    out = np.zeros(rows.block_size, dtype=bool)
+    used = 0
+    for example in rows.order[rows.bounds[row]:rows.bounds[row + 1]]:
+        length = min(int(rows.examples.lengths[example]), rows.block_size)
+        out[used:used + length] = flagged[example]
+        used += length
+    return out
+
+
+def _window_batches(stream: data.TokenStream, block_size: int, batch_size: int,
+                    dirty: np.ndarray | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive windows of `block_size` tokens; the remainder (2 tokens or more) as a last, shorter batch.
+    `dirty`: True on the tokens of contaminated documents (the batches get `clean`, its negation)."""
     full = stream.tokens // block_size
     for start in range(0, full, batch_size):
-        rows = np.stack([stream.read(w * block_size, block_size) for w in range(start, min(start + batch_size, full))])
+        end = min(start + batch_size, full)
+        rows = np.stack([stream.read(w * block_size, block_size) for w in range(start, end)])
         ids = torch.from_numpy(rows)
-        yield {"input_ids": ids, "labels": ids.clone()}
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if dirty is not None:
+            batch["clean"] = torch.from_numpy(~dirty[start * block_size:end * block_size].reshape(end - start, -1))
+        yield batch
     rest = stream.tokens - full * block_size
     if rest >= 2:
         ids = torch.from_numpy(stream.read(full * block_size, rest)[None, :])
-        yield {"input_ids": ids, "labels": ids.clone()}
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if dirty is not None:
+            batch["clean"] = torch.from_numpy(~dirty[full * block_size:][None, :])
+        yield batch
 
 
 @torch.no_grad()
-def evaluate_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], sums: Sums, device: torch.device) -> None:
-    """Add one batch's predictions to `sums`: position t predicts label t + 1 (what the causal LM loss does)."""
-    inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items() if name != "labels"}
+def evaluate_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], sums: Sums, device: torch.device,
+                   clean: Sums | None = None) -> None:
+    """Add one batch's predictions to `sums`: position t predicts label t + 1 (what the causal LM loss does).
+    `clean`: also add those whose label is no contaminated document's (all of them when the batch has no `clean`)."""
+    inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()
+              if name not in ("labels", "clean")}
     logits = model(**inputs).logits[:, :-1]
     labels = batch["labels"].to(device, non_blocking=True)[:, 1:]
     if "position_ids" not in batch:  # a window of the token stream: every position is predicted (no copy)
+        keep = None
         sums.add(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    else:
+        keep = labels != IGNORE_INDEX
+        sums.add(logits[keep], labels[keep])
+    if clean is None:
         return
-    keep = labels != IGNORE_INDEX
-    sums.add(logits[keep], labels[keep])
+    if "clean" in batch:
+        mask = batch["clean"].to(device, non_blocking=True)[:, 1:]
+    else:  # a split without contaminated documents, evaluated beside one with some
+        mask = torch.ones_like(labels, dtype=torch.bool)
+    if keep is not None:
+        mask = mask & keep
+    if bool(mask.any()):
+        clean.add(logits[mask], labels[mask])
 
 
 # --- the worker side ------------------------------------------------------------------------------
@@ -240,22 +282,26 @@ class EvaluationRunner:
         dataset = await asyncio.to_thread(data.fetch_dataset, store, job.dataset_manifest_key, work / "dataset")
         folder = await asyncio.to_thread(fetch_model, store, prefix, work / "model")
         model = await asyncio.to_thread(load_model, folder, device)
-        if not job.environment.get("contamination"):  # measured once; a resumed attempt keeps it
-            found = await self._contamination(job, store, dataset, work)
-            if not await coordinator.record(assignment, [Update(environment={"contamination": found.as_dict()})]):
+        found = job.environment.get("contamination")
+        if not found:  # measured once; a resumed attempt keeps it
+            found = (await self._contamination(job, store, dataset, work)).as_dict()
+            if not await coordinator.record(assignment, [Update(environment={"contamination": found})]):
                 return "lost"
+        flagged = frozenset(found.get("flagged", ()))
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        plan = batches(dataset, spec["split"], context_length(model), self.batch_size, pad_id)
+        plan = batches(dataset, spec["split"], context_length(model), self.batch_size, pad_id, flagged)
         await coordinator.set_max_steps(assignment, len(plan))
 
         resumed = await coordinator.last_checkpoint(job.id)
         sums = Sums.from_dict(resumed["sums"]) if resumed and "sums" in resumed else Sums()
+        # The figures without the contaminated documents; with none, they are the same sums.
+        clean = (Sums.from_dict(resumed["clean"]) if resumed and "clean" in resumed else Sums()) if flagged else None
         if sums.batches:
             log.info("evaluation resumed", extra={"job_id": job.id, "batches": sums.batches})
         beat_every = job.lease_seconds * HEARTBEAT_SECONDS_SHARE
         last_beat = last_mark = time.monotonic()
         while sums.batches < len(plan):
-            await asyncio.to_thread(evaluate_batch, model, plan[sums.batches], sums, device)
+            await asyncio.to_thread(evaluate_batch, model, plan[sums.batches], sums, device, clean)
             sums.batches += 1
             now = time.monotonic()
             if now - last_beat >= beat_every:
@@ -267,11 +313,20 @@ class EvaluationRunner:
                     return "cancelled"
             if now - last_mark >= CHECKPOINT_SECONDS and sums.batches < len(plan):
                 last_mark = now
-                if not await coordinator.record(assignment, [Update(step=sums.batches, checkpoint={
-                        "step": sums.batches, "sums": sums.as_dict()})]):
+                mark = {"step": sums.batches, "sums": sums.as_dict()}
+                if clean is not None:
+                    mark["clean"] = clean.as_dict()
+                if not await coordinator.record(assignment, [Update(step=sums.batches, checkpoint=mark)]):
                     return "lost"
-        figures = sums.metrics()  # (the job's environment holds the contamination found before)
-        if not await coordinator.record(assignment, [Update(step=sums.batches, metrics=figures)]):
+        every = sums.metrics()
+        without = every if clean is None else (clean.metrics() if clean.tokens else {})
+        if spec.get("exclude_contaminated") and not without:
+            raise ValidationFailed("every evaluated document is contaminated (found in the model's training "
+                                   "data): nothing is left to measure without them")
+        figures = without if spec.get("exclude_contaminated") else every
+        found = {**found, "all_metrics": every, "clean_metrics": without}
+        if not await coordinator.record(assignment, [Update(step=sums.batches, metrics=figures,
+                                                            environment={**job.environment, "contamination": found})]):
             return "lost"
         log.info("evaluated", extra={"job_id": job.id, **figures})
         return "done"

@@ -113,12 +113,15 @@ def evaluation_to_proto(job: Job) -> training_pb2.Evaluation:
         progress=common_pb2.Progress(phase="evaluate", done=job.step, total=job.max_steps, unit="batches",
                                      message=job.error),
         metrics=job.latest_metrics if job.state == JobState.SUCCEEDED else {}, error=job.error,
-        attempt=job.attempt, cancel_requested=job.cancel_requested, idempotency_key=job.idempotency_key or "")
+        attempt=job.attempt, cancel_requested=job.cancel_requested, idempotency_key=job.idempotency_key or "",
+        exclude_contaminated=bool(spec.get("exclude_contaminated")))
     found = job.environment.get("contamination")
     if found:
+        done = job.state == JobState.SUCCEEDED
         message.contamination.CopyFrom(training_pb2.Contamination(
             share=found["share"], documents=found["documents"], contaminated=found["contaminated"],
-            datasets=found["datasets"]))
+            datasets=found["datasets"], all_metrics=found.get("all_metrics", {}) if done else {},
+            clean_metrics=found.get("clean_metrics", {}) if done else {}))
     for field in ("created_at", "started_at", "finished_at"):
         _timestamp(message, field, getattr(job, field))
     return message
@@ -138,6 +141,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 raise InvalidArgument(f"{label}: a name and a version from 1 are required")
         body = {"model": {"name": model[0], "version": model[1]},
                 "dataset": {"name": dataset[0], "version": dataset[1]}, "split": split}
+        if request.exclude_contaminated:  # only when asked: the specs of earlier submits stay as they were
+            body["exclude_contaminated"] = True
         if self.check_evaluation is None:
             raise InvalidArgument("this training service does not evaluate")
         target = await self.check_evaluation(caller, model, dataset, split)

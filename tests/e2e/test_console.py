@@ -255,6 +255,46 @@ def test_a_models_lineage_and_alias_history(browser, console_url, stack, dataset
     assert cells(browser, "model-versions", f"v{v2['version']}")[5] == "production"
 
 
+def test_a_models_evaluations_side_by_side(browser, console_url, stack, dataset, registry):
+    client = stack.client()
+    done = {}
+    for label in ("v1", "v2"):
+        ref = registry[label]
+        submitted = client.call("POST", "/v1/evaluations", {
+            "model": {"name": ref["name"], "version": ref["version"]},
+            "dataset": {"name": NAME, "version": dataset["version"]}, "split": "test"})
+        done[label] = wait_for(client, f"/v1/evaluations/{submitted['id']}", "SUCCEEDED", 300)
+    name, v1, v2 = registry["v1"]["name"], registry["v1"]["version"], registry["v2"]["version"]
+
+    # The version's page: its evaluations, with the figures the API reports (shown to 4 digits).
+    open_view(browser, console_url, f"#/models/{name}/versions/{v2}", stack.admin_key)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#version-evaluations-table tbody tr"),
+         message="the version's evaluations")
+    row = cells(browser, "version-evaluations-table", done["v2"]["id"][:8])
+    figures = done["v2"]["metrics"]
+    assert row[1] == f"{NAME} v{dataset['version']} (test)" and row[2] == "SUCCEEDED", row
+    assert float(row[3]) == pytest.approx(figures["loss"], rel=1e-3)
+    assert int(row[7].replace(",", "")) == figures["tokens"]
+    assert row[8].endswith(f"of {done['v2']['contamination']['documents']}"), row
+
+    # The model's page: both versions in the table, and a loss-by-version chart with one point each.
+    open_view(browser, console_url, f"#/models/{name}", stack.admin_key)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model-evaluations-chart svg path[data-series]"),
+         message="the evaluation chart")
+    series = browser.execute_script("""return [...document.querySelectorAll(
+        '#model-evaluations-chart path[data-series]')].map((p) => [p.dataset.series, p.dataset.points]);""")
+    assert series == [[f"{NAME} v{dataset['version']} (test)", "2"]]
+    versions = browser.execute_script("""return [...document.querySelectorAll(
+        '#model-evaluations-table tbody tr')].map((r) => r.cells[0].textContent.trim());""")
+    assert sorted(versions) == [f"v{v1}", f"v{v2}"]
+    for label in ("v1", "v2"):
+        shown = browser.execute_script("""
+            for (const r of document.querySelectorAll('#model-evaluations-table tbody tr'))
+              if (r.cells[1].textContent.trim() === arguments[0]) return r.cells[4].textContent.trim();""",
+                                       done[label]["id"][:8])
+        assert float(shown) == pytest.approx(done[label]["metrics"]["loss"], rel=1e-3)
+
+
 def _export_onnx(client, name: str, version: int, timeout: float = 300) -> None:
     """Export a version to ONNX and wait until READY: only READY exports can be deployed."""
     client.call("POST", f"/v1/models/{name}/versions/{version}/exports", {"format": "onnx"})

@@ -60,9 +60,9 @@ def train(client: Client, dataset: dict, steps: int) -> int:
     return int(done["model_version"]["version"])
 
 
-def evaluate(client: Client, version: int, dataset: dict, key: str = "") -> dict:
+def evaluate(client: Client, version: int, dataset: dict, key: str = "", **extra) -> dict:
     body = {"model": {"name": MODEL, "version": version},
-            "dataset": {"name": dataset["name"], "version": dataset["version"]}, "split": "test"}
+            "dataset": {"name": dataset["name"], "version": dataset["version"]}, "split": "test", **extra}
     status, submitted = post(client, "/v1/evaluations", body, key)
     assert status == 202 and submitted["state"] in {"QUEUED", "RUNNING"}, submitted
     if key:  # a retried submit is the same evaluation
@@ -141,6 +141,15 @@ def test_two_versions_compared_on_an_external_test_set(stack, tmp_path):
     contaminated = evaluate(client, weak, copied)["contamination"]
     # About 90 % of those documents went to the train split (the rest to validation, test, calibration).
     assert 0.7 < contaminated["share"] <= 1 and contaminated["documents"] > 50, contaminated
+    # Both sets of figures are reported; asked, the headline figures leave the contaminated documents out.
+    assert contaminated["clean_metrics"]["tokens"] < contaminated["all_metrics"]["tokens"], contaminated
+    if contaminated["contaminated"] < contaminated["documents"]:
+        cleaned = evaluate(client, weak, copied, exclude_contaminated=True)
+        assert cleaned["exclude_contaminated"] and cleaned["metrics"] == cleaned["contamination"]["clean_metrics"]
+        assert cleaned["contamination"]["all_metrics"] == contaminated["all_metrics"]
+    for done in (first, second):  # nothing contaminated: the two sets are the same
+        assert done["contamination"]["clean_metrics"]["tokens"] <= done["metrics"]["tokens"]
+        assert done["contamination"]["all_metrics"] == done["metrics"] and not done["exclude_contaminated"]
 
     # The figures are what a bare no_grad loop over the same shards finds.
     store = ObjectStore(Settings.from_env(stack.env).s3)

@@ -162,11 +162,19 @@ async def test_lists_the_deployments_the_key_may_call(sdk, service, gateway):
     names = [model.id for model in listed.data]
     assert {"chat", "tiny-chat"} <= set(names)
     assert all(model.object == "model" and model.owned_by == TENANT and model.created > 0 for model in listed.data)
+    retrieved = await sdk.models.retrieve("tiny-chat")
+    assert retrieved == next(model for model in listed.data if model.id == "tiny-chat")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await sdk.models.retrieve("no-such-deployment")
+    assert unknown.value.body["code"] == "model_not_found" and unknown.value.body["param"] == "model"
+    assert unknown.value.body["type"] == "invalid_request_error"
 
     stranger = f"other-{uuid.uuid4().hex[:6]}"
     async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=await gateway.key(stranger),
                                   max_retries=0) as theirs:
         assert (await theirs.models.list()).data == []  # another tenant's deployments are not theirs to call
+        with pytest.raises(openai.NotFoundError):
+            await theirs.models.retrieve("chat")
         with pytest.raises(openai.NotFoundError):
             await theirs.chat.completions.create(model="chat", messages=user("say hi"))
 
@@ -298,6 +306,55 @@ async def test_prompt_lists_with_n_and_echo(sdk, chat_model):
     assert texts == [c.text for c in echoed.choices]
 
 
+async def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(sdk, chat_model):
+    prompt = "ROMEO: O"
+    ids = chat_model.tokenizer.encode(prompt, add_special_tokens=False)
+    assert len(ids) > 2
+    with torch.no_grad():  # position i's distribution scores prompt token i + 1
+        scores = torch.log_softmax(chat_model.model(torch.tensor([ids])).logits[0].double(), -1)
+    generated, references = chat_model.greedy(ids, 4, {chat_model.tokenizer.eos_token_id})
+    answer = await sdk.completions.create(model="chat", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                          logprobs=2)
+    choice = answer.choices[0]
+    assert choice.text == prompt + chat_model.text(generated)
+    shown = choice.logprobs
+    assert shown.tokens == [chat_model.tokenizer.decode([t]) for t in ids + generated]
+    assert shown.token_logprobs[0] is None and shown.top_logprobs[0] is None  # nothing predicts the first
+    expected = [scores[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    expected += [r[t].item() for t, r in zip(generated, references, strict=True)]
+    assert shown.token_logprobs[1:] == pytest.approx(expected, abs=2e-4)
+    for position in range(1, len(ids)):
+        top = torch.topk(scores[position - 1], 2)
+        assert list(shown.top_logprobs[position]) == [chat_model.tokenizer.decode([int(i)]) for i in top.indices]
+        assert list(shown.top_logprobs[position].values()) == pytest.approx(top.values.tolist(), abs=2e-4)
+    assert shown.text_offset[:2] == [0, len(shown.tokens[0])]
+
+    stream = await sdk.completions.create(model="chat", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                          logprobs=2, stream=True)
+    tokens, logprobs = [], []
+    async for chunk in stream:
+        for piece in chunk.choices:
+            if piece.logprobs:
+                tokens += piece.logprobs.tokens
+                logprobs += piece.logprobs.token_logprobs
+    assert tokens == shown.tokens and logprobs == shown.token_logprobs
+
+    # A character split across byte-level tokens: named in context, the tokens join into the prompt (decoded
+    # alone, the snowman's three pieces were each U+FFFD); chat's `bytes` are each token's own.
+    snowman = "ROMEO: ☃ O"
+    pieces = chat_model.tokenizer.encode(snowman, add_special_tokens=False)
+    assert "\ufffd" in "".join(chat_model.tokenizer.decode([t]) for t in pieces)
+    echoed = await sdk.completions.create(model="chat", prompt=snowman, max_tokens=1, temperature=0, echo=True,
+                                          logprobs=1)
+    assert "".join(echoed.choices[0].logprobs.tokens[:len(pieces)]) == snowman
+    chat = await sdk.chat.completions.create(model="chat", messages=user("say hi"), temperature=0, logprobs=True,
+                                             top_logprobs=2, max_tokens=3)
+    for entry in chat.choices[0].logprobs.content:
+        assert bytes(entry.bytes).decode() == entry.token
+        assert all(bytes(top.bytes).decode(errors="replace") == top.token for top in entry.top_logprobs
+                   if len(top.bytes) == len(top.token.encode()))
+
+
 async def test_errors_have_openais_shape_and_status(sdk):
     with pytest.raises(openai.NotFoundError) as missing:
         await sdk.chat.completions.create(model="no-such-deployment", messages=user("hi"))
@@ -314,9 +371,6 @@ async def test_errors_have_openais_shape_and_status(sdk):
     with pytest.raises(openai.UnprocessableEntityError) as unknown:
         await sdk.chat.completions.create(model="chat", messages=user("hi"), extra_body={"best_of": 3})
     assert unknown.value.body["param"] == "best_of"
-    with pytest.raises(openai.BadRequestError) as echo:
-        await sdk.completions.create(model="chat", prompt="O", echo=True, logprobs=1)
-    assert echo.value.status_code == 400 and echo.value.body["param"] == "echo"
     with pytest.raises(openai.BadRequestError) as too_long:  # prompt + max_tokens over the context of 128
         await sdk.completions.create(model="chat", prompt="O", max_tokens=500)
     assert "context length" in too_long.value.body["message"]

@@ -28,7 +28,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class Evaluation(_message.Message):
-    __slots__ = ("id", "state", "model", "dataset", "split", "progress", "metrics", "error", "attempt", "cancel_requested", "idempotency_key", "created_at", "started_at", "finished_at", "contamination")
+    __slots__ = ("id", "state", "model", "dataset", "split", "progress", "metrics", "error", "attempt", "cancel_requested", "idempotency_key", "created_at", "started_at", "finished_at", "contamination", "exclude_contaminated")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class Evaluation(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     CONTAMINATION_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_CONTAMINATED_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     model: _common_pb2.ModelRef
@@ -66,31 +67,52 @@ class Evaluation(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     contamination: Contamination
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., split: _Optional[str] = ..., progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., attempt: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., contamination: _Optional[_Union[Contamination, _Mapping]] = ...) -> None: ...
+    exclude_contaminated: bool
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., split: _Optional[str] = ..., progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., attempt: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., contamination: _Optional[_Union[Contamination, _Mapping]] = ..., exclude_contaminated: _Optional[bool] = ...) -> None: ...
 
 class Contamination(_message.Message):
-    __slots__ = ("share", "documents", "contaminated", "datasets")
+    __slots__ = ("share", "documents", "contaminated", "datasets", "all_metrics", "clean_metrics")
+    class AllMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CleanMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SHARE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CONTAMINATED_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
+    ALL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_METRICS_FIELD_NUMBER: _ClassVar[int]
     share: float
     documents: int
     contaminated: int
     datasets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, share: _Optional[float] = ..., documents: _Optional[int] = ..., contaminated: _Optional[int] = ..., datasets: _Optional[_Iterable[str]] = ...) -> None: ...
+    all_metrics: _containers.ScalarMap[str, float]
+    clean_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, share: _Optional[float] = ..., documents: _Optional[int] = ..., contaminated: _Optional[int] = ..., datasets: _Optional[_Iterable[str]] = ..., all_metrics: _Optional[_Mapping[str, float]] = ..., clean_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SubmitEvaluationRequest(_message.Message):
-    __slots__ = ("model", "dataset", "split", "idempotency_key")
+    __slots__ = ("model", "dataset", "split", "idempotency_key", "exclude_contaminated")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_CONTAMINATED_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     dataset: _common_pb2.DatasetRef
     split: str
     idempotency_key: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., split: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    exclude_contaminated: bool
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., split: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., exclude_contaminated: _Optional[bool] = ...) -> None: ...
 
 class SubmitEvaluationResponse(_message.Message):
     __slots__ = ("evaluation", "created")
