@@ -3,20 +3,23 @@
 The corpus is streamed to a spool file (never held in memory) and parsed once while the caller waits,
 so a bad line or an empty corpus fails the request itself and nothing is created. Then the version is
 reserved PENDING (leased to this replica), the corpus stored in S3 beside it, and only then is the
-ingest accepted; it is built in a worker thread while watchers follow its progress. A replica runs up to
-`build_slots` builds at once (they are CPU-bound), one tenant's at most `tenant_build_slots` of them, and
-waiting builds take turns across tenants (see turns.py): one tenant's many or huge builds do not keep another
-tenant's waiting. A failure of the build
+ingest accepted; it is built in a worker thread while watchers follow its progress. A failure of the build
 removes the uploaded objects and marks the version FAILED. A new version's corpus counts against its
 tenant's ingest bytes per day (`VersionStore.reserve`), shared by every replica through PostgreSQL.
 
+Fair share: a replica runs up to `build_slots` builds at once (they are CPU-bound), at most
+`tenant_build_slots` of them one tenant's, so one tenant's many or huge builds never hold every slot. A
+version accepted when its tenant has no slot here is queued in PostgreSQL (PENDING, no owner): the first
+replica with a slot for that tenant claims it, the tenant whose builds started least recently first
+(`VersionStore.claim_expired`), so builds of different tenants interleave across every replica. A replica
+looks for queued work when a slot frees, when it queues a version, and at every heartbeat.
+
 Accepted ingests survive the replica: it renews the leases of its builds every `heartbeat_seconds`,
-and in the same loop, while it has a free build slot, claims a PENDING version whose lease has lapsed (its
-owner stopped or died; the tenant whose builds started least recently first, any replica's builds counted) and
-builds it again from the stored corpus — same corpus, same options, so the same content-addressed
-version. At shutdown a build gets until the grace runs out to finish; one that cannot is stopped and
-released, still PENDING, for the next replica. A version whose corpus is not in S3 (reserved by an
-older release, or its owner died before storing it) is FAILED with the reason.
+and in the same loop, while it has a free build slot, claims a PENDING version queued or whose lease has
+lapsed (its owner stopped or died) and builds it from the stored corpus — same corpus, same options, so the
+same content-addressed version. At shutdown a build gets until the grace runs out to finish; one that cannot
+is stopped and released, still PENDING, for the next replica. A version whose corpus is not in S3 (reserved by
+an older release, or its owner died before storing it) is FAILED with the reason.
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ class Ingestor:
         self._upkeep = Periodic("dataset lease upkeep", heartbeat_seconds, self._keep_leases, first_at_start=True,
                                 cancel_at_close=True)
         self._closing = False
+        self._resuming = asyncio.Lock()
+        self._wakes: set[asyncio.Task] = set()
 
     def start(self) -> None:
         """Start renewing leases and resuming lapsed versions (the first look is immediate)."""
@@ -145,6 +150,13 @@ class Ingestor:
                 running.progress = replace(running.progress, phase="receive")
                 self._running[row.id] = running  # its lease is renewed from now on
                 await self._store_source(row, spool, running)  # accepted only once any replica can rebuild it
+                if not self._slot_free(tenant, row.id):
+                    # No slot here for it now: queue it in PostgreSQL, where the first replica with a slot for
+                    # its tenant takes it in turn, rather than hold it behind this replica's builds.
+                    self._running.pop(row.id, None)
+                    row = await self.versions.queue(row, self.owner)
+                    self._wake()
+                    return (await self._follow(row) if wait else row), created
                 self._launch(row, running, spool)
                 handed_over = True
             elif row.state == "PENDING" and row.id in self._running:
@@ -157,6 +169,24 @@ class Ingestor:
         finally:
             if not handed_over:
                 spool.unlink(missing_ok=True)
+
+    def _slot_free(self, tenant: str, version_id: int) -> bool:
+        """Whether a build of `tenant` would find a slot here now (the builds this replica holds counted, not
+        `version_id`'s own)."""
+        counts: dict[str, int] = {}
+        for other_id, running in self._running.items():
+            if other_id != version_id:
+                counts[running.tenant] = counts.get(running.tenant, 0) + 1
+        bound = self._builds.per_tenant
+        used = sum(min(count, bound) for count in counts.values())
+        return used < self._builds.capacity and counts.get(tenant, 0) < bound
+
+    async def _follow(self, row: VersionRow) -> VersionRow:
+        """The version once built, by whichever replica takes it."""
+        while row.state == "PENDING":
+            await asyncio.sleep(POLL_INTERVAL)
+            row = await self.versions.get(row.tenant, row.name, row.version)
+        return row
 
     async def _tokenizer_files(self, tenant: str, options: DatasetOptions) -> list:
         """tokenizer=model: the model version's tokenizer artifacts (none for the other kinds)."""
@@ -305,6 +335,7 @@ class Ingestor:
                 spool.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
             self._running.pop(row.id, None)
+            self._wake()  # a slot is free: the next queued build need not wait for the heartbeat
 
     async def _record_turn(self, tenant: str) -> None:
         """Tell every replica this tenant was just served (the order lapsed builds are taken over in). Only an
@@ -317,8 +348,25 @@ class Ingestor:
     # -- leases -----------------------------------------------------------------------------------
     async def _keep_leases(self) -> None:
         await self.renew()
-        while await self.resume_one() is not None:  # as many as this replica has free slots for
-            pass
+        await self._resume_all()
+
+    async def _resume_all(self) -> None:
+        async with self._resuming:  # one claimer at a time, so two cannot both count the same free slot
+            while await self.resume_one() is not None:  # as many as this replica has free slots for
+                pass
+
+    def _wake(self) -> None:
+        """Look for queued or lapsed builds now (a slot freed or a build was queued), not at the next beat."""
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._resume_all(), name="dataset resume")
+        self._wakes.add(task)
+        task.add_done_callback(self._woken)
+
+    def _woken(self, task: asyncio.Task) -> None:
+        self._wakes.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the heartbeat tries again
+            log.warning("could not look for queued dataset builds: %r", task.exception())
 
     async def renew(self) -> None:
         """Extend the leases of this replica's builds; stop any build whose version another replica took."""
@@ -351,8 +399,8 @@ class Ingestor:
         row = await self.versions.claim_expired(self.owner, self.lease_seconds, skip_tenants=full)
         if row is None:
             return None
-        log.info("resuming an interrupted dataset build", extra={"dataset": row.name, "version": row.version,
-                                                                 "attempt": row.attempts})
+        what = "starting a queued dataset build" if row.attempts == 1 else "resuming an interrupted dataset build"
+        log.info(what, extra={"dataset": row.name, "version": row.version, "attempt": row.attempts})
         running = _Running(row.tenant, row.source_bytes)
         self._running[row.id] = running
         self._launch(row, running, None)
@@ -389,6 +437,9 @@ class Ingestor:
         released, PENDING, for another replica (none is failed for the shutdown)."""
         self._closing = True
         await self._upkeep.close()
+        for task in list(self._wakes):
+            task.cancel()
+        await asyncio.gather(*self._wakes, return_exceptions=True)
         runs = [running for running in self._running.values() if running.task is not None]
         tasks = [running.task for running in runs]
         if tasks and timeout > 0:

@@ -5,7 +5,8 @@
 - It becomes READY only after every object is uploaded and verified against the server's size and
   recorded SHA-256, and the manifest written — in one transaction that also records its statistics.
 - A failed ingest deletes whatever it uploaded and marks the row FAILED with the reason.
-- A PENDING version has an owner (the replica building it) holding a lease it renews while it builds;
+- A PENDING version has an owner (the replica building it) holding a lease it renews while it builds, or
+  none while it waits for a build slot (queued: any replica with a slot for its tenant claims it);
   its corpus is stored at `contracts.dataset_corpus_key(...)` until it is READY or FAILED, so that when the lease lapses
   (the owner stopped or died) any replica can claim the version and build it again from that corpus.
   Only the owner may publish or fail it.
@@ -261,6 +262,17 @@ class VersionStore:
                 "UPDATE dataset_versions SET owner = '', lease_expires_at = now() "
                 "WHERE id = %s AND owner = %s AND state = 'PENDING'", (row.id, owner))
         log.info("dataset version released", extra={"dataset": row.name, "version": row.version})
+
+    async def queue(self, row: VersionRow, owner: str) -> VersionRow:
+        """Hand a version `owner` reserved but has no build slot for to whichever replica first has one (the
+        claim of `claim_expired`). Its build has not started, so it does not count as an attempt."""
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(
+                f"UPDATE dataset_versions SET owner = '', lease_expires_at = now(), attempts = attempts - 1 "
+                f"WHERE id = %s AND owner = %s AND state = 'PENDING' RETURNING {_COLUMNS}", (row.id, owner))
+            queued = await cursor.fetchone()
+        log.info("dataset version queued", extra={"dataset": row.name, "version": row.version})
+        return VersionRow.from_row(queued) if queued else await self.get(row.tenant, row.name, row.version)
 
     async def claim_expired(self, owner: str, lease_seconds: float, skip_tenants: list[str] | None = None
                             ) -> VersionRow | None:

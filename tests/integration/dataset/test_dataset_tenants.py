@@ -74,6 +74,35 @@ async def test_one_tenants_large_builds_do_not_hold_up_anothers_small_one(start_
     assert len(finished(dataset_settings, busy.tenant)) == 3
 
 
+def owners(settings: Settings, tenant: str) -> dict[str, tuple[str, str, int]]:
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute("SELECT name, state, owner, attempts FROM dataset_versions WHERE tenant = %s",
+                            (tenant,)).fetchall()
+    return {name: (state, owner, attempts) for name, state, owner, attempts in rows}
+
+
+async def test_a_build_with_no_slot_on_its_replica_is_built_by_another_with_one(start_service, dataset_settings):
+    """The replica that accepts a tenant's second build, its slot for that tenant taken, queues it in PostgreSQL
+    rather than behind its own build; the idle replica takes it."""
+    _, first = await start_service(lease_seconds=3.0, heartbeat_seconds=0.3)
+    await start_service(lease_seconds=3.0, heartbeat_seconds=0.3)  # idle, looking for queued builds
+    busy = Client(first, f"t{uuid.uuid4().hex[:10]}")
+    corpus = SHAKESPEARE.read_bytes()
+    for index in range(2):
+        await busy.create(corpus[index:], name=f"large-{index}", vocab_size=512, wait=False)
+    builders: set[str] = set()
+    for _ in range(600):
+        rows = owners(dataset_settings, busy.tenant)
+        builders |= {owner for state, owner, _ in rows.values() if state == "PENDING" and owner}
+        if all(state != "PENDING" for state, _, _ in rows.values()):
+            break
+        await asyncio.sleep(0.1)
+    rows = owners(dataset_settings, busy.tenant)
+    assert [state for state, _, _ in rows.values()] == ["READY", "READY"], rows
+    assert len(builders) == 2, f"one replica built both while the other was idle: {builders}"
+    assert [attempts for _, _, attempts in rows.values()] == [1, 1]  # waiting in the queue is no attempt
+
+
 async def test_lapsed_builds_are_taken_over_tenant_by_tenant_not_oldest_first(settings_env, lineage, store,
                                                                             tmp_path, shakespeare):
     """Builds left PENDING by a replica that died: three of one tenant's, reserved before one of another's. A
