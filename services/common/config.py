@@ -120,6 +120,12 @@ VARIABLES: tuple[Variable, ...] = (
              "is refused at submit once the tenant's jobs of the last 24 hours reached it."),
     Variable("LLMP_TENANT_INGEST_BYTES_PER_DAY", "10737418240",
              "Corpus bytes one tenant may ingest into new dataset versions in any 24 hours."),
+    Variable("LLMP_DATASET_BUILD_SLOTS", "2",
+             "Dataset builds one dataset-service replica runs at once (each is CPU-bound and holds its corpus's "
+             "dedup state in memory); further builds wait, tenants served in turn."),
+    Variable("LLMP_TENANT_DATASET_BUILD_SLOTS", "1",
+             "Of a dataset replica's build slots, the most one tenant's builds may hold at once, so another "
+             "tenant's build never waits behind them (capped at LLMP_DATASET_BUILD_SLOTS)."),
     Variable("LLMP_GRPC_TLS_CERT", "",
              "PEM certificate this process presents on gRPC (as server and as client); with _KEY and _CA: mutual "
              "TLS, servers require a client certificate signed by LLMP_GRPC_TLS_CA. Empty: plaintext (the mesh "
@@ -247,6 +253,8 @@ class Settings:
     tenant_max_training_nodes: int = 8
     tenant_node_hours_per_day: int = 192
     tenant_ingest_bytes_per_day: int = 10 * 1024**3
+    dataset_build_slots: int = 2
+    tenant_dataset_build_slots: int = 1
     grpc_tls: GrpcTls | None = None  # LLMP_GRPC_TLS_*: mutual TLS on gRPC; None is plaintext
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
 
@@ -342,6 +350,9 @@ class Settings:
                                                     "LLMP_TENANT_NODE_HOURS_PER_DAY"),
             tenant_ingest_bytes_per_day=_positive_int(values["LLMP_TENANT_INGEST_BYTES_PER_DAY"],
                                                       "LLMP_TENANT_INGEST_BYTES_PER_DAY"),
+            dataset_build_slots=_positive_int(values["LLMP_DATASET_BUILD_SLOTS"], "LLMP_DATASET_BUILD_SLOTS"),
+            tenant_dataset_build_slots=_positive_int(values["LLMP_TENANT_DATASET_BUILD_SLOTS"],
+                                                     "LLMP_TENANT_DATASET_BUILD_SLOTS"),
             grpc_tls=GrpcTls.from_values(values),
             raw=values,
         )

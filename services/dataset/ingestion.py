@@ -3,17 +3,23 @@
 The corpus is streamed to a spool file (never held in memory) and parsed once while the caller waits,
 so a bad line or an empty corpus fails the request itself and nothing is created. Then the version is
 reserved PENDING (leased to this replica), the corpus stored in S3 beside it, and only then is the
-ingest accepted; it is built in a worker thread (one build at a time: it is CPU-bound; waiting builds
-take turns across tenants, see turns.py) while watchers follow its progress. A failure of the build
+ingest accepted; it is built in a worker thread while watchers follow its progress. A failure of the build
 removes the uploaded objects and marks the version FAILED. A new version's corpus counts against its
 tenant's ingest bytes per day (`VersionStore.reserve`), shared by every replica through PostgreSQL.
 
+Fair share: a replica runs up to `build_slots` builds at once (they are CPU-bound), at most
+`tenant_build_slots` of them one tenant's, so one tenant's many or huge builds never hold every slot. A
+version accepted when its tenant has no slot here is queued in PostgreSQL (PENDING, no owner): the first
+replica with a slot for that tenant claims it, the tenant whose builds started least recently first
+(`VersionStore.claim_expired`), so builds of different tenants interleave across every replica. A replica
+looks for queued work when a slot frees, when it queues a version, and at every heartbeat.
+
 Accepted ingests survive the replica: it renews the leases of its builds every `heartbeat_seconds`,
-and in the same loop claims a PENDING version whose lease has lapsed (its owner stopped or died) and
-builds it again from the stored corpus — same corpus, same options, so the same content-addressed
-version. At shutdown a build gets until the grace runs out to finish; one that cannot is stopped and
-released, still PENDING, for the next replica. A version whose corpus is not in S3 (reserved by an
-older release, or its owner died before storing it) is FAILED with the reason.
+and in the same loop, while it has a free build slot, claims a PENDING version queued or whose lease has
+lapsed (its owner stopped or died) and builds it from the stored corpus — same corpus, same options, so the
+same content-addressed version. At shutdown a build gets until the grace runs out to finish; one that cannot
+is stopped and released, still PENDING, for the next replica. A version whose corpus is not in S3 (reserved by
+an older release, or its owner died before storing it) is FAILED with the reason.
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ class _Stopped(Exception):
 class _Running:
     """An ingest in progress in this process: its task and its latest progress."""
 
-    def __init__(self, total_bytes: int) -> None:
+    def __init__(self, tenant: str, total_bytes: int) -> None:
+        self.tenant = tenant
         self.progress = ProgressEvent("clean", 0, total_bytes, 0, "PENDING")
         self.changed = asyncio.Condition()
         self.task: asyncio.Task | None = None
@@ -93,7 +100,8 @@ class Ingestor:
                  shard_tokens: int | None = None, *, lease_seconds: float = LEASE_SECONDS,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
                  tokenizer_source: model_tokenizers.ResolveTokenizer | None = None,
-                 ingest_bytes_per_day: int | None = None) -> None:
+                 ingest_bytes_per_day: int | None = None, build_slots: int = 1,
+                 tenant_build_slots: int | None = None) -> None:
         self.versions = versions
         self.ingest_bytes_per_day = ingest_bytes_per_day  # LLMP_TENANT_INGEST_BYTES_PER_DAY; None: unbounded
         self.store = versions.store
@@ -105,11 +113,14 @@ class Ingestor:
         self.tokenizer_source = tokenizer_source  # tokenizer=model: the registry's answer
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this replica, in leases
         self._running: dict[int, _Running] = {}
-        self._builds = TenantTurns(1)  # one build at a time, the tenants' queues served in turn
+        # LLMP_DATASET_BUILD_SLOTS builds at once, LLMP_TENANT_DATASET_BUILD_SLOTS of one tenant's, tenants in turn
+        self._builds = TenantTurns(build_slots, tenant_build_slots)
         # A round in progress at close is cut: close() itself settles the builds whose leases it renews.
         self._upkeep = Periodic("dataset lease upkeep", heartbeat_seconds, self._keep_leases, first_at_start=True,
                                 cancel_at_close=True)
         self._closing = False
+        self._resuming = asyncio.Lock()
+        self._wakes: set[asyncio.Task] = set()
 
     def start(self) -> None:
         """Start renewing leases and resuming lapsed versions (the first look is immediate)."""
@@ -135,10 +146,17 @@ class Ingestor:
             row, created = await self.versions.reserve(tenant, options, digest, received.size, self.owner,
                                                        self.lease_seconds, bytes_per_day=self.ingest_bytes_per_day)
             if created:
-                running = _Running(received.size)
+                running = _Running(tenant, received.size)
                 running.progress = replace(running.progress, phase="receive")
                 self._running[row.id] = running  # its lease is renewed from now on
                 await self._store_source(row, spool, running)  # accepted only once any replica can rebuild it
+                if not self._slot_free(tenant, row.id):
+                    # No slot here for it now: queue it in PostgreSQL, where the first replica with a slot for
+                    # its tenant takes it in turn, rather than hold it behind this replica's builds.
+                    self._running.pop(row.id, None)
+                    row = await self.versions.queue(row, self.owner)
+                    self._wake()
+                    return (await self._follow(row) if wait else row), created
                 self._launch(row, running, spool)
                 handed_over = True
             elif row.state == "PENDING" and row.id in self._running:
@@ -151,6 +169,24 @@ class Ingestor:
         finally:
             if not handed_over:
                 spool.unlink(missing_ok=True)
+
+    def _slot_free(self, tenant: str, version_id: int) -> bool:
+        """Whether a build of `tenant` would find a slot here now (the builds this replica holds counted, not
+        `version_id`'s own)."""
+        counts: dict[str, int] = {}
+        for other_id, running in self._running.items():
+            if other_id != version_id:
+                counts[running.tenant] = counts.get(running.tenant, 0) + 1
+        bound = self._builds.per_tenant
+        used = sum(min(count, bound) for count in counts.values())
+        return used < self._builds.capacity and counts.get(tenant, 0) < bound
+
+    async def _follow(self, row: VersionRow) -> VersionRow:
+        """The version once built, by whichever replica takes it."""
+        while row.state == "PENDING":
+            await asyncio.sleep(POLL_INTERVAL)
+            row = await self.versions.get(row.tenant, row.name, row.version)
+        return row
 
     async def _tokenizer_files(self, tenant: str, options: DatasetOptions) -> list:
         """tokenizer=model: the model version's tokenizer artifacts (none for the other kinds)."""
@@ -259,6 +295,7 @@ class Ingestor:
 
         try:
             async with self._builds.held(row.tenant):
+                await self._record_turn(row.tenant)
                 if spool is None:
                     spool = await self._load_source(row)
                 options = {"shard_tokens": self.shard_tokens} if self.shard_tokens else {}
@@ -298,11 +335,38 @@ class Ingestor:
                 spool.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
             self._running.pop(row.id, None)
+            self._wake()  # a slot is free: the next queued build need not wait for the heartbeat
+
+    async def _record_turn(self, tenant: str) -> None:
+        """Tell every replica this tenant was just served (the order lapsed builds are taken over in). Only an
+        ordering hint: a database error here is logged, not a reason to fail the build."""
+        try:
+            await self.versions.record_turn(tenant)
+        except Exception as error:
+            log.warning("could not record a dataset build turn: %s", error, extra={"tenant": tenant})
 
     # -- leases -----------------------------------------------------------------------------------
     async def _keep_leases(self) -> None:
         await self.renew()
-        await self.resume_one()
+        await self._resume_all()
+
+    async def _resume_all(self) -> None:
+        async with self._resuming:  # one claimer at a time, so two cannot both count the same free slot
+            while await self.resume_one() is not None:  # as many as this replica has free slots for
+                pass
+
+    def _wake(self) -> None:
+        """Look for queued or lapsed builds now (a slot freed or a build was queued), not at the next beat."""
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._resume_all(), name="dataset resume")
+        self._wakes.add(task)
+        task.add_done_callback(self._woken)
+
+    def _woken(self, task: asyncio.Task) -> None:
+        self._wakes.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the heartbeat tries again
+            log.warning("could not look for queued dataset builds: %r", task.exception())
 
     async def renew(self) -> None:
         """Extend the leases of this replica's builds; stop any build whose version another replica took."""
@@ -314,16 +378,30 @@ class Ingestor:
                 log.warning("lost the lease of a dataset build; stopping it", extra={"version_id": version_id})
                 running.stop.set()  # the build stops at its next report; `publish` refuses it in any case
 
+    def free_slots(self) -> tuple[int, list[str]]:
+        """Build slots a version taken over now would find free here, and the tenants that could not use one
+        (at their bound). Counts the builds this replica accepted, started or still waiting for a slot."""
+        per_tenant: dict[str, int] = {}
+        for running in self._running.values():
+            per_tenant[running.tenant] = per_tenant.get(running.tenant, 0) + 1
+        bound = self._builds.per_tenant
+        used = sum(min(count, bound) for count in per_tenant.values())
+        return self._builds.capacity - used, sorted(name for name, count in per_tenant.items() if count >= bound)
+
     async def resume_one(self) -> VersionRow | None:
-        """When this replica builds nothing, take over one PENDING version whose lease has lapsed."""
-        if self._closing or self._running:
+        """When this replica has a build slot free, take over one PENDING version whose lease has lapsed, of a
+        tenant that can use that slot (the least recently served such tenant: `VersionStore.claim_expired`)."""
+        if self._closing:
             return None
-        row = await self.versions.claim_expired(self.owner, self.lease_seconds)
+        free, full = self.free_slots()
+        if free <= 0:
+            return None
+        row = await self.versions.claim_expired(self.owner, self.lease_seconds, skip_tenants=full)
         if row is None:
             return None
-        log.info("resuming an interrupted dataset build", extra={"dataset": row.name, "version": row.version,
-                                                                 "attempt": row.attempts})
-        running = _Running(row.source_bytes)
+        what = "starting a queued dataset build" if row.attempts == 1 else "resuming an interrupted dataset build"
+        log.info(what, extra={"dataset": row.name, "version": row.version, "attempt": row.attempts})
+        running = _Running(row.tenant, row.source_bytes)
         self._running[row.id] = running
         self._launch(row, running, None)
         return row
@@ -359,6 +437,9 @@ class Ingestor:
         released, PENDING, for another replica (none is failed for the shutdown)."""
         self._closing = True
         await self._upkeep.close()
+        for task in list(self._wakes):
+            task.cancel()
+        await asyncio.gather(*self._wakes, return_exceptions=True)
         runs = [running for running in self._running.values() if running.task is not None]
         tasks = [running.task for running in runs]
         if tasks and timeout > 0:

@@ -44,7 +44,9 @@ async def build_app(settings: Settings, *, models_using: ModelsUsing | None = No
     ingestor = Ingestor(versions, settings.state_dir / "dataset-work", settings.max_upload_bytes,
                         shard_tokens=shard_tokens, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds,
                         tokenizer_source=tokenizer_source or registry_tokenizers(clients),
-                        ingest_bytes_per_day=settings.tenant_ingest_bytes_per_day)
+                        ingest_bytes_per_day=settings.tenant_ingest_bytes_per_day,
+                        build_slots=settings.dataset_build_slots,
+                        tenant_build_slots=settings.tenant_dataset_build_slots)
     ingestor.start()
     app = GrpcApp(settings, topology.DATASET)
     app.add_servicer(dataset_pb2_grpc.add_DatasetServiceServicer_to_server,

@@ -5,7 +5,8 @@
 - It becomes READY only after every object is uploaded and verified against the server's size and
   recorded SHA-256, and the manifest written — in one transaction that also records its statistics.
 - A failed ingest deletes whatever it uploaded and marks the row FAILED with the reason.
-- A PENDING version has an owner (the replica building it) holding a lease it renews while it builds;
+- A PENDING version has an owner (the replica building it) holding a lease it renews while it builds, or
+  none while it waits for a build slot (queued: any replica with a slot for its tenant claims it);
   its corpus is stored at `contracts.dataset_corpus_key(...)` until it is READY or FAILED, so that when the lease lapses
   (the owner stopped or died) any replica can claim the version and build it again from that corpus.
   Only the owner may publish or fail it.
@@ -262,18 +263,41 @@ class VersionStore:
                 "WHERE id = %s AND owner = %s AND state = 'PENDING'", (row.id, owner))
         log.info("dataset version released", extra={"dataset": row.name, "version": row.version})
 
-    async def claim_expired(self, owner: str, lease_seconds: float) -> VersionRow | None:
-        """Take over the oldest PENDING version whose lease has lapsed (None: there is none). A version
-        reserved before leases existed counts as lapsed `lease_seconds` after it was created."""
+    async def queue(self, row: VersionRow, owner: str) -> VersionRow:
+        """Hand a version `owner` reserved but has no build slot for to whichever replica first has one (the
+        claim of `claim_expired`). Its build has not started, so it does not count as an attempt."""
+        async with self.db.pool.connection() as conn:
+            cursor = await conn.execute(
+                f"UPDATE dataset_versions SET owner = '', lease_expires_at = now(), attempts = attempts - 1 "
+                f"WHERE id = %s AND owner = %s AND state = 'PENDING' RETURNING {_COLUMNS}", (row.id, owner))
+            queued = await cursor.fetchone()
+        log.info("dataset version queued", extra={"dataset": row.name, "version": row.version})
+        return VersionRow.from_row(queued) if queued else await self.get(row.tenant, row.name, row.version)
+
+    async def claim_expired(self, owner: str, lease_seconds: float, skip_tenants: list[str] | None = None
+                            ) -> VersionRow | None:
+        """Take over a PENDING version whose lease has lapsed (None: there is none), of the tenant whose builds
+        started least recently (`dataset_tenant_turns`), its oldest first, none of `skip_tenants` (those at
+        their bound on this replica). A version reserved before leases existed counts as lapsed
+        `lease_seconds` after it was created."""
         async with self.db.transaction() as conn:
             cursor = await conn.execute(
                 f"UPDATE dataset_versions SET owner = %s, lease_expires_at = now() + make_interval(secs => %s), "
-                f"attempts = attempts + 1 WHERE id = (SELECT id FROM dataset_versions WHERE state = 'PENDING' "
-                f"AND COALESCE(lease_expires_at, created_at + make_interval(secs => %s)) < now() "
-                f"ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
-                (owner, lease_seconds, lease_seconds))
+                f"attempts = attempts + 1 WHERE id = (SELECT v.id FROM dataset_versions v "
+                f"LEFT JOIN dataset_tenant_turns t ON t.tenant = v.tenant WHERE v.state = 'PENDING' "
+                f"AND COALESCE(v.lease_expires_at, v.created_at + make_interval(secs => %s)) < now() "
+                f"AND v.tenant <> ALL(%s) ORDER BY t.last_started_at NULLS FIRST, v.id LIMIT 1 "
+                f"FOR UPDATE OF v SKIP LOCKED) RETURNING {_COLUMNS}",
+                (owner, lease_seconds, lease_seconds, list(skip_tenants or ())))
             found = await cursor.fetchone()
+            if found is not None:  # its turn is taken now, so the next claim (here or elsewhere) serves another
+                await _record_turn(conn, found["tenant"])
         return VersionRow.from_row(found) if found else None
+
+    async def record_turn(self, tenant: str) -> None:
+        """Note that a build of `tenant` started now (the order `claim_expired` serves tenants in)."""
+        async with self.db.pool.connection() as conn:
+            await _record_turn(conn, tenant)
 
     # -- read -----------------------------------------------------------------------------------
     async def get(self, tenant: str, name: str, version: int) -> VersionRow:
@@ -346,6 +370,12 @@ class VersionStore:
         removed = await asyncio.to_thread(self.store.delete_prefix, row.prefix)
         log.info("dataset version deleted", extra={"dataset": name, "version": version, "objects": removed})
         return removed
+
+
+async def _record_turn(conn, tenant: str) -> None:
+    await conn.execute(
+        "INSERT INTO dataset_tenant_turns (tenant, last_started_at) VALUES (%s, clock_timestamp()) "
+        "ON CONFLICT (tenant) DO UPDATE SET last_started_at = excluded.last_started_at", (tenant,))
 
 
 async def _admit_bytes(conn, tenant: str, source_bytes: int, bytes_per_day: int) -> None:
