@@ -192,14 +192,23 @@ async def run(options: argparse.Namespace) -> None:
             bare_runner, bare_port = await _serve(bare)
             runners = [gateway_runner, bare_runner]
             path, headers = await _prepare(gateway_port)
+            if options.pieces:
+                from bench import gateway_pieces
+
+                await gateway_pieces.report(gateway_runner.app, bare, path, headers)
+            if options.profile:
+                await _profiled_round(options, gateway_port, path, headers)
             best = {"project": 0.0, "baseline": 0.0}
+            ratios = []
             for round_no in range(options.rounds):
                 baseline = await asyncio.to_thread(_measure, bare_port, "/constant", [], 200, options)
                 project = await asyncio.to_thread(_measure, gateway_port, path, headers, 304, options)
                 best = {"project": max(best["project"], project), "baseline": max(best["baseline"], baseline)}
+                ratios.append(project / baseline)
                 load = " ".join(f"{value:.2f}" for value in os.getloadavg())
                 print(f"round {round_no + 1}: project {project:.0f} req/s, baseline {baseline:.0f} req/s "
                       f"(ratio {project / baseline:.2f}, load average {load})", flush=True)
+            harness.rounds("gateway", ratios)
         finally:
             for runner in runners:
                 await runner.cleanup()
@@ -215,6 +224,25 @@ async def run(options: argparse.Namespace) -> None:
                    "answered 304 through every gateway middleware", digits=0)
 
 
+async def _profiled_round(options: argparse.Namespace, port: int, path: str, headers: list[str]) -> None:
+    """One project round with cProfile on in this process (the gateway's event loop; the load is elsewhere):
+    where the gateway's time per request goes, aiohttp's own included. Written to `options.profile`."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        # `_measure` waits in a worker thread (not profiled); the gateway's loop runs in this one.
+        rate = await asyncio.to_thread(_measure, port, path, headers, 304, options)
+    finally:
+        profiler.disable()
+    profiler.dump_stats(options.profile)
+    stats = pstats.Stats(profiler)
+    print(f"profiled round: {rate:.0f} req/s under cProfile; stats in {options.profile}")
+    stats.sort_stats("tottime").print_stats(30)
+
+
 async def _no_lineage(tenant: str, name: str, version: int) -> list[str]:
     return []  # no registry runs here: no model version uses the bench's dataset
 
@@ -224,6 +252,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one measurement (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--pieces", action="store_true",
+                        help="first time each piece of the 304 path in-process (bench/gateway_pieces.py), in µs")
+    parser.add_argument("--profile", metavar="FILE", help="first run one project round under cProfile, stats to FILE")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)  # the load process
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
