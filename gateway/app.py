@@ -1,11 +1,11 @@
 """The REST gateway: `init_app(settings)` builds the aiohttp application.
 
-Middlewares, outermost first: (OpenTelemetry server span, only when tracing is on), then one
-middleware for everything else (`gateway_middleware`): request id + access metrics + access log +
-default Cache-Control, errors → one JSON body, authentication, rate limit, role check and query
-parameter names, ending in the conditional-GET fast path (`ValidatorCache`: a 304 for an immutable
-representation without a service call). One middleware, not a chain, because this is the hot path
-`bench/gateway.py` measures. Every GET route also answers HEAD. Resources (the key store's
+Every route's view is registered wrapped in one pipeline (`pipeline`): request id + access metrics +
+access log + default Cache-Control, errors → one JSON body, authentication, rate limit, role check and
+query parameter names, ending in the conditional-GET fast path (`ValidatorCache`: a 304 for an
+immutable representation without a service call); a catch-all route gives 404/405 the same pipeline.
+No aiohttp middleware (but the OpenTelemetry server span, only when tracing is on), because this is the
+hot path `bench/gateway.py` measures. Every GET route also answers HEAD. Resources (the key store's
 pool, the gRPC channels, the tracer provider) are owned through `cleanup_ctx`; typed `web.AppKey`s
 hold them.
 
@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_urldispatcher import AbstractRoute
 from opentelemetry import trace
 
 from gateway import routes
@@ -190,10 +189,8 @@ def error_body(request: web.Request, error: Exception) -> web.Response:
     return render(errors.Internal(f"internal error (request id {logs.request_id.get()})"))
 
 
-def gateway_middleware(plans: dict[AbstractRoute, _Plan], hot: _Hot, table: dict[tuple[str, str], Route], *,
-                       tracing: bool):
-    """The whole per-request pipeline in one middleware (one await instead of three; this is the path
-    `bench/gateway.py` measures), in this order:
+def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
+    """`handler` (a route's view) wrapped in the whole per-request pipeline, in this order:
 
     1. request id in and out (every log line, the trace span, `X-Request-Id`), Prometheus count and
        latency, an access log line (only when `llmp.access` logs at INFO), `X-Content-Type-Options:
@@ -210,37 +207,30 @@ def gateway_middleware(plans: dict[AbstractRoute, _Plan], hot: _Hot, table: dict
        Cache-Control and Vary the 200 carries, without calling a service. Unsafe requests forget their
        path there.
 
-    What each route needs is worked out once (`plans`, by aiohttp route; `_Plan`), and the app's objects
-    are read from `hot`, not `request.app[...]`: this is the 304 path's fixed cost (bench/RESULTS.md).
+    Each route is registered already wrapped, with what it needs worked out once (`_Plan`), rather than
+    through an aiohttp middleware: any middleware costs every request aiohttp's middleware chain (a
+    cached build, partials, its own current-app middleware), about a fifth of the gateway's own time on
+    the 304 path (bench/RESULTS.md). `plan` None: the catch-all route that answers 404/405 (`_no_route`).
+    The app's objects are read from `hot`, not `request.app[...]`.
     """
     unmatched: dict[str, _Plan] = {}  # by method label (at most len(_METHODS) + 1 entries)
 
-    def unplanned(request: web.Request) -> _Plan:
-        """The plan of aiohttp's 404/405 (no route), or of a route added to the app after `init_app`."""
-        method = request.method
-        aio_route = request.match_info.route
-        resource = aio_route.resource
-        if resource is None:
-            label = method if method in _METHODS else "OTHER"
-            plan = unmatched.get(label)
-            if plan is None:
-                plan = unmatched[label] = _Plan(label, "unmatched", None)
-            return plan
-        plan = plans[aio_route] = _Plan(method, resource.canonical, table.get((method, resource.canonical)))
-        return plan
-
-    @web.middleware
-    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+    async def routed(request: web.Request) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or next(_request_ids)
         token = logs.request_id.set(request_id)
         if tracing:
             trace.get_current_span().set_attribute("llmp.request_id", request_id)
         started = time.perf_counter()
-        plan = plans.get(request.match_info.route) or unplanned(request)
+        current = plan
+        if current is None:
+            label = request.method if request.method in _METHODS else "OTHER"
+            current = unmatched.get(label)
+            if current is None:
+                current = unmatched[label] = _Plan(label, "unmatched", None)
         status = 500
         try:
             try:
-                if plan.roles is None:  # public route, or no route (404/405 from aiohttp)
+                if current.roles is None:  # public route, or no route (404/405)
                     response = await handler(request)
                 else:
                     if hot.app is None:  # before on_startup bound it (an app driven by hand)
@@ -255,15 +245,15 @@ def gateway_middleware(plans: dict[AbstractRoute, _Plan], hot: _Hot, table: dict
                     quotas = hot.quotas
                     if not quotas.take_local(who.tenant):  # a batch in hand: no await (the 304 path)
                         await quotas.take(who.tenant)
-                    response = _admit(request, plan, who, rate, hot)
+                    response = _admit(request, current, who, rate, hot)
                     if response is None:
                         request[CALLER] = who
                         acting = identity.current.set(who)  # `identity.acting_as` without its generator: hot path
                         try:
-                            if plan.slot is not None:
-                                async with quotas.slot(who.tenant, plan.slot):
+                            if current.slot is not None:
+                                async with quotas.slot(who.tenant, current.slot):
                                     response = await handler(request)
-                            elif plan.unsafe:
+                            elif current.unsafe:
                                 response = await _forgetting(request, handler, hot.validators, who.tenant)
                             else:
                                 response = await handler(request)
@@ -284,16 +274,34 @@ def gateway_middleware(plans: dict[AbstractRoute, _Plan], hot: _Hot, table: dict
             raise
         finally:
             elapsed = time.perf_counter() - started
-            observed = plan.observed_for(status)
+            observed = current.observed_for(status)
             observed.count.value += 1
             observed.latency.observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("%s %s %d %.1fms", request.method, request.path_qs, status, elapsed * 1000,
-                                extra={"method": request.method, "route": plan.name, "status": status,
+                                extra={"method": request.method, "route": current.name, "status": status,
                                        "duration_ms": round(elapsed * 1000, 3)})
             logs.request_id.reset(token)
 
-    return middleware
+    return routed
+
+
+# The catch-all route, registered last: aiohttp tries it after every other route (its index is "/", the
+# last prefix it walks), so it sees exactly the requests no route takes.
+NO_ROUTE = "/{tail:.*}"
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """404, or 405 with Allow when another method has a route there (what aiohttp answers without a
+    catch-all; the pipeline gives it the one error shape)."""
+    allowed: set[str] = set()
+    here = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not here:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def client_address(request: web.Request, trusted_hops: int) -> str:
@@ -434,13 +442,8 @@ def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -
     table = routes.all_routes()
     served = _with_head(table)
     provider = tracing.tracer_provider(settings, "llmp-gateway", span_exporter)
-    plans: dict[AbstractRoute, _Plan] = {}
-    hot = _Hot()
-    middlewares = [gateway_middleware(plans, hot, {(route.method, route.path): route for route in served},
-                                      tracing=provider is not None)]
-    if provider is not None:
-        middlewares.insert(0, server_spans(provider))
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[server_spans(provider)] if provider is not None else [],
+                          client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = RateLimiter(rate=50, burst=100)
     app[IP_LIMITER] = RateLimiter(rate=settings.ip_rate_limit, burst=int(2 * settings.ip_rate_limit),
@@ -451,12 +454,14 @@ def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -
     app[DRAINING] = asyncio.Event()
     app.on_shutdown.append(_draining)
     app.cleanup_ctx.append(_resources(provider))
+    hot = _Hot()
 
     async def bind(app: web.Application) -> None:  # after cleanup_ctx's start (it runs first): KEYS, QUOTAS
         hot.bind(app)
 
     app.on_startup.append(bind)
     for route in served:
-        added = app.router.add_route(route.method, route.path, route.handler)
-        plans[added] = _Plan(route.method, added.resource.canonical, route)
+        plan = _Plan(route.method, route.path, route)
+        app.router.add_route(route.method, route.path, pipeline(plan, route.handler, hot, tracing=provider is not None))
+    app.router.add_route("*", NO_ROUTE, pipeline(None, _no_route, hot, tracing=provider is not None))
     return app
