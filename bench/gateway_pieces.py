@@ -85,6 +85,31 @@ async def _resolved(app: web.Application, path: str, headers: dict[str, str]) ->
     return request
 
 
+async def _constant(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+@web.middleware
+async def _noop(request: web.Request, handler) -> web.StreamResponse:
+    return await handler(request)
+
+
+async def _middleware_cost() -> float:
+    """Any middleware costs every request aiohttp's chain (a cached build, partials, its current-app middleware)."""
+    costs = []
+    for middlewares in ([], [_noop]):
+        app = web.Application(middlewares=middlewares)
+        app.router.add_get("/constant", _constant)
+        app.freeze()
+        fresh = _fresh_source(await _resolved(app, "/constant", {}))
+
+        async def handle(app=app, fresh=fresh) -> web.StreamResponse:
+            return await app._handle(fresh())
+
+        costs.append(await _best_async(handle))
+    return costs[1] - costs[0]
+
+
 async def measure(app: web.Application, bare: web.Application, path: str, header_lines: list[str]
                   ) -> list[tuple[str, float]]:
     """(piece, µs per request) for the gateway's 304 path and, for comparison, the bare handler's."""
@@ -136,6 +161,8 @@ async def measure(app: web.Application, bare: web.Application, path: str, header
     piece("route resolution (aiohttp router), bare",
           await _best_async(lambda: bare.router.resolve(clone_bare())) - clone_bare_cost)
 
+    piece("aiohttp middleware chain (what one no-op middleware adds to the bare app)", await _middleware_cost())
+
     ids, request_id = gateway_app._request_ids, gateway_app.logs.request_id
 
     def request_id_piece(n: int) -> None:
@@ -173,6 +200,18 @@ async def measure(app: web.Application, bare: web.Application, path: str, header
 
     response_only = _best(lambda n: [web.Response(status=304, headers=found) for _ in range(n)])
     piece("request id, nosniff and Cache-Control headers on the response", _best(extra_headers) - response_only)
+
+    from aiohttp.http_writer import _serialize_headers
+
+    sent = (await handle()).headers
+    bare_sent = (await handle_bare()).headers
+    for headers_out in (sent, bare_sent):  # what `prepare` adds to both
+        headers_out["Date"], headers_out["Server"] = "Sun, 06 Dec 2026 05:00:00 GMT", "Python/3.11 aiohttp/3.14.5"
+    bare_sent["Content-Length"] = "2"
+    piece(f"response head serialised, gateway ({len(_serialize_headers('HTTP/1.1 304 Not Modified', sent))} bytes)",
+          _best(lambda n: [_serialize_headers("HTTP/1.1 304 Not Modified", sent) for _ in range(n)]))
+    piece(f"response head serialised, bare ({len(_serialize_headers('HTTP/1.1 200 OK', bare_sent))} bytes)",
+          _best(lambda n: [_serialize_headers("HTTP/1.1 200 OK", bare_sent) for _ in range(n)]))
 
     def metrics(n: int) -> None:
         for _ in range(n):
