@@ -218,6 +218,8 @@ async def run(options: argparse.Namespace) -> None:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     project, baseline = best["project"], best["baseline"]
+    if not options.rounds:  # --rounds 0: only --pieces or --profile
+        return
     harness.report("gateway", project, baseline, "req/s",
                    f"a bare aiohttp handler returning a constant, same machine and load process, {options.connections} "
                    "keep-alive connections; project = authenticated GET of a READY dataset version with If-None-Match "
@@ -250,7 +252,8 @@ async def _no_lineage(tenant: str, name: str, version: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one measurement (default 4)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; the best counts (default 3; 0: only --pieces/--profile)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--pieces", action="store_true",
                         help="first time each piece of the 304 path in-process (bench/gateway_pieces.py), in µs")
