@@ -4,9 +4,9 @@ One run, one SeaweedFS (started here on free ports), one PostgreSQL database (cr
 server at LLMP_DATABASE_URL's host, dropped after), the dataset service in-process on a free port, and
 in this same process two aiohttp servers on free ports:
 
-- project:  the gateway (`init_app`, its whole middleware: request id + metrics + access log (off at
-  WARNING, as here), error bodies, API key authentication with a developer key, role check, per-key
-  rate limit set out of the way, query check, the conditional-GET fast path) answering
+- project:  the gateway (`init_app`, its whole per-request pipeline: request id + metrics + access log (off
+  at WARNING, as here), error bodies, API key authentication with a developer key, tenant quota, role
+  check, per-key rate limit set out of the way, query and path checks, the conditional-GET fast path) answering
   `GET /v1/datasets/{name}/versions/1` with `If-None-Match: <its ETag>` → 304. A READY dataset version
   is immutable, so after the first GET the gateway answers revalidations itself, without a gRPC round
   trip (see `gateway.http.ValidatorCache`);
@@ -15,8 +15,11 @@ in this same process two aiohttp servers on free ports:
 
 The load comes from a separate process (`--load`), the same for both: a raw asyncio HTTP/1.1 client
 holding `--connections` keep-alive connections, each sending the next request when the previous answer
-is complete. Best of `--rounds` interleaved rounds of `--seconds` each; requests per second; the BENCH
-line's ratio is project / baseline (higher is better).
+is complete. Best of `--rounds` interleaved rounds of `--seconds` each, every round's ratio printed;
+requests per second; the BENCH line's ratio is project / baseline (higher is better).
+
+`--pieces` first times each piece of the 304 path in-process, in µs (bench/gateway_pieces.py); `--profile
+FILE` runs one project round under cProfile. Both are for finding the cost, not for the figure.
 """
 
 from __future__ import annotations
@@ -111,8 +114,9 @@ def load_main(options: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
-def _measure(port: int, path: str, headers: list[str], expect: int, options: argparse.Namespace) -> float:
-    """Requests/s the load process got, every answer having status `expect`."""
+def _measure(port: int, path: str, headers: list[str], expect: int, options: argparse.Namespace
+             ) -> tuple[float, int]:
+    """Requests/s the load process got, and how many answers, every answer having status `expect`."""
     command = [sys.executable, "-m", "bench.gateway", "--load", "--host", "127.0.0.1", "--port", str(port),
                "--path", path, "--seconds", str(options.seconds), "--connections", str(options.connections)]
     for header in headers:
@@ -122,7 +126,16 @@ def _measure(port: int, path: str, headers: list[str], expect: int, options: arg
     statuses = result["statuses"]
     if set(statuses) != {str(expect)}:
         raise RuntimeError(f"expected only {expect} answers from {path}, got {statuses}")
-    return statuses[str(expect)] / result["seconds"]
+    return statuses[str(expect)] / result["seconds"], statuses[str(expect)]
+
+
+async def _measure_with_cpu(port: int, path: str, headers: list[str], expect: int, options: argparse.Namespace
+                            ) -> tuple[float, float]:
+    """Requests/s, and the CPU time this process (the servers; the load is another process) spent per request
+    in µs: on a shared machine the rate falls with the neighbours' load, the CPU per request much less."""
+    cpu = time.process_time()
+    rate, answered = await asyncio.to_thread(_measure, port, path, headers, expect, options)
+    return rate, (time.process_time() - cpu) / answered * 1e6
 
 
 # -- the servers under test ------------------------------------------------------------------------
@@ -199,16 +212,20 @@ async def run(options: argparse.Namespace) -> None:
             if options.profile:
                 await _profiled_round(options, gateway_port, path, headers)
             best = {"project": 0.0, "baseline": 0.0}
-            ratios = []
+            ratios, cpu_ratios = [], []
             for round_no in range(options.rounds):
-                baseline = await asyncio.to_thread(_measure, bare_port, "/constant", [], 200, options)
-                project = await asyncio.to_thread(_measure, gateway_port, path, headers, 304, options)
+                baseline, baseline_cpu = await _measure_with_cpu(bare_port, "/constant", [], 200, options)
+                project, project_cpu = await _measure_with_cpu(gateway_port, path, headers, 304, options)
                 best = {"project": max(best["project"], project), "baseline": max(best["baseline"], baseline)}
                 ratios.append(project / baseline)
+                cpu_ratios.append(baseline_cpu / project_cpu)
                 load = " ".join(f"{value:.2f}" for value in os.getloadavg())
                 print(f"round {round_no + 1}: project {project:.0f} req/s, baseline {baseline:.0f} req/s "
-                      f"(ratio {project / baseline:.2f}, load average {load})", flush=True)
+                      f"(ratio {project / baseline:.2f}, load average {load}); server CPU per request: project "
+                      f"{project_cpu:.1f} µs, baseline {baseline_cpu:.1f} µs (ratio {baseline_cpu / project_cpu:.2f})",
+                      flush=True)
             harness.rounds("gateway", ratios)
+            harness.rounds("gateway, server CPU per request (baseline / project)", cpu_ratios)
         finally:
             for runner in runners:
                 await runner.cleanup()
@@ -236,7 +253,7 @@ async def _profiled_round(options: argparse.Namespace, port: int, path: str, hea
     profiler.enable()
     try:
         # `_measure` waits in a worker thread (not profiled); the gateway's loop runs in this one.
-        rate = await asyncio.to_thread(_measure, port, path, headers, 304, options)
+        rate, _ = await asyncio.to_thread(_measure, port, path, headers, 304, options)
     finally:
         profiler.disable()
     profiler.dump_stats(options.profile)
