@@ -286,6 +286,22 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
     return routed
 
 
+def _candidates(request: web.Request):
+    """The resources aiohttp's router tried for this path: those indexed under each of its prefixes (its
+    own walk, `UrlDispatcher.resolve`), so a 404 costs what it did without the catch-all rather than a
+    try of every route; every resource where that index is not there."""
+    index = getattr(request.app.router, "_resource_index", None)
+    if index is None:
+        yield from request.app.router.resources()
+        return
+    url_part = request.rel_url.path_safe
+    while url_part:
+        yield from index.get(url_part, ())
+        if url_part == "/":
+            break
+        url_part = url_part.rpartition("/")[0] or "/"
+
+
 # The catch-all route, registered last: aiohttp tries it after every other route (its index is "/", the
 # last prefix it walks), so it sees exactly the requests no route takes.
 NO_ROUTE = "/{tail:.*}"
@@ -296,7 +312,7 @@ async def _no_route(request: web.Request) -> web.StreamResponse:
     catch-all; the pipeline gives it the one error shape)."""
     allowed: set[str] = set()
     here = request.match_info.route.resource
-    for resource in request.app.router.resources():
+    for resource in _candidates(request):
         if resource is not here:
             allowed |= (await resource.resolve(request))[1]
     if allowed:
