@@ -4,9 +4,9 @@ One run, one SeaweedFS (started here on free ports), one PostgreSQL database (cr
 server at LLMP_DATABASE_URL's host, dropped after), the dataset service in-process on a free port, and
 in this same process two aiohttp servers on free ports:
 
-- project:  the gateway (`init_app`, its whole middleware: request id + metrics + access log (off at
-  WARNING, as here), error bodies, API key authentication with a developer key, role check, per-key
-  rate limit set out of the way, query check, the conditional-GET fast path) answering
+- project:  the gateway (`init_app`, its whole per-request pipeline: request id + metrics + access log (off
+  at WARNING, as here), error bodies, API key authentication with a developer key, tenant quota, role
+  check, per-key rate limit set out of the way, query and path checks, the conditional-GET fast path) answering
   `GET /v1/datasets/{name}/versions/1` with `If-None-Match: <its ETag>` → 304. A READY dataset version
   is immutable, so after the first GET the gateway answers revalidations itself, without a gRPC round
   trip (see `gateway.http.ValidatorCache`);
@@ -15,8 +15,11 @@ in this same process two aiohttp servers on free ports:
 
 The load comes from a separate process (`--load`), the same for both: a raw asyncio HTTP/1.1 client
 holding `--connections` keep-alive connections, each sending the next request when the previous answer
-is complete. Best of `--rounds` interleaved rounds of `--seconds` each; requests per second; the BENCH
-line's ratio is project / baseline (higher is better).
+is complete. Best of `--rounds` interleaved rounds of `--seconds` each, every round's ratio printed;
+requests per second; the BENCH line's ratio is project / baseline (higher is better).
+
+`--pieces` first times each piece of the 304 path in-process, in µs (bench/gateway_pieces.py); `--profile
+FILE` runs one project round under cProfile. Both are for finding the cost, not for the figure.
 """
 
 from __future__ import annotations
@@ -111,8 +114,9 @@ def load_main(options: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
-def _measure(port: int, path: str, headers: list[str], expect: int, options: argparse.Namespace) -> float:
-    """Requests/s the load process got, every answer having status `expect`."""
+def _measure(port: int, path: str, headers: list[str], expect: int, options: argparse.Namespace
+             ) -> tuple[float, int]:
+    """Requests/s the load process got, and how many answers, every answer having status `expect`."""
     command = [sys.executable, "-m", "bench.gateway", "--load", "--host", "127.0.0.1", "--port", str(port),
                "--path", path, "--seconds", str(options.seconds), "--connections", str(options.connections)]
     for header in headers:
@@ -122,7 +126,16 @@ def _measure(port: int, path: str, headers: list[str], expect: int, options: arg
     statuses = result["statuses"]
     if set(statuses) != {str(expect)}:
         raise RuntimeError(f"expected only {expect} answers from {path}, got {statuses}")
-    return statuses[str(expect)] / result["seconds"]
+    return statuses[str(expect)] / result["seconds"], statuses[str(expect)]
+
+
+async def _measure_with_cpu(port: int, path: str, headers: list[str], expect: int, options: argparse.Namespace
+                            ) -> tuple[float, float]:
+    """Requests/s, and the CPU time this process (the servers; the load is another process) spent per request
+    in µs: on a shared machine the rate falls with the neighbours' load, the CPU per request much less."""
+    cpu = time.process_time()
+    rate, answered = await asyncio.to_thread(_measure, port, path, headers, expect, options)
+    return rate, (time.process_time() - cpu) / answered * 1e6
 
 
 # -- the servers under test ------------------------------------------------------------------------
@@ -192,14 +205,27 @@ async def run(options: argparse.Namespace) -> None:
             bare_runner, bare_port = await _serve(bare)
             runners = [gateway_runner, bare_runner]
             path, headers = await _prepare(gateway_port)
+            if options.pieces:
+                from bench import gateway_pieces
+
+                await gateway_pieces.report(gateway_runner.app, bare, path, headers)
+            if options.profile:
+                await _profiled_round(options, gateway_port, path, headers)
             best = {"project": 0.0, "baseline": 0.0}
+            ratios, cpu_ratios = [], []
             for round_no in range(options.rounds):
-                baseline = await asyncio.to_thread(_measure, bare_port, "/constant", [], 200, options)
-                project = await asyncio.to_thread(_measure, gateway_port, path, headers, 304, options)
+                baseline, baseline_cpu = await _measure_with_cpu(bare_port, "/constant", [], 200, options)
+                project, project_cpu = await _measure_with_cpu(gateway_port, path, headers, 304, options)
                 best = {"project": max(best["project"], project), "baseline": max(best["baseline"], baseline)}
+                ratios.append(project / baseline)
+                cpu_ratios.append(baseline_cpu / project_cpu)
                 load = " ".join(f"{value:.2f}" for value in os.getloadavg())
                 print(f"round {round_no + 1}: project {project:.0f} req/s, baseline {baseline:.0f} req/s "
-                      f"(ratio {project / baseline:.2f}, load average {load})", flush=True)
+                      f"(ratio {project / baseline:.2f}, load average {load}); server CPU per request: project "
+                      f"{project_cpu:.1f} µs, baseline {baseline_cpu:.1f} µs (ratio {baseline_cpu / project_cpu:.2f})",
+                      flush=True)
+            harness.rounds("gateway", ratios)
+            harness.rounds("gateway, server CPU per request (baseline / project)", cpu_ratios)
         finally:
             for runner in runners:
                 await runner.cleanup()
@@ -209,10 +235,31 @@ async def run(options: argparse.Namespace) -> None:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     project, baseline = best["project"], best["baseline"]
+    if not options.rounds:  # --rounds 0: only --pieces or --profile
+        return
     harness.report("gateway", project, baseline, "req/s",
                    f"a bare aiohttp handler returning a constant, same machine and load process, {options.connections} "
                    "keep-alive connections; project = authenticated GET of a READY dataset version with If-None-Match "
                    "answered 304 through every gateway middleware", digits=0)
+
+
+async def _profiled_round(options: argparse.Namespace, port: int, path: str, headers: list[str]) -> None:
+    """One project round with cProfile on in this process (the gateway's event loop; the load is elsewhere):
+    where the gateway's time per request goes, aiohttp's own included. Written to `options.profile`."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        # `_measure` waits in a worker thread (not profiled); the gateway's loop runs in this one.
+        rate, _ = await asyncio.to_thread(_measure, port, path, headers, 304, options)
+    finally:
+        profiler.disable()
+    profiler.dump_stats(options.profile)
+    stats = pstats.Stats(profiler)
+    print(f"profiled round: {rate:.0f} req/s under cProfile; stats in {options.profile}")
+    stats.sort_stats("tottime").print_stats(30)
 
 
 async def _no_lineage(tenant: str, name: str, version: int) -> list[str]:
@@ -222,8 +269,12 @@ async def _no_lineage(tenant: str, name: str, version: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one measurement (default 4)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; the best counts (default 3; 0: only --pieces/--profile)")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--pieces", action="store_true",
+                        help="first time each piece of the 304 path in-process (bench/gateway_pieces.py), in µs")
+    parser.add_argument("--profile", metavar="FILE", help="first run one project round under cProfile, stats to FILE")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)  # the load process
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -1,11 +1,11 @@
 """The REST gateway: `init_app(settings)` builds the aiohttp application.
 
-Middlewares, outermost first: (OpenTelemetry server span, only when tracing is on), then one
-middleware for everything else (`gateway_middleware`): request id + access metrics + access log +
-default Cache-Control, errors → one JSON body, authentication, rate limit, role check and query
-parameter names, ending in the conditional-GET fast path (`ValidatorCache`: a 304 for an immutable
-representation without a service call). One middleware, not a chain, because this is the hot path
-`bench/gateway.py` measures. Every GET route also answers HEAD. Resources (the key store's
+Every route's view is registered wrapped in one pipeline (`pipeline`): request id + access metrics +
+access log + default Cache-Control, errors → one JSON body, authentication, rate limit, role check and
+query parameter names, ending in the conditional-GET fast path (`ValidatorCache`: a 304 for an
+immutable representation without a service call); a catch-all route gives 404/405 the same pipeline.
+No aiohttp middleware (but the OpenTelemetry server span, only when tracing is on), because this is the
+hot path `bench/gateway.py` measures. Every GET route also answers HEAD. Resources (the key store's
 pool, the gRPC channels, the tracer provider) are owned through `cleanup_ctx`; typed `web.AppKey`s
 hold them.
 
@@ -103,6 +103,48 @@ def _observed_for(method: str, route: str, status: int) -> _Observed:
     return found
 
 
+class _Plan:
+    """Everything about one aiohttp route the middleware needs per request, worked out once at start-up
+    from its `Route` (roles, query and path checks, concurrency slot, conditional GET) rather than per
+    request: the 304 path does a dict lookup here instead of string tests and table lookups."""
+
+    __slots__ = ("method", "name", "route", "roles", "required_query", "path_checks", "slot", "unsafe",
+                 "conditional", "observed")
+
+    def __init__(self, method: str, name: str, route: Route | None) -> None:
+        self.method, self.name, self.route = method, name, route
+        protected = route is not None and bool(route.roles)
+        # None: public (or no route: aiohttp's 404/405); else the roles allowed, admin always among them.
+        self.roles = frozenset((*route.roles, "admin")) if protected else None
+        self.required_query = bool(route.required_query) if protected else False
+        self.path_checks = protected and "{" in route.path
+        self.slot = slot_kind(method, name)
+        self.unsafe = method in UNSAFE
+        self.conditional = method in ("GET", "HEAD")
+        self.observed: dict[int, _Observed] = {}
+
+    def observed_for(self, status: int) -> _Observed:
+        found = self.observed.get(status)
+        if found is None:
+            found = self.observed[status] = _observed_for(self.method, self.name, status)
+        return found
+
+
+class _Hot:
+    """The app's objects the middleware uses on every request, bound once the app has started (its
+    resources come from `cleanup_ctx`), so a request reads attributes instead of `request.app[...]`."""
+
+    __slots__ = ("app", "keys", "quotas", "limiter", "ip_limiter", "validators", "trusted_hops")
+
+    def __init__(self) -> None:
+        self.app = None
+
+    def bind(self, app: web.Application) -> None:
+        self.app, self.keys, self.quotas, self.limiter = app, app[KEYS], app[QUOTAS], app[LIMITER]
+        self.ip_limiter, self.validators = app[IP_LIMITER], app[VALIDATORS]
+        self.trusted_hops = app[SETTINGS].trusted_proxy_hops
+
+
 def _request_id_source() -> Iterator[str]:
     """Unique request ids without a system call each: a random per-process prefix and a counter."""
     prefix = uuid.uuid4().hex[:16]
@@ -147,9 +189,8 @@ def error_body(request: web.Request, error: Exception) -> web.Response:
     return render(errors.Internal(f"internal error (request id {logs.request_id.get()})"))
 
 
-def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
-    """The whole per-request pipeline in one middleware (one await instead of three; this is the path
-    `bench/gateway.py` measures), in this order:
+def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
+    """`handler` (a route's view) wrapped in the whole per-request pipeline, in this order:
 
     1. request id in and out (every log line, the trace span, `X-Request-Id`), Prometheus count and
        latency, an access log line (only when `llmp.access` logs at INFO), `X-Content-Type-Options:
@@ -165,46 +206,55 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
        (`ValidatorCache`, keyed by the caller's tenant) is answered 304 here, with the ETag,
        Cache-Control and Vary the 200 carries, without calling a service. Unsafe requests forget their
        path there.
-    """
 
-    @web.middleware
-    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+    Each route is registered already wrapped, with what it needs worked out once (`_Plan`), rather than
+    through an aiohttp middleware: any middleware costs every request aiohttp's middleware chain (a
+    cached build, partials, its own current-app middleware), about a fifth of the gateway's own time on
+    the 304 path (bench/RESULTS.md). `plan` None: the catch-all route that answers 404/405 (`_no_route`).
+    The app's objects are read from `hot`, not `request.app[...]`.
+    """
+    unmatched: dict[str, _Plan] = {}  # by method label (at most len(_METHODS) + 1 entries)
+
+    async def routed(request: web.Request) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or next(_request_ids)
         token = logs.request_id.set(request_id)
         if tracing:
             trace.get_current_span().set_attribute("llmp.request_id", request_id)
         started = time.perf_counter()
-        method = request.method
-        resource = request.match_info.route.resource
-        name = resource.canonical if resource is not None else "unmatched"
+        current = plan
+        if current is None:
+            label = request.method if request.method in _METHODS else "OTHER"
+            current = unmatched.get(label)
+            if current is None:
+                current = unmatched[label] = _Plan(label, "unmatched", None)
         status = 500
         try:
             try:
-                route = table.get((method, name))
-                if route is None or not route.roles:  # public route, or no route (404/405 from aiohttp)
+                if current.roles is None:  # public route, or no route (404/405)
                     response = await handler(request)
                 else:
+                    if hot.app is None:  # before on_startup bound it (an app driven by hand)
+                        hot.bind(request.app)
                     key = _bearer(request)
-                    app = request.app
-                    keys = app[KEYS]
+                    keys = hot.keys
                     known = keys.cached(key)
                     if known is None:
-                        app[IP_LIMITER].take(client_address(request, app[SETTINGS].trusted_proxy_hops))
+                        hot.ip_limiter.take(client_address(request, hot.trusted_hops))
                         known = await keys.authenticate(key)
                     who, rate = known
-                    quotas = app[QUOTAS]
+                    quotas = hot.quotas
                     if not quotas.take_local(who.tenant):  # a batch in hand: no await (the 304 path)
                         await quotas.take(who.tenant)
-                    response = _admit(request, route, method, name, who, rate)
+                    response = _admit(request, current, who, rate, hot)
                     if response is None:
+                        request[CALLER] = who
                         acting = identity.current.set(who)  # `identity.acting_as` without its generator: hot path
                         try:
-                            kind = slot_kind(method, name)
-                            if kind is not None:
-                                async with quotas.slot(who.tenant, kind):
+                            if current.slot is not None:
+                                async with quotas.slot(who.tenant, current.slot):
                                     response = await handler(request)
-                            elif method in UNSAFE:
-                                response = await _forgetting(request, handler, app[VALIDATORS], who.tenant)
+                            elif current.unsafe:
+                                response = await _forgetting(request, handler, hot.validators, who.tenant)
                             else:
                                 response = await handler(request)
                         finally:
@@ -223,17 +273,51 @@ def gateway_middleware(table: dict[tuple[str, str], Route], *, tracing: bool):
             status = redirect.status
             raise
         finally:
-            observed = _observed_for(method if method in _METHODS else "OTHER", name, status)
             elapsed = time.perf_counter() - started
+            observed = current.observed_for(status)
             observed.count.value += 1
             observed.latency.observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info("%s %s %d %.1fms", method, request.path_qs, status, elapsed * 1000,
-                                extra={"method": method, "route": name, "status": status,
+                access_log.info("%s %s %d %.1fms", request.method, request.path_qs, status, elapsed * 1000,
+                                extra={"method": request.method, "route": current.name, "status": status,
                                        "duration_ms": round(elapsed * 1000, 3)})
             logs.request_id.reset(token)
 
-    return middleware
+    return routed
+
+
+def _candidates(request: web.Request):
+    """The resources aiohttp's router tried for this path: those indexed under each of its prefixes (its
+    own walk, `UrlDispatcher.resolve`), so a 404 costs what it did without the catch-all rather than a
+    try of every route; every resource where that index is not there."""
+    index = getattr(request.app.router, "_resource_index", None)
+    if index is None:
+        yield from request.app.router.resources()
+        return
+    url_part = request.rel_url.path_safe
+    while url_part:
+        yield from index.get(url_part, ())
+        if url_part == "/":
+            break
+        url_part = url_part.rpartition("/")[0] or "/"
+
+
+# The catch-all route, registered last: aiohttp tries it after every other route (its index is "/", the
+# last prefix it walks), so it sees exactly the requests no route takes.
+NO_ROUTE = "/{tail:.*}"
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """404, or 405 with Allow when another method has a route there (what aiohttp answers without a
+    catch-all; the pipeline gives it the one error shape)."""
+    allowed: set[str] = set()
+    here = request.match_info.route.resource
+    for resource in _candidates(request):
+        if resource is not here:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def client_address(request: web.Request, trusted_hops: int) -> str:
@@ -255,24 +339,22 @@ def _bearer(request: web.Request) -> str:
     return key
 
 
-def _admit(request: web.Request, route: Route, method: str, name: str, who: Caller, rate: float
-           ) -> web.Response | None:
+def _admit(request: web.Request, plan: _Plan, who: Caller, rate: float, hot: _Hot) -> web.Response | None:
     """Rate limit, role and query check for an authenticated caller; then the conditional-GET fast path:
     the 304 to send without calling the handler, or None to call it. Raises the error that refuses it."""
-    app = request.app
     if rate:  # before the role check, so a key hammering forbidden routes is limited too
-        app[LIMITER].take(who.key_id, rate)
-    if who.role != "admin" and who.role not in route.roles:
-        raise errors.PermissionDenied(f"role {who.role} may not call {method} {name}")
-    if request.query_string or route.required_query:
+        hot.limiter.take(who.key_id, rate)
+    if who.role not in plan.roles:
+        raise errors.PermissionDenied(f"role {who.role} may not call {plan.method} {plan.name}")
+    route = plan.route
+    if plan.required_query or request.query_string:
         validate_query(route, request.query)
-    if "{" in route.path:
+    if plan.path_checks:
         validate_path(route, request.match_info)
-    request[CALLER] = who
-    if method == "GET" or method == "HEAD":
+    if plan.conditional:
         condition = request.headers.get("If-None-Match")
         if condition is not None:
-            headers = app[VALIDATORS].lookup(who.tenant, request.path_qs)
+            headers = hot.validators.lookup(who.tenant, request.path_qs)
             if headers is not None and none_match(condition, headers["ETag"]):
                 _REVALIDATED.value += 1
                 return web.Response(status=304, headers=headers)
@@ -376,11 +458,8 @@ def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -
     table = routes.all_routes()
     served = _with_head(table)
     provider = tracing.tracer_provider(settings, "llmp-gateway", span_exporter)
-    middlewares = [gateway_middleware({(route.method, route.path): route for route in served},
-                                      tracing=provider is not None)]
-    if provider is not None:
-        middlewares.insert(0, server_spans(provider))
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[server_spans(provider)] if provider is not None else [],
+                          client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = RateLimiter(rate=50, burst=100)
     app[IP_LIMITER] = RateLimiter(rate=settings.ip_rate_limit, burst=int(2 * settings.ip_rate_limit),
@@ -391,6 +470,14 @@ def init_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -
     app[DRAINING] = asyncio.Event()
     app.on_shutdown.append(_draining)
     app.cleanup_ctx.append(_resources(provider))
+    hot = _Hot()
+
+    async def bind(app: web.Application) -> None:  # after cleanup_ctx's start (it runs first): KEYS, QUOTAS
+        hot.bind(app)
+
+    app.on_startup.append(bind)
     for route in served:
-        app.router.add_route(route.method, route.path, route.handler)
+        plan = _Plan(route.method, route.path, route)
+        app.router.add_route(route.method, route.path, pipeline(plan, route.handler, hot, tracing=provider is not None))
+    app.router.add_route("*", NO_ROUTE, pipeline(None, _no_route, hot, tracing=provider is not None))
     return app

@@ -76,6 +76,7 @@ _FIELD_CHECKS = {
     "n": lambda v: type(v) is int and v == 1,
 }
 CACHE_HITS = Counter("llmp_completion_cache_total", "Deterministic completion cache lookups", ["result"])
+_HIT, _MISS = CACHE_HITS.labels("hit"), CACHE_HITS.labels("miss")  # looked up once, not per request
 # All tenants together, on purpose: /metrics is public (scrapers carry no key), so no label may carry a name
 # a tenant chose. A deployment's own figures are GET /v1/deployments/{name}/metrics, for its tenant only.
 TOKENS = Counter("llmp_completion_tokens_total", "Tokens the gateway served, all tenants together", ["kind"])
@@ -156,9 +157,8 @@ async def complete(request: web.Request) -> web.StreamResponse:
     if not _plainly_valid(body):
         validate(body, COMPLETION)
     routing_key = body.get("user") or request.headers.get("X-Request-Id", "")
-    message = _generate_request(body, routing_key)
     if body.get("stream"):
-        return await _stream(request, body, message)
+        return await _stream(request, body, _generate_request(body, routing_key))
     cache_key = None
     if body.get("temperature", 1.0) == 0:
         deployment = await clients(request).inference.GetDeployment(
@@ -168,9 +168,10 @@ async def complete(request: web.Request) -> web.StreamResponse:
         cache_key = hashlib.sha256(f"{tenant}|{deployment.deployment.etag}|{canonical}".encode()).hexdigest()
         cached = request.app[CACHE].get(cache_key)
         if cached is not None:
-            CACHE_HITS.labels("hit").inc()
+            _HIT.inc()
             return json_response(request, cached, cache_control="no-store", headers={"X-Cache": "hit"})
-        CACHE_HITS.labels("miss").inc()
+        _MISS.inc()
+    message = _generate_request(body, routing_key)  # only on a miss: a hit sends nothing to generate
     response = await clients(request).inference.Generate(message, timeout=120,
                                                           metadata=_deployment_metadata(request, body))
     completion = response.completion

@@ -96,3 +96,32 @@ async def test_rate_limit_answers_429_with_retry_after(client):
             assert int(response.headers["Retry-After"]) >= 1
             break
     assert statuses[-1] == 429 and set(statuses[:-1]) == {403}
+
+
+async def test_requests_no_route_takes_get_the_pipeline_and_the_allowed_methods(client):
+    """The catch-all route (gateway.app.NO_ROUTE) answers what aiohttp would, 404 or 405 with the route's
+    methods in Allow, with the error shape, a request id, nosniff and the `unmatched` metrics label."""
+    from prometheus_client import REGISTRY
+
+    def counted(method: str, status: str) -> float:
+        labels = {"method": method, "route": "unmatched", "status": status}
+        return REGISTRY.get_sample_value("llmp_http_requests_total", labels) or 0.0
+
+    before = counted("PATCH", "405"), counted("GET", "404"), counted("OTHER", "404")
+    wrong = await client.patch("/v1/datasets/some-name/versions/3", headers={"X-Request-Id": "catch-all-1"})
+    assert wrong.status == 405 and (await wrong.json())["error"]["type"] == "invalid_argument"
+    assert set(wrong.headers["Allow"].split(",")) == {"GET", "HEAD", "DELETE"}
+    assert wrong.headers["X-Request-Id"] == "catch-all-1" and wrong.headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/", "/v1", "/v1/datasets/x/y/z/w/v", "/v1/datasets/some-name/versions/3/"):
+        response = await client.get(path) if path != "/" else await client.post(path)
+        expected = 405 if path == "/" else 404
+        assert response.status == expected, path
+        assert (await response.json())["error"]["type"] == ("invalid_argument" if expected == 405 else "not_found")
+        assert response.headers["X-Request-Id"]
+    assert (await client.request("PROPFIND", "/coffee")).status == 404
+    assert counted("PATCH", "405") - before[0] == 1
+    assert counted("GET", "404") - before[1] == 3
+    assert counted("OTHER", "404") - before[2] == 1
+    # A route's own answers are not counted as unmatched.
+    assert (await client.get("/healthz")).status == 200
+    assert counted("GET", "404") - before[1] == 3

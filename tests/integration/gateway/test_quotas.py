@@ -133,3 +133,27 @@ async def test_a_key_found_unknown_is_not_looked_up_again(replicas):
         assert again.status == 401, await again.text()
     finally:
         keys.db = database
+
+
+async def test_a_key_revoked_through_one_replica_stops_working_on_the_other_within_the_cache_bound(
+        replicas, monkeypatch):
+    """Verified keys are cached per replica (`auth.CACHE_SECONDS`, the 304 path's authentication costs no
+    query): the replica that revokes refuses the key at once, another within that bound, never later."""
+    from gateway import auth
+
+    monkeypatch.setattr(auth, "CACHE_SECONDS", 0.6)
+    tenant = f"q{uuid.uuid4().hex[:8]}"
+    created = await replicas[0].post("/v1/api-keys", json={"tenant": tenant, "role": "developer"},
+                                     headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    key = await created.json()
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    for replica in replicas:  # now cached on both
+        assert (await replica.get("/v1/datasets", headers=headers)).status != 401
+    revoked = await replicas[0].delete(f"/v1/api-keys/{key['id']}", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert revoked.status == 204
+    started = time.monotonic()
+    assert (await replicas[0].get("/v1/datasets", headers=headers)).status == 401
+    while (status := (await replicas[1].get("/v1/datasets", headers=headers)).status) != 401:
+        assert time.monotonic() - started < auth.CACHE_SECONDS + 0.5, status  # the bound, and scheduling slack
+        await asyncio.sleep(0.2)
+    assert (await replicas[1].get("/v1/datasets", headers=headers)).status == 401  # remembered as unknown now
