@@ -283,13 +283,24 @@ def pair_stage(work: Work) -> None:
             for group in big:
                 members = rows["record"][starts[group]:starts[group + 1]]
                 _pairs(members, splits[members.astype(np.intp)], found, found_cross)
-            for pairs, partitions, part in ((found, same, lambda p: (p["later"] * ranges // max(records, 1))),
-                                            (found_cross, cross, lambda p: p["later"] & np.uint64(PARTS - 1))):
-                if pairs:
-                    array = np.array(pairs, dtype=np.uint64).view(PAIR_ROW).ravel()
-                    partitions.add(array, part(array).astype(np.intp))
+                if len(found) + len(found_cross) >= BATCH * 8:  # a partition of big buckets: written as it goes
+                    _write_pairs(found, same, records, found_cross, cross)
+            _write_pairs(found, same, records, found_cross, cross)
     same.flush()
     cross.flush()
+
+
+def _write_pairs(found: list, same: Partitions, records: int, found_cross: list, cross: Partitions) -> None:
+    """Same-split pairs to their record range's file, cross-split ones to a hash partition; both lists emptied."""
+    for pairs, partitions in ((found, same), (found_cross, cross)):
+        if pairs:
+            array = np.array(pairs, dtype=np.uint64).view(PAIR_ROW).ravel()
+            if partitions is same:
+                parts = array["later"] * np.uint64(same.parts) // np.uint64(max(records, 1))
+            else:
+                parts = array["later"] & np.uint64(PARTS - 1)
+            partitions.add(array, parts.astype(np.intp))
+            pairs.clear()
 
 
 def _pairs(members: np.ndarray, member_splits: np.ndarray, same: list, cross: list) -> None:

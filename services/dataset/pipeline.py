@@ -1,10 +1,13 @@
 """From a spooled corpus to a folder holding a version's tokenizer and packed shards.
 
-One pass over the corpus parses, normalises, filters and deduplicates the documents, assigns each
-to its split and writes it to that split's spool file; only hashes and MinHash indexes stay in
-memory. Then the leakage check, the tokenizer (trained on the train split, or a registered model's
-copied unchanged) and the packing of every split. `build` is synchronous and CPU-bound: the service runs
-it in a worker thread.
+One pass over the corpus parses, normalises and filters the documents, assigns each to its split and
+writes it to that split's spool file, and its keys, MinHash signature and LSH band keys to partition files
+on disk (`dedup.Scan`). Then the partitioned dedup and leak stages (`dedup.run`: exact duplicates, near
+duplicates, leaks across splits, one status byte per document on disk), the tokenizer (trained on the train
+split, on a seeded sample of it past `TOKENIZER_SAMPLE_BYTES`, or a registered model's copied unchanged) and
+the packing of every split's kept documents. No stage holds per-document state in memory, so a build's peak
+memory does not grow with its number of documents (bench/dataset_scale.py measures it). `build` is
+synchronous and CPU-bound: the service runs it in a worker thread.
 
 Supervised formats (pairs, chat) go through the same steps with a conversation as the unit: its
 messages are normalised one by one, and it is split, deduplicated and leak-checked as one document
