@@ -229,14 +229,19 @@ class Scan:
         splits.tofile(self._splits)
         self._batch = []
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """Writes what is buffered and the status file: the stages can run."""
         self._flush()
         for partitions in (self._exact, self._leak, self._band):
             partitions.flush()
-        self._signatures.close()
-        self._splits.close()
+        self.close()
         with open(self.work.status, "wb") as handle:  # every record kept until a stage says otherwise
             handle.truncate(self.records)
+
+    def close(self) -> None:
+        """Closes the files (again, harmlessly); what is still buffered is dropped, as for a build stopped mid-way."""
+        self._signatures.close()
+        self._splits.close()
 
 
 def _groups(keys: list[np.ndarray]) -> np.ndarray:

@@ -146,6 +146,7 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                 record = scan.add(name, cleaning.exact_key(text), cleaning.leak_key(text),
                                   cleaning.signature(text).hashvalues)
                 spools[name].add(record, text if messages is None else messages)
+        scan.finish()
     finally:
         scan.close()
         for spool in spools.values():

@@ -74,7 +74,7 @@ def partitioned(docs: list[str], threshold: float, folder: Path) -> list[str]:
     for text in docs:
         scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text),
                  cleaning.signature(text).hashvalues)
-    scan.close()
+    scan.finish()
     dedup.run(work, threshold)
     return [dedup.STATUS_NAMES[code] for code in work.status_map()]
 
