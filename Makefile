@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 LLMP := $(VENV)/bin/llmp
 INSTALLED := $(VENV)/.installed
-BENCHES := dataset training registry inference gateway finetune embeddings chat eval
+BENCHES := dataset dataset-scale training registry inference gateway finetune embeddings chat eval
 
 .PHONY: help install protos protos-check lint test test-unit test-integration test-e2e test-reliability \
         up down status demo bench $(addprefix bench-,$(BENCHES)) clean
@@ -83,4 +83,4 @@ bench: $(addprefix bench-,$(BENCHES)) ## every benchmark
 
 # A static pattern rule: make skips implicit-rule search for .PHONY targets, so `bench-%:` alone never ran.
 $(addprefix bench-,$(BENCHES)): bench-%:
-	$(PY) -m bench.$*
+	$(PY) -m bench.$(subst -,_,$*)

@@ -65,9 +65,12 @@ def shingles(text: str) -> set[bytes]:
     return {" ".join(words[i:i + SHINGLE_WORDS]).encode("utf-8") for i in range(len(words) - SHINGLE_WORDS + 1)}
 
 
+_DEFAULT = MinHash(num_perm=NUM_PERM)  # datasketch's permutations for seed 1, drawn once rather than per document
+
+
 def signature(text: str) -> MinHash:
     """MinHash of the document's shingles."""
-    minhash = MinHash(num_perm=NUM_PERM)
+    minhash = MinHash(num_perm=NUM_PERM, permutations=_DEFAULT.permutations, scheme=_DEFAULT.scheme)
     minhash.update_batch(list(shingles(text)))
     return minhash
 

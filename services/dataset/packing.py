@@ -119,18 +119,24 @@ class ExampleWriter:
         self.tokens = ShardWriter(folder, dtype, shard_tokens)
         self.masks = ShardWriter(folder, np.dtype(LOSS_MASK_DTYPE), shard_tokens, file_name=loss_mask_file_name)
         self.index_path = folder / "examples.bin"
-        self.starts: list[int] = []
+        self._index = open(self.index_path, "wb")
+        self.starts: list[int] = []  # not yet written to the index (a split's examples need not fit in memory)
         self.loss_tokens = 0
 
     def write(self, ids: np.ndarray, mask: np.ndarray) -> None:
         self.starts.append(self.tokens.tokens)
+        if len(self.starts) >= 1 << 16:
+            np.asarray(self.starts, dtype=EXAMPLE_INDEX_DTYPE).tofile(self._index)
+            self.starts = []
         self.tokens.write(ids)
         self.masks.write(mask)
         self.loss_tokens += int(mask.sum())
 
     def close(self) -> tuple[list[Path], list[Path], Path]:
         """(token shards, mask shards, example index), the index ending with the split's total."""
-        np.asarray([*self.starts, self.tokens.tokens], dtype=EXAMPLE_INDEX_DTYPE).tofile(self.index_path)
+        np.asarray([*self.starts, self.tokens.tokens], dtype=EXAMPLE_INDEX_DTYPE).tofile(self._index)
+        self.starts = []
+        self._index.close()
         return self.tokens.close(), self.masks.close(), self.index_path
 
 

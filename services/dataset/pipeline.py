@@ -1,10 +1,13 @@
 """From a spooled corpus to a folder holding a version's tokenizer and packed shards.
 
-One pass over the corpus parses, normalises, filters and deduplicates the documents, assigns each
-to its split and writes it to that split's spool file; only hashes and MinHash indexes stay in
-memory. Then the leakage check, the tokenizer (trained on the train split, or a registered model's
-copied unchanged) and the packing of every split. `build` is synchronous and CPU-bound: the service runs
-it in a worker thread.
+One pass over the corpus parses, normalises and filters the documents, assigns each to its split and
+writes it to that split's spool file, and its keys, MinHash signature and LSH band keys to partition files
+on disk (`dedup.Scan`). Then the partitioned dedup and leak stages (`dedup.run`: exact duplicates, near
+duplicates, leaks across splits, one status byte per document on disk), the tokenizer (trained on the train
+split, on a seeded sample of it past `TOKENIZER_SAMPLE_BYTES`, or a registered model's copied unchanged) and
+the packing of every split's kept documents. No stage holds per-document state in memory, so a build's peak
+memory does not grow with its number of documents (bench/dataset_scale.py measures it). `build` is
+synchronous and CPU-bound: the service runs it in a worker thread.
 
 Supervised formats (pairs, chat) go through the same steps with a conversation as the unit: its
 messages are normalised one by one, and it is split, deduplicated and leak-checked as one document
@@ -26,7 +29,7 @@ import numpy as np
 from services.common import cleaning
 from services.common.contracts import SPLITS
 from services.common.errors import ValidationFailed
-from services.dataset import conversations, ingest, packing, splits
+from services.dataset import conversations, dedup, ingest, packing, splits
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 # progress(phase, bytes_done, documents_done)
 ProgressFn = Callable[[str, int, int], None]
 PROGRESS_EVERY = 2000  # documents between progress reports
+PACK_BATCH_CHARS = packing.BATCH_CHARS  # characters tokenized per call when packing (bounds that phase's memory)
 
 
 @dataclass
@@ -84,24 +88,25 @@ class Built:
 
 
 class _SplitSpool:
-    """A split's documents (texts, or conversations as [role, content] lists), one JSON value per line until
-    they are packed."""
+    """A split's documents (texts, or conversations as [role, content] lists) until they are packed: one line
+    each, `<record>\t<JSON value>`, the record number (`dedup.Scan`) saying what became of it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.handle = open(path, "w", encoding="utf-8")
-        self.doc_ids: list[int] = []
 
-    def add(self, doc_id: int, document: str | ingest.Messages) -> None:
+    def add(self, record: int, document: str | ingest.Messages) -> None:
+        self.handle.write(f"{record}\t")
         self.handle.write(json.dumps(document, ensure_ascii=False))
         self.handle.write("\n")
-        self.doc_ids.append(doc_id)
 
-    def documents(self, removed: dict[int, str]) -> Iterator:
+    def documents(self, status: np.ndarray) -> Iterator:
+        """The documents the dedup stages kept, in corpus order."""
         with open(self.path, encoding="utf-8") as handle:
-            for doc_id, line in zip(self.doc_ids, handle, strict=True):
-                if doc_id not in removed:
-                    yield json.loads(line)
+            for line in handle:
+                record, _, value = line.partition("\t")
+                if status[int(record)] == dedup.KEPT:
+                    yield json.loads(value)
 
 
 def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressFn | None = None,
@@ -114,10 +119,8 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
     counts = CleaningCounts()
     results = {name: SplitResult(name) for name in SPLITS}
     spools = {name: _SplitSpool(work / f"{name}.docs.jsonl") for name in SPLITS}
-    indices = {name: splits.SplitIndex(cleaning.NearDuplicateIndex(options.near_dup_threshold)) for name in SPLITS}
-    candidates: dict[str, list[splits.Candidate]] = {name: [] for name in SPLITS[1:]}
-    seen: set[bytes] = set()
-    train_chars: set[str] = set()
+    state = dedup.Work(work / "dedup")
+    scan = dedup.Scan(state, options.near_dup_threshold)
     bytes_done = 0
 
     try:  # the spools are closed whatever happens (a build stopped mid-way raises from `report`)
@@ -139,40 +142,28 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                 if options.max_doc_chars and len(text) > options.max_doc_chars:
                     counts.too_long += 1
                     continue
-                key = cleaning.exact_key(text)
-                if key in seen:
-                    counts.exact_duplicates += 1
-                    continue
-                seen.add(key)
                 name = splits.assign(text, options.split_seed, options.fractions)
-                minhash = cleaning.signature(text)
-                index = indices[name]
-                if index.near.find(minhash):
-                    results[name].near_duplicates += 1
-                    continue
-                doc_id = counts.documents_in
-                index.near.add(doc_id, minhash)
-                spools[name].add(doc_id, text if messages is None else messages)
-                if name == options.fractions.learning_split:
-                    index.leak_keys.add(cleaning.leak_key(text))
-                    train_chars.update(text)
-                else:
-                    candidates[name].append(splits.Candidate(doc_id, cleaning.leak_key(text), minhash))
+                record = scan.add(name, cleaning.exact_key(text), cleaning.leak_key(text),
+                                  cleaning.signature(text).hashvalues)
+                spools[name].add(record, text if messages is None else messages)
+        scan.finish()
     finally:
+        scan.close()
         for spool in spools.values():
             spool.handle.close()
     report("clean", bytes_done, counts.documents_in)
     if counts.documents_in == 0:
         raise ValidationFailed("the corpus holds no documents")
 
-    removed = splits.find_leaks(candidates, indices)
-    del seen, indices, candidates
-    for name in SPLITS[1:]:
-        ids = set(spools[name].doc_ids)
-        results[name].leaked_exact = sum(1 for doc_id, kind in removed.items() if kind == "exact" and doc_id in ids)
-        results[name].leaked_near = sum(1 for doc_id, kind in removed.items() if kind == "near" and doc_id in ids)
-    for name in SPLITS:
-        results[name].documents = len(spools[name].doc_ids) - results[name].leaked_exact - results[name].leaked_near
+    dedup.run(state, options.near_dup_threshold, lambda: report("clean", bytes_done, counts.documents_in))
+    table = dedup.counts(state)
+    status = state.status_map()
+    for index, name in enumerate(SPLITS):
+        results[name].documents = int(table[index, dedup.KEPT])
+        results[name].near_duplicates = int(table[index, dedup.NEAR])
+        results[name].leaked_exact = int(table[index, dedup.LEAKED_EXACT])
+        results[name].leaked_near = int(table[index, dedup.LEAKED_NEAR])
+    counts.exact_duplicates = int(table[:, dedup.EXACT].sum())
     counts.near_duplicates = sum(result.near_duplicates for result in results.values())
     counts.leaked_exact = sum(result.leaked_exact for result in results.values())
     counts.leaked_near = sum(result.leaked_near for result in results.values())
@@ -185,8 +176,7 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                                f"duplicates {counts.exact_duplicates + counts.near_duplicates})")
 
     report("tokenizer", bytes_done, counts.documents_in)
-    loaded, tokenizer_files = _tokenizer(options, spools[learning], removed, train_chars, work / "tokenizer",
-                                         model_tokenizer)
+    loaded, tokenizer_files = _tokenizer(options, spools[learning], status, work / "tokenizer", model_tokenizer)
     tokenizer, info = loaded.tokenizer, loaded.info
     renderer = conversations.Renderer(loaded.chat_template, loaded.special_tokens)
     dtype = packing.dtype_for(info.vocab_size)
@@ -197,7 +187,7 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
 
         def documents(name: str = name, result: SplitResult = result) -> Iterator:
             nonlocal packed
-            for document in spools[name].documents(removed):
+            for document in spools[name].documents(status):
                 text = document if isinstance(document, str) else ingest.conversation_text(document)
                 result.bytes += len(text.encode("utf-8"))
                 packed += 1
@@ -216,20 +206,26 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
         else:
             writer = packing.ShardWriter(work / name, dtype, shard_tokens)
             try:
-                result.tokens = packing.pack(tokenizer, documents(), info.eos_token_id, writer,
+                result.tokens = packing.pack(tokenizer, documents(), info.eos_token_id, writer, PACK_BATCH_CHARS,
                                              add_special_tokens=loaded.add_special_tokens)
             finally:
                 result.shards = writer.close()
         spools[name].path.unlink()
+    shutil.rmtree(state.folder)  # the memory-mapped status is read only by then
     report("pack", bytes_done, packed)
     log.info("built dataset", extra={"documents_in": counts.documents_in, "documents_out": counts.documents_out,
                                      "tokens": sum(r.tokens for r in results.values())})
     return Built(work, results, counts, info, dtype, tokenizer_files)
 
 
-def _tokenizer(options: DatasetOptions, train: _SplitSpool, removed: dict[int, str], train_chars: set[str],
-               folder: Path, model_tokenizer: Path | None) -> tuple[tokenizers.Loaded, list[Path]]:
-    """The version's tokenizer and its files in `folder`: a model's copied unchanged, or one built on train."""
+def _tokenizer(options: DatasetOptions, train: _SplitSpool, status: np.ndarray, folder: Path,
+               model_tokenizer: Path | None) -> tuple[tokenizers.Loaded, list[Path]]:
+    """The version's tokenizer and its files in `folder`: a model's copied unchanged, or one built on train.
+
+    BPE learns from the whole train split up to `TOKENIZER_SAMPLE_BYTES` of it; past that, from a sample of
+    about that size (`_sampled`). The char tokenizer always reads the whole split (its vocabulary is the
+    split's alphabet: a character missed by a sample could not be encoded), holding one set of characters.
+    """
     if options.tokenizer == "model":
         if model_tokenizer is None:
             raise ValueError("tokenizer=model needs the model's tokenizer folder")
@@ -240,16 +236,45 @@ def _tokenizer(options: DatasetOptions, train: _SplitSpool, removed: dict[int, s
     chat = options.supervised
     default = conversations.Renderer(None)
 
-    def texts() -> Iterator[str]:  # what the tokenizer learns from: conversations as the template writes them
-        for document in train.documents(removed):
+    def texts(documents: Iterator) -> Iterator[str]:  # what it learns from: conversations as the template writes them
+        for document in documents:
             yield document if isinstance(document, str) else default.render(document)[0]
 
     if options.tokenizer == "bpe":
-        tokenizer = tokenizers.train_bpe(texts(), options.vocab_size, chat=chat)
+        tokenizer = tokenizers.train_bpe(texts(_sampled(train, status, options.split_seed)), options.vocab_size,
+                                         chat=chat)
     else:
-        if chat:  # the template's own characters (role names, line breaks) besides the contents'
-            for text in texts():
-                train_chars.update(text)
-        tokenizer = tokenizers.build_char(train_chars, chat=chat)
+        characters: set[str] = set()
+        for document in train.documents(status):
+            if not isinstance(document, str):  # the contents' characters, then the template's (role names, breaks)
+                characters.update(ingest.conversation_text(document))
+                document = default.render(document)[0]
+            characters.update(document)
+        tokenizer = tokenizers.build_char(characters, chat=chat)
     files = tokenizers.save(tokenizer, options.tokenizer, folder, chat=chat)
     return tokenizers.built(tokenizer, options.tokenizer, folder, chat), files
+
+
+TOKENIZER_SAMPLE_BYTES = 256 << 20  # BPE learns from at most about this much of the train split
+_SAMPLE_SALT = 0x5A3D_1E  # keeps the sample's hash apart from the split assignment's, which uses the same seed
+
+
+def _sampled(train: _SplitSpool, status: np.ndarray, seed: int) -> Iterator:
+    """The train split's kept documents, or, when they exceed `TOKENIZER_SAMPLE_BYTES` (counted as spooled JSON),
+    those whose keyed hash (the dataset's split seed, salted) falls under the share that leaves about that many:
+    seeded and independent of document order, so the same corpus and options learn the same tokenizer."""
+    spooled = 0
+    with open(train.path, "rb") as handle:
+        for line in handle:
+            record, _, value = line.partition(b"\t")
+            if status[int(record)] == dedup.KEPT:
+                spooled += len(value)
+    share = TOKENIZER_SAMPLE_BYTES / spooled if spooled else 1.0
+    if share >= 1.0:
+        yield from train.documents(status)
+        return
+    log.info("tokenizer trained on a sample", extra={"share": share, "train_bytes": spooled})
+    for document in train.documents(status):
+        text = document if isinstance(document, str) else ingest.conversation_text(document)
+        if splits.split_point(text, seed ^ _SAMPLE_SALT) < share:
+            yield document

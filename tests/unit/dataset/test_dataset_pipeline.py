@@ -112,3 +112,23 @@ def test_an_evaluation_dataset_refuses_fractions(tmp_path):
         DatasetOptions(name="t", purpose="evaluation", fractions=Fractions(0.5, 0.2, 0.2, 0.1)).validated()
     with pytest.raises(ValidationFailed, match="purpose"):
         DatasetOptions(name="t", purpose="tuning").validated()
+
+
+def test_bpe_learns_from_a_seeded_sample_of_a_train_split_past_the_bound(tmp_path, monkeypatch):
+    docs = unique_documents(2000)
+    whole = build(tmp_path / "whole", docs, vocab_size=300)
+    assert whole.cleaning.documents_out == 2000
+    monkeypatch.setattr(pipeline, "TOKENIZER_SAMPLE_BYTES", 20_000)  # ~a fifth of the train split
+    learned: list[list[str]] = []
+    train_bpe = tokenizers.train_bpe
+    monkeypatch.setattr(tokenizers, "train_bpe", lambda texts, *a, **k: train_bpe(learned.append(list(texts)) or
+                                                                                  learned[-1], *a, **k))
+    first = build(tmp_path / "first", docs, vocab_size=300)
+    second = build(tmp_path / "second", docs, vocab_size=300)
+    sample = learned[0]
+    train = decoded_split(first, "train")
+    assert set(sample) < set(train) and 0.15 < len(sample) / len(train) < 0.35  # a share of train, no other split
+    assert learned[1] == sample  # seeded: the same corpus and options learn from the same documents
+    assert (first.folder / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (second.folder / "tokenizer" / "tokenizer.json").read_bytes()
+    assert decoded_split(first, "train") == decoded_split(whole, "train")  # every train document is still packed
