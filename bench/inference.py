@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -227,8 +228,7 @@ async def direct_single(engine: TritonEngine, served: ServedVersion, prompt: str
     return first, (total - first) / max(1, tokens - 1)
 
 
-async def main_async(args) -> None:
-    work = Path(tempfile.mkdtemp(prefix="llmp-bench-inference-"))
+async def main_async(args, work: Path) -> None:
     model, tokenizer = build_model(work, args.n_layer, args.n_head, args.n_embd, args.context)
     text = SHAKESPEARE.read_text()
     # Distinct prompts everywhere: the gateway caches deterministic completions, a repeat would be a hit.
@@ -306,7 +306,11 @@ def main() -> None:
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
     parser.add_argument("--context", type=int, default=256)
-    asyncio.run(main_async(parser.parse_args()))
+    work = Path(tempfile.mkdtemp(prefix="llmp-bench-inference-"))
+    try:
+        asyncio.run(main_async(parser.parse_args(), work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the model's export: half a gigabyte at GPT-2 small's shape
 
 
 if __name__ == "__main__":
