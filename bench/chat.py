@@ -8,7 +8,7 @@ byte-level BPE vocabulary trained here that carries the ChatML markers as specia
 default chat template, as a tokenizer llmp trains for chat data does. Both sides stop a conversation at
 `<|im_end|>` or EOS (a random model rarely says either), and each counts the tokens it really generated.
 
-Topology as bench/inference.py sets it up: tritonserver, the inference service (reading the model from a
+Topology as bench/serving.py sets it up: tritonserver, the inference service (reading the model from a
 local tree in the registry's layout) and the gateway each as their own process; this process is the
 clients and the baseline. Needs PostgreSQL at LLMP_TEST_DATABASE_URL (default 127.0.0.1:5432).
 Run: `make bench-chat` (python -m bench.chat). BENCH line last.
@@ -20,22 +20,18 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import aiohttp
-import psycopg
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from bench import harness
-from bench.inference import ADMIN_URL, DEPLOYMENT, MODEL, SHAKESPEARE, TENANT, deploy, spawn
-from cli.servers import TritonPorts, free_port, http_ok, port_open, start_triton, stop, wait_until
+from bench.inference import SHAKESPEARE
+from bench.serving import DEPLOYMENT, MODEL, TENANT, serving_stack
 from services.common.contracts import CHAT_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE, END_OF_TURN
 from services.inference.model_source import publish_local_version
 from services.registry.onnx_export import export_model_onnx
@@ -120,36 +116,9 @@ async def main_async(args) -> None:
     model, tokenizer = build_chat_model(work, args.n_layer, args.n_head, args.n_embd, args.context)
     chats = conversations(args.requests + 4)
     warmup, measured = chats[:4], chats[4:]
-    db_name = f"llmp_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{db_name}"')
-    ports = TritonPorts.free()
-    repository = work / "repository"
-    gateway_port, admin_key = free_port(), secrets.token_urlsafe(24)
-    env = {"LLMP_DATABASE_URL": ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}", "LLMP_STATE_DIR": str(work),
-           "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{ports.grpc}", "LLMP_TRITON_MODEL_REPOSITORY": str(repository),
-           "LLMP_INFERENCE_ADDR": f"127.0.0.1:{free_port()}", "LLMP_GATEWAY_PORT": str(gateway_port),
-           "LLMP_ADMIN_KEY": admin_key, "LLMP_LOG_LEVEL": "WARNING", "LLMP_LOG_FORMAT": "text"}
-    processes = [start_triton(repository, ports, work / "triton.log")]
-    try:
-        processes.append(spawn([sys.executable, "-m", "bench.inference", "--serve-inference", str(work)], env,
-                               work / "inference.log"))
-        processes.append(spawn([sys.executable, "-m", "gateway.server"], env, work / "gateway.log"))
-        url = f"http://127.0.0.1:{gateway_port}"
-        host, port = env["LLMP_INFERENCE_ADDR"].rsplit(":", 1)
-        wait_until(lambda: port_open(host, int(port)), 120, processes[1], work / "inference.log", "inference")
-        wait_until(lambda: http_ok(f"{url}/healthz"), 120, processes[2], work / "gateway.log", "gateway")
-        connector = aiohttp.TCPConnector(limit=args.clients + 4)
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_key}"},
-                                         connector=connector) as http:
-            await deploy(http, url)
-            await gateway_streamed(http, url, warmup, 4, 4)
-            tokens, elapsed = await gateway_streamed(http, url, measured, args.max_tokens, args.clients)
-    finally:
-        for process in reversed(processes):
-            stop(process)
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+    async with serving_stack(work, args.clients) as stack:
+        await gateway_streamed(stack.http, stack.url, warmup, 4, 4)
+        tokens, elapsed = await gateway_streamed(stack.http, stack.url, measured, args.max_tokens, args.clients)
     hf_batched(model, tokenizer, warmup, 4, args.clients)
     hf_tokens, hf_elapsed = hf_batched(model, tokenizer, measured, args.max_tokens, args.clients)
     project, baseline = tokens / elapsed, hf_tokens / hf_elapsed

@@ -17,23 +17,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import aiohttp
 import numpy as np
-import psycopg
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerFast
 
 from bench import harness
-from bench.inference import ADMIN_URL, DEPLOYMENT, MODEL, SHAKESPEARE, TENANT, deploy, spawn
-from cli.servers import TritonPorts, free_port, http_ok, port_open, start_triton, stop, wait_until
+from bench.inference import SHAKESPEARE
+from bench.serving import DEPLOYMENT, MODEL, TENANT, serving_stack
 from services.inference.model_source import publish_local_version
 from services.registry import exporters
 
@@ -121,35 +117,9 @@ async def main_async(args) -> None:
     folder = build_model(work, args.n_layer, args.hidden, args.heads, args.context)
     texts = texts_of(args.texts + 64)
     warmup, measured = texts[:64], texts[64:]
-    db_name = f"llmp_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{db_name}"')
-    ports = TritonPorts.free()
-    repository = work / "repository"
-    gateway_port, admin_key = free_port(), secrets.token_urlsafe(24)
-    env = {"LLMP_DATABASE_URL": ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}", "LLMP_STATE_DIR": str(work),
-           "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{ports.grpc}", "LLMP_TRITON_MODEL_REPOSITORY": str(repository),
-           "LLMP_INFERENCE_ADDR": f"127.0.0.1:{free_port()}", "LLMP_GATEWAY_PORT": str(gateway_port),
-           "LLMP_ADMIN_KEY": admin_key, "LLMP_LOG_LEVEL": "WARNING", "LLMP_LOG_FORMAT": "text"}
-    processes = [start_triton(repository, ports, work / "triton.log")]
-    try:
-        processes.append(spawn([sys.executable, "-m", "bench.inference", "--serve-inference", str(work)], env,
-                               work / "inference.log"))
-        processes.append(spawn([sys.executable, "-m", "gateway.server"], env, work / "gateway.log"))
-        url = f"http://127.0.0.1:{gateway_port}"
-        host, port = env["LLMP_INFERENCE_ADDR"].rsplit(":", 1)
-        wait_until(lambda: port_open(host, int(port)), 120, processes[1], work / "inference.log", "inference")
-        wait_until(lambda: http_ok(f"{url}/healthz"), 120, processes[2], work / "gateway.log", "gateway")
-        connector = aiohttp.TCPConnector(limit=args.clients + 4)
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_key}"}, connector=connector) as http:
-            await deploy(http, url)
-            await gateway_concurrent(http, url, warmup, args.per_request, 4)
-            elapsed = await gateway_concurrent(http, url, measured, args.per_request, args.clients)
-    finally:
-        for process in reversed(processes):
-            stop(process)
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+    async with serving_stack(work, args.clients) as stack:
+        await gateway_concurrent(stack.http, stack.url, warmup, args.per_request, 4)
+        elapsed = await gateway_concurrent(stack.http, stack.url, measured, args.per_request, args.clients)
     hf_elapsed = hf_batched(folder, measured, args.hf_batch)
     project, baseline = len(measured) / elapsed, len(measured) / hf_elapsed
     print(f"model: BERT n_layer={args.n_layer} hidden={args.hidden} heads={args.heads}; {len(measured)} texts of "

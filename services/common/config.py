@@ -68,6 +68,10 @@ VARIABLES: tuple[Variable, ...] = (
              "ONNX Runtime execution providers the Triton model tries, in order (comma-separated); those its "
              "ONNX Runtime lacks are skipped. GPU: "
              "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider."),
+    Variable("LLMP_TRITON_INTRA_OP_THREADS", "0",
+             "ONNX Runtime threads per model call in Triton (decoders and encoders); 0 = every core the Triton "
+             "process may use, as an in-process baseline gets (threads do not spin between calls, so idle ones "
+             "leave the cores to the other processes)."),
     Variable("LLMP_INFERENCE_TRACK", "",
              "Inference track: empty = the process splits a deployment's traffic by its canary weight itself "
              "(local, compose); `stable` or `canary` = it serves that track's version and the Istio "
@@ -223,6 +227,7 @@ class Settings:
     triton_model_repository: str
     triton_instance_kind: str
     triton_ort_providers: tuple[str, ...]
+    triton_intra_op_threads: int
     service_addrs: Mapping[str, str]  # service name -> host:port
     bind_host: str
     gateway_port: int
@@ -316,6 +321,7 @@ class Settings:
             triton_model_repository=values["LLMP_TRITON_MODEL_REPOSITORY"],
             triton_instance_kind=instance_kind,
             triton_ort_providers=providers,
+            triton_intra_op_threads=_count(values["LLMP_TRITON_INTRA_OP_THREADS"], "LLMP_TRITON_INTRA_OP_THREADS"),
             service_addrs={s.name: values[s.addr_env] for s in topology.GRPC_SERVICES},
             bind_host=values["LLMP_BIND_HOST"],
             gateway_port=_positive_int(values["LLMP_GATEWAY_PORT"], "LLMP_GATEWAY_PORT"),

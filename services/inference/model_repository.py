@@ -44,14 +44,15 @@ class BatchingConfig:
     # How long Triton holds a request for company. The service already sends every step it has as one
     # request, so waiting would only add latency; 0 still merges requests queued meanwhile (replicas).
     max_queue_delay_us: int = 0
-    intra_op_threads: int = 1  # ORT threads per call (the machine is shared)
+    intra_op_threads: int = 0  # ORT threads per call; 0: every core Triton may use (LLMP_TRITON_INTRA_OP_THREADS)
     instance_kind: str = "KIND_CPU"  # KIND_GPU on a GPU host (LLMP_TRITON_INSTANCE_KIND)
     # ORT execution providers to try, in order; model.py skips those its ONNX Runtime lacks.
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchingConfig:
-        return cls(instance_kind=settings.triton_instance_kind, providers=settings.triton_ort_providers)
+        return cls(intra_op_threads=settings.triton_intra_op_threads, instance_kind=settings.triton_instance_kind,
+                   providers=settings.triton_ort_providers)
 
 
 def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingConfig = BatchingConfig()) -> Path:

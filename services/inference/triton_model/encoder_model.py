@@ -32,7 +32,12 @@ class TritonPythonModel:
         with open(os.path.join(here, "encoder.json")) as handle:
             self.spec = json.load(handle)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_threads", "1"))
+        # 0: every core this process may use (ORT's own 0 counts the machine's physical cores, not the affinity).
+        threads = int(parameters.get("intra_op_threads", "1")) or len(os.sched_getaffinity(0))
+        options.intra_op_num_threads = threads
+        # Idle threads sleep instead of spinning between calls: the cores go to the service and gateway processes
+        # handling the tokens between steps, and to the other models of this Triton.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
         available = set(ort.get_available_providers())
         wanted = parameters.get("providers", "CPUExecutionProvider").split(",")

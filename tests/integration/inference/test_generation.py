@@ -75,6 +75,23 @@ async def test_concurrent_requests_are_batched_and_stay_correct(service, model_r
     assert executions < requests * 0.6, f"{requests} steps ran in {executions} executions: not batched"
 
 
+async def test_requests_joining_and_leaving_a_running_batch_stay_correct(service, model_root):
+    """Staggered starts and mixed lengths: sequences join the decoding batch after their prefill and leave it
+    at their own max_tokens, so the model gathers the cache rows of the batch that is running, of a smaller
+    one and of sequences new to it in one step; every answer still equals PyTorch's greedy one."""
+    _, versions = model_root
+    await service.deploy(stable=1)
+    text = SHAKESPEARE.read_text()
+
+    async def one(index: int):
+        await asyncio.sleep(0.004 * (index * 7 % 11))
+        prompt = text[index * 53:index * 53 + 5 + index * 3 % 40]
+        return prompt, 4 + index * 5 % 20, await service.generate(prompt, max_tokens=4 + index * 5 % 20)
+
+    for prompt, max_tokens, completion in await asyncio.gather(*(one(index) for index in range(20))):
+        assert list(completion.token_ids) == hf_greedy(versions[1], prompt, max_tokens), prompt
+
+
 async def test_seeded_sampling_is_reproducible(service):
     await service.deploy(stable=1)
     first = await service.generate("ROMEO:", max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7)

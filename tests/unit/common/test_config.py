@@ -33,6 +33,8 @@ def test_environment_overrides_defaults():
     ({"LLMP_S3_SECURE": "maybe"}, "LLMP_S3_SECURE"),
     ({"LLMP_LOG_FORMAT": "xml"}, "LLMP_LOG_FORMAT"),
     ({"LLMP_DATABSE_URL": "postgresql://x"}, "LLMP_DATABSE_URL"),
+    ({"LLMP_TRITON_INTRA_OP_THREADS": "-1"}, "LLMP_TRITON_INTRA_OP_THREADS"),
+    ({"LLMP_TRITON_INTRA_OP_THREADS": "all"}, "LLMP_TRITON_INTRA_OP_THREADS"),
 ])
 def test_bad_settings_are_refused_naming_the_variable(env, named):
     with pytest.raises(InvalidArgument, match=named):
@@ -58,3 +60,11 @@ def test_grpc_tls_needs_its_certificate_key_and_ca_together():
     tls = Settings.from_env({"LLMP_GRPC_TLS_CERT": "/c.pem", "LLMP_GRPC_TLS_KEY": "/k.pem",
                              "LLMP_GRPC_TLS_CA": "/ca.pem"}).grpc_tls
     assert (str(tls.cert), str(tls.key), str(tls.ca)) == ("/c.pem", "/k.pem", "/ca.pem")
+
+
+def test_triton_intra_op_threads_reach_the_models_batching_config():
+    from services.inference.model_repository import BatchingConfig
+
+    assert BatchingConfig.from_settings(Settings.from_env({})).intra_op_threads == 0  # every core
+    settings = Settings.from_env({"LLMP_TRITON_INTRA_OP_THREADS": "3"})
+    assert BatchingConfig.from_settings(settings).intra_op_threads == 3
