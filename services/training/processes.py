@@ -274,7 +274,7 @@ class NodeRunner:
         if job.nnodes > 1 and rdzv is None:
             return "lost"  # the attempt ended while waiting for node 0
         command = torchrun_command(assignment, job_dir, events_path, rdzv)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", events.LAUNCHED_AT_ENV: f"{time.time():.3f}"}
         with open(log_path, "ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 *command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=str(Path(__file__).parents[2]),

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+import psutil
 import torch
 import transformers
 
@@ -142,6 +143,7 @@ class Run:
         supervised.check_dataset(spec, self.vocab.size, self.train_stream, self.validation_stream)
         self.progress = Progress()
         self.resumed_from: int | None = None
+        self.startup: dict[str, float] = {}  # milestones of the process's start-up (events.Started.startup)
         self.logged: list[events.Train | events.Eval] = []  # so far: checkpoints carry them (see Replayed)
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                          if self.hp.precision == "bf16" else nullcontext())
@@ -295,7 +297,7 @@ class Run:
             precision=hp.precision, parameters=models.parameter_count(self.model), resumed_from=self.resumed_from,
             max_steps=hp.max_steps, tokens_per_step=self.tokens_per_step, environment=environment(ctx.device),
             trainable_parameters=models.parameter_count(self.model, trainable=True),
-            optimizer_state_bytes=models.optimizer_state_bytes(self.model)))
+            optimizer_state_bytes=models.optimizer_state_bytes(self.model), startup=self.startup))
         for logged in self.logged:  # the worker may have been killed before it forwarded them
             self.events.emit(events.Replayed(step=logged.step, of=logged))
         interval = hp.effective_checkpoint_interval
@@ -342,14 +344,16 @@ class Run:
 
     def _evaluate_and_decide(self, step: int) -> None:
         progress, patience = self.progress, self.hp.early_stopping_patience
+        started = time.perf_counter()
         validation = self.evaluate(self.validation_stream)
+        seconds = round(time.perf_counter() - started, 3)
         if progress.best_validation_loss is None or validation < progress.best_validation_loss:
             progress.best_validation_loss, progress.evaluations_without_improvement = validation, 0
         else:
             progress.evaluations_without_improvement += 1
         progress.metrics.update(validation_loss=validation, validation_perplexity=_perplexity(validation))
         self._log_metrics(events.Eval(step=step, validation_loss=validation, perplexity=_perplexity(validation),
-                                      best_validation_loss=progress.best_validation_loss))
+                                      best_validation_loss=progress.best_validation_loss, seconds=seconds))
         if patience and progress.evaluations_without_improvement >= patience and step < self.hp.max_steps:
             progress.stopped_early = True
             self.events.emit(events.EarlyStop(
@@ -434,6 +438,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     from services.common.config import Settings
     from services.common.s3 import ObjectStore
 
+    startup = {"imported": time.time()}  # this module's imports (torch, transformers) are done by now
+    startup["process"] = psutil.Process().create_time()
+    if os.environ.get(events.LAUNCHED_AT_ENV):
+        startup["launched"] = float(os.environ[events.LAUNCHED_AT_ENV])
     args = parse_args(argv)
     settings = Settings.from_env()
     logs.configure(settings, "training-runtime")
@@ -441,6 +449,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     transformers.utils.logging.disable_progress_bar()
     job = Job.from_dict(json.loads((args.job or args.job_dir / "job.json").read_text()))
     ctx = distributed.init()
+    startup["group"] = time.time()
     sink = None
     if ctx.is_main:
         sink = open(args.events, "a") if args.events else sys.stdout
@@ -452,9 +461,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if ctx.local_rank == 0:
             data.fetch_dataset(store, job.dataset_manifest_key, node_dir / "dataset")
         ctx.barrier()
+        startup["data"] = time.time()
         dataset = data.LocalDataset.open(node_dir / "dataset")
         run = Run(job, ctx, dataset, store=store, work_dir=node_dir, writer=writer)
         run.setup()
+        run.startup = dict(startup, model=time.time())
         code = run.run(stop_after_step=args.stop_after_step)
     except Exception as error:
         log.exception("training failed")
