@@ -20,7 +20,8 @@ from typing import Any, ClassVar, TextIO
 
 log = logging.getLogger(__name__)
 
-LAUNCHED_AT_ENV = "LLMP_TRAINING_LAUNCHED_AT"  # the Unix time the worker started torchrun (Started.startup)
+# The Unix time the worker started torchrun (Started.startup); not LLMP_*: Settings refuses names it does not know
+LAUNCHED_AT_ENV = "TRAINING_LAUNCHED_AT"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +82,8 @@ class Checkpoint(Event):
 
     kind: ClassVar[str] = "checkpoint"
     prefix: str
-    seconds: float
+    seconds: float  # from its start until committed
+    blocked: float | None = None  # of which training waited (the upload runs in the background)
 
 
 @dataclass(frozen=True, kw_only=True)
