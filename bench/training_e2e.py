@@ -119,12 +119,13 @@ def phases(row: dict, runtime: list[events.Event], submitted: float, done: float
     """Seconds of each phase of one job, in order; they add up to submit → SUCCEEDED."""
     started = next(e for e in runtime if isinstance(e, events.Started))
     finished = next(e for e in runtime if isinstance(e, events.Finished))
-    checkpoints = [e for e in runtime if isinstance(e, events.Checkpoint)]
     evals = [e for e in runtime if isinstance(e, events.Eval)]
-    loop_end = max([e.time for e in checkpoints + evals] or [started.time])
+    # The loop ends with the last step's evaluation; its checkpoint, the test split and the final model follow.
+    loop_end = evals[-1].time if evals else started.time
+    during = [e for e in runtime if isinstance(e, events.Checkpoint) and e.step < finished.step]
     s = started.startup
-    evaluating = sum(e.seconds for e in evals)
-    checkpointing = sum(e.seconds for e in checkpoints)
+    evaluating = sum(e.seconds for e in evals[:-1])
+    checkpointing = sum(e.seconds if e.blocked is None else e.blocked for e in during)  # what training waited for
     claimed = row["started_at"].timestamp()
     return {
         "submit → claimed (queue)": claimed - submitted,
@@ -135,10 +136,11 @@ def phases(row: dict, runtime: list[events.Event], submitted: float, done: float
         "dataset fetch": s["data"] - s["group"],
         "model + optimizer": s["model"] - s["data"],
         "→ loop start": started.time - s["model"],
-        "training steps": loop_end - started.time - evaluating - checkpointing,
+        "training steps": loop_end - started.time - evaluating - checkpointing - (evals[-1].seconds if evals else 0.0),
         "evaluations": evaluating,
-        "checkpoints (S3)": checkpointing,
-        "test split + final model": finished.time - loop_end,
+        "checkpoints (S3), training waiting": checkpointing,
+        "last evaluation": evals[-1].seconds if evals else 0.0,
+        "last checkpoint, test split, final model": finished.time - loop_end,
         "exit + registration": row["finished_at"].timestamp() - finished.time,
         "→ SUCCEEDED seen": done - row["finished_at"].timestamp(),
     }
@@ -160,7 +162,8 @@ async def project_run(stub, metadata, db_url: str, state_dir: Path, spec: dict, 
     follow.cancel()
     if final != pb.JOB_STATE_SUCCEEDED:
         got = (await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=metadata)).job
-        raise RuntimeError(f"job {job.id} ended {pb.JobState.Name(final or 0)}: {got.error}")
+        logs = "".join(servers.log_tail(path) for path in (state_dir / "training" / job.id).glob("torchrun-*.log"))
+        raise RuntimeError(f"job {job.id} ended {pb.JobState.Name(final or 0)}: {got.error}{logs}")
     with psycopg.connect(db_url) as conn:
         row = conn.execute("SELECT created_at, started_at, finished_at, latest_metrics FROM training_jobs "
                            "WHERE id = %s", (job.id,)).fetchone()

@@ -31,6 +31,7 @@ import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,10 @@ class Run:
         self.progress = Progress()
         self.resumed_from: int | None = None
         self.startup: dict[str, float] = {}  # milestones of the process's start-up (events.Started.startup)
+        # A checkpoint uploads and commits in the background while training goes on (one at a time); its
+        # Checkpoint event is emitted once it is committed.
+        self.pending: checkpoints.Pending | None = None
+        self._uploads: ThreadPoolExecutor | None = None
         self.logged: list[events.Train | events.Eval] = []  # so far: checkpoints carry them (see Replayed)
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                          if self.hp.precision == "bf16" else nullcontext())
@@ -307,6 +312,8 @@ class Run:
         while progress.step < hp.max_steps and not progress.stopped_early:
             loss = self.train_step()
             window_tokens += self.tokens_per_step
+            if self.pending is not None and self.pending.done():
+                self._committed()
             step = progress.step
             if step % hp.log_interval == 0 or step == hp.max_steps:
                 mean = float(ctx.all_reduce_sum(torch.tensor([float(loss)], dtype=torch.float64))[0] / ctx.world_size)
@@ -323,6 +330,7 @@ class Run:
                 prefix = self.checkpoint()
                 last_saved = step
                 if stop_after_step is not None and step >= stop_after_step and step < hp.max_steps:
+                    self._committed()
                     self.events.emit(events.Stopped(step=step, checkpoint=prefix))
                     return 0
         self.loop_seconds = time.perf_counter() - loop_start
@@ -360,8 +368,18 @@ class Run:
                 step=step, best_validation_loss=progress.best_validation_loss,
                 evaluations_without_improvement=progress.evaluations_without_improvement))
 
+    def _committed(self) -> None:
+        """Wait for the checkpoint in flight (raising its upload's error) and emit its event."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.wait()
+            self.events.emit(events.Checkpoint(step=pending.step, prefix=pending.prefix,
+                                               seconds=round(pending.seconds, 3), blocked=round(pending.blocked, 3)))
+
     def checkpoint(self) -> str:
-        started, progress = time.perf_counter(), self.progress
+        """Write a checkpoint and start its upload; returns its prefix (committed once `_committed` returns)."""
+        self._committed()
+        progress = self.progress
         rank_state = {"rng": checkpoints.rng_state(self.ctx.device), "sync": self.sync.state_dict()}
         if self.sync.per_rank_state:
             rank_state["model"] = adapters.trainable_state(self.model)
@@ -376,14 +394,15 @@ class Run:
             "mode": self.spec.distributed.mode, "logged": [events.to_dict(event) for event in self.logged],
         }
         main = self.ctx.is_main
-        prefix = checkpoints.save(
-            self.store, self.job.layout, progress.step, self.ctx, self.work_dir / "checkpoints", rank_state=rank_state,
-            model=self.model if main else None, optimizer_state=self.optimizer.state_dict() if main else None,
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self.pending = checkpoints.begin(
+            self.store, self.job.layout, progress.step, self.ctx, self.work_dir / "checkpoints", self._uploads,
+            rank_state=rank_state, model=self.model if main else None,
+            optimizer_state=self.optimizer.state_dict() if main else None,
             scheduler_state=self.scheduler.state_dict() if main else None, state=state if main else None,
         )
-        self.events.emit(events.Checkpoint(step=progress.step, prefix=prefix,
-                                           seconds=round(time.perf_counter() - started, 3)))
-        return prefix
+        return self.pending.prefix
 
     def finish(self) -> dict:
         """Equalise the replicas, measure the test split, save the final model (rank 0) and the metrics.
@@ -412,6 +431,7 @@ class Run:
                     shutil.copy(path, final_dir / path.name)
             self.store.put_bytes(self.job.layout.metrics, json.dumps(metrics, indent=1).encode(),
                                  content_type="application/json")
+        self._committed()  # the last checkpoint uploaded while the test split and the final model were done
         self.ctx.barrier()
         self.metrics = metrics
         self.events.emit(events.Finished(step=progress.step, final_dir=str(final_dir.resolve()) if final_dir else None,
