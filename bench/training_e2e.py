@@ -4,7 +4,8 @@
 
 The configuration is nanoGPT's CPU Shakespeare run (character-level tinyshakespeare, GPT-2 with 4 layers,
 4 heads, 128 wide, block 64, batch 12, no dropout, AdamW lr 1e-3 to 1e-4 with warmup, beta2 0.99, clipping
-1.0, the validation loss over 20 batches every 250 steps); its 2,000 steps with `--e2e-steps 2000`.
+1.0, the validation loss over 20 batches every 250 steps, a checkpoint with each); its 2,000 steps with
+`--e2e-steps 2000`. A shorter run keeps its 8 evaluations and checkpoints (every steps/8).
 
 - project: the stack `make demo` and the integration tests run, started here: SeaweedFS on free ports, a fresh
   PostgreSQL database, the dataset, registry and training services in this process, a Celery worker process
@@ -67,8 +68,8 @@ def job_spec(steps: int) -> dict:
         "model": {"family": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0},
         "hyperparameters": {"batch_size": 12, "max_steps": steps, "learning_rate": 1e-3, "min_learning_rate": 1e-4,
                             "warmup_steps": min(100, steps // 10), "beta2": 0.99, "grad_clip": 1.0,
-                            "eval_interval": 250, "eval_batches": 20, "log_interval": 10, "seed": 1337,
-                            "precision": "fp32"},
+                            "eval_interval": min(250, max(1, steps // 8)), "eval_batches": 20, "log_interval": 10,
+                            "seed": 1337, "precision": "fp32"},
         "distributed": {"mode": "ddp", "nproc_per_node": 1, "nnodes": 1},
     }
 
@@ -125,7 +126,8 @@ def phases(row: dict, runtime: list[events.Event], submitted: float, done: float
     during = [e for e in runtime if isinstance(e, events.Checkpoint) and e.step < finished.step]
     s = started.startup
     evaluating = sum(e.seconds for e in evals[:-1])
-    checkpointing = sum(e.seconds if e.blocked is None else e.blocked for e in during)  # what training waited for
+    # What training waited for (`blocked`; a runtime without it uploaded synchronously: all of `seconds`).
+    checkpointing = sum(e.seconds if getattr(e, "blocked", None) is None else e.blocked for e in during)
     claimed = row["started_at"].timestamp()
     return {
         "submit → claimed (queue)": claimed - submitted,
