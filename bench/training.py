@@ -19,6 +19,10 @@ The two alternate R times (P T, T P, P T, …) so that drift on a machine shared
 both alike. Each side's figure is its median window over all its runs (a burst of other work spoils
 a window, not the figure); the ratio is the quotient of the two medians. On a GPU the defaults become
 GPT-2 124M in bf16 and the model FLOPs utilisation is printed too. The last line is the BENCH line (bench/RESULTS.md).
+
+Then (`--scenario e2e` alone, `loop` to skip it) a job end to end, submit → SUCCEEDED through the training
+service, its Celery worker and torchrun, against a bare loop doing the same work in one process, with the
+job's phases: bench/training_e2e.py, BENCH `training-e2e`.
 """
 
 from __future__ import annotations
@@ -152,7 +156,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-head", type=int, default=12 if gpu else 4)
     parser.add_argument("--n-embd", type=int, default=768 if gpu else 128)
     parser.add_argument("--chars", type=int, default=400_000)
+    parser.add_argument("--scenario", choices=("loop", "e2e", "both"), default="both",
+                        help="loop: the loop vs HF Trainer (BENCH training); e2e: a job submit → SUCCEEDED vs a bare "
+                             "loop (BENCH training-e2e, bench/training_e2e.py); both (default): one after the other")
+    parser.add_argument("--e2e-steps", type=int, default=500, help="the e2e job's steps (nanoGPT's run: 2000)")
+    parser.add_argument("--e2e-repeats", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.scenario in ("loop", "both"):
+        loop(args, parser)
+    if args.scenario in ("e2e", "both"):
+        import asyncio
+
+        from bench import training_e2e
+
+        print(harness.load(), flush=True)
+        asyncio.run(training_e2e.run(args.e2e_steps, args.e2e_repeats))
+
+
+def loop(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    gpu = torch.cuda.is_available()
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (the loss is logged every --warmup steps)")
     logging.basicConfig(level=logging.WARNING)

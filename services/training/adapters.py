@@ -14,15 +14,19 @@ Transformers or serving code loads) and `adapter/`, which `peft.PeftModel.from_p
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from services.training.spec import AdapterSpec
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 ADAPTER_DIR = "adapter"  # the fine-tuned version's adapter folder (registry role `adapter`)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,6 +40,8 @@ def wrap(model: PreTrainedModel, spec: AdapterSpec, family: str, *, seed: int) -
     The adapter's initial A matrices are drawn from `seed` (B starts at zero, so the wrapped model
     computes exactly what the base does until the first step).
     """
+    from peft import LoraConfig, get_peft_model  # imported when needed: peft adds seconds to every job's start-up
+
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=list(spec.target_modules), bias="none",
                         task_type=_TASKS.get(family, "CAUSAL_LM"),
@@ -48,7 +54,8 @@ def wrap(model: PreTrainedModel, spec: AdapterSpec, family: str, *, seed: int) -
 
 
 def is_adapted(model: torch.nn.Module) -> bool:
-    return isinstance(model, PeftModel)
+    peft = sys.modules.get("peft")  # not imported: no model was wrapped (wrap and load import it)
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,6 +81,8 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 def load_checkpoint(model: PeftModel, folder: Path) -> None:
     """Put the adapter weights a checkpoint's `model/` holds (PeftModel.save_pretrained) on `model`."""
+    from peft import set_peft_model_state_dict
+
     set_peft_model_state_dict(model, load_file(folder / ADAPTER_WEIGHTS))
 
 

@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,44 @@ def save(store, layout: JobLayout, step: int, ctx, scratch: Path, *, rank_state:
     """Collective: every rank uploads its rank file; rank 0 uploads the rest and commits last.
 
     `model`, `optimizer_state`, `scheduler_state` and `state` are used on rank 0 only.
-    Returns the checkpoint's prefix.
+    Returns the checkpoint's prefix once it is committed.
     """
+    with ThreadPoolExecutor(max_workers=1) as uploads:
+        prefix = begin(store, layout, step, ctx, scratch, uploads, rank_state=rank_state, model=model,
+                       optimizer_state=optimizer_state, scheduler_state=scheduler_state, state=state).wait()
+    ctx.barrier()
+    return prefix
+
+
+class Pending:
+    """A checkpoint whose files are written (training may change the model from now on) and whose upload and
+    commit run in the background on rank 0. `wait` returns its prefix once committed, or raises the upload's
+    error; `done` says whether that is over."""
+
+    def __init__(self, step: int, prefix: str, started: float, future: Future | None) -> None:
+        self.step, self.prefix, self.started, self.future = step, prefix, started, future
+        self.blocked = 0.0  # seconds the caller waited for it: writing its files, then waiting for the upload
+        self.seconds = 0.0  # from the start until committed
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def wait(self) -> str:
+        waited = time.monotonic()
+        if self.future is not None:
+            self.future.result()
+        now = time.monotonic()
+        self.blocked += now - waited
+        self.seconds = self.seconds or now - self.started
+        return self.prefix
+
+
+def begin(store, layout: JobLayout, step: int, ctx, scratch: Path, uploads: Executor, *, rank_state: dict,
+          model=None, optimizer_state: dict | None = None, scheduler_state: dict | None = None,
+          state: dict | None = None) -> Pending:
+    """Collective: `save`, returning once every file is written to `scratch`, with rank 0's uploads and the
+    commit running on `uploads`. Each rank's own file is uploaded before the ranks exchange what they stored,
+    so the commit waits for no other rank."""
     started = time.monotonic()
     prefix = layout.step(step)
     local = scratch / f"step-{step}"
@@ -74,20 +111,29 @@ def save(store, layout: JobLayout, step: int, ctx, scratch: Path, *, rank_state:
     mine = store.put_file(prefix + rank_file(ctx.rank), local / rank_file(ctx.rank)).as_dict()
     (local / rank_file(ctx.rank)).unlink()
     rank_objects = ctx.all_gather_object(mine)
+    future = None
     if ctx.is_main:
+        # Written now, synchronously: the optimizer's state dict holds the live tensors the next step changes.
         model.save_pretrained(local / "model", safe_serialization=True)
         torch.save(optimizer_state, local / "optimizer.pt")
         torch.save(scheduler_state, local / "scheduler.pt")
         (local / "state.json").write_text(json.dumps({**state, "step": step, "world_size": ctx.world_size},
                                                      indent=1, sort_keys=True))
+        future = uploads.submit(_upload_and_commit, store, local, prefix, step, rank_objects, started)
+    pending = Pending(step, prefix, started, future)
+    pending.blocked = time.monotonic() - started
+    return pending
+
+
+def _upload_and_commit(store, local: Path, prefix: str, step: int, rank_objects: list[dict], started: float) -> None:
+    try:
         objects = rank_objects + upload_folder(store, local, prefix)
         store.put_bytes(prefix + COMMITTED, json.dumps({"step": step, "objects": objects}, indent=1).encode(),
                         content_type="application/json")
-        log.info("checkpoint committed", extra={"step": step, "objects": len(objects),
-                                                "seconds": round(time.monotonic() - started, 3)})
-    ctx.barrier()
-    shutil.rmtree(local, ignore_errors=True)
-    return prefix
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    log.info("checkpoint committed", extra={"step": step, "objects": len(objects),
+                                            "seconds": round(time.monotonic() - started, 3)})
 
 
 @dataclass(frozen=True)

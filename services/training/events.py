@@ -20,6 +20,9 @@ from typing import Any, ClassVar, TextIO
 
 log = logging.getLogger(__name__)
 
+# The Unix time the worker started torchrun (Started.startup); not LLMP_*: Settings refuses names it does not know
+LAUNCHED_AT_ENV = "TRAINING_LAUNCHED_AT"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Event:
@@ -44,6 +47,10 @@ class Started(Event):
     environment: dict[str, Any] = field(default_factory=dict)  # python, torch, transformers, cuda, hardware, …
     trainable_parameters: int | None = None  # those the optimizer updates (a LoRA adapter's); None: all
     optimizer_state_bytes: int | None = None  # AdamW's moments for them, once allocated
+    # Unix times of the start-up's milestones, so a job's overhead can be told apart from its training:
+    # launched (the worker started torchrun), process (this process began), imported (its imports done),
+    # group (the process group formed), data (the dataset on local disk), model (model and optimizer built)
+    startup: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +73,7 @@ class Eval(Event):
     validation_loss: float
     perplexity: float
     best_validation_loss: float
+    seconds: float = 0.0  # the evaluation took
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +82,8 @@ class Checkpoint(Event):
 
     kind: ClassVar[str] = "checkpoint"
     prefix: str
-    seconds: float
+    seconds: float  # from its start until committed
+    blocked: float | None = None  # of which training waited (the upload runs in the background)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,7 +28,6 @@ global ranks. A single-node job uses `--standalone`.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -37,7 +36,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,16 +52,14 @@ from services.common.db import Database
 from services.common.errors import LlmpError, Unavailable
 from services.training import events, publish
 from services.training.coordinator import Assignment, Coordinator, JobState, Update
+from services.training.guard import KILL_GRACE, guard, term_with_parent
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 TICK_SECONDS = 0.5  # how often events are forwarded and the process checked
-KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of the process group
 RENDEZVOUS_WAIT = 300.0  # how long a node waits for node 0 to publish the rendezvous endpoint
 REGISTER_ATTEMPTS = 6  # tries of registering while the registry is unavailable (1+2+...+16 s between)
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
 
 Registrar = Callable[[Settings, Coordinator, Assignment, events.Finished], Awaitable[int]]
 
@@ -99,8 +95,8 @@ def translate_event(event: events.Event, outcome: Outcome) -> Update | None:
         case events.Eval():
             return Update(step=step, metrics=publish.numbers({"validation_loss": event.validation_loss,
                                                               "validation_perplexity": event.perplexity}))
-        case events.Checkpoint():
-            return Update(step=step, checkpoint={"step": step, "prefix": event.prefix})
+        case events.Checkpoint():  # emitted once committed, in the background: steps later, so no progress
+            return Update(checkpoint={"step": step, "prefix": event.prefix})
         case events.EarlyStop():
             return Update(step=step)
         case events.Finished():
@@ -117,49 +113,6 @@ def translate_event(event: events.Event, outcome: Outcome) -> Update | None:
 
 # --- the node's processes -----------------------------------------------------------------------
 
-def _prctl(option: int, value: int) -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
-
-
-def _term_with_parent() -> None:  # runs in the guard between fork and exec
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def guard(command: list[str], grace: float = KILL_GRACE) -> int:
-    """Run `command` so that nothing it starts outlives it: `python -m services.training.processes guard -- CMD`.
-
-    torchrun starts each worker in a session of its own, so killing torchrun's process group misses
-    them, and if torchrun itself is SIGKILLed they are orphaned. The guard is a child subreaper:
-    orphans are re-parented to it, so it can always find and stop the whole tree. It gets SIGTERM when
-    the task process that started it dies (PR_SET_PDEATHSIG), and on SIGTERM it stops the tree
-    (SIGTERM, then SIGKILL after `grace`) and exits. It returns the command's exit status.
-    """
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    child = subprocess.Popen(command)
-    while child.poll() is None and not stopping.is_set():
-        stopping.wait(0.1)
-    me = psutil.Process()
-    tree = me.children(recursive=True)
-    for sig, wait in ((signal.SIGTERM, grace if stopping.is_set() else 1.0), (signal.SIGKILL, 10.0)):
-        for member in tree:
-            try:
-                member.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        gone, tree = psutil.wait_procs(tree, timeout=wait)  # also reaps the orphans re-parented to us
-        for member in gone:
-            if member.pid == child.pid and child.returncode is None:
-                child.returncode = member.returncode  # psutil reaped it: keep its status
-        tree += [member for member in me.children(recursive=True) if member not in tree]
-        if not tree:
-            break
-    returncode = child.wait()
-    return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128 + N, as a shell reports it
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -168,7 +121,7 @@ def free_port() -> int:
 
 def torchrun_command(assignment: Assignment, job_dir: Path, events: Path, rdzv_endpoint: str | None) -> list[str]:
     distributed = assignment.job.spec["distributed"]
-    command = [sys.executable, "-m", "services.training.processes", "guard", "--",
+    command = [sys.executable, "-m", "services.training.guard", "--",
                sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(distributed["nproc_per_node"])]
     if assignment.job.nnodes == 1:
         command += ["--standalone", "--nnodes", "1"]
@@ -274,11 +227,11 @@ class NodeRunner:
         if job.nnodes > 1 and rdzv is None:
             return "lost"  # the attempt ended while waiting for node 0
         command = torchrun_command(assignment, job_dir, events_path, rdzv)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", events.LAUNCHED_AT_ENV: f"{time.time():.3f}"}
         with open(log_path, "ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 *command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=str(Path(__file__).parents[2]),
-                start_new_session=True, preexec_fn=_term_with_parent)
+                start_new_session=True, preexec_fn=term_with_parent)
         log.info("torchrun started", extra={"job_id": job.id, "attempt": assignment.attempt, "pid": process.pid,
                                             "node_rank": assignment.node_rank})
         tail, outcome = events.EventTail(events_path), Outcome()
@@ -398,7 +351,7 @@ def _tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the old spelling of `python -m services.training.guard -- COMMAND`
     if sys.argv[1:3] != ["guard", "--"] or len(sys.argv) < 4:
-        sys.exit("usage: python -m services.training.processes guard -- COMMAND [ARG...]")
+        sys.exit("usage: python -m services.training.guard -- COMMAND [ARG...]")
     sys.exit(guard(sys.argv[3:]))

@@ -31,12 +31,14 @@ import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+import psutil
 import torch
 import transformers
 
@@ -142,6 +144,11 @@ class Run:
         supervised.check_dataset(spec, self.vocab.size, self.train_stream, self.validation_stream)
         self.progress = Progress()
         self.resumed_from: int | None = None
+        self.startup: dict[str, float] = {}  # milestones of the process's start-up (events.Started.startup)
+        # A checkpoint uploads and commits in the background while training goes on (one at a time); its
+        # Checkpoint event is emitted once it is committed.
+        self.pending: checkpoints.Pending | None = None
+        self._uploads: ThreadPoolExecutor | None = None
         self.logged: list[events.Train | events.Eval] = []  # so far: checkpoints carry them (see Replayed)
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                          if self.hp.precision == "bf16" else nullcontext())
@@ -295,7 +302,7 @@ class Run:
             precision=hp.precision, parameters=models.parameter_count(self.model), resumed_from=self.resumed_from,
             max_steps=hp.max_steps, tokens_per_step=self.tokens_per_step, environment=environment(ctx.device),
             trainable_parameters=models.parameter_count(self.model, trainable=True),
-            optimizer_state_bytes=models.optimizer_state_bytes(self.model)))
+            optimizer_state_bytes=models.optimizer_state_bytes(self.model), startup=self.startup))
         for logged in self.logged:  # the worker may have been killed before it forwarded them
             self.events.emit(events.Replayed(step=logged.step, of=logged))
         interval = hp.effective_checkpoint_interval
@@ -305,6 +312,8 @@ class Run:
         while progress.step < hp.max_steps and not progress.stopped_early:
             loss = self.train_step()
             window_tokens += self.tokens_per_step
+            if self.pending is not None and self.pending.done():
+                self._committed()
             step = progress.step
             if step % hp.log_interval == 0 or step == hp.max_steps:
                 mean = float(ctx.all_reduce_sum(torch.tensor([float(loss)], dtype=torch.float64))[0] / ctx.world_size)
@@ -321,6 +330,7 @@ class Run:
                 prefix = self.checkpoint()
                 last_saved = step
                 if stop_after_step is not None and step >= stop_after_step and step < hp.max_steps:
+                    self._committed()
                     self.events.emit(events.Stopped(step=step, checkpoint=prefix))
                     return 0
         self.loop_seconds = time.perf_counter() - loop_start
@@ -342,22 +352,34 @@ class Run:
 
     def _evaluate_and_decide(self, step: int) -> None:
         progress, patience = self.progress, self.hp.early_stopping_patience
+        started = time.perf_counter()
         validation = self.evaluate(self.validation_stream)
+        seconds = round(time.perf_counter() - started, 3)
         if progress.best_validation_loss is None or validation < progress.best_validation_loss:
             progress.best_validation_loss, progress.evaluations_without_improvement = validation, 0
         else:
             progress.evaluations_without_improvement += 1
         progress.metrics.update(validation_loss=validation, validation_perplexity=_perplexity(validation))
         self._log_metrics(events.Eval(step=step, validation_loss=validation, perplexity=_perplexity(validation),
-                                      best_validation_loss=progress.best_validation_loss))
+                                      best_validation_loss=progress.best_validation_loss, seconds=seconds))
         if patience and progress.evaluations_without_improvement >= patience and step < self.hp.max_steps:
             progress.stopped_early = True
             self.events.emit(events.EarlyStop(
                 step=step, best_validation_loss=progress.best_validation_loss,
                 evaluations_without_improvement=progress.evaluations_without_improvement))
 
+    def _committed(self) -> None:
+        """Wait for the checkpoint in flight (raising its upload's error) and emit its event."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.wait()
+            self.events.emit(events.Checkpoint(step=pending.step, prefix=pending.prefix,
+                                               seconds=round(pending.seconds, 3), blocked=round(pending.blocked, 3)))
+
     def checkpoint(self) -> str:
-        started, progress = time.perf_counter(), self.progress
+        """Write a checkpoint and start its upload; returns its prefix (committed once `_committed` returns)."""
+        self._committed()
+        progress = self.progress
         rank_state = {"rng": checkpoints.rng_state(self.ctx.device), "sync": self.sync.state_dict()}
         if self.sync.per_rank_state:
             rank_state["model"] = adapters.trainable_state(self.model)
@@ -372,14 +394,15 @@ class Run:
             "mode": self.spec.distributed.mode, "logged": [events.to_dict(event) for event in self.logged],
         }
         main = self.ctx.is_main
-        prefix = checkpoints.save(
-            self.store, self.job.layout, progress.step, self.ctx, self.work_dir / "checkpoints", rank_state=rank_state,
-            model=self.model if main else None, optimizer_state=self.optimizer.state_dict() if main else None,
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self.pending = checkpoints.begin(
+            self.store, self.job.layout, progress.step, self.ctx, self.work_dir / "checkpoints", self._uploads,
+            rank_state=rank_state, model=self.model if main else None,
+            optimizer_state=self.optimizer.state_dict() if main else None,
             scheduler_state=self.scheduler.state_dict() if main else None, state=state if main else None,
         )
-        self.events.emit(events.Checkpoint(step=progress.step, prefix=prefix,
-                                           seconds=round(time.perf_counter() - started, 3)))
-        return prefix
+        return self.pending.prefix
 
     def finish(self) -> dict:
         """Equalise the replicas, measure the test split, save the final model (rank 0) and the metrics.
@@ -408,6 +431,7 @@ class Run:
                     shutil.copy(path, final_dir / path.name)
             self.store.put_bytes(self.job.layout.metrics, json.dumps(metrics, indent=1).encode(),
                                  content_type="application/json")
+        self._committed()  # the last checkpoint uploaded while the test split and the final model were done
         self.ctx.barrier()
         self.metrics = metrics
         self.events.emit(events.Finished(step=progress.step, final_dir=str(final_dir.resolve()) if final_dir else None,
@@ -434,6 +458,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     from services.common.config import Settings
     from services.common.s3 import ObjectStore
 
+    startup = {"imported": time.time()}  # this module's imports (torch, transformers) are done by now
+    startup["process"] = psutil.Process().create_time()
+    if os.environ.get(events.LAUNCHED_AT_ENV):
+        startup["launched"] = float(os.environ[events.LAUNCHED_AT_ENV])
     args = parse_args(argv)
     settings = Settings.from_env()
     logs.configure(settings, "training-runtime")
@@ -441,6 +469,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     transformers.utils.logging.disable_progress_bar()
     job = Job.from_dict(json.loads((args.job or args.job_dir / "job.json").read_text()))
     ctx = distributed.init()
+    startup["group"] = time.time()
     sink = None
     if ctx.is_main:
         sink = open(args.events, "a") if args.events else sys.stdout
@@ -452,9 +481,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if ctx.local_rank == 0:
             data.fetch_dataset(store, job.dataset_manifest_key, node_dir / "dataset")
         ctx.barrier()
+        startup["data"] = time.time()
         dataset = data.LocalDataset.open(node_dir / "dataset")
         run = Run(job, ctx, dataset, store=store, work_dir=node_dir, writer=writer)
         run.setup()
+        run.startup = dict(startup, model=time.time())
         code = run.run(stop_after_step=args.stop_after_step)
     except Exception as error:
         log.exception("training failed")
