@@ -85,7 +85,9 @@ class Traffic:
         self.client, self.deployment = client, deployment
         self.served: list[int] = []
         self.failed: list[str] = []
-        self.timeline: list[tuple[float, int | None]] = []  # (wall-clock time, version; None: failed)
+        # (wall-clock time the request was sent, version; None: failed). Sent, not answered: the version is chosen
+        # when a request arrives, and one sent to the canary just before its rollback may fail a while after it.
+        self.timeline: list[tuple[float, int | None]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(workers)]
         for thread in self._threads:
@@ -93,15 +95,16 @@ class Traffic:
 
     def _work(self) -> None:
         while not self._stop.is_set():
+            sent = time.time()
             try:
                 answer = self.client.call("POST", "/v1/completions", {
                     "model": self.deployment, "prompt": "O", "max_tokens": 1, "temperature": 1.0})
                 version = int(answer["system_fingerprint"].rsplit("-v", 1)[1])
                 self.served.append(version)
-                self.timeline.append((time.time(), version))
+                self.timeline.append((sent, version))
             except ApiError as error:
                 self.failed.append(str(error))
-                self.timeline.append((time.time(), None))
+                self.timeline.append((sent, None))
 
     def stop(self) -> None:
         self._stop.set()
