@@ -81,6 +81,8 @@ def break_onnx_export(stack, version: int) -> None:
 class Traffic:
     """A few clients sending one-token sampled completions (never cached), noting the version that served."""
 
+    PACE_S = 0.02
+
     def __init__(self, client: Client, deployment: str = NAME, workers: int = 3) -> None:
         self.client, self.deployment = client, deployment
         self.served: list[int] = []
@@ -94,7 +96,9 @@ class Traffic:
             thread.start()
 
     def _work(self) -> None:
-        while not self._stop.is_set():
+        # Paced (at least PACE_S apart per client): unpaced, three clients of a one-token model outran the tenant's
+        # request quota (LLMP_TENANT_RATE_LIMIT) and their 429s were counted as the canary's failures.
+        while not self._stop.wait(self.PACE_S):
             sent = time.time()
             try:
                 answer = self.client.call("POST", "/v1/completions", {

@@ -217,3 +217,28 @@ def test_a_gated_alias_moves_only_to_a_version_measured_no_worse(stack):
     decisions = [(entry.get("decision"), entry["to_version"]) for entry in history]
     assert decisions == [("moved", weak), ("pending", strong), ("moved", strong), ("refused", weak)], history
     assert "gate passed" in history[2]["gate"] and "gate refused" in history[3]["gate"]
+
+
+def test_a_canary_of_a_gated_alias_s_stable_must_pass_its_gate(stack):
+    """A deployment whose stable is `production`'s target (gated on loss, after the test above): a canary of the
+    worse version is refused with the gate's figures before any traffic reaches it, and the refusal is on
+    record in the alias history; the deployment keeps serving its stable alone."""
+    client = stack.client()
+    weak, strong = sorted(v["version"] for v in client.call("GET", f"/v1/models/{MODEL}")["versions"])[:2]
+    assert client.call("GET", f"/v1/models/{MODEL}/aliases/production")["version"] == strong
+    path = "/v1/deployments/eval-gated"
+    client.call("PUT", path, {"model": MODEL, "stable": strong}, headers={"If-None-Match": "*"})
+    deployed = client.wait_until(path, lambda d: d["state"] in {"READY", "FAILED"}, 600)
+    assert deployed["state"] == "READY", deployed
+
+    _, etag = client.call_with_etag(path)
+    with pytest.raises(ApiError) as refused:
+        client.call("PUT", path, {"model": MODEL, "stable": strong,
+                                  "canary": {"version": weak, "rollout": {"steps": [50, 100], "interval_s": 30}}},
+                    headers={"If-Match": etag})
+    assert refused.value.status == 409 and "gate refused" in str(refused.value), refused.value
+    after = client.call("GET", path)
+    assert after["stable"] == strong and after["canary"] is None and after["rollout"] is None, after
+    history = client.call("GET", f"/v1/models/{MODEL}/aliases/production/history")["entries"]
+    assert (history[-1].get("decision"), history[-1]["to_version"]) == ("refused", weak), history[-1]
+    client.call("DELETE", path)
