@@ -64,6 +64,27 @@ class _Row:
         self.error = ""
 
 
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, narrowed by a container's CPU quota (cgroup v2
+    `cpu.max`, or v1's quota over period), which Kubernetes sets from a CPU limit without touching affinity.
+    Without it a 2-CPU pod on a 64-core node would run 64 ORT threads per session, throttled."""
+    cores = len(os.sched_getaffinity(0))
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            with open(quota_file) as handle:
+                fields = handle.read().split()
+            if period_file is not None:
+                with open(period_file) as handle:
+                    fields.append(handle.read().strip())
+            quota, period = fields[0], float(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if quota not in {"max", "-1"} and period > 0:
+            return max(1, min(cores, int(float(quota) // period)))
+    return cores
+
 class TritonPythonModel:
     def initialize(self, args):
         here = os.path.join(args["model_repository"], args["model_version"])
@@ -72,8 +93,9 @@ class TritonPythonModel:
         with open(os.path.join(here, "decoder.json")) as handle:
             self.spec = json.load(handle)
         options = ort.SessionOptions()
-        # 0: every core this process may use (ORT's own 0 counts the machine's physical cores, not the affinity).
-        threads = int(parameters.get("intra_op_threads", "1")) or len(os.sched_getaffinity(0))
+        # 0: every core this process may use (ORT's own 0 counts the machine's physical cores, not the affinity
+        # or a container's CPU limit).
+        threads = int(parameters.get("intra_op_threads", "1")) or usable_cores()
         options.intra_op_num_threads = threads
         # Idle threads sleep instead of spinning between calls: the cores go to the service and gateway processes
         # handling the tokens between steps, and to the other models of this Triton.
