@@ -82,5 +82,8 @@ clean: down ## remove local state
 bench: $(addprefix bench-,$(BENCHES)) ## every benchmark
 
 # A static pattern rule: make skips implicit-rule search for .PHONY targets, so `bench-%:` alone never ran.
+# Each first waits (at most 3 minutes) for the load the previous one left to settle: `make bench` runs them
+# back to back, and a benchmark started before the 1-minute average falls refuses to report.
 $(addprefix bench-,$(BENCHES)): bench-%:
+	$(PY) -m bench.harness --settle
 	$(PY) -m bench.$(subst -,_,$*)

@@ -9,9 +9,11 @@ reports anyway, marked, for a figure that is only looked at, never recorded in b
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 
 BUSY_EXIT = 3
@@ -49,3 +51,23 @@ def report(name: str, project: float, baseline: float, unit: str, baseline_is: s
               f"baseline={baseline:.{digits}f}{unit}). Run it alone.", file=sys.stderr)
         sys.exit(BUSY_EXIT)
     print(line + (" [busy: not for RESULTS.md]" if busy else ""))
+
+
+def settle(limit_s: float, poll_s: float = 5.0) -> float:
+    """Waits until the 1-minute load average is at most the core count, or `limit_s` passed; returns it. The
+    average decays over about a minute, so the servers of a benchmark that just ended still weigh in it."""
+    deadline = time.monotonic() + limit_s
+    load_now = os.getloadavg()[0]
+    while load_now > cores() and time.monotonic() < deadline:
+        print(f"waiting for the load to settle: {load_now:.2f} on {cores()} cores", file=sys.stderr)
+        time.sleep(poll_s)
+        load_now = os.getloadavg()[0]
+    return load_now
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Wait for a quiet machine before a benchmark (make bench-<name>).")
+    parser.add_argument("--settle", action="store_true", help="wait until the load is at most the core count")
+    parser.add_argument("--limit", type=float, default=180.0, help="seconds to wait at most (default 180)")
+    if parser.parse_args().settle:
+        settle(parser.parse_args().limit)

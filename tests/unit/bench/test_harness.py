@@ -30,3 +30,12 @@ def test_a_busy_figure_can_be_looked_at_but_is_marked(monkeypatch, capsys):
     monkeypatch.setenv("LLMP_BENCH_ALLOW_BUSY", "1")
     harness.report("gateway", 300.0, 400.0, "req/s", "a bare aiohttp handler")
     assert capsys.readouterr().out.rstrip().endswith("[busy: not for RESULTS.md]")
+
+
+def test_settling_waits_for_the_load_to_fall_and_gives_up_at_its_limit(monkeypatch):
+    loads = iter([harness.cores() + 1.0, harness.cores() + 0.5, harness.cores() - 0.5])
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(harness.time, "sleep", lambda seconds: None)
+    assert harness.settle(60) == harness.cores() - 0.5  # waited twice, then quiet
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (harness.cores() + 3.0, 0.0, 0.0))
+    assert harness.settle(0) == harness.cores() + 3.0  # still busy at the limit: the benchmark then refuses
