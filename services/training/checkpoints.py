@@ -89,11 +89,11 @@ class Pending:
 
     def wait(self) -> str:
         waited = time.monotonic()
-        if self.future is not None:
-            self.future.result()
+        committed_at = self.future.result() if self.future is not None else None
         now = time.monotonic()
         self.blocked += now - waited
-        self.seconds = self.seconds or now - self.started
+        # Until the commit, not until this wait: the last checkpoint is waited for only after the test split.
+        self.seconds = self.seconds or (committed_at or now) - self.started
         return self.prefix
 
 
@@ -125,15 +125,19 @@ def begin(store, layout: JobLayout, step: int, ctx, scratch: Path, uploads: Exec
     return pending
 
 
-def _upload_and_commit(store, local: Path, prefix: str, step: int, rank_objects: list[dict], started: float) -> None:
+def _upload_and_commit(store, local: Path, prefix: str, step: int, rank_objects: list[dict],
+                       started: float) -> float:
+    """Uploads the step's files and commits them; returns when it committed (time.monotonic())."""
     try:
         objects = rank_objects + upload_folder(store, local, prefix)
         store.put_bytes(prefix + COMMITTED, json.dumps({"step": step, "objects": objects}, indent=1).encode(),
                         content_type="application/json")
     finally:
         shutil.rmtree(local, ignore_errors=True)
+    committed_at = time.monotonic()
     log.info("checkpoint committed", extra={"step": step, "objects": len(objects),
-                                            "seconds": round(time.monotonic() - started, 3)})
+                                            "seconds": round(committed_at - started, 3)})
+    return committed_at
 
 
 @dataclass(frozen=True)

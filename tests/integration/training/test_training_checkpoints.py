@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -74,3 +75,45 @@ def test_a_checkpoint_from_another_world_size_is_refused(store, tmp_path):
     two = distributed.Context(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), backend=None)
     with pytest.raises(Conflict, match="written by 1 processes; this run has 2"):
         checkpoints.fetch(store, layout, 2, two, tmp_path / "r")
+
+
+class FailingUploads:
+    """The real store, except that uploads under `failing` raise: an S3 outage in the middle of a checkpoint."""
+
+    def __init__(self, store, failing: str) -> None:
+        self.store, self.failing = store, failing
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def put_file(self, key, path, *args, **kwargs):
+        if key.startswith(self.failing) and "/model/" in key:
+            raise OSError(f"S3 unreachable while uploading {key}")
+        return self.store.put_file(key, path, *args, **kwargs)
+
+
+def begin(store, layout, step, tmp_path, uploads):
+    model = models.build_model(ModelSpec(n_layer=1, n_head=2, n_embd=16, block_size=8),
+                               models.Vocabulary(20, 19, 19), seed=step)
+    return checkpoints.begin(store, layout, step, SINGLE, tmp_path, uploads,
+                             rank_state={"rng": checkpoints.rng_state(SINGLE.device)}, model=model,
+                             optimizer_state=torch.optim.AdamW(model.parameters()).state_dict(),
+                             scheduler_state={"last_epoch": step}, state={"data_position": step * 4})
+
+
+def test_a_background_upload_that_fails_is_raised_at_its_wait_and_commits_nothing(store, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    layout = JobLayout("acme", uuid.uuid4().hex)
+    failing = FailingUploads(store, layout.step(10))
+    with ThreadPoolExecutor(max_workers=1) as uploads:
+        first = begin(failing, layout, 5, tmp_path, uploads)
+        first.future.result()
+        time.sleep(0.5)  # committed well before anyone waits for it
+        assert first.wait() == layout.step(5)
+        assert first.seconds < 0.5, first.seconds  # until its commit, not until the wait
+        second = begin(failing, layout, 10, tmp_path, uploads)
+        with pytest.raises(OSError, match="S3 unreachable"):
+            second.wait()
+    assert checkpoints.committed_steps(store, layout) == [5]  # a resume starts from the last good one
+    assert not (tmp_path / "step-10").exists()  # its local files are gone either way
