@@ -387,11 +387,10 @@ def verify_cross_stage(work: Work, threshold: float) -> None:
     signatures = _Signatures(work.signatures)
     try:
         for path in Partitions(work.cross, PAIR_ROW).files():
-            pieces = [_verified(rows, signatures, threshold) for rows in bounded(path, PAIR_ROW, _key_route("later"))]
             kept = path.with_suffix(".verified")
-            with open(kept, "wb") as handle:
-                for piece in pieces:
-                    piece.tofile(handle)
+            with open(kept, "wb") as handle:  # piece by piece: only one bounded read is ever in memory
+                for rows in bounded(path, PAIR_ROW, _key_route("later")):
+                    _verified(rows, signatures, threshold).tofile(handle)
             os.replace(kept, path)
     finally:
         signatures.close()

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.common import contracts
-from services.common.errors import Internal, LlmpError, NotFound, PayloadTooLarge, Unavailable
+from services.common.errors import Internal, LlmpError, NotFound, PayloadTooLarge, Unavailable, ValidationFailed
 from services.common.periodic import Periodic
 from services.dataset import conversations, ingest, model_tokenizers, pipeline
 from services.dataset import tokenizer as tokenizers
@@ -161,6 +161,8 @@ class Ingestor:
                 handed_over = True
             elif row.state == "PENDING" and row.id in self._running:
                 running = self._running[row.id]
+            elif row.state == "PENDING" and wait:  # queued, or built by another replica: follow it there
+                return await self._follow(row), created
             else:
                 return row, created
             if not wait or running.task is None:
@@ -182,10 +184,15 @@ class Ingestor:
         return used < self._builds.capacity and counts.get(tenant, 0) < bound
 
     async def _follow(self, row: VersionRow) -> VersionRow:
-        """The version once built, by whichever replica takes it."""
+        """The version once built, by whichever replica takes it; a failed build raises its reason, as a build
+        run here does (`wait` answers READY or the build's error, never a FAILED version)."""
         while row.state == "PENDING":
             await asyncio.sleep(POLL_INTERVAL)
             row = await self.versions.get(row.tenant, row.name, row.version)
+        if row.state == "FAILED":
+            reason = row.error or "the build failed"
+            raise (Internal if reason.startswith("internal error") else ValidationFailed)(
+                f"dataset {row.name} version {row.version}: {reason}")
         return row
 
     async def _tokenizer_files(self, tenant: str, options: DatasetOptions) -> list:

@@ -163,3 +163,17 @@ async def test_ingest_bytes_per_day_refuses_the_corpus_that_passes_it(quota_stub
     other = Client(quota_stub, f"t{uuid.uuid4().hex[:10]}")
     assert (await other.create(shakespeare[30_000:60_000], name="second",
                                tokenizer=pb.TOKENIZER_KIND_CHAR)).version.state == pb.VERSION_STATE_READY
+
+
+async def test_a_queued_build_that_fails_answers_its_reason_to_a_waiting_create(start_service, dataset_settings):
+    """`wait` answers READY or the build's error, also for a build queued behind its tenant's slot: never a
+    FAILED version passed off as a success."""
+    _, stub = await start_service()
+    busy = Client(stub, f"t{uuid.uuid4().hex[:10]}")
+    corpus = SHAKESPEARE.read_bytes()
+    await busy.create(corpus, name="large", vocab_size=512, wait=False)  # holds the tenant's one slot
+    with pytest.raises(grpc.aio.AioRpcError) as failed:  # queued, then no document is long enough
+        await busy.create(corpus[:20_000], name="too-short", vocab_size=300, min_doc_chars=5_000)
+    assert failed.value.code() != grpc.StatusCode.OK
+    assert "no training documents left" in failed.value.details(), failed.value.details()
+    assert not finished(dataset_settings, busy.tenant), "the large build ended first: nothing was queued"
