@@ -305,6 +305,7 @@ def _candidates(request: web.Request):
 # The catch-all route, registered last: aiohttp tries it after every other route (its index is "/", the
 # last prefix it walks), so it sees exactly the requests no route takes.
 NO_ROUTE = "/{tail:.*}"
+_NO_ROUTE_CANONICAL = "/{tail}"  # how aiohttp names that resource (its regex dropped)
 
 
 async def _no_route(request: web.Request) -> web.StreamResponse:
@@ -441,7 +442,9 @@ def server_spans(provider: TracerProvider):
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
+        # The catch-all that answers 404/405 is no route of the API: its spans say so, as before it existed.
+        route = resource.canonical if resource is not None and resource.canonical != _NO_ROUTE_CANONICAL \
+            else "unmatched"
         attributes = {"http.request.method": request.method, "url.path": request.path, "http.route": route}
         with tracer.start_as_current_span(f"{request.method} {route}", kind=SpanKind.SERVER,
                                           context=propagate.extract(request.headers), attributes=attributes) as span:

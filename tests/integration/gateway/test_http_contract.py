@@ -235,6 +235,14 @@ async def test_spans_carry_the_request_id(gateway):
     assert children, [span.name for span in spans]
 
 
+async def test_a_request_no_route_matches_is_an_unmatched_span(gateway):
+    gateway.client.spans.clear()
+    answer = await gateway.client.get("/v1/no-such-thing", headers=gateway.auth("alpha", "developer"))
+    assert answer.status == 404
+    await asyncio.sleep(0)
+    server = [span for span in gateway.client.spans.get_finished_spans() if span.kind.name == "SERVER"]
+    assert [(span.name, span.attributes["http.route"]) for span in server] == [("GET unmatched", "unmatched")]
+
 async def test_an_upload_over_the_limit_is_413_naming_the_limit(gateway, aiohttp_client, settings_env):
     """A chunked body (no Content-Length to refuse it by) goes to the dataset service chunk by chunk on a
     client-streaming call; reading past the limit ends that call (grpc.aio cancels it), and the answer names
