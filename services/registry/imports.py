@@ -165,11 +165,14 @@ async def receive(chunks: AsyncIterator[bytes], work: Path, limit: int) -> Unpac
             await feed(None)
         files, unpacked = await unpacking
     except BaseException:
-        if not unpacking.done():  # unblock the reader so the thread ends
-            with contextlib.suppress(queue.Full):
-                while True:
-                    pipe.put_nowait(None)
+        # Unblock the reader so the thread ends: it stops at the first None it reads. The queue may be full of
+        # chunks it has yet to read, so keep offering one until it is done; a single try on a full queue left
+        # the thread waiting in get() forever and this call with it (an import over the limit hung).
         with contextlib.suppress(BaseException):
+            while not unpacking.done():
+                with contextlib.suppress(queue.Full):
+                    pipe.put_nowait(None)
+                await asyncio.wait({unpacking}, timeout=0.01)
             await unpacking
         raise
     return Unpacked(model_root(work), files, unpacked, digest.hexdigest())

@@ -126,3 +126,43 @@ def test_the_checkpoint_check_accepts_each_architecture_and_names_a_mismatch(tmp
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(checkpoint_check.Rejected, match=f"tensor {key} has shape"):
         checkpoint_check.verify(folder)
+
+
+async def test_an_archive_over_the_limit_ends_even_when_the_unpacker_lags(tmp_path, monkeypatch):
+    """The limit is hit while the queue to a slower unpacking thread is full: the thread must still be told to
+    stop (it once waited for a chunk forever, and the import with it)."""
+    import queue
+    import threading
+    import time
+
+    monkeypatch.setattr(imports, "QUEUE_CHUNKS", 1)
+    read, unpack = imports._QueueReader.read, imports.unpack
+    ended, pipes = threading.Event(), []
+
+    def slow_read(self, size=-1):
+        time.sleep(0.002)
+        return read(self, size)
+
+    def watched_unpack(pipe, destination, limit):
+        pipes.append(pipe)
+        try:
+            return unpack(pipe, destination, limit)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(imports._QueueReader, "read", slow_read)
+    monkeypatch.setattr(imports, "unpack", watched_unpack)
+    # 59,000 bytes unpacked fit the limit; the archive sent (headers, padding) does not, in 700-byte chunks.
+    member = tar_of([(tarfile.TarInfo("w"), bytes(range(250)) * 236)])
+    try:
+        with pytest.raises(PayloadTooLarge, match="exceeds the import limit"):
+            await asyncio.wait_for(_unpack(member, tmp_path / "lagging", limit=59_400), 20)
+        assert ended.wait(5), "the unpacking thread still waits for a chunk"
+    finally:  # release a stuck thread, so a failure here does not also hang the run at exit
+        for _ in range(4):
+            for pipe in pipes:
+                try:
+                    pipe.put_nowait(None)
+                except queue.Full:
+                    pass
+            time.sleep(0.05)
