@@ -198,6 +198,9 @@ def cluster(settings_env, claim_broker, tmp_path_factory):
                 "LLMP_SHUTDOWN_GRACE": str(GRACE), "LLMP_ADMIN_KEY": f"llmp_shutdown_{uuid.uuid4().hex}",
                 "LLMP_TRITON_GRPC_URL": f"127.0.0.1:{servers.free_port()}",  # no Triton: a closed port
                 "LLMP_TRITON_HTTP_URL": f"127.0.0.1:{servers.free_port()}",
+                # The load runs one tenant at the gateway's full speed, past the default 200 requests/s quota:
+                # a 429 there is the quota, not a lost request (tests/integration/gateway/test_quotas.py).
+                "LLMP_TENANT_RATE_LIMIT": "1000000",
                 "PYTHONUNBUFFERED": "1"})
     stable: dict[str, Server] = {}
     try:
