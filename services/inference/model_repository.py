@@ -11,7 +11,8 @@ Laid out as Triton expects:
     <repository>/<triton name>/1/decoder.json  (its DecoderSpec)
 
 An encoder's export (`encoder.json`, an EncoderSpec, instead of decoder.json) gets the embedding model
-instead: triton_model/encoder_model.py as model.py, and encoder_config.pbtxt.template.
+instead: triton_model/encoder_model.py as model.py, and encoder_config.pbtxt.template. Either imports
+triton_model/ort_session.py, copied beside it.
 
 The repository is a local folder (`make up`: the local tritonserver reads it) or, in the compose and
 Kubernetes form `s3://host:port/bucket/prefix`, a prefix in S3 written through `ObjectStore`, which the
@@ -69,6 +70,7 @@ def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingC
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "1").mkdir(parents=True)
     shutil.copy2(TEMPLATE_DIR / ("encoder_model.py" if encoder else "model.py"), staging / "1" / "model.py")
+    shutil.copy2(TEMPLATE_DIR / "ort_session.py", staging / "1" / "ort_session.py")  # model.py imports it
     for item in (*onnx_files(os.listdir(onnx_dir)), spec_file):
         _link_or_copy(onnx_dir / item, staging / "1" / item)
     template = (TEMPLATE_DIR / ("encoder_config.pbtxt.template" if encoder else "config.pbtxt.template")).read_text()

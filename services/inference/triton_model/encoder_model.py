@@ -2,7 +2,7 @@
 
 Copied by the inference service into `<repository>/<model>/1/model.py` beside `model.onnx` and
 `encoder.json` (a `services.common.contracts.EncoderSpec`). It runs inside Triton's Python stub, so it
-imports nothing from llmp.
+imports nothing from llmp; its ONNX Runtime session comes from `ort_session.py`, copied beside it.
 
 Protocol: every row of a request is one text to embed, and a request may carry many rows.
 - `INPUT_IDS` int64 [n]: the text's tokens (special tokens included), right-padded to the request's longest.
@@ -20,29 +20,9 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from ort_session import open_session
 
-
-def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity, narrowed by a container's CPU quota (cgroup v2
-    `cpu.max`, or v1's quota over period), which Kubernetes sets from a CPU limit without touching affinity.
-    Without it a 2-CPU pod on a 64-core node would run 64 ORT threads per session, throttled."""
-    cores = len(os.sched_getaffinity(0))
-    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
-                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
-        try:
-            with open(quota_file) as handle:
-                fields = handle.read().split()
-            if period_file is not None:
-                with open(period_file) as handle:
-                    fields.append(handle.read().strip())
-            quota, period = fields[0], float(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if quota not in {"max", "-1"} and period > 0:
-            return max(1, min(cores, int(float(quota) // period)))
-    return cores
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -51,19 +31,7 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         with open(os.path.join(here, "encoder.json")) as handle:
             self.spec = json.load(handle)
-        options = ort.SessionOptions()
-        # 0: every core this process may use (ORT's own 0 counts the machine's physical cores, not the affinity
-        # or a container's CPU limit).
-        threads = int(parameters.get("intra_op_threads", "1")) or usable_cores()
-        options.intra_op_num_threads = threads
-        # Idle threads sleep instead of spinning between calls: the cores go to the service and gateway processes
-        # handling the tokens between steps, and to the other models of this Triton.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.inter_op_num_threads = 1
-        available = set(ort.get_available_providers())
-        wanted = parameters.get("providers", "CPUExecutionProvider").split(",")
-        providers = [name for name in wanted if name in available] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), options, providers=providers)
+        self.session = open_session(here, parameters)
         self.context = int(self.spec["context_length"])
         self.hidden = int(self.spec["hidden_size"])
         self.pad = int(self.spec["pad_token_id"])

@@ -29,7 +29,8 @@ def imported_modules() -> set[str]:
                 found |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 found.add(node.module.split(".")[0])
-    return {name for name in found if name not in sys.stdlib_module_names and name != "__future__"}
+    siblings = {path.stem for path in MODEL_CODE.glob("*.py")}  # copied beside model.py (model_repository)
+    return {name for name in found if name not in sys.stdlib_module_names | siblings and name != "__future__"}
 
 
 def installed() -> dict[str, str]:

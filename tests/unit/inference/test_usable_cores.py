@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import sys
-import types
 
 import pytest
 
@@ -15,11 +13,9 @@ FILES = {"v2": {"/sys/fs/cgroup/cpu.max": "200000 100000\n"},
          "none": {}}
 
 
-@pytest.fixture(params=["services.inference.triton_model.model", "services.inference.triton_model.encoder_model"])
-def triton_module(request, monkeypatch):
-    # Both run inside Triton's Python backend, which provides this module; they use none of it here.
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    return importlib.import_module(request.param)
+@pytest.fixture
+def triton_module():
+    return importlib.import_module("services.inference.triton_model.ort_session")
 
 
 @pytest.mark.parametrize(("cgroup", "expected"), [("v2", 2), ("v2 unlimited", 64), ("v1", 1), ("none", 64)])
