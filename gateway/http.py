@@ -282,6 +282,14 @@ def page(request: web.Request) -> common_pb2.PageRequest:
                                   page_token=request.query.get("page_token", ""))
 
 
+def idempotency_key(request: web.Request) -> str:
+    """The request's Idempotency-Key ("" without one), at most MAX_IDEMPOTENCY_KEY characters."""
+    key = request.headers.get("Idempotency-Key", "")
+    if len(key) > contracts.MAX_IDEMPOTENCY_KEY:
+        raise errors.ValidationFailed(f"Idempotency-Key: at most {contracts.MAX_IDEMPOTENCY_KEY} characters")
+    return key
+
+
 # The schema of each path parameter, by name, as the views read it: a route with `{name}` in its path gets the
 # name rule, one with `{version}` what `path_version` accepts, whatever view declares it.
 NAME = {"type": "string", "pattern": contracts.NAME_PATTERN}

@@ -6,7 +6,19 @@ from aiohttp import web
 from llmp.common.v1 import common_pb2
 from llmp.training.v1 import training_pb2
 
-from gateway.http import PAGING, Link, Route, clients, int64, json_response, message_schema, page, read_json, to_dict
+from gateway.http import (
+    PAGING,
+    Link,
+    Route,
+    clients,
+    idempotency_key,
+    int64,
+    json_response,
+    message_schema,
+    page,
+    read_json,
+    to_dict,
+)
 from services.common import contracts, errors
 
 _NAME = {"type": "string", "pattern": contracts.NAME_PATTERN}
@@ -39,9 +51,7 @@ def present(evaluation: training_pb2.Evaluation) -> dict:
 
 async def submit_evaluation(request: web.Request) -> web.Response:
     body = await read_json(request, SUBMIT_EVALUATION)
-    key = request.headers.get("Idempotency-Key", "")
-    if len(key) > contracts.MAX_IDEMPOTENCY_KEY:
-        raise errors.ValidationFailed(f"Idempotency-Key: at most {contracts.MAX_IDEMPOTENCY_KEY} characters")
+    key = idempotency_key(request)
     response = await clients(request).training.SubmitEvaluation(training_pb2.SubmitEvaluationRequest(
         model=common_pb2.ModelRef(**body["model"]), dataset=common_pb2.DatasetRef(**body["dataset"]),
         split=body.get("split", "test"), idempotency_key=key,

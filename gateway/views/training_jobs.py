@@ -15,6 +15,7 @@ from gateway.http import (
     Link,
     Route,
     clients,
+    idempotency_key,
     int32,
     int64,
     json_response,
@@ -109,9 +110,7 @@ def present_job(job: training_pb2.Job) -> dict:
 
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_json(request, SUBMIT_JOB)
-    key = request.headers.get("Idempotency-Key", "")
-    if len(key) > contracts.MAX_IDEMPOTENCY_KEY:
-        raise errors.ValidationFailed(f"Idempotency-Key: at most {contracts.MAX_IDEMPOTENCY_KEY} characters")
+    key = idempotency_key(request)
     spec_fields = {name: body[name] for name in ("dataset", "model", "hyperparameters", "distributed") if name in body}
     try:
         spec = json_format.ParseDict(spec_fields, training_pb2.JobSpec())
