@@ -29,6 +29,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from llmp.common.v1 import common_pb2
+from multidict import CIMultiDict
 
 from gateway.state import CALLER, CLIENTS
 from services.common import contracts, errors
@@ -301,19 +302,18 @@ PATH_PARAMETERS = {
 }
 
 
-_PATH_PATTERNS: dict[tuple[str, str], list[tuple[str, re.Pattern]]] = {}
-
-
-def validate_path(route: Route, match_info) -> None:
-    """422 naming the first path segment that breaks its declared pattern (a `{name}` outside the name rule),
-    before the view reads a header or calls a service: the answer to a bad name never depends on the rest of
-    the request. Integers (`{version}`) are read and judged by `path_version`."""
-    checks = _PATH_PATTERNS.get((route.method, route.path))
-    if checks is None:
-        checks = _PATH_PATTERNS[(route.method, route.path)] = [
-            (name, _ecma_pattern(schema["pattern"])) for name in re.findall(r"{(\w+)}", route.path)
+def path_checks(route: Route) -> list[tuple[str, re.Pattern]]:
+    """(segment name, pattern) for each `{name}` of the route whose schema is a string with a pattern: what
+    `validate_path` tests, worked out once per route."""
+    return [(name, _ecma_pattern(schema["pattern"])) for name in re.findall(r"{(\w+)}", route.path)
             for schema in [route.path_parameters.get(name) or PATH_PARAMETERS.get(name, {})]
             if schema.get("type") == "string" and "pattern" in schema]
+
+
+def validate_path(checks: list[tuple[str, re.Pattern]], match_info) -> None:
+    """422 naming the first path segment that breaks its declared pattern (a `{name}` outside the name rule;
+    `checks` from `path_checks`), before the view reads a header or calls a service: the answer to a bad name
+    never depends on the rest of the request. Integers (`{version}`) are read and judged by `path_version`."""
     for name, pattern in checks:
         value = match_info.get(name, "")
         if not pattern.search(value):
@@ -525,9 +525,11 @@ class ValidatorCache:
 
     def __init__(self, capacity: int = 20_000) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str], tuple[float, dict[str, str]]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[float, CIMultiDict[str]]] = OrderedDict()
 
-    def lookup(self, tenant: str, path: str) -> dict[str, str] | None:
+    def lookup(self, tenant: str, path: str) -> CIMultiDict[str] | None:
+        """The validators remembered for `path` (a request's target, path and query as sent), as the headers
+        a 304 copies (a `CIMultiDict` made once: a response copies one faster than a dict); None if none."""
         item = self._items.get((tenant, path))
         if item is None:
             return None
@@ -537,7 +539,7 @@ class ValidatorCache:
         return item[1]
 
     def remember(self, tenant: str, path: str, headers: dict[str, str], ttl: float) -> None:
-        self._items[(tenant, path)] = (time.monotonic() + ttl, headers)
+        self._items[(tenant, path)] = (time.monotonic() + ttl, CIMultiDict(headers))
         self._items.move_to_end((tenant, path))
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
