@@ -15,8 +15,12 @@ in this same process two aiohttp servers on free ports:
 
 The load comes from a separate process (`--load`), the same for both: a raw asyncio HTTP/1.1 client
 holding `--connections` keep-alive connections, each sending the next request when the previous answer
-is complete. Best of `--rounds` interleaved rounds of `--seconds` each, every round's ratio printed;
-requests per second; the BENCH line's ratio is project / baseline (higher is better).
+is complete. With two cores or more, the servers (this process) and the load process are each pinned to
+a core of their own, the same for both sides, so that neither side's round has the scheduler put the
+load and the server on one core (`--no-pin` leaves them free). `--rounds` rounds of `--seconds` each,
+project and baseline alternating which goes first; every round's rates, ratio and the servers' CPU per
+request printed; the BENCH line gives each side's median rate (requests per second) and their ratio,
+project / baseline (higher is better).
 
 `--pieces` first times each piece of the 304 path in-process, in µs (bench/gateway_pieces.py); `--profile
 FILE` runs one project round under cProfile. Both are for finding the cost, not for the figure.
@@ -28,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,6 +114,8 @@ async def _load(host: str, port: int, path: str, headers: list[str], seconds: fl
 
 
 def load_main(options: argparse.Namespace) -> None:
+    if options.cpu is not None:
+        os.sched_setaffinity(0, {options.cpu})
     result = asyncio.run(_load(options.host, options.port, options.path, options.header, options.seconds,
                                options.connections))
     print(json.dumps(result), flush=True)
@@ -119,6 +126,8 @@ def _measure(port: int, path: str, headers: list[str], expect: int, options: arg
     """Requests/s the load process got, and how many answers, every answer having status `expect`."""
     command = [sys.executable, "-m", "bench.gateway", "--load", "--host", "127.0.0.1", "--port", str(port),
                "--path", path, "--seconds", str(options.seconds), "--connections", str(options.connections)]
+    if options.load_cpu is not None:
+        command += ["--cpu", str(options.load_cpu)]
     for header in headers:
         command += ["--header", header]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -185,6 +194,7 @@ async def run(options: argparse.Namespace) -> None:
         root = Path(scratch)
         ports = servers.SeaweedPorts.free()
         weed = servers.start_seaweedfs(root / "weed", ports, ACCESS, SECRET, root / "weed.log")
+        options.load_cpu = _pin(options)  # after SeaweedFS started: it keeps every core
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{database}"')
         env = {"LLMP_DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{database}",
@@ -211,12 +221,17 @@ async def run(options: argparse.Namespace) -> None:
                 await gateway_pieces.report(gateway_runner.app, bare, path, headers)
             if options.profile:
                 await _profiled_round(options, gateway_port, path, headers)
-            best = {"project": 0.0, "baseline": 0.0}
+            rates: dict[str, list[float]] = {"project": [], "baseline": []}
+            cpus: dict[str, list[float]] = {"project": [], "baseline": []}
             ratios, cpu_ratios = [], []
             for round_no in range(options.rounds):
-                baseline, baseline_cpu = await _measure_with_cpu(bare_port, "/constant", [], 200, options)
-                project, project_cpu = await _measure_with_cpu(gateway_port, path, headers, 304, options)
-                best = {"project": max(best["project"], project), "baseline": max(best["baseline"], baseline)}
+                sides = {"baseline": (bare_port, "/constant", [], 200), "project": (gateway_port, path, headers, 304)}
+                for side in sorted(sides, reverse=round_no % 2 == 1):  # alternate which side goes first
+                    rate, cpu = await _measure_with_cpu(*sides[side], options)
+                    rates[side].append(rate)
+                    cpus[side].append(cpu)
+                project, baseline = rates["project"][-1], rates["baseline"][-1]
+                project_cpu, baseline_cpu = cpus["project"][-1], cpus["baseline"][-1]
                 ratios.append(project / baseline)
                 cpu_ratios.append(baseline_cpu / project_cpu)
                 load = " ".join(f"{value:.2f}" for value in os.getloadavg())
@@ -226,6 +241,9 @@ async def run(options: argparse.Namespace) -> None:
                       flush=True)
             harness.rounds("gateway", ratios)
             harness.rounds("gateway, server CPU per request (baseline / project)", cpu_ratios)
+            if options.rounds:
+                print(f"server CPU per request, median: project {statistics.median(cpus['project']):.1f} µs, "
+                      f"baseline {statistics.median(cpus['baseline']):.1f} µs")
         finally:
             for runner in runners:
                 await runner.cleanup()
@@ -234,13 +252,24 @@ async def run(options: argparse.Namespace) -> None:
             servers.stop(weed)
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    project, baseline = best["project"], best["baseline"]
     if not options.rounds:  # --rounds 0: only --pieces or --profile
         return
-    harness.report("gateway", project, baseline, "req/s",
-                   f"a bare aiohttp handler returning a constant, same machine and load process, {options.connections} "
-                   "keep-alive connections; project = authenticated GET of a READY dataset version with If-None-Match "
-                   "answered 304 through every gateway middleware", digits=0)
+    pinned = "" if options.load_cpu is None else ", servers and load each pinned to a core"
+    harness.report("gateway", statistics.median(rates["project"]), statistics.median(rates["baseline"]), "req/s",
+                   f"a bare aiohttp handler returning a constant, same machine, process and load process, "
+                   f"{options.connections} keep-alive connections, median of {options.rounds} alternating rounds"
+                   f"{pinned}; project = authenticated GET of a READY dataset version with If-None-Match answered "
+                   "304 through the gateway's whole pipeline", digits=0)
+
+
+def _pin(options: argparse.Namespace) -> int | None:
+    """Pins this process (both servers) to one core and returns another for the load process; None (nothing
+    pinned) with `--no-pin` or fewer than two cores."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if options.no_pin or len(allowed) < 2:
+        return None
+    os.sched_setaffinity(0, {allowed[0]})
+    return allowed[1]
 
 
 async def _profiled_round(options: argparse.Namespace, port: int, path: str, headers: list[str]) -> None:
@@ -269,8 +298,10 @@ async def _no_lineage(tenant: str, name: str, version: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one measurement (default 4)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds; the best counts (default 3; 0: only --pieces/--profile)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternating rounds; the median counts (default 5; 0: only --pieces/--profile)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="leave the servers and the load process free to run on any core")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--pieces", action="store_true",
                         help="first time each piece of the 304 path in-process (bench/gateway_pieces.py), in µs")
@@ -280,6 +311,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--header", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)  # the load process's core
     options = parser.parse_args()
     if options.load:
         load_main(options)

@@ -123,7 +123,7 @@ async def measure(app: web.Application, bare: web.Application, path: str, header
     who, rate = keys.cached(key)
     await quotas.take(who.tenant)  # a batch in hand, as under load
     condition = headers["If-None-Match"]
-    found = validators.lookup(who.tenant, request.path_qs)
+    found = validators.lookup(who.tenant, request.raw_path)
     assert found is not None, "the validators of the bench's version are not cached"
     results: list[tuple[str, float]] = []
 
@@ -156,9 +156,9 @@ async def measure(app: web.Application, bare: web.Application, path: str, header
     piece("whole gateway `_handle` (route, middleware, 304 response object)", await _best_async(handle) - clone_cost)
     piece("whole bare `_handle` (route, constant handler, 200 response object)",
           await _best_async(handle_bare) - clone_bare_cost)
-    piece("route resolution (aiohttp router), gateway",
+    piece("route resolution (the app's router: `gateway.router.TableRouter`), gateway",
           await _best_async(lambda: app.router.resolve(clone())) - clone_cost)
-    piece("route resolution (aiohttp router), bare",
+    piece("route resolution (aiohttp's `UrlDispatcher`), bare",
           await _best_async(lambda: bare.router.resolve(clone_bare())) - clone_bare_cost)
 
     piece("aiohttp middleware chain (what one no-op middleware adds to the bare app)", await _middleware_cost())
@@ -184,21 +184,28 @@ async def measure(app: web.Application, bare: web.Application, path: str, header
         for _ in range(n):
             _ = clone().path_qs
 
-    piece("request.path_qs (aiohttp, computed once per request)", _best(path_qs) - clone_cost)
+    def raw_path(n: int) -> None:
+        for _ in range(n):
+            _ = clone().raw_path
+
+    piece("request.path_qs (aiohttp, rebuilt per request; the validators' key before)", _best(path_qs) - clone_cost)
+    piece("request.raw_path (the target as parsed; the validators' key)", _best(raw_path) - clone_cost)
     piece("validator lookup + If-None-Match compare", _best(
         lambda n: [http.none_match(condition, validators.lookup(who.tenant, path)["ETag"]) for _ in range(n)]))
-    piece("304 response object (`web.Response(status=304, headers=…)`)", _best(
+    piece("304 response object, as before (`web.Response(status=304, headers=…)`)", _best(
         lambda n: [web.Response(status=304, headers=found) for _ in range(n)]))
+    piece("304 response object (`web.StreamResponse(status=304, headers=…)`)", _best(
+        lambda n: [web.StreamResponse(status=304, headers=found) for _ in range(n)]))
 
     def extra_headers(n: int) -> None:
         for _ in range(n):
-            headers = web.Response(status=304, headers=found).headers
+            headers = web.StreamResponse(status=304, headers=found).headers
             headers["X-Request-Id"] = "0123456789abcdef0123456789abcdef"
             headers["X-Content-Type-Options"] = "nosniff"
             if "Cache-Control" not in headers:
                 headers["Cache-Control"] = "no-store"
 
-    response_only = _best(lambda n: [web.Response(status=304, headers=found) for _ in range(n)])
+    response_only = _best(lambda n: [web.StreamResponse(status=304, headers=found) for _ in range(n)])
     piece("request id, nosniff and Cache-Control headers on the response", _best(extra_headers) - response_only)
 
     from aiohttp.http_writer import _serialize_headers

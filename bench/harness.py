@@ -20,8 +20,16 @@ BUSY_EXIT = 3
 _started_load = os.getloadavg()[0]  # when the benchmark's module was imported, before its own work
 
 
-def cores() -> int:
+def _machine_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_cores = _machine_cores()  # at import: a benchmark may pin itself to fewer later (bench/gateway.py)
+
+
+def cores() -> int:
+    """The cores this benchmark was given when it started (what the load average is judged against)."""
+    return _cores
 
 
 def load() -> str:
