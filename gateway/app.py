@@ -5,9 +5,10 @@ access log + default Cache-Control, errors → one JSON body, authentication, ra
 query parameter names, ending in the conditional-GET fast path (`ValidatorCache`: a 304 for an
 immutable representation without a service call); a catch-all route gives 404/405 the same pipeline.
 No aiohttp middleware (but the OpenTelemetry server span, only when tracing is on), because this is the
-hot path `bench/gateway.py` measures. Every GET route also answers HEAD. Resources (the key store's
-pool, the gRPC channels, the tracer provider) are owned through `cleanup_ctx`; typed `web.AppKey`s
-hold them.
+hot path `bench/gateway.py` measures; for the same reason paths resolve through `TableRouter`
+(gateway/router.py), a segment tree that answers what aiohttp's router would. Every GET route also
+answers HEAD. Resources (the key store's pool, the gRPC channels, the tracer provider) are owned through
+`cleanup_ctx`; typed `web.AppKey`s hold them.
 
 Tracing: with `LLMP_OTEL_ENDPOINT` set (an OTLP/gRPC collector, e.g. `http://otel-collector:4317`),
 every request gets a server span (with `llmp.request_id`) and every gRPC call a client span that
