@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 from celery import signals
@@ -45,7 +46,10 @@ def _ready_spare(settings: Settings) -> None:
     if _spare is not None and not _spare.handed and _spare.process.poll() is not None:
         log.warning("the warm runtime exited before any job; jobs start under torchrun meanwhile",
                     extra={"exit_code": _spare.process.returncode})
-    if settings.training_warm_start and (_spare is None or not _spare.ready):
+    # Only from the main thread: the guard's PR_SET_PDEATHSIG fires when the thread that started it exits,
+    # which a thread pool's thread may do mid-job (the prefork pool runs tasks in its processes' main thread).
+    main_thread = threading.current_thread() is threading.main_thread()
+    if settings.training_warm_start and main_thread and (_spare is None or not _spare.ready):
         _spare = warm.Spare.start()
 
 
