@@ -45,6 +45,7 @@ def rank_environment(run_id: str, master_port: int) -> dict[str, str]:
             "GROUP_WORLD_SIZE": "1", "ROLE_RANK": "0", "ROLE_WORLD_SIZE": "1", "ROLE_NAME": "default",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "TORCHELASTIC_RUN_ID": run_id,
             "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a GPU rank's NCCL group fails on errors instead of hanging
             # No agent holds a store here: the rank hosts the rendezvous store itself, as it would without torchrun.
             "TORCHELASTIC_USE_AGENT_STORE": "False"}
 
