@@ -293,7 +293,7 @@ class NodeRunner:
         """Start the node's runtime: the warm spare for a job of one process (warm.py), else torchrun; each
         under its guard, in a session of its own."""
         job, launched = assignment.job, f"{time.time():.3f}"
-        process, how = None, "warm spare"
+        process, started = None, "warm runtime started"
         if self.spare is not None and self.spare.ready and _one_process(assignment):
             env = {events.LAUNCHED_AT_ENV: launched,
                    **warm.rank_environment(f"{assignment.job_id}-{assignment.attempt}", free_port())}
@@ -305,9 +305,9 @@ class NodeRunner:
                 process = await asyncio.create_subprocess_exec(
                     *command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=str(warm.ROOT),
                     start_new_session=True, preexec_fn=term_with_parent)
-            how = "torchrun"
-        log.info("runtime started", extra={"job_id": job.id, "attempt": assignment.attempt, "pid": process.pid,
-                                           "node_rank": assignment.node_rank, "how": how})
+            started = "torchrun started"
+        log.info(started, extra={"job_id": job.id, "attempt": assignment.attempt, "pid": process.pid,
+                                 "node_rank": assignment.node_rank})
         return process
 
     async def _succeed(self, coordinator: Coordinator, assignment: Assignment, outcome: Outcome, root: Path) -> str:
