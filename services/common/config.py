@@ -83,7 +83,7 @@ VARIABLES: tuple[Variable, ...] = (
              "Host the other nodes of a multi-node training job reach this worker at (node 0 publishes it as "
              "the rendezvous endpoint); empty means the machine's hostname. On Kubernetes, the worker pod's DNS name."),
     Variable("LLMP_TRAINING_WARM_START", "true",
-             "Whether each training worker process keeps a warm runtime (torch and Transformers imported, ~0.5 GiB "
+             "Whether each training worker process keeps a warm runtime (torch and Transformers imported, ~0.4 GiB "
              "of memory while idle) that a job of one process starts in at once, without torchrun; multi-process "
              "jobs use torchrun either way."),
     Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
