@@ -9,7 +9,8 @@ The configuration is nanoGPT's CPU Shakespeare run (character-level tinyshakespe
 
 - project: the stack `make demo` and the integration tests run, started here: SeaweedFS on free ports, a fresh
   PostgreSQL database, the dataset, registry and training services in this process, a Celery worker process
-  (`-Q gpu,eval -c 1`, ready before anything is timed) that runs the job under torchrun. The dataset is
+  (`-Q gpu,eval -c 1`, ready before anything is timed) that runs the job in its warm runtime (warm.py; under
+  torchrun before it). Before each run of either side the worker's processes are idle (no CPU used). The dataset is
   ingested through the dataset service before timing. Timed: SubmitJob until WatchJob reports SUCCEEDED (the
   model registered), the job's checkpoints and final model in S3.
 - baseline: `python -m bench.bare_training` (its docstring): interpreter start to exit of one process doing
@@ -25,6 +26,7 @@ node's events file as the worker forwards it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -36,6 +38,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import psutil
 import psycopg
 import redis
 from google.protobuf import json_format
@@ -173,6 +176,31 @@ async def project_run(stub, metadata, db_url: str, state_dir: Path, spec: dict, 
     return done - submitted, phases(row, follower.read(), submitted, done), row["latest_metrics"]
 
 
+def wait_idle(worker: subprocess.Popen, window: float = 0.5, most: float = 0.05, timeout: float = 600.0) -> None:
+    """Until the worker's processes use under `most` CPU seconds in `window`: a warm runtime still importing or
+    a finished job's clean-up never competes with the next run of either side."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tree = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        before = _cpu_seconds(tree)
+        time.sleep(window)
+        if _cpu_seconds(tree) - before < most:
+            return
+    print(f"the worker was still busy after {timeout:.0f}s; running anyway", flush=True)
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def bare_run(dataset_dir: Path, spec: dict, out: Path) -> tuple[float, dict]:
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "bench.bare_training", "--dataset", str(dataset_dir),
@@ -241,6 +269,7 @@ async def run(steps: int, repeats: int) -> None:
             project_s, bare_s, ratios = [], [], []
             for repeat in range(repeats):
                 for side in ("project", "bare") if repeat % 2 == 0 else ("bare", "project"):
+                    await asyncio.to_thread(wait_idle, worker)
                     if side == "project":
                         seconds, split, metrics = await project_run(training, metadata, db_url, settings.state_dir,
                                                                     spec, "bench-e2e")

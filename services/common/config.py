@@ -82,6 +82,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_TRAINING_ADVERTISE_HOST", "",
              "Host the other nodes of a multi-node training job reach this worker at (node 0 publishes it as "
              "the rendezvous endpoint); empty means the machine's hostname. On Kubernetes, the worker pod's DNS name."),
+    Variable("LLMP_TRAINING_WARM_START", "true",
+             "Whether each training worker process keeps a warm runtime (torch and Transformers imported, ~0.4 GiB "
+             "of memory while idle) that a job of one process starts in at once, without torchrun; multi-process "
+             "jobs use torchrun either way."),
     Variable("LLMP_MAX_UPLOAD_BYTES", str(2 * 1024**3), "Largest dataset upload the gateway accepts."),
     Variable("LLMP_MAX_IMPORT_BYTES", str(64 * 1024**3),
              "Largest model archive `POST /v1/models/{name}/imports` accepts (sent and unpacked, each)."),
@@ -239,6 +243,7 @@ class Settings:
     inference_track: str
     training_lease_seconds: float
     training_advertise_host: str
+    training_warm_start: bool
     max_upload_bytes: int
     max_import_bytes: int
     max_body_bytes: int
@@ -334,6 +339,7 @@ class Settings:
             training_lease_seconds=float(_positive_int(values["LLMP_TRAINING_LEASE_SECONDS"],
                                                        "LLMP_TRAINING_LEASE_SECONDS")),
             training_advertise_host=values["LLMP_TRAINING_ADVERTISE_HOST"],
+            training_warm_start=_flag(values["LLMP_TRAINING_WARM_START"], "LLMP_TRAINING_WARM_START"),
             max_upload_bytes=_positive_int(values["LLMP_MAX_UPLOAD_BYTES"], "LLMP_MAX_UPLOAD_BYTES"),
             max_import_bytes=_positive_int(values["LLMP_MAX_IMPORT_BYTES"], "LLMP_MAX_IMPORT_BYTES"),
             max_body_bytes=_positive_int(values["LLMP_MAX_BODY_BYTES"], "LLMP_MAX_BODY_BYTES"),

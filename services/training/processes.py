@@ -50,7 +50,7 @@ from services.common import contracts
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import LlmpError, Unavailable
-from services.training import events, publish
+from services.training import events, publish, warm
 from services.training.coordinator import Assignment, Coordinator, JobState, Update
 from services.training.guard import KILL_GRACE, guard, term_with_parent
 
@@ -128,8 +128,17 @@ def torchrun_command(assignment: Assignment, job_dir: Path, events: Path, rdzv_e
     else:
         command += ["--nnodes", str(assignment.job.nnodes), "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", rdzv_endpoint or "", "--rdzv-id", f"{assignment.job_id}-{assignment.attempt}"]
-    return command + ["-m", "services.training.train", "--job-dir", str(job_dir), "--job", str(job_dir / "job.json"),
-                      "--events", str(events)]
+    return command + ["-m", "services.training.train", *train_arguments(job_dir, events)]
+
+
+def train_arguments(job_dir: Path, events: Path) -> list[str]:
+    """train.py's arguments for a node (its `main(argv)`)."""
+    return ["--job-dir", str(job_dir), "--job", str(job_dir / "job.json"), "--events", str(events)]
+
+
+def _one_process(assignment: Assignment) -> bool:
+    """A job whose only process is this node's one rank: no torchrun agent needed (warm.py)."""
+    return assignment.job.nnodes == 1 and int(assignment.job.spec["distributed"]["nproc_per_node"]) == 1
 
 
 def job_file(assignment: Assignment) -> dict[str, Any]:
@@ -168,7 +177,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-async def stop_tree(process: asyncio.subprocess.Process, grace: float = KILL_GRACE) -> None:
+async def stop_tree(process: asyncio.subprocess.Process | warm.Handed, grace: float = KILL_GRACE) -> None:
     """Stop torchrun and every process it started: SIGTERM (torchrun forwards it to its workers), then
     SIGKILL to whatever is left after `grace` seconds; returns once none of them is alive."""
     tree = _descendants(process.pid)
@@ -193,8 +202,10 @@ class NodeRunner:
     """Claims a node, runs its torchrun, forwards events, renews the lease, and ends the job."""
 
     def __init__(self, settings: Settings, worker: str, *, register: Registrar = publish.register_model,
-                 tick: float = TICK_SECONDS) -> None:
+                 tick: float = TICK_SECONDS, spare: warm.Spare | None = None) -> None:
+        """`spare`: a warm runtime (warm.py) to run a job of one process in, instead of starting torchrun."""
         self.settings = settings
+        self.spare = spare
         self.worker = worker
         self.host = settings.training_advertise_host or socket.gethostname()  # what node 0 publishes
         self.register = register
@@ -226,14 +237,7 @@ class NodeRunner:
         rdzv = await self._rendezvous(coordinator, assignment)
         if job.nnodes > 1 and rdzv is None:
             return "lost"  # the attempt ended while waiting for node 0
-        command = torchrun_command(assignment, job_dir, events_path, rdzv)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", events.LAUNCHED_AT_ENV: f"{time.time():.3f}"}
-        with open(log_path, "ab") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=str(Path(__file__).parents[2]),
-                start_new_session=True, preexec_fn=term_with_parent)
-        log.info("torchrun started", extra={"job_id": job.id, "attempt": assignment.attempt, "pid": process.pid,
-                                            "node_rank": assignment.node_rank})
+        process = await self._launch(assignment, job_dir, events_path, rdzv, log_path)
         tail, outcome = events.EventTail(events_path), Outcome()
         beat_every, last_beat = job.lease_seconds / 3, time.monotonic()
         stop_reason = ""
@@ -280,9 +284,31 @@ class NodeRunner:
         if process.returncode == 0:  # another node ran global rank 0 and ends the job
             await coordinator.release(assignment)
             return "released"
-        error = outcome.error or f"torchrun exited with {process.returncode}: {_tail(log_path)}"
+        error = outcome.error or f"the runtime exited with {process.returncode}: {_tail(log_path)}"
         await coordinator.finish(assignment, JobState.FAILED, error=error)
         return "failed"
+
+    async def _launch(self, assignment: Assignment, job_dir: Path, events_path: Path, rdzv: str | None,
+                      log_path: Path) -> asyncio.subprocess.Process | warm.Handed:
+        """Start the node's runtime: the warm spare for a job of one process (warm.py), else torchrun; each
+        under its guard, in a session of its own."""
+        job, launched = assignment.job, f"{time.time():.3f}"
+        process, started = None, "warm runtime started"
+        if self.spare is not None and self.spare.ready and _one_process(assignment):
+            env = {events.LAUNCHED_AT_ENV: launched,
+                   **warm.rank_environment(f"{assignment.job_id}-{assignment.attempt}", free_port())}
+            process = self.spare.hand(train_arguments(job_dir, events_path), env, log_path)
+        if process is None:
+            command = torchrun_command(assignment, job_dir, events_path, rdzv)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", events.LAUNCHED_AT_ENV: launched}
+            with open(log_path, "ab") as log_file:
+                process = await asyncio.create_subprocess_exec(
+                    *command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=str(warm.ROOT),
+                    start_new_session=True, preexec_fn=term_with_parent)
+            started = "torchrun started"
+        log.info(started, extra={"job_id": job.id, "attempt": assignment.attempt, "pid": process.pid,
+                                 "node_rank": assignment.node_rank})
+        return process
 
     async def _succeed(self, coordinator: Coordinator, assignment: Assignment, outcome: Outcome, root: Path) -> str:
         # Keep the lease alive while the model is uploaded and the registry verifies it.

@@ -453,13 +453,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
+def main(argv: list[str] | None = None, *, begun: float | None = None) -> NoReturn:
+    """Run the job `argv` names and exit. `begun`: when a warm spare (warm.py), imported long before, was
+    handed this job; it stands for the process's start in the start-up milestones."""
     from services.common import logs
     from services.common.config import Settings
     from services.common.s3 import ObjectStore
 
     startup = {"imported": time.time()}  # this module's imports (torch, transformers) are done by now
-    startup["process"] = psutil.Process().create_time()
+    startup["process"] = begun if begun is not None else psutil.Process().create_time()
     if os.environ.get(events.LAUNCHED_AT_ENV):
         startup["launched"] = float(os.environ[events.LAUNCHED_AT_ENV])
     args = parse_args(argv)

@@ -128,11 +128,22 @@ async def wait_for(coordinator: Coordinator, job_id: str, predicate, timeout: fl
 
 
 def job_processes(job_id: str) -> list[psutil.Process]:
-    found = []
+    """The job's live processes: those naming it in their command line (the guard, torchrun and its ranks) or
+    holding its files open (a warm runtime, started before the job: its log and events), and a warm runtime's
+    guard."""
+    found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["cmdline"]):
-        if any(job_id in part for part in process.info["cmdline"] or ()):
-            found.append(process)
-    return [p for p in found if p.status() != psutil.STATUS_ZOMBIE]
+        try:
+            if any(job_id in part for part in process.info["cmdline"] or ()):
+                found[process.pid] = process
+            elif any(job_id in file.path for file in process.open_files()):
+                found[process.pid] = process
+                guard = process.parent()
+                if guard is not None and "services.training.guard" in guard.cmdline():
+                    found[guard.pid] = guard
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 async def test_worker_runs_torchrun_to_success_and_registers_the_model(coordinator, celery_worker, registry_service,
@@ -150,6 +161,8 @@ async def test_worker_runs_torchrun_to_success_and_registers_the_model(coordinat
     assert done.state == JobState.SUCCEEDED, done.error
     assert done.model_version == 1 and done.step == 16 and done.attempt == 1
     assert done.environment["world_size"] == 1 and "torch" in done.environment
+    # A job of one process ran in the worker's warm runtime, imported before the job came (warm.py).
+    assert "warm runtime started" in celery_worker.log_path.read_text(errors="replace")
     series = await coordinator.metrics(TENANT, job.id)
     steps = [step for step, _, _ in series["train_loss"]]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
@@ -188,7 +201,7 @@ async def test_cancel_stops_the_process_group_within_seconds_and_frees_the_worke
     long_job, _ = await coordinator.submit(CALLER, spec(max_steps=100_000))
     await wait_for(coordinator, long_job.id, lambda j: j.state == "RUNNING" and j.step >= 2, 240, celery_worker)
     processes = job_processes(long_job.id)
-    assert len(processes) >= 2  # torchrun and its worker process
+    assert len(processes) >= 2  # the guard and the warm runtime it runs the job in
     started = time.monotonic()
     await coordinator.cancel(TENANT, long_job.id)
     cancelled = await wait_for(coordinator, long_job.id, lambda j: j.state == "CANCELLED", 30, celery_worker)
@@ -209,17 +222,21 @@ async def test_killed_worker_leaves_no_process_and_its_job_resumes_elsewhere(coo
     """Kill a worker mid-run: its torchrun tree dies with it, the lease expires, the job is re-dispatched
     and a new worker resumes it from the last checkpoint."""
     job, _ = await coordinator.submit(CALLER, spec(max_steps=24))
+    # The doomed worker runs the job in a warm runtime (what a Celery pool process does), the rescuer under
+    # torchrun (what one without a spare does): both stop with their worker, and either resumes the other's.
     runner = ("import asyncio; from services.common.config import Settings; "
-              "from services.training.processes import NodeRunner; "
-              "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}').run()))")
+              "from services.training import warm; from services.training.processes import NodeRunner; "
+              "print(asyncio.run(NodeRunner(Settings.from_env(), '{name}', spare={spare}).run()))")
     with open(tmp_path / "first.log", "ab") as log_file:  # one task, as a Celery pool child runs it
-        first = subprocess.Popen([sys.executable, "-c", runner.format(name="doomed")], cwd=ROOT, env=worker_env,
-                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen([sys.executable, "-c", runner.format(name="doomed", spare="warm.Spare.start()")],
+                                 cwd=ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not any(e.kind == "checkpoint" for e in await coordinator.events(TENANT, job.id)):
             assert time.monotonic() < deadline and first.poll() is None, servers.log_tail(tmp_path / "first.log")
             await asyncio.sleep(0.3)
+        assert any("services.training.warm" in p.cmdline() for p in job_processes(job.id))
     finally:
         first.kill()  # the worker process dies without any cleanup of its own
         first.wait()
@@ -233,7 +250,7 @@ async def test_killed_worker_leaves_no_process_and_its_job_resumes_elsewhere(coo
     requeued = await coordinator.get(TENANT, job.id)
     assert requeued.state == JobState.QUEUED and requeued.attempt == 1
     second = await asyncio.create_subprocess_exec(  # async: this loop serves the registry meanwhile
-        sys.executable, "-c", runner.format(name="rescuer"), cwd=ROOT, env=worker_env,
+        sys.executable, "-c", runner.format(name="rescuer", spare=None), cwd=ROOT, env=worker_env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(second.communicate(), 300)
     done = await coordinator.get(TENANT, job.id)

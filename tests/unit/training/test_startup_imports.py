@@ -37,3 +37,9 @@ def test_the_runtime_imports_peft_only_for_a_job_with_an_adapter():
         "model = adapters.wrap(model, AdapterSpec(r=2, alpha=4, target_modules=['c_attn']), 'gpt2', seed=2)\n"
         "assert adapters.is_adapted(model)")
     assert "peft" in wrapped
+
+
+def test_the_worker_side_of_the_warm_runtime_imports_no_torch():
+    # The Celery pool process starts spares and supervises jobs: torch (and its threads) stay in the spare.
+    modules = imported_after("import services.training.warm")
+    assert "torch" not in modules and "transformers" not in modules, modules
