@@ -20,9 +20,9 @@ rows (the service batches the steps of its in-flight sequences; Triton's dynamic
 So decoding never recomputes the prefix and only one token crosses the wire per step and sequence. All
 one-token steps handed to one `execute` run as ONE ORT call (pasts left-padded to the longest, the
 padding masked out; the previous call's output is the next call's input as it is when the same sequences
-step again); new prompts run as one more call (right-padded: causal attention never lets a real
-token see the padding). State idle for longer than `STATE_TTL_S` is evicted, so a client that vanished
-leaks nothing for long.
+step again, a sequence joining after its prefill taking the row of one that ended); new prompts run as
+one more call (right-padded: causal attention never lets a real token see the padding). State idle for
+longer than `STATE_TTL_S` is evicted, so a client that vanished leaks nothing for long.
 """
 
 from __future__ import annotations
