@@ -76,6 +76,14 @@ class ServedVersion:
         """The version's own chat template, else llmp's default (contracts.chat)."""
         return self.tokenizer.chat_template or contracts.DEFAULT_CHAT_TEMPLATE
 
+    def decode(self, token_ids: list[int]) -> str:
+        """`tokenizer.decode(token_ids, skip_special_tokens=True)`, straight from the Rust tokenizer when the
+        wrapper would not clean up spaces: the same text without the wrapper's Python layers (70 -> 26 us for
+        32 tokens), which a streamed sequence pays for every token."""
+        if self.tokenizer.clean_up_tokenization_spaces:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.tokenizer.backend_tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def token_text(self, token: int) -> str:
         """One token's text decoded alone, special tokens included."""
         return self.tokenizer.backend_tokenizer.decode([token], skip_special_tokens=False)
@@ -311,7 +319,7 @@ async def generate(engine: TritonEngine, served: ServedVersion, prompt_ids: list
                     return
                 step = send([token], False)
                 continue
-            text = served.tokenizer.decode(generated, skip_special_tokens=True)
+            text = served.decode(generated)
             release = scanner.feed(text)
             if scanner.stopped:
                 yield chunk(release, "stop")
@@ -355,7 +363,7 @@ def _logprob(texts: TokenText, scores: np.ndarray, token: int, top: int) -> Toke
 
 
 def _final_text(scanner: StopScanner, served: ServedVersion, generated: list[int]) -> str:
-    return scanner.flush(served.tokenizer.decode(generated, skip_special_tokens=True))
+    return scanner.flush(served.decode(generated))
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -194,3 +194,21 @@ def test_prompts_encode_as_the_tokenizer_wrapper_does(model_root):
         assert _encode(tokenizer, text[:200]) == tokenizer.encode(text[:200], add_special_tokens=False)
     finally:
         tokenizer.backend_tokenizer.no_truncation()
+
+
+def test_generated_text_decodes_as_the_tokenizer_wrapper_does(model_root):
+    from services.inference.generation import ServedVersion
+
+    tokenizer = model_root[1][1].tokenizer
+    served = ServedVersion("tiny", 1, "tiny", None, tokenizer)
+    text = SHAKESPEARE.read_text()[:3000] + "<|endoftext|> ünï ✓ 😀\n"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    for start in range(0, len(ids), 29):  # pieces that split characters' bytes and hold the special token
+        piece = ids[start:start + 1 + start % 41]
+        assert served.decode(piece) == tokenizer.decode(piece, skip_special_tokens=True), piece
+    cleans = tokenizer.clean_up_tokenization_spaces
+    tokenizer.clean_up_tokenization_spaces = True  # the wrapper's clean-up: the fast path must not bypass it
+    try:
+        assert served.decode(ids[:80]) == tokenizer.decode(ids[:80], skip_special_tokens=True)
+    finally:
+        tokenizer.clean_up_tokenization_spaces = cleans
