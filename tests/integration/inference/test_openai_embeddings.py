@@ -177,6 +177,20 @@ async def test_concurrent_requests_each_get_their_own_vectors(sdk, encoder):
                                encoder.reference(texts), atol=1e-4, rtol=0)
 
 
+async def test_a_text_gets_the_same_vector_batched_with_others_as_alone(sdk, encoder):
+    # Lengths from 3 to ~30 tokens, shuffled: the encoder model sorts a batch's rows by length and runs
+    # like lengths together (encoder_model.length_groups), so each vector must find its way back to its text.
+    words = " ".join(TEXTS).split()
+    texts = [" ".join(words[:1 + (index * 7) % len(words)]) for index in range(16)]  # 16 distinct lengths
+    together = await sdk.embeddings.create(model="embed", input=texts)
+    alone = await asyncio.gather(*(sdk.embeddings.create(model="embed", input=[text]) for text in texts[:6]))
+    batched = np.array([item.embedding for item in together.data])
+    np.testing.assert_allclose(batched[:6], np.array([answer.data[0].embedding for answer in alone]),
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(batched, encoder.reference(texts), atol=1e-4, rtol=0)
+    assert len({round(float(vector[0]), 6) for vector in batched}) > 10  # distinct texts, distinct vectors
+
+
 async def test_errors_name_the_field(sdk, encoder):
     too_long = " ".join(["king"] * CONTEXT)  # CONTEXT words + [CLS] + [SEP] tokens
     with pytest.raises(openai.BadRequestError) as refused:
