@@ -1,10 +1,10 @@
-"""The Celery worker that runs training and evaluation jobs:
-`celery -A services.training.worker worker -Q gpu,eval -c 1`.
+"""The Celery worker that runs training and evaluation jobs, and dataset builds' shards:
+`celery -A services.training.worker worker -Q gpu,eval,data -c 1` (`dispatch.WORKER_QUEUES`).
 
 This module wires the pieces together for the launchers (docker-compose.yml, deploy/, `llmp stack`):
 the queue and its app (dispatch.py), and the one task, `llmp.training.run_node`, which runs a node
 of a job to its end (processes.py: torchrun under a guard, the runtime's events (events.py) forwarded,
-the model registered (publish.py)).
+the model registered (publish.py)); and the dataset tasks of the `data` queue (services/dataset/tasks.py).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from celery import signals
 
 from services.common import logs
 from services.common.config import Settings
+from services.dataset import tasks as dataset_tasks
 from services.training.dispatch import EVAL_TASK_NAME, TASK_NAME, app
 from services.training.evaluation import EvaluationRunner
 from services.training.processes import NodeRunner
 
-__all__ = ["app", "run_evaluation", "run_node"]
+__all__ = ["app", "dataset_tasks", "run_evaluation", "run_node"]
 
 
 @signals.setup_logging.connect
