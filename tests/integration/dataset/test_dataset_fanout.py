@@ -13,14 +13,18 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
+import grpc
 import pytest
+from llmp.dataset.v1 import dataset_pb2_grpc
 
 from services.common.config import Settings
 from services.common.s3 import ObjectStore
-from services.dataset import pipeline, shards
+from services.dataset import pipeline, server, shards
 from services.dataset.options import DatasetOptions
 from services.training.dispatch import DATA_QUEUE, SCAN_TASK_NAME, make_producer
 from tests.integration.training import workers
+
+from .conftest import Client
 
 SHARD_TOKENS = 20_000
 
@@ -151,3 +155,36 @@ def test_a_worker_killed_mid_range_costs_a_retry_of_that_range_only(shakespeare,
     assert log.count(" received") == 2 * len(fanout.ranges) + 1, log[-3000:]
     assert log.count(" succeeded ") == 2 * len(fanout.ranges), log[-3000:]
     assert store.list(root + "version/") == []
+
+
+async def test_the_service_fans_out_a_corpus_over_the_threshold(client, shakespeare, dataset_settings, lineage,
+                                                                own_broker_url, start_workers, store):
+    """Through the dataset service: a version built over the workers has the in-process version's objects."""
+    in_process = (await client.create(shakespeare, name="play", vocab_size=300)).version
+    settings = Settings.from_env({**dataset_settings.raw, "LLMP_BROKER_URL": own_broker_url,
+                                  "LLMP_DATASET_FANOUT_BYTES": "100000", "LLMP_DATASET_SHARD_BYTES": "30000"})
+    app = await server.build_app(settings, models_using=lineage, shard_tokens=SHARD_TOKENS)
+    port = await app.start("127.0.0.1:0")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        started = start_workers(2)
+        other = Client(dataset_pb2_grpc.DatasetServiceStub(channel), f"t{uuid.uuid4().hex[:10]}")
+        fanned_out = (await other.create(shakespeare, name="play", vocab_size=300)).version
+    finally:
+        await channel.close()
+        await app.stop()
+
+    def prefix(version) -> str:
+        return version.manifest_key.rsplit("/", 1)[0] + "/"
+
+    def objects(version) -> dict[str, str]:
+        return {obj.key.removeprefix(prefix(version)): obj.sha256 for obj in version.objects
+                if not obj.key.endswith("manifest.json")}
+
+    def splits(version) -> list[str]:  # counts and file names, the version's own prefix left out
+        return [str(split).replace(prefix(version), "") for split in version.splits]
+    assert objects(fanned_out) == objects(in_process) and len(objects(in_process)) > 5
+    assert splits(fanned_out) == splits(in_process) and fanned_out.cleaning == in_process.cleaning
+    assert not [obj for obj in store.list(fanned_out.manifest_key.rsplit("/", 1)[0] + "/") if "building-" in obj.key]
+    logs = "".join(worker.log_path.read_text(errors="replace") for worker in started)
+    assert logs.count(f"Task {SCAN_TASK_NAME}[") >= 5  # 150 kB in ranges of 30 kB: really fanned out
