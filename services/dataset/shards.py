@@ -126,16 +126,18 @@ def merge(folders: list[Path], scanned: list[pipeline.Scanned], work: Path) -> p
 
 # -- the workers' side (tasks.py) --------------------------------------------------------------------------
 
-def _put_tar(store: ObjectStore, key: str, folder: Path) -> None:
-    archive = folder.with_suffix(".tar")
+def _put_tar(store: ObjectStore, key: str, folder: Path, names: list[str] | None = None) -> None:
+    """`folder` (or only its entries `names`) as one object: one PUT for a range's many small files."""
+    archive = folder.with_name(folder.name + "-" + key.rsplit("/", 1)[-1])
     with tarfile.open(archive, "w") as tar:
-        tar.add(folder, arcname=".")
+        for name in names if names is not None else ["."]:
+            tar.add(folder / name, arcname=name)
     store.upload_file(key, archive)
     archive.unlink()
 
 
 def _get_tar(store: ObjectStore, key: str, folder: Path) -> None:
-    archive = folder.with_suffix(".tar")
+    archive = folder.with_name(folder.name + "-" + key.rsplit("/", 1)[-1])
     store.download(key, archive)
     with tarfile.open(archive) as tar:
         tar.extractall(folder, filter="data")
@@ -175,14 +177,17 @@ def _scan(store: ObjectStore, spec: dict[str, Any], folder: Path) -> dict:
         scanned = pipeline.scan(handle, options, out, options.near_dup_threshold, lambda *_: None,
                                 base_offset=spec["start"])
     corpus.unlink()
-    _put_tar(store, _key(spec["prefix"], "scan", spec["index"], ".tar"), out)
+    # the spools apart: the range's pack task needs only them
+    spools = [pipeline.spool_path(out, name).name for name in SPLITS]
+    _put_tar(store, _key(spec["prefix"], "scan", spec["index"], ".spools.tar"), out, spools)
+    _put_tar(store, _key(spec["prefix"], "scan", spec["index"], ".dedup.tar"), out, ["dedup"])
     return asdict(scanned)
 
 
 def _pack(store: ObjectStore, spec: dict[str, Any], folder: Path) -> dict:
     prefix, index = spec["prefix"], spec["index"]
     scanned = folder / "scanned"
-    _get_tar(store, _key(prefix, "scan", index, ".tar"), scanned)
+    _get_tar(store, _key(prefix, "scan", index, ".spools.tar"), scanned)
     status = np.frombuffer(store.get_bytes(_key(prefix, "status", index, ".u1")), dtype=np.uint8)
     loaded = tokenizers.from_json(store.get_bytes(prefix + "tokenizer.json").decode())
     out = folder / "out"
@@ -220,7 +225,8 @@ class CeleryFanOut:
         folders = []
         for index in range(len(self.ranges)):
             folders.append(work / "ranges" / f"{index:05d}")
-            _get_tar(self.store, _key(self.prefix, "scan", index, ".tar"), folders[-1])
+            for part in (".spools.tar", ".dedup.tar"):
+                _get_tar(self.store, _key(self.prefix, "scan", index, part), folders[-1])
         try:
             merged = merge(folders, scanned, work)
         finally:
