@@ -273,8 +273,11 @@ class CeleryFanOut:
             shutil.rmtree(work / "ranges", ignore_errors=True)
 
     def close(self) -> None:
-        if self._tasks:
-            self.producer.control.revoke(self._tasks)
+        if self._tasks:  # stopped while tasks were out: those not started yet need not run (the rest clean up)
+            try:
+                self.producer.control.revoke(self._tasks)
+            except Exception:  # a broker without broadcast (SQLAlchemy): they run, find build.json gone, stop
+                log.warning("could not revoke a stopped build's tasks", exc_info=True)
         self.store.delete_prefix(self.prefix)
 
     def _run(self, stage: str, task: str, specs: list[dict], report: pipeline.ProgressFn, phase: str) -> list[dict]:
@@ -297,6 +300,7 @@ class CeleryFanOut:
             report(phase, done_bytes, sum(result.get("documents_in", 0) for result in results.values()))
             if len(results) < len(specs):
                 time.sleep(POLL_SECONDS)
+        self._tasks = []  # all done: nothing to revoke
         return [results[index] for index in range(len(specs))]
 
 

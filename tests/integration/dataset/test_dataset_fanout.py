@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -188,3 +189,32 @@ async def test_the_service_fans_out_a_corpus_over_the_threshold(client, shakespe
     assert not [obj for obj in store.list(fanned_out.manifest_key.rsplit("/", 1)[0] + "/") if "building-" in obj.key]
     logs = "".join(worker.log_path.read_text(errors="replace") for worker in started)
     assert logs.count(f"Task {SCAN_TASK_NAME}[") >= 5  # 150 kB in ranges of 30 kB: really fanned out
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def test_a_build_stopped_while_ranges_run_leaves_nothing(shakespeare, tmp_path, store, fanout_settings,
+                                                         start_workers):
+    options = DatasetOptions("d", tokenizer="char", document_mode="line").validated()
+    corpus = corpus_of(tmp_path, shakespeare, copies=4)
+    [worker] = start_workers(1)
+    fanout, root = fanout_for(store, fanout_settings, corpus, shard_bytes=100_000)
+
+    def stop_once_a_range_runs(phase: str, *_: int) -> None:  # as the ingestor's progress stops a cancelled build
+        if f"{SCAN_TASK_NAME}[" in worker.log_path.read_text(errors="replace"):
+            raise _Cancelled
+
+    work = tmp_path / "stopped"
+    work.mkdir()
+    with pytest.raises(_Cancelled):
+        pipeline.build(corpus, options, work, stop_once_a_range_runs, fanout=fanout)
+    assert len(fanout.ranges) >= 5
+    deadline = time.monotonic() + 60  # the range that was running finishes, finds the build gone, cleans up
+    while " succeeded " not in worker.log_path.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    assert store.list(root + "version/") == []
+    log = worker.log_path.read_text(errors="replace")
+    assert log.count(" succeeded ") < len(fanout.ranges), log[-3000:]  # the rest were revoked, not run
