@@ -13,7 +13,8 @@ grow; ≥ 1/1.2 = 0.83 is the target), baseline = 1.0 (flat memory). Both peaks 
 Then (`--fanout N` documents, default 200,000; 0 skips it) the fan-out over Celery workers
 (services/dataset/shards.py), on a SeaweedFS started here and a claimed Redis database: the same corpus
 built by the coordinator (a child process, as the dataset service would) with 1, then 2 worker processes on
-the `data` queue (`--shard-bytes`, default an eighth of the corpus). Two more BENCH lines:
+the `data` queue (`--shard-bytes`, default a quarter of the corpus: two ranges per worker). Two more BENCH
+lines:
 
 - `dataset-fanout-workers`: docs/s of the whole build with 2 workers / with 1 (target >= 1.6). The dedup
   stages and the tokenizer run in the coordinator either way, so they bound the ratio (Amdahl).
@@ -33,6 +34,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,39 +168,40 @@ def hf_child(corpus: Path, tokenizer_folder: Path, cache: Path) -> None:
     mapped = dataset.map(lambda batch: {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
                          batched=True, num_proc=2, remove_columns=["text"])
     elapsed = time.perf_counter() - started
-    print(json.dumps({"seconds": elapsed, "documents": len(mapped)}))
+    pool = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest of map's processes
+    print(json.dumps({"seconds": elapsed, "documents": len(mapped), "pool_rss_mib": pool}))
 
 
-def _run_child(command: list[str], env: dict[str, str]) -> tuple[dict, float, float]:
-    """(its last stdout line as JSON, its peak RSS in MiB (children included: HF's map processes))."""
+def _run_child(command: list[str], env: dict[str, str]) -> tuple[dict, float]:
+    """(its last stdout line as JSON, its peak RSS in MiB)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, env=env)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command[2:4])} failed ({os.waitstatus_to_exitcode(status)})")
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest descendant so far
-    return json.loads(output.decode().strip().splitlines()[-1]), max(usage.ru_maxrss, 0) / 1024, children / 1024
+    return json.loads(output.decode().strip().splitlines()[-1]), usage.ru_maxrss / 1024
 
 
 def _peak_rss_mib(pid: int) -> dict[str, float]:
     """VmHWM of a worker's main process and of its pool processes."""
     peaks = {}
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    for label, process in [("main", str(pid)), *((f"pool {child}", child) for child in children)]:
+    for label, process in [("main", str(pid)), *((f"pool {n}", child) for n, child in enumerate(children))]:
         for line in Path(f"/proc/{process}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peaks[label] = int(line.split()[1]) / 1024
     return peaks
 
 
-def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size: int, shard_bytes: int) -> None:
+def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size: int, shard_bytes: int,
+                      rounds: int) -> None:
     from bench.training_e2e import claim_redis, release_redis
     from cli import servers
     from tests.integration.training import workers
 
     corpus = scratch / "fanout-corpus.txt"
     size = generate(corpus, documents, seed=1)
-    shard_bytes = shard_bytes or -(-size // 8)
+    shard_bytes = shard_bytes or -(-size // 4)
     redis_db = claim_redis()
     ports = servers.SeaweedPorts.free()
     weed = servers.start_seaweedfs(scratch / "weed", ports, "llmp-bench", "llmp-bench-secret", scratch / "weed.log")
@@ -208,40 +211,48 @@ def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size:
             "LLMP_S3_ACCESS_KEY": "llmp-bench", "LLMP_S3_SECRET_KEY": "llmp-bench-secret",
             "LLMP_S3_BUCKET": "llmp-bench", "LLMP_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
             "LLMP_STATE_DIR": str(scratch / "state"), "LLMP_LOG_FORMAT": "text"}
-    runs = {}
+    runs: dict[int, list[dict]] = {1: [], 2: []}
     try:
-        for count in (1, 2):
-            work = scratch / f"fanout-{count}"
+        for round_number, count in ((r, c) for r in range(rounds) for c in ((1, 2) if r % 2 == 0 else (2, 1))):
+            work = scratch / f"fanout-{count}-{round_number}"
             work.mkdir()
             with contextlib.ExitStack() as stack:
                 started = [stack.enter_context(workers.celery_worker(env, scratch / f"worker-{count}-{n}.log",
                                                                      queues="data")) for n in range(count)]
-                result, rss, _ = _run_child([sys.executable, "-m", "bench.dataset_scale", "--fanout-child",
+                result, rss = _run_child([sys.executable, "-m", "bench.dataset_scale", "--fanout-child",
                                              str(corpus), str(work), "--tokenizer", tokenizer, "--vocab-size",
                                              str(vocab_size), "--shard-bytes", str(shard_bytes)], env)
                 result["rss"] = {"coordinator": rss, **{f"worker {n} {label}": peak for n, worker in enumerate(started)
                                                         for label, peak in _peak_rss_mib(worker.pid).items()}}
-            runs[count] = result
-            print(f"fan-out, {count} worker(s): {documents} documents ({size / 1e6:.1f} MB, {result['ranges']} "
-                  f"ranges) in {result['seconds']:.1f} s ({documents / result['seconds']:.0f} docs/s), pack stage "
+            runs[count].append(result)
+            print(f"round {round_number + 1}, fan-out, {count} worker(s): {documents} documents "
+                  f"({size / 1e6:.1f} MB, {result['ranges']} ranges) in {result['seconds']:.1f} s "
+                  f"({documents / result['seconds']:.0f} docs/s), pack stage "
                   f"{result['pack_seconds']:.1f} s; peak RSS MiB "
                   + ", ".join(f"{name} {peak:.0f}" for name, peak in result["rss"].items()), flush=True)
-        hf, hf_rss, hf_children = _run_child([sys.executable, "-m", "bench.dataset_scale", "--hf-child", str(corpus),
-                                              str(scratch / "fanout-2" / "tokenizer"), str(scratch / "hf-cache")], env)
-        print(f"HF datasets map(batched=True, num_proc=2): {hf['documents']} documents in {hf['seconds']:.1f} s "
-              f"({hf['documents'] / hf['seconds']:.0f} docs/s); peak RSS MiB main {hf_rss:.0f}, "
-              f"largest process so far {hf_children:.0f}", flush=True)
+        hf_runs = []
+        for _ in range(rounds):
+            hf, hf_rss = _run_child([sys.executable, "-m", "bench.dataset_scale", "--hf-child", str(corpus),
+                                     str(scratch / "fanout-2-0" / "tokenizer"), str(scratch / "hf-cache")], env)
+            hf_runs.append(hf)
+            print(f"HF datasets map(batched=True, num_proc=2): {hf['documents']} documents in {hf['seconds']:.1f} s "
+                  f"({hf['documents'] / hf['seconds']:.0f} docs/s); peak RSS MiB main {hf_rss:.0f}, "
+                  f"largest map process {hf['pool_rss_mib']:.0f}", flush=True)
     finally:
         servers.stop(weed)
         release_redis(redis_db)
-    one, two = runs[1], runs[2]
-    harness.report("dataset-fanout-workers", documents / two["seconds"], documents / one["seconds"], " docs/s",
-                   f"whole build with 1 worker process; 2: {two['seconds']:.1f} s, 1: {one['seconds']:.1f} s; "
-                   "target >= 1.6")
-    packed = two["documents_out"] / two["pack_seconds"]
-    harness.report("dataset-fanout-vs-hf", packed, hf["documents"] / hf["seconds"], " docs/s",
+    workers_ratios = [one["seconds"] / two["seconds"] for one, two in zip(runs[1], runs[2], strict=True)]
+    harness.rounds("2 workers / 1, whole build", workers_ratios)
+    one = statistics.median(run["seconds"] for run in runs[1])
+    two = statistics.median(run["seconds"] for run in runs[2])
+    harness.report("dataset-fanout-workers", documents / two, documents / one, " docs/s",
+                   f"whole build with 1 worker process, median of {rounds} interleaved rounds; 2: {two:.1f} s, "
+                   f"1: {one:.1f} s; target >= 1.6")
+    packed = statistics.median(run["documents_out"] / run["pack_seconds"] for run in runs[2])
+    hf_rate = statistics.median(run["documents"] / run["seconds"] for run in hf_runs)
+    harness.report("dataset-fanout-vs-hf", packed, hf_rate, " docs/s",
                    "HF datasets map(batched=True, num_proc=2), same tokenizer; project: the pack stage over 2 "
-                   "workers; target >= 1.5")
+                   f"workers; medians of {rounds} rounds; target >= 1.5")
 
 
 def main() -> None:
@@ -253,7 +264,8 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=None, help="where corpora and builds go (default: a temp dir)")
     parser.add_argument("--fanout", type=int, default=200_000,
                         help="documents of the fan-out comparison (1 vs 2 workers vs HF datasets); 0 skips it")
-    parser.add_argument("--shard-bytes", type=int, default=0, help="bytes per range (default: an eighth)")
+    parser.add_argument("--shard-bytes", type=int, default=0, help="bytes per range (default: a quarter)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the fan-out comparison (sides alternate)")
     parser.add_argument("--skip-rss", action="store_true", help="only the fan-out comparison")
     parser.add_argument("--child", nargs=2, type=Path, metavar=("CORPUS", "WORK"), help=argparse.SUPPRESS)
     parser.add_argument("--fanout-child", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -275,7 +287,7 @@ def main() -> None:
     if options.fanout:
         with tempfile.TemporaryDirectory(dir=options.scratch) as scratch:
             fanout_comparison(options.fanout, Path(scratch), options.tokenizer, options.vocab_size,
-                              options.shard_bytes)
+                              options.shard_bytes, options.rounds)
 
 
 def scale(options: argparse.Namespace) -> None:
