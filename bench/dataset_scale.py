@@ -166,7 +166,7 @@ def hf_child(corpus: Path, tokenizer_folder: Path, cache: Path) -> None:
     dataset = dataset.filter(lambda row: bool(row["text"].strip()), num_proc=2)  # what `document_mode=line` reads
     started = time.perf_counter()
     mapped = dataset.map(lambda batch: {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
-                         batched=True, num_proc=2, remove_columns=["text"])
+                         batched=True, num_proc=2, remove_columns=["text"], load_from_cache_file=False)
     elapsed = time.perf_counter() - started
     pool = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest of map's processes
     print(json.dumps({"seconds": elapsed, "documents": len(mapped), "pool_rss_mib": pool}))

@@ -132,10 +132,10 @@ def _pool_child(worker: subprocess.Popen) -> int:
 def test_a_worker_killed_mid_range_costs_a_retry_of_that_range_only(shakespeare, tmp_path, store, fanout_settings,
                                                                      start_workers):
     options = DatasetOptions("d", tokenizer="char", document_mode="line").validated()
-    corpus = corpus_of(tmp_path, shakespeare, copies=8)  # 1.2 MB: a range takes long enough to be killed in
+    corpus = corpus_of(tmp_path, shakespeare, copies=4)  # 600 kB in 3 ranges: one is killed as it starts
     in_process = build(corpus, options, tmp_path / "in-process")
     [worker] = start_workers(1)
-    fanout, root = fanout_for(store, fanout_settings, corpus, shard_bytes=400_000)
+    fanout, root = fanout_for(store, fanout_settings, corpus, shard_bytes=200_000)
     child = _pool_child(worker)
 
     def kill_first_range(phase: str, *_: int) -> None:  # the pipeline's progress, polled while ranges run
