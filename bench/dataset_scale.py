@@ -9,13 +9,32 @@ issue's figure).
 
 The BENCH line: project = peak RSS of the smaller build / peak RSS of the larger one (1.0: memory does not
 grow; ≥ 1/1.2 = 0.83 is the target), baseline = 1.0 (flat memory). Both peaks and docs/s are printed.
+
+Then (`--fanout N` documents, default 200,000; 0 skips it) the fan-out over Celery workers
+(services/dataset/shards.py), on a SeaweedFS started here and a claimed Redis database: the same corpus
+built by the coordinator (a child process, as the dataset service would) with 1, then 2 worker processes on
+the `data` queue (`--shard-bytes`, default a quarter of the corpus: two ranges per worker). Two more BENCH
+lines:
+
+- `dataset-fanout-workers`: docs/s of the whole build with 2 workers / with 1 (target >= 1.6). The dedup
+  stages and the tokenizer run in the coordinator either way, so they bound the ratio (Amdahl).
+- `dataset-fanout-vs-hf`: docs/s of the tokenize-and-pack stage with 2 workers (from handing out the
+  ranges to the version's shards written) / HF `datasets` `Dataset.map(batched=True, num_proc=2)` running
+  the same tokenizer (the build's, loaded with `PreTrainedTokenizerFast`) over the same corpus, loaded
+  with `load_dataset("text")` beforehand (not timed) (target >= 1.5).
+
+The peak RSS of every process taking part (coordinator, each worker's main and pool processes, HF's) is
+printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +124,137 @@ def measure(documents: int, scratch: Path, tokenizer: str, vocab_size: int) -> d
     return result
 
 
+def fanout_child(corpus: Path, work: Path, tokenizer: str, vocab_size: int, shard_bytes: int) -> None:
+    """The coordinator's side, in the measured process: the corpus stored, then built fanned out."""
+    from services.common.config import Settings
+    from services.common.s3 import ObjectStore
+    from services.dataset import pipeline, shards
+    from services.dataset.options import DatasetOptions
+    from services.training.dispatch import make_producer
+
+    settings = Settings.from_env()
+    store = ObjectStore(settings.s3)
+    store.ensure_bucket()
+    key = f"bench/{work.name}/corpus"
+    store.upload_file(key, corpus)
+    options = DatasetOptions(name="scale", format="text", document_mode="line", tokenizer=tokenizer,
+                             vocab_size=vocab_size).validated()
+    fanout = shards.CeleryFanOut(store, make_producer(settings), key, shard_bytes, f"bench/{work.name}/version/")
+    timed = {}
+    pack = fanout.pack
+
+    def timed_pack(*args, **kwargs) -> None:
+        started = time.perf_counter()
+        pack(*args, **kwargs)
+        timed["pack_seconds"] = time.perf_counter() - started
+    fanout.pack = timed_pack
+    started = time.perf_counter()
+    built = pipeline.build(corpus, options, work, fanout=fanout)
+    elapsed = time.perf_counter() - started
+    print(json.dumps({"seconds": elapsed, **timed, "ranges": len(fanout.ranges),
+                      "documents_out": built.cleaning.documents_out,
+                      "tokens": sum(split.tokens for split in built.splits.values())}))
+
+
+def hf_child(corpus: Path, tokenizer_folder: Path, cache: Path) -> None:
+    """HF `datasets`: the same corpus tokenized by `map(batched=True, num_proc=2)` with the build's tokenizer."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_folder))
+    dataset = datasets.load_dataset("text", data_files=str(corpus), split="train", cache_dir=str(cache))
+    dataset = dataset.filter(lambda row: bool(row["text"].strip()), num_proc=2)  # what `document_mode=line` reads
+    started = time.perf_counter()
+    mapped = dataset.map(lambda batch: {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+                         batched=True, num_proc=2, remove_columns=["text"], load_from_cache_file=False)
+    elapsed = time.perf_counter() - started
+    pool = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest of map's processes
+    print(json.dumps({"seconds": elapsed, "documents": len(mapped), "pool_rss_mib": pool}))
+
+
+def _run_child(command: list[str], env: dict[str, str]) -> tuple[dict, float]:
+    """(its last stdout line as JSON, its peak RSS in MiB)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, env=env)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command[2:4])} failed ({os.waitstatus_to_exitcode(status)})")
+    return json.loads(output.decode().strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def _peak_rss_mib(pid: int) -> dict[str, float]:
+    """VmHWM of a worker's main process and of its pool processes."""
+    peaks = {}
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for label, process in [("main", str(pid)), *((f"pool {n}", child) for n, child in enumerate(children))]:
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks[label] = int(line.split()[1]) / 1024
+    return peaks
+
+
+def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size: int, shard_bytes: int,
+                      rounds: int) -> None:
+    from bench.training_e2e import claim_redis, release_redis
+    from cli import servers
+    from tests.integration.training import workers
+
+    corpus = scratch / "fanout-corpus.txt"
+    size = generate(corpus, documents, seed=1)
+    shard_bytes = shard_bytes or -(-size // 4)
+    redis_db = claim_redis()
+    ports = servers.SeaweedPorts.free()
+    weed = servers.start_seaweedfs(scratch / "weed", ports, "llmp-bench", "llmp-bench-secret", scratch / "weed.log")
+    path = [str(ROOT), str(ROOT / "gen"), os.environ.get("PYTHONPATH", "")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMP_")}
+    env |= {"PYTHONPATH": os.pathsep.join(path), "LLMP_S3_ENDPOINT": f"127.0.0.1:{ports.s3}",
+            "LLMP_S3_ACCESS_KEY": "llmp-bench", "LLMP_S3_SECRET_KEY": "llmp-bench-secret",
+            "LLMP_S3_BUCKET": "llmp-bench", "LLMP_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
+            "LLMP_STATE_DIR": str(scratch / "state"), "LLMP_LOG_FORMAT": "text"}
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    try:
+        for round_number, count in ((r, c) for r in range(rounds) for c in ((1, 2) if r % 2 == 0 else (2, 1))):
+            work = scratch / f"fanout-{count}-{round_number}"
+            work.mkdir()
+            with contextlib.ExitStack() as stack:
+                started = [stack.enter_context(workers.celery_worker(env, scratch / f"worker-{count}-{n}.log",
+                                                                     queues="data")) for n in range(count)]
+                result, rss = _run_child([sys.executable, "-m", "bench.dataset_scale", "--fanout-child",
+                                             str(corpus), str(work), "--tokenizer", tokenizer, "--vocab-size",
+                                             str(vocab_size), "--shard-bytes", str(shard_bytes)], env)
+                result["rss"] = {"coordinator": rss, **{f"worker {n} {label}": peak for n, worker in enumerate(started)
+                                                        for label, peak in _peak_rss_mib(worker.pid).items()}}
+            runs[count].append(result)
+            print(f"round {round_number + 1}, fan-out, {count} worker(s): {documents} documents "
+                  f"({size / 1e6:.1f} MB, {result['ranges']} ranges) in {result['seconds']:.1f} s "
+                  f"({documents / result['seconds']:.0f} docs/s), pack stage "
+                  f"{result['pack_seconds']:.1f} s; peak RSS MiB "
+                  + ", ".join(f"{name} {peak:.0f}" for name, peak in result["rss"].items()), flush=True)
+        hf_runs = []
+        for _ in range(rounds):
+            hf, hf_rss = _run_child([sys.executable, "-m", "bench.dataset_scale", "--hf-child", str(corpus),
+                                     str(scratch / "fanout-2-0" / "tokenizer"), str(scratch / "hf-cache")], env)
+            hf_runs.append(hf)
+            print(f"HF datasets map(batched=True, num_proc=2): {hf['documents']} documents in {hf['seconds']:.1f} s "
+                  f"({hf['documents'] / hf['seconds']:.0f} docs/s); peak RSS MiB main {hf_rss:.0f}, "
+                  f"largest map process {hf['pool_rss_mib']:.0f}", flush=True)
+    finally:
+        servers.stop(weed)
+        release_redis(redis_db)
+    workers_ratios = [one["seconds"] / two["seconds"] for one, two in zip(runs[1], runs[2], strict=True)]
+    harness.rounds("2 workers / 1, whole build", workers_ratios)
+    one = statistics.median(run["seconds"] for run in runs[1])
+    two = statistics.median(run["seconds"] for run in runs[2])
+    harness.report("dataset-fanout-workers", documents / two, documents / one, " docs/s",
+                   f"whole build with 1 worker process, median of {rounds} interleaved rounds; 2: {two:.1f} s, "
+                   f"1: {one:.1f} s; target >= 1.6")
+    packed = statistics.median(run["documents_out"] / run["pack_seconds"] for run in runs[2])
+    hf_rate = statistics.median(run["documents"] / run["seconds"] for run in hf_runs)
+    harness.report("dataset-fanout-vs-hf", packed, hf_rate, " docs/s",
+                   "HF datasets map(batched=True, num_proc=2), same tokenizer; project: the pack stage over 2 "
+                   f"workers; medians of {rounds} rounds; target >= 1.5")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", type=int, default=100_000, help="documents of the smaller corpus")
@@ -112,13 +262,35 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="bpe", choices=("bpe", "char"))
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--scratch", type=Path, default=None, help="where corpora and builds go (default: a temp dir)")
+    parser.add_argument("--fanout", type=int, default=200_000,
+                        help="documents of the fan-out comparison (1 vs 2 workers vs HF datasets); 0 skips it")
+    parser.add_argument("--shard-bytes", type=int, default=0, help="bytes per range (default: a quarter)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the fan-out comparison (sides alternate)")
+    parser.add_argument("--skip-rss", action="store_true", help="only the fan-out comparison")
     parser.add_argument("--child", nargs=2, type=Path, metavar=("CORPUS", "WORK"), help=argparse.SUPPRESS)
+    parser.add_argument("--fanout-child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--hf-child", nargs=3, type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
         child(*options.child, options.tokenizer, options.vocab_size)
         return
+    if options.fanout_child:
+        fanout_child(*options.fanout_child, options.tokenizer, options.vocab_size, options.shard_bytes)
+        return
+    if options.hf_child:
+        hf_child(*options.hf_child)
+        return
 
     print(harness.load())
+    if not options.skip_rss:
+        scale(options)
+    if options.fanout:
+        with tempfile.TemporaryDirectory(dir=options.scratch) as scratch:
+            fanout_comparison(options.fanout, Path(scratch), options.tokenizer, options.vocab_size,
+                              options.shard_bytes, options.rounds)
+
+
+def scale(options: argparse.Namespace) -> None:
     figures = []
     with tempfile.TemporaryDirectory(dir=options.scratch) as scratch:
         for documents in (options.small, options.large):

@@ -56,6 +56,7 @@ from services.dataset import server as dataset_server
 from services.registry import server as registry_server
 from services.training import data, events
 from services.training import server as training_server
+from services.training.dispatch import WORKER_QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -240,7 +241,7 @@ async def run(steps: int, repeats: int) -> None:
             log_path = root / "worker.log"
             with open(log_path, "ab") as log_file:
                 worker = subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "services.training.worker", "worker", "-Q", "gpu,eval",
+                    [sys.executable, "-m", "celery", "-A", "services.training.worker", "worker", "-Q", WORKER_QUEUES,
                      "-c", "1", "-n", f"bench-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle",
                      "--without-heartbeat", "-l", "info"],
                     cwd=ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)

@@ -13,13 +13,14 @@ from pathlib import Path
 from cli.stack.broker import supports_broadcast
 from cli.stack.component import Launch, PythonProcess
 from cli.stack.state import Record
+from services.training.dispatch import WORKER_QUEUES
 
 
 @dataclass(frozen=True)
 class Worker(PythonProcess):
     def command(self, launch: Launch) -> tuple[list[str], dict[str, str], str]:
         node = f"llmp-worker-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
-        command = [sys.executable, "-m", "celery", "-A", self.module, "worker", "-Q", "gpu,eval",
+        command = [sys.executable, "-m", "celery", "-A", self.module, "worker", "-Q", WORKER_QUEUES,
                    "--concurrency", "1", "--prefetch-multiplier", "1", "-n", node, "--loglevel", "INFO"]
         return command, super().command(launch)[1], node  # the environment every llmp process gets
 

@@ -131,6 +131,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LLMP_DATASET_BUILD_SLOTS", "2",
              "Dataset builds one dataset-service replica runs at once (each is CPU-bound and holds its corpus's "
              "dedup state in memory); further builds wait, tenants served in turn."),
+    Variable("LLMP_DATASET_FANOUT_BYTES", str(256 * 1024**2),
+             "Corpora larger than this build fanned out over the Celery workers' `data` queue (scan and packing, "
+             "one byte range per task; dedup and the tokenizer stay in the dataset service): byte-identical to "
+             "the in-process build. Smaller ones build in the dataset service, which is faster for them. 0: never "
+             "fan out (no worker consumes `data`)."),
+    Variable("LLMP_DATASET_SHARD_BYTES", str(64 * 1024**2),
+             "Bytes of corpus in one fanned-out task (cut on line boundaries): the unit a killed worker redoes."),
     Variable("LLMP_TENANT_DATASET_BUILD_SLOTS", "1",
              "Of a dataset replica's build slots, the most one tenant's builds may hold at once, so another "
              "tenant's build never waits behind them (capped at LLMP_DATASET_BUILD_SLOTS)."),
@@ -265,6 +272,8 @@ class Settings:
     tenant_ingest_bytes_per_day: int = 10 * 1024**3
     dataset_build_slots: int = 2
     tenant_dataset_build_slots: int = 1
+    dataset_fanout_bytes: int = 256 * 1024**2
+    dataset_shard_bytes: int = 64 * 1024**2
     grpc_tls: GrpcTls | None = None  # LLMP_GRPC_TLS_*: mutual TLS on gRPC; None is plaintext
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
 
@@ -365,6 +374,8 @@ class Settings:
             dataset_build_slots=_positive_int(values["LLMP_DATASET_BUILD_SLOTS"], "LLMP_DATASET_BUILD_SLOTS"),
             tenant_dataset_build_slots=_positive_int(values["LLMP_TENANT_DATASET_BUILD_SLOTS"],
                                                      "LLMP_TENANT_DATASET_BUILD_SLOTS"),
+            dataset_fanout_bytes=_count(values["LLMP_DATASET_FANOUT_BYTES"], "LLMP_DATASET_FANOUT_BYTES"),
+            dataset_shard_bytes=_positive_int(values["LLMP_DATASET_SHARD_BYTES"], "LLMP_DATASET_SHARD_BYTES"),
             grpc_tls=GrpcTls.from_values(values),
             raw=values,
         )

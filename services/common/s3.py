@@ -296,6 +296,19 @@ class ObjectStore:
             response.close()
             response.release_conn()
 
+    def download_range(self, key: str, path: Path, offset: int, length: int) -> None:
+        """Bytes [offset, offset + length) of `key` into `path` (one ranged GET): a shard of a stored corpus."""
+        response = self._get_object(key, offset=offset, length=length)
+        try:
+            with open(path, "wb") as handle:
+                for chunk in response.stream(CHUNK):
+                    handle.write(chunk)
+        finally:
+            response.close()
+            response.release_conn()
+        if path.stat().st_size != length:
+            raise Internal(f"S3 get {key} bytes {offset}+{length}: got {path.stat().st_size} bytes")
+
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.iter_chunks(key))
 

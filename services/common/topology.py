@@ -57,7 +57,8 @@ POSTGRES, MINIO, REDIS, TRITON = "postgres", "minio", "redis", "triton"
 TRAINING_WORKER = "training-worker"
 CALLS: dict[str, frozenset[str]] = {
     "gateway": frozenset({DATASET.name, TRAINING.name, REGISTRY.name, INFERENCE.name, POSTGRES, MINIO}),
-    DATASET.name: frozenset({REGISTRY.name, POSTGRES, MINIO}),
+    # The broker: a large build's byte ranges go to the workers' `data` queue (services/dataset/shards.py).
+    DATASET.name: frozenset({REGISTRY.name, POSTGRES, MINIO, REDIS}),
     # The coordinator imports the worker's Celery app to dispatch, so its image reaches what the worker does.
     # The registry: a fine-tune's base and an evaluated version are checked at submit (tokenizer, config.json).
     TRAINING.name: frozenset({DATASET.name, REGISTRY.name, POSTGRES, REDIS}),

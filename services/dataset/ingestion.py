@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,6 +46,9 @@ from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions, parse_s3_uri
 from services.dataset.turns import TenantTurns
 from services.dataset.versions import LeaseLost, VersionRow, VersionStore, content_digest
+
+# (version, corpus bytes) -> how to fan its build out over the workers, or None to build it in-process
+FanOutFactory = Callable[[VersionRow, int], "pipeline.FanOut | None"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ class Ingestor:
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
                  tokenizer_source: model_tokenizers.ResolveTokenizer | None = None,
                  ingest_bytes_per_day: int | None = None, build_slots: int = 1,
-                 tenant_build_slots: int | None = None) -> None:
+                 tenant_build_slots: int | None = None, fanout: FanOutFactory | None = None) -> None:
         self.versions = versions
         self.ingest_bytes_per_day = ingest_bytes_per_day  # LLMP_TENANT_INGEST_BYTES_PER_DAY; None: unbounded
         self.store = versions.store
@@ -111,6 +114,7 @@ class Ingestor:
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.tokenizer_source = tokenizer_source  # tokenizer=model: the registry's answer
+        self.fanout = fanout  # (version, corpus bytes) -> the fan-out for a corpus that large, or None: in-process
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this replica, in leases
         self._running: dict[int, _Running] = {}
         # LLMP_DATASET_BUILD_SLOTS builds at once, LLMP_TENANT_DATASET_BUILD_SLOTS of one tenant's, tenants in turn
@@ -310,6 +314,8 @@ class Ingestor:
                 if artifacts:
                     options["model_tokenizer"] = await asyncio.to_thread(
                         model_tokenizers.download, self.store, artifacts, work / "model-tokenizer")
+                if self.fanout is not None:
+                    options["fanout"] = self.fanout(row, spool.stat().st_size)
                 built = await asyncio.to_thread(pipeline.build, spool, row.options, work, report, **options)
                 if running.stop.is_set():
                     raise _Stopped

@@ -60,6 +60,12 @@ class ShardWriter:
             self._room -= head.size
             self.tokens += head.size
 
+    def append(self, path: Path, chunk_tokens: int = 1 << 22) -> None:
+        """Append the token stream in the file `path` (a piece of the split packed elsewhere), a chunk at a time."""
+        with open(path, "rb") as handle:
+            while (ids := np.fromfile(handle, dtype=self.dtype, count=chunk_tokens)).size:
+                self.write(ids)
+
     def close(self) -> list[Path]:
         """Finish the last shard; return every shard's path in order."""
         if self._handle is not None:
@@ -131,6 +137,18 @@ class ExampleWriter:
         self.tokens.write(ids)
         self.masks.write(mask)
         self.loss_tokens += int(mask.sum())
+
+    def append(self, tokens: Path, masks: Path, index: Path, loss_tokens: int) -> None:
+        """Append examples packed elsewhere (one token stream, its mask stream, its index from 0 with its total),
+        as if written here one by one."""
+        starts = np.fromfile(index, dtype=EXAMPLE_INDEX_DTYPE)[:-1] + self.tokens.tokens
+        if self.starts:
+            np.asarray(self.starts, dtype=EXAMPLE_INDEX_DTYPE).tofile(self._index)
+            self.starts = []
+        starts.astype(EXAMPLE_INDEX_DTYPE).tofile(self._index)
+        self.tokens.append(tokens)
+        self.masks.append(masks)
+        self.loss_tokens += loss_tokens
 
     def close(self) -> tuple[list[Path], list[Path], Path]:
         """(token shards, mask shards, example index), the index ending with the split's total."""

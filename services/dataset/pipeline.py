@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -91,9 +92,9 @@ class _SplitSpool:
     """A split's documents (texts, or conversations as [role, content] lists) until they are packed: one line
     each, `<record>\t<JSON value>`, the record number (`dedup.Scan`) saying what became of it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, write: bool = True) -> None:
         self.path = path
-        self.handle = open(path, "w", encoding="utf-8")
+        self.handle = open(path, "w", encoding="utf-8") if write else None  # write=False: a written one, read
 
     def add(self, record: int, document: str | ingest.Messages) -> None:
         self.handle.write(f"{record}\t")
@@ -102,55 +103,144 @@ class _SplitSpool:
 
     def documents(self, status: np.ndarray) -> Iterator:
         """The documents the dedup stages kept, in corpus order."""
-        with open(self.path, encoding="utf-8") as handle:
+        return self.read(self.path, status)
+
+    @staticmethod
+    def read(path: Path, status: np.ndarray) -> Iterator:
+        with open(path, encoding="utf-8") as handle:
             for line in handle:
                 record, _, value = line.partition("\t")
                 if status[int(record)] == dedup.KEPT:
                     yield json.loads(value)
 
 
+@dataclass
+class Scanned:
+    """What one pass over a corpus (or one shard of it) counted."""
+
+    documents_in: int = 0
+    too_short: int = 0
+    too_long: int = 0
+    records: int = 0  # documents past the filters: the dedup records, numbered from 0
+    bytes_done: int = 0
+
+
+def spool_path(folder: Path, split: str) -> Path:
+    return folder / f"{split}.docs.jsonl"
+
+
+def scan(handle: BinaryIO, options: DatasetOptions, folder: Path, threshold: float, report: ProgressFn,
+         base_offset: int = 0) -> Scanned:
+    """Parse, normalise, filter and split-assign the documents of `handle`, writing each split's spool and the
+    dedup scan's files (`folder/dedup`) into `folder`. Record numbers start at 0: a shard's are made global by
+    `shards.merge`. `base_offset`: where `handle` starts in the corpus (progress only)."""
+    counts = Scanned()
+    spools = {name: _SplitSpool(spool_path(folder, name)) for name in SPLITS}
+    scanner = dedup.Scan(dedup.Work(folder / "dedup"), threshold)
+    try:  # the spools are closed whatever happens (a build stopped mid-way raises from `report`)
+        for document in ingest.parse(handle, options):
+            counts.documents_in += 1
+            counts.bytes_done = base_offset + document.end_offset
+            if counts.documents_in % PROGRESS_EVERY == 0:
+                report("clean", counts.bytes_done, counts.documents_in)
+            messages = None
+            if document.messages is not None:
+                messages = conversations.normalised(document.messages)
+                text = ingest.conversation_text(messages)
+            else:
+                text = cleaning.normalise(document.text)
+            if len(text) < options.min_doc_chars:
+                counts.too_short += 1
+                continue
+            if options.max_doc_chars and len(text) > options.max_doc_chars:
+                counts.too_long += 1
+                continue
+            name = splits.assign(text, options.split_seed, options.fractions)
+            record = scanner.add(name, cleaning.exact_key(text), cleaning.leak_key(text),
+                                 cleaning.signature(text).hashvalues)
+            spools[name].add(record, text if messages is None else messages)
+        scanner.finish()
+    finally:
+        scanner.close()
+        for spool in spools.values():
+            spool.handle.close()
+    counts.records = scanner.records
+    return counts
+
+
+def pack_split(spool: Path, status: np.ndarray, loaded: tokenizers.Loaded, supervised: bool, folder: Path,
+               shard_tokens: int, result: SplitResult, counted: Callable[[], None] = lambda: None) -> None:
+    """Tokenize and pack the kept documents of `spool` (records indexing `status`) into `folder`, adding to
+    `result`'s counts and files. `counted` is called once per document."""
+    dtype = packing.dtype_for(loaded.info.vocab_size)
+
+    def documents() -> Iterator:
+        for document in _SplitSpool.read(spool, status):
+            text = document if isinstance(document, str) else ingest.conversation_text(document)
+            result.bytes += len(text.encode("utf-8"))
+            counted()
+            yield document
+
+    if supervised:
+        examples = packing.ExampleWriter(folder, dtype, shard_tokens)
+        renderer = conversations.Renderer(loaded.chat_template, loaded.special_tokens)
+        try:
+            for example in conversations.encode(loaded.tokenizer, renderer, documents()):
+                examples.write(example.ids, example.mask)
+        finally:
+            result.shards, result.loss_masks, result.examples = examples.close()
+        result.tokens, result.loss_tokens = examples.tokens.tokens, examples.loss_tokens
+    else:
+        writer = packing.ShardWriter(folder, dtype, shard_tokens)
+        try:
+            result.tokens = packing.pack(loaded.tokenizer, documents(), loaded.info.eos_token_id, writer,
+                                         PACK_BATCH_CHARS, add_special_tokens=loaded.add_special_tokens)
+        finally:
+            result.shards = writer.close()
+
+
+class FanOut(Protocol):
+    """Runs the scan and the packing shard by shard elsewhere (`shards.CeleryFanOut`: on the workers)."""
+
+    def scan(self, corpus: Path, options: DatasetOptions, work: Path, report: ProgressFn) -> Scanned:
+        """`scan` of the whole corpus, the same files in `work` as if it had run here."""
+
+    def pack(self, status: np.ndarray, loaded: tokenizers.Loaded, options: DatasetOptions, work: Path,
+             results: dict[str, SplitResult], shard_tokens: int, report: ProgressFn) -> None:
+        """`pack_split` of every split into `work/<split>`, the same bytes as if it had run here."""
+
+    def close(self) -> None:
+        """Removes what the fan-out stored (also after a failure or a cancel)."""
+
+
 def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressFn | None = None,
-          shard_tokens: int = packing.DEFAULT_SHARD_TOKENS, model_tokenizer: Path | None = None) -> Built:
+          shard_tokens: int = packing.DEFAULT_SHARD_TOKENS, model_tokenizer: Path | None = None,
+          fanout: FanOut | None = None) -> Built:
     """Clean, split, tokenize and pack the corpus at `corpus` into `work` (an empty folder).
 
     `model_tokenizer`: for `tokenizer=model`, the folder holding the model version's tokenizer files.
+    `fanout`: scan and pack shard by shard on the workers; the result is byte-identical.
     """
     report = progress or (lambda phase, done_bytes, done_docs: None)
-    counts = CleaningCounts()
-    results = {name: SplitResult(name) for name in SPLITS}
-    spools = {name: _SplitSpool(work / f"{name}.docs.jsonl") for name in SPLITS}
-    state = dedup.Work(work / "dedup")
-    scan = dedup.Scan(state, options.near_dup_threshold)
-    bytes_done = 0
-
-    try:  # the spools are closed whatever happens (a build stopped mid-way raises from `report`)
-        with open(corpus, "rb") as handle:
-            for document in ingest.parse(handle, options):
-                counts.documents_in += 1
-                bytes_done = document.end_offset
-                if counts.documents_in % PROGRESS_EVERY == 0:
-                    report("clean", bytes_done, counts.documents_in)
-                messages = None
-                if document.messages is not None:
-                    messages = conversations.normalised(document.messages)
-                    text = ingest.conversation_text(messages)
-                else:
-                    text = cleaning.normalise(document.text)
-                if len(text) < options.min_doc_chars:
-                    counts.too_short += 1
-                    continue
-                if options.max_doc_chars and len(text) > options.max_doc_chars:
-                    counts.too_long += 1
-                    continue
-                name = splits.assign(text, options.split_seed, options.fractions)
-                record = scan.add(name, cleaning.exact_key(text), cleaning.leak_key(text),
-                                  cleaning.signature(text).hashvalues)
-                spools[name].add(record, text if messages is None else messages)
-        scan.finish()
+    try:
+        return _build(corpus, options, work, report, shard_tokens, model_tokenizer, fanout)
     finally:
-        scan.close()
-        for spool in spools.values():
-            spool.handle.close()
+        if fanout is not None:
+            fanout.close()
+
+
+def _build(corpus: Path, options: DatasetOptions, work: Path, report: ProgressFn, shard_tokens: int,
+           model_tokenizer: Path | None, fanout: FanOut | None) -> Built:
+    results = {name: SplitResult(name) for name in SPLITS}
+    state = dedup.Work(work / "dedup")
+    if fanout is None:
+        with open(corpus, "rb") as handle:
+            scanned = scan(handle, options, work, options.near_dup_threshold, report)
+    else:
+        scanned = fanout.scan(corpus, options, work, report)
+    counts = CleaningCounts(documents_in=scanned.documents_in, too_short=scanned.too_short,
+                            too_long=scanned.too_long)
+    bytes_done = scanned.bytes_done
     report("clean", bytes_done, counts.documents_in)
     if counts.documents_in == 0:
         raise ValidationFailed("the corpus holds no documents")
@@ -176,46 +266,31 @@ def build(corpus: Path, options: DatasetOptions, work: Path, progress: ProgressF
                                f"duplicates {counts.exact_duplicates + counts.near_duplicates})")
 
     report("tokenizer", bytes_done, counts.documents_in)
+    spools = {name: _SplitSpool(spool_path(work, name), write=False) for name in SPLITS}
     loaded, tokenizer_files = _tokenizer(options, spools[learning], status, work / "tokenizer", model_tokenizer)
-    tokenizer, info = loaded.tokenizer, loaded.info
-    renderer = conversations.Renderer(loaded.chat_template, loaded.special_tokens)
-    dtype = packing.dtype_for(info.vocab_size)
 
     packed = 0
-    for name in SPLITS:
-        result = results[name]
 
-        def documents(name: str = name, result: SplitResult = result) -> Iterator:
-            nonlocal packed
-            for document in spools[name].documents(status):
-                text = document if isinstance(document, str) else ingest.conversation_text(document)
-                result.bytes += len(text.encode("utf-8"))
-                packed += 1
-                if packed % PROGRESS_EVERY == 0:
-                    report("pack", bytes_done, packed)
-                yield document
+    def counted() -> None:
+        nonlocal packed
+        packed += 1
+        if packed % PROGRESS_EVERY == 0:
+            report("pack", bytes_done, packed)
 
-        if options.supervised:
-            examples = packing.ExampleWriter(work / name, dtype, shard_tokens)
-            try:
-                for example in conversations.encode(tokenizer, renderer, documents()):
-                    examples.write(example.ids, example.mask)
-            finally:
-                result.shards, result.loss_masks, result.examples = examples.close()
-            result.tokens, result.loss_tokens = examples.tokens.tokens, examples.loss_tokens
-        else:
-            writer = packing.ShardWriter(work / name, dtype, shard_tokens)
-            try:
-                result.tokens = packing.pack(tokenizer, documents(), info.eos_token_id, writer, PACK_BATCH_CHARS,
-                                             add_special_tokens=loaded.add_special_tokens)
-            finally:
-                result.shards = writer.close()
-        spools[name].path.unlink()
+    if fanout is None:
+        for name in SPLITS:
+            pack_split(spools[name].path, status, loaded, options.supervised, work / name, shard_tokens, results[name],
+                       counted)
+    else:
+        fanout.pack(status, loaded, options, work, results, shard_tokens, report)
+        packed = counts.documents_out
+    for spool in spools.values():
+        spool.path.unlink()
     shutil.rmtree(state.folder)  # the memory-mapped status is read only by then
     report("pack", bytes_done, packed)
     log.info("built dataset", extra={"documents_in": counts.documents_in, "documents_out": counts.documents_out,
                                      "tokens": sum(r.tokens for r in results.values())})
-    return Built(work, results, counts, info, dtype, tokenizer_files)
+    return Built(work, results, counts, loaded.info, packing.dtype_for(loaded.info.vocab_size), tokenizer_files)
 
 
 def _tokenizer(options: DatasetOptions, train: _SplitSpool, status: np.ndarray, folder: Path,

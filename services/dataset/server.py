@@ -15,6 +15,7 @@ from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.identity import service_principal
 from services.common.s3 import ObjectStore
+from services.dataset import shards
 from services.dataset.ingestion import HEARTBEAT_SECONDS, LEASE_SECONDS, Ingestor
 from services.dataset.lineage import registry_lineage
 from services.dataset.model_tokenizers import ResolveTokenizer, registry_tokenizers
@@ -46,7 +47,8 @@ async def build_app(settings: Settings, *, models_using: ModelsUsing | None = No
                         tokenizer_source=tokenizer_source or registry_tokenizers(clients),
                         ingest_bytes_per_day=settings.tenant_ingest_bytes_per_day,
                         build_slots=settings.dataset_build_slots,
-                        tenant_build_slots=settings.tenant_dataset_build_slots)
+                        tenant_build_slots=settings.tenant_dataset_build_slots,
+                        fanout=shards.factory(settings, store))
     ingestor.start()
     app = GrpcApp(settings, topology.DATASET)
     app.add_servicer(dataset_pb2_grpc.add_DatasetServiceServicer_to_server,

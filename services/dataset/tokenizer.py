@@ -163,3 +163,17 @@ def _batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
+
+
+def to_json(loaded: Loaded) -> str:
+    """All a worker needs to encode as `loaded` does (`from_json`): the tokenizer itself, not its saved files,
+    so what it encodes is exactly what this process would."""
+    return json.dumps({"tokenizer": loaded.tokenizer.to_str(), "info": loaded.info.as_dict(),
+                       "add_special_tokens": loaded.add_special_tokens, "chat_template": loaded.chat_template,
+                       "special_tokens": loaded.special_tokens})
+
+
+def from_json(text: str) -> Loaded:
+    values = json.loads(text)
+    return Loaded(Tokenizer.from_str(values["tokenizer"]), TokenizerInfo(**values["info"]),
+                  values["add_special_tokens"], values["chat_template"], values["special_tokens"])

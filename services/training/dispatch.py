@@ -1,5 +1,8 @@
 """The training queue on Celery: the app both sides configure, and the coordinator's dispatcher.
 
+The same app and broker carry the `data` queue: dataset builds' scan and pack stages, one byte range of a
+corpus per task (services/dataset/tasks.py registers them, services/dataset/shards.py sends them).
+
 One task, `llmp.training.run_node` (registered by `worker.py`), is one node of one job. The message
 only says "a node is free": the worker that receives it claims the highest-priority free node from
 PostgreSQL (see coordinator.py), so the broker's FIFO never overrides priorities.
@@ -25,7 +28,11 @@ from services.common.config import Settings
 TASK_NAME = "llmp.training.run_node"
 QUEUE = "gpu"
 EVAL_TASK_NAME = "llmp.training.run_evaluation"  # one evaluation job (evaluation.py), on a queue of its own
-EVAL_QUEUE = "eval"  # workers consume both (`--queues gpu,eval`); a fleet may give evaluations workers of their own
+EVAL_QUEUE = "eval"  # workers consume both (`--queues gpu,eval,...`); a fleet may give evaluations workers of their own
+DATA_QUEUE = "data"  # dataset builds' CPU stages, one byte range of a corpus per task (services/dataset/shards.py)
+SCAN_TASK_NAME = "llmp.dataset.scan_shard"
+PACK_TASK_NAME = "llmp.dataset.pack_shard"
+WORKER_QUEUES = ",".join((QUEUE, EVAL_QUEUE, DATA_QUEUE))  # what the launchers' workers consume (`-Q`)
 VISIBILITY_TIMEOUT = 24 * 3600  # Redis: seconds before an unacked message is delivered again
 
 
@@ -39,9 +46,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": QUEUE,
-        "task_queues": (Queue(QUEUE, routing_key=QUEUE), Queue(EVAL_QUEUE, routing_key=EVAL_QUEUE)),
+        "task_queues": tuple(Queue(queue, routing_key=queue) for queue in (QUEUE, EVAL_QUEUE, DATA_QUEUE)),
         "task_routes": {TASK_NAME: {"queue": QUEUE, "routing_key": QUEUE},
-                        EVAL_TASK_NAME: {"queue": EVAL_QUEUE, "routing_key": EVAL_QUEUE}},
+                        EVAL_TASK_NAME: {"queue": EVAL_QUEUE, "routing_key": EVAL_QUEUE},
+                        SCAN_TASK_NAME: {"queue": DATA_QUEUE, "routing_key": DATA_QUEUE},
+                        PACK_TASK_NAME: {"queue": DATA_QUEUE, "routing_key": DATA_QUEUE}},
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,

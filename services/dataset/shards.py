@@ -1,0 +1,317 @@
+"""A dataset build fanned out over the Celery workers' `data` queue, byte-identical to the in-process build.
+
+The corpus (already stored in S3 by the ingestor) is cut into byte ranges on line boundaries (`cut`; on
+blank lines for blank-line documents, so no document straddles two ranges). Each range is one task of each
+CPU-heavy stage, run by whichever worker takes it (`tasks.py`):
+
+1. scan (`scan_shard`): the worker GETs its range and runs `pipeline.scan` on it: its split spools and dedup
+   partition rows, record numbers from 0, uploaded under the build's prefix. The coordinator (the dataset
+   service) downloads them in range order and `merge`s them: record numbers shifted by the prefix sums of
+   the ranges' record counts, partition files and spools appended in range order, which gives exactly the
+   files the sequential scan writes (it appends rows in record order too).
+2. dedup (`dedup.run`) and the tokenizer stay in the coordinator, as in-process.
+3. pack (`pack_shard`): the coordinator uploads the tokenizer (`tokenizer.to_json`) and each range's slice
+   of the status file; the worker packs the range's kept documents of each split into one token stream
+   (masks and example index for supervised formats). The coordinator appends the streams in range order
+   into the version's fixed-size shards (`ShardWriter.append`): each document is encoded on its own, so the
+   concatenation is the stream the sequential packer writes.
+
+A result is an object `<prefix><stage>-NNNNN.json`, written last; the coordinator polls the prefix's listing
+(in its build thread, not the event loop). Tasks are acks_late and reject_on_worker_lost (dispatch.py): a
+worker killed mid-task gives its message back and another worker redoes that range only. A task's failure
+is an `.error.json` object that fails the build with its message. The prefix holds `build.json` while the
+build runs; closing the fan-out (done, failed or cancelled) revokes its tasks and deletes the prefix, and
+a task finishing after that deletes what it wrote (it finds `build.json` gone), so nothing is left. The
+prefix lies under the version's: if the dataset service dies mid-build, the replica that takes the version
+over deletes it with the rest of what the interrupted build wrote.
+
+`LLMP_DATASET_FANOUT_BYTES` says which corpora fan out (`factory`); smaller ones build in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from celery import Celery
+
+from services.common.config import Settings
+from services.common.contracts import SPLITS
+from services.common.errors import Internal, InvalidArgument, LlmpError, ValidationFailed
+from services.common.s3 import ObjectStore
+from services.dataset import dedup, packing, pipeline
+from services.dataset import tokenizer as tokenizers
+from services.dataset.options import DatasetOptions
+from services.dataset.versions import VersionRow
+from services.training.dispatch import DATA_QUEUE, PACK_TASK_NAME, SCAN_TASK_NAME, make_producer
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+STREAM_TOKENS = 1 << 62  # a worker's packed range is one stream: never cut
+_PASSED_ON = {"ValidationFailed": ValidationFailed, "InvalidArgument": InvalidArgument}  # a task's user errors
+
+
+def cut(corpus: Path, options: DatasetOptions, shard_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of about `shard_bytes` covering `corpus`, each starting at a line start (for
+    blank-line documents, after a blank line: a document is never cut)."""
+    size = corpus.stat().st_size
+    blank_lines = options.format == "text" and options.document_mode != "line"
+    ranges, start = [], 0
+    with open(corpus, "rb") as handle:
+        while start < size:
+            end = start + max(1, shard_bytes)
+            if end < size:
+                handle.seek(end - 1)
+                handle.readline()  # to the end of the line holding byte end-1
+                if blank_lines:  # bytes-blank implies blank to the parser (str.strip strips more)
+                    while (line := handle.readline()) and line.strip():
+                        pass
+                end = handle.tell()
+            end = min(end, size)
+            ranges.append((start, end))
+            start = end
+    return ranges
+
+
+def merge(folders: list[Path], scanned: list[pipeline.Scanned], work: Path) -> pipeline.Scanned:
+    """The ranges' scans (in corpus order) as one scan of the whole corpus in `work` (see the module docstring)."""
+    total = pipeline.Scanned()
+    state = dedup.Work(work / "dedup")
+    kinds = (("exact", dedup.KEY_ROW), ("leak", dedup.KEY_ROW), ("bands", dedup.BAND_ROW))
+    for kind, _ in kinds:
+        getattr(state, kind).mkdir(parents=True, exist_ok=True)
+    spools = {name: open(pipeline.spool_path(work, name), "w", encoding="utf-8") for name in SPLITS}
+    try:
+        with open(state.signatures, "wb") as signatures, open(state.splits, "wb") as splits:
+            for folder, counts in zip(folders, scanned, strict=True):
+                part = dedup.Work(folder / "dedup")
+                offset = np.uint64(total.records)
+                for source, target in ((part.signatures, signatures), (part.splits, splits)):
+                    with open(source, "rb") as handle:
+                        shutil.copyfileobj(handle, target)
+                for kind, dtype in kinds:
+                    for path in sorted(getattr(part, kind).glob("part-*.bin")):
+                        rows = np.fromfile(path, dtype=dtype)
+                        rows["record"] += offset
+                        with open(getattr(state, kind) / path.name, "ab") as handle:
+                            rows.tofile(handle)
+                for name in SPLITS:
+                    with open(pipeline.spool_path(folder, name), encoding="utf-8") as handle:
+                        for line in handle:
+                            record, _, value = line.partition("\t")
+                            spools[name].write(f"{int(record) + total.records}\t{value}")
+                total.documents_in += counts.documents_in
+                total.too_short += counts.too_short
+                total.too_long += counts.too_long
+                total.records += counts.records
+                total.bytes_done = max(total.bytes_done, counts.bytes_done)
+    finally:
+        for spool in spools.values():
+            spool.close()
+    with open(state.status, "wb") as handle:  # every record kept until a stage says otherwise
+        handle.truncate(total.records)
+    return total
+
+
+# -- the workers' side (tasks.py) --------------------------------------------------------------------------
+
+def _put_tar(store: ObjectStore, key: str, folder: Path, names: list[str] | None = None) -> None:
+    """`folder` (or only its entries `names`) as one object: one PUT for a range's many small files."""
+    archive = folder.with_name(folder.name + "-" + key.rsplit("/", 1)[-1])
+    with tarfile.open(archive, "w") as tar:
+        for name in names if names is not None else ["."]:
+            tar.add(folder / name, arcname=name)
+    store.upload_file(key, archive)
+    archive.unlink()
+
+
+def _get_tar(store: ObjectStore, key: str, folder: Path) -> None:
+    archive = folder.with_name(folder.name + "-" + key.rsplit("/", 1)[-1])
+    store.download(key, archive)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    archive.unlink()
+
+
+def _key(prefix: str, stage: str, index: int, suffix: str) -> str:
+    return f"{prefix}{stage}-{index:05d}{suffix}"
+
+
+def run_task(store: ObjectStore, stage: str, spec: dict[str, Any]) -> None:
+    """One range of one stage (`scan` or `pack`), its result or its error stored under the build's prefix."""
+    prefix, index = spec["prefix"], spec["index"]
+    if not store.exists(prefix + "build.json"):
+        return  # the build is over (cancelled): nothing to do
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"llmp-{stage}-") as folder:
+            result = (_scan if stage == "scan" else _pack)(store, spec, Path(folder))
+        store.put_bytes(_key(prefix, stage, index, ".json"), json.dumps(result).encode())
+    except Exception as error:  # the build fails with it (a killed worker, by contrast, is redelivered)
+        log.exception("dataset shard failed", extra={"stage": stage, "shard": index})
+        error_class = type(error).__name__ if isinstance(error, LlmpError) else "Internal"
+        message = error.message if isinstance(error, LlmpError) else f"{type(error).__name__}: {error}"
+        store.put_bytes(_key(prefix, stage, index, ".error.json"),
+                        json.dumps({"class": error_class, "message": message}).encode())
+    if not store.exists(prefix + "build.json"):  # closed while this ran: what it wrote must not stay
+        store.delete_prefix(prefix)
+
+
+def _scan(store: ObjectStore, spec: dict[str, Any], folder: Path) -> dict:
+    options = DatasetOptions.from_dict(spec["options"])
+    corpus = folder / "corpus"
+    store.download_range(spec["source_key"], corpus, spec["start"], spec["end"] - spec["start"])
+    out = folder / "out"
+    out.mkdir()
+    with open(corpus, "rb") as handle:
+        scanned = pipeline.scan(handle, options, out, options.near_dup_threshold, lambda *_: None,
+                                base_offset=spec["start"])
+    corpus.unlink()
+    # the spools apart: the range's pack task needs only them
+    spools = [pipeline.spool_path(out, name).name for name in SPLITS]
+    _put_tar(store, _key(spec["prefix"], "scan", spec["index"], ".spools.tar"), out, spools)
+    _put_tar(store, _key(spec["prefix"], "scan", spec["index"], ".dedup.tar"), out, ["dedup"])
+    return asdict(scanned)
+
+
+def _pack(store: ObjectStore, spec: dict[str, Any], folder: Path) -> dict:
+    prefix, index = spec["prefix"], spec["index"]
+    scanned = folder / "scanned"
+    _get_tar(store, _key(prefix, "scan", index, ".spools.tar"), scanned)
+    status = np.frombuffer(store.get_bytes(_key(prefix, "status", index, ".u1")), dtype=np.uint8)
+    loaded = tokenizers.from_json(store.get_bytes(prefix + "tokenizer.json").decode())
+    out = folder / "out"
+    stats = {}
+    for name in SPLITS:
+        result = pipeline.SplitResult(name)
+        pipeline.pack_split(pipeline.spool_path(scanned, name), status, loaded, spec["supervised"], out / name,
+                            STREAM_TOKENS, result)
+        stats[name] = {"tokens": result.tokens, "bytes": result.bytes, "loss_tokens": result.loss_tokens}
+    _put_tar(store, _key(prefix, "pack", index, ".tar"), out)
+    return stats
+
+
+# -- the coordinator's side (the dataset service) ----------------------------------------------------------
+
+class CeleryFanOut:
+    """pipeline.FanOut on the `data` queue for one build of the corpus stored at `source_key`."""
+
+    def __init__(self, store: ObjectStore, producer: Celery, source_key: str, shard_bytes: int, under: str) -> None:
+        self.store, self.producer, self.source_key, self.shard_bytes = store, producer, source_key, shard_bytes
+        # under the version's prefix: a replica taking an interrupted build over deletes it with the rest
+        self.prefix = f"{under}building-{uuid.uuid4().hex[:12]}/"
+        self.ranges: list[tuple[int, int]] = []
+        self.records: list[int] = []
+        self._tasks: list[str] = []
+
+    def scan(self, corpus: Path, options: DatasetOptions, work: Path, report: pipeline.ProgressFn
+             ) -> pipeline.Scanned:
+        self.store.put_bytes(self.prefix + "build.json", json.dumps({"source": self.source_key}).encode())
+        self.ranges = cut(corpus, options, self.shard_bytes)
+        specs = [{"prefix": self.prefix, "index": index, "source_key": self.source_key, "start": start, "end": end,
+                  "options": options.as_dict()} for index, (start, end) in enumerate(self.ranges)]
+        results = self._run("scan", SCAN_TASK_NAME, specs, report, "clean")
+        scanned = [pipeline.Scanned(**result) for result in results]
+        folders = []
+        for index in range(len(self.ranges)):
+            folders.append(work / "ranges" / f"{index:05d}")
+            for part in (".spools.tar", ".dedup.tar"):
+                _get_tar(self.store, _key(self.prefix, "scan", index, part), folders[-1])
+        try:
+            merged = merge(folders, scanned, work)
+        finally:
+            shutil.rmtree(work / "ranges", ignore_errors=True)
+        self.records = [counts.records for counts in scanned]
+        return merged
+
+    def pack(self, status: np.ndarray, loaded: tokenizers.Loaded, options: DatasetOptions, work: Path,
+             results: dict[str, pipeline.SplitResult], shard_tokens: int, report: pipeline.ProgressFn) -> None:
+        self.store.put_bytes(self.prefix + "tokenizer.json", tokenizers.to_json(loaded).encode())
+        start = 0
+        for index, records in enumerate(self.records):
+            self.store.put_bytes(_key(self.prefix, "status", index, ".u1"), status[start:start + records].tobytes())
+            start += records
+        specs = [{"prefix": self.prefix, "index": index, "supervised": options.supervised}
+                 for index in range(len(self.ranges))]
+        stats = self._run("pack", PACK_TASK_NAME, specs, report, "pack")
+        dtype = packing.dtype_for(loaded.info.vocab_size)
+        writers = {name: (packing.ExampleWriter if options.supervised else packing.ShardWriter)(
+            work / name, dtype, shard_tokens) for name in SPLITS}
+        try:
+            for index, shard_stats in enumerate(stats):
+                folder = work / "ranges" / f"{index:05d}"
+                _get_tar(self.store, _key(self.prefix, "pack", index, ".tar"), folder)
+                for name in SPLITS:
+                    stream = folder / name / packing.shard_file_name(0)
+                    results[name].bytes += shard_stats[name]["bytes"]
+                    if not stream.exists():  # no document of this split in this range
+                        continue
+                    if options.supervised:
+                        writers[name].append(stream, folder / name / packing.loss_mask_file_name(0),
+                                             folder / name / "examples.bin", shard_stats[name]["loss_tokens"])
+                    else:
+                        writers[name].append(stream)
+                shutil.rmtree(folder)
+        finally:
+            for name, writer in writers.items():
+                if options.supervised:
+                    results[name].shards, results[name].loss_masks, results[name].examples = writer.close()
+                    results[name].tokens, results[name].loss_tokens = writer.tokens.tokens, writer.loss_tokens
+                else:
+                    results[name].shards = writer.close()
+                    results[name].tokens = writer.tokens
+            shutil.rmtree(work / "ranges", ignore_errors=True)
+
+    def close(self) -> None:
+        if self._tasks:  # stopped while tasks were out: those not started yet need not run (the rest clean up)
+            try:
+                self.producer.control.revoke(self._tasks)
+            except Exception:  # a broker without broadcast (SQLAlchemy): they run, find build.json gone, stop
+                log.warning("could not revoke a stopped build's tasks", exc_info=True)
+        self.store.delete_prefix(self.prefix)
+
+    def _run(self, stage: str, task: str, specs: list[dict], report: pipeline.ProgressFn, phase: str) -> list[dict]:
+        """Send one task per spec and wait for every result (a redelivered task is simply waited for longer)."""
+        for spec in specs:
+            sent = self.producer.send_task(task, args=[spec], queue=DATA_QUEUE, routing_key=DATA_QUEUE)
+            self._tasks.append(sent.id)
+        results: dict[int, dict] = {}
+        while len(results) < len(specs):
+            listed = {stored.key for stored in self.store.list(f"{self.prefix}{stage}-")}
+            for index in range(len(specs)):
+                if index in results:
+                    continue
+                if _key(self.prefix, stage, index, ".error.json") in listed:
+                    error = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".error.json")))
+                    raise _PASSED_ON.get(error["class"], Internal)(error["message"])
+                if _key(self.prefix, stage, index, ".json") in listed:
+                    results[index] = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".json")))
+            done_bytes = sum(self.ranges[index][1] - self.ranges[index][0] for index in results)
+            report(phase, done_bytes, sum(result.get("documents_in", 0) for result in results.values()))
+            if len(results) < len(specs):
+                time.sleep(POLL_SECONDS)
+        self._tasks = []  # all done: nothing to revoke
+        return [results[index] for index in range(len(specs))]
+
+
+def factory(settings: Settings, store: ObjectStore) -> Callable[[VersionRow, int], CeleryFanOut | None] | None:
+    """The ingestor's choice per build: fan out a corpus over `LLMP_DATASET_FANOUT_BYTES`, else None (in-process)."""
+    if not settings.dataset_fanout_bytes:
+        return None
+    producer = make_producer(settings)
+
+    def fanout(row: VersionRow, corpus_bytes: int) -> CeleryFanOut | None:
+        if corpus_bytes <= settings.dataset_fanout_bytes:
+            return None
+        return CeleryFanOut(store, producer, row.source_key, settings.dataset_shard_bytes, row.prefix)
+    return fanout
