@@ -221,7 +221,7 @@ async def test_killed_worker_leaves_no_process_and_its_job_resumes_elsewhere(coo
                                                                               tmp_path):
     """Kill a worker mid-run: its torchrun tree dies with it, the lease expires, the job is re-dispatched
     and a new worker resumes it from the last checkpoint."""
-    job, _ = await coordinator.submit(CALLER, spec(max_steps=24))
+    job, _ = await coordinator.submit(CALLER, spec(max_steps=160))  # long enough to be killed mid-run, warm
     # The doomed worker runs the job in a warm runtime (what a Celery pool process does), the rescuer under
     # torchrun (what one without a spare does): both stop with their worker, and either resumes the other's.
     runner = ("import asyncio; from services.common.config import Settings; "
@@ -255,7 +255,7 @@ async def test_killed_worker_leaves_no_process_and_its_job_resumes_elsewhere(coo
     stdout, stderr = await asyncio.wait_for(second.communicate(), 300)
     done = await coordinator.get(TENANT, job.id)
     assert stdout.decode().strip().endswith("succeeded"), done.error + stderr.decode()[-3000:]
-    assert done.state == JobState.SUCCEEDED and done.attempt == 2 and done.step == 24
+    assert done.state == JobState.SUCCEEDED and done.attempt == 2 and done.step == 160
     assert done.environment["resumed_from"] >= 8  # resumed from a checkpoint, not from scratch
 
 
@@ -360,7 +360,7 @@ async def test_sigkilled_node_resumes_with_losses_bitwise_equal_to_an_uninterrup
     assert await coordinator.reap() == [job.id]
     outcome = await run_node("rescuer")
     done = await coordinator.get(TENANT, job.id)
-    assert done.state == JobState.SUCCEEDED and done.attempt == 2 and done.step == 24, done.error + outcome
+    assert done.state == JobState.SUCCEEDED and done.attempt == 2 and done.step == 160, done.error + outcome
     assert done.environment["resumed_from"] == committed[-1]
     # Every step logged after the resume (the lost ones again, then the rest) and the final metrics, as bits.
     resumed = exact_series(await coordinator.metrics(TENANT, job.id))
