@@ -126,6 +126,7 @@ def measure(documents: int, scratch: Path, tokenizer: str, vocab_size: int) -> d
 
 def fanout_child(corpus: Path, work: Path, tokenizer: str, vocab_size: int, shard_bytes: int) -> None:
     """The coordinator's side, in the measured process: the corpus stored, then built fanned out."""
+    from services.common import contracts
     from services.common.config import Settings
     from services.common.s3 import ObjectStore
     from services.dataset import pipeline, shards
@@ -135,11 +136,14 @@ def fanout_child(corpus: Path, work: Path, tokenizer: str, vocab_size: int, shar
     settings = Settings.from_env()
     store = ObjectStore(settings.s3)
     store.ensure_bucket()
-    key = f"bench/{work.name}/corpus"
+    # where the ingestor keeps a version's corpus and files (the workers' tasks touch nothing else)
+    tenant = f"bench-{work.name}"
+    key = contracts.dataset_corpus_key(tenant, "scale", 1)
     store.upload_file(key, corpus)
     options = DatasetOptions(name="scale", format="text", document_mode="line", tokenizer=tokenizer,
                              vocab_size=vocab_size).validated()
-    fanout = shards.CeleryFanOut(store, make_producer(settings), key, shard_bytes, f"bench/{work.name}/version/")
+    fanout = shards.CeleryFanOut(store, make_producer(settings), key, shard_bytes,
+                                 contracts.dataset_version_prefix(tenant, "scale", 1))
     timed = {}
     pack = fanout.pack
 

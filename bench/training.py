@@ -21,8 +21,8 @@ a window, not the figure); the ratio is the quotient of the two medians. On a GP
 GPT-2 124M in bf16 and the model FLOPs utilisation is printed too. The last line is the BENCH line (bench/RESULTS.md).
 
 Then (`--scenario e2e` alone, `loop` to skip it) a job end to end, submit → SUCCEEDED through the training
-service, its Celery worker and torchrun, against a bare loop doing the same work in one process, with the
-job's phases: bench/training_e2e.py, BENCH `training-e2e`.
+service and its Celery worker (a job of one process in its warm runtime), against a bare loop doing the
+same work in one process, with the job's phases: bench/training_e2e.py, BENCH `training-e2e`.
 """
 
 from __future__ import annotations

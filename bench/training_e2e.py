@@ -135,8 +135,8 @@ def phases(row: dict, runtime: list[events.Event], submitted: float, done: float
     claimed = row["started_at"].timestamp()
     return {
         "submit → claimed (queue)": claimed - submitted,
-        "claimed → torchrun launched": s["launched"] - claimed,
-        "launched → train.py process (guard, torchrun)": s["process"] - s["launched"],
+        "claimed → runtime launched": s["launched"] - claimed,
+        "launched → train.py process (guard; torchrun or warm runtime)": s["process"] - s["launched"],
         "train.py imports": s["imported"] - s["process"],
         "process group": s["group"] - s["imported"],
         "dataset fetch": s["data"] - s["group"],
@@ -306,4 +306,5 @@ async def run(steps: int, repeats: int) -> None:
     harness.report("training-e2e", project, baseline, " steps/s",
                    f"one process doing the same {steps} steps, evaluations, checkpoints and final save of nanoGPT's "
                    f"CPU Shakespeare config, interpreter start to exit; project = submit → SUCCEEDED through the "
-                   f"training service, Celery worker and torchrun; medians of {repeats} interleaved runs", digits=2)
+                   f"training service and a Celery worker (one process: its warm runtime; several: torchrun); "
+                   f"medians of {repeats} interleaved runs", digits=2)

@@ -66,8 +66,11 @@ def receive(chunks: Iterable[bytes], spool: BinaryIO, limit: int) -> Received:
     return Received(size, digest.hexdigest())
 
 
-def _decoded_lines(handle: BinaryIO) -> Iterator[tuple[int, str, int]]:
-    """(line number, text without the line break, offset past the line) for each line of `handle`."""
+def _decoded_lines(handle: BinaryIO, at_start: bool = True) -> Iterator[tuple[int, str, int]]:
+    """(line number, text without the line break, offset past the line) for each line of `handle`.
+
+    A byte-order mark is dropped only where the corpus starts (`at_start`): a range of it read on its own
+    (shards.py) keeps one that begins its first line, as the whole corpus's reading would."""
     offset = 0
     for number, raw in enumerate(iter(lambda: handle.readline(LINE_LIMIT + 1), b""), start=1):
         if len(raw) > LINE_LIMIT:
@@ -75,7 +78,7 @@ def _decoded_lines(handle: BinaryIO) -> Iterator[tuple[int, str, int]]:
                                   "(is the file text with line breaks?)")
         start = offset
         offset += len(raw)
-        if number == 1 and raw.startswith(BOM):
+        if number == 1 and at_start and raw.startswith(BOM):
             raw = raw[len(BOM):]
             start += len(BOM)
         try:
@@ -169,9 +172,10 @@ def _conversation(messages: Messages, number: int, offset: int) -> Document:
     return Document(conversation_text(messages), number, offset, messages)
 
 
-def parse(handle: BinaryIO, options: DatasetOptions) -> Iterator[Document]:
-    """The documents of the corpus in `handle` (opened in binary mode), in order."""
-    lines = _decoded_lines(handle)
+def parse(handle: BinaryIO, options: DatasetOptions, at_start: bool = True) -> Iterator[Document]:
+    """The documents of the corpus in `handle` (opened in binary mode), in order; `at_start`: whether `handle`
+    begins where the corpus begins (see `_decoded_lines`)."""
+    lines = _decoded_lines(handle, at_start)
     if options.format == "text":
         yield from _text_documents(lines, options.document_mode)
     elif options.format == "jsonl":

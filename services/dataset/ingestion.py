@@ -315,7 +315,8 @@ class Ingestor:
                     options["model_tokenizer"] = await asyncio.to_thread(
                         model_tokenizers.download, self.store, artifacts, work / "model-tokenizer")
                 if self.fanout is not None:
-                    options["fanout"] = self.fanout(row, spool.stat().st_size)
+                    # in a thread: choosing asks the broker whether any worker consumes the data queue
+                    options["fanout"] = await asyncio.to_thread(self.fanout, row, spool.stat().st_size)
                 built = await asyncio.to_thread(pipeline.build, spool, row.options, work, report, **options)
                 if running.stop.is_set():
                     raise _Stopped

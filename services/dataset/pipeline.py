@@ -133,12 +133,13 @@ def scan(handle: BinaryIO, options: DatasetOptions, folder: Path, threshold: flo
          base_offset: int = 0) -> Scanned:
     """Parse, normalise, filter and split-assign the documents of `handle`, writing each split's spool and the
     dedup scan's files (`folder/dedup`) into `folder`. Record numbers start at 0: a shard's are made global by
-    `shards.merge`. `base_offset`: where `handle` starts in the corpus (progress only)."""
+    `shards.merge`. `base_offset`: where `handle` starts in the corpus (progress, and a byte-order mark is
+    dropped only at 0)."""
     counts = Scanned()
     spools = {name: _SplitSpool(spool_path(folder, name)) for name in SPLITS}
     scanner = dedup.Scan(dedup.Work(folder / "dedup"), threshold)
     try:  # the spools are closed whatever happens (a build stopped mid-way raises from `report`)
-        for document in ingest.parse(handle, options):
+        for document in ingest.parse(handle, options, at_start=base_offset == 0):
             counts.documents_in += 1
             counts.bytes_done = base_offset + document.end_offset
             if counts.documents_in % PROGRESS_EVERY == 0:

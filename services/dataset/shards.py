@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tarfile
 import tempfile
@@ -46,7 +47,7 @@ import numpy as np
 from celery import Celery
 
 from services.common.config import Settings
-from services.common.contracts import SPLITS
+from services.common.contracts import DATASETS, SOURCES, SPLITS
 from services.common.errors import Internal, InvalidArgument, LlmpError, ValidationFailed
 from services.common.s3 import ObjectStore
 from services.dataset import dedup, packing, pipeline
@@ -58,6 +59,9 @@ from services.training.dispatch import DATA_QUEUE, PACK_TASK_NAME, SCAN_TASK_NAM
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
+RANGE_SECONDS = 1800.0  # a range with no result this long after it was sent is sent again (64 MiB take minutes)
+RANGE_SENDS = 3  # sends of one range before the build fails
+_BUILD_PREFIX = re.compile(r"(?P<version>\S+/)building-[0-9a-f]{12}/")  # what CeleryFanOut names
 STREAM_TOKENS = 1 << 62  # a worker's packed range is one stream: never cut
 _PASSED_ON = {"ValidationFailed": ValidationFailed, "InvalidArgument": InvalidArgument}  # a task's user errors
 
@@ -149,22 +153,41 @@ def _key(prefix: str, stage: str, index: int, suffix: str) -> str:
 
 
 def run_task(store: ObjectStore, stage: str, spec: dict[str, Any]) -> None:
-    """One range of one stage (`scan` or `pack`), its result or its error stored under the build's prefix."""
+    """One range of one stage (`scan` or `pack`), its result or its error stored under the build's prefix.
+
+    What cannot even be reported (S3 down throughout) only logs: the coordinator re-sends a range that gives
+    no result in time (`CeleryFanOut._run`)."""
     prefix, index = spec["prefix"], spec["index"]
-    if not store.exists(prefix + "build.json"):
-        return  # the build is over (cancelled): nothing to do
+    if not _trusted(spec):
+        log.error("dataset shard refused: not a build's prefix", extra={"stage": stage, "prefix": prefix})
+        return
     try:
-        with tempfile.TemporaryDirectory(prefix=f"llmp-{stage}-") as folder:
-            result = (_scan if stage == "scan" else _pack)(store, spec, Path(folder))
-        store.put_bytes(_key(prefix, stage, index, ".json"), json.dumps(result).encode())
-    except Exception as error:  # the build fails with it (a killed worker, by contrast, is redelivered)
-        log.exception("dataset shard failed", extra={"stage": stage, "shard": index})
-        error_class = type(error).__name__ if isinstance(error, LlmpError) else "Internal"
-        message = error.message if isinstance(error, LlmpError) else f"{type(error).__name__}: {error}"
-        store.put_bytes(_key(prefix, stage, index, ".error.json"),
-                        json.dumps({"class": error_class, "message": message}).encode())
-    if not store.exists(prefix + "build.json"):  # closed while this ran: what it wrote must not stay
-        store.delete_prefix(prefix)
+        if not store.exists(prefix + "build.json"):
+            return  # the build is over (done, failed or cancelled): nothing to do
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"llmp-{stage}-") as folder:
+                result = (_scan if stage == "scan" else _pack)(store, spec, Path(folder))
+            store.put_bytes(_key(prefix, stage, index, ".json"), json.dumps(result).encode())
+        except Exception as error:  # the build fails with it (a killed worker, by contrast, is redelivered)
+            log.exception("dataset shard failed", extra={"stage": stage, "shard": index})
+            # a tenant sees the reason: a user error's message, else only the kind (details stay in this log)
+            error_class = type(error).__name__ if isinstance(error, LlmpError) else "Internal"
+            message = (error.message if isinstance(error, LlmpError)
+                       else f"internal error in range {index} of the {stage}: {type(error).__name__}")
+            store.put_bytes(_key(prefix, stage, index, ".error.json"),
+                            json.dumps({"class": error_class, "message": message}).encode())
+        if not store.exists(prefix + "build.json"):  # closed while this ran: what it wrote must not stay
+            store.delete_prefix(prefix)
+    except Exception:
+        log.exception("dataset shard could not store its outcome", extra={"stage": stage, "shard": index})
+
+
+def _trusted(spec: dict[str, Any]) -> bool:
+    """A task touches only a build prefix under a dataset version's, and reads only that version's corpus."""
+    match = _BUILD_PREFIX.fullmatch(spec["prefix"])
+    if match is None or not match["version"].startswith(DATASETS):
+        return False
+    return "source_key" not in spec or spec["source_key"] == f"{SOURCES}{match['version']}corpus"
 
 
 def _scan(store: ObjectStore, spec: dict[str, Any], folder: Path) -> dict:
@@ -206,8 +229,10 @@ def _pack(store: ObjectStore, spec: dict[str, Any], folder: Path) -> dict:
 class CeleryFanOut:
     """pipeline.FanOut on the `data` queue for one build of the corpus stored at `source_key`."""
 
-    def __init__(self, store: ObjectStore, producer: Celery, source_key: str, shard_bytes: int, under: str) -> None:
+    def __init__(self, store: ObjectStore, producer: Celery, source_key: str, shard_bytes: int, under: str,
+                 range_seconds: float = RANGE_SECONDS) -> None:
         self.store, self.producer, self.source_key, self.shard_bytes = store, producer, source_key, shard_bytes
+        self.range_seconds = range_seconds
         # under the version's prefix: a replica taking an interrupted build over deletes it with the rest
         self.prefix = f"{under}building-{uuid.uuid4().hex[:12]}/"
         self.ranges: list[tuple[int, int]] = []
@@ -273,24 +298,48 @@ class CeleryFanOut:
             shutil.rmtree(work / "ranges", ignore_errors=True)
 
     def close(self) -> None:
+        """Best effort, never raising over the build's own outcome: what stays behind lies under the version's
+        prefix, deleted with it (a failed build) or by the replica that takes an interrupted one over."""
         if self._tasks:  # stopped while tasks were out: those not started yet need not run (the rest clean up)
             try:
                 self.producer.control.revoke(self._tasks)
             except Exception:  # a broker without broadcast (SQLAlchemy): they run, find build.json gone, stop
                 log.warning("could not revoke a stopped build's tasks", exc_info=True)
-        self.store.delete_prefix(self.prefix)
+        try:
+            # build.json first, alone: a task that stores after the listing below then finds it gone and deletes
+            # what it wrote (run_task's put-then-check)
+            self.store.delete(self.prefix + "build.json")
+            self.store.delete_prefix(self.prefix)
+        except Exception:
+            log.warning("could not delete a build's range objects", extra={"prefix": self.prefix}, exc_info=True)
 
     def _run(self, stage: str, task: str, specs: list[dict], report: pipeline.ProgressFn, phase: str) -> list[dict]:
-        """Send one task per spec and wait for every result (a redelivered task is simply waited for longer)."""
-        for spec in specs:
-            sent = self.producer.send_task(task, args=[spec], queue=DATA_QUEUE, routing_key=DATA_QUEUE)
+        """Send one task per spec and wait for every result. A redelivered task (its worker killed) is simply
+        waited for longer; a range with no result `range_seconds` after it was sent (its message lost with the
+        broker, its worker's pod gone, its outcome unstorable) is sent again, and after `RANGE_SENDS` sends the
+        build fails naming it. Ranges are idempotent (fixed keys), so a late first copy does no harm."""
+        sent_at: dict[int, float] = {}
+        sends = dict.fromkeys(range(len(specs)), 0)
+
+        def send(index: int) -> None:
+            if sends[index] == RANGE_SENDS:
+                raise Internal(f"range {index} of the {stage} got no result after {RANGE_SENDS} tries of "
+                               f"{self.range_seconds:.0f} s each: are workers consuming the '{DATA_QUEUE}' queue?")
+            sent = self.producer.send_task(task, args=[specs[index]], queue=DATA_QUEUE, routing_key=DATA_QUEUE)
             self._tasks.append(sent.id)
+            sent_at[index], sends[index] = time.monotonic(), sends[index] + 1
+
+        for index in range(len(specs)):
+            send(index)
         results: dict[int, dict] = {}
         while len(results) < len(specs):
             listed = {stored.key for stored in self.store.list(f"{self.prefix}{stage}-")}
             for index in range(len(specs)):
                 if index in results:
                     continue
+                if time.monotonic() - sent_at[index] > self.range_seconds:
+                    log.warning("dataset range without a result: sent again", extra={"stage": stage, "shard": index})
+                    send(index)
                 if _key(self.prefix, stage, index, ".error.json") in listed:
                     error = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".error.json")))
                     raise _PASSED_ON.get(error["class"], Internal)(error["message"])
@@ -311,7 +360,21 @@ def factory(settings: Settings, store: ObjectStore) -> Callable[[VersionRow, int
     producer = make_producer(settings)
 
     def fanout(row: VersionRow, corpus_bytes: int) -> CeleryFanOut | None:
-        if corpus_bytes <= settings.dataset_fanout_bytes:
+        if corpus_bytes <= settings.dataset_fanout_bytes or not _data_consumed(producer):
             return None
         return CeleryFanOut(store, producer, row.source_key, settings.dataset_shard_bytes, row.prefix)
     return fanout
+
+
+def _data_consumed(producer: Celery) -> bool:
+    """Whether a live worker consumes the `data` queue (a broadcast answered within a second). Without one (the
+    broker unreachable, a fleet without data workers) the build runs in-process: slower, never stuck."""
+    try:
+        queues = producer.control.inspect(timeout=1.0).active_queues() or {}
+    except Exception:
+        log.warning("could not ask the workers which queues they consume", exc_info=True)
+        return False
+    if any(queue.get("name") == DATA_QUEUE for consumed in queues.values() for queue in consumed):
+        return True
+    log.warning("no worker consumes the data queue: the build runs in-process", extra={"queue": DATA_QUEUE})
+    return False

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+import types
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,7 +19,9 @@ import grpc
 import pytest
 from llmp.dataset.v1 import dataset_pb2_grpc
 
+from services.common import contracts
 from services.common.config import Settings
+from services.common.errors import Internal
 from services.common.s3 import ObjectStore
 from services.dataset import pipeline, server, shards
 from services.dataset.options import DatasetOptions
@@ -81,11 +84,14 @@ def build(corpus: Path, options: DatasetOptions, work: Path, fanout: shards.Cele
     return fingerprint(pipeline.build(corpus, options, work, shard_tokens=SHARD_TOKENS, fanout=fanout))
 
 
-def fanout_for(store: ObjectStore, settings: Settings, corpus: Path, shard_bytes: int
+def fanout_for(store: ObjectStore, settings: Settings, corpus: Path, shard_bytes: int, **options
                ) -> tuple[shards.CeleryFanOut, str]:
-    root = f"tests/fanout-{uuid.uuid4().hex[:8]}/"
-    store.upload_file(root + "corpus", corpus)
-    return shards.CeleryFanOut(store, make_producer(settings), root + "corpus", shard_bytes, root + "version/"), root
+    """A fan-out for `corpus` stored where the ingestor keeps a version's corpus, and that version's prefix
+    (the tasks touch nothing else: shards._trusted)."""
+    version = contracts.dataset_version_prefix(f"t{uuid.uuid4().hex[:10]}", "d", 1)
+    source = contracts.dataset_corpus_key(f"{version.split('/')[1]}", "d", 1)
+    store.upload_file(source, corpus)
+    return shards.CeleryFanOut(store, make_producer(settings), source, shard_bytes, version, **options), version
 
 
 @pytest.mark.parametrize("options", [
@@ -100,15 +106,15 @@ def test_fanned_out_build_is_byte_identical_with_one_or_two_workers(options, sha
     assert in_process["splits"]["train"]["tokens"] > 0 and in_process["cleaning"]["exact_duplicates"] > 0
 
     start_workers(1)
-    fanout, root = fanout_for(store, fanout_settings, corpus, shard_bytes=20_000)
+    fanout, version = fanout_for(store, fanout_settings, corpus, shard_bytes=20_000)
     assert build(corpus, options, tmp_path / "one-worker", fanout) == in_process
     assert len(fanout.ranges) >= 7  # really cut: 150 kB in ranges of ~20 kB
-    assert store.list(root + "version/") == []  # the build's intermediate files are gone
+    assert store.list(version) == []  # the build's intermediate files are gone
 
     start_workers(1)  # two now
-    fanout, root = fanout_for(store, fanout_settings, corpus, shard_bytes=15_000)
+    fanout, version = fanout_for(store, fanout_settings, corpus, shard_bytes=15_000)
     assert build(corpus, options, tmp_path / "two-workers", fanout) == in_process
-    assert store.list(root + "version/") == []
+    assert store.list(version) == []
 
 
 def test_supervised_fanned_out_build_is_byte_identical(tmp_path, store, fanout_settings, start_workers):
@@ -135,7 +141,7 @@ def test_a_worker_killed_mid_range_costs_a_retry_of_that_range_only(shakespeare,
     corpus = corpus_of(tmp_path, shakespeare, copies=4)  # 600 kB in 3 ranges: one is killed as it starts
     in_process = build(corpus, options, tmp_path / "in-process")
     [worker] = start_workers(1)
-    fanout, root = fanout_for(store, fanout_settings, corpus, shard_bytes=200_000)
+    fanout, version = fanout_for(store, fanout_settings, corpus, shard_bytes=200_000)
     child = _pool_child(worker)
 
     def kill_first_range(phase: str, *_: int) -> None:  # the pipeline's progress, polled while ranges run
@@ -155,7 +161,7 @@ def test_a_worker_killed_mid_range_costs_a_retry_of_that_range_only(shakespeare,
     # every range scanned and packed once, the killed range's scan delivered twice
     assert log.count(" received") == 2 * len(fanout.ranges) + 1, log[-3000:]
     assert log.count(" succeeded ") == 2 * len(fanout.ranges), log[-3000:]
-    assert store.list(root + "version/") == []
+    assert store.list(version) == []
 
 
 async def test_the_service_fans_out_a_corpus_over_the_threshold(client, shakespeare, dataset_settings, lineage,
@@ -200,7 +206,7 @@ def test_a_build_stopped_while_ranges_run_leaves_nothing(shakespeare, tmp_path, 
     options = DatasetOptions("d", tokenizer="char", document_mode="line").validated()
     corpus = corpus_of(tmp_path, shakespeare, copies=4)
     [worker] = start_workers(1)
-    fanout, root = fanout_for(store, fanout_settings, corpus, shard_bytes=100_000)
+    fanout, version = fanout_for(store, fanout_settings, corpus, shard_bytes=100_000)
 
     def stop_once_a_range_runs(phase: str, *_: int) -> None:  # as the ingestor's progress stops a cancelled build
         if f"{SCAN_TASK_NAME}[" in worker.log_path.read_text(errors="replace"):
@@ -215,6 +221,39 @@ def test_a_build_stopped_while_ranges_run_leaves_nothing(shakespeare, tmp_path, 
     while " succeeded " not in worker.log_path.read_text(errors="replace") and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1)
-    assert store.list(root + "version/") == []
+    assert store.list(version) == []
     log = worker.log_path.read_text(errors="replace")
     assert log.count(" succeeded ") < len(fanout.ranges), log[-3000:]  # the rest were revoked, not run
+
+
+def test_a_range_without_a_result_is_sent_again_then_fails_the_build_naming_it(tmp_path, store, fanout_settings):
+    """No worker takes the ranges (a lost message, a fleet without data workers): each is sent again after its
+    wait, and after `RANGE_SENDS` sends the build fails naming the range and the queue; nothing stays behind."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {n} of a corpus no worker will scan\n" for n in range(400)))
+    options = DatasetOptions("d", tokenizer="char", document_mode="line").validated()
+    fanout, version = fanout_for(store, fanout_settings, corpus, shard_bytes=4_000, range_seconds=0.5)
+    work = tmp_path / "unscanned"
+    work.mkdir()
+    started = time.monotonic()
+    with pytest.raises(Internal, match=f"range 0 of the scan got no result after {shards.RANGE_SENDS} tries.*'data'"):
+        pipeline.build(corpus, options, work, fanout=fanout)
+    assert shards.RANGE_SENDS * 0.5 <= time.monotonic() - started < 30
+    assert len(fanout._tasks) >= shards.RANGE_SENDS * 2  # every range sent again, not only the first
+    assert store.list(version) == []
+
+
+def test_without_a_data_worker_the_service_builds_in_process(fanout_settings, store, start_workers):
+    """The ingestor's choice (shards.factory): a corpus over the threshold fans out only while some worker
+    consumes the data queue; otherwise (none yet, or the broker unreachable) it builds in-process."""
+    settings = Settings.from_env({**fanout_settings.raw, "LLMP_DATASET_FANOUT_BYTES": "1000"})
+    version = types.SimpleNamespace(source_key="sources/datasets/t/d/v1/corpus", prefix="datasets/t/d/v1/")
+    choose = shards.factory(settings, store)
+    assert choose(version, 10**6) is None
+    start_workers(1)
+    deadline = time.monotonic() + 60
+    while (chosen := choose(version, 10**6)) is None:
+        assert time.monotonic() < deadline, "the data worker never answered the broadcast"
+    assert isinstance(chosen, shards.CeleryFanOut) and choose(version, 1000) is None
+    unreachable = Settings.from_env({**settings.raw, "LLMP_BROKER_URL": "redis://127.0.0.1:1/0"})
+    assert shards.factory(unreachable, store)(version, 10**6) is None

@@ -13,8 +13,11 @@ import pytest
 from services.dataset import ingest, pipeline, shards
 from services.dataset.options import DatasetOptions
 
-CORPUS = "".join(
-    f"Paragraph {n} line one.\r\nline two of {n % 7}\n\n\n" if n % 3 else f"   \nSame text {n % 5}\n\n"
+# A byte-order mark opens the corpus (dropped) and some of its lines (kept: mid-corpus, it is text), whichever
+# range a cut puts them at the start of.
+CORPUS = ingest.BOM + "".join(
+    f"Paragraph {n} line one.\r\nline two of {n % 7}\n\n\n" if n % 3 else
+    f"   \nSame text {n % 5}\n\n" if n % 4 or not n else f"\ufeffMarked paragraph {n}\n\n"
     for n in range(400)).encode()
 
 
@@ -34,8 +37,9 @@ def test_ranges_cover_the_corpus_and_cut_no_document(tmp_path, mode, shard_bytes
     assert all(end == start for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False))
     whole = [document.text for document in ingest.parse(io.BytesIO(CORPUS), options)]
     pieces = [document.text for start, end in ranges
-              for document in ingest.parse(io.BytesIO(CORPUS[start:end]), options)]
+              for document in ingest.parse(io.BytesIO(CORPUS[start:end]), options, at_start=start == 0)]
     assert pieces == whole
+    assert not whole[0].startswith("\ufeff") and sum(text.startswith("\ufeff") for text in whole) > 20
     if shard_bytes == 10**9:
         assert len(ranges) == 1
 
