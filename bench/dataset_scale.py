@@ -128,10 +128,10 @@ def fanout_child(corpus: Path, work: Path, tokenizer: str, vocab_size: int, shar
     """The coordinator's side, in the measured process: the corpus stored, then built fanned out."""
     from services.common import contracts
     from services.common.config import Settings
+    from services.common.queues import make_producer
     from services.common.s3 import ObjectStore
     from services.dataset import pipeline, shards
     from services.dataset.options import DatasetOptions
-    from services.training.dispatch import make_producer
 
     settings = Settings.from_env()
     store = ObjectStore(settings.s3)

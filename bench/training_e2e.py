@@ -51,12 +51,12 @@ from cli import servers
 from services.common import contracts, topology
 from services.common.config import Settings
 from services.common.identity import Caller, signed_metadata, signer_for
+from services.common.queues import WORKER_QUEUES
 from services.common.s3 import ObjectStore
 from services.dataset import server as dataset_server
 from services.registry import server as registry_server
 from services.training import data, events
 from services.training import server as training_server
-from services.training.dispatch import WORKER_QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

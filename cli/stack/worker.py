@@ -13,7 +13,7 @@ from pathlib import Path
 from cli.stack.broker import supports_broadcast
 from cli.stack.component import Launch, PythonProcess
 from cli.stack.state import Record
-from services.training.dispatch import WORKER_QUEUES
+from services.common.queues import WORKER_QUEUES
 
 
 @dataclass(frozen=True)

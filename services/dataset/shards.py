@@ -49,12 +49,12 @@ from celery import Celery
 from services.common.config import Settings
 from services.common.contracts import DATASETS, SOURCES, SPLITS
 from services.common.errors import Internal, InvalidArgument, LlmpError, ValidationFailed
+from services.common.queues import DATA_QUEUE, PACK_TASK_NAME, SCAN_TASK_NAME, make_producer
 from services.common.s3 import ObjectStore
 from services.dataset import dedup, packing, pipeline
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions
 from services.dataset.versions import VersionRow
-from services.training.dispatch import DATA_QUEUE, PACK_TASK_NAME, SCAN_TASK_NAME, make_producer
 
 log = logging.getLogger(__name__)
 

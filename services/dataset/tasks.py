@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from services.common.config import Settings
+from services.common.queues import PACK_TASK_NAME, SCAN_TASK_NAME, app
 from services.common.s3 import ObjectStore
 from services.dataset import shards
-from services.training.dispatch import PACK_TASK_NAME, SCAN_TASK_NAME, app
 
 __all__ = ["pack_shard", "scan_shard"]
 

@@ -25,8 +25,9 @@ from services.common.grpc_client import ServiceClients
 from services.common.grpc_server import GrpcApp, run_main
 from services.common.identity import Caller, acting_as, service_principal
 from services.common.periodic import Periodic
+from services.common.queues import make_producer
 from services.training.coordinator import Coordinator, DatasetCheck
-from services.training.dispatch import CeleryDispatcher, make_producer
+from services.training.dispatch import CeleryDispatcher
 from services.training.quotas import TrainingQuotas
 from services.training.servicer import EvaluationTarget, TrainingServicer
 from services.training.spec import FleetLimits, JobSpec

@@ -1,10 +1,11 @@
 """The Celery worker that runs training and evaluation jobs, and dataset builds' shards:
-`celery -A services.training.worker worker -Q gpu,eval,data -c 1` (`dispatch.WORKER_QUEUES`).
+`celery -A services.training.worker worker -Q gpu,eval,data -c 1` (`queues.WORKER_QUEUES`).
 
-This module wires the pieces together for the launchers (docker-compose.yml, deploy/, `llmp stack`):
-the queue and its app (dispatch.py), and the one task, `llmp.training.run_node`, which runs a node
-of a job to its end (processes.py: torchrun under a guard, the runtime's events (events.py) forwarded,
-the model registered (publish.py)); and the dataset tasks of the `data` queue (services/dataset/tasks.py).
+This module wires the pieces together for the launchers (docker-compose.yml, deploy/, `llmp stack`): the
+app (services/common/queues.py), the task `llmp.training.run_node`, which runs a node of a job to its end
+(processes.py: torchrun or the warm runtime under a guard, the runtime's events (events.py) forwarded, the
+model registered (publish.py)), and `llmp.training.run_evaluation`. The `data` queue's tasks
+(services/dataset/tasks.py) are imported by Celery at start (`queues.WORKER_IMPORTS`), not by this module.
 Each pool process keeps a warm runtime (warm.py) for the next job of one process, so such a job starts
 without torchrun's and train.py's imports (`LLMP_TRAINING_WARM_START`).
 """
@@ -22,13 +23,12 @@ from celery import signals
 
 from services.common import logs
 from services.common.config import Settings
-from services.dataset import tasks as dataset_tasks
+from services.common.queues import EVAL_TASK_NAME, TASK_NAME, app
 from services.training import warm
-from services.training.dispatch import EVAL_TASK_NAME, TASK_NAME, app
 from services.training.evaluation import EvaluationRunner
 from services.training.processes import NodeRunner
 
-__all__ = ["app", "dataset_tasks", "run_evaluation", "run_node"]
+__all__ = ["app", "run_evaluation", "run_node"]
 
 log = logging.getLogger(__name__)
 

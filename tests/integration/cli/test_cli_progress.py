@@ -43,19 +43,34 @@ class CuttingProxy:
         self.heads: list[str] = []  # request heads, in arrival order
         self.streams = 0
         self.server: asyncio.Server | None = None
+        self.serving: set[asyncio.Task] = set()  # connections being served
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stops listening and ends every connection still being served (a handler left pending would be
+        destroyed with its sockets unclosed: a ResourceWarning that fails the test)."""
         self.server.close()
+        for task in list(self.serving):
+            task.cancel()
+        await asyncio.gather(*self.serving, return_exceptions=True)
         await self.server.wait_closed()
 
     def events_requests(self) -> list[str]:
         return [head for head in self.heads if "/events " in head.split("\r\n", 1)[0]]
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.serving.add(task)
+        try:
+            await self._proxy(client_reader, client_writer)
+        finally:
+            client_writer.close()
+            self.serving.discard(task)
+
+    async def _proxy(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         head = await client_reader.readuntil(b"\r\n\r\n")
         self.heads.append(head.decode())
         cut = None
@@ -85,7 +100,6 @@ class CuttingProxy:
         finally:
             upstream.cancel()
             upstream_writer.close()
-            client_writer.close()
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -22,10 +22,10 @@ from llmp.dataset.v1 import dataset_pb2_grpc
 from services.common import contracts
 from services.common.config import Settings
 from services.common.errors import Internal
+from services.common.queues import DATA_QUEUE, SCAN_TASK_NAME, make_producer
 from services.common.s3 import ObjectStore
 from services.dataset import pipeline, server, shards
 from services.dataset.options import DatasetOptions
-from services.training.dispatch import DATA_QUEUE, SCAN_TASK_NAME, make_producer
 from tests.integration.training import workers
 
 from .conftest import Client

@@ -163,7 +163,7 @@ def test_llmp_services_are_built_from_the_one_dockerfile_with_their_component(se
 
 
 def test_training_worker_consumes_the_gpu_eval_and_data_queues_of_the_worker_app():
-    from services.training.dispatch import DATA_QUEUE, EVAL_QUEUE, QUEUE
+    from services.common.queues import DATA_QUEUE, EVAL_QUEUE, QUEUE
 
     command = SERVICES["training-worker"]["command"]
     assert command[:4] == ["celery", "--app", topology.WORKER_APP, "worker"]

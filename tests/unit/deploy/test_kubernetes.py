@@ -18,7 +18,7 @@ from conftest import containers, render
 
 from services.common import topology
 from services.common.config import DEFAULTS, Settings
-from services.training.dispatch import WORKER_QUEUES
+from services.common.queues import WORKER_QUEUES
 
 ROOT = Path(__file__).resolve().parents[3]
 KUBERNETES_VERSION = "1.30"  # the oldest release the manifests target (native sidecars, gRPC probes)
