@@ -129,15 +129,15 @@ def spool_path(folder: Path, split: str) -> Path:
     return folder / f"{split}.docs.jsonl"
 
 
-def scan(handle: BinaryIO, options: DatasetOptions, folder: Path, threshold: float, report: ProgressFn,
-         base_offset: int = 0) -> Scanned:
+def scan(handle: BinaryIO, options: DatasetOptions, folder: Path, report: ProgressFn, base_offset: int = 0
+         ) -> Scanned:
     """Parse, normalise, filter and split-assign the documents of `handle`, writing each split's spool and the
     dedup scan's files (`folder/dedup`) into `folder`. Record numbers start at 0: a shard's are made global by
     `shards.merge`. `base_offset`: where `handle` starts in the corpus (progress, and a byte-order mark is
     dropped only at 0)."""
     counts = Scanned()
     spools = {name: _SplitSpool(spool_path(folder, name)) for name in SPLITS}
-    scanner = dedup.Scan(dedup.Work(folder / "dedup"), threshold)
+    scanner = dedup.Scan(dedup.Work(folder / "dedup"), options.near_dup_threshold)
     try:  # the spools are closed whatever happens (a build stopped mid-way raises from `report`)
         for document in ingest.parse(handle, options, at_start=base_offset == 0):
             counts.documents_in += 1
@@ -236,7 +236,7 @@ def _build(corpus: Path, options: DatasetOptions, work: Path, report: ProgressFn
     state = dedup.Work(work / "dedup")
     if fanout is None:
         with open(corpus, "rb") as handle:
-            scanned = scan(handle, options, work, options.near_dup_threshold, report)
+            scanned = scan(handle, options, work, report)
     else:
         scanned = fanout.scan(corpus, options, work, report)
     counts = CleaningCounts(documents_in=scanned.documents_in, too_short=scanned.too_short,

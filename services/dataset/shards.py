@@ -197,8 +197,7 @@ def _scan(store: ObjectStore, spec: dict[str, Any], folder: Path) -> dict:
     out = folder / "out"
     out.mkdir()
     with open(corpus, "rb") as handle:
-        scanned = pipeline.scan(handle, options, out, options.near_dup_threshold, lambda *_: None,
-                                base_offset=spec["start"])
+        scanned = pipeline.scan(handle, options, out, lambda *_: None, base_offset=spec["start"])
     corpus.unlink()
     # the spools apart: the range's pack task needs only them
     spools = [pipeline.spool_path(out, name).name for name in SPLITS]

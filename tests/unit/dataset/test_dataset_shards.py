@@ -52,13 +52,13 @@ def test_merged_range_scans_are_the_whole_corpus_scan(tmp_path, shard_bytes):
     whole = tmp_path / "whole"
     whole.mkdir()
     with open(corpus, "rb") as handle:
-        expected = pipeline.scan(handle, options, whole, options.near_dup_threshold, lambda *_: None)
+        expected = pipeline.scan(handle, options, whole, lambda *_: None)
 
     folders, counts = [], []
     for index, (start, end) in enumerate(shards.cut(corpus, options, shard_bytes)):
         folders.append(tmp_path / f"range-{index}")
         folders[-1].mkdir()
-        counts.append(pipeline.scan(io.BytesIO(CORPUS[start:end]), options, folders[-1], options.near_dup_threshold,
+        counts.append(pipeline.scan(io.BytesIO(CORPUS[start:end]), options, folders[-1],
                                     lambda *_: None, base_offset=start))
     assert len(folders) > 3
     merged = tmp_path / "merged"
