@@ -9,6 +9,7 @@ endpoint, and the shutdown order SIGTERM → NOT_SERVING → drain in-flight cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -144,6 +145,46 @@ async def _responses(result) -> AsyncIterator[Any]:
         yield item
 
 
+DRAIN_SECONDS = 60.0  # the most a refused upload's remaining requests are read for before the refusal is sent
+
+
+class _Requests:
+    """A client stream's requests that remembers whether the handler read them to their end."""
+
+    def __init__(self, requests) -> None:
+        self._requests = aiter(requests)
+        self.ended = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await anext(self._requests)
+        except StopAsyncIteration:
+            self.ended = True
+            raise
+
+
+async def _read_to_end_when_refused(handler, requests, context):
+    """Run a client-streaming handler; when it fails before reading its requests to their end, read (and drop)
+    the rest before the failure becomes the call's status. Answering while the client still writes makes
+    grpc.aio fail the client's pending write and report "Internal error from Core" in place of the status
+    the server sent (a 500 at the gateway for what was a 409 or a 422)."""
+    stream = _Requests(requests)
+    try:
+        return await handler(stream, context)
+    except grpc.aio.AbortError:  # the handler aborted itself: its status is already on the way
+        raise
+    except Exception:
+        if not stream.ended:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    async for _ in stream:
+                        pass
+        raise
+
+
 def _wrap(handler: grpc.RpcMethodHandler, scope: Callable[[grpc.aio.ServicerContext], Any]) -> grpc.RpcMethodHandler:
     """Run any kind of handler (unary or streaming either way) inside `scope(context)`, an async context
     manager entered before the handler starts and left after its last response."""
@@ -152,6 +193,8 @@ def _wrap(handler: grpc.RpcMethodHandler, scope: Callable[[grpc.aio.ServicerCont
 
         async def single_response(request, context):
             async with scope(context):
+                if handler.stream_unary:
+                    return await _read_to_end_when_refused(inner, request, context)
                 return await inner(request, context)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler

@@ -53,6 +53,9 @@ class Datasets(dataset_pb2_grpc.DatasetServiceServicer):
             raise errors.Conflict("ingest interrupted")
 
     async def CreateDataset(self, request_iterator, context):  # noqa: N802
+        first = await anext(aiter(request_iterator))
+        if first.options.name == "taken":  # refused on its first message, as a name conflict is
+            raise errors.Conflict("dataset taken exists with other options")
         chunks = [message.chunk async for message in request_iterator if message.WhichOneof("payload") == "chunk"]
         if sum(map(len, chunks)) > 8:
             raise errors.PayloadTooLarge("more than 8 bytes")
@@ -145,6 +148,27 @@ async def test_client_streaming_carries_the_caller_and_maps_errors(clients):
         assert response.version.name.startswith("acme/key-1/developer|")
         with pytest.raises(errors.PayloadTooLarge):
             await clients.dataset.CreateDataset(upload(b"12345", b"67890"))
+
+
+async def test_an_upload_refused_before_its_end_arrives_as_the_refusal(clients):
+    """A handler that refuses an upload on its first message ends the call while the client still writes.
+    grpc.aio then fails the client's pending write and reports "Internal error from Core" (INTERNAL, a 500 at
+    the gateway) instead of the status the server sent, in some of such calls; the server reads a refused
+    upload to its end first, so the caller always gets the refusal."""
+    async def upload():
+        yield pb.CreateDatasetRequest(options=pb.DatasetOptions(name="taken"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+            yield pb.CreateDatasetRequest(chunk=b"x" * 4096)
+
+    outcomes = []
+    with identity.acting_as(ACME):
+        for _ in range(100):
+            try:
+                await clients.dataset.CreateDataset(upload())
+            except errors.LlmpError as refused:
+                outcomes.append(type(refused).__name__)
+    assert outcomes == ["Conflict"] * 100, {name: outcomes.count(name) for name in set(outcomes)}
 
 
 
