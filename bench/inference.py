@@ -19,7 +19,8 @@ vocabulary since no hub is reachable), the smallest model the platform is meant 
 (bench/serving.py): tritonserver, the inference service and the gateway each their own process; this process
 is the HTTP client and, once the stack is stopped, the baselines (so each gets the whole machine). Needs
 PostgreSQL at LLMP_TEST_DATABASE_URL (default 127.0.0.1:5432). Run: `make bench-inference` (python -m
-bench.inference); `--requests`, `--staggered` and `--max-tokens` size it. BENCH lines last.
+bench.inference); `--requests`, `--staggered` and `--max-tokens` size it; `--only ttft --single N` runs only the
+single-request part, N prompts each way (no baselines, no BENCH line). BENCH lines last.
 """
 
 from __future__ import annotations
