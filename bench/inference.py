@@ -19,7 +19,8 @@ vocabulary since no hub is reachable), the smallest model the platform is meant 
 (bench/serving.py): tritonserver, the inference service and the gateway each their own process; this process
 is the HTTP client and, once the stack is stopped, the baselines (so each gets the whole machine). Needs
 PostgreSQL at LLMP_TEST_DATABASE_URL (default 127.0.0.1:5432). Run: `make bench-inference` (python -m
-bench.inference); `--requests`, `--staggered` and `--max-tokens` size it. BENCH lines last.
+bench.inference); `--requests`, `--staggered` and `--max-tokens` size it; `--only ttft --single N` runs only the
+single-request part, N prompts each way (no baselines, no BENCH line). BENCH lines last.
 """
 
 from __future__ import annotations
@@ -228,6 +229,18 @@ async def direct_single(engine: TritonEngine, served: ServedVersion, prompt: str
     return first, (total - first) / max(1, tokens - 1)
 
 
+def print_single(ttft_g: list[float], tpot_g: list[float], ttft_d: list[float], tpot_d: list[float],
+                 load: str = "") -> None:
+    ms = lambda values: statistics.median(values) * 1000  # noqa: E731
+    ratio = lambda a, b: statistics.median(a) / statistics.median(b)  # noqa: E731
+    if load:
+        print(load)
+    print(f"single request TTFT: gateway {ms(ttft_g):.2f} ms, Triton direct {ms(ttft_d):.2f} ms "
+          f"(ratio {ratio(ttft_g, ttft_d):.3f}, goal <= 1.10)")
+    print(f"single request time per output token: gateway {ms(tpot_g):.2f} ms, Triton direct {ms(tpot_d):.2f} ms "
+          f"(ratio {ratio(tpot_g, tpot_d):.3f})")
+
+
 async def main_async(args, work: Path) -> None:
     model, tokenizer = build_model(work, args.n_layer, args.n_head, args.n_embd, args.context)
     text = SHAKESPEARE.read_text()
@@ -249,6 +262,9 @@ async def main_async(args, work: Path) -> None:
             c, d = await direct_single(engine, served, prompt, args.max_tokens)
             ttft_g.append(a), tpot_g.append(b), ttft_d.append(c), tpot_d.append(d)
         await engine.close()
+        if args.only == "ttft":
+            print_single(ttft_g, tpot_g, ttft_d, tpot_d, harness.load())
+            return
         tokens, elapsed = await gateway_concurrent(http, url, measured, args.max_tokens, args.clients)
         s_tokens, s_elapsed, s_latencies = await gateway_staggered(http, url, schedule)
     batched_tokens, batched_elapsed = hf_batched(model, tokenizer, measured, args.max_tokens, args.clients)
@@ -258,7 +274,6 @@ async def main_async(args, work: Path) -> None:
     project, batched, seq = tokens / elapsed, batched_tokens / batched_elapsed, seq_tokens / seq_elapsed
     staggered, static = s_tokens / s_elapsed, static_tokens / static_elapsed
     ms = lambda values: statistics.median(values) * 1000  # noqa: E731
-    ratio = lambda a, b: statistics.median(a) / statistics.median(b)  # noqa: E731
     print(f"model: GPT-2 n_layer={args.n_layer} n_head={args.n_head} n_embd={args.n_embd} vocab={len(tokenizer)}; "
           f"cpus={os.cpu_count()}; {harness.load()}")
     print(f"gateway, {args.clients} concurrent clients, {len(measured)} requests x {args.max_tokens} tokens: "
@@ -276,10 +291,7 @@ async def main_async(args, work: Path) -> None:
     print(f"staggered, HF static batching (<= {args.clients} a batch): {static_tokens} tokens, last answer at "
           f"{static_elapsed:.2f}s = {static:.1f} tok/s; latency median {ms(static_latencies):.0f} ms, "
           f"max {max(static_latencies) * 1000:.0f} ms")
-    print(f"single request TTFT: gateway {ms(ttft_g):.2f} ms, Triton direct {ms(ttft_d):.2f} ms "
-          f"(ratio {ratio(ttft_g, ttft_d):.3f}, goal <= 1.10)")
-    print(f"single request time per output token: gateway {ms(tpot_g):.2f} ms, Triton direct {ms(tpot_d):.2f} ms "
-          f"(ratio {ratio(tpot_g, tpot_d):.3f})")
+    print_single(ttft_g, tpot_g, ttft_d, tpot_d)
     clients = f"project through the REST gateway, {args.clients} concurrent clients"
     harness.report("inference-batched", project, batched, "tok/s",
                    f"HF model.generate, prompts batched {args.clients} at a time in one process on all cores, same "
@@ -302,6 +314,8 @@ def main() -> None:
     parser.add_argument("--arrival-ms", type=float, default=150)  # their mean gap
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--single", type=int, default=20)  # single-request samples; medians need more than a few
+    parser.add_argument("--only", choices=["ttft"], help="run only the single-request TTFT/TPOT part (no BENCH "
+                        "lines, no baselines): `python -m bench.inference --only ttft --single 60`")
     parser.add_argument("--n-layer", type=int, default=12)  # GPT-2 small's shape
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)

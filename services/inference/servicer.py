@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -28,6 +29,13 @@ from services.inference.generation import (
 )
 from services.inference.sampling import SamplingParams
 from services.inference.triton_engine import TritonEngine
+
+# A lone stream's first text gets this long on its way out (to the gateway, to the client) before its second
+# step goes to Triton: once a step runs, ONNX Runtime's threads take every core, and the gateway or the client,
+# woken to forward or read the first token, waited for one (8-16 ms in 9 of 40 requests on a busy machine, up to
+# a whole step on a quiet one: bench/RESULTS.md, ninth session). The first token's way out takes ~2 ms; a
+# stream ends this much later (~0.1 ms per token at 32 tokens).
+FIRST_TEXT_HEADSTART_S = 0.003
 
 
 def sampling_params(message: inference_pb2.SamplingParameters) -> SamplingParams:
@@ -253,6 +261,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.GenerateResponse(completion=choices[0], choices=choices if n > 1 else [])
 
     async def GenerateStream(self, request, context):  # noqa: N802 (gRPC method names)
+        """The chunks as they come. Pulling the next chunk sends the next step (`generate`), so after the first
+        text of a stream that is alone on its model the pull waits FIRST_TEXT_HEADSTART_S: the text reaches the
+        gateway and the client before the step's ORT call takes the cores. With other sequences on the model
+        it does not wait: their steps run anyway, and waiting would only make this stream miss the next batch."""
+        headstart = request.request.n <= 1
         async with aclosing(self._chunks(request.request, context)) as chunks:
             async for index, chunk, (served, canary) in chunks:
                 message = inference_pb2.GenerateStreamResponse(
@@ -267,6 +280,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         completion_tokens=chunk.completion_tokens, model=served.model,
                         model_version=served.version, canary=canary, index=index))
                 yield message
+                if headstart and chunk.text and not chunk.finish_reason:
+                    headstart = False
+                    if self.engine.open_sequences(served.triton_name) <= 1:
+                        await asyncio.sleep(FIRST_TEXT_HEADSTART_S)
 
     async def PutDeployment(self, request, context):  # noqa: N802 (gRPC method names)
         caller = caller_from_context(context)

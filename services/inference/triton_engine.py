@@ -209,6 +209,11 @@ class TritonEngine:
             batcher = self.batchers[model] = StepBatcher(self, model)
         return batcher.submit(sequence_id, token_ids, start=start, end=end, logits=logits, timeout=timeout)
 
+    def open_sequences(self, model: str) -> int:
+        """How many sequences are started and not ended on `model` (in this service)."""
+        batcher = self.batchers.get(model)
+        return 0 if batcher is None else len(batcher.open_sequences)
+
     async def step(self, model: str, sequence_id: int, token_ids: list[int], *, start: bool = False,
                    end: bool = False, logits: bool = False, timeout: float | None = None) -> StepResult:
         """`submit`, then wait for the result."""

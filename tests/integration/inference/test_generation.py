@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -11,6 +12,7 @@ import torch
 import tritonclient.grpc.aio as triton_client
 
 from services.common.contracts import triton_model_name
+from services.inference import servicer
 from services.inference.triton_engine import TritonEngine
 
 pytestmark = pytest.mark.integration
@@ -212,3 +214,46 @@ def test_generated_text_decodes_as_the_tokenizer_wrapper_does(model_root):
         assert served.decode(ids[:80]) == tokenizer.decode(ids[:80], skip_special_tokens=True)
     finally:
         tokenizer.clean_up_tokenization_spaces = cleans
+
+
+async def test_a_lone_streams_first_text_goes_out_before_its_second_step(service, model_root, monkeypatch):
+    """A stream alone on its model waits FIRST_TEXT_HEADSTART_S after its first text before the next step goes
+    to Triton (whose ORT call would take the cores the text's way to the client needs); with another sequence
+    open on the model it does not wait. The head start is made long here so that no load mistakes one for the
+    other."""
+    monkeypatch.setattr(servicer, "FIRST_TEXT_HEADSTART_S", 0.5)
+    await service.deploy(stable=1)
+    engine = service.deployments.engine
+    name = triton_model_name("acme", "tiny", 1)
+    calls: list[tuple[float, float]] = []  # (sent, answered) of every Triton request
+    infer_rows = engine.infer_rows
+
+    async def recording(model, steps, *, timeout):
+        sent = time.perf_counter()
+        try:
+            return await infer_rows(model, steps, timeout=timeout)
+        finally:
+            calls.append((sent, time.perf_counter()))
+
+    async def stream() -> float:
+        """Streams 6 tokens; the longest wait between a Triton answer and the next request after the first
+        text arrived."""
+        calls.clear()
+        first = None
+        async for message in service.stream("ROMEO:", max_tokens=6):
+            if first is None and message.text:
+                first = time.perf_counter()
+        assert first is not None and len(calls) >= 3
+        return max(sent - answered for (_, answered), (sent, _) in zip(calls, calls[1:], strict=False)
+                   if answered < first)
+
+    engine.infer_rows = recording
+    try:
+        assert await stream() >= 0.5  # alone: the second step waited for the first text's head start
+        other = 99
+        await engine.step(name, other, model_root[1][1].tokenizer.encode("O", add_special_tokens=False),
+                          start=True, timeout=10)  # open, never stepping again: the stream is not alone
+        assert await stream() < 0.5
+        await engine.step(name, other, [], end=True, timeout=10)
+    finally:
+        del engine.infer_rows
