@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from celery import Celery
@@ -54,7 +54,9 @@ from services.common.s3 import ObjectStore
 from services.dataset import dedup, packing, pipeline
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions
-from services.dataset.versions import VersionRow
+
+if TYPE_CHECKING:  # the data worker runs this module: it has no database (versions.py reaches PostgreSQL)
+    from services.dataset.versions import VersionRow
 
 log = logging.getLogger(__name__)
 
