@@ -42,10 +42,11 @@ OWN_PACKAGES = ("services", "gateway", "cli", "llmp")
 HEALTHCHECK_MODULE = "services.common.healthcheck"  # every image's HEALTHCHECK runs it
 # What one image runs: the modules its processes start (`python -m`, the Celery app). The training image
 # is also the GPU worker's, which launches `python -m services.training.train` under torchrun (found in
-# the worker's code). Keys are the Dockerfile's COMPONENT values.
+# the worker's code); the dataset image also the CPU data worker's (its Celery app). Keys are the
+# Dockerfile's COMPONENT values.
 COMPONENT_ENTRIES = {
     "gateway": ("gateway.server",),
-    "dataset": ("services.dataset.server",),
+    "dataset": ("services.dataset.server", "services.dataset.worker"),
     "training": ("services.training.server", "services.training.worker"),
     "registry": ("services.registry.server",),
     "inference": ("services.inference.server",),

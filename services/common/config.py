@@ -138,6 +138,14 @@ VARIABLES: tuple[Variable, ...] = (
              "fan out (no worker consumes `data`)."),
     Variable("LLMP_DATASET_SHARD_BYTES", str(64 * 1024**2),
              "Bytes of corpus in one fanned-out task (cut on line boundaries): the unit a killed worker redoes."),
+    Variable("LLMP_DATASET_RANGES_IN_FLIGHT", "16",
+             "Ranges of one fanned-out build sent to the `data` queue and not finished yet, at most; the next is "
+             "sent as one finishes, so builds running at once (other tenants' included) alternate on the workers "
+             "instead of queueing behind all of one build's ranges. About the data workers' total processes: "
+             "fewer leaves workers idle while one build runs alone."),
+    Variable("LLMP_DATA_WORKER_CONCURRENCY", "0",
+             "Ranges one data worker (`celery -A services.dataset.worker`, the `data` queue only) runs at once, one "
+             "process each. 0: the CPUs the worker may use (its cgroup's CPU quota, else its CPU affinity)."),
     Variable("LLMP_TENANT_DATASET_BUILD_SLOTS", "1",
              "Of a dataset replica's build slots, the most one tenant's builds may hold at once, so another "
              "tenant's build never waits behind them (capped at LLMP_DATASET_BUILD_SLOTS)."),
@@ -274,6 +282,8 @@ class Settings:
     tenant_dataset_build_slots: int = 1
     dataset_fanout_bytes: int = 256 * 1024**2
     dataset_shard_bytes: int = 64 * 1024**2
+    data_worker_concurrency: int = 0  # 0: the CPUs the process may use (services/dataset/worker.py)
+    dataset_ranges_in_flight: int = 16  # services/dataset/shards.py IN_FLIGHT
     grpc_tls: GrpcTls | None = None  # LLMP_GRPC_TLS_*: mutual TLS on gRPC; None is plaintext
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
 
@@ -376,6 +386,9 @@ class Settings:
                                                      "LLMP_TENANT_DATASET_BUILD_SLOTS"),
             dataset_fanout_bytes=_count(values["LLMP_DATASET_FANOUT_BYTES"], "LLMP_DATASET_FANOUT_BYTES"),
             dataset_shard_bytes=_positive_int(values["LLMP_DATASET_SHARD_BYTES"], "LLMP_DATASET_SHARD_BYTES"),
+            dataset_ranges_in_flight=_positive_int(values["LLMP_DATASET_RANGES_IN_FLIGHT"],
+                                                   "LLMP_DATASET_RANGES_IN_FLIGHT"),
+            data_worker_concurrency=_count(values["LLMP_DATA_WORKER_CONCURRENCY"], "LLMP_DATA_WORKER_CONCURRENCY"),
             grpc_tls=GrpcTls.from_values(values),
             raw=values,
         )

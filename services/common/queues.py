@@ -27,7 +27,11 @@ EVAL_QUEUE = "eval"  # workers consume both (`--queues gpu,eval,...`); a fleet m
 DATA_QUEUE = "data"  # dataset builds' CPU stages, one byte range of a corpus per task (services/dataset/shards.py)
 SCAN_TASK_NAME = "llmp.dataset.scan_shard"
 PACK_TASK_NAME = "llmp.dataset.pack_shard"
-WORKER_QUEUES = ",".join((QUEUE, EVAL_QUEUE, DATA_QUEUE))  # what the launchers' workers consume (`-Q`)
+WORKER_QUEUES = ",".join((QUEUE, EVAL_QUEUE, DATA_QUEUE))  # the local launcher's one worker (`llmp up`): all of them
+# A fleet (docker-compose.yml, deploy/) splits them: GPU workers take training and evaluations only, and CPU data
+# workers (services/dataset/worker.py) the dataset ranges, so a range never holds a GPU node's only slot.
+GPU_WORKER_QUEUES = ",".join((QUEUE, EVAL_QUEUE))
+DATA_WORKER_QUEUES = DATA_QUEUE
 VISIBILITY_TIMEOUT = 24 * 3600  # Redis: seconds before an unacked message is delivered again
 WORKER_IMPORTS = ("services.dataset.tasks",)  # task modules the worker imports besides its own (the data queue's)
 

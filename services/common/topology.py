@@ -30,8 +30,10 @@ SERVICES_BY_NAME = {service.name: service for service in GRPC_SERVICES}
 
 GATEWAY_PORT = 8080
 GATEWAY_MODULE = "gateway.server"
-# The Celery app that runs training jobs on the `gpu` queue.
+# The Celery app that runs training jobs on the `gpu` queue (and evaluations; every queue in the local stack).
 WORKER_APP = "services.training.worker"
+# The Celery app of the CPU data workers: dataset builds' byte ranges on the `data` queue, nothing else.
+DATA_WORKER_APP = "services.dataset.worker"
 
 TRITON_HTTP_PORT = 8000
 TRITON_GRPC_PORT = 8001
@@ -55,6 +57,7 @@ PORTS: dict[str, tuple[int, ...]] = {
 # on drift); istio/authorization.yaml is generated from this table (scripts/gen_istio_policy.py).
 POSTGRES, MINIO, REDIS, TRITON = "postgres", "minio", "redis", "triton"
 TRAINING_WORKER = "training-worker"
+DATA_WORKER = "data-worker"
 CALLS: dict[str, frozenset[str]] = {
     "gateway": frozenset({DATASET.name, TRAINING.name, REGISTRY.name, INFERENCE.name, POSTGRES, MINIO}),
     # The broker: a large build's byte ranges go to the workers' `data` queue (services/dataset/shards.py).
@@ -64,6 +67,8 @@ CALLS: dict[str, frozenset[str]] = {
     TRAINING.name: frozenset({DATASET.name, REGISTRY.name, POSTGRES, REDIS}),
     # Nodes of one multi-node job: c10d rendezvous and NCCL/Gloo between the workers, on ports they pick.
     TRAINING_WORKER: frozenset({REGISTRY.name, POSTGRES, REDIS, MINIO, TRAINING_WORKER}),
+    # A range: its corpus bytes from S3, its results back there; its tasks from the broker. No database.
+    DATA_WORKER: frozenset({REDIS, MINIO}),
     REGISTRY.name: frozenset({TRAINING.name, POSTGRES, MINIO}),  # a gated alias reads evaluations
     INFERENCE.name: frozenset({REGISTRY.name, TRITON, POSTGRES, MINIO}),
     # Third-party: Triton reads its model repository. (MinIO creates its bucket itself, over loopback.)

@@ -16,6 +16,12 @@ CPU-heavy stage, run by whichever worker takes it (`tasks.py`):
    into the version's fixed-size shards (`ShardWriter.append`): each document is encoded on its own, so the
    concatenation is the stream the sequential packer writes.
 
+Fair share on the workers: the `data` queue is one FIFO for every build, so a build keeps at most
+`LLMP_DATASET_RANGES_IN_FLIGHT` of its ranges sent and unfinished, and sends the next as one finishes. The ranges
+of builds running at once then alternate on the queue: a small build's first range waits behind at most that many
+of a huge build's, not all of them. How many builds run at once, and of one tenant, is the build slots' bound
+(ingestion.py, turns.py), so one tenant holds at most its builds' windows of the queue.
+
 A result is an object `<prefix><stage>-NNNNN.json`, written last; the coordinator polls the prefix's listing
 (in its build thread, not the event loop). Tasks are acks_late and reject_on_worker_lost (dispatch.py): a
 worker killed mid-task gives its message back and another worker redoes that range only. A task's failure
@@ -41,12 +47,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from celery import Celery
 
-from services.common.config import Settings
+from services.common.config import DEFAULTS, Settings
 from services.common.contracts import DATASETS, SOURCES, SPLITS
 from services.common.errors import Internal, InvalidArgument, LlmpError, ValidationFailed
 from services.common.queues import DATA_QUEUE, PACK_TASK_NAME, SCAN_TASK_NAME, make_producer
@@ -54,13 +60,16 @@ from services.common.s3 import ObjectStore
 from services.dataset import dedup, packing, pipeline
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions
-from services.dataset.versions import VersionRow
+
+if TYPE_CHECKING:  # the data worker runs this module: it has no database (versions.py reaches PostgreSQL)
+    from services.dataset.versions import VersionRow
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 RANGE_SECONDS = 1800.0  # a range with no result this long after it was sent is sent again (64 MiB take minutes)
 RANGE_SENDS = 3  # sends of one range before the build fails
+IN_FLIGHT = int(DEFAULTS["LLMP_DATASET_RANGES_IN_FLIGHT"])  # a build's ranges queued or running at once, at most
 _BUILD_PREFIX = re.compile(r"(?P<version>\S+/)building-[0-9a-f]{12}/")  # what CeleryFanOut names
 STREAM_TOKENS = 1 << 62  # a worker's packed range is one stream: never cut
 _PASSED_ON = {"ValidationFailed": ValidationFailed, "InvalidArgument": InvalidArgument}  # a task's user errors
@@ -229,9 +238,9 @@ class CeleryFanOut:
     """pipeline.FanOut on the `data` queue for one build of the corpus stored at `source_key`."""
 
     def __init__(self, store: ObjectStore, producer: Celery, source_key: str, shard_bytes: int, under: str,
-                 range_seconds: float = RANGE_SECONDS) -> None:
+                 range_seconds: float = RANGE_SECONDS, in_flight: int = IN_FLIGHT) -> None:
         self.store, self.producer, self.source_key, self.shard_bytes = store, producer, source_key, shard_bytes
-        self.range_seconds = range_seconds
+        self.range_seconds, self.in_flight = range_seconds, in_flight
         # under the version's prefix: a replica taking an interrupted build over deletes it with the rest
         self.prefix = f"{under}building-{uuid.uuid4().hex[:12]}/"
         self.ranges: list[tuple[int, int]] = []
@@ -316,9 +325,12 @@ class CeleryFanOut:
         """Send one task per spec and wait for every result. A redelivered task (its worker killed) is simply
         waited for longer; a range with no result `range_seconds` after it was sent (its message lost with the
         broker, its worker's pod gone, its outcome unstorable) is sent again, and after `RANGE_SENDS` sends the
-        build fails naming it. Ranges are idempotent (fixed keys), so a late first copy does no harm."""
-        sent_at: dict[int, float] = {}
+        build fails naming it. Ranges are idempotent (fixed keys), so a late first copy does no harm. At most
+        `in_flight` ranges are out at once, sent in corpus order as earlier ones finish (the module docstring)."""
+        sent_at: dict[int, float] = {}  # the ranges sent so far
         sends = dict.fromkeys(range(len(specs)), 0)
+        unsent = list(range(len(specs)))[::-1]  # popped in corpus order
+        results: dict[int, dict] = {}
 
         def send(index: int) -> None:
             if sends[index] == RANGE_SENDS:
@@ -328,12 +340,14 @@ class CeleryFanOut:
             self._tasks.append(sent.id)
             sent_at[index], sends[index] = time.monotonic(), sends[index] + 1
 
-        for index in range(len(specs)):
-            send(index)
-        results: dict[int, dict] = {}
+        def top_up() -> None:  # at most `in_flight` ranges out: other builds' ranges queue between this one's
+            while unsent and len(sent_at) - len(results) < self.in_flight:
+                send(unsent.pop())
+
+        top_up()
         while len(results) < len(specs):
             listed = {stored.key for stored in self.store.list(f"{self.prefix}{stage}-")}
-            for index in range(len(specs)):
+            for index in sorted(sent_at):
                 if index in results:
                     continue
                 if time.monotonic() - sent_at[index] > self.range_seconds:
@@ -344,6 +358,7 @@ class CeleryFanOut:
                     raise _PASSED_ON.get(error["class"], Internal)(error["message"])
                 if _key(self.prefix, stage, index, ".json") in listed:
                     results[index] = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".json")))
+            top_up()
             done_bytes = sum(self.ranges[index][1] - self.ranges[index][0] for index in results)
             report(phase, done_bytes, sum(result.get("documents_in", 0) for result in results.values()))
             if len(results) < len(specs):
@@ -361,7 +376,8 @@ def factory(settings: Settings, store: ObjectStore) -> Callable[[VersionRow, int
     def fanout(row: VersionRow, corpus_bytes: int) -> CeleryFanOut | None:
         if corpus_bytes <= settings.dataset_fanout_bytes or not _data_consumed(producer):
             return None
-        return CeleryFanOut(store, producer, row.source_key, settings.dataset_shard_bytes, row.prefix)
+        return CeleryFanOut(store, producer, row.source_key, settings.dataset_shard_bytes, row.prefix,
+                            in_flight=settings.dataset_ranges_in_flight)
     return fanout
 
 

@@ -1,5 +1,7 @@
-"""The Celery worker that runs training and evaluation jobs, and dataset builds' shards:
-`celery -A services.training.worker worker -Q gpu,eval,data -c 1` (`queues.WORKER_QUEUES`).
+"""The Celery worker that runs training and evaluation jobs: `celery -A services.training.worker worker -Q gpu,eval
+-c 1` on a fleet's GPU nodes (`queues.GPU_WORKER_QUEUES`; the CPU data workers, services/dataset/worker.py, take
+the `data` queue there), and in the local stack also dataset builds' ranges (`-Q gpu,eval,data`,
+`queues.WORKER_QUEUES`).
 
 This module wires the pieces together for the launchers (docker-compose.yml, deploy/, `llmp stack`): the
 app (services/common/queues.py), the task `llmp.training.run_node`, which runs a node of a job to its end

@@ -19,10 +19,10 @@ import grpc
 import pytest
 from llmp.dataset.v1 import dataset_pb2_grpc
 
-from services.common import contracts
+from services.common import contracts, topology
 from services.common.config import Settings
 from services.common.errors import Internal
-from services.common.queues import DATA_QUEUE, SCAN_TASK_NAME, make_producer
+from services.common.queues import DATA_WORKER_QUEUES, SCAN_TASK_NAME, make_producer
 from services.common.s3 import ObjectStore
 from services.dataset import pipeline, server, shards
 from services.dataset.options import DatasetOptions
@@ -46,11 +46,13 @@ def worker_env(settings_env, own_broker_url, tmp_path) -> dict[str, str]:
 
 @pytest.fixture
 def start_workers(worker_env, tmp_path):
-    """start(n): n real worker processes on the `data` queue, stopped at the end."""
+    """start(n): n real data workers (production's app, services/dataset/worker.py) of one process on the `data`
+    queue, stopped at the end."""
     with ExitStack() as stack:
         def start(count: int) -> list[subprocess.Popen]:
             logs = [tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log" for _ in range(count)]
-            return [stack.enter_context(workers.celery_worker(worker_env, log, queues=DATA_QUEUE)) for log in logs]
+            return [stack.enter_context(workers.celery_worker(worker_env, log, queues=DATA_WORKER_QUEUES,
+                                                             app=topology.DATA_WORKER_APP)) for log in logs]
         yield start
 
 

@@ -1,5 +1,5 @@
-"""A real Celery worker for the tests: one process on the `gpu` and `eval` queues (or those given), ready before
-it is used."""
+"""A real Celery worker for the tests: one process on the `gpu` and `eval` queues (or those given) of the training
+worker's app (or the one given: the data worker's), ready before it is used."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cli import servers
+from services.common import topology
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 @contextmanager
-def celery_worker(env: dict[str, str], log_path: Path, queues: str = "gpu,eval") -> Iterator[subprocess.Popen]:
+def celery_worker(env: dict[str, str], log_path: Path, queues: str = "gpu,eval",
+                  app: str = topology.WORKER_APP) -> Iterator[subprocess.Popen]:
     """Start it with `env`, wait for "ready.", yield it (its log at `.log_path`), then stop it."""
-    command = [sys.executable, "-m", "celery", "-A", "services.training.worker", "worker", "-Q", queues, "-c", "1",
+    command = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "-c", "1",
                "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle",
                "--without-heartbeat", "-l", "info"]
     with open(log_path, "ab") as log_file:

@@ -26,6 +26,7 @@ SERVICE_NAMES = {service.name for service in topology.GRPC_SERVICES}
 SERVICE_CONSTANTS = {name: value.name for name, value in vars(topology).items()
                      if isinstance(value, topology.GrpcService)}
 ENTRY_MODULES = {"gateway": topology.GATEWAY_MODULE, topology.TRAINING_WORKER: topology.WORKER_APP,
+                 topology.DATA_WORKER: topology.DATA_WORKER_APP,
                  **{service.name: service.module for service in topology.GRPC_SERVICES}}
 
 

@@ -162,12 +162,13 @@ def test_llmp_services_are_built_from_the_one_dockerfile_with_their_component(se
     assert SERVICES[service]["image"] == f"llmp/{component}:0.1.0"
 
 
-def test_training_worker_consumes_the_gpu_eval_and_data_queues_of_the_worker_app():
-    from services.common.queues import DATA_QUEUE, EVAL_QUEUE, QUEUE
+def test_training_worker_consumes_the_gpu_and_eval_queues_of_the_worker_app():
+    from services.common.queues import GPU_WORKER_QUEUES
 
+    # dataset builds' ranges go to the CPU data worker (test_data_worker.py)
     command = SERVICES["training-worker"]["command"]
     assert command[:4] == ["celery", "--app", topology.WORKER_APP, "worker"]
-    assert command[command.index("--queues") + 1].split(",") == [QUEUE, EVAL_QUEUE, DATA_QUEUE]
+    assert command[command.index("--queues") + 1] == GPU_WORKER_QUEUES
 
 
 @pytest.mark.parametrize("service", GPU_SERVICES)

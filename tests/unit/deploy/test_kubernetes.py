@@ -18,7 +18,7 @@ from conftest import containers, render
 
 from services.common import topology
 from services.common.config import DEFAULTS, Settings
-from services.common.queues import WORKER_QUEUES
+from services.common.queues import GPU_WORKER_QUEUES
 
 ROOT = Path(__file__).resolve().parents[3]
 KUBERNETES_VERSION = "1.30"  # the oldest release the manifests target (native sidecars, gRPC probes)
@@ -221,8 +221,8 @@ def test_training_worker_and_triton_run_what_compose_runs(prod):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     worker = pod_spec(by_kind(prod, "StatefulSet")["training-worker"])["containers"][0]
     assert worker["args"][:4] == ["celery", "--app", topology.WORKER_APP, "worker"]
-    # training and evaluation jobs, dataset builds' ranges: the queues dispatch.py names
-    assert worker["args"][worker["args"].index("--queues") + 1] == WORKER_QUEUES
+    # training and evaluation jobs (dataset builds' ranges go to the data workers: test_data_worker.py)
+    assert worker["args"][worker["args"].index("--queues") + 1] == GPU_WORKER_QUEUES
     assert worker["image"].endswith("/llmp/training:0.1.0")
     triton = pod_spec(by_kind(prod, "Deployment")["triton"])["containers"][0]
     assert triton["image"].endswith("/" + compose["triton"]["image"])  # the overlay's registry, same image
