@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import signal
@@ -110,7 +111,7 @@ async def _call_scope(context: grpc.aio.ServicerContext, request_id: str,
         mapping = errors.mapping_for(error)
         code = mapping.grpc_code.name
         context.set_trailing_metadata(errors.to_grpc_metadata(error))
-        await context.abort(mapping.grpc_code, error.message)
+        await _abort(context, mapping.grpc_code, error.message)
     except asyncio.CancelledError:
         code = "CANCELLED"
         raise
@@ -124,11 +125,11 @@ async def _call_scope(context: grpc.aio.ServicerContext, request_id: str,
             code = mapping.grpc_code.name
             log.warning("rpc failed: %s", translated.message)
             context.set_trailing_metadata(errors.to_grpc_metadata(translated))
-            await context.abort(mapping.grpc_code, translated.message)
+            await _abort(context, mapping.grpc_code, translated.message)
         code = "INTERNAL"
         log.exception("unhandled error")
         context.set_trailing_metadata(errors.to_grpc_metadata(errors.Internal("internal error")))
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+        await _abort(context, grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
     finally:
         observe(code if code != "OK" else _code_of(context), started)
         identity.current.reset(caller_token)
@@ -149,7 +150,8 @@ DRAIN_SECONDS = 60.0  # the most a refused upload's remaining requests are read 
 
 
 class _Requests:
-    """A client stream's requests that remembers whether the handler read them to their end."""
+    """A client stream's requests that remembers whether they were read to their end. Only reads through this
+    object count: a handler of a client stream iterates it (none calls `context.read()`)."""
 
     def __init__(self, requests) -> None:
         self._requests = aiter(requests)
@@ -166,23 +168,21 @@ class _Requests:
             raise
 
 
-async def _read_to_end_when_refused(handler, requests, context):
-    """Run a client-streaming handler; when it fails before reading its requests to their end, read (and drop)
-    the rest before the failure becomes the call's status. Answering while the client still writes makes
-    grpc.aio fail the client's pending write and report "Internal error from Core" in place of the status
-    the server sent (a 500 at the gateway for what was a 409 or a 422)."""
-    stream = _Requests(requests)
-    try:
-        return await handler(stream, context)
-    except grpc.aio.AbortError:  # the handler aborted itself: its status is already on the way
-        raise
-    except Exception:
-        if not stream.ended:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(DRAIN_SECONDS):
-                    async for _ in stream:
-                        pass
-        raise
+# The client stream of the call being handled, set by the outermost `_wrap` (each wrapper runs in the call's task).
+_upload: contextvars.ContextVar[_Requests | None] = contextvars.ContextVar("llmp_upload", default=None)
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """`context.abort`, after reading (and dropping) what is left of a client stream. Answering while the client
+    still writes makes grpc.aio fail the client's pending write and report "Internal error from Core" in place
+    of the status sent (a 500 at the gateway for a 409, a 422 or a shutdown's ABORTED)."""
+    upload = _upload.get()
+    if upload is not None and not upload.ended:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(DRAIN_SECONDS):
+                async for _ in upload:
+                    pass
+    await context.abort(code, details)
 
 
 def _wrap(handler: grpc.RpcMethodHandler, scope: Callable[[grpc.aio.ServicerContext], Any]) -> grpc.RpcMethodHandler:
@@ -192,10 +192,16 @@ def _wrap(handler: grpc.RpcMethodHandler, scope: Callable[[grpc.aio.ServicerCont
         inner = handler.unary_unary or handler.stream_unary
 
         async def single_response(request, context):
-            async with scope(context):
-                if handler.stream_unary:
-                    return await _read_to_end_when_refused(inner, request, context)
-                return await inner(request, context)
+            token = None
+            if handler.stream_unary and _upload.get() is None:
+                request = _Requests(request)
+                token = _upload.set(request)
+            try:
+                async with scope(context):
+                    return await inner(request, context)
+            finally:
+                if token is not None:
+                    _upload.reset(token)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         return factory(single_response, handler.request_deserializer, handler.response_serializer)
@@ -271,7 +277,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
 async def _refuse(context: grpc.aio.ServicerContext) -> None:
     # ABORTED, which no domain error maps to: llmp's clients retry it on every method (the call never ran),
     # and turn it into 503 when every replica refused (errors.from_grpc).
-    await context.abort(grpc.StatusCode.ABORTED, "server shutting down: the call did not run; retry on another "
+    await _abort(context, grpc.StatusCode.ABORTED, "server shutting down: the call did not run; retry on another "
                         "instance")
 
 

@@ -41,8 +41,10 @@ async def build(settings: Settings, source: ModelSource | None = None) -> tuple[
     fleet_metrics = metrics.FleetMetrics(db)  # this process's figures into PostgreSQL, for the canary controller
     canary = CanaryController(db, deployments)  # its weights go through deployments.put, mesh included
     app = GrpcApp(settings, topology.INFERENCE)
+    # A lone stream's first token waits for a core only where Triton's models run on the CPUs.
+    headstart = settings.triton_instance_kind == "KIND_CPU"
     app.add_servicer(inference_pb2_grpc.add_InferenceServiceServicer_to_server,
-                     InferenceServicer(deployments, engine, canary), "llmp.inference.v1.InferenceService")
+                     InferenceServicer(deployments, engine, canary, headstart), "llmp.inference.v1.InferenceService")
     app.add_readiness_check("postgresql", db.check)
     app.add_readiness_check("triton", engine.check)
     app.on_shutdown(db.close)

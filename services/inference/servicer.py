@@ -34,7 +34,8 @@ from services.inference.triton_engine import TritonEngine
 # step goes to Triton: once a step runs, ONNX Runtime's threads take every core, and the gateway or the client,
 # woken to forward or read the first token, waited for one (8-16 ms in 9 of 40 requests on a busy machine, up to
 # a whole step on a quiet one: bench/RESULTS.md, ninth session). The first token's way out takes ~2 ms; a
-# stream ends this much later (~0.1 ms per token at 32 tokens).
+# stream ends this much later (~0.1 ms per token at 32 tokens). Only with Triton's models on the CPU
+# (LLMP_TRITON_INSTANCE_KIND=KIND_CPU, server.py): on GPUs a step leaves the cores free.
 FIRST_TEXT_HEADSTART_S = 0.003
 
 
@@ -154,10 +155,12 @@ def deployment_metrics_message(tenant: str, row: dict) -> inference_pb2.GetDeplo
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, deployments: Deployments, engine: TritonEngine, canary: CanaryController) -> None:
+    def __init__(self, deployments: Deployments, engine: TritonEngine, canary: CanaryController,
+                 first_text_headstart: bool = True) -> None:
         self.deployments = deployments
         self.engine = engine
         self.canary = canary
+        self.first_text_headstart = first_text_headstart  # False: none (Triton's models on GPUs)
 
     async def _rollout(self, tenant: str, name: str) -> dict | None:
         try:
@@ -265,7 +268,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         text of a stream that is alone on its model the pull waits FIRST_TEXT_HEADSTART_S: the text reaches the
         gateway and the client before the step's ORT call takes the cores. With other sequences on the model
         it does not wait: their steps run anyway, and waiting would only make this stream miss the next batch."""
-        headstart = request.request.n <= 1
+        headstart = request.request.n <= 1 and self.first_text_headstart
         async with aclosing(self._chunks(request.request, context)) as chunks:
             async for index, chunk, (served, canary) in chunks:
                 message = inference_pb2.GenerateStreamResponse(
