@@ -74,7 +74,7 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
 CMD ["python", "-m", "services.dataset.server"]
 
 # The coordinator by default; the GPU worker runs the same image with
-# `celery --app services.training.worker worker --queues gpu` (docker-compose.yml, deploy/).
+# `celery --app services.training.worker worker --queues gpu,eval` (docker-compose.yml, deploy/).
 FROM runtime AS training
 EXPOSE 50052 9152
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \

@@ -1,8 +1,10 @@
 """The workers' queues on Celery: the one app both sides configure (senders and the worker fleet), its queues,
 task names and delivery guarantees. Services meet here, not in each other's modules: the training service
 sends `gpu` and `eval` tasks (services/training/dispatch.py), the dataset service `data` tasks
-(services/dataset/shards.py), and the worker (`celery -A services.training.worker`) registers the training tasks
-itself and imports the dataset's (`WORKER_IMPORTS`, Celery's `imports`).
+(services/dataset/shards.py). In production the GPU workers (`celery -A services.training.worker`,
+`GPU_WORKER_QUEUES`) run the training tasks and the CPU data workers (`celery -A services.dataset.worker`,
+`DATA_WORKER_QUEUES`) the dataset's; the local launcher's one worker consumes every queue (`WORKER_QUEUES`) and
+imports the dataset's tasks too (`WORKER_IMPORTS`, Celery's `imports`).
 
 Reliability comes from three settings and a lease kept in PostgreSQL by whoever sent the work: late acks
 and reject-on-worker-lost give the message back to the broker if the worker process dies; prefetch 1 keeps
