@@ -68,14 +68,15 @@ def _set_concurrency(conf: Any, options: dict[str, Any], **_: Any) -> None:
 
 
 # What one pool process holds at its peak while it runs a range, grown from the worst case measured: the
-# shortest documents (one line each, ~45 bytes: 1.5 M documents in 64 MiB), whose per-document dedup state is
-# largest per byte. A 64 MiB range's scan peaked at 1,432 MiB RSS (123 MiB of it the imports) and wrote 2.58 GiB
-# of scratch files (MinHash signatures and their archive) under /tmp; its pack, 343 MiB and 183 MiB (so the scan
-# sizes both). Measured with a local-folder store in place of S3. Memory and scratch grow with the range,
-# never with the corpus. A worker's memory limit holds its main process and `concurrency` ranges at this peak,
+# shortest documents (one line each, ~45 bytes: 1.45 M documents in 63 MiB), whose per-document state is
+# largest per byte. Measured on `_scan` and `_pack` with a streaming local-folder store in place of S3 (the S3
+# client streams both ways too): the scan peaked at 155 MiB RSS (~110 MiB of it the imports) and wrote 2.58 GiB of
+# scratch files (MinHash signatures and their archive) under /tmp; the pack peaked at 204 MiB (the tokenizer and
+# its batches) with 183 MiB of scratch. An earlier figure of 1,432 MiB had a store that read whole archives into
+# memory. Memory and scratch grow with the range at most, never with the corpus. A worker's memory limit holds its main process and `concurrency` ranges at this peak,
 # its /tmp that many ranges' scratch (tests/unit/deploy checks the manifests and compose against it).
 RANGE_BASE_BYTES = 128 * 2**20  # a process with the dataset code imported, no range yet
-RANGE_BYTES_PER_CORPUS_BYTE = 22.0  # measured 20.5
+RANGE_BYTES_PER_CORPUS_BYTE = 2.0  # measured 1.2 (the pack: (204 - 128) MiB over 63 MiB)
 RANGE_SCRATCH_PER_CORPUS_BYTE = 44.0  # measured 41.3
 
 
