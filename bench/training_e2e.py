@@ -10,7 +10,8 @@ The configuration is nanoGPT's CPU Shakespeare run (character-level tinyshakespe
 - project: the stack `make demo` and the integration tests run, started here: SeaweedFS on free ports, a fresh
   PostgreSQL database, the dataset, registry and training services in this process, a Celery worker process
   (on the local launcher's queues, `queues.WORKER_QUEUES`, `-c 1`, ready before anything is timed) that runs
-  the job in its warm runtime (warm.py; under torchrun before it). Before each run of either side the worker's processes are idle (no CPU used). The dataset is
+  the job in its warm runtime (warm.py; under torchrun before it). Before each run of either side the worker's
+  processes are idle (no CPU used). The dataset is
   ingested through the dataset service before timing. Timed: SubmitJob until WatchJob reports SUCCEEDED (the
   model registered), the job's checkpoints and final model in S3.
 - baseline: `python -m bench.bare_training` (its docstring): interpreter start to exit of one process doing

@@ -74,7 +74,8 @@ def _set_concurrency(conf: Any, options: dict[str, Any], **_: Any) -> None:
 # scratch files (MinHash signatures and their archive) under /tmp; the pack peaked at 204 MiB (the tokenizer and
 # its batches) with 183 MiB of scratch. An earlier figure of 1,432 MiB had a store that read whole archives into
 # memory. Memory and scratch grow with the range at most, never with the corpus. A worker's memory limit holds
-# its main process and `concurrency` ranges at this peak, its /tmp that many ranges' scratch (tests/unit/deploy checks the manifests and compose against it).
+# its main process and `concurrency` ranges at this peak, its /tmp that many ranges' scratch (tests/unit/deploy
+# checks the manifests and compose against it).
 RANGE_BASE_BYTES = 128 * 2**20  # a process with the dataset code imported, no range yet
 RANGE_BYTES_PER_CORPUS_BYTE = 2.0  # measured 1.2 (the pack: (204 - 128) MiB over 63 MiB)
 RANGE_SCRATCH_PER_CORPUS_BYTE = 44.0  # measured 41.3
