@@ -233,8 +233,11 @@ def test_a_canary_is_added_and_its_weight_changed(browser, console_url, stack, d
 # -- llmp chat -------------------------------------------------------------------------------------------
 
 def llmp_chat(stack, *args: str) -> subprocess.Popen:
+    # Ctrl-C as at a terminal, whatever this run inherited: a job started in the background by a shell without
+    # job control has SIGINT ignored, and Python then never raises KeyboardInterrupt in the chat.
     return subprocess.Popen([sys.executable, "-m", "cli.main", "chat", DEPLOYMENT, *args], env=stack.env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_llmp_chat_keeps_the_conversation_and_ends_at_end_of_input(stack, deployment):
