@@ -23,13 +23,13 @@ of a huge build's, not all of them. How many builds run at once, and of one tena
 (ingestion.py, turns.py), so one tenant holds at most its builds' windows of the queue.
 
 A result is an object `<prefix><stage>-NNNNN.json`, written last; the coordinator polls the prefix's listing
-(in its build thread, not the event loop). Tasks are acks_late and reject_on_worker_lost (dispatch.py): a
-worker killed mid-task gives its message back and another worker redoes that range only. A task's failure
-is an `.error.json` object that fails the build with its message. The prefix holds `build.json` while the
-build runs; closing the fan-out (done, failed or cancelled) revokes its tasks and deletes the prefix, and
-a task finishing after that deletes what it wrote (it finds `build.json` gone), so nothing is left. The
-prefix lies under the version's: if the dataset service dies mid-build, the replica that takes the version
-over deletes it with the rest of what the interrupted build wrote.
+(in its build thread, not the event loop). Tasks are acks_late and reject_on_worker_lost
+(services/common/queues.py): a worker killed mid-task gives its message back and another worker redoes that
+range only. A task's failure is an `.error.json` object that fails the build with its message. The prefix holds
+`build.json` while the build runs; closing the fan-out (done, failed or cancelled) revokes its tasks and deletes
+the prefix, and a task finishing after that deletes what it wrote (it finds `build.json` gone), so nothing is
+left. The prefix lies under the version's: if the dataset service dies mid-build, the replica that takes the
+version over deletes it with the rest of what the interrupted build wrote.
 
 `LLMP_DATASET_FANOUT_BYTES` says which corpora fan out (`factory`); smaller ones build in-process.
 """

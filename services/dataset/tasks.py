@@ -1,6 +1,6 @@
-"""The dataset tasks of the `data` queue, registered on the workers' Celery app (dispatch.py): one byte range
-of a corpus through the scan or the pack stage (shards.py). Late acks and reject-on-worker-lost: a worker
-killed mid-range gives the message back to the broker and another worker redoes that range."""
+"""The dataset tasks of the `data` queue, registered on the workers' Celery app (services/common/queues.py): one
+byte range of a corpus through the scan or the pack stage (shards.py). Late acks and reject-on-worker-lost: a
+worker killed mid-range gives the message back to the broker and another worker redoes that range."""
 
 from __future__ import annotations
 
