@@ -25,15 +25,26 @@ lines:
 
 The peak RSS of every process taking part (coordinator, each worker's main and pool processes, HF's) is
 printed.
+
+`--done-when N` (`--skip-rss --fanout 0` implied) checks the issue's Done-when instead of timing: a corpus of N
+documents built through the fan-out twice, with the production range size (`LLMP_DATASET_SHARD_BYTES`, 64 MiB)
+unless `--shard-bytes` says otherwise: first by 2 data workers, one of whose pool processes is SIGKILLed in the
+middle of its first scan range (`--kill-after` seconds into it), then by 1 worker. It prints every process's
+peak RSS and each version's digest (SHA-256 over every output file's name and bytes, and the counts), and exits
+1 unless the two versions are identical, the killed range was delivered again (and only it), and every
+process stayed under 1 GiB.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,7 +168,9 @@ def fanout_child(corpus: Path, work: Path, tokenizer: str, vocab_size: int, shar
     elapsed = time.perf_counter() - started
     print(json.dumps({"seconds": elapsed, **timed, "ranges": len(fanout.ranges),
                       "documents_out": built.cleaning.documents_out,
-                      "tokens": sum(split.tokens for split in built.splits.values())}))
+                      "tokens": sum(split.tokens for split in built.splits.values()),
+                      "cleaning": vars(built.cleaning),
+                      "splits": {name: split.stats() for name, split in built.splits.items()}}))
 
 
 def hf_child(corpus: Path, tokenizer_folder: Path, cache: Path) -> None:
@@ -197,10 +210,123 @@ def _peak_rss_mib(pid: int) -> dict[str, float]:
     return peaks
 
 
+def _digest(work: Path, result: dict) -> str:
+    """SHA-256 over every file the build left in `work` (names and bytes, in name order) and its counts."""
+    digest = hashlib.sha256(json.dumps({key: result[key] for key in ("documents_out", "tokens", "cleaning",
+                                                                     "splits")}, sort_keys=True).encode())
+    for path in sorted(path for path in work.rglob("*") if path.is_file()):
+        digest.update(str(path.relative_to(work)).encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _scan_started(log: Path) -> int:
+    from services.common.queues import SCAN_TASK_NAME
+
+    return log.read_text(errors="replace").count(f"{SCAN_TASK_NAME}[")
+
+
+def done_when(documents: int, scratch: Path, tokenizer: str, vocab_size: int, shard_bytes: int,
+              kill_after: float) -> None:
+    """See the module docstring (`--done-when`)."""
+    from bench.training_e2e import claim_redis, release_redis
+    from cli import servers
+    from services.common import topology
+    from services.common.config import DEFAULTS
+    from tests.integration.training import workers
+
+    corpus = scratch / "done-when-corpus.txt"
+    started = time.perf_counter()
+    size = generate(corpus, documents, seed=1)
+    shard_bytes = shard_bytes or int(DEFAULTS["LLMP_DATASET_SHARD_BYTES"])
+    print(f"corpus: {documents} documents, {size / 1e6:.1f} MB, generated in {time.perf_counter() - started:.0f} s; "
+          f"ranges of {shard_bytes / 2**20:.0f} MiB", flush=True)
+    redis_db = claim_redis()
+    ports = servers.SeaweedPorts.free()
+    weed = servers.start_seaweedfs(scratch / "weed", ports, "llmp-bench", "llmp-bench-secret", scratch / "weed.log")
+    env = _fanout_env(scratch, ports, redis_db)
+    runs = {}
+    try:
+        for count in (2, 1):
+            work = scratch / f"done-when-{count}"
+            work.mkdir()
+            logs = [scratch / f"done-when-worker-{count}-{n}.log" for n in range(count)]
+            killed: dict[str, float] = {}
+            with contextlib.ExitStack() as stack:
+                started_workers = [stack.enter_context(workers.celery_worker(env, log, queues="data",
+                                                                             app=topology.DATA_WORKER_APP))
+                                   for log in logs]
+                command = [sys.executable, "-m", "bench.dataset_scale", "--fanout-child", str(corpus), str(work),
+                           "--tokenizer", tokenizer, "--vocab-size", str(vocab_size), "--shard-bytes", str(shard_bytes)]
+                coordinator = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, env=env)
+                if count == 2:  # kill worker 0's pool process `kill_after` s into its first scan range
+                    while not _scan_started(logs[0]) and coordinator.poll() is None:
+                        time.sleep(0.5)
+                    time.sleep(kill_after)
+                    [pool] = subprocess.run(["pgrep", "-P", str(started_workers[0].pid)], capture_output=True,
+                                            text=True).stdout.split()
+                    killed = _peak_rss_mib(started_workers[0].pid)
+                    os.kill(int(pool), signal.SIGKILL)
+                    print(f"SIGKILLed worker 0's pool process {pool} mid-range (its peak RSS so far: "
+                          f"{killed['pool 0']:.0f} MiB)", flush=True)
+                output = coordinator.stdout.read()
+                _, status, usage = os.wait4(coordinator.pid, 0)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise SystemExit(f"the build with {count} worker(s) failed ({os.waitstatus_to_exitcode(status)})")
+                result = json.loads(output.decode().strip().splitlines()[-1])
+                rss = {"coordinator": usage.ru_maxrss / 1024}
+                for n, worker in enumerate(started_workers):
+                    rss |= {f"worker {n} {label}": peak for label, peak in _peak_rss_mib(worker.pid).items()}
+                if killed:
+                    rss["worker 0 killed pool"] = killed["pool 0"]
+            texts = [log.read_text(errors="replace") for log in logs]
+            result |= {"rss": rss, "digest": _digest(work, result),
+                       "received": sum(text.count(" received") for text in texts),
+                       "succeeded": sum(text.count(" succeeded ") for text in texts),
+                       "signal 9": sum(text.count("signal 9") for text in texts)}
+            runs[count] = result
+            shutil.rmtree(work)
+            print(f"{count} worker(s): {result['seconds']:.0f} s, {result['ranges']} ranges, tasks received "
+                  f"{result['received']} / succeeded {result['succeeded']}, kept {result['documents_out']} documents, "
+                  f"{result['tokens']} tokens; digest {result['digest'][:16]}; peak RSS MiB "
+                  + ", ".join(f"{name} {peak:.0f}" for name, peak in rss.items()), flush=True)
+    finally:
+        servers.stop(weed)
+        release_redis(redis_db)
+    two, one = runs[2], runs[1]
+    failures = []
+    if two["digest"] != one["digest"]:
+        failures.append("the versions built by 2 workers and by 1 differ")
+    if not (two["signal 9"] and two["received"] == 2 * two["ranges"] + 1 and two["succeeded"] == 2 * two["ranges"]):
+        failures.append("the killed range was not redelivered once and only it")
+    heavy = [f"{count} worker(s) {name} {peak:.0f} MiB" for count, run in runs.items()
+             for name, peak in run["rss"].items() if peak >= 1024]
+    if heavy:
+        failures.append("over 1 GiB: " + ", ".join(heavy))
+    print("done-when: " + ("; ".join(failures) if failures else
+                           f"identical versions ({one['digest'][:16]}) with 2 workers (one killed mid-range) and "
+                           f"with 1; every process under 1 GiB"), flush=True)
+    if failures:
+        raise SystemExit(1)
+
+
+def _fanout_env(scratch: Path, ports, redis_db: int) -> dict[str, str]:
+    """The coordinator's and the workers' environment: the SeaweedFS and Redis database started here."""
+    path = [str(ROOT), str(ROOT / "gen"), os.environ.get("PYTHONPATH", "")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMP_")}
+    return env | {"PYTHONPATH": os.pathsep.join(path), "LLMP_S3_ENDPOINT": f"127.0.0.1:{ports.s3}",
+                  "LLMP_S3_ACCESS_KEY": "llmp-bench", "LLMP_S3_SECRET_KEY": "llmp-bench-secret",
+                  "LLMP_S3_BUCKET": "llmp-bench", "LLMP_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
+                  "LLMP_STATE_DIR": str(scratch / "state"), "LLMP_LOG_FORMAT": "text"}
+
+
 def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size: int, shard_bytes: int,
                       rounds: int) -> None:
     from bench.training_e2e import claim_redis, release_redis
     from cli import servers
+    from services.common import topology
     from tests.integration.training import workers
 
     corpus = scratch / "fanout-corpus.txt"
@@ -209,12 +335,7 @@ def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size:
     redis_db = claim_redis()
     ports = servers.SeaweedPorts.free()
     weed = servers.start_seaweedfs(scratch / "weed", ports, "llmp-bench", "llmp-bench-secret", scratch / "weed.log")
-    path = [str(ROOT), str(ROOT / "gen"), os.environ.get("PYTHONPATH", "")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMP_")}
-    env |= {"PYTHONPATH": os.pathsep.join(path), "LLMP_S3_ENDPOINT": f"127.0.0.1:{ports.s3}",
-            "LLMP_S3_ACCESS_KEY": "llmp-bench", "LLMP_S3_SECRET_KEY": "llmp-bench-secret",
-            "LLMP_S3_BUCKET": "llmp-bench", "LLMP_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
-            "LLMP_STATE_DIR": str(scratch / "state"), "LLMP_LOG_FORMAT": "text"}
+    env = _fanout_env(scratch, ports, redis_db)
     runs: dict[int, list[dict]] = {1: [], 2: []}
     try:
         for round_number, count in ((r, c) for r in range(rounds) for c in ((1, 2) if r % 2 == 0 else (2, 1))):
@@ -222,7 +343,8 @@ def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size:
             work.mkdir()
             with contextlib.ExitStack() as stack:
                 started = [stack.enter_context(workers.celery_worker(env, scratch / f"worker-{count}-{n}.log",
-                                                                     queues="data")) for n in range(count)]
+                                                                     queues="data", app=topology.DATA_WORKER_APP))
+                           for n in range(count)]
                 result, rss = _run_child([sys.executable, "-m", "bench.dataset_scale", "--fanout-child",
                                              str(corpus), str(work), "--tokenizer", tokenizer, "--vocab-size",
                                              str(vocab_size), "--shard-bytes", str(shard_bytes)], env)
@@ -271,6 +393,10 @@ def main() -> None:
     parser.add_argument("--shard-bytes", type=int, default=0, help="bytes per range (default: a quarter)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the fan-out comparison (sides alternate)")
     parser.add_argument("--skip-rss", action="store_true", help="only the fan-out comparison")
+    parser.add_argument("--done-when", type=int, default=0, metavar="N",
+                        help="build N documents with 2 workers (one killed) and 1; compare (see above)")
+    parser.add_argument("--kill-after", type=float, default=20.0,
+                        help="--done-when: seconds into its first scan range the worker is killed")
     parser.add_argument("--child", nargs=2, type=Path, metavar=("CORPUS", "WORK"), help=argparse.SUPPRESS)
     parser.add_argument("--fanout-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--hf-child", nargs=3, type=Path, help=argparse.SUPPRESS)
@@ -286,6 +412,11 @@ def main() -> None:
         return
 
     print(harness.load())
+    if options.done_when:
+        with tempfile.TemporaryDirectory(dir=options.scratch) as scratch:
+            done_when(options.done_when, Path(scratch), options.tokenizer, options.vocab_size, options.shard_bytes,
+                      options.kill_after)
+        return
     if not options.skip_rss:
         scale(options)
     if options.fanout:

@@ -6,9 +6,9 @@ CPU-heavy stage, run by whichever worker takes it (`tasks.py`):
 
 1. scan (`scan_shard`): the worker GETs its range and runs `pipeline.scan` on it: its split spools and dedup
    partition rows, record numbers from 0, uploaded under the build's prefix. The coordinator (the dataset
-   service) downloads them in range order and `merge`s them: record numbers shifted by the prefix sums of
-   the ranges' record counts, partition files and spools appended in range order, which gives exactly the
-   files the sequential scan writes (it appends rows in record order too).
+   service) downloads them one range at a time, in range order, and `merge`s them: record numbers shifted by
+   the prefix sums of the ranges' record counts, partition files and spools appended in range order, which
+   gives exactly the files the sequential scan writes (it appends rows in record order too).
 2. dedup (`dedup.run`) and the tokenizer stay in the coordinator, as in-process.
 3. pack (`pack_shard`): the coordinator uploads the tokenizer (`tokenizer.to_json`) and each range's slice
    of the status file; the worker packs the range's kept documents of each split into one token stream
@@ -44,7 +44,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,8 +97,10 @@ def cut(corpus: Path, options: DatasetOptions, shard_bytes: int) -> list[tuple[i
     return ranges
 
 
-def merge(folders: list[Path], scanned: list[pipeline.Scanned], work: Path) -> pipeline.Scanned:
-    """The ranges' scans (in corpus order) as one scan of the whole corpus in `work` (see the module docstring)."""
+def merge(parts: Iterable[tuple[Path, pipeline.Scanned]], work: Path) -> pipeline.Scanned:
+    """The ranges' scans (folder and counts, in corpus order) as one scan of the whole corpus in `work` (see the
+    module docstring). Each range's folder is deleted once appended: `parts` may fetch the next one only when
+    asked (CeleryFanOut.scan does), so the coordinator's disk holds the merged scan and one range, not all twice."""
     total = pipeline.Scanned()
     state = dedup.Work(work / "dedup")
     kinds = (("exact", dedup.KEY_ROW), ("leak", dedup.KEY_ROW), ("bands", dedup.BAND_ROW))
@@ -107,7 +109,7 @@ def merge(folders: list[Path], scanned: list[pipeline.Scanned], work: Path) -> p
     spools = {name: open(pipeline.spool_path(work, name), "w", encoding="utf-8") for name in SPLITS}
     try:
         with open(state.signatures, "wb") as signatures, open(state.splits, "wb") as splits:
-            for folder, counts in zip(folders, scanned, strict=True):
+            for folder, counts in parts:
                 part = dedup.Work(folder / "dedup")
                 offset = np.uint64(total.records)
                 for source, target in ((part.signatures, signatures), (part.splits, splits)):
@@ -129,6 +131,7 @@ def merge(folders: list[Path], scanned: list[pipeline.Scanned], work: Path) -> p
                 total.too_long += counts.too_long
                 total.records += counts.records
                 total.bytes_done = max(total.bytes_done, counts.bytes_done)
+                shutil.rmtree(folder)
     finally:
         for spool in spools.values():
             spool.close()
@@ -174,6 +177,7 @@ def run_task(store: ObjectStore, stage: str, spec: dict[str, Any]) -> None:
         if not store.exists(prefix + "build.json"):
             return  # the build is over (done, failed or cancelled): nothing to do
         try:
+            store.put_bytes(_key(prefix, stage, index, ".started"), b"")  # the coordinator's re-send timer starts
             with tempfile.TemporaryDirectory(prefix=f"llmp-{stage}-") as folder:
                 result = (_scan if stage == "scan" else _pack)(store, spec, Path(folder))
             store.put_bytes(_key(prefix, stage, index, ".json"), json.dumps(result).encode())
@@ -255,13 +259,15 @@ class CeleryFanOut:
                   "options": options.as_dict()} for index, (start, end) in enumerate(self.ranges)]
         results = self._run("scan", SCAN_TASK_NAME, specs, report, "clean")
         scanned = [pipeline.Scanned(**result) for result in results]
-        folders = []
-        for index in range(len(self.ranges)):
-            folders.append(work / "ranges" / f"{index:05d}")
-            for part in (".spools.tar", ".dedup.tar"):
-                _get_tar(self.store, _key(self.prefix, "scan", index, part), folders[-1])
+
+        def fetched() -> Iterator[tuple[Path, pipeline.Scanned]]:  # one range on disk at a time
+            for index, counts in enumerate(scanned):
+                folder = work / "ranges" / f"{index:05d}"
+                for part in (".spools.tar", ".dedup.tar"):
+                    _get_tar(self.store, _key(self.prefix, "scan", index, part), folder)
+                yield folder, counts
         try:
-            merged = merge(folders, scanned, work)
+            merged = merge(fetched(), work)
         finally:
             shutil.rmtree(work / "ranges", ignore_errors=True)
         self.records = [counts.records for counts in scanned]
@@ -323,11 +329,16 @@ class CeleryFanOut:
 
     def _run(self, stage: str, task: str, specs: list[dict], report: pipeline.ProgressFn, phase: str) -> list[dict]:
         """Send one task per spec and wait for every result. A redelivered task (its worker killed) is simply
-        waited for longer; a range with no result `range_seconds` after it was sent (its message lost with the
-        broker, its worker's pod gone, its outcome unstorable) is sent again, and after `RANGE_SENDS` sends the
-        build fails naming it. Ranges are idempotent (fixed keys), so a late first copy does no harm. At most
-        `in_flight` ranges are out at once, sent in corpus order as earlier ones finish (the module docstring)."""
+        waited for longer; a range with no result `range_seconds` after it started (its worker's pod gone, its
+        outcome unstorable), or that never starts while `range_seconds` pass without any of this build's ranges
+        starting or finishing (its message lost with the broker), is sent again, and after `RANGE_SENDS` sends
+        the build fails naming it. Time a range spends queued behind others (other builds' ranges, a busy pool)
+        therefore does not count against it. Ranges are idempotent (fixed keys), so a late first copy does no
+        harm. At most `in_flight` ranges are out at once, sent in corpus order as earlier ones finish (the
+        module docstring)."""
         sent_at: dict[int, float] = {}  # the ranges sent so far
+        started_at: dict[int, float] = {}  # when their `.started` marker was first seen (a task began them)
+        moved_at = time.monotonic()  # when one of this build's ranges last started or finished
         sends = dict.fromkeys(range(len(specs)), 0)
         unsent = list(range(len(specs)))[::-1]  # popped in corpus order
         results: dict[int, dict] = {}
@@ -347,17 +358,23 @@ class CeleryFanOut:
         top_up()
         while len(results) < len(specs):
             listed = {stored.key for stored in self.store.list(f"{self.prefix}{stage}-")}
+            now = time.monotonic()
             for index in sorted(sent_at):
                 if index in results:
                     continue
-                if time.monotonic() - sent_at[index] > self.range_seconds:
+                if index not in started_at and _key(self.prefix, stage, index, ".started") in listed:
+                    started_at[index] = moved_at = now
+                waited = now - (started_at[index] if index in started_at else max(sent_at[index], moved_at))
+                if waited > self.range_seconds:
                     log.warning("dataset range without a result: sent again", extra={"stage": stage, "shard": index})
                     send(index)
+                    started_at.pop(index, None)  # the new copy's start (its marker is already there) restarts it
                 if _key(self.prefix, stage, index, ".error.json") in listed:
                     error = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".error.json")))
                     raise _PASSED_ON.get(error["class"], Internal)(error["message"])
                 if _key(self.prefix, stage, index, ".json") in listed:
                     results[index] = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".json")))
+                    moved_at = now
             top_up()
             done_bytes = sum(self.ranges[index][1] - self.ranges[index][0] for index in results)
             report(phase, done_bytes, sum(result.get("documents_in", 0) for result in results.values()))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.errors import Internal
 from services.dataset import ingest, pipeline, shards
 from services.dataset.options import DatasetOptions
 
@@ -67,8 +68,29 @@ def test_merged_range_scans_are_the_whole_corpus_scan(tmp_path, shard_bytes):
     assert len(folders) > 3
     merged = tmp_path / "merged"
     merged.mkdir()
-    assert shards.merge(folders, counts, merged) == expected
+    assert shards.merge(zip(folders, counts, strict=True), merged) == expected
     assert files(merged) == files(whole) and expected.records > 100
+    assert not any(folder.exists() for folder in folders)  # each range's files gone once appended
+
+
+def test_merge_holds_one_range_on_disk_at_a_time(tmp_path):
+    """The coordinator fetches a range only when merge asks for the next: the previous one is gone by then."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(CORPUS)
+    options = DatasetOptions("d").validated()
+    ranges = shards.cut(corpus, options, 2_000)
+    on_disk = []
+
+    def fetched():
+        for index, (start, end) in enumerate(ranges):
+            on_disk.append(sum(1 for path in tmp_path.glob("range-*") if path.exists()))
+            folder = tmp_path / f"range-{index}"
+            folder.mkdir()
+            yield folder, pipeline.scan(io.BytesIO(CORPUS[start:end]), options, folder, lambda *_: None,
+                                        base_offset=start)
+    (tmp_path / "merged").mkdir()
+    shards.merge(fetched(), tmp_path / "merged")
+    assert len(on_disk) == len(ranges) > 3 and on_disk == [0] * len(ranges)
 
 
 # -- fair share on the `data` queue ----------------------------------------------------------------------------
@@ -77,7 +99,8 @@ class FifoQueue:
     """The broker's `data` queue and one worker process taking its messages in order: each message is a range,
     whose result the worker stores where CeleryFanOut looks for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, range_seconds: float = 0.005, hang: frozenset[int] = frozenset()) -> None:
+        self.range_seconds, self.hang = range_seconds, hang  # each range's work; ranges started and never finished
         self.messages: list[dict] = []
         self.objects: dict[str, bytes] = {}
         self.finished: list[tuple[str, int]] = []  # (build, range) in the order the worker finished them
@@ -109,7 +132,11 @@ class FifoQueue:
             if spec is None:
                 time.sleep(0.002)
                 continue
-            time.sleep(0.005)  # the range's work
+            with self.lock:  # what run_task stores as it starts a range
+                self.objects[shards._key(spec["prefix"], "scan", spec["index"], ".started")] = b""
+            if spec["index"] in self.hang:
+                continue  # a worker stuck in it: no result ever
+            time.sleep(self.range_seconds)  # the range's work
             with self.lock:
                 self.objects[shards._key(spec["prefix"], "scan", spec["index"], ".json")] = b'{"documents_in": 1}'
                 self.finished.append((spec["prefix"], spec["index"]))
@@ -197,3 +224,48 @@ def test_the_window_is_a_setting_the_factory_passes(monkeypatch):
     assert fanout.in_flight == 5
     default = Settings.from_env({}).dataset_ranges_in_flight
     assert shards.CeleryFanOut(object(), object(), "s", 1, "p/").in_flight == default
+
+
+# -- re-sending a range without a result -------------------------------------------------------------------------
+
+def run_one_build(monkeypatch, queue: FifoQueue, ranges: int, range_seconds: float) -> tuple[object, dict]:
+    """One build of `ranges` ranges on `queue`'s single worker with a re-send wait of `range_seconds`: its
+    `_run`'s outcome (the results, or the exception raised) and how often each range was sent."""
+    monkeypatch.setattr(shards, "POLL_SECONDS", 0.005)
+    fanout = shards.CeleryFanOut(queue, queue, "sources/x", 1, "datasets/t/1/", range_seconds=range_seconds)
+    fanout.ranges = [(index, index + 1) for index in range(ranges)]
+    specs = [{"prefix": fanout.prefix, "index": index} for index in range(ranges)]
+    sent = {index: 0 for index in range(ranges)}
+    send_task = queue.send_task
+
+    def counted(name, args, queue, routing_key):
+        sent[args[0]["index"]] += 1
+        return send_task(name, args, queue, routing_key)
+    queue.send_task = counted
+    stop = threading.Event()
+    worker = threading.Thread(target=queue.work, args=(stop,))
+    worker.start()
+    try:
+        outcome = fanout._run("scan", shards.SCAN_TASK_NAME, specs, lambda *_: None, "clean")
+    except Internal as error:
+        outcome = error
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    return outcome, sent
+
+
+def test_a_range_queued_behind_others_is_not_sent_again_while_the_queue_moves(monkeypatch):
+    """Eight ranges of 0.1 s on one worker: the last waits 0.7 s queued, over the 0.3 s re-send wait. The wait
+    counts from a range's start (its `.started` marker), or while none of the build's ranges moves."""
+    outcome, sent = run_one_build(monkeypatch, FifoQueue(range_seconds=0.1), ranges=8, range_seconds=0.3)
+    assert len(outcome) == 8
+    assert sent == {index: 1 for index in range(8)}
+
+
+def test_a_started_range_without_a_result_is_sent_again_then_fails_the_build(monkeypatch):
+    """A worker stuck in range 1 (started, never finished): sent again after the wait, until the build fails."""
+    outcome, sent = run_one_build(monkeypatch, FifoQueue(range_seconds=0.01, hang=frozenset({1})), ranges=3,
+                                  range_seconds=0.3)
+    assert isinstance(outcome, Internal) and "range 1 of the scan got no result" in str(outcome)
+    assert sent[1] == shards.RANGE_SENDS and sent[0] == sent[2] == 1
