@@ -116,6 +116,8 @@ def test_the_data_worker_asks_for_no_gpu_and_its_memory_holds_its_ranges(overlay
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     scratch = volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]  # tempfile's folder: where a range's files go
     assert quantity(scratch) >= data_worker.worker_scratch_bytes(processes, settings.dataset_shard_bytes), name
+    # an emptyDir is the node's disk: the scheduler places the pod where that much is free only if it is asked
+    assert quantity(resources["requests"].get("ephemeral-storage", 0)) >= quantity(scratch), name
     budgets = [b for b in by_kind(objects, "PodDisruptionBudget").values()
                if b["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": topology.DATA_WORKER}]
     assert len(budgets) == 1

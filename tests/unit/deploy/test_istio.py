@@ -18,8 +18,10 @@ import sys
 import jsonschema
 import mesh
 import pytest
+import yaml
 from conftest import ROOT, render
 from json_patch import apply_patch
+from test_kubernetes import llmp_containers
 
 from services.common import topology
 from services.common.grpc_client import DEPLOYMENT_KEY
@@ -542,3 +544,29 @@ def test_outlier_ejection_leaves_a_canary_pod(overlay):
             detection = {**rule["spec"]["trafficPolicy"].get("outlierDetection", {}),
                          **subset.get("trafficPolicy", {}).get("outlierDetection", {})}
             assert _ejectable(detection, pods) < pods, f"{rule['metadata']['name']}/canary: all {pods} ejectable"
+
+
+def _drain_seconds(pod_metadata: dict) -> float:
+    """The sidecar's drain after SIGTERM: the pod's proxy.istio.io/config, else Istio's default of 5 s."""
+    config = yaml.safe_load(pod_metadata.get("annotations", {}).get("proxy.istio.io/config", "{}")) or {}
+    duration = config.get("terminationDrainDuration", "5s")
+    assert re.fullmatch(r"\d+s", duration), f"a drain Istio would not parse as this test does: {duration}"
+    return float(duration[:-1])
+
+
+def test_every_llmp_sidecar_outlives_its_pods_shutdown(overlay):
+    """A sidecar stops proxying when its drain ends, whatever the app is still doing: an llmp pod's app may use
+    its whole termination grace (calls drained, builds released, a job's last checkpoint) and needs the mesh
+    until then, so its sidecar drains at least that long."""
+    _, objects = overlay
+    injected = {obj["metadata"]["name"] for obj in of_kind(objects, "Namespace")
+                if obj["metadata"].get("labels", {}).get("istio-injection") == "enabled"}
+    pods = {obj["metadata"]["name"]: obj for obj, _ in llmp_containers(objects)
+            if obj["metadata"].get("namespace", NAMESPACE) in injected}
+    if not injected:
+        pytest.skip("no namespace of this overlay has sidecars injected")
+    assert {"gateway", "training-worker", "data-worker"} <= set(pods)
+    for name, obj in pods.items():
+        template = obj["spec"]["template"]
+        grace = template["spec"].get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+        assert _drain_seconds(template["metadata"]) >= grace, f"{name}: sidecar drain shorter than its {grace} s"
