@@ -11,13 +11,12 @@ worker (`llmp up`, services/training/worker.py) keeps consuming every queue, thi
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from celery import signals
 
-from services.common import logs
+from services.common import cpus, logs
 from services.common.config import Settings
 from services.common.queues import app
 from services.dataset import tasks
@@ -25,31 +24,12 @@ from services.dataset import tasks
 __all__ = ["app", "available_cpus", "concurrency", "range_peak_bytes", "tasks", "worker_memory_bytes",
            "worker_scratch_bytes"]
 
-CGROUP = Path("/sys/fs/cgroup")
+def available_cpus(cgroup: Path | None = None) -> int:
+    """The CPUs this process may use (services/common/cpus.py), a fractional quota rounded up: processes share it."""
+    return cpus.usable_cpus(math.ceil, cgroup)
 
 
-def available_cpus(cgroup: Path = CGROUP) -> int:
-    """The CPUs this process may use: its cgroup's CPU quota rounded up (a container's CPU limit; cgroup v2
-    `cpu.max`, else v1 `cpu.cfs_quota_us`), at most its CPU affinity (what the node or `taskset` gives it)."""
-    cpus = len(os.sched_getaffinity(0))
-    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
-        try:
-            if period_file is None:
-                quota, period = (cgroup / quota_file).read_text().split()
-            else:
-                quota, period = (cgroup / quota_file).read_text().strip(), (cgroup / period_file).read_text().strip()
-        except (OSError, ValueError):
-            continue
-        if quota in ("max", "-1"):  # no quota: the affinity decides
-            return cpus
-        try:
-            return max(1, min(cpus, math.ceil(int(quota) / int(period))))
-        except (ValueError, ZeroDivisionError):
-            return cpus
-    return cpus
-
-
-def concurrency(settings: Settings, cgroup: Path = CGROUP) -> int:
+def concurrency(settings: Settings, cgroup: Path | None = None) -> int:
     """Pool processes of a data worker: `LLMP_DATA_WORKER_CONCURRENCY`, else (0) the CPUs it may use."""
     return settings.data_worker_concurrency or available_cpus(cgroup)
 

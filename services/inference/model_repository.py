@@ -12,7 +12,7 @@ Laid out as Triton expects:
 
 An encoder's export (`encoder.json`, an EncoderSpec, instead of decoder.json) gets the embedding model
 instead: triton_model/encoder_model.py as model.py, and encoder_config.pbtxt.template. Either imports
-triton_model/ort_session.py, copied beside it.
+triton_model/ort_session.py, which imports services/common/cpus.py, both copied beside it.
 
 The repository is a local folder (`make up`: the local tritonserver reads it) or, in the compose and
 Kubernetes form `s3://host:port/bucket/prefix`, a prefix in S3 written through `ObjectStore`, which the
@@ -29,12 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from services.common import cpus
 from services.common.config import Settings
 from services.common.contracts import ENCODER_SPEC_FILE, ONNX_GRAPH_FILE, onnx_files, spec_files
 from services.common.errors import InvalidArgument
 from services.common.s3 import ObjectStore
 
 TEMPLATE_DIR = Path(__file__).parent / "triton_model"
+# model.py imports ort_session, which imports cpus: Triton's stub finds them in the version folder, beside it
+MODULES_BESIDE_THE_MODEL = (TEMPLATE_DIR / "ort_session.py", Path(cpus.__file__))
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingC
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "1").mkdir(parents=True)
     shutil.copy2(TEMPLATE_DIR / ("encoder_model.py" if encoder else "model.py"), staging / "1" / "model.py")
-    shutil.copy2(TEMPLATE_DIR / "ort_session.py", staging / "1" / "ort_session.py")  # model.py imports it
+    for module in MODULES_BESIDE_THE_MODEL:
+        shutil.copy2(module, staging / "1" / module.name)
     for item in (*onnx_files(os.listdir(onnx_dir)), spec_file):
         _link_or_copy(onnx_dir / item, staging / "1" / item)
     template = (TEMPLATE_DIR / ("encoder_config.pbtxt.template" if encoder else "config.pbtxt.template")).read_text()

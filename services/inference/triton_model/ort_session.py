@@ -1,35 +1,27 @@
 """The ONNX Runtime session both Triton models (decoder `model.py`, `encoder_model.py`) run, set up once here.
 
 Copied by the inference service beside the model's `model.py` (`<repository>/<model>/1/`), where Triton's
-Python stub imports it from; like the models it imports nothing from llmp.
+Python stub imports it from, with `cpus.py` (services/common/cpus.py); like the models it imports nothing
+else from llmp.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import onnxruntime as ort
 
+try:  # beside it in the model's folder, as the inference service copies it (model_repository.py)
+    from cpus import usable_cpus
+except ImportError:  # imported from the llmp tree (tests)
+    from services.common.cpus import usable_cpus
+
 
 def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity, narrowed by a container's CPU quota (cgroup v2
-    `cpu.max`, or v1's quota over period), which Kubernetes sets from a CPU limit without touching affinity.
-    Without it a 2-CPU pod on a 64-core node would run 64 ORT threads per session, throttled."""
-    cores = len(os.sched_getaffinity(0))
-    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
-                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
-        try:
-            with open(quota_file) as handle:
-                fields = handle.read().split()
-            if period_file is not None:
-                with open(period_file) as handle:
-                    fields.append(handle.read().strip())
-            quota, period = fields[0], float(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if quota not in {"max", "-1"} and period > 0:
-            return max(1, min(cores, int(float(quota) // period)))
-    return cores
+    """The cores ORT may spin threads on (cpus.py): without a container's quota, a 2-CPU pod on a 64-core node
+    would run 64 ORT threads per session, throttled. A fractional quota rounds down."""
+    return usable_cpus(math.floor)
 
 
 def open_session(folder: str, parameters: dict[str, str]) -> ort.InferenceSession:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -33,8 +36,8 @@ async def test_an_s3_repository_is_written_through_the_object_store_and_the_serv
     await asyncio.to_thread(repository.write, NAME, files.onnx_dir, model_repository.BatchingConfig())
     stored = {item.key: item for item in repository.store.list(f"prod/models/{NAME}/")}
     assert set(stored) == {f"prod/models/{NAME}/{path}" for path in
-                           ("config.pbtxt", "1/model.py", "1/ort_session.py", "1/model.onnx", "1/model.onnx.data",
-                            "1/decoder.json")}
+                           ("config.pbtxt", "1/model.py", "1/ort_session.py", "1/cpus.py", "1/model.onnx",
+                            "1/model.onnx.data", "1/decoder.json")}
     assert stored[f"prod/models/{NAME}/1/model.onnx"].size == (files.onnx_dir / "model.onnx").stat().st_size
     config = repository.store.get_bytes(f"prod/models/{NAME}/config.pbtxt").decode()
     assert f'name: "{NAME}"' in config and 'backend: "python"' in config
@@ -57,3 +60,19 @@ def test_a_malformed_s3_repository_is_refused(settings_env):
     settings = Settings.from_env({**settings_env, "LLMP_TRITON_MODEL_REPOSITORY": "s3://host:9000"})
     with pytest.raises(InvalidArgument, match="s3://host:port/bucket/prefix"):
         model_repository.open_repository(settings)
+
+
+def test_a_written_model_folder_imports_its_session_without_llmp(model_root, tmp_path):
+    """Triton's Python stub imports the model's modules from its version folder alone: ort_session.py's CPU count
+    comes from the cpus.py copied beside it, not from an llmp it cannot reach."""
+    files = asyncio.run(LocalModelSource(model_root[0]).fetch("acme", "tiny", 1))
+    model_repository.LocalRepository(tmp_path).write(NAME, files.onnx_dir, model_repository.BatchingConfig())
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' in p or 'lib/python' in p]; "
+            "sys.path.insert(0, '.'); import ort_session; "
+            "print(ort_session.usable_cpus.__module__, ort_session.usable_cores())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / NAME / "1", env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    module, cores = done.stdout.split()
+    assert module == "cpus" and int(cores) >= 1

@@ -22,14 +22,22 @@ FROM_THE_BACKEND = {"triton_python_backend_utils"}
 
 
 def imported_modules() -> set[str]:
+    """What the model's folder imports in Triton: every import of its modules but an `except ImportError`
+    fallback (ort_session.py's, for the llmp tree), less the standard library and the modules beside it."""
     found: set[str] = set()
-    for path in MODEL_CODE.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+    beside = [*MODEL_CODE.glob("*.py"), *model_repository.MODULES_BESIDE_THE_MODEL]
+    for path in beside:
+        tree = ast.parse(path.read_text())
+        fallbacks = {id(node) for handler in ast.walk(tree) if isinstance(handler, ast.ExceptHandler)
+                     for node in ast.walk(handler)}
+        for node in ast.walk(tree):
+            if id(node) in fallbacks:
+                continue
             if isinstance(node, ast.Import):
                 found |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 found.add(node.module.split(".")[0])
-    siblings = {path.stem for path in MODEL_CODE.glob("*.py")}  # copied beside model.py (model_repository)
+    siblings = {path.stem for path in beside}  # copied beside model.py (model_repository)
     return {name for name in found if name not in sys.stdlib_module_names | siblings and name != "__future__"}
 
 
