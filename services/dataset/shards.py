@@ -367,8 +367,9 @@ class CeleryFanOut:
                 waited = now - (started_at[index] if index in started_at else max(sent_at[index], moved_at))
                 if waited > self.range_seconds:
                     log.warning("dataset range without a result: sent again", extra={"stage": stage, "shard": index})
+                    if started_at.pop(index, None) is not None:  # the new copy's start restarts the wait
+                        self.store.delete(_key(self.prefix, stage, index, ".started"))
                     send(index)
-                    started_at.pop(index, None)  # the new copy's start (its marker is already there) restarts it
                 if _key(self.prefix, stage, index, ".error.json") in listed:
                     error = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".error.json")))
                     raise _PASSED_ON.get(error["class"], Internal)(error["message"])

@@ -124,6 +124,10 @@ class FifoQueue:
         with self.lock:
             return self.objects[key]
 
+    def delete(self, key):
+        with self.lock:
+            self.objects.pop(key, None)
+
     def work(self, stop: threading.Event) -> None:
         """Take and finish ranges in queue order until stopped."""
         while not stop.is_set():
