@@ -25,7 +25,9 @@ of a huge build's, not all of them. How many builds run at once, and of one tena
 A result is an object `<prefix><stage>-NNNNN.json`, written last; the coordinator polls the prefix's listing
 (in its build thread, not the event loop). Tasks are acks_late and reject_on_worker_lost
 (services/common/queues.py): a worker killed mid-task gives its message back and another worker redoes that
-range only. A task's failure is an `.error.json` object that fails the build with its message. The prefix holds
+range only. A task marks each start with a `.started.<id>` object, from which the coordinator's wait for that
+range counts (`CeleryFanOut._run`). A task's failure is an `.error.json` object that fails the build with its
+message. The prefix holds
 `build.json` while the build runs; closing the fan-out (done, failed or cancelled) revokes its tasks and deletes
 the prefix, and a task finishing after that deletes what it wrote (it finds `build.json` gone), so nothing is
 left. The prefix lies under the version's: if the dataset service dies mid-build, the replica that takes the
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from services.common.config import DEFAULTS, Settings
 from services.common.contracts import DATASETS, SOURCES, SPLITS
@@ -67,7 +70,7 @@ if TYPE_CHECKING:  # the data worker runs this module: it has no database (versi
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
-RANGE_SECONDS = 1800.0  # a range with no result this long after it was sent is sent again (64 MiB take minutes)
+RANGE_SECONDS = 1800.0  # a range with no result this long after it started is sent again (64 MiB take minutes)
 RANGE_SENDS = 3  # sends of one range before the build fails
 IN_FLIGHT = int(DEFAULTS["LLMP_DATASET_RANGES_IN_FLIGHT"])  # a build's ranges queued or running at once, at most
 _BUILD_PREFIX = re.compile(r"(?P<version>\S+/)building-[0-9a-f]{12}/")  # what CeleryFanOut names
@@ -176,8 +179,8 @@ def run_task(store: ObjectStore, stage: str, spec: dict[str, Any]) -> None:
     try:
         if not store.exists(prefix + "build.json"):
             return  # the build is over (done, failed or cancelled): nothing to do
+        _mark_started(store, prefix, stage, index)
         try:
-            store.put_bytes(_key(prefix, stage, index, ".started"), b"")  # the coordinator's re-send timer starts
             with tempfile.TemporaryDirectory(prefix=f"llmp-{stage}-") as folder:
                 result = (_scan if stage == "scan" else _pack)(store, spec, Path(folder))
             store.put_bytes(_key(prefix, stage, index, ".json"), json.dumps(result).encode())
@@ -193,6 +196,15 @@ def run_task(store: ObjectStore, stage: str, spec: dict[str, Any]) -> None:
             store.delete_prefix(prefix)
     except Exception:
         log.exception("dataset shard could not store its outcome", extra={"stage": stage, "shard": index})
+
+
+def _mark_started(store: ObjectStore, prefix: str, stage: str, index: int) -> None:
+    """`<prefix><stage>-NNNNN.started.<id>`, one per start (a redelivered copy writes its own): the coordinator's
+    wait for this range's result counts from the newest. Advisory: a range that cannot write it still runs."""
+    try:
+        store.put_bytes(_key(prefix, stage, index, f".started.{uuid.uuid4().hex[:12]}"), b"")
+    except Exception:
+        log.warning("dataset shard could not mark its start", extra={"stage": stage, "shard": index}, exc_info=True)
 
 
 def _trusted(spec: dict[str, Any]) -> bool:
@@ -328,16 +340,16 @@ class CeleryFanOut:
             log.warning("could not delete a build's range objects", extra={"prefix": self.prefix}, exc_info=True)
 
     def _run(self, stage: str, task: str, specs: list[dict], report: pipeline.ProgressFn, phase: str) -> list[dict]:
-        """Send one task per spec and wait for every result. A redelivered task (its worker killed) is simply
-        waited for longer; a range with no result `range_seconds` after it started (its worker's pod gone, its
-        outcome unstorable), or that never starts while `range_seconds` pass without any of this build's ranges
-        starting or finishing (its message lost with the broker), is sent again, and after `RANGE_SENDS` sends
-        the build fails naming it. Time a range spends queued behind others (other builds' ranges, a busy pool)
-        therefore does not count against it. Ranges are idempotent (fixed keys), so a late first copy does no
-        harm. At most `in_flight` ranges are out at once, sent in corpus order as earlier ones finish (the
-        module docstring)."""
-        sent_at: dict[int, float] = {}  # the ranges sent so far
-        started_at: dict[int, float] = {}  # when their `.started` marker was first seen (a task began them)
+        """Send one task per spec and wait for every result. Ranges are idempotent (fixed keys), so a second copy
+        of one does no harm. A range is sent again when it has no result `range_seconds` after its latest start
+        (`.started.<id>`: its worker's pod gone, its outcome unstorable; a copy redelivered after its worker was
+        killed starts the wait again), or when it has not started `range_seconds` after it was sent and after
+        this build last moved, unless it is still queued behind other work that workers take (`_still_queued`:
+        other builds' ranges, a busy pool). After `RANGE_SENDS` sends the build fails naming it. At most
+        `in_flight` ranges are out at once, sent in corpus order as earlier ones finish (the module docstring)."""
+        sent_at: dict[int, float] = {}  # the ranges sent so far (or found still queued)
+        started_at: dict[int, float] = {}  # when a range's latest `.started.<id>` marker was first listed
+        markers: dict[int, set[str]] = {}  # the start markers seen per range
         moved_at = time.monotonic()  # when one of this build's ranges last started or finished
         sends = dict.fromkeys(range(len(specs)), 0)
         unsent = list(range(len(specs)))[::-1]  # popped in corpus order
@@ -362,20 +374,27 @@ class CeleryFanOut:
             for index in sorted(sent_at):
                 if index in results:
                     continue
-                if index not in started_at and _key(self.prefix, stage, index, ".started") in listed:
-                    started_at[index] = moved_at = now
-                waited = now - (started_at[index] if index in started_at else max(sent_at[index], moved_at))
-                if waited > self.range_seconds:
-                    log.warning("dataset range without a result: sent again", extra={"stage": stage, "shard": index})
-                    if started_at.pop(index, None) is not None:  # the new copy's start restarts the wait
-                        self.store.delete(_key(self.prefix, stage, index, ".started"))
-                    send(index)
                 if _key(self.prefix, stage, index, ".error.json") in listed:
                     error = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".error.json")))
                     raise _PASSED_ON.get(error["class"], Internal)(error["message"])
                 if _key(self.prefix, stage, index, ".json") in listed:
                     results[index] = json.loads(self.store.get_bytes(_key(self.prefix, stage, index, ".json")))
                     moved_at = now
+                    continue
+                marker = _key(self.prefix, stage, index, ".started.")
+                starts = {key for key in listed if key.startswith(marker)}
+                if starts - markers.setdefault(index, set()):  # a (new) start of this range
+                    markers[index] |= starts
+                    started_at[index] = moved_at = now
+                waited = now - (started_at[index] if index in started_at else max(sent_at[index], moved_at))
+                if waited <= self.range_seconds:
+                    continue
+                if index not in started_at and self._still_queued():
+                    sent_at[index] = now  # behind other work that moves: another wait
+                    continue
+                log.warning("dataset range without a result: sent again", extra={"stage": stage, "shard": index})
+                started_at.pop(index, None)  # the new copy's own marker starts its wait
+                send(index)
             top_up()
             done_bytes = sum(self.ranges[index][1] - self.ranges[index][0] for index in results)
             report(phase, done_bytes, sum(result.get("documents_in", 0) for result in results.values()))
@@ -383,6 +402,23 @@ class CeleryFanOut:
                 time.sleep(POLL_SECONDS)
         self._tasks = []  # all done: nothing to revoke
         return [results[index] for index in range(len(specs))]
+
+
+    def _still_queued(self) -> bool:
+        """Whether the `data` queue holds messages (any build's) and some live worker consumes it: a range of
+        this build that has not started then waits its turn rather than being lost. Without an answer from the
+        broker, or with no worker, it is not (the range is sent again)."""
+        try:
+            with self.producer.connection_for_read() as connection, connection.channel() as channel:
+                queued = channel.queue_declare(DATA_QUEUE, passive=True).message_count
+        except ChannelError as error:  # py-amqp's, which kombu's transports raise
+            if error.reply_code != 404:  # 404: no such queue (Redis drops an empty one)
+                log.warning("could not ask the broker the data queue's length", exc_info=True)
+            return False
+        except Exception:
+            log.warning("could not ask the broker the data queue's length", exc_info=True)
+            return False
+        return queued > 0 and _data_consumed(self.producer)
 
 
 def factory(settings: Settings, store: ObjectStore) -> Callable[[VersionRow, int], CeleryFanOut | None] | None:

@@ -4,6 +4,7 @@ tests/integration/dataset/test_dataset_fanout.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import threading
@@ -97,10 +98,14 @@ def test_merge_holds_one_range_on_disk_at_a_time(tmp_path):
 
 class FifoQueue:
     """The broker's `data` queue and one worker process taking its messages in order: each message is a range,
-    whose result the worker stores where CeleryFanOut looks for it."""
+    whose start (`shards._mark_started`, as run_task) and result the worker stores where CeleryFanOut looks.
 
-    def __init__(self, range_seconds: float = 0.005, hang: frozenset[int] = frozenset()) -> None:
-        self.range_seconds, self.hang = range_seconds, hang  # each range's work; ranges started and never finished
+    `hang`: ranges whose worker gets stuck (started, never finished); `killed`: ranges whose first run dies
+    after `range_seconds` and whose message goes back to the head of the queue (reject_on_worker_lost)."""
+
+    def __init__(self, range_seconds: float = 0.005, hang: frozenset[int] = frozenset(),
+                 killed: frozenset[int] = frozenset(), consumers: bool = True) -> None:
+        self.range_seconds, self.hang, self.killed, self.consumers = range_seconds, hang, set(killed), consumers
         self.messages: list[dict] = []
         self.objects: dict[str, bytes] = {}
         self.finished: list[tuple[str, int]] = []  # (build, range) in the order the worker finished them
@@ -124,9 +129,23 @@ class FifoQueue:
         with self.lock:
             return self.objects[key]
 
-    def delete(self, key):
+    def put_bytes(self, key, data):
         with self.lock:
-            self.objects.pop(key, None)
+            self.objects[key] = data
+
+    # the broker's answer to CeleryFanOut._still_queued (a passive queue_declare)
+    @contextlib.contextmanager
+    def connection_for_read(self):
+        yield self
+
+    @contextlib.contextmanager
+    def channel(self):
+        yield self
+
+    def queue_declare(self, name, passive):
+        assert name == shards.DATA_QUEUE and passive
+        with self.lock:
+            return types.SimpleNamespace(message_count=len(self.messages))
 
     def work(self, stop: threading.Event) -> None:
         """Take and finish ranges in queue order until stopped."""
@@ -136,12 +155,15 @@ class FifoQueue:
             if spec is None:
                 time.sleep(0.002)
                 continue
-            with self.lock:  # what run_task stores as it starts a range
-                self.objects[shards._key(spec["prefix"], "scan", spec["index"], ".started")] = b""
+            shards._mark_started(self, spec["prefix"], "scan", spec["index"])
             if spec["index"] in self.hang:
                 continue  # a worker stuck in it: no result ever
             time.sleep(self.range_seconds)  # the range's work
             with self.lock:
+                if spec["index"] in self.killed:  # redelivered, first in line
+                    self.killed.discard(spec["index"])
+                    self.messages.insert(0, spec)
+                    continue
                 self.objects[shards._key(spec["prefix"], "scan", spec["index"], ".json")] = b'{"documents_in": 1}'
                 self.finished.append((spec["prefix"], spec["index"]))
                 self.events.append(("done", spec["prefix"]))
@@ -150,7 +172,7 @@ class FifoQueue:
 def run_builds(monkeypatch, in_flight: int | None, sizes: dict[str, int]
                ) -> tuple[list[tuple[str, int]], dict, list[tuple[str, str]]]:
     """Builds of `sizes` ranges each started in that order, 50 ms apart, on one FIFO queue and one worker:
-    the (build, range) finished in order, each build's most ranges queued at once, the queue's events."""
+    the (build, range) finished in order, each build's most ranges sent and not finished at once, the queue's events."""
     monkeypatch.setattr(shards, "POLL_SECONDS", 0.002)
     queue = FifoQueue()
     peak: dict[str, int] = {}
@@ -236,6 +258,7 @@ def run_one_build(monkeypatch, queue: FifoQueue, ranges: int, range_seconds: flo
     """One build of `ranges` ranges on `queue`'s single worker with a re-send wait of `range_seconds`: its
     `_run`'s outcome (the results, or the exception raised) and how often each range was sent."""
     monkeypatch.setattr(shards, "POLL_SECONDS", 0.005)
+    monkeypatch.setattr(shards, "_data_consumed", lambda producer: queue.consumers)
     fanout = shards.CeleryFanOut(queue, queue, "sources/x", 1, "datasets/t/1/", range_seconds=range_seconds)
     fanout.ranges = [(index, index + 1) for index in range(ranges)]
     specs = [{"prefix": fanout.prefix, "index": index} for index in range(ranges)]
@@ -265,6 +288,52 @@ def test_a_range_queued_behind_others_is_not_sent_again_while_the_queue_moves(mo
     outcome, sent = run_one_build(monkeypatch, FifoQueue(range_seconds=0.1), ranges=8, range_seconds=0.3)
     assert len(outcome) == 8
     assert sent == {index: 1 for index in range(8)}
+
+
+def other_builds_work(queue: FifoQueue, ranges: int) -> FifoQueue:
+    """`queue` with `ranges` of another build queued ahead (each takes the queue's range time)."""
+    queue.messages = [{"prefix": "datasets/other/1/building-000000000000/", "index": index} for index in range(ranges)]
+    return queue
+
+
+def test_a_range_queued_behind_other_builds_waits_its_turn_while_workers_consume(monkeypatch):
+    """Another build's 4 ranges of 0.25 s ahead: this build's ranges wait 1 s unstarted, with none of its own
+    moving, over the 0.3 s wait; the queue is not empty and a worker consumes it, so they are not lost."""
+    queue = other_builds_work(FifoQueue(range_seconds=0.25), ranges=4)
+    outcome, sent = run_one_build(monkeypatch, queue, ranges=2, range_seconds=0.3)
+    assert len(outcome) == 2
+    assert sent == {0: 1, 1: 1}
+
+
+def test_without_a_consumer_a_queued_range_is_sent_again(monkeypatch):
+    """The same queue, but no live worker consumes `data` (the broadcast unanswered): the ranges are sent again."""
+    queue = other_builds_work(FifoQueue(range_seconds=0.25, consumers=False), ranges=4)
+    _, sent = run_one_build(monkeypatch, queue, ranges=2, range_seconds=0.3)
+    assert sent[0] > 1
+
+
+def test_a_redelivered_range_waits_from_its_new_start(monkeypatch):
+    """Range 0's first run dies after 0.25 s and its message comes back; the second run takes 0.25 s: 0.5 s from
+    the first start, over the 0.35 s wait, but the second start restarts it, so it is not sent again."""
+    outcome, sent = run_one_build(monkeypatch, FifoQueue(range_seconds=0.25, killed=frozenset({0})), ranges=1,
+                                  range_seconds=0.35)
+    assert len(outcome) == 1 and sent == {0: 1}
+
+
+def test_run_task_marks_its_start_before_it_works(monkeypatch):
+    """The marker the coordinator's wait counts from is written by run_task itself, before the range's work."""
+    store = FifoQueue()
+    prefix = "datasets/t/d/1/building-0123456789ab/"
+    store.objects[prefix + "build.json"] = b"{}"
+    store.exists = lambda key: key in store.objects
+    seen = []
+
+    def scan(store_, spec, folder):
+        seen.extend(key for key in store.objects if key.startswith(prefix + "scan-00003.started."))
+        return {"documents_in": 0}
+    monkeypatch.setattr(shards, "_scan", scan)
+    shards.run_task(store, "scan", {"prefix": prefix, "index": 3, "source_key": "sources/datasets/t/d/1/corpus"})
+    assert len(seen) == 1 and prefix + "scan-00003.json" in store.objects
 
 
 def test_a_started_range_without_a_result_is_sent_again_then_fails_the_build(monkeypatch):
