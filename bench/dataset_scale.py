@@ -262,8 +262,9 @@ def done_when(documents: int, scratch: Path, tokenizer: str, vocab_size: int, sh
                            "--tokenizer", tokenizer, "--vocab-size", str(vocab_size), "--shard-bytes", str(shard_bytes)]
                 coordinator = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, env=env)
                 if count == 2:  # kill worker 0's pool process `kill_after` s into its first scan range
-                    while not _scan_started(logs[0]) and coordinator.poll() is None:
-                        time.sleep(0.5)
+                    while not _scan_started(logs[0]) and not os.waitid(os.P_PID, coordinator.pid,
+                                                                           os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                        time.sleep(0.5)  # (waitid with WNOWAIT leaves the coordinator to wait4 below)
                     time.sleep(kill_after)
                     [pool] = subprocess.run(["pgrep", "-P", str(started_workers[0].pid)], capture_output=True,
                                             text=True).stdout.split()

@@ -41,7 +41,7 @@ def cpu_quota(cgroup: Path | None = None) -> float | None:
 
 def usable_cpus(rounding: Callable[[float], int] = math.floor, cgroup: Path | None = None) -> int:
     """The CPUs this process may use: at most its affinity, at most its quota, at least 1. `rounding` says what a
-    fractional quota gives: threads that spin round down (math.floor, ORT), processes that share round up."""
+    fractional quota gives: threads kept busy round down (math.floor, ORT), processes that share it round up."""
     cpus = len(os.sched_getaffinity(0))
     quota = cpu_quota(cgroup)
     return cpus if quota is None else max(1, min(cpus, rounding(quota)))

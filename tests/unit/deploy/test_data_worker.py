@@ -9,6 +9,7 @@ starts the worker as the rendered Deployment and the compose file do and asks it
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 from conftest import containers
@@ -153,8 +154,8 @@ def test_compose_runs_a_cpu_data_worker_and_gpu_workers_leave_it_the_data_queue(
 
 def test_the_pool_follows_the_containers_cpu_quota(tmp_path):
     """A quota's CPUs rounded up (tests/unit/inference/test_usable_cores.py has the cases), unless set."""
-    (tmp_path / "cpu.max").write_text("50000 100000\n")
-    assert data_worker.concurrency(Settings.from_env({}), tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert data_worker.concurrency(Settings.from_env({}), tmp_path) == min(2, len(os.sched_getaffinity(0)))
     assert data_worker.concurrency(Settings.from_env({"LLMP_DATA_WORKER_CONCURRENCY": "7"}), tmp_path) == 7
 
 

@@ -546,9 +546,12 @@ def test_outlier_ejection_leaves_a_canary_pod(overlay):
             assert _ejectable(detection, pods) < pods, f"{rule['metadata']['name']}/canary: all {pods} ejectable"
 
 
-def _drain_seconds(pod_metadata: dict) -> float:
+def _proxy_config(pod_metadata: dict) -> dict:
+    return yaml.safe_load(pod_metadata.get("annotations", {}).get("proxy.istio.io/config", "{}")) or {}
+
+
+def _drain_seconds(config: dict) -> float:
     """The sidecar's drain after SIGTERM: the pod's proxy.istio.io/config, else Istio's default of 5 s."""
-    config = yaml.safe_load(pod_metadata.get("annotations", {}).get("proxy.istio.io/config", "{}")) or {}
     duration = config.get("terminationDrainDuration", "5s")
     assert re.fullmatch(r"\d+s", duration), f"a drain Istio would not parse as this test does: {duration}"
     return float(duration[:-1])
@@ -557,7 +560,8 @@ def _drain_seconds(pod_metadata: dict) -> float:
 def test_every_llmp_sidecar_outlives_its_pods_shutdown(overlay):
     """A sidecar stops proxying when its drain ends, whatever the app is still doing: an llmp pod's app may use
     its whole termination grace (calls drained, builds released, a job's last checkpoint) and needs the mesh
-    until then, so its sidecar drains at least that long."""
+    until then, so its sidecar drains at least that long, and leaves as soon as the app's connections are
+    closed (else every pod would take its whole grace to go, a GPU worker's replacement 5 minutes to start)."""
     _, objects = overlay
     injected = {obj["metadata"]["name"] for obj in of_kind(objects, "Namespace")
                 if obj["metadata"].get("labels", {}).get("istio-injection") == "enabled"}
@@ -569,4 +573,6 @@ def test_every_llmp_sidecar_outlives_its_pods_shutdown(overlay):
     for name, obj in pods.items():
         template = obj["spec"]["template"]
         grace = template["spec"].get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
-        assert _drain_seconds(template["metadata"]) >= grace, f"{name}: sidecar drain shorter than its {grace} s"
+        config = _proxy_config(template["metadata"])
+        assert _drain_seconds(config) >= grace, f"{name}: sidecar drain shorter than its {grace} s"
+        assert config.get("proxyMetadata", {}).get("EXIT_ON_ZERO_ACTIVE_CONNECTIONS") == "true", name

@@ -19,6 +19,7 @@ IMAGE = ROOT / "deploy" / "triton"
 MODEL_CODE = ROOT / "services" / "inference" / "triton_model"
 # Modules Triton's Python backend provides to every model (https://github.com/triton-inference-server/python_backend).
 FROM_THE_BACKEND = {"triton_python_backend_utils"}
+IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError"}  # an import under these is a fallback, not taken there
 
 
 def imported_modules() -> set[str]:
@@ -29,6 +30,7 @@ def imported_modules() -> set[str]:
     for path in beside:
         tree = ast.parse(path.read_text())
         fallbacks = {id(node) for handler in ast.walk(tree) if isinstance(handler, ast.ExceptHandler)
+                     and isinstance(handler.type, ast.Name) and handler.type.id in IMPORT_ERRORS
                      for node in ast.walk(handler)}
         for node in ast.walk(tree):
             if id(node) in fallbacks:
