@@ -90,3 +90,22 @@ def test_openapi_documents_head_for_every_get_route_with_no_body():
 def test_request_ids_are_unique_without_a_system_call_each():
     ids = {next(gateway_app._request_ids) for _ in range(1000)}
     assert len(ids) == 1000 and len({i[:16] for i in ids}) == 1
+
+
+async def test_tenant_quota_holds_per_replica_while_redis_is_unreachable(caplog):
+    """With the quota store down, requests (concurrent ones sharing the failed refill) are still counted
+    against the tenant's rate, locally: the burst passes, the next is 429 naming the quota."""
+    import asyncio
+
+    from gateway.quotas import TenantQuotas
+    from services.common.config import Settings
+
+    settings = Settings.from_env({"LLMP_QUOTA_REDIS_URL": "redis://127.0.0.1:1/0", "LLMP_TENANT_RATE_LIMIT": "5"})
+    quotas = TenantQuotas(settings)  # nothing listens on port 1
+    try:
+        await asyncio.gather(*(quotas.take("t") for _ in range(10)))  # the burst: two seconds' worth
+        with pytest.raises(errors.RateLimited, match="tenant request quota of 5 requests/s"):
+            await quotas.take("t")
+        assert "quota store unreachable" in caplog.text
+    finally:
+        await quotas.close()
