@@ -28,8 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import istr
 from opentelemetry import trace
 
 from gateway import routes
@@ -81,6 +82,7 @@ HTTP_LATENCY = LoopHistogram("llmp_http_request_seconds", "REST latency", ("meth
 REVALIDATED = LoopCounter("llmp_http_revalidated_total", "Conditional GETs answered 304 by the gateway itself")
 _REVALIDATED = REVALIDATED.child()
 UNSAFE = frozenset({"PUT", "PATCH", "DELETE"})
+REQUEST_ID = istr("X-Request-Id")  # header names as `istr`: a case-insensitive lookup without folding them again
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as OTHER
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -220,7 +222,7 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
     unmatched: dict[str, _Plan] = {}  # by method label (at most len(_METHODS) + 1 entries)
 
     async def routed(request: web.Request) -> web.StreamResponse:
-        request_id = request.headers.get("X-Request-Id") or next(_request_ids)
+        request_id = request.headers.get(REQUEST_ID) or next(_request_ids)
         token = logs.request_id.set(request_id)
         if tracing:
             trace.get_current_span().set_attribute("llmp.request_id", request_id)
@@ -241,15 +243,18 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
                         hot.bind(request.app)
                     key = _bearer(request)
                     keys = hot.keys
-                    known = keys.cached(key)
+                    now = time.monotonic()  # one clock reading for the caches and buckets below
+                    known = keys.cached(key, now)
                     if known is None:
                         hot.ip_limiter.take(client_address(request, hot.trusted_hops))
                         known = await keys.authenticate(key)
+                        now = time.monotonic()
                     who, rate = known
                     quotas = hot.quotas
-                    if not quotas.take_local(who.tenant):  # a batch in hand: no await (the 304 path)
+                    if not quotas.take_local(who.tenant, now):  # a batch in hand: no await (the 304 path)
                         await quotas.take(who.tenant)
-                    response = _admit(request, current, who, rate, hot)
+                        now = time.monotonic()
+                    response = _admit(request, current, who, rate, hot, now)
                     if response is None:
                         request[CALLER] = who
                         acting = identity.current.set(who)  # `identity.acting_as` without its generator: hot path
@@ -268,10 +273,10 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
             status = response.status
             if not response.prepared:  # streams set their own headers before the first byte
                 headers = response.headers
-                headers["X-Request-Id"] = request_id
+                headers[REQUEST_ID] = request_id
                 headers[NOSNIFF[0]] = NOSNIFF[1]
-                if "Cache-Control" not in headers:
-                    headers["Cache-Control"] = "no-store"
+                if hdrs.CACHE_CONTROL not in headers:
+                    headers[hdrs.CACHE_CONTROL] = "no-store"
             return response
         except web.HTTPException as redirect:
             status = redirect.status
@@ -337,31 +342,34 @@ def client_address(request: web.Request, trusted_hops: int) -> str:
 
 
 def _bearer(request: web.Request) -> str:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    scheme, _, key = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise errors.Unauthenticated("missing API key: send Authorization: Bearer <key>")
     return key
 
 
-def _admit(request: web.Request, plan: _Plan, who: Caller, rate: float, hot: _Hot) -> web.StreamResponse | None:
+def _admit(request: web.Request, plan: _Plan, who: Caller, rate: float, hot: _Hot, now: float
+           ) -> web.StreamResponse | None:
     """Rate limit, role and query check for an authenticated caller; then the conditional-GET fast path:
-    the 304 to send without calling the handler, or None to call it. Raises the error that refuses it."""
+    the 304 to send without calling the handler, or None to call it. Raises the error that refuses it.
+    `now`: `time.monotonic()`."""
     if rate:  # before the role check, so a key hammering forbidden routes is limited too
-        hot.limiter.take(who.key_id, rate)
+        hot.limiter.take(who.key_id, rate, now)
     if who.role not in plan.roles:
         raise errors.PermissionDenied(f"role {who.role} may not call {plan.method} {plan.name}")
-    route = plan.route
-    if plan.required_query or request.query_string:
-        validate_query(route, request.query)
+    # The target as sent (no URL object made): a query is there if and only if it has a "?".
+    target = request.raw_path
+    if plan.required_query or "?" in target:
+        validate_query(plan.route, request.query)
     if plan.path_checks:
         validate_path(plan.path_checks, request.match_info)
     if plan.conditional:
-        condition = request.headers.get("If-None-Match")
+        condition = request.headers.get(hdrs.IF_NONE_MATCH)
         if condition is not None:
             # The target as sent is the path and query `json_response` remembered (`path_qs`, which aiohttp
             # rebuilds from the parsed URL per request); an absolute-form target just misses the fast path.
-            headers = hot.validators.lookup(who.tenant, request.raw_path)
+            headers = hot.validators.lookup(who.tenant, target, now)
             if headers is not None and none_match(condition, headers["ETag"]):
                 _REVALIDATED.value += 1
                 # No body, so not `web.Response` (its body and length handling cost ~1 µs here).
