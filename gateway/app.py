@@ -82,6 +82,7 @@ HTTP_LATENCY = LoopHistogram("llmp_http_request_seconds", "REST latency", ("meth
 REVALIDATED = LoopCounter("llmp_http_revalidated_total", "Conditional GETs answered 304 by the gateway itself")
 _REVALIDATED = REVALIDATED.child()
 UNSAFE = frozenset({"PUT", "PATCH", "DELETE"})
+CHECKED_TARGETS = 1_000  # targets a route remembers as checked before it starts over: memory stays bounded
 REQUEST_ID = istr("X-Request-Id")  # header names as `istr`: a case-insensitive lookup without folding them again
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as OTHER
 
@@ -115,7 +116,7 @@ class _Plan:
     request: the 304 path does a dict lookup here instead of string tests and table lookups."""
 
     __slots__ = ("method", "name", "route", "roles", "required_query", "path_checks", "slot", "unsafe",
-                 "conditional", "observed")
+                 "conditional", "observed", "checked")
 
     def __init__(self, method: str, name: str, route: Route | None) -> None:
         self.method, self.name, self.route = method, name, route
@@ -128,6 +129,22 @@ class _Plan:
         self.unsafe = method in UNSAFE
         self.conditional = method in ("GET", "HEAD")
         self.observed: dict[int, _Observed] = {}
+        self.checked: set[str] = set()  # targets whose query and path passed `check_target`
+
+    def check_target(self, request: web.Request) -> None:
+        """The query and path checks (422 naming what breaks them). They depend on the target as sent alone, so
+        one that passed is remembered (bounded) and a repeated target, the 304 path's revalidations, is not
+        parsed and matched against the patterns again."""
+        target = request.raw_path  # no URL object made: a query is there if and only if it has a "?"
+        if target in self.checked:
+            return
+        if self.required_query or "?" in target:
+            validate_query(self.route, request.query)
+        if self.path_checks:
+            validate_path(self.path_checks, request.match_info)
+        if len(self.checked) >= CHECKED_TARGETS:
+            self.checked.clear()
+        self.checked.add(target)
 
     def observed_for(self, status: int) -> _Observed:
         found = self.observed.get(status)
@@ -358,19 +375,14 @@ def _admit(request: web.Request, plan: _Plan, who: Caller, rate: float, hot: _Ho
         hot.limiter.take(who.key_id, rate, now)
     if who.role not in plan.roles:
         raise errors.PermissionDenied(f"role {who.role} may not call {plan.method} {plan.name}")
-    # The target as sent (no URL object made): a query is there if and only if it has a "?".
-    target = request.raw_path
-    if plan.required_query or "?" in target:
-        validate_query(plan.route, request.query)
-    if plan.path_checks:
-        validate_path(plan.path_checks, request.match_info)
+    plan.check_target(request)
     if plan.conditional:
         condition = request.headers.get(hdrs.IF_NONE_MATCH)
         if condition is not None:
             # The target as sent is the path and query `json_response` remembered (`path_qs`, which aiohttp
             # rebuilds from the parsed URL per request); an absolute-form target just misses the fast path.
-            headers = hot.validators.lookup(who.tenant, target, now)
-            if headers is not None and none_match(condition, headers["ETag"]):
+            headers = hot.validators.lookup(who.tenant, request.raw_path, now)
+            if headers is not None and none_match(condition, headers[hdrs.ETAG]):
                 _REVALIDATED.value += 1
                 # No body, so not `web.Response` (its body and length handling cost ~1 µs here).
                 return web.StreamResponse(status=304, headers=headers)

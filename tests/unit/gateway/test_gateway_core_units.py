@@ -109,3 +109,48 @@ async def test_tenant_quota_holds_per_replica_while_redis_is_unreachable(caplog)
         assert "quota store unreachable" in caplog.text
     finally:
         await quotas.close()
+
+
+def _version_request(target: str):
+    """A GET of a dataset version's target, matched as the router matches it."""
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web_urldispatcher import UrlMappingMatchInfo
+
+    request = make_mocked_request("GET", target)
+    name = target.split("?")[0].split("/")[3]
+    request._match_info = UrlMappingMatchInfo({"name": name, "version": "1"}, None)
+    return request
+
+
+def _version_plan():
+    route = next(route for route in routes.all_routes()
+                 if route.method == "GET" and route.path == "/v1/datasets/{name}/versions/{version}")
+    return gateway_app._Plan(route.method, route.path, route)
+
+
+def test_a_target_that_passed_its_checks_is_not_checked_again_and_one_that_failed_always_is(monkeypatch):
+    plan = _version_plan()
+    plan.check_target(_version_request("/v1/datasets/wiki/versions/1"))
+    assert plan.checked == {"/v1/datasets/wiki/versions/1"}
+
+    def no_check(*args):
+        raise AssertionError("a remembered target was checked again")
+
+    monkeypatch.setattr(gateway_app, "validate_path", no_check)
+    monkeypatch.setattr(gateway_app, "validate_query", no_check)
+    plan.check_target(_version_request("/v1/datasets/wiki/versions/1"))
+    monkeypatch.undo()
+    for bad in ("/v1/datasets/Bad%20Name/versions/1", "/v1/datasets/wiki/versions/1?tenant=other"):
+        for _ in range(2):  # refused each time: a refusal is not remembered
+            with pytest.raises(errors.ValidationFailed):
+                plan.check_target(_version_request(bad))
+    assert plan.checked == {"/v1/datasets/wiki/versions/1"}
+
+
+def test_the_checked_targets_are_bounded(monkeypatch):
+    monkeypatch.setattr(gateway_app, "CHECKED_TARGETS", 10)
+    plan = _version_plan()
+    for at in range(35):
+        plan.check_target(_version_request(f"/v1/datasets/d{at}/versions/1"))
+        assert len(plan.checked) <= 10
+    assert "/v1/datasets/d34/versions/1" in plan.checked
