@@ -47,7 +47,7 @@ from gateway.http import (
     validate_query,
 )
 from gateway.quotas import TenantQuotas, slot_kind
-from gateway.router import TableRouter
+from gateway.router import REMEMBERED_TARGET_CHARS, TableRouter
 from gateway.state import (
     CALLER,
     CLIENTS,
@@ -82,7 +82,7 @@ HTTP_LATENCY = LoopHistogram("llmp_http_request_seconds", "REST latency", ("meth
 REVALIDATED = LoopCounter("llmp_http_revalidated_total", "Conditional GETs answered 304 by the gateway itself")
 _REVALIDATED = REVALIDATED.child()
 UNSAFE = frozenset({"PUT", "PATCH", "DELETE"})
-CHECKED_TARGETS = 1_000  # targets a route remembers as checked before it starts over: memory stays bounded
+CHECKED_TARGETS = 256  # targets (of at most REMEMBERED_TARGET_CHARS) a route remembers as checked, then starts over
 REQUEST_ID = istr("X-Request-Id")  # header names as `istr`: a case-insensitive lookup without folding them again
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as OTHER
 
@@ -142,9 +142,10 @@ class _Plan:
             validate_query(self.route, request.query)
         if self.path_checks:
             validate_path(self.path_checks, request.match_info)
-        if len(self.checked) >= CHECKED_TARGETS:
-            self.checked.clear()
-        self.checked.add(target)
+        if len(target) <= REMEMBERED_TARGET_CHARS:
+            if len(self.checked) >= CHECKED_TARGETS:
+                self.checked.clear()
+            self.checked.add(target)
 
     def observed_for(self, status: int) -> _Observed:
         found = self.observed.get(status)

@@ -27,6 +27,8 @@ from aiohttp.web_urldispatcher import AbstractResource, DynamicResource, PlainRe
 
 _PARAMETER = re.compile(r"\{([_a-zA-Z][_a-zA-Z0-9]*)\}")  # aiohttp's `DynamicResource.DYN`
 KNOWN_TARGETS = 10_000  # resolutions remembered before the memo starts over: memory stays bounded
+# Longer targets are resolved each time, never remembered: 10,000 of aiohttp's 8 KiB request lines would hold 80 MB.
+REMEMBERED_TARGET_CHARS = 256
 _LEFT = object()  # remembered for a target the tree leaves to aiohttp's walk
 
 
@@ -123,9 +125,10 @@ class TableRouter(web.UrlDispatcher):
             known = self._known.get(key)
             if known is None:
                 known = self._look_up(request.method, request.rel_url.path_safe)
-                if len(self._known) >= KNOWN_TARGETS:  # a flood of distinct targets: start over rather than grow
-                    self._known.clear()
-                self._known[key] = known
+                if len(key[1]) <= REMEMBERED_TARGET_CHARS:
+                    if len(self._known) >= KNOWN_TARGETS:  # a flood of distinct targets: start over, not grow
+                        self._known.clear()
+                    self._known[key] = known
             if known is not _LEFT:
                 return UrlMappingMatchInfo(*known)  # copies the match: the remembered one stays as it was
         return await super().resolve(request)

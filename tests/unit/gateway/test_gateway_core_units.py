@@ -154,3 +154,8 @@ def test_the_checked_targets_are_bounded(monkeypatch):
         plan.check_target(_version_request(f"/v1/datasets/d{at}/versions/1"))
         assert len(plan.checked) <= 10
     assert "/v1/datasets/d34/versions/1" in plan.checked
+    plan.checked.clear()
+    monkeypatch.setattr(gateway_app, "REMEMBERED_TARGET_CHARS", len("/v1/datasets/d/versions/1"))
+    plan.check_target(_version_request("/v1/datasets/d/versions/1"))
+    plan.check_target(_version_request("/v1/datasets/dd/versions/1"))  # checked, not remembered: too long
+    assert plan.checked == {"/v1/datasets/d/versions/1"}

@@ -118,6 +118,10 @@ async def test_remembered_answers_are_bounded_and_not_shared_between_requests(mo
         match = await app.router.resolve(make_mocked_request("GET", f"/v1/datasets/d{at}", app=app))
         assert dict(match) == {"name": f"d{at}"}
         assert len(app.router._known) <= 50
+    long_name = "n" * router_module.REMEMBERED_TARGET_CHARS
+    app.router._known.clear()
+    match = await app.router.resolve(make_mocked_request("GET", f"/v1/datasets/{long_name}", app=app))
+    assert dict(match) == {"name": long_name} and not app.router._known  # resolved, not remembered: too long
     first = await app.router.resolve(make_mocked_request("GET", "/v1/datasets/x", app=app))
     first["name"] = "changed"  # a match is the request's own: changing it changes no later request's
     again = await app.router.resolve(make_mocked_request("GET", "/v1/datasets/x", app=app))
