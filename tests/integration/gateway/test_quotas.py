@@ -107,6 +107,23 @@ async def test_requests_finding_the_batch_spent_at_once_share_one_refill(quota_e
         await quotas.close()
 
 
+async def test_a_revalidation_answered_by_the_gateway_itself_draws_on_the_tenant_quota(replicas):
+    """The 304 fast path (validators remembered, no service call) spends a tenant request like any other."""
+    from gateway.http import VALIDATORS
+
+    gateway = replicas[0]
+    tenant = f"q{uuid.uuid4().hex[:8]}"
+    key = (await _tenant_keys(gateway, tenant, 1, role="developer"))[0]
+    path = "/v1/datasets/d/versions/1"
+    gateway.app[VALIDATORS].remember(tenant, path, {"ETag": '"e"', "Cache-Control": "private, max-age=60",
+                                                    "Vary": "Authorization"}, 60)
+    statuses = [(await gateway.get(path, headers={**key, "If-None-Match": '"e"'})).status for _ in range(4 * RATE)]
+    assert statuses[0] == 304 and set(statuses) == {304, 429}, statuses
+    assert statuses.count(304) <= 2 * RATE + 2, statuses  # the burst (2 s worth) and what refilled meanwhile
+    refused = await gateway.get(path, headers={**key, "If-None-Match": '"e"'})
+    assert refused.status == 429 and "tenant request quota" in (await refused.json())["error"]["message"]
+
+
 @pytest.mark.parametrize("kind, method, path, body", [
     (GENERATIONS, "POST", "/v1/completions", {"model": "anything", "prompt": "hi", "max_tokens": 1}),
     (STREAMS, "GET", "/v1/training-jobs/00000000-0000-4000-8000-000000000000/events", None),
