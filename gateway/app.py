@@ -6,9 +6,10 @@ query parameter names, ending in the conditional-GET fast path (`ValidatorCache`
 immutable representation without a service call); a catch-all route gives 404/405 the same pipeline.
 No aiohttp middleware (but the OpenTelemetry server span, only when tracing is on), because this is the
 hot path `bench/gateway.py` measures; for the same reason paths resolve through `TableRouter`
-(gateway/router.py), a segment tree that answers what aiohttp's router would. Every GET route also
-answers HEAD. Resources (the key store's pool, the gRPC channels, the tracer provider) are owned through
-`cleanup_ctx`; typed `web.AppKey`s hold them.
+(gateway/router.py), a segment tree that answers what aiohttp's router would and remembers its answer
+per target; each route likewise remembers the targets that passed its checks (`_Plan.check_target`).
+Every GET route also answers HEAD. Resources (the key store's pool, the gRPC channels, the tracer
+provider) are owned through `cleanup_ctx`; typed `web.AppKey`s hold them.
 
 Tracing: with `LLMP_OTEL_ENDPOINT` set (an OTLP/gRPC collector, e.g. `http://otel-collector:4317`),
 every request gets a server span (with `llmp.request_id`) and every gRPC call a client span that
@@ -223,7 +224,8 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
     3. API key → caller (`KeyStore`, verified keys cached for `auth.CACHE_SECONDS`, unknown ones too); a key
        not already known first passes the per-address limiter (`IP_LIMITER`), so a flood of bogus keys
        cannot each cost a query; then the tenant's request quota (`quotas.TenantQuotas`, shared by every
-       replica), per-key rate limit, role check, query parameter names; the handler runs acting as that
+       replica), per-key rate limit, role check, query parameter names and path patterns (a target that passed
+       them is remembered: they depend on it alone); the handler runs acting as that
        caller (`identity.acting_as`), so every service call it makes carries it, holding one of the
        tenant's generation or stream slots when the route is one (`quotas.slot_kind`);
     4. the conditional-GET fast path: If-None-Match for a representation known immutable

@@ -14,6 +14,11 @@ braces), checked against the resource's own compiled pattern. Everything else (a
 static files, sub-apps) is left to aiohttp: a path the tree does not answer, or one where such a resource
 could come first, goes through `UrlDispatcher.resolve` unchanged. Where several resources match, the one
 aiohttp's walk tries first wins: the longer index prefix, then the earlier registered.
+
+The answer is a function of the method and the target as sent alone, so it is remembered per (method,
+target), bounded (`KNOWN_TARGETS`, targets of at most `REMEMBERED_TARGET_CHARS`): under load the walk cost
+4 µs a request in place (twice its tight-loop time: the objects it touches are out of cache by the next
+request), a remembered answer one dict lookup.
 """
 
 from __future__ import annotations
