@@ -60,8 +60,10 @@ CORPUS = "\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog
 class _Connection(asyncio.Protocol):
     """One keep-alive connection sending `request` again as soon as each answer is complete."""
 
-    def __init__(self, request: bytes, statuses: Counter, deadline: float, closed: asyncio.Future) -> None:
+    def __init__(self, request: bytes, statuses: Counter, deadline: float, closed: asyncio.Future,
+                 samples: dict[int, str]) -> None:
         self.request, self.statuses, self.deadline, self.closed = request, statuses, deadline, closed
+        self.samples = samples  # status -> the first such answer, for a failure's message
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
@@ -85,6 +87,8 @@ class _Connection(asyncio.Protocol):
             total = end + 4 + length
             if len(self.buffer) < total:
                 return
+            if status >= 400 and status not in self.samples:
+                self.samples[status] = self.buffer[:total].decode(errors="replace")
             self.buffer = self.buffer[total:]
             self.statuses[status] += 1
             if time.monotonic() < self.deadline:
@@ -103,14 +107,16 @@ async def _load(host: str, port: int, path: str, headers: list[str], seconds: fl
     request = "\r\n".join(lines).encode()
     loop = asyncio.get_running_loop()
     statuses: Counter = Counter()
+    samples: dict[int, str] = {}
     started = time.monotonic()
     deadline = started + seconds
     closed = [loop.create_future() for _ in range(connections)]
     for future in closed:
-        await loop.create_connection(lambda f=future: _Connection(request, statuses, deadline, f), host, port)
+        await loop.create_connection(lambda f=future: _Connection(request, statuses, deadline, f, samples), host, port)
     await asyncio.wait_for(asyncio.gather(*closed), timeout=seconds + 30)
     elapsed = time.monotonic() - started
-    return {"statuses": {str(k): v for k, v in statuses.items()}, "seconds": elapsed}
+    return {"statuses": {str(k): v for k, v in statuses.items()}, "seconds": elapsed,
+            "samples": {str(k): v for k, v in samples.items()}}
 
 
 def load_main(options: argparse.Namespace) -> None:
@@ -134,7 +140,8 @@ def _measure(port: int, path: str, headers: list[str], expect: int, options: arg
     result = json.loads(output.strip().splitlines()[-1])
     statuses = result["statuses"]
     if set(statuses) != {str(expect)}:
-        raise RuntimeError(f"expected only {expect} answers from {path}, got {statuses}")
+        raise RuntimeError(f"expected only {expect} answers from {path}, got {statuses}; first of each failure: "
+                           f"{result['samples']}")
     return statuses[str(expect)] / result["seconds"], statuses[str(expect)]
 
 

@@ -156,8 +156,11 @@ async def measure(app: web.Application, bare: web.Application, path: str, header
     piece("whole gateway `_handle` (route, middleware, 304 response object)", await _best_async(handle) - clone_cost)
     piece("whole bare `_handle` (route, constant handler, 200 response object)",
           await _best_async(handle_bare) - clone_bare_cost)
-    piece("route resolution (the app's router: `gateway.router.TableRouter`), gateway",
+    piece("route resolution (the app's router: `gateway.router.TableRouter`, answer remembered), gateway",
           await _best_async(lambda: app.router.resolve(clone())) - clone_cost)
+    path_safe = request.rel_url.path_safe
+    piece("route resolution, a target not seen before (`TableRouter`'s tree walk)",
+          _best(lambda n: [app.router._look_up("GET", path_safe) for _ in range(n)]))
     piece("route resolution (aiohttp's `UrlDispatcher`), bare",
           await _best_async(lambda: bare.router.resolve(clone_bare())) - clone_bare_cost)
 
@@ -173,8 +176,18 @@ async def measure(app: web.Application, bare: web.Application, path: str, header
     piece("request id (header or counter) + log context set/reset", _best(request_id_piece))
     piece("route metadata lookup (canonical path, table)", _best(
         lambda n: [request.match_info.route.resource.canonical for _ in range(n)]))
+    route = next(route for route in app[state.ROUTE_TABLE]
+                 if route.method == "GET" and route.path == request.match_info.route.resource.canonical)
+    plan = gateway_app._Plan(route.method, route.path, route)
+    plan.check_target(request)
+    piece("query and path checks, target remembered (`_Plan.check_target`)",
+          _best(lambda n: [plan.check_target(request) for _ in range(n)]))
+    piece("query and path checks, a target not seen before (`validate_path`)",
+          _best(lambda n: [http.validate_path(plan.path_checks, request.match_info) for _ in range(n)]))
     piece("Authorization header → key (`_bearer`)", _best(lambda n: [gateway_app._bearer(request) for _ in range(n)]))
     piece("verified key cache hit (`KeyStore.cached`)", _best(lambda n: [keys.cached(key) for _ in range(n)]))
+    piece("one clock reading (`time.monotonic`, shared by the caches and buckets)",
+          _best(lambda n: [time.monotonic() for _ in range(n)]))
     piece("tenant quota, batch in hand (`take_local`)", _best(lambda n: [quotas.take_local(who.tenant)
                                                                           for _ in range(n)]))
     piece("per-key rate limit (`RateLimiter.take`)", _best(lambda n: [limiter.take(who.key_id, 1e12)

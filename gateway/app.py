@@ -6,9 +6,10 @@ query parameter names, ending in the conditional-GET fast path (`ValidatorCache`
 immutable representation without a service call); a catch-all route gives 404/405 the same pipeline.
 No aiohttp middleware (but the OpenTelemetry server span, only when tracing is on), because this is the
 hot path `bench/gateway.py` measures; for the same reason paths resolve through `TableRouter`
-(gateway/router.py), a segment tree that answers what aiohttp's router would. Every GET route also
-answers HEAD. Resources (the key store's pool, the gRPC channels, the tracer provider) are owned through
-`cleanup_ctx`; typed `web.AppKey`s hold them.
+(gateway/router.py), a segment tree that answers what aiohttp's router would and remembers its answer
+per target; each route likewise remembers the targets that passed its checks (`_Plan.check_target`).
+Every GET route also answers HEAD. Resources (the key store's pool, the gRPC channels, the tracer
+provider) are owned through `cleanup_ctx`; typed `web.AppKey`s hold them.
 
 Tracing: with `LLMP_OTEL_ENDPOINT` set (an OTLP/gRPC collector, e.g. `http://otel-collector:4317`),
 every request gets a server span (with `llmp.request_id`) and every gRPC call a client span that
@@ -28,8 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import istr
 from opentelemetry import trace
 
 from gateway import routes
@@ -46,7 +48,7 @@ from gateway.http import (
     validate_query,
 )
 from gateway.quotas import TenantQuotas, slot_kind
-from gateway.router import TableRouter
+from gateway.router import REMEMBERED_TARGET_CHARS, TableRouter
 from gateway.state import (
     CALLER,
     CLIENTS,
@@ -81,6 +83,8 @@ HTTP_LATENCY = LoopHistogram("llmp_http_request_seconds", "REST latency", ("meth
 REVALIDATED = LoopCounter("llmp_http_revalidated_total", "Conditional GETs answered 304 by the gateway itself")
 _REVALIDATED = REVALIDATED.child()
 UNSAFE = frozenset({"PUT", "PATCH", "DELETE"})
+CHECKED_TARGETS = 256  # targets (of at most REMEMBERED_TARGET_CHARS) a route remembers as checked, then starts over
+REQUEST_ID = istr("X-Request-Id")  # header names as `istr`: a case-insensitive lookup without folding them again
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as OTHER
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -113,7 +117,7 @@ class _Plan:
     request: the 304 path does a dict lookup here instead of string tests and table lookups."""
 
     __slots__ = ("method", "name", "route", "roles", "required_query", "path_checks", "slot", "unsafe",
-                 "conditional", "observed")
+                 "conditional", "observed", "checked")
 
     def __init__(self, method: str, name: str, route: Route | None) -> None:
         self.method, self.name, self.route = method, name, route
@@ -126,6 +130,23 @@ class _Plan:
         self.unsafe = method in UNSAFE
         self.conditional = method in ("GET", "HEAD")
         self.observed: dict[int, _Observed] = {}
+        self.checked: set[str] = set()  # targets whose query and path passed `check_target`
+
+    def check_target(self, request: web.Request) -> None:
+        """The query and path checks (422 naming what breaks them). They depend on the target as sent alone, so
+        one that passed is remembered (bounded) and a repeated target, the 304 path's revalidations, is not
+        parsed and matched against the patterns again."""
+        target = request.raw_path  # no URL object made: a query is there if and only if it has a "?"
+        if target in self.checked:
+            return
+        if self.required_query or "?" in target:
+            validate_query(self.route, request.query)
+        if self.path_checks:
+            validate_path(self.path_checks, request.match_info)
+        if len(target) <= REMEMBERED_TARGET_CHARS:
+            if len(self.checked) >= CHECKED_TARGETS:
+                self.checked.clear()
+            self.checked.add(target)
 
     def observed_for(self, status: int) -> _Observed:
         found = self.observed.get(status)
@@ -203,7 +224,8 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
     3. API key → caller (`KeyStore`, verified keys cached for `auth.CACHE_SECONDS`, unknown ones too); a key
        not already known first passes the per-address limiter (`IP_LIMITER`), so a flood of bogus keys
        cannot each cost a query; then the tenant's request quota (`quotas.TenantQuotas`, shared by every
-       replica), per-key rate limit, role check, query parameter names; the handler runs acting as that
+       replica), per-key rate limit, role check, query parameter names and path patterns (a target that passed
+       them is remembered: they depend on it alone); the handler runs acting as that
        caller (`identity.acting_as`), so every service call it makes carries it, holding one of the
        tenant's generation or stream slots when the route is one (`quotas.slot_kind`);
     4. the conditional-GET fast path: If-None-Match for a representation known immutable
@@ -220,7 +242,7 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
     unmatched: dict[str, _Plan] = {}  # by method label (at most len(_METHODS) + 1 entries)
 
     async def routed(request: web.Request) -> web.StreamResponse:
-        request_id = request.headers.get("X-Request-Id") or next(_request_ids)
+        request_id = request.headers.get(REQUEST_ID) or next(_request_ids)
         token = logs.request_id.set(request_id)
         if tracing:
             trace.get_current_span().set_attribute("llmp.request_id", request_id)
@@ -241,15 +263,18 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
                         hot.bind(request.app)
                     key = _bearer(request)
                     keys = hot.keys
-                    known = keys.cached(key)
+                    now = time.monotonic()  # one clock reading for the caches and buckets below
+                    known = keys.cached(key, now)
                     if known is None:
                         hot.ip_limiter.take(client_address(request, hot.trusted_hops))
                         known = await keys.authenticate(key)
+                        now = time.monotonic()
                     who, rate = known
                     quotas = hot.quotas
-                    if not quotas.take_local(who.tenant):  # a batch in hand: no await (the 304 path)
+                    if not quotas.take_local(who.tenant, now):  # a batch in hand: no await (the 304 path)
                         await quotas.take(who.tenant)
-                    response = _admit(request, current, who, rate, hot)
+                        now = time.monotonic()
+                    response = _admit(request, current, who, rate, hot, now)
                     if response is None:
                         request[CALLER] = who
                         acting = identity.current.set(who)  # `identity.acting_as` without its generator: hot path
@@ -268,10 +293,10 @@ def pipeline(plan: _Plan | None, handler, hot: _Hot, *, tracing: bool):
             status = response.status
             if not response.prepared:  # streams set their own headers before the first byte
                 headers = response.headers
-                headers["X-Request-Id"] = request_id
+                headers[REQUEST_ID] = request_id
                 headers[NOSNIFF[0]] = NOSNIFF[1]
-                if "Cache-Control" not in headers:
-                    headers["Cache-Control"] = "no-store"
+                if hdrs.CACHE_CONTROL not in headers:
+                    headers[hdrs.CACHE_CONTROL] = "no-store"
             return response
         except web.HTTPException as redirect:
             status = redirect.status
@@ -337,32 +362,30 @@ def client_address(request: web.Request, trusted_hops: int) -> str:
 
 
 def _bearer(request: web.Request) -> str:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    scheme, _, key = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise errors.Unauthenticated("missing API key: send Authorization: Bearer <key>")
     return key
 
 
-def _admit(request: web.Request, plan: _Plan, who: Caller, rate: float, hot: _Hot) -> web.StreamResponse | None:
+def _admit(request: web.Request, plan: _Plan, who: Caller, rate: float, hot: _Hot, now: float
+           ) -> web.StreamResponse | None:
     """Rate limit, role and query check for an authenticated caller; then the conditional-GET fast path:
-    the 304 to send without calling the handler, or None to call it. Raises the error that refuses it."""
+    the 304 to send without calling the handler, or None to call it. Raises the error that refuses it.
+    `now`: `time.monotonic()`."""
     if rate:  # before the role check, so a key hammering forbidden routes is limited too
-        hot.limiter.take(who.key_id, rate)
+        hot.limiter.take(who.key_id, rate, now)
     if who.role not in plan.roles:
         raise errors.PermissionDenied(f"role {who.role} may not call {plan.method} {plan.name}")
-    route = plan.route
-    if plan.required_query or request.query_string:
-        validate_query(route, request.query)
-    if plan.path_checks:
-        validate_path(plan.path_checks, request.match_info)
+    plan.check_target(request)
     if plan.conditional:
-        condition = request.headers.get("If-None-Match")
+        condition = request.headers.get(hdrs.IF_NONE_MATCH)
         if condition is not None:
             # The target as sent is the path and query `json_response` remembered (`path_qs`, which aiohttp
             # rebuilds from the parsed URL per request); an absolute-form target just misses the fast path.
-            headers = hot.validators.lookup(who.tenant, request.raw_path)
-            if headers is not None and none_match(condition, headers["ETag"]):
+            headers = hot.validators.lookup(who.tenant, request.raw_path, now)
+            if headers is not None and none_match(condition, headers[hdrs.ETAG]):
                 _REVALIDATED.value += 1
                 # No body, so not `web.Response` (its body and length handling cost ~1 µs here).
                 return web.StreamResponse(status=304, headers=headers)

@@ -76,9 +76,11 @@ class RateLimiter:
         self.rate, self.burst, self.subject = rate, burst, subject
         self._buckets: dict[str, _Bucket] = {}
 
-    def take(self, key_id: str, rate: float | None = None) -> None:
+    def take(self, key_id: str, rate: float | None = None, now: float | None = None) -> None:
+        """One request of `key_id`; RateLimited past the limit. `now`: `time.monotonic()`, if the caller has it."""
         rate = rate or self.rate
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         bucket = self._buckets.get(key_id)
         if bucket is None:
             if len(self._buckets) >= MAX_CACHED:  # a flood of addresses: forget them all rather than grow
@@ -102,11 +104,11 @@ class KeyStore:
         self._cache: dict[str, tuple[float, Caller, float]] = {}  # full key -> (expires, caller, rate)
         self._unknown: dict[str, float] = {}  # full key found unknown or revoked -> until when that holds
 
-    def cached(self, full_key: str) -> tuple[Caller, float] | None:
+    def cached(self, full_key: str, now: float | None = None) -> tuple[Caller, float] | None:
         """The caller and rate limit of the bootstrap key, or of a key checked within the last few seconds
-        (no await, no query)."""
+        (no await, no query). `now`: `time.monotonic()`, if the caller has it."""
         cached = self._cache.get(full_key)  # first: the hot path is an ordinary key seen a moment ago
-        if cached is not None and cached[0] > time.monotonic():
+        if cached is not None and cached[0] > (time.monotonic() if now is None else now):
             return cached[1], cached[2]
         if hmac.compare_digest(full_key.encode(), self._bootstrap):
             return BOOTSTRAP_CALLER, 0.0

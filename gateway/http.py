@@ -29,7 +29,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from llmp.common.v1 import common_pb2
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from gateway.state import CALLER, CLIENTS
 from services.common import contracts, errors
@@ -498,7 +498,7 @@ def check_if_match(request: web.Request, current: str | None, *, required: bool)
 VARY = "Authorization"
 # On every response (the gateway middleware adds it to the others): browsers must not guess another
 # content type than the one declared, e.g. render an error body that echoes input as HTML.
-NOSNIFF = ("X-Content-Type-Options", "nosniff")
+NOSNIFF = (istr("X-Content-Type-Options"), "nosniff")  # an `istr`: set on every response without folding it
 # Server-Sent Events responses, which send their headers before the middleware sees them.
 EVENT_STREAM = "text/event-stream"
 EVENT_STREAM_HEADERS = {"Content-Type": EVENT_STREAM, "Cache-Control": "no-store", "X-Accel-Buffering": "no",
@@ -527,13 +527,14 @@ class ValidatorCache:
         self.capacity = capacity
         self._items: OrderedDict[tuple[str, str], tuple[float, CIMultiDict[str]]] = OrderedDict()
 
-    def lookup(self, tenant: str, path: str) -> CIMultiDict[str] | None:
+    def lookup(self, tenant: str, path: str, now: float | None = None) -> CIMultiDict[str] | None:
         """The validators remembered for `path` (a request's target, path and query as sent), as the headers
-        a 304 copies (a `CIMultiDict` made once: a response copies one faster than a dict); None if none."""
+        a 304 copies (a `CIMultiDict` made once: a response copies one faster than a dict); None if none.
+        `now`: `time.monotonic()`, if the caller has it."""
         item = self._items.get((tenant, path))
         if item is None:
             return None
-        if item[0] <= time.monotonic():
+        if item[0] <= (time.monotonic() if now is None else now):
             del self._items[(tenant, path)]
             return None
         return item[1]

@@ -33,6 +33,7 @@ SLOT_LEASE_SECONDS = 60.0  # a concurrency slot not renewed this long is free ag
 RENEW_SECONDS = 20.0  # how often a running generation or stream renews its slot
 KEY_PREFIX = "llmp:quota:"
 GENERATIONS, STREAMS = "generations", "streams"
+HELD, UNREACHABLE = "held", "unreachable"  # what a refill from Redis came to, beside the tokens left when refused
 
 # KEYS[1]: the tenant's bucket. ARGV: rate, burst, now (s), tokens wanted. Returns {granted, tokens left}.
 TAKE_TOKENS = """
@@ -85,6 +86,7 @@ class TenantQuotas:
             self._take_tokens = self._redis.register_script(TAKE_TOKENS)
             self._take_slot = self._redis.register_script(TAKE_SLOT)
         self._batches: dict[str, _Batch] = {}
+        self._refills: dict[str, asyncio.Future] = {}  # tenant -> the Redis call for its next batch, in flight
         self._local: dict[str, _LocalBucket] = {}  # the fallback buckets (no Redis)
         self._local_slots: dict[tuple[str, str], int] = {}
         self._degraded = False
@@ -101,31 +103,53 @@ class TenantQuotas:
 
     # -- requests per second --------------------------------------------------------------------
 
-    def take_local(self, tenant: str) -> bool:
-        """Spend one token of a batch this replica holds for `tenant` (no await: the hot path)."""
+    def take_local(self, tenant: str, now: float | None = None) -> bool:
+        """Spend one token of a batch this replica holds for `tenant` (no await: the hot path). `now`:
+        `time.monotonic()`, if the caller has it."""
         batch = self._batches.get(tenant)
-        if batch is not None and batch.tokens > 0 and batch.expires > time.monotonic():
+        if batch is not None and batch.tokens > 0 and batch.expires > (time.monotonic() if now is None else now):
             batch.tokens -= 1
             return True
         return False
 
     async def take(self, tenant: str) -> None:
-        """One request of `tenant`; RateLimited when its quota is spent."""
-        if self.take_local(tenant):
-            return
-        if self._redis is not None:
-            try:
-                granted, left = await self._take_tokens(keys=[f"{KEY_PREFIX}rate:{tenant}"],
-                                                        args=[self.rate, self.burst, time.time(), self.batch])
-            except Exception as error:  # Redis down or slow: per replica rather than not at all
-                self._down(error)
-            else:
-                self._degraded = False
-                if int(granted) > 0:
-                    self._batches[tenant] = _Batch(int(granted) - 1, time.monotonic() + LEASE_SECONDS)
-                    return
-                raise self._refused(float(left))
-        self._take_fallback(tenant)
+        """One request of `tenant`; RateLimited when its quota is spent.
+
+        Requests that find the tenant's batch spent at the same moment share one Redis call (`_refills`):
+        each taking a batch of its own would lease the tenant's quota many times over (16 requests in flight,
+        16 batches, all but one dropped), refusing the tenant well below its rate."""
+        while not self.take_local(tenant):
+            if self._redis is None:
+                self._take_fallback(tenant)
+                return
+            refill = self._refills.get(tenant)
+            if refill is None:
+                refill = self._refills[tenant] = asyncio.ensure_future(self._refill(tenant))
+                refill.add_done_callback(lambda done: self._refills.pop(tenant) if self._refills.get(tenant) is done
+                                         else None)
+            # Shielded: a request cancelled while it waits must not cancel the others' refill.
+            outcome = await asyncio.shield(refill)
+            if outcome is UNREACHABLE:  # Redis down or slow: per replica rather than not at all
+                self._take_fallback(tenant)
+                return
+            if outcome is not HELD:
+                raise self._refused(outcome)
+            # A batch arrived: take from it (the loop), or, if the requests waiting on it spent it, refill again.
+
+    async def _refill(self, tenant: str) -> str | float:
+        """A batch of `tenant`'s tokens from Redis: HELD once it is, the tokens left in Redis when none was
+        granted, UNREACHABLE when Redis could not be asked."""
+        try:
+            granted, left = await self._take_tokens(keys=[f"{KEY_PREFIX}rate:{tenant}"],
+                                                    args=[self.rate, self.burst, time.time(), self.batch])
+        except Exception as error:
+            self._down(error)
+            return UNREACHABLE
+        self._degraded = False
+        if int(granted) > 0:
+            self._batches[tenant] = _Batch(int(granted), time.monotonic() + LEASE_SECONDS)
+            return HELD
+        return float(left)
 
     def _take_fallback(self, tenant: str) -> None:
         now = time.monotonic()

@@ -66,6 +66,34 @@ async def test_revalidation_of_an_immutable_version_skips_the_service(gateway):
     assert other.status == 404 and other.headers["Cache-Control"] == "no-store"
 
 
+async def test_a_warm_304_path_still_checks_the_role_the_rate_limit_the_key_and_the_target(gateway):
+    """Revalidations remember what depends on the target alone (its route, its query and path checks) and the
+    verified key for `auth.CACHE_SECONDS`; none of that lets through a role that may not read, a key past its
+    rate limit, a key revoked here, or a query the route does not take."""
+    admin = {"Authorization": "Bearer llmp_bootstrap_gateway-contract-admin"}
+    condition = {"If-None-Match": gateway.etag}
+    for _ in range(3):  # every memo of the path warm
+        assert (await gateway.client.get(gateway.dataset, headers={**gateway.auth("alpha", "developer"),
+                                                                   **condition})).status == 304
+    refused = await gateway.client.get(gateway.dataset, headers={**gateway.auth("alpha", "inference"), **condition})
+    assert refused.status == 403 and (await refused.json())["error"]["type"] == "permission_denied"
+    queried = await gateway.client.get(gateway.dataset + "?tenant=other",
+                                       headers={**gateway.auth("alpha", "developer"), **condition})
+    assert queried.status == 422, await queried.text()
+
+    created = await gateway.client.post("/v1/api-keys", json={"tenant": gateway.tenants["alpha"],
+                                                              "role": "developer", "rate_limit": 1}, headers=admin)
+    key = await created.json()
+    slow = {"Authorization": f"Bearer {key['key']}", **condition}
+    statuses = [(await gateway.client.get(gateway.dataset, headers=slow)).status for _ in range(120)]
+    assert statuses[0] == 304 and 429 in statuses and set(statuses) == {304, 429}, statuses
+    revoked = await gateway.client.delete(f"/v1/api-keys/{key['id']}", headers=admin)
+    assert revoked.status == 204
+    await asyncio.sleep(1.1)  # a token back in its bucket: what answers now is the key check, not the limit
+    gone = await gateway.client.get(gateway.dataset, headers=slow)
+    assert gone.status == 401, await gone.text()
+
+
 @pytest.mark.parametrize("condition, status", [
     ('W/{etag}', 412), ('"nope"', 412), ("*", 200), ("{etag}", 200),
 ])

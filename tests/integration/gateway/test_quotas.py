@@ -71,6 +71,59 @@ async def test_a_tenants_request_quota_is_shared_by_every_replica_and_key(replic
     assert (await replicas[1].get("/v1/api-keys", headers=bystander)).status == 200
 
 
+async def test_requests_finding_the_batch_spent_at_once_share_one_refill(quota_env):
+    """The replica takes tenant tokens from Redis a batch at a time; requests in flight together when the batch
+    runs out wait for one refill rather than each leasing a batch (of which all but one were dropped, so a
+    tenant under its rate was refused: the gateway benchmark's 16 connections drew 16 batches a second)."""
+    quotas = TenantQuotas(Settings.from_env({**quota_env, "LLMP_TENANT_RATE_LIMIT": "100"}))  # batches of 10
+    tenant = f"q{uuid.uuid4().hex[:8]}"
+    calls, take_tokens = [], quotas._take_tokens
+
+    async def counted(**kwargs):
+        calls.append(kwargs)
+        return await take_tokens(**kwargs)
+
+    quotas._take_tokens = counted
+    try:
+        await asyncio.gather(*(quotas.take(tenant) for _ in range(16)))
+        assert len(calls) == 2, calls  # 16 requests, batches of 10: two batches, not sixteen
+        assert quotas._batches[tenant].tokens == 4  # what the second batch left
+        for _ in range(4):  # spent without asking Redis
+            assert quotas.take_local(tenant)
+        assert len(calls) == 2
+        # The burst is 200: 20 were leased, so 180 more requests pass, then the tenant is refused; with the
+        # old herd, 16 concurrent requests at a time drew 160 a round and refused it after about 20.
+        admitted, refused, started = 0, 0, time.monotonic()
+        for _ in range(30):
+            outcomes = await asyncio.gather(*(quotas.take(tenant) for _ in range(10)), return_exceptions=True)
+            admitted += sum(outcome is None for outcome in outcomes)
+            refused += sum(isinstance(outcome, errors.RateLimited) for outcome in outcomes)
+            if refused:
+                break
+        elapsed = time.monotonic() - started
+        assert admitted >= 180, (admitted, refused)
+        assert refused and admitted <= 180 + 10 + 100 * elapsed + 1, (admitted, refused, elapsed)  # + what refilled
+    finally:
+        await quotas.close()
+
+
+async def test_a_revalidation_answered_by_the_gateway_itself_draws_on_the_tenant_quota(replicas):
+    """The 304 fast path (validators remembered, no service call) spends a tenant request like any other."""
+    from gateway.http import VALIDATORS
+
+    gateway = replicas[0]
+    tenant = f"q{uuid.uuid4().hex[:8]}"
+    key = (await _tenant_keys(gateway, tenant, 1, role="developer"))[0]
+    path = "/v1/datasets/d/versions/1"
+    gateway.app[VALIDATORS].remember(tenant, path, {"ETag": '"e"', "Cache-Control": "private, max-age=60",
+                                                    "Vary": "Authorization"}, 60)
+    statuses = [(await gateway.get(path, headers={**key, "If-None-Match": '"e"'})).status for _ in range(4 * RATE)]
+    assert statuses[0] == 304 and set(statuses) == {304, 429}, statuses
+    assert statuses.count(304) <= 2 * RATE + 2, statuses  # the burst (2 s worth) and what refilled meanwhile
+    refused = await gateway.get(path, headers={**key, "If-None-Match": '"e"'})
+    assert refused.status == 429 and "tenant request quota" in (await refused.json())["error"]["message"]
+
+
 @pytest.mark.parametrize("kind, method, path, body", [
     (GENERATIONS, "POST", "/v1/completions", {"model": "anything", "prompt": "hi", "max_tokens": 1}),
     (STREAMS, "GET", "/v1/training-jobs/00000000-0000-4000-8000-000000000000/events", None),

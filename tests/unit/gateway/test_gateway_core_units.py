@@ -90,3 +90,72 @@ def test_openapi_documents_head_for_every_get_route_with_no_body():
 def test_request_ids_are_unique_without_a_system_call_each():
     ids = {next(gateway_app._request_ids) for _ in range(1000)}
     assert len(ids) == 1000 and len({i[:16] for i in ids}) == 1
+
+
+async def test_tenant_quota_holds_per_replica_while_redis_is_unreachable(caplog):
+    """With the quota store down, requests (concurrent ones sharing the failed refill) are still counted
+    against the tenant's rate, locally: the burst passes, the next is 429 naming the quota."""
+    import asyncio
+
+    from gateway.quotas import TenantQuotas
+    from services.common.config import Settings
+
+    settings = Settings.from_env({"LLMP_QUOTA_REDIS_URL": "redis://127.0.0.1:1/0", "LLMP_TENANT_RATE_LIMIT": "5"})
+    quotas = TenantQuotas(settings)  # nothing listens on port 1
+    try:
+        await asyncio.gather(*(quotas.take("t") for _ in range(10)))  # the burst: two seconds' worth
+        with pytest.raises(errors.RateLimited, match="tenant request quota of 5 requests/s"):
+            await quotas.take("t")
+        assert "quota store unreachable" in caplog.text
+    finally:
+        await quotas.close()
+
+
+def _version_request(target: str):
+    """A GET of a dataset version's target, matched as the router matches it."""
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web_urldispatcher import UrlMappingMatchInfo
+
+    request = make_mocked_request("GET", target)
+    name = target.split("?")[0].split("/")[3]
+    request._match_info = UrlMappingMatchInfo({"name": name, "version": "1"}, None)
+    return request
+
+
+def _version_plan():
+    route = next(route for route in routes.all_routes()
+                 if route.method == "GET" and route.path == "/v1/datasets/{name}/versions/{version}")
+    return gateway_app._Plan(route.method, route.path, route)
+
+
+def test_a_target_that_passed_its_checks_is_not_checked_again_and_one_that_failed_always_is(monkeypatch):
+    plan = _version_plan()
+    plan.check_target(_version_request("/v1/datasets/wiki/versions/1"))
+    assert plan.checked == {"/v1/datasets/wiki/versions/1"}
+
+    def no_check(*args):
+        raise AssertionError("a remembered target was checked again")
+
+    monkeypatch.setattr(gateway_app, "validate_path", no_check)
+    monkeypatch.setattr(gateway_app, "validate_query", no_check)
+    plan.check_target(_version_request("/v1/datasets/wiki/versions/1"))
+    monkeypatch.undo()
+    for bad in ("/v1/datasets/Bad%20Name/versions/1", "/v1/datasets/wiki/versions/1?tenant=other"):
+        for _ in range(2):  # refused each time: a refusal is not remembered
+            with pytest.raises(errors.ValidationFailed):
+                plan.check_target(_version_request(bad))
+    assert plan.checked == {"/v1/datasets/wiki/versions/1"}
+
+
+def test_the_checked_targets_are_bounded(monkeypatch):
+    monkeypatch.setattr(gateway_app, "CHECKED_TARGETS", 10)
+    plan = _version_plan()
+    for at in range(35):
+        plan.check_target(_version_request(f"/v1/datasets/d{at}/versions/1"))
+        assert len(plan.checked) <= 10
+    assert "/v1/datasets/d34/versions/1" in plan.checked
+    plan.checked.clear()
+    monkeypatch.setattr(gateway_app, "REMEMBERED_TARGET_CHARS", len("/v1/datasets/d/versions/1"))
+    plan.check_target(_version_request("/v1/datasets/d/versions/1"))
+    plan.check_target(_version_request("/v1/datasets/dd/versions/1"))  # checked, not remembered: too long
+    assert plan.checked == {"/v1/datasets/d/versions/1"}

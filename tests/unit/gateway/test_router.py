@@ -35,12 +35,15 @@ def _paths(templates: list[str]) -> list[str]:
                 filled[slot] = value
             paths.add("/".join(filled))
         paths.add(template.replace("{", "%7B"))
+    # The same paths with a query: the router remembers answers by target, query included.
+    paths |= {f"{path}?q=%2F{at % 3}" for at, path in enumerate(sorted(paths))}
     return sorted(paths)
 
 
 async def _same_as_aiohttp(app: web.Application, paths: list[str]) -> int:
-    """Resolves each path with each method through `app.router` and through `UrlDispatcher.resolve` on the same
-    resources; returns how many routes (not the catch-all) the table answered without aiohttp's walk."""
+    """Resolves each path with each method through `app.router` (twice: found, then remembered) and through
+    `UrlDispatcher.resolve` on the same resources; returns how many routes (not the catch-all) the table
+    answered without aiohttp's walk."""
     router = app.router
     assert isinstance(router, TableRouter)
     answered, walked = 0, 0
@@ -52,22 +55,24 @@ async def _same_as_aiohttp(app: web.Application, paths: list[str]) -> int:
         return await aiohttps(self, request)
 
     for path, method in itertools.product(paths, METHODS):
-        request = make_mocked_request(method, path, app=app)
-        before = walked
-        web.UrlDispatcher.resolve = walk
-        try:
-            ours = await router.resolve(request)
-        finally:
-            web.UrlDispatcher.resolve = aiohttps
-        from_table = walked == before
-        theirs = await aiohttps(router, request)
-        assert type(ours) is type(theirs), (method, path)
-        if theirs.http_exception is not None:  # 404/405: a new error route each time
-            assert ours.http_exception.status == theirs.http_exception.status, (method, path)
-            assert ours.http_exception.headers.get("Allow") == theirs.http_exception.headers.get("Allow")
-            continue
-        assert ours.route is theirs.route and dict(ours) == dict(theirs), (method, path, ours, theirs)
-        answered += from_table and theirs.route.resource is not None and "{tail}" not in theirs.route.resource.canonical
+        theirs = await aiohttps(router, make_mocked_request(method, path, app=app))
+        for attempt in ("found", "remembered"):
+            request = make_mocked_request(method, path, app=app)
+            before = walked
+            web.UrlDispatcher.resolve = walk
+            try:
+                ours = await router.resolve(request)
+            finally:
+                web.UrlDispatcher.resolve = aiohttps
+            from_table = walked == before
+            assert type(ours) is type(theirs), (method, path, attempt)
+            if theirs.http_exception is not None:  # 404/405: a new error route each time
+                assert ours.http_exception.status == theirs.http_exception.status, (method, path, attempt)
+                assert ours.http_exception.headers.get("Allow") == theirs.http_exception.headers.get("Allow")
+                continue
+            assert ours.route is theirs.route and dict(ours) == dict(theirs), (method, path, attempt, ours, theirs)
+            answered += (attempt == "found" and from_table and theirs.route.resource is not None
+                         and "{tail}" not in theirs.route.resource.canonical)
     return answered
 
 
@@ -101,3 +106,23 @@ async def test_templates_the_tree_leaves_to_aiohttp_resolve_as_aiohttp_does(catc
     paths = _paths(["/files/{a}", "/files/{a}/{b}", "/files/{a}.json", "/files/{a}/raw", "/files/x/y"])
     answered = await _same_as_aiohttp(app, paths + ["/files/12/raw", "/files/x/y", "/files/x.json", "/files/q/y"])
     assert answered > 20 or catch_all_first  # (the first catch-all answers every path under /files)
+
+
+async def test_remembered_answers_are_bounded_and_not_shared_between_requests(monkeypatch):
+    from gateway import router as router_module
+
+    monkeypatch.setattr(router_module, "KNOWN_TARGETS", 50)
+    app = init_app(Settings.from_env({}))
+    app.freeze()
+    for at in range(200):  # distinct targets: the memo starts over instead of growing
+        match = await app.router.resolve(make_mocked_request("GET", f"/v1/datasets/d{at}", app=app))
+        assert dict(match) == {"name": f"d{at}"}
+        assert len(app.router._known) <= 50
+    long_name = "n" * router_module.REMEMBERED_TARGET_CHARS
+    app.router._known.clear()
+    match = await app.router.resolve(make_mocked_request("GET", f"/v1/datasets/{long_name}", app=app))
+    assert dict(match) == {"name": long_name} and not app.router._known  # resolved, not remembered: too long
+    first = await app.router.resolve(make_mocked_request("GET", "/v1/datasets/x", app=app))
+    first["name"] = "changed"  # a match is the request's own: changing it changes no later request's
+    again = await app.router.resolve(make_mocked_request("GET", "/v1/datasets/x", app=app))
+    assert dict(again) == {"name": "x"} and again is not first
