@@ -155,14 +155,21 @@ def fanout_child(corpus: Path, work: Path, tokenizer: str, vocab_size: int, shar
                              vocab_size=vocab_size).validated()
     fanout = shards.CeleryFanOut(store, make_producer(settings), key, shard_bytes,
                                  contracts.dataset_version_prefix(tenant, "scale", 1))
-    timed = {}
-    pack = fanout.pack
+    timed: dict[str, float] = {}
 
-    def timed_pack(*args, **kwargs) -> None:
-        started = time.perf_counter()
-        pack(*args, **kwargs)
-        timed["pack_seconds"] = time.perf_counter() - started
-    fanout.pack = timed_pack
+    def timing(name: str, function):  # `function` timed into timed[name]
+        def timed_call(*args, **kwargs):
+            begun = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timed[name] = timed.get(name, 0.0) + time.perf_counter() - begun
+        return timed_call
+    # the stages: scan over the workers with the coordinator's merge, dedup and tokenizer in it, pack over them
+    fanout.scan, fanout.pack = timing("scan_seconds", fanout.scan), timing("pack_seconds", fanout.pack)
+    shards.merge = timing("merge_seconds", shards.merge)
+    pipeline.dedup.run = timing("dedup_seconds", pipeline.dedup.run)
+    pipeline._tokenizer = timing("tokenizer_seconds", pipeline._tokenizer)
     started = time.perf_counter()
     built = pipeline.build(corpus, options, work, fanout=fanout)
     elapsed = time.perf_counter() - started
@@ -355,7 +362,9 @@ def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size:
             print(f"round {round_number + 1}, fan-out, {count} worker(s): {documents} documents "
                   f"({size / 1e6:.1f} MB, {result['ranges']} ranges) in {result['seconds']:.1f} s "
                   f"({documents / result['seconds']:.0f} docs/s), pack stage "
-                  f"{result['pack_seconds']:.1f} s; peak RSS MiB "
+                  f"{result['pack_seconds']:.1f} s (scan {result['scan_seconds']:.1f} s, of which merge "
+                  f"{result['merge_seconds']:.1f} s; dedup {result['dedup_seconds']:.1f} s; tokenizer "
+                  f"{result['tokenizer_seconds']:.1f} s); peak RSS MiB "
                   + ", ".join(f"{name} {peak:.0f}" for name, peak in result["rss"].items()), flush=True)
         hf_runs = []
         for _ in range(rounds):
