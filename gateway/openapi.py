@@ -33,7 +33,7 @@ _GET_HEADERS = {
 # One Server-Sent Event as the gateway writes them (`id:`, `event:`, then `data:`, JSON or the final [DONE]).
 _EVENT = {"type": "object", "required": ["data"], "properties": {
     "id": {"type": "string"}, "event": {"type": "string"}, "data": {"type": "string"}}}
-_SCHEMA_OF_MEDIA = {"text/event-stream": _EVENT}
+_SCHEMA_OF_MEDIA = {"text/event-stream": _EVENT, "application/x-tar": {"type": "string", "format": "binary"}}
 # Request headers of conditional requests: a route that reads either may answer 412.
 _PRECONDITIONS = {"If-Match", "If-None-Match"}
 _MEANING = {

@@ -99,7 +99,7 @@ async def download_version(request: web.Request) -> web.StreamResponse:
     length = sum(len(head) + item.object.size + len(_padding(item.object.size))
                  for head, item in zip(headers, artifacts, strict=True)) + len(END_OF_ARCHIVE)
     response = web.StreamResponse(headers={
-        "Content-Type": "application/x-tar", "Cache-Control": "no-store",
+        "Content-Type": TAR, "Cache-Control": "no-store",
         "Content-Disposition": f'attachment; filename="{name}-v{number}.tar"', "X-Llmp-Digest": version.digest})
     response.content_length = length
     await response.prepare(request)
@@ -133,6 +133,7 @@ async def download_version(request: web.Request) -> web.StreamResponse:
 
 
 MODEL = "/v1/models/{name}"
+TAR = "application/x-tar"  # a download's body, as its Content-Type and the document say
 ROUTES = [
     Route("POST", MODEL + "/imports", create_import,
           "Import a Hugging Face model directory (body: tar or tar.gz) as the model's next version → 202 PENDING "
@@ -148,5 +149,5 @@ ROUTES = [
     Route("GET", MODEL + "/versions/{version}/download", download_version,
           "The version's Hugging Face directory as a tar (weights, config, tokenizer, adapter/), each file checked "
           "against its recorded SHA-256 as it streams (application/x-tar; cut short of its Content-Length if a "
-          "file fails its check)", tag="models"),
+          "file fails its check)", tag="models", media_type=TAR),
 ]

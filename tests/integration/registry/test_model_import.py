@@ -142,6 +142,9 @@ async def test_sharded_tar_gz_in_a_top_folder_imports_over_http(stack, tmp_path)
 
     download = await stack.http.get("/v1/models/sharded/versions/1/download", headers=stack.headers)
     assert download.status == 200 and download.headers["Content-Type"] == "application/x-tar"
+    document = await (await stack.http.get("/openapi.json")).json()  # the body is what the document says it is
+    assert set(document["paths"]["/v1/models/{name}/versions/{version}/download"]["get"]["responses"]["200"]
+               ["content"]) == {download.headers["Content-Type"]}
     raw = await download.read()
     assert len(raw) == int(download.headers["Content-Length"])
     head = await stack.http.head("/v1/models/sharded/versions/1/download", headers=stack.headers)
