@@ -18,12 +18,14 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -146,14 +148,35 @@ def start_seaweedfs(data_dir: Path, ports: SeaweedPorts, access_key: str, secret
         "-master.resumeState=false",
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:  # the child keeps its own descriptor
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+    process = spawn(command, log_path)
     try:
         wait_for_port("127.0.0.1", ports.s3, process, log_path, timeout=60)
     except BaseException:
         stop(process, timeout=3)
         raise
+    return process
+
+
+def spawn(command: list[str], log_path: Path, **options: Any) -> subprocess.Popen:
+    """`command` in a session of its own (the caller stops its group with `stop`), its output appended to
+    `log_path` (the child keeps its own descriptor).
+
+    A Ctrl-C that lands while the child starts is held until Popen has returned, then the child is stopped and
+    KeyboardInterrupt raised: raised inside Popen, it would leave the child running and owned by no one (in its
+    own session, the terminal's next Ctrl-C does not reach it either)."""
+    held: list[int] = []
+    holding = threading.current_thread() is threading.main_thread()  # only the main thread sets handlers
+    previous = signal.signal(signal.SIGINT, lambda signum, _: held.append(signum)) if holding else None
+    try:
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True, **options)
+    finally:
+        if holding:
+            signal.signal(signal.SIGINT, previous)
+    if held and previous is not signal.SIG_IGN:
+        stop(process, timeout=3)
+        raise KeyboardInterrupt
     return process
 
 
@@ -389,9 +412,7 @@ def start_triton(model_repository: Path | str, ports: TritonPorts, log_path: Pat
     log_path.parent.mkdir(parents=True, exist_ok=True)
     backends = triton_backends(backends_dir or log_path.parent / "triton-backends")
     command = triton_command(model_repository, ports, backends, bind_host)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=triton_env(env), start_new_session=True)
+    process = spawn(command, log_path, env=triton_env(env))
     if wait:
         try:
             wait_until(lambda: triton_ready(ports.http), timeout, process, log_path, "tritonserver")
