@@ -37,6 +37,18 @@ def containers(obj: dict) -> list[dict]:
     return [*pod.get("initContainers", []), *pod.get("containers", [])]
 
 
+UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "m": 10**-3}
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity ("4", "500m", "6Gi") as a number (bytes, CPUs)."""
+    text = str(value)
+    for suffix in sorted(UNITS, key=len, reverse=True):
+        if suffix and text.endswith(suffix):
+            return float(text[:-len(suffix)]) * UNITS[suffix]
+    return float(text)
+
+
 @pytest.fixture(scope="session", params=OVERLAYS)
 def overlay(request) -> tuple[str, list[dict]]:
     """(name, rendered objects) of each overlay in deploy/overlays."""

@@ -12,7 +12,7 @@ import math
 import os
 
 import pytest
-from conftest import containers
+from conftest import containers, quantity
 from test_compose import SERVICES, environment, interpolate
 from test_kubernetes import by_kind, pod_spec, workloads
 
@@ -25,18 +25,6 @@ CONFIG = celery_config(Settings.from_env({}))
 ALL_QUEUES = {queue.name for queue in CONFIG["task_queues"]}
 DATA_TASKS = {task for task, route in CONFIG["task_routes"].items() if route["queue"] == DATA_QUEUE}
 GPU = "nvidia.com/gpu"
-UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "m": 10**-3}
-
-
-def quantity(value: str | int) -> float:
-    """A Kubernetes quantity ("4", "500m", "6Gi") as a number (bytes, CPUs)."""
-    text = str(value)
-    for suffix in sorted(UNITS, key=len, reverse=True):
-        if suffix and text.endswith(suffix):
-            return float(text[:-len(suffix)]) * UNITS[suffix]
-    return float(text)
-
-
 def celery_args(container: dict) -> list[str] | None:
     command = [*container.get("command", []), *container.get("args", [])]
     return command if command[:1] == ["celery"] and "worker" in command else None

@@ -14,11 +14,12 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import containers, render
+from conftest import containers, quantity, render
 
 from services.common import topology
 from services.common.config import DEFAULTS, Settings
 from services.common.queues import GPU_WORKER_QUEUES
+from services.dataset import ingestion
 
 ROOT = Path(__file__).resolve().parents[3]
 KUBERNETES_VERSION = "1.30"  # the oldest release the manifests target (native sidecars, gRPC probes)
@@ -202,6 +203,38 @@ def test_every_container_requests_resources_and_pins_its_image(overlay):
             assert ":" in image and tag != "latest", image
             if image.split("/")[-1].split(":")[0] in LLMP_IMAGES:
                 assert image.startswith("registry."), f"{name}: {image} is not from the overlay's registry"
+
+
+def test_every_pod_asks_for_the_node_disk_its_bounded_volumes_may_fill(overlay):
+    """An emptyDir not in memory is the node's disk: unless the pod requests that much ephemeral storage, the
+    scheduler places it where the disk is already promised to others, and the kubelet evicts under pressure."""
+    name, objects = overlay
+    checked = 0
+    for obj in workloads(objects):
+        spec = pod_spec(obj)
+        on_disk = [volume["emptyDir"]["sizeLimit"] for volume in spec.get("volumes", [])
+                   if "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory"
+                   and "sizeLimit" in volume["emptyDir"]]
+        requested = sum(quantity(container.get("resources", {}).get("requests", {}).get("ephemeral-storage", 0))
+                        for container in containers(obj))
+        assert requested >= sum(map(quantity, on_disk)), f"{name}: {obj['metadata']['name']} requests {requested}"
+        checked += bool(on_disk)
+    assert checked >= 7  # gateway, dataset, registry, training, inference (both tracks), both workers
+
+
+def test_the_dataset_services_builds_have_a_volume_that_holds_them(overlay):
+    """Each build slot's corpus and work at the largest upload the overlay accepts (ingestion.work_dir_bytes,
+    measured on corpora of short lines), on a volume of the pod's own where the service writes them."""
+    name, objects = overlay
+    dataset = by_kind(objects, "Deployment")["dataset"]
+    settings = Settings.from_env(config_env(objects))
+    (container,) = pod_spec(dataset)["containers"]
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert str(settings.state_dir) in mounts, f"{name}: the work folder {settings.state_dir} is not a volume"
+    volumes = {volume["name"]: volume for volume in pod_spec(dataset)["volumes"]}
+    claim = volumes[mounts[str(settings.state_dir)]]["ephemeral"]["volumeClaimTemplate"]["spec"]
+    needed = ingestion.work_dir_bytes(settings.dataset_build_slots, settings.max_upload_bytes)
+    assert quantity(claim["resources"]["requests"]["storage"]) >= needed, f"{name}: {needed / 2**30:.1f} GiB needed"
 
 
 def test_gpu_workloads_request_gpus_on_gpu_nodes_and_nothing_else_does(overlay):
