@@ -64,6 +64,7 @@ from gateway.state import (
 )
 from gateway.views import completions, openai_compat
 from services.common import errors, identity, logs, tracing
+from services.common.bounded import Bounded
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.grpc_client import ServiceClients
@@ -130,7 +131,7 @@ class _Plan:
         self.unsafe = method in UNSAFE
         self.conditional = method in ("GET", "HEAD")
         self.observed: dict[int, _Observed] = {}
-        self.checked: set[str] = set()  # targets whose query and path passed `check_target`
+        self.checked: Bounded[str, None] = Bounded(CHECKED_TARGETS)  # targets that passed `check_target`
 
     def check_target(self, request: web.Request) -> None:
         """The query and path checks (422 naming what breaks them). They depend on the target as sent alone, so
@@ -144,9 +145,7 @@ class _Plan:
         if self.path_checks:
             validate_path(self.path_checks, request.match_info)
         if len(target) <= REMEMBERED_TARGET_CHARS:
-            if len(self.checked) >= CHECKED_TARGETS:
-                self.checked.clear()
-            self.checked.add(target)
+            self.checked.remember(target, None)
 
     def observed_for(self, status: int) -> _Observed:
         found = self.observed.get(status)

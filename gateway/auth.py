@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common import errors, private_files
+from services.common.bounded import Bounded
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.identity import Caller
@@ -74,7 +75,7 @@ class RateLimiter:
 
     def __init__(self, rate: float, burst: int, *, subject: str = "this key") -> None:
         self.rate, self.burst, self.subject = rate, burst, subject
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: Bounded[str, _Bucket] = Bounded(MAX_CACHED)
 
     def take(self, key_id: str, rate: float | None = None, now: float | None = None) -> None:
         """One request of `key_id`; RateLimited past the limit. `now`: `time.monotonic()`, if the caller has it."""
@@ -83,9 +84,7 @@ class RateLimiter:
             now = time.monotonic()
         bucket = self._buckets.get(key_id)
         if bucket is None:
-            if len(self._buckets) >= MAX_CACHED:  # a flood of addresses: forget them all rather than grow
-                self._buckets.clear()
-            bucket = self._buckets[key_id] = _Bucket(self.burst, now)
+            bucket = self._buckets.remember(key_id, _Bucket(self.burst, now))
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         if bucket.tokens < 1:
@@ -101,8 +100,8 @@ class KeyStore:
         self.db = db
         self.bootstrap_key = bootstrap_key
         self._bootstrap = bootstrap_key.encode()
-        self._cache: dict[str, tuple[float, Caller, float]] = {}  # full key -> (expires, caller, rate)
-        self._unknown: dict[str, float] = {}  # full key found unknown or revoked -> until when that holds
+        self._cache: Bounded[str, tuple[float, Caller, float]] = Bounded(MAX_CACHED)  # key -> (expires, caller, rate)
+        self._unknown: Bounded[str, float] = Bounded(MAX_CACHED)  # full key found unknown or revoked -> until when
 
     def cached(self, full_key: str, now: float | None = None) -> tuple[Caller, float] | None:
         """The caller and rate limit of the bootstrap key, or of a key checked within the last few seconds
@@ -129,14 +128,10 @@ class KeyStore:
                 (key_id,))
             row = await cursor.fetchone()
         if row is None or not hmac.compare_digest(row["secret_sha256"], hash_secret(secret)):
-            if len(self._unknown) >= MAX_CACHED:
-                self._unknown.clear()
-            self._unknown[full_key] = time.monotonic() + CACHE_SECONDS
+            self._unknown.remember(full_key, time.monotonic() + CACHE_SECONDS)
             raise errors.Unauthenticated("unknown or revoked API key")
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
         caller = Caller(tenant=row["tenant"], key_id=key_id, role=row["role"])
-        self._cache[full_key] = (time.monotonic() + CACHE_SECONDS, caller, row["rate_limit"])
+        self._cache.remember(full_key, (time.monotonic() + CACHE_SECONDS, caller, row["rate_limit"]))
         return caller, row["rate_limit"]
 
     async def create(self, *, tenant: str, role: str, name: str, rate_limit: float, created_by: str) -> dict:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractResource, DynamicResource, PlainResource, UrlMappingMatchInfo
 
+from services.common.bounded import Bounded
+
 _PARAMETER = re.compile(r"\{([_a-zA-Z][_a-zA-Z0-9]*)\}")  # aiohttp's `DynamicResource.DYN`
 KNOWN_TARGETS = 10_000  # resolutions remembered before the memo starts over: memory stays bounded
 # Longer targets are resolved each time, never remembered: 10,000 of aiohttp's 8 KiB request lines would hold 80 MB.
@@ -95,7 +97,8 @@ class TableRouter(web.UrlDispatcher):
         self._tree: _Node | None = None
         # (method, target as sent) -> what the tree answered: most requests repeat a target seen a moment ago
         # (the 304 path's revalidations), and the answer is a function of the two alone.
-        self._known: dict[tuple[str, str], tuple[dict[str, str], web.AbstractRoute] | object] = {}
+        self._known: Bounded[tuple[str, str], tuple[dict[str, str], web.AbstractRoute] | object] = Bounded(
+            KNOWN_TARGETS)
 
     def freeze(self) -> None:
         super().freeze()
@@ -131,9 +134,7 @@ class TableRouter(web.UrlDispatcher):
             if known is None:
                 known = self._look_up(request.method, request.rel_url.path_safe)
                 if len(key[1]) <= REMEMBERED_TARGET_CHARS:
-                    if len(self._known) >= KNOWN_TARGETS:  # a flood of distinct targets: start over, not grow
-                        self._known.clear()
-                    self._known[key] = known
+                    self._known.remember(key, known)
             if known is not _LEFT:
                 return UrlMappingMatchInfo(*known)  # copies the match: the remembered one stays as it was
         return await super().resolve(request)
