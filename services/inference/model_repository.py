@@ -12,7 +12,8 @@ Laid out as Triton expects:
 
 An encoder's export (`encoder.json`, an EncoderSpec, instead of decoder.json) gets the embedding model
 instead: triton_model/encoder_model.py as model.py, and encoder_config.pbtxt.template. Either imports
-triton_model/ort_session.py, which imports services/common/cpus.py, both copied beside it.
+triton_model/ort_session.py, which imports services/common/cpus.py, and triton_model/length_groups.py, all
+copied beside it.
 
 The repository is a local folder (`make up`: the local tritonserver reads it) or, in the compose and
 Kubernetes form `s3://host:port/bucket/prefix`, a prefix in S3 written through `ObjectStore`, which the
@@ -36,8 +37,9 @@ from services.common.errors import InvalidArgument
 from services.common.s3 import ObjectStore
 
 TEMPLATE_DIR = Path(__file__).parent / "triton_model"
-# model.py imports ort_session, which imports cpus: Triton's stub finds them in the version folder, beside it
-MODULES_BESIDE_THE_MODEL = (TEMPLATE_DIR / "ort_session.py", Path(cpus.__file__))
+# model.py imports ort_session (which imports cpus) and length_groups: Triton's stub finds them in the version
+# folder, beside it
+MODULES_BESIDE_THE_MODEL = (TEMPLATE_DIR / "ort_session.py", TEMPLATE_DIR / "length_groups.py", Path(cpus.__file__))
 
 
 @dataclass(frozen=True)

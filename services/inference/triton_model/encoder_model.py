@@ -2,7 +2,8 @@
 
 Copied by the inference service into `<repository>/<model>/1/model.py` beside `model.onnx` and
 `encoder.json` (a `services.common.contracts.EncoderSpec`). It runs inside Triton's Python stub, so it
-imports nothing from llmp; its ONNX Runtime session comes from `ort_session.py`, copied beside it.
+imports nothing from llmp; its ONNX Runtime session comes from `ort_session.py` and its split of a batch
+from `length_groups.py`, copied beside it.
 
 Protocol: every row of a request is one text to embed, and a request may carry many rows.
 - `INPUT_IDS` int64 [n]: the text's tokens (special tokens included), right-padded to the request's longest.
@@ -23,6 +24,7 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from length_groups import length_groups as split_by_length
 from ort_session import open_session
 
 # What one more ORT call costs, in padded tokens: its fixed overhead, and the smaller matrix products of
@@ -32,19 +34,8 @@ CALL_COST_TOKENS = 64
 
 
 def length_groups(lengths: list[int]) -> list[range]:
-    """Split rows sorted by length (`lengths` ascending) into consecutive groups, each run as one ORT call
-    padded to its longest, minimising padded tokens plus CALL_COST_TOKENS per call (dynamic programming:
-    a group always ends at a row, and the best split before it is already known)."""
-    best = [0] * (len(lengths) + 1)  # best[end]: the least cost of rows [0, end)
-    start_of = [0] * (len(lengths) + 1)
-    for end in range(1, len(lengths) + 1):
-        best[end], start_of[end] = min((best[start] + (end - start) * lengths[end - 1] + CALL_COST_TOKENS, start)
-                                       for start in range(end))
-    groups, end = [], len(lengths)
-    while end > 0:
-        groups.append(range(start_of[end], end))
-        end = start_of[end]
-    return groups[::-1]
+    """The encoder's split of rows sorted by length into ORT calls (`length_groups.length_groups`)."""
+    return split_by_length(lengths, CALL_COST_TOKENS)
 
 
 class TritonPythonModel:

@@ -113,3 +113,30 @@ def test_joining_sequences_take_ended_rows_and_decode_as_alone(decoder):
         assert generated[sequence_id] == alone(model, prompt, count), sequence_id
     assert joined >= 3, f"late sequences joined in place {joined} times: the ended rows were not reused"
     assert in_place > gathers, f"{in_place} steps reused the batch, {gathers} gathered it"
+
+
+def test_prompts_of_unlike_lengths_prefill_in_like_length_calls_with_the_tokens_of_each_alone(decoder):
+    """Prompts arriving together are split into calls of like lengths: two short prompts are not padded to a
+    long one's length (which would cost them the long one's compute), and every prompt's next tokens are those
+    it gets alone."""
+    module, model = decoder
+    rng = np.random.default_rng(1)
+    prompts = {31: rng.integers(0, model.vocab, 3).tolist(), 32: rng.integers(0, model.vocab, 60).tolist(),
+               33: rng.integers(0, model.vocab, 4).tolist()}
+    widths = []
+    original = model._prefill_padded
+
+    def watched(rows):
+        widths.append(sorted(row.tokens.shape[0] for row in rows))
+        return original(rows)
+
+    model._prefill_padded = watched
+    try:
+        first = run_step(module, model, [(sequence_id, prompt, False) for sequence_id, prompt in prompts.items()])
+    finally:
+        del model._prefill_padded
+    assert widths == [[3, 4], [60]]
+    second = run_step(module, model, [(sequence_id, [token], True) for sequence_id, token in first.items()])
+    assert not model.sequences
+    for sequence_id, prompt in prompts.items():
+        assert [first[sequence_id], second[sequence_id]] == alone(model, prompt, 2), sequence_id

@@ -36,8 +36,8 @@ async def test_an_s3_repository_is_written_through_the_object_store_and_the_serv
     await asyncio.to_thread(repository.write, NAME, files.onnx_dir, model_repository.BatchingConfig())
     stored = {item.key: item for item in repository.store.list(f"prod/models/{NAME}/")}
     assert set(stored) == {f"prod/models/{NAME}/{path}" for path in
-                           ("config.pbtxt", "1/model.py", "1/ort_session.py", "1/cpus.py", "1/model.onnx",
-                            "1/model.onnx.data", "1/decoder.json")}
+                           ("config.pbtxt", "1/model.py", "1/ort_session.py", "1/length_groups.py", "1/cpus.py",
+                            "1/model.onnx", "1/model.onnx.data", "1/decoder.json")}
     assert stored[f"prod/models/{NAME}/1/model.onnx"].size == (files.onnx_dir / "model.onnx").stat().st_size
     config = repository.store.get_bytes(f"prod/models/{NAME}/config.pbtxt").decode()
     assert f'name: "{NAME}"' in config and 'backend: "python"' in config

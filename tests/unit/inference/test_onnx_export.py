@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from services.common.contracts import ONNX_DATA_FILE, DecoderSpec
+from services.registry import onnx_export
 from services.registry.onnx_export import export_decoder_onnx
 
 from ...tiny_checkpoints import ARCHITECTURES, HEADS
@@ -116,6 +117,79 @@ def test_left_padded_batch_matches_each_sequence_alone(exported, tiny_model):
         expect_long = model(torch.tensor([long + [12]])).logits.numpy()[0, -1]
     np.testing.assert_allclose(step[0][0, -1], expect_short, atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(step[0][1, -1], expect_long, atol=TOLERANCE, rtol=0)
+
+
+def optimized_perms(path, tmp_path) -> list[list[int]]:
+    """The permutations of the Transposes left in the graph ORT runs (its optimizations applied)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
+    return [list(attribute.ints) for node in graph.node if node.op_type == "Transpose"
+            for attribute in node.attribute if attribute.name == "perm"]
+
+
+def test_the_key_cache_is_not_copied_transposed_each_step(exported, tmp_path):
+    """Attention reads the key cache transposed inside the product: no 3-D transpose of the flattened cache is
+    left in the graph ORT runs (the exporter's chain copied the whole cache every step), only the new tokens'
+    4-D head transposes."""
+    _, _, out = exported
+    perms = optimized_perms(out, tmp_path)
+    assert perms and [0, 2, 1] not in perms
+    assert all(perm == [0, 2, 1, 3] for perm in perms)
+
+
+def test_folding_the_key_transposes_changes_no_output_bit(exported, tiny_model, tmp_path, monkeypatch):
+    """The same model exported without the fold gives bitwise the same logits and present key/values, for a
+    left-padded batch with a past, and keeps the transposes the fold removes."""
+    spec, session, _ = exported
+    _, model_dir = tiny_model
+    monkeypatch.setattr(onnx_export, "fold_key_transposes", lambda model: 0)
+    unfolded = tmp_path / "unfolded" / "model.onnx"
+    export_decoder_onnx(model_dir, unfolded)
+    assert [0, 2, 1] in optimized_perms(unfolded, tmp_path)
+    reference = ort.InferenceSession(str(unfolded), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    batch, past = 3, 9
+    feeds = {
+        "input_ids": rng.integers(0, spec.vocab_size, (batch, 1)),
+        "attention_mask": np.array([[0] * 4 + [1] * 6, [1] * 10, [0] * 7 + [1] * 3], np.int64),
+        "position_ids": np.array([[5], [9], [2]], np.int64),
+        **{name: rng.standard_normal((batch, spec.n_kv_head, past, spec.head_dim), dtype=np.float32)
+           for name in spec.input_names if name.startswith("past_key_values.")},
+    }
+    for folded, plain in zip(session.run(None, feeds), reference.run(None, feeds), strict=True):
+        assert folded.shape == plain.shape and np.array_equal(folded, plain)
+
+
+def test_a_reshape_chain_that_is_no_key_transpose_is_left_alone():
+    """Reshape [a, b, c, d] -> [a, b*c, d], Transpose [0, 2, 1], Reshape -> [a, d, b, c] moves the elements
+    otherwise than Transpose [0, 1, 3, 2] would: the fold must not touch it."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+        helper.make_node("Transpose", ["flat"], ["turned"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["turned", "back_shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("flat_shape", TensorProto.INT64, [3], [2, 12, 5]),
+         helper.make_tensor("back_shape", TensorProto.INT64, [4], [2, 5, 3, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert onnx_export.fold_key_transposes(model) == 0
+    assert [node.op_type for node in model.graph.node] == ["Reshape", "Transpose", "Reshape"]
+
+    # The key's own chain, [a*b, c, d] and back to [a, b, d, c], is folded, and computes the same.
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 5), dtype=np.float32)
+    model.graph.initializer[0].CopyFrom(helper.make_tensor("flat_shape", TensorProto.INT64, [3], [6, 4, 5]))
+    model.graph.initializer[1].CopyFrom(helper.make_tensor("back_shape", TensorProto.INT64, [4], [2, 3, 5, 4]))
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert onnx_export.fold_key_transposes(model) == 1
+    assert [node.op_type for node in model.graph.node] == ["Transpose"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(before[0], after[0]) and np.array_equal(after[0], x.transpose(0, 1, 3, 2))
 
 
 def test_weights_are_external_data_beside_the_graph(exported, tiny_model):
