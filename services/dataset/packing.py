@@ -96,24 +96,61 @@ def _batches(texts: Iterable[str], budget: int) -> Iterator[list[str]]:
 
 
 def encode(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int, dtype: np.dtype,
-           batch_chars: int = BATCH_CHARS, add_special_tokens: bool = False) -> Iterator[np.ndarray]:
+           batch_chars: int = BATCH_CHARS, add_special_tokens: bool = False, separator: str | None = None
+           ) -> Iterator[np.ndarray]:
     """Token arrays of consecutive batches of `texts`, each document ending with `eos_id`.
 
     `add_special_tokens`: let the tokenizer's post-processor frame each document (a model's BOS, or its
     EOS, as it expects); EOS is then appended only where the tokenizer did not end the document with it.
+
+    `separator`: EOS's text, when it is a special token of `tokenizer` and nothing else (no normalizer, no
+    post-processor adding tokens) touches a document. Documents are then encoded `JOIN_CHARS` at a time,
+    each followed by `separator`: a special token is split out of a text before anything else, so every
+    document is encoded on its own and ends with `eos_id`, the same ids as one by one at a third less CPU
+    (fewer Encoding objects). Where that cannot hold (a document ending with the separator's text already, or
+    more EOS ids than separators came out), the batch is encoded one document at a time.
     """
-    eos = [eos_id]
     for batch in _batches(texts, batch_chars):
-        encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=add_special_tokens)
-        yield np.fromiter(itertools.chain.from_iterable(
-            e.ids if e.ids[-1:] == eos else e.ids + eos for e in encodings), dtype)
+        if separator is not None and not add_special_tokens and not any(text.endswith(separator) for text in batch):
+            joined = _joined(batch, separator)
+            encodings = tokenizer.encode_batch_fast(joined, add_special_tokens=False)
+            ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype)
+            if np.count_nonzero(ids == eos_id) == sum(text.count(separator) for text in joined):
+                yield ids
+                continue
+        yield _one_by_one(tokenizer, batch, eos_id, dtype, add_special_tokens)
+
+
+JOIN_CHARS = 4096  # characters of documents per joined text (texts of a batch are encoded in parallel)
+
+
+def _joined(batch: list[str], separator: str) -> list[str]:
+    """The documents of `batch` as texts of about `JOIN_CHARS`, each document followed by `separator`."""
+    joined, group, size = [], [], 0
+    for text in batch:
+        group.append(text)
+        size += len(text)
+        if size >= JOIN_CHARS:
+            joined.append(separator.join(group) + separator)
+            group, size = [], 0
+    if group:
+        joined.append(separator.join(group) + separator)
+    return joined
+
+
+def _one_by_one(tokenizer: Tokenizer, batch: list[str], eos_id: int, dtype: np.dtype, add_special_tokens: bool
+                ) -> np.ndarray:
+    eos = [eos_id]
+    encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=add_special_tokens)
+    return np.fromiter(itertools.chain.from_iterable(e.ids if e.ids[-1:] == eos else e.ids + eos for e in encodings),
+                       dtype)
 
 
 def pack(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int, writer: ShardWriter,
-         batch_chars: int = BATCH_CHARS, add_special_tokens: bool = False) -> int:
-    """Tokenize `texts` into `writer`; return the number of tokens written."""
+         batch_chars: int = BATCH_CHARS, add_special_tokens: bool = False, separator: str | None = None) -> int:
+    """Tokenize `texts` into `writer` (`encode`); return the number of tokens written."""
     before = writer.tokens
-    for ids in encode(tokenizer, texts, eos_id, writer.dtype, batch_chars, add_special_tokens):
+    for ids in encode(tokenizer, texts, eos_id, writer.dtype, batch_chars, add_special_tokens, separator):
         writer.write(ids)
     return writer.tokens - before
 

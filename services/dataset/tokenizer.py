@@ -29,6 +29,7 @@ from services.common.errors import ValidationFailed
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 UNK = "<|unk|>"
+BUILT_KINDS = ("bpe", "char")  # the kinds this service builds: EOS is a special token of theirs, no normalizer
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_JSON = "tokenizer.json"
 # The files of a model's tokenizer copied into a dataset version (the ones a model version has, of these).

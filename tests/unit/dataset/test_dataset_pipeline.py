@@ -132,3 +132,22 @@ def test_bpe_learns_from_a_seeded_sample_of_a_train_split_past_the_bound(tmp_pat
     assert (first.folder / "tokenizer" / "tokenizer.json").read_bytes() == \
         (second.folder / "tokenizer" / "tokenizer.json").read_bytes()
     assert decoded_split(first, "train") == decoded_split(whole, "train")  # every train document is still packed
+
+
+def test_a_spool_reads_back_its_kept_documents_whatever_its_blocks(tmp_path, monkeypatch):
+    documents = ["plain", "tab\there", "new\nline", "ünïcode ✓ 漢字", 'quote " and \\ backslash', "",
+                 [["user", "hi\tthere"], ["assistant", "yo\n"]], "x" * 300, "last"]
+    records = [0, 3, 9, 10, 99, 100, 1234, 5000, 65537]
+    status = np.zeros(70000, dtype=np.uint8)
+    status[[3, 100, 5000]] = 1  # not kept (an exact duplicate's code)
+    spool = pipeline._SplitSpool(tmp_path / "train.docs.jsonl")
+    for record, document in zip(records, documents, strict=True):
+        spool.add(record, document)
+    spool.handle.close()
+    expected = [document for record, document in zip(records, documents, strict=True) if status[record] == 0]
+    expected_bytes = sum(len(line.partition(b"\t")[2]) for line in spool.path.read_bytes().splitlines(keepends=True)
+                         if status[int(line.partition(b"\t")[0])] == 0)
+    for block_bytes in (1, 7, 64, 1 << 20):  # lines cut across blocks, and all in one
+        monkeypatch.setattr(pipeline, "SPOOL_BLOCK_BYTES", block_bytes)
+        assert list(spool.documents(status)) == expected
+        assert pipeline._SplitSpool.kept_value_bytes(spool.path, status) == expected_bytes

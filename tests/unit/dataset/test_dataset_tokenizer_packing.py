@@ -68,3 +68,30 @@ def test_uint32_shards_are_little_endian(tmp_path):
     writer.write(np.array([70000, 1], dtype=np.int64))
     (path,) = writer.close()
     assert path.read_bytes() == (70000).to_bytes(4, "little") + (1).to_bytes(4, "little")
+
+
+# Documents the joined encoding must not merge or split differently: EOS's text at the end (the document's own
+# end: no second EOS), inside, cut short, alone, empty, a long one spanning several joined texts.
+AWKWARD = ["Hello there", f"ends with it{tokenizers.EOS}", f"has {tokenizers.EOS} inside", "almost <|endoftext|",
+           "<|endoftext", "", "  ", "ünïcode ✓ 漢字", "tab\tand\nnewline", " x" * 3000, tokenizers.EOS, "You are"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+@pytest.mark.parametrize("batch_chars", [1, 40, 1 << 20])
+def test_documents_joined_by_eos_encode_as_one_by_one(monkeypatch, bpe, kind, batch_chars):
+    tokenizer = bpe if kind == "bpe" else tokenizers.build_char("".join(TEXTS))
+    eos = tokenizer.token_to_id(tokenizers.EOS)
+    one_by_one = []
+    for text in AWKWARD + TEXTS:
+        ids = tokenizer.encode(text).ids
+        one_by_one += ids if ids[-1:] == [eos] else [*ids, eos]
+    singly = []  # the batches encoded one document at a time
+    encode_batch = packing._one_by_one
+    monkeypatch.setattr(packing, "_one_by_one", lambda tokenizer, batch, *args: (
+        singly.append(batch) or encode_batch(tokenizer, batch, *args)))
+    got = np.concatenate(list(packing.encode(tokenizer, AWKWARD + TEXTS, eos, np.dtype("<u2"), batch_chars,
+                                             separator=tokenizers.EOS)))
+    assert got.tolist() == one_by_one
+    # only the batches holding a document that ends with EOS's text went one by one
+    assert singly == [batch for batch in packing._batches(AWKWARD + TEXTS, batch_chars)
+                      if any(text.endswith(tokenizers.EOS) for text in batch)]
