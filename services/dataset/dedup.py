@@ -282,12 +282,16 @@ def pair_stage(work: Work) -> None:
             rows = rows[status[rows["record"].astype(np.intp)] == KEPT]
             rows = rows[np.lexsort((rows["record"], rows["band"]))]
             starts = _groups([rows["band"]])
-            big = np.flatnonzero(np.diff(starts) > 1)
+            sizes = np.diff(starts)
+            member_records = rows["record"]
+            member_splits = splits[member_records.astype(np.intp)]
+            for size in np.unique(sizes[(sizes > 1) & (sizes <= MAX_PEERS)]).tolist():
+                _small_buckets(member_records, member_splits, starts[:-1][sizes == size], size, same, records, cross)
             found: list[tuple[int, int]] = []
             found_cross: list[tuple[int, int]] = []
-            for group in big:
-                members = rows["record"][starts[group]:starts[group + 1]]
-                _pairs(members, splits[members.astype(np.intp)], found, found_cross)
+            for group in np.flatnonzero(sizes > MAX_PEERS):
+                begin, end = starts[group], starts[group + 1]
+                _pairs(member_records[begin:end], member_splits[begin:end], found, found_cross)
                 if len(found) + len(found_cross) >= BATCH * 8:  # a partition of big buckets: written as it goes
                     _write_pairs(found, same, records, found_cross, cross)
             _write_pairs(found, same, records, found_cross, cross)
@@ -295,16 +299,41 @@ def pair_stage(work: Work) -> None:
     cross.flush()
 
 
+def _small_buckets(member_records: np.ndarray, member_splits: np.ndarray, firsts: np.ndarray, size: int,
+                   same: Partitions, records: int, cross: Partitions) -> None:
+    """`_pairs` of every bucket of `size` members (at most `MAX_PEERS`, so each member is among the first
+    `MAX_PEERS` of its split), whose members start at `firsts`, at once: every ordered pair of members, same-split
+    when the earlier record is smaller, cross-split when the earlier one's split comes first. Only the order of
+    the rows written differs from `_pairs` (the stages after sort and deduplicate them)."""
+    later, earlier = np.nonzero(~np.eye(size, dtype=bool))  # member positions of every ordered pair
+    step = max(1, BATCH * 8 // (size * (size - 1)))  # buckets per piece: pairs written BATCH * 8 at a time
+    for begin in range(0, len(firsts), step):
+        members = firsts[begin:begin + step, None] + np.arange(size)
+        bucket_records, bucket_splits = member_records[members], member_splits[members]
+        pairs = np.empty(bucket_records[:, later].shape, dtype=PAIR_ROW)
+        pairs["later"], pairs["earlier"] = bucket_records[:, later], bucket_records[:, earlier]
+        later_splits, earlier_splits = bucket_splits[:, later], bucket_splits[:, earlier]
+        same_split = (later_splits == earlier_splits) & (pairs["earlier"] < pairs["later"])
+        _add_pairs(pairs[same_split], same, records, cross)
+        _add_pairs(pairs[earlier_splits < later_splits], cross, records, cross)
+
+
+def _add_pairs(pairs: np.ndarray, partitions: Partitions, records: int, cross: Partitions) -> None:
+    """Pairs to `partitions`: same-split ones by the later record's range, cross-split ones (`cross`) by hash."""
+    if not len(pairs):
+        return
+    if partitions is cross:
+        parts = pairs["later"] & np.uint64(PARTS - 1)
+    else:
+        parts = pairs["later"] * np.uint64(partitions.parts) // np.uint64(max(records, 1))
+    partitions.add(pairs, parts.astype(np.intp))
+
+
 def _write_pairs(found: list, same: Partitions, records: int, found_cross: list, cross: Partitions) -> None:
     """Same-split pairs to their record range's file, cross-split ones to a hash partition; both lists emptied."""
     for pairs, partitions in ((found, same), (found_cross, cross)):
         if pairs:
-            array = np.array(pairs, dtype=np.uint64).view(PAIR_ROW).ravel()
-            if partitions is same:
-                parts = array["later"] * np.uint64(same.parts) // np.uint64(max(records, 1))
-            else:
-                parts = array["later"] & np.uint64(PARTS - 1)
-            partitions.add(array, parts.astype(np.intp))
+            _add_pairs(np.array(pairs, dtype=np.uint64).view(PAIR_ROW).ravel(), partitions, records, cross)
             pairs.clear()
 
 
