@@ -23,6 +23,7 @@ NGC tritonserver reads (its Python backend then needs numpy and onnxruntime in i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -30,11 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import onnx
+from google.protobuf.message import DecodeError
+
 from services.common import cpus
 from services.common.config import Settings
 from services.common.contracts import ENCODER_SPEC_FILE, ONNX_GRAPH_FILE, onnx_files, spec_files
 from services.common.errors import InvalidArgument
+from services.common.onnx_graph import fold_key_transposes
 from services.common.s3 import ObjectStore
+
+log = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).parent / "triton_model"
 # model.py imports ort_session (which imports cpus) and length_groups: Triton's stub finds them in the version
@@ -79,6 +86,8 @@ def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingC
         shutil.copy2(module, staging / "1" / module.name)
     for item in (*onnx_files(os.listdir(onnx_dir)), spec_file):
         _link_or_copy(onnx_dir / item, staging / "1" / item)
+    if not encoder:
+        _fold_key_transposes(staging / "1" / ONNX_GRAPH_FILE)
     template = (TEMPLATE_DIR / ("encoder_config.pbtxt.template" if encoder else "config.pbtxt.template")).read_text()
     (staging / "config.pbtxt").write_text(template.format(
         name=name, max_batch_size=batching.max_batch_size, max_queue_delay_us=batching.max_queue_delay_us,
@@ -91,6 +100,20 @@ def write_model(repository: Path, name: str, onnx_dir: Path, batching: BatchingC
 
 def remove_model(repository: Path, name: str) -> None:
     shutil.rmtree(repository / name, ignore_errors=True)
+
+
+def _fold_key_transposes(graph_file: Path) -> None:
+    """Fold the key transposes of a decoder exported before the registry did (onnx_graph.py): its steps then stop
+    copying the key cache. The graph is rewritten in place of the link, never through it: the export is not touched."""
+    try:
+        graph = onnx.load(str(graph_file), load_external_data=False)  # the weights stay in model.onnx.data, linked
+    except DecodeError:  # not a graph: left as it came, for Triton's load to report
+        return
+    folded = fold_key_transposes(graph)
+    if folded:
+        graph_file.unlink()
+        onnx.save(graph, str(graph_file))
+        log.info("folded %d key transposes of %s", folded, graph_file.parent.parent.name)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -11,10 +11,8 @@ It uses the dynamo exporter (`torch.onnx.export(..., dynamo=True)`): with transf
 TorchScript exporter fails on `aten::diff`. Beside the graph goes `decoder.json`, a
 `services.common.contracts.DecoderSpec` (`decoder_spec(model)`), which the inference service reads.
 
-The exporter writes attention's `key.transpose(-2, -1)` as reshape to 3-D, transpose, reshape back, which ONNX
-Runtime cannot fuse into the product: it copies the whole key cache, transposed, every step (a quarter of a
-batch-16 decoding step at GPT-2 small's shape). `fold_key_transposes` rewrites that chain as the one 4-D
-transpose it is, which ORT folds into the product (`FusedMatMul` transB); the outputs are bitwise the same.
+The saved graph's attention key transposes are folded (services/common/onnx_graph.py `fold_key_transposes`):
+as the exporter writes them, ONNX Runtime copies the whole key cache every step.
 """
 
 from __future__ import annotations
@@ -25,10 +23,10 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx import helper, shape_inference
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from services.common.contracts import DECODER_SPEC_FILE, DecoderSpec
+from services.common.onnx_graph import fold_key_transposes
 
 log = logging.getLogger(__name__)
 
@@ -125,64 +123,6 @@ def export_model_onnx(model: PreTrainedModel, out_path: Path) -> DecoderSpec:
     log.info("exported %s layers=%d vocab=%d to %s (%d key transposes folded)", type(model).__name__, spec.n_layer,
              spec.vocab_size, out_path, folded)
     return spec
-
-
-def fold_key_transposes(model: onnx.ModelProto) -> int:
-    """Replace each Reshape [a, b, c, d] -> [a*b, c, d], Transpose [0, 2, 1], Reshape -> [a, b, d, c] in `model`
-    by the Transpose [0, 1, 3, 2] it amounts to; returns how many. The shapes are proven by ONNX shape inference
-    with data propagation (the reshapes' targets are computed from Shape ops), symbol for symbol: a chain whose
-    shapes are not fully known is left alone."""
-    graph = model.graph
-    inferred = shape_inference.infer_shapes(model, data_prop=True).graph
-    shapes = {info.name: _dims(info) for info in (*inferred.value_info, *inferred.input, *inferred.output)}
-    producer = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    kept_outputs = {output.name for output in graph.output}
-    replaced: dict[int, onnx.NodeProto] = {}
-    removed: set[int] = set()
-    for node in graph.node:
-        if node.op_type != "Transpose" or _perm(node) != [0, 2, 1] or consumers.get(node.output[0]) != 1:
-            continue
-        first = producer.get(node.input[0])
-        after = [other for other in graph.node if node.output[0] in other.input]
-        if first is None or first.op_type != "Reshape" or after[0].op_type != "Reshape":
-            continue
-        second = after[0]
-        if consumers.get(first.output[0]) != 1 or {first.output[0], node.output[0]} & kept_outputs:
-            continue
-        source, flat, result = (shapes.get(name) for name in (first.input[0], first.output[0], second.output[0]))
-        if not (source and flat and result and len(source) == 4 and len(flat) == 3 and len(result) == 4):
-            continue
-        a, b, c, d = source
-        if None in source or flat[1:] != [c, d] or result != [a, b, d, c]:
-            continue
-        replaced[id(second)] = helper.make_node("Transpose", [first.input[0]], [second.output[0]],
-                                                name=f"{node.name}_folded", perm=[0, 1, 3, 2])
-        removed.update((id(first), id(node)))
-    if not replaced:
-        return 0
-    nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in removed]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return len(replaced)
-
-
-def _dims(info: onnx.ValueInfoProto) -> list[str | int | None] | None:
-    """A value's dimensions (a number, a symbol, or None where unknown); None when its rank is unknown."""
-    tensor = info.type.tensor_type
-    if not tensor.HasField("shape"):
-        return None
-    return [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor.shape.dim]
-
-
-def _perm(node: onnx.NodeProto) -> list[int] | None:
-    for attribute in node.attribute:
-        if attribute.name == "perm":
-            return list(attribute.ints)
-    return None
 
 
 def export_decoder_onnx(model_dir: Path, out_path: Path) -> DecoderSpec:

@@ -162,6 +162,32 @@ def test_folding_the_key_transposes_changes_no_output_bit(exported, tiny_model, 
         assert folded.shape == plain.shape and np.array_equal(folded, plain)
 
 
+def test_a_version_exported_before_the_fold_is_folded_where_triton_reads_it(tiny_model, tmp_path, monkeypatch):
+    """The inference service folds an older export as it writes the model for Triton: the written graph copies no
+    key cache, computes the same bits, and the export it came from (linked, not copied) is left as it was."""
+    from services.inference.model_repository import write_model
+
+    _, model_dir = tiny_model
+    monkeypatch.setattr(onnx_export, "fold_key_transposes", lambda model: 0)
+    old = tmp_path / "old" / "model.onnx"
+    spec = export_decoder_onnx(model_dir, old)
+    before = old.read_bytes()
+    version = write_model(tmp_path / "repository", "m", old.parent)
+    assert old.read_bytes() == before
+    assert [0, 2, 1] in optimized_perms(old, tmp_path) and [0, 2, 1] not in optimized_perms(version / "model.onnx",
+                                                                                            tmp_path)
+    assert (version / ONNX_DATA_FILE).stat().st_ino == (old.parent / ONNX_DATA_FILE).stat().st_ino
+    rng = np.random.default_rng(2)
+    feeds = {"input_ids": rng.integers(0, spec.vocab_size, (2, 3)), "attention_mask": np.ones((2, 8), np.int64),
+             "position_ids": np.array([[5, 6, 7]] * 2, np.int64),
+             **{name: rng.standard_normal((2, spec.n_kv_head, 5, spec.head_dim), dtype=np.float32)
+                for name in spec.input_names if name.startswith("past_key_values.")}}
+    served = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    exported = ort.InferenceSession(str(old), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for mine, theirs in zip(served, exported, strict=True):
+        assert np.array_equal(mine, theirs)
+
+
 def test_a_reshape_chain_that_is_no_key_transpose_is_left_alone():
     """Reshape [a, b, c, d] -> [a, b*c, d], Transpose [0, 2, 1], Reshape -> [a, d, b, c] moves the elements
     otherwise than Transpose [0, 1, 3, 2] would: the fold must not touch it."""
