@@ -11,8 +11,22 @@ graph only: the weights (external data) stay where they are.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 from onnx import helper, shape_inference
+
+
+def fold_graph_file(path: Path) -> int:
+    """`fold_key_transposes` on the graph file at `path` (its weights, external data, are not read); returns how many
+    were folded. A folded graph replaces the file, never writes through it: a hard link to an export stays as it was.
+    A file that is no ONNX graph raises `google.protobuf.message.DecodeError`."""
+    model = onnx.load(str(path), load_external_data=False)
+    folded = fold_key_transposes(model)
+    if folded:
+        path.unlink()
+        onnx.save(model, str(path))
+    return folded
 
 
 def fold_key_transposes(model: onnx.ModelProto) -> int:
@@ -21,25 +35,26 @@ def fold_key_transposes(model: onnx.ModelProto) -> int:
     with data propagation (the reshapes' targets are computed from Shape ops), symbol for symbol: a chain whose
     shapes are not fully known is left alone."""
     graph = model.graph
+    candidates = [node for node in graph.node if node.op_type == "Transpose" and _perm(node) == [0, 2, 1]]
+    if not candidates:  # an export already folded: no shape inference (the inference service asks on every load)
+        return 0
     inferred = shape_inference.infer_shapes(model, data_prop=True).graph
     shapes = {info.name: _dims(info) for info in (*inferred.value_info, *inferred.input, *inferred.output)}
     producer = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, int] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+            consumers.setdefault(name, []).append(node)
     kept_outputs = {output.name for output in graph.output}
     replaced: dict[int, onnx.NodeProto] = {}
     removed: set[int] = set()
-    for node in graph.node:
-        if node.op_type != "Transpose" or _perm(node) != [0, 2, 1] or consumers.get(node.output[0]) != 1:
-            continue
+    for node in candidates:
+        after = consumers.get(node.output[0], [])
         first = producer.get(node.input[0])
-        after = [other for other in graph.node if node.output[0] in other.input]
-        if first is None or first.op_type != "Reshape" or after[0].op_type != "Reshape":
+        if len(after) != 1 or first is None or first.op_type != "Reshape" or after[0].op_type != "Reshape":
             continue
         second = after[0]
-        if consumers.get(first.output[0]) != 1 or {first.output[0], node.output[0]} & kept_outputs:
+        if len(consumers[first.output[0]]) != 1 or {first.output[0], node.output[0]} & kept_outputs:
             continue
         source, flat, result = (shapes.get(name) for name in (first.input[0], first.output[0], second.output[0]))
         if not (source and flat and result and len(source) == 4 and len(flat) == 3 and len(result) == 4):

@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import onnx
 from google.protobuf.message import DecodeError
 
 from services.common import cpus
 from services.common.config import Settings
 from services.common.contracts import ENCODER_SPEC_FILE, ONNX_GRAPH_FILE, onnx_files, spec_files
 from services.common.errors import InvalidArgument
-from services.common.onnx_graph import fold_key_transposes
+from services.common.onnx_graph import fold_graph_file
 from services.common.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -106,13 +105,10 @@ def _fold_key_transposes(graph_file: Path) -> None:
     """Fold the key transposes of a decoder exported before the registry did (onnx_graph.py): its steps then stop
     copying the key cache. The graph is rewritten in place of the link, never through it: the export is not touched."""
     try:
-        graph = onnx.load(str(graph_file), load_external_data=False)  # the weights stay in model.onnx.data, linked
+        folded = fold_graph_file(graph_file)  # the weights stay in model.onnx.data, linked
     except DecodeError:  # not a graph: left as it came, for Triton's load to report
         return
-    folded = fold_key_transposes(graph)
     if folded:
-        graph_file.unlink()
-        onnx.save(graph, str(graph_file))
         log.info("folded %d key transposes of %s", folded, graph_file.parent.parent.name)
 
 

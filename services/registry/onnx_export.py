@@ -11,7 +11,7 @@ It uses the dynamo exporter (`torch.onnx.export(..., dynamo=True)`): with transf
 TorchScript exporter fails on `aten::diff`. Beside the graph goes `decoder.json`, a
 `services.common.contracts.DecoderSpec` (`decoder_spec(model)`), which the inference service reads.
 
-The saved graph's attention key transposes are folded (services/common/onnx_graph.py `fold_key_transposes`):
+The saved graph's attention key transposes are folded (services/common/onnx_graph.py `fold_graph_file`):
 as the exporter writes them, ONNX Runtime copies the whole key cache every step.
 """
 
@@ -21,12 +21,11 @@ import logging
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from services.common.contracts import DECODER_SPEC_FILE, DecoderSpec
-from services.common.onnx_graph import fold_key_transposes
+from services.common.onnx_graph import fold_graph_file
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +114,7 @@ def export_model_onnx(model: PreTrainedModel, out_path: Path) -> DecoderSpec:
         )
         # Weights as external data always (`contracts.ONNX_DATA_FILE`): past 2 GB one file cannot hold them.
         program.save(str(out_path), external_data=True)
-    graph = onnx.load(str(out_path), load_external_data=False)  # the weights stay where they were written
-    folded = fold_key_transposes(graph)
-    if folded:
-        onnx.save(graph, str(out_path))
+    folded = fold_graph_file(out_path)
     (out_path.parent / DECODER_SPEC_FILE).write_text(spec.to_json())
     log.info("exported %s layers=%d vocab=%d to %s (%d key transposes folded)", type(model).__name__, spec.n_layer,
              spec.vocab_size, out_path, folded)

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from services.common import onnx_graph
 from services.common.contracts import ONNX_DATA_FILE, DecoderSpec
 from services.registry import onnx_export
 from services.registry.onnx_export import export_decoder_onnx
@@ -144,7 +145,7 @@ def test_folding_the_key_transposes_changes_no_output_bit(exported, tiny_model, 
     left-padded batch with a past, and keeps the transposes the fold removes."""
     spec, session, _ = exported
     _, model_dir = tiny_model
-    monkeypatch.setattr(onnx_export, "fold_key_transposes", lambda model: 0)
+    monkeypatch.setattr(onnx_export, "fold_graph_file", lambda path: 0)
     unfolded = tmp_path / "unfolded" / "model.onnx"
     export_decoder_onnx(model_dir, unfolded)
     assert [0, 2, 1] in optimized_perms(unfolded, tmp_path)
@@ -168,7 +169,7 @@ def test_a_version_exported_before_the_fold_is_folded_where_triton_reads_it(tiny
     from services.inference.model_repository import write_model
 
     _, model_dir = tiny_model
-    monkeypatch.setattr(onnx_export, "fold_key_transposes", lambda model: 0)
+    monkeypatch.setattr(onnx_export, "fold_graph_file", lambda path: 0)
     old = tmp_path / "old" / "model.onnx"
     spec = export_decoder_onnx(model_dir, old)
     before = old.read_bytes()
@@ -204,7 +205,7 @@ def test_a_reshape_chain_that_is_no_key_transpose_is_left_alone():
         [helper.make_tensor("flat_shape", TensorProto.INT64, [3], [2, 12, 5]),
          helper.make_tensor("back_shape", TensorProto.INT64, [4], [2, 5, 3, 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    assert onnx_export.fold_key_transposes(model) == 0
+    assert onnx_graph.fold_key_transposes(model) == 0
     assert [node.op_type for node in model.graph.node] == ["Reshape", "Transpose", "Reshape"]
 
     # The key's own chain, [a*b, c, d] and back to [a, b, d, c], is folded, and computes the same.
@@ -212,7 +213,7 @@ def test_a_reshape_chain_that_is_no_key_transpose_is_left_alone():
     model.graph.initializer[0].CopyFrom(helper.make_tensor("flat_shape", TensorProto.INT64, [3], [6, 4, 5]))
     model.graph.initializer[1].CopyFrom(helper.make_tensor("back_shape", TensorProto.INT64, [4], [2, 3, 5, 4]))
     before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    assert onnx_export.fold_key_transposes(model) == 1
+    assert onnx_graph.fold_key_transposes(model) == 1
     assert [node.op_type for node in model.graph.node] == ["Transpose"]
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert np.array_equal(before[0], after[0]) and np.array_equal(after[0], x.transpose(0, 1, 3, 2))
