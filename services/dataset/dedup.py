@@ -314,15 +314,16 @@ def _small_buckets(member_records: np.ndarray, member_splits: np.ndarray, firsts
         pairs["later"], pairs["earlier"] = bucket_records[:, later], bucket_records[:, earlier]
         later_splits, earlier_splits = bucket_splits[:, later], bucket_splits[:, earlier]
         same_split = (later_splits == earlier_splits) & (pairs["earlier"] < pairs["later"])
-        _add_pairs(pairs[same_split], same, records, cross)
-        _add_pairs(pairs[earlier_splits < later_splits], cross, records, cross)
+        _add_pairs(pairs[same_split], same, records)
+        _add_pairs(pairs[earlier_splits < later_splits], cross, None)
 
 
-def _add_pairs(pairs: np.ndarray, partitions: Partitions, records: int, cross: Partitions) -> None:
-    """Pairs to `partitions`: same-split ones by the later record's range, cross-split ones (`cross`) by hash."""
+def _add_pairs(pairs: np.ndarray, partitions: Partitions, records: int | None) -> None:
+    """Pairs to `partitions`: same-split ones by the later record's range of `records`, cross-split ones (`records`
+    None) by hash."""
     if not len(pairs):
         return
-    if partitions is cross:
+    if records is None:
         parts = pairs["later"] & np.uint64(PARTS - 1)
     else:
         parts = pairs["later"] * np.uint64(partitions.parts) // np.uint64(max(records, 1))
@@ -331,9 +332,9 @@ def _add_pairs(pairs: np.ndarray, partitions: Partitions, records: int, cross: P
 
 def _write_pairs(found: list, same: Partitions, records: int, found_cross: list, cross: Partitions) -> None:
     """Same-split pairs to their record range's file, cross-split ones to a hash partition; both lists emptied."""
-    for pairs, partitions in ((found, same), (found_cross, cross)):
+    for pairs, partitions, by_range in ((found, same, records), (found_cross, cross, None)):
         if pairs:
-            _add_pairs(np.array(pairs, dtype=np.uint64).view(PAIR_ROW).ravel(), partitions, records, cross)
+            _add_pairs(np.array(pairs, dtype=np.uint64).view(PAIR_ROW).ravel(), partitions, by_range)
             pairs.clear()
 
 
