@@ -68,6 +68,11 @@ def shingles(text: str) -> set[bytes]:
 _DEFAULT = MinHash(num_perm=NUM_PERM)  # datasketch's permutations for seed 1, drawn once rather than per document
 
 
+def signatures(texts: list[str]) -> np.ndarray:
+    """(len(texts), NUM_PERM) uint32: each text's `signature` hash values."""
+    return np.array([signature(text).hashvalues for text in texts], dtype=np.uint32).reshape(len(texts), NUM_PERM)
+
+
 def signature(text: str) -> MinHash:
     """MinHash of the document's shingles."""
     minhash = MinHash(num_perm=NUM_PERM, permutations=_DEFAULT.permutations, scheme=_DEFAULT.scheme)

@@ -5,11 +5,15 @@ Python containers. The scan (`Scan.add`, called by the pipeline once per documen
 filters, in corpus order) gives each such document a dense record number and appends, in fixed-size
 batches:
 
-- its MinHash signature to `signatures.u32` (128 uint32 per record) and its split to `splits.u1`;
+- its split to `splits.u1`;
 - (exact key, record) and (leak key, record) rows to files hash-partitioned on the key (`exact/`, `leak/`);
 - one (band key, record) row per LSH band to files hash-partitioned on the band key (`bands/`): the band
   key is a 64-bit hash of the band's number and its `r` hash values, the bands being those of the
   `datasketch.MinHashLSH` that `cleaning.NearDuplicateIndex` builds (same threshold, weights, b and r).
+
+The signatures themselves are not kept: 512 bytes per record, more than everything else the scan writes (for
+one-line documents, ten times the corpus), shipped from every range of a fanned-out build, when only the records
+of candidate pairs are ever compared. `signature_stage` computes those again from their texts.
 
 Then stages, each a function from input files to output files (`status.u1`: one byte per record, what
 became of it), so they can later run as independent tasks:
@@ -20,19 +24,21 @@ became of it), so they can later run as independent tasks:
    pairs: a record and the earlier records of its own split (near duplicates), a record and the records of
    every earlier split (leaks; train, validation, test, calibration is the order). Same-split pairs go to
    files range-partitioned on the later record, cross-split pairs to hash partitions.
-3. `near_stage`: same-split pairs in increasing order of their later record, duplicates across bands
+3. `signature_stage`: the MinHash signatures of the records some pair holds, from their texts (the pipeline's
+   spools), into `signatures.u32`, a sparse file: a record's 128 uint32 at its number × 512.
+4. `near_stage`: same-split pairs in increasing order of their later record, duplicates across bands
    removed, verified on the two stored signatures (estimated Jaccard similarity at least the threshold,
    as `NearDuplicateIndex.find` does); a record is a near duplicate when a verified earlier record of its
    split is still kept. That is the sequential rule of before (a document is dropped when a kept earlier
    document of its split is a near copy), computed in record order from the pairs alone.
-4. `leak_stage` (once per evaluation split, in order): a kept record is removed as `exact` leak when a
+5. `leak_stage` (once per evaluation split, in order): a kept record is removed as `exact` leak when a
    kept record of an earlier split shares its leak key, else as `near` leak when a verified cross-split
    pair joins it to one; what an earlier split lost to leaks no longer counts, as before.
 
 Memory: each partition file is read whole only when it is under `PART_BYTES`; a larger one is split on
 further bits of its key (record range for the pair files) into sub-files first, recursively, so the peak
-depends on `PART_BYTES` and `BATCH`, not on the corpus. `status.u1` and `splits.u1` are memory-mapped
-files, one byte per record each, touched page by page.
+depends on `PART_BYTES` and `BATCH`, not on the corpus. `status.u1`, `splits.u1` and `wanted.u1` are
+memory-mapped files, one byte per record each, touched page by page.
 
 Differences from the in-memory algorithm of before, all confined to pathological corpora:
 - in a band bucket, a record is paired with at most the first `MAX_PEERS` records of each split in it
@@ -169,6 +175,7 @@ class Work:
         self.signatures = folder / "signatures.u32"
         self.splits = folder / "splits.u1"
         self.status = folder / "status.u1"
+        self.wanted = folder / "wanted.u1"  # the records whose signatures the verifying stages read
         self.exact = folder / "exact"
         self.leak = folder / "leak"
         self.bands = folder / "bands"
@@ -193,7 +200,6 @@ class Scan:
         self.work = work
         self.bands, self.rows = lsh_bands(threshold)
         self.records = 0
-        self._signatures = open(work.signatures, "wb")
         self._splits = open(work.splits, "wb")
         self._exact = Partitions(work.exact, KEY_ROW)
         self._leak = Partitions(work.leak, KEY_ROW)
@@ -225,7 +231,6 @@ class Scan:
         rows = np.empty(keys.size, BAND_ROW)
         rows["band"], rows["record"] = keys.ravel(), np.repeat(records, self.bands)
         self._band.add(rows, (rows["band"] & np.uint64(PARTS - 1)).astype(np.intp))
-        signatures.tofile(self._signatures)
         splits.tofile(self._splits)
         self._batch = []
 
@@ -239,8 +244,7 @@ class Scan:
             handle.truncate(self.records)
 
     def close(self) -> None:
-        """Closes the files (again, harmlessly); what is still buffered is dropped, as for a build stopped mid-way."""
-        self._signatures.close()
+        """Closes the file (again, harmlessly); what is still buffered is dropped, as for a build stopped mid-way."""
         self._splits.close()
 
 
@@ -356,6 +360,43 @@ def _pairs(members: np.ndarray, member_splits: np.ndarray, same: list, cross: li
                 cross.extend((record, peer) for peer in peers)
 
 
+Documents = Callable[[np.ndarray], Iterator[tuple[np.ndarray, list[str]]]]
+"""`documents(wanted)`: for a mask over record numbers, the texts of the wanted records (each the text its
+signature was made of), as (records, texts) blocks in any order (the pipeline reads them from its spools)."""
+
+
+def signature_stage(work: Work, documents: Documents) -> None:
+    """The signatures of every record a candidate pair holds, computed from `documents` into the sparse
+    `signatures.u32` that `_Signatures` reads (see the module docstring)."""
+    records = work.records()
+    with open(work.wanted, "wb") as handle:
+        handle.truncate(records)
+    wanted = np.memmap(work.wanted, dtype=np.uint8, mode="r+")
+    chunk = max(1, PART_BYTES // PAIR_ROW.itemsize)
+    for folder in (work.same, work.cross):
+        for path in sorted(folder.glob("part-*.bin")):
+            with open(path, "rb") as handle:
+                while len(rows := np.fromfile(handle, dtype=PAIR_ROW, count=chunk)):
+                    wanted[rows["later"].astype(np.intp)] = 1
+                    wanted[rows["earlier"].astype(np.intp)] = 1
+    expected = sum(int(np.count_nonzero(wanted[start:start + chunk])) for start in range(0, records, chunk))
+    found = 0
+    descriptor = os.open(work.signatures, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(descriptor, records * SIGNATURE_BYTES)  # holes where no signature is needed
+        for numbers, texts in documents(wanted.view(bool)):
+            values = cleaning.signatures(texts)
+            for record, row in zip(numbers.tolist(), values, strict=True):
+                os.pwrite(descriptor, row.tobytes(), record * SIGNATURE_BYTES)
+            found += len(numbers)
+    finally:
+        os.close(descriptor)
+        del wanted
+        work.wanted.unlink()
+    if found != expected:  # a signature missing would read as zeros and judge its pairs wrongly
+        raise ValueError(f"{expected} records hold candidate pairs but the documents gave {found}")
+
+
 class _Signatures:
     """Reads stored signatures by record number (pread: nothing mapped, nothing cached by this process)."""
 
@@ -449,13 +490,15 @@ def leak_stage(work: Work, split: str) -> None:
     status.flush()
 
 
-def run(work: Work, threshold: float, report: Callable[[], None] = lambda: None) -> None:
-    """Every stage in order, on one machine."""
+def run(work: Work, threshold: float, documents: Documents, report: Callable[[], None] = lambda: None) -> None:
+    """Every stage in order, on one machine; `documents` gives the texts `signature_stage` needs."""
     if not work.records():
         return
     exact_stage(work)
     report()
     pair_stage(work)
+    report()
+    signature_stage(work, documents)
     report()
     near_stage(work, threshold)
     report()

@@ -58,7 +58,8 @@ LEASE_SECONDS = 60.0  # a PENDING version whose owner has not renewed it for thi
 HEARTBEAT_SECONDS = 10.0  # how often leases are renewed and lapsed versions looked for
 MAX_ATTEMPTS = 5  # builds of one version before it is FAILED (a corpus that kills its builder must not loop)
 # What a build writes in its work folder, per byte of its corpus, at the peak: split spools, dedup rows, MinHash
-# signatures, packed shards (the corpus itself is beside it). Worst case measured: one-line documents of ~45 bytes,
+# signatures (of every record when measured, of candidate pairs' only since: an upper bound), packed shards (the
+# corpus itself is beside it). Worst case measured: one-line documents of ~45 bytes,
 # whose per-document state is largest per byte (an in-process build of 200,000 of them, 9.2 MB, peaked at 21.5x;
 # a fan-out coordinator holds the same merged scan plus one range's archive). Real documents need far less.
 BUILD_WORK_PER_CORPUS_BYTE = 24.0

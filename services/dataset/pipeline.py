@@ -116,12 +116,8 @@ class _SplitSpool:
         lines' values joined as one JSON array (a `json.loads` per line took 6 times as long)."""
         for lines in _spool_lines(path):
             kept = lines.kept(status)
-            if not kept.any():
-                continue
-            # bytes from each kept value's start to its newline, the newlines then turned into commas
-            values = lines.data[_spans(len(lines.data), lines.tabs[kept] + 1, lines.ends[kept] + 1)]
-            values[values == _NEWLINE] = _COMMA  # JSON escapes every newline inside a value
-            yield json.loads(b"[" + values[:-1].tobytes() + b"]")
+            if kept.any():
+                yield lines.values(kept)
 
     @staticmethod
     def kept_value_bytes(path: Path, status: np.ndarray) -> int:
@@ -152,6 +148,28 @@ class _Lines:
     def kept(self, status: np.ndarray) -> np.ndarray:
         """Which lines the dedup stages kept."""
         return status[self.records] == dedup.KEPT
+
+    def values(self, chosen: np.ndarray) -> list:
+        """The documents of the `chosen` lines, decoded by one `json.loads` of their values joined as one JSON
+        array: the bytes from each value's start to its newline, the newlines turned into commas (JSON escapes
+        every newline inside a value)."""
+        values = self.data[_spans(len(self.data), self.tabs[chosen] + 1, self.ends[chosen] + 1)]
+        values[values == _NEWLINE] = _COMMA
+        return json.loads(b"[" + values[:-1].tobytes() + b"]")
+
+
+def spool_texts(folder: Path) -> dedup.Documents:
+    """The texts of wanted records, read from the split spools in `folder`: what their signatures were made of
+    (`scan`), for `dedup.signature_stage`."""
+    def documents(wanted: np.ndarray) -> Iterator[tuple[np.ndarray, list[str]]]:
+        for name in SPLITS:
+            for lines in _spool_lines(spool_path(folder, name)):
+                chosen = wanted[lines.records]
+                if chosen.any():
+                    texts = [document if isinstance(document, str) else ingest.conversation_text(document)
+                             for document in lines.values(chosen)]
+                    yield lines.records[chosen], texts
+    return documents
 
 
 def _spool_lines(path: Path) -> Iterator[_Lines]:
@@ -329,7 +347,8 @@ def _build(corpus: Path, options: DatasetOptions, work: Path, report: ProgressFn
     if counts.documents_in == 0:
         raise ValidationFailed("the corpus holds no documents")
 
-    dedup.run(state, options.near_dup_threshold, lambda: report("clean", bytes_done, counts.documents_in))
+    dedup.run(state, options.near_dup_threshold, spool_texts(work),
+              lambda: report("clean", bytes_done, counts.documents_in))
     table = dedup.counts(state)
     status = state.status_map()
     for index, name in enumerate(SPLITS):

@@ -111,13 +111,12 @@ def merge(parts: Iterable[tuple[Path, pipeline.Scanned]], work: Path) -> pipelin
         getattr(state, kind).mkdir(parents=True, exist_ok=True)
     spools = {name: open(pipeline.spool_path(work, name), "w", encoding="utf-8") for name in SPLITS}
     try:
-        with open(state.signatures, "wb") as signatures, open(state.splits, "wb") as splits:
+        with open(state.splits, "wb") as splits:
             for folder, counts in parts:
                 part = dedup.Work(folder / "dedup")
                 offset = np.uint64(total.records)
-                for source, target in ((part.signatures, signatures), (part.splits, splits)):
-                    with open(source, "rb") as handle:
-                        shutil.copyfileobj(handle, target)
+                with open(part.splits, "rb") as handle:
+                    shutil.copyfileobj(handle, splits)
                 for kind, dtype in kinds:
                     for path in sorted(getattr(part, kind).glob("part-*.bin")):
                         rows = np.fromfile(path, dtype=dtype)

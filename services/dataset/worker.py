@@ -51,7 +51,8 @@ def _set_concurrency(conf: Any, options: dict[str, Any], **_: Any) -> None:
 # shortest documents (one line each, ~45 bytes: 1.45 M documents in 63 MiB), whose per-document state is
 # largest per byte. Measured on `_scan` and `_pack` with a streaming local-folder store in place of S3 (the S3
 # client streams both ways too): the scan peaked at 155 MiB RSS (~110 MiB of it the imports) and wrote 2.58 GiB of
-# scratch files (MinHash signatures and their archive) under /tmp; the pack peaked at 204 MiB (the tokenizer and
+# scratch files under /tmp (then with every record's MinHash signature, since left out of a range's output:
+# an upper bound now); the pack peaked at 204 MiB (the tokenizer and
 # its batches) with 183 MiB of scratch. An earlier figure of 1,432 MiB had a store that read whole archives into
 # memory. Memory and scratch grow with the range at most, never with the corpus. A worker's memory limit holds
 # its main process and `concurrency` ranges at this peak, its /tmp that many ranges' scratch (tests/unit/deploy

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from services.common import cleaning
@@ -68,6 +69,15 @@ def reference(docs: list[str], threshold: float) -> list[str]:
     return status
 
 
+def texts_of(docs: list[str]) -> dedup.Documents:
+    """The texts of the wanted records, in two blocks out of record order (the stage must not assume it)."""
+    def documents(wanted):
+        chosen = np.flatnonzero(wanted)[::-1]
+        for block in (chosen[::2], chosen[1::2]):
+            yield block, [docs[record] for record in block]
+    return documents
+
+
 def partitioned(docs: list[str], threshold: float, folder: Path) -> list[str]:
     work = dedup.Work(folder)
     scan = dedup.Scan(work, threshold)
@@ -75,7 +85,7 @@ def partitioned(docs: list[str], threshold: float, folder: Path) -> list[str]:
         scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text),
                  cleaning.signature(text).hashvalues)
     scan.finish()
-    dedup.run(work, threshold)
+    dedup.run(work, threshold, texts_of(docs))
     return [dedup.STATUS_NAMES[code] for code in work.status_map()]
 
 
@@ -136,3 +146,52 @@ def test_peak_memory_of_a_build_does_not_grow_with_its_documents(tmp_path):
     held ~8 KiB per document (~95 MiB more for the larger one); a bounded one differs by noise."""
     small, large = peak_kib(3000, tmp_path / "small"), peak_kib(15000, tmp_path / "large")
     assert large - small < 16 * 1024, f"peak RSS {small / 1024:.0f} MiB -> {large / 1024:.0f} MiB"
+
+
+def test_only_the_records_of_candidate_pairs_get_their_signatures_computed(tmp_path):
+    docs = corpus(600, seed=3)
+    work = dedup.Work(tmp_path / "dedup")
+    scan = dedup.Scan(work, 0.8)
+    for text in docs:
+        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text),
+                 cleaning.signature(text).hashvalues)
+    scan.finish()
+    assert not work.signatures.exists()  # the scan writes band keys, not signatures
+    asked: list[int] = []
+    given = texts_of(docs)
+
+    def documents(wanted):
+        for records, texts in given(wanted):
+            asked.extend(records.tolist())
+            yield records, texts
+    dedup.exact_stage(work)
+    dedup.pair_stage(work)
+    dedup.signature_stage(work, documents)
+    paired = set()
+    for path in [*work.same.glob("part-*.bin"), *work.cross.glob("part-*.bin")]:
+        rows = np.fromfile(path, dtype=dedup.PAIR_ROW)
+        paired |= set(rows["later"].tolist()) | set(rows["earlier"].tolist())
+    assert 0 < len(asked) < len(docs) / 2 and sorted(asked) == sorted(paired)
+    stored = np.fromfile(work.signatures, dtype=np.uint32).reshape(len(docs), cleaning.NUM_PERM)
+    for record in range(len(docs)):
+        expected = cleaning.signature(docs[record]).hashvalues if record in paired else np.zeros(cleaning.NUM_PERM)
+        assert (stored[record] == expected).all(), record
+
+
+def test_a_wanted_record_the_documents_do_not_give_fails_the_stage(tmp_path):
+    docs = corpus(300, seed=4)
+    work = dedup.Work(tmp_path / "dedup")
+    scan = dedup.Scan(work, 0.8)
+    for text in docs:
+        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text),
+                 cleaning.signature(text).hashvalues)
+    scan.finish()
+    dedup.exact_stage(work)
+    dedup.pair_stage(work)
+    given = texts_of(docs)
+
+    def short_one(wanted):
+        for records, texts in given(wanted):
+            yield records[1:], texts[1:]
+    with pytest.raises(ValueError, match="records hold candidate pairs but the documents gave"):
+        dedup.signature_stage(work, short_one)
