@@ -6,15 +6,17 @@ CPU-heavy stage, run by whichever worker takes it (`tasks.py`):
 
 1. scan (`scan_shard`): the worker GETs its range and runs `pipeline.scan` on it: its split spools and dedup
    partition rows, record numbers from 0, uploaded under the build's prefix. The coordinator (the dataset
-   service) downloads them one range at a time, in range order, and `merge`s them: record numbers shifted by
-   the prefix sums of the ranges' record counts, partition files and spools appended in range order, which
-   gives exactly the files the sequential scan writes (it appends rows in record order too).
+   service) downloads them one range at a time, in range order, each as soon as it and those before it are
+   done (while the workers scan later ones), and `merge`s them: record numbers shifted by the prefix sums of
+   the ranges' record counts, partition files and spools appended in range order, which gives exactly the
+   files the sequential scan writes (it appends rows in record order too).
 2. dedup (`dedup.run`) and the tokenizer stay in the coordinator, as in-process.
 3. pack (`pack_shard`): the coordinator uploads the tokenizer (`tokenizer.to_json`) and each range's slice
    of the status file; the worker packs the range's kept documents of each split into one token stream
-   (masks and example index for supervised formats). The coordinator appends the streams in range order
-   into the version's fixed-size shards (`ShardWriter.append`): each document is encoded on its own, so the
-   concatenation is the stream the sequential packer writes.
+   (masks and example index for supervised formats). The coordinator appends the streams in range order,
+   each as soon as it and those before it are done, into the version's fixed-size shards
+   (`ShardWriter.append`): each document is encoded on its own, so the concatenation is the stream the
+   sequential packer writes.
 
 Fair share on the workers: the `data` queue is one FIFO for every build, so a build keeps at most
 `LLMP_DATASET_RANGES_IN_FLIGHT` of its ranges sent and unfinished, and sends the next as one finishes. The ranges
@@ -26,7 +28,7 @@ A result is an object `<prefix><stage>-NNNNN.json`, written last; the coordinato
 (in its build thread, not the event loop). Tasks are acks_late and reject_on_worker_lost
 (services/common/queues.py): a worker killed mid-task gives its message back and another worker redoes that
 range only. A task marks each start with a `.started.<id>` object, from which the coordinator's wait for that
-range counts (`CeleryFanOut._run`). A task's failure is an `.error.json` object that fails the build with its
+range counts (`CeleryFanOut._results`). A task's failure is an `.error.json` object that fails the build with its
 message. The prefix holds
 `build.json` while the build runs; closing the fan-out (done, failed or cancelled) revokes its tasks and deletes
 the prefix, and a task finishing after that deletes what it wrote (it finds `build.json` gone), so nothing is
@@ -170,7 +172,7 @@ def run_task(store: ObjectStore, stage: str, spec: dict[str, Any]) -> None:
     """One range of one stage (`scan` or `pack`), its result or its error stored under the build's prefix.
 
     What cannot even be reported (S3 down throughout) only logs: the coordinator re-sends a range that gives
-    no result in time (`CeleryFanOut._run`)."""
+    no result in time (`CeleryFanOut._results`)."""
     prefix, index = spec["prefix"], spec["index"]
     if not _trusted(spec):
         log.error("dataset shard refused: not a build's prefix", extra={"stage": stage, "prefix": prefix})
@@ -268,21 +270,20 @@ class CeleryFanOut:
         self.ranges = cut(corpus, options, self.shard_bytes)
         specs = [{"prefix": self.prefix, "index": index, "source_key": self.source_key, "start": start, "end": end,
                   "options": options.as_dict()} for index, (start, end) in enumerate(self.ranges)]
-        results = self._run("scan", SCAN_TASK_NAME, specs, report, "clean")
-        scanned = [pipeline.Scanned(**result) for result in results]
+        self.records = []
 
-        def fetched() -> Iterator[tuple[Path, pipeline.Scanned]]:  # one range on disk at a time
-            for index, counts in enumerate(scanned):
+        def fetched() -> Iterator[tuple[Path, pipeline.Scanned]]:  # one range on disk at a time, as they come
+            for index, result in self._results("scan", SCAN_TASK_NAME, specs, report, "clean"):
+                counts = pipeline.Scanned(**result)
                 folder = work / "ranges" / f"{index:05d}"
                 for part in (".spools.tar", ".dedup.tar"):
                     _get_tar(self.store, _key(self.prefix, "scan", index, part), folder)
+                self.records.append(counts.records)
                 yield folder, counts
         try:
-            merged = merge(fetched(), work)
+            return merge(fetched(), work)
         finally:
             shutil.rmtree(work / "ranges", ignore_errors=True)
-        self.records = [counts.records for counts in scanned]
-        return merged
 
     def pack(self, status: np.ndarray, loaded: tokenizers.Loaded, options: DatasetOptions, work: Path,
              results: dict[str, pipeline.SplitResult], shard_tokens: int, report: pipeline.ProgressFn) -> None:
@@ -293,12 +294,11 @@ class CeleryFanOut:
             start += records
         specs = [{"prefix": self.prefix, "index": index, "supervised": options.supervised}
                  for index in range(len(self.ranges))]
-        stats = self._run("pack", PACK_TASK_NAME, specs, report, "pack")
         dtype = packing.dtype_for(loaded.info.vocab_size)
         writers = {name: (packing.ExampleWriter if options.supervised else packing.ShardWriter)(
             work / name, dtype, shard_tokens) for name in SPLITS}
         try:
-            for index, shard_stats in enumerate(stats):
+            for index, shard_stats in self._results("pack", PACK_TASK_NAME, specs, report, "pack"):
                 folder = work / "ranges" / f"{index:05d}"
                 _get_tar(self.store, _key(self.prefix, "pack", index, ".tar"), folder)
                 for name in SPLITS:
@@ -338,14 +338,17 @@ class CeleryFanOut:
         except Exception:
             log.warning("could not delete a build's range objects", extra={"prefix": self.prefix}, exc_info=True)
 
-    def _run(self, stage: str, task: str, specs: list[dict], report: pipeline.ProgressFn, phase: str) -> list[dict]:
-        """Send one task per spec and wait for every result. Ranges are idempotent (fixed keys), so a second copy
-        of one does no harm. A range is sent again when it has no result `range_seconds` after its latest start
-        (`.started.<id>`: its worker's pod gone, its outcome unstorable; a copy redelivered after its worker was
-        killed starts the wait again), or when it has not started `range_seconds` after it was sent and after
-        this build last moved, unless it is still queued behind other work that workers take (`_still_queued`:
-        other builds' ranges, a busy pool). After `RANGE_SENDS` sends the build fails naming it. At most
-        `in_flight` ranges are out at once, sent in corpus order as earlier ones finish (the module docstring)."""
+    def _results(self, stage: str, task: str, specs: list[dict], report: pipeline.ProgressFn, phase: str
+                 ) -> Iterator[tuple[int, dict]]:
+        """Send one task per spec and yield each (index, result) in spec order, as soon as it and every earlier one
+        are in: the coordinator appends a range while the workers still run later ones. Ranges are idempotent
+        (fixed keys), so a second copy of one does no harm. A range is sent again when it has no result
+        `range_seconds` after its latest start (`.started.<id>`: its worker's pod gone, its outcome unstorable; a
+        copy redelivered after its worker was killed starts the wait again), or when it has not started
+        `range_seconds` after it was sent and after this build last moved, unless it is still queued behind other
+        work that workers take (`_still_queued`: other builds' ranges, a busy pool). After `RANGE_SENDS` sends the
+        build fails naming it. At most `in_flight` ranges are out at once, sent in corpus order as earlier ones
+        finish (the module docstring)."""
         sent_at: dict[int, float] = {}  # the ranges sent so far (or found still queued)
         started_at: dict[int, float] = {}  # when a range's latest `.started.<id>` marker was first listed
         markers: dict[int, set[str]] = {}  # the start markers seen per range
@@ -367,7 +370,8 @@ class CeleryFanOut:
                 send(unsent.pop())
 
         top_up()
-        while len(results) < len(specs):
+        following = 0  # the next range to yield
+        while following < len(specs):
             listed = {stored.key for stored in self.store.list(f"{self.prefix}{stage}-")}
             now = time.monotonic()
             for index in sorted(sent_at):
@@ -397,10 +401,12 @@ class CeleryFanOut:
             top_up()
             done_bytes = sum(self.ranges[index][1] - self.ranges[index][0] for index in results)
             report(phase, done_bytes, sum(result.get("documents_in", 0) for result in results.values()))
+            while following in results:  # the workers go on meanwhile: their next ranges are out already
+                yield following, results[following]
+                following += 1
             if len(results) < len(specs):
                 time.sleep(POLL_SECONDS)
         self._tasks = []  # all done: nothing to revoke
-        return [results[index] for index in range(len(specs))]
 
 
     def _still_queued(self) -> bool:

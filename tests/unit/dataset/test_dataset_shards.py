@@ -191,7 +191,7 @@ def run_builds(monkeypatch, in_flight: int | None, sizes: dict[str, int]
             with queue.lock:
                 out = (queue.events.count(("sent", fanout.prefix)) - queue.events.count(("done", fanout.prefix)))
             peak[name] = max(peak.get(name, 0), out)
-        assert len(fanout._run("scan", shards.SCAN_TASK_NAME, specs, report, "clean")) == len(specs)
+        assert len(list(fanout._results("scan", shards.SCAN_TASK_NAME, specs, report, "clean"))) == len(specs)
 
     stop = threading.Event()
     worker = threading.Thread(target=queue.work, args=(stop,))
@@ -256,7 +256,7 @@ def test_the_window_is_a_setting_the_factory_passes(monkeypatch):
 
 def run_one_build(monkeypatch, queue: FifoQueue, ranges: int, range_seconds: float) -> tuple[object, dict]:
     """One build of `ranges` ranges on `queue`'s single worker with a re-send wait of `range_seconds`: its
-    `_run`'s outcome (the results, or the exception raised) and how often each range was sent."""
+    `_results`' outcome (the results, or the exception raised) and how often each range was sent."""
     monkeypatch.setattr(shards, "POLL_SECONDS", 0.005)
     monkeypatch.setattr(shards, "_data_consumed", lambda producer: queue.consumers)
     fanout = shards.CeleryFanOut(queue, queue, "sources/x", 1, "datasets/t/1/", range_seconds=range_seconds)
@@ -273,7 +273,7 @@ def run_one_build(monkeypatch, queue: FifoQueue, ranges: int, range_seconds: flo
     worker = threading.Thread(target=queue.work, args=(stop,))
     worker.start()
     try:
-        outcome = fanout._run("scan", shards.SCAN_TASK_NAME, specs, lambda *_: None, "clean")
+        outcome = list(fanout._results("scan", shards.SCAN_TASK_NAME, specs, lambda *_: None, "clean"))
     except Internal as error:
         outcome = error
     finally:
@@ -342,3 +342,26 @@ def test_a_started_range_without_a_result_is_sent_again_then_fails_the_build(mon
                                   range_seconds=0.3)
     assert isinstance(outcome, Internal) and "range 1 of the scan got no result" in str(outcome)
     assert sent[1] == shards.RANGE_SENDS and sent[0] == sent[2] == 1
+
+
+def test_results_come_in_range_order_while_later_ranges_still_run(monkeypatch):
+    """The coordinator appends range 0 while the worker runs the others: each result is handed over once it and
+    every earlier one are in, not after the last."""
+    monkeypatch.setattr(shards, "POLL_SECONDS", 0.005)
+    queue = FifoQueue(range_seconds=0.05)
+    fanout = shards.CeleryFanOut(queue, queue, "sources/x", 1, "datasets/t/1/")
+    fanout.ranges = [(index, index + 1) for index in range(6)]
+    specs = [{"prefix": fanout.prefix, "index": index} for index in range(6)]
+    stop = threading.Event()
+    worker = threading.Thread(target=queue.work, args=(stop,))
+    worker.start()
+    handed: list[tuple[int, int]] = []  # (range handed over, ranges the worker had finished by then)
+    try:
+        for index, _ in fanout._results("scan", shards.SCAN_TASK_NAME, specs, lambda *_: None, "clean"):
+            with queue.lock:
+                handed.append((index, len(queue.finished)))
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert [index for index, _ in handed] == list(range(6))
+    assert handed[0][1] < 6  # range 0 handed over before the worker finished them all
