@@ -104,11 +104,6 @@ def signatures(texts: Sequence[str]) -> np.ndarray:
     return values
 
 
-def signatures(texts: list[str]) -> np.ndarray:
-    """(len(texts), NUM_PERM) uint32: each text's `signature` hash values."""
-    return np.array([signature(text).hashvalues for text in texts], dtype=np.uint32).reshape(len(texts), NUM_PERM)
-
-
 def signature(text: str) -> MinHash:
     """MinHash of one document's shingles, for an LSH index (`NearDuplicateIndex`): datasketch's own.
 

@@ -253,8 +253,7 @@ def scan(handle: BinaryIO, options: DatasetOptions, folder: Path, report: Progre
                 counts.too_long += 1
                 continue
             name = splits.assign(text, options.split_seed, options.fractions)
-            record = scanner.add(name, cleaning.exact_key(text), cleaning.leak_key(text),
-                                 cleaning.signature(text).hashvalues)
+            record = scanner.add(name, cleaning.exact_key(text), cleaning.leak_key(text), text)
             spools[name].add(record, text if messages is None else messages)
         scanner.finish()
     finally:

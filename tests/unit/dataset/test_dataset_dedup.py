@@ -82,8 +82,7 @@ def partitioned(docs: list[str], threshold: float, folder: Path) -> list[str]:
     work = dedup.Work(folder)
     scan = dedup.Scan(work, threshold)
     for text in docs:
-        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text),
-                 cleaning.signature(text).hashvalues)
+        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text), text)
     scan.finish()
     dedup.run(work, threshold, texts_of(docs))
     return [dedup.STATUS_NAMES[code] for code in work.status_map()]
@@ -153,8 +152,7 @@ def test_only_the_records_of_candidate_pairs_get_their_signatures_computed(tmp_p
     work = dedup.Work(tmp_path / "dedup")
     scan = dedup.Scan(work, 0.8)
     for text in docs:
-        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text),
-                 cleaning.signature(text).hashvalues)
+        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text), text)
     scan.finish()
     assert not work.signatures.exists()  # the scan writes band keys, not signatures
     asked: list[int] = []
@@ -183,8 +181,7 @@ def test_a_wanted_record_the_documents_do_not_give_fails_the_stage(tmp_path):
     work = dedup.Work(tmp_path / "dedup")
     scan = dedup.Scan(work, 0.8)
     for text in docs:
-        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text),
-                 cleaning.signature(text).hashvalues)
+        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text), text)
     scan.finish()
     dedup.exact_stage(work)
     dedup.pair_stage(work)
