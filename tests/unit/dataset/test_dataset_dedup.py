@@ -91,6 +91,8 @@ def partitioned(docs: list[str], threshold: float, folder: Path) -> list[str]:
 @pytest.mark.parametrize("part_bytes", [dedup.PART_BYTES, 2048], ids=["whole-partitions", "split-partitions"])
 def test_partitioned_stages_decide_as_the_in_memory_algorithm(tmp_path, monkeypatch, part_bytes):
     monkeypatch.setattr(dedup, "PART_BYTES", part_bytes)  # 2 KiB: every partition is split, some twice
+    if part_bytes < dedup.PART_BYTES:
+        monkeypatch.setattr(dedup, "SHARED_BITS", 3)  # 8 bins: keys alone in the corpus share one, and are sorted
     docs = corpus(3000, seed=5)
     expected = reference(docs, 0.8)
     got = partitioned(docs, 0.8, tmp_path / "dedup")
