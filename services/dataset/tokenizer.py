@@ -32,6 +32,7 @@ UNK = "<|unk|>"
 BUILT_KINDS = ("bpe", "char")  # the kinds this service builds: EOS is a special token of theirs, no normalizer
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_JSON = "tokenizer.json"
+NO_MAX_LENGTH = int(1e30)  # the model_max_length transformers writes for a tokenizer with no limit of its own
 # The files of a model's tokenizer copied into a dataset version (the ones a model version has, of these).
 # Training copies a dataset's tokenizer files beside the model it saves: nothing here may be a model file.
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -90,6 +91,8 @@ def build_char(characters: Iterable[str], chat: bool = False) -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
+    # What transformers gives a tokenizer without one (adds nothing): the saved tokenizer.json is this tokenizer.
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
     tokenizer.add_special_tokens(special)
     return tokenizer
 
@@ -105,25 +108,33 @@ def file_sha256(path: Path) -> str:
 
 
 def save(tokenizer: Tokenizer, kind: str, folder: Path, chat: bool = False) -> list[Path]:
-    """Write the Hugging Face files into `folder`; return their paths. A chat tokenizer gets its template."""
-    from transformers import PreTrainedTokenizerFast  # heavy import, only where it is needed
+    """Write the Hugging Face files into `folder`; return their paths. A chat tokenizer gets its template.
 
+    The files are written directly, with the content transformers' `PreTrainedTokenizerFast.save_pretrained`
+    writes (tests/unit/dataset checks transformers reads them back as the tokenizer built): importing
+    transformers costs a build about a second, more than writing them.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    special: dict = {"eos_token": EOS, "bos_token": EOS, "pad_token": PAD}
+    special: dict = {"bos_token": EOS, "eos_token": EOS, "pad_token": PAD}
     if kind == "char":
         special["unk_token"] = UNK
-    extra = {"additional_special_tokens": list(contracts.CHAT_SPECIAL_TOKENS)} if chat else {}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special, **extra)
+    config = {"backend": "tokenizers", **special, "model_max_length": NO_MAX_LENGTH,
+              "tokenizer_class": "TokenizersBackend"}
     if chat:
-        fast.chat_template = contracts.DEFAULT_CHAT_TEMPLATE
-    # The template inside tokenizer_config.json (not transformers 5's separate chat_template.jinja): one file
-    # every reader of the contract looks in.
-    fast.save_pretrained(str(folder), save_jinja_files=False)
-    if chat:
+        # The template inside tokenizer_config.json (not transformers 5's separate chat_template.jinja): one file
+        # every reader of the contract looks in.
+        config["chat_template"] = contracts.DEFAULT_CHAT_TEMPLATE
+        config["extra_special_tokens"] = list(contracts.CHAT_SPECIAL_TOKENS)
         special["additional_special_tokens"] = list(contracts.CHAT_SPECIAL_TOKENS)
+    tokenizer.save(str(folder / TOKENIZER_JSON), pretty=True)
+    _write_json(folder / "tokenizer_config.json", config)
     # transformers 5 folds the special tokens into tokenizer_config.json; older readers still look here.
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
+    _write_json(folder / "special_tokens_map.json", special)
     return [folder / name for name in FILES]
+
+
+def _write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(values, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def built(tokenizer: Tokenizer, kind: str, folder: Path, chat: bool) -> Loaded:

@@ -1,12 +1,18 @@
 """Tokenizers (BPE and char, saved in Hugging Face format) and the packing round trip."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from services.common import contracts
 from services.dataset import packing
 from services.dataset import tokenizer as tokenizers
 
+ROOT = Path(__file__).resolve().parents[3]
 TEXTS = ["Hello there, general Kenobi.", "You are a bold one.", "Kill him!\nBack away.", "I will deal with this."] * 5
 
 
@@ -31,15 +37,66 @@ def test_char_tokenizer_round_trips_and_maps_unknown_characters():
     assert char.encode("Hé").ids[1] == char.token_to_id(tokenizers.UNK)
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
 @pytest.mark.parametrize("kind", ["bpe", "char"])
-def test_saved_folder_loads_with_transformers(tmp_path, bpe, kind):
-    tokenizer = bpe if kind == "bpe" else tokenizers.build_char("".join(TEXTS))
-    files = tokenizers.save(tokenizer, kind, tmp_path)
+def test_saved_folder_loads_with_transformers_as_the_tokenizer_built(tmp_path, kind, chat):
+    tokenizer = tokenizers.train_bpe(TEXTS, 300, chat=chat) if kind == "bpe" else \
+        tokenizers.build_char("".join(TEXTS), chat=chat)
+    files = tokenizers.save(tokenizer, kind, tmp_path, chat=chat)
     assert all(path.exists() for path in files)
     loaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
-    assert loaded.eos_token == tokenizers.EOS and loaded.pad_token == tokenizers.PAD
-    assert loaded.eos_token_id == 0 and loaded.pad_token_id == 1
-    assert loaded("You are a bold one.")["input_ids"] == tokenizer.encode("You are a bold one.").ids
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (tokenizers.EOS, tokenizers.EOS, tokenizers.PAD)
+    assert (loaded.eos_token_id, loaded.pad_token_id) == (0, 1)
+    assert loaded.unk_token == (tokenizers.UNK if kind == "char" else None)
+    text = "You are a bold one.\nHé, ünïcode!"
+    ids = tokenizer.encode(text).ids
+    assert loaded(text)["input_ids"] == ids
+    assert loaded.decode(ids) == tokenizer.decode(ids, skip_special_tokens=False)
+    assert len(loaded) == tokenizer.get_vocab_size(with_added_tokens=True)
+    special = [tokenizers.EOS, tokenizers.PAD, *(contracts.CHAT_SPECIAL_TOKENS if chat else ())]
+    assert {token: loaded.convert_tokens_to_ids(token) for token in special} == \
+        {token: tokenizer.token_to_id(token) for token in special}
+    assert set(special) <= set(loaded.all_special_tokens)
+    if chat:
+        messages = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "General Kenobi."}]
+        rendered = loaded.apply_chat_template(messages, tokenize=False)
+        assert rendered == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\nGeneral Kenobi.<|im_end|>\n"
+        assert loaded.apply_chat_template(messages, tokenize=True, return_dict=False) == \
+            tokenizer.encode(rendered).ids
+    else:
+        assert loaded.chat_template is None
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_saved_files_are_the_bytes_transformers_writes(tmp_path, kind, chat):
+    tokenizer = tokenizers.train_bpe(TEXTS, 300, chat=chat) if kind == "bpe" else \
+        tokenizers.build_char("".join(TEXTS), chat=chat)
+    tokenizers.save(tokenizer, kind, tmp_path / "ours", chat=chat)
+    special = {"bos_token": tokenizers.EOS, "eos_token": tokenizers.EOS, "pad_token": tokenizers.PAD}
+    if kind == "char":
+        special["unk_token"] = tokenizers.UNK
+    extra = {"additional_special_tokens": list(contracts.CHAT_SPECIAL_TOKENS)} if chat else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special, **extra)
+    if chat:
+        fast.chat_template = contracts.DEFAULT_CHAT_TEMPLATE
+    fast.save_pretrained(str(tmp_path / "transformers"), save_jinja_files=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # special_tokens_map.json: transformers 5 has none
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "transformers" / name).read_bytes(), name
+
+
+def test_saving_does_not_import_transformers(tmp_path):
+    script = f"""
+import sys
+from pathlib import Path
+from services.dataset import tokenizer as tokenizers
+texts = {TEXTS!r}
+tokenizers.save(tokenizers.train_bpe(texts, 300, chat=True), "bpe", Path({str(tmp_path / "bpe")!r}), chat=True)
+tokenizers.save(tokenizers.build_char("".join(texts)), "char", Path({str(tmp_path / "char")!r}))
+assert "transformers" not in sys.modules, "transformers was imported"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
+    assert (tmp_path / "bpe" / "tokenizer_config.json").exists() and (tmp_path / "char" / "tokenizer.json").exists()
 
 
 def test_dtype_follows_the_vocabulary():
