@@ -114,23 +114,40 @@ def test_an_evaluation_dataset_refuses_fractions(tmp_path):
         DatasetOptions(name="t", purpose="tuning").validated()
 
 
+def test_the_tokenizer_sample_grows_with_the_vocabulary_between_a_floor_and_a_cap():
+    assert pipeline.tokenizer_sample_bytes(256) == pipeline.tokenizer_sample_bytes(4096) == 16 << 20
+    assert pipeline.tokenizer_sample_bytes(16384) == 64 << 20
+    assert pipeline.tokenizer_sample_bytes(65536) == pipeline.TOKENIZER_SAMPLE_BYTES == 256 << 20
+
+
 def test_bpe_learns_from_a_seeded_sample_of_a_train_split_past_the_bound(tmp_path, monkeypatch):
     docs = unique_documents(2000)
     whole = build(tmp_path / "whole", docs, vocab_size=300)
     assert whole.cleaning.documents_out == 2000
-    monkeypatch.setattr(pipeline, "TOKENIZER_SAMPLE_BYTES", 20_000)  # ~a fifth of the train split
+    monkeypatch.setattr(pipeline, "TOKENIZER_SAMPLE_FLOOR", 1000)
+    monkeypatch.setattr(pipeline, "TOKENIZER_SAMPLE_PER_TOKEN", 64)  # 300 tokens: ~a fifth of the train split
     learned: list[list[str]] = []
     train_bpe = tokenizers.train_bpe
     monkeypatch.setattr(tokenizers, "train_bpe", lambda texts, *a, **k: train_bpe(learned.append(list(texts)) or
                                                                                   learned[-1], *a, **k))
     first = build(tmp_path / "first", docs, vocab_size=300)
     second = build(tmp_path / "second", docs, vocab_size=300)
+    with monkeypatch.context() as patch:  # each document elsewhere in the spool, in other blocks
+        patch.setattr(pipeline, "SPOOL_BLOCK_BYTES", 4096)
+        shuffled = build(tmp_path / "shuffled", docs[::-1], vocab_size=300)
+    other_seed = build(tmp_path / "other-seed", docs, vocab_size=300, split_seed=1)
+    build(tmp_path / "larger", docs, vocab_size=600)  # twice the vocabulary, twice the sample
     sample = learned[0]
     train = decoded_split(first, "train")
-    assert set(sample) < set(train) and 0.15 < len(sample) / len(train) < 0.35  # a share of train, no other split
+    assert set(sample) < set(train) and 0.15 < len(sample) / len(train) < 0.3  # a share of train, no other split
     assert learned[1] == sample  # seeded: the same corpus and options learn from the same documents
-    assert (first.folder / "tokenizer" / "tokenizer.json").read_bytes() == \
-        (second.folder / "tokenizer" / "tokenizer.json").read_bytes()
+    assert sorted(learned[2]) == sorted(sample)  # whatever the corpus's order
+    in_both = set(sample) & set(decoded_split(other_seed, "train"))
+    assert len(in_both & set(learned[3])) < 0.5 * len(in_both)  # another seed: of the same documents, another sample
+    assert set(learned[4]) < set(train) and 1.7 < len(learned[4]) / len(sample) < 2.3
+    for built in (second, shuffled):
+        assert (first.folder / "tokenizer" / "tokenizer.json").read_bytes() == \
+            (built.folder / "tokenizer" / "tokenizer.json").read_bytes()
     assert decoded_split(first, "train") == decoded_split(whole, "train")  # every train document is still packed
 
 
