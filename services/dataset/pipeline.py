@@ -431,23 +431,22 @@ def _tokenizer(options: DatasetOptions, train: _SplitSpool, status: np.ndarray, 
     return tokenizers.built(tokenizer, options.tokenizer, folder, chat), files
 
 
-TOKENIZER_SAMPLE_BYTES = 256 << 20  # BPE learns from at most about this much of the train split…
-TOKENIZER_SAMPLE_FLOOR = 16 << 20  # …and from all of it up to this much, whatever its vocabulary…
-TOKENIZER_SAMPLE_PER_TOKEN = 4 << 10  # …and in between, from this much per token of its vocabulary
+TOKENIZER_SAMPLE_FLOOR = 8 << 20  # BPE learns from all of the train split up to this much, whatever its vocabulary…
+TOKENIZER_SAMPLE_PER_TOKEN = 2 << 10  # …past it, from about this much per token of its vocabulary, if more
 _SAMPLE_SALT = 0x5A3D_1E  # seeds the sample's hash with the split seed, apart from anything else that seed draws
 _UINT64 = (1 << 64) - 1
 
 
 def tokenizer_sample_bytes(vocab_size: int) -> int:
-    """About the most of the train split a BPE of `vocab_size` tokens learns from: 4 KiB of text per token,
-    16 MiB at least, 256 MiB at most.
+    """About the most of the train split a BPE of `vocab_size` tokens learns from: 2 KiB of text per token,
+    8 MiB at least (128 MiB for the largest vocabulary, `contracts.MAX_VOCAB_SIZE`).
 
-    A BPE's merges follow the most frequent pairs, which a sample ranks as the whole text does. Learned from 4 KiB
-    per token, BPEs of 1024 and 4096 tokens encoded held-out text in at most 0.07 % more tokens than learned from
-    the whole train split (synthetic one-line documents, Python source, Rust's books), in a third of the time for
-    4096 tokens of a 40 MB split; from 1 KiB per token, in at most 0.3 % more (16384 tokens: 0.02 %).
+    A BPE's merges follow the most frequent pairs, which a sample ranks as the whole text does. Learned from
+    samples this size, BPEs of 1024 to 16384 tokens encoded held-out text in at most 0.14 % more tokens than
+    learned from the whole train split (synthetic one-line documents, Python source; 1 KiB per token: 0.3 %,
+    4 KiB: 0.07 %), 4096 tokens from a 40 MB split in a fifth of the time.
     """
-    return min(TOKENIZER_SAMPLE_BYTES, max(TOKENIZER_SAMPLE_FLOOR, vocab_size * TOKENIZER_SAMPLE_PER_TOKEN))
+    return max(TOKENIZER_SAMPLE_FLOOR, vocab_size * TOKENIZER_SAMPLE_PER_TOKEN)
 
 
 def _sampled(train: _SplitSpool, status: np.ndarray, seed: int, budget: int) -> Iterator:

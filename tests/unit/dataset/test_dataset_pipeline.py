@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.common.contracts import MAX_VOCAB_SIZE
 from services.common.errors import ValidationFailed
 from services.dataset import packing, pipeline
 from services.dataset import tokenizer as tokenizers
@@ -114,10 +115,10 @@ def test_an_evaluation_dataset_refuses_fractions(tmp_path):
         DatasetOptions(name="t", purpose="tuning").validated()
 
 
-def test_the_tokenizer_sample_grows_with_the_vocabulary_between_a_floor_and_a_cap():
-    assert pipeline.tokenizer_sample_bytes(256) == pipeline.tokenizer_sample_bytes(4096) == 16 << 20
-    assert pipeline.tokenizer_sample_bytes(16384) == 64 << 20
-    assert pipeline.tokenizer_sample_bytes(65536) == pipeline.TOKENIZER_SAMPLE_BYTES == 256 << 20
+def test_the_tokenizer_sample_grows_with_the_vocabulary_past_a_floor():
+    assert pipeline.tokenizer_sample_bytes(256) == pipeline.tokenizer_sample_bytes(4096) == 8 << 20
+    assert pipeline.tokenizer_sample_bytes(16384) == 32 << 20
+    assert pipeline.tokenizer_sample_bytes(MAX_VOCAB_SIZE) == 128 << 20
 
 
 def test_bpe_learns_from_a_seeded_sample_of_a_train_split_past_the_bound(tmp_path, monkeypatch):
