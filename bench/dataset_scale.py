@@ -166,8 +166,25 @@ def fanout_child(corpus: Path, work: Path, tokenizer: str, vocab_size: int, shar
                 timed[name] = timed.get(name, 0.0) + time.perf_counter() - begun
         return timed_call
     # the stages: scan over the workers with the coordinator's merge, dedup and tokenizer in it, pack over them
-    fanout.scan, fanout.pack = timing("scan_seconds", fanout.scan), timing("pack_seconds", fanout.pack)
-    shards.merge = timing("merge_seconds", shards.merge)
+    last_range: dict[str, float] = {}  # stage: when its last range's result was handed to the coordinator
+    results = fanout._results
+
+    def noted(stage, task, specs, *rest):
+        for index, result in results(stage, task, specs, *rest):
+            if index == len(specs) - 1:
+                last_range[stage] = time.perf_counter()
+            yield index, result
+
+    def tail(stage: str, function):  # how long `function` goes on after its stage's last range is in
+        def tailed(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timed[f"{stage}_tail_seconds"] = time.perf_counter() - last_range.get(stage, time.perf_counter())
+        return tailed
+    fanout._results = noted
+    fanout.scan = timing("scan_seconds", tail("scan", fanout.scan))
+    fanout.pack = timing("pack_seconds", tail("pack", fanout.pack))
     pipeline.dedup.run = timing("dedup_seconds", pipeline.dedup.run)
     pipeline._tokenizer = timing("tokenizer_seconds", pipeline._tokenizer)
     started = time.perf_counter()
@@ -362,9 +379,9 @@ def fanout_comparison(documents: int, scratch: Path, tokenizer: str, vocab_size:
             print(f"round {round_number + 1}, fan-out, {count} worker(s): {documents} documents "
                   f"({size / 1e6:.1f} MB, {result['ranges']} ranges) in {result['seconds']:.1f} s "
                   f"({documents / result['seconds']:.0f} docs/s), pack stage "
-                  f"{result['pack_seconds']:.1f} s (scan {result['scan_seconds']:.1f} s, of which merge "
-                  f"{result['merge_seconds']:.1f} s; dedup {result['dedup_seconds']:.1f} s; tokenizer "
-                  f"{result['tokenizer_seconds']:.1f} s); peak RSS MiB "
+                  f"{result['pack_seconds']:.1f} s ({result['pack_tail_seconds']:.1f} s after its last range; scan "
+                  f"{result['scan_seconds']:.1f} s, {result['scan_tail_seconds']:.1f} s after its last range; dedup "
+                  f"{result['dedup_seconds']:.1f} s; tokenizer {result['tokenizer_seconds']:.1f} s); peak RSS MiB "
                   + ", ".join(f"{name} {peak:.0f}" for name, peak in result["rss"].items()), flush=True)
         hf_runs = []
         for _ in range(rounds):
