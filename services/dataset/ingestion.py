@@ -57,12 +57,12 @@ POLL_INTERVAL = 1.0  # seconds between state checks of a version built by anothe
 LEASE_SECONDS = 60.0  # a PENDING version whose owner has not renewed it for this long is taken over
 HEARTBEAT_SECONDS = 10.0  # how often leases are renewed and lapsed versions looked for
 MAX_ATTEMPTS = 5  # builds of one version before it is FAILED (a corpus that kills its builder must not loop)
-# What a build writes in its work folder, per byte of its corpus, at the peak: split spools, dedup rows, MinHash
-# signatures (of every record when measured, of candidate pairs' only since: an upper bound), packed shards (the
-# corpus itself is beside it). Worst case measured: one-line documents of ~45 bytes,
-# whose per-document state is largest per byte (an in-process build of 200,000 of them, 9.2 MB, peaked at 21.5x;
-# a fan-out coordinator holds the same merged scan plus one range's archive). Real documents need far less.
-BUILD_WORK_PER_CORPUS_BYTE = 24.0
+# What a build writes in its work folder, per byte of its corpus, at the peak: split spools, dedup rows, the
+# signatures of candidate pairs' records, packed shards (the corpus itself is beside it). Worst case measured:
+# one-line documents of ~45 bytes, whose per-document state is largest per byte (an in-process build of 200,000 of
+# them, 9.2 MB, peaked at 14.4x, its disk blocks polled every 10 ms; 21.5x when the scan kept every record's
+# signature; a fan-out coordinator holds the same merged scan plus one range's archive). Real documents need less.
+BUILD_WORK_PER_CORPUS_BYTE = 16.0
 
 
 def work_dir_bytes(build_slots: int, max_upload_bytes: int) -> int:
