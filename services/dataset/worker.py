@@ -11,7 +11,6 @@ worker (`llmp up`, services/training/worker.py) keeps consuming every queue, thi
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ from services.common.config import Settings
 from services.common.queues import app
 from services.dataset import tasks
 
-__all__ = ["app", "available_cpus", "concurrency", "encode_threads", "range_peak_bytes", "tasks",
-           "worker_memory_bytes", "worker_scratch_bytes"]
+__all__ = ["app", "available_cpus", "concurrency", "range_peak_bytes", "tasks", "worker_memory_bytes",
+           "worker_scratch_bytes"]
 
 def available_cpus(cgroup: Path | None = None) -> int:
     """The CPUs this process may use (services/common/cpus.py), a fractional quota rounded up: processes share it."""
@@ -35,14 +34,6 @@ def concurrency(settings: Settings, cgroup: Path | None = None) -> int:
     return settings.data_worker_concurrency or available_cpus(cgroup)
 
 
-def encode_threads(cpus: int, processes: int) -> int:
-    """Threads the tokenizers library may use in each pool process: the worker's CPUs shared among its processes.
-    Its default, every CPU in every process, runs N processes of N threads on N CPUs when every process packs a
-    range, and a range's pack takes more CPU on threads than on one (250,000 one-line documents: 4.5-4.8 CPU s on
-    2 threads, 3.5-4.3 on one)."""
-    return max(1, cpus // processes)
-
-
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:  # replaces Celery's own logging setup with llmp's
     logs.configure(app.settings or Settings.from_env(), "data-worker")
@@ -50,14 +41,10 @@ def _setup_logging(**_: Any) -> None:  # replaces Celery's own logging setup wit
 
 @signals.celeryd_init.connect
 def _set_concurrency(conf: Any, options: dict[str, Any], **_: Any) -> None:
-    """Before the pool starts: its size from the settings, unless `--concurrency` was given (Celery's own default
-    is the host's CPU count, which in a container is the node's, not the container's limit), and the threads each
-    of its processes may encode on (`encode_threads`)."""
+    """Before the pool starts: its size from the settings, unless `--concurrency` was given. Celery's own default
+    is the host's CPU count, which in a container is the node's, not the container's limit."""
     if not options.get("concurrency"):
         conf.worker_concurrency = concurrency(app.settings or Settings.from_env())
-    processes = options.get("concurrency") or conf.worker_concurrency
-    # read by the pool processes' first parallel encode; an operator's own setting stays
-    os.environ.setdefault("RAYON_NUM_THREADS", str(encode_threads(available_cpus(), processes)))
 
 
 # What one pool process holds at its peak while it runs a range, grown from the worst case measured: the

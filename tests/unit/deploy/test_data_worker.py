@@ -154,26 +154,3 @@ def test_a_concurrency_that_is_not_a_count_is_refused_by_name():
         with pytest.raises(InvalidArgument, match="LLMP_DATA_WORKER_CONCURRENCY"):
             Settings.from_env({"LLMP_DATA_WORKER_CONCURRENCY": bad})
 
-
-
-@pytest.mark.parametrize(("given", "cpus", "threads"), [(None, 4, 1), (2, 4, 2), (1, 2, 2), (3, 2, 1)])
-def test_the_pool_processes_share_the_cpus_for_encoding(monkeypatch, given, cpus, threads):
-    """N processes of N tokenizer threads each on N CPUs would pack on more CPU than N single-threaded ones."""
-    import types
-
-    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LLMP_DATA_WORKER_CONCURRENCY", raising=False)
-    monkeypatch.setattr(data_worker, "available_cpus", lambda cgroup=None: cpus)
-    monkeypatch.setattr(data_worker.app, "settings", None, raising=False)
-    conf = types.SimpleNamespace(worker_concurrency=None)
-    data_worker._set_concurrency(conf, {"concurrency": given})
-    assert os.environ["RAYON_NUM_THREADS"] == str(threads)
-    assert (given or conf.worker_concurrency) == (given or cpus)
-
-
-def test_an_operators_encoding_threads_stay(monkeypatch):
-    import types
-
-    monkeypatch.setenv("RAYON_NUM_THREADS", "3")
-    data_worker._set_concurrency(types.SimpleNamespace(worker_concurrency=None), {"concurrency": 2})
-    assert os.environ["RAYON_NUM_THREADS"] == "3"
