@@ -78,12 +78,18 @@ def texts_of(docs: list[str]) -> dedup.Documents:
     return documents
 
 
-def partitioned(docs: list[str], threshold: float, folder: Path) -> list[str]:
+def scanned(docs: list[str], threshold: float, folder: Path) -> dedup.Work:
+    """The dedup scan's files of `docs` in `folder`."""
     work = dedup.Work(folder)
     scan = dedup.Scan(work, threshold)
     for text in docs:
         scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text), text)
     scan.finish()
+    return work
+
+
+def partitioned(docs: list[str], threshold: float, folder: Path) -> list[str]:
+    work = scanned(docs, threshold, folder)
     dedup.run(work, threshold, texts_of(docs))
     return [dedup.STATUS_NAMES[code] for code in work.status_map()]
 
@@ -151,11 +157,7 @@ def test_peak_memory_of_a_build_does_not_grow_with_its_documents(tmp_path):
 
 def test_only_the_records_of_candidate_pairs_get_their_signatures_computed(tmp_path):
     docs = corpus(600, seed=3)
-    work = dedup.Work(tmp_path / "dedup")
-    scan = dedup.Scan(work, 0.8)
-    for text in docs:
-        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text), text)
-    scan.finish()
+    work = scanned(docs, 0.8, tmp_path / "dedup")
     assert not work.signatures.exists()  # the scan writes band keys, not signatures
     asked: list[int] = []
     given = texts_of(docs)
@@ -180,11 +182,7 @@ def test_only_the_records_of_candidate_pairs_get_their_signatures_computed(tmp_p
 
 def test_a_wanted_record_the_documents_do_not_give_fails_the_stage(tmp_path):
     docs = corpus(300, seed=4)
-    work = dedup.Work(tmp_path / "dedup")
-    scan = dedup.Scan(work, 0.8)
-    for text in docs:
-        scan.add(splits.assign(text, 0, FRACTIONS), cleaning.exact_key(text), cleaning.leak_key(text), text)
-    scan.finish()
+    work = scanned(docs, 0.8, tmp_path / "dedup")
     dedup.exact_stage(work)
     dedup.pair_stage(work)
     given = texts_of(docs)
