@@ -165,10 +165,13 @@ def spool_texts(folder: Path) -> dedup.Documents:
             for lines in _spool_lines(spool_path(folder, name)):
                 chosen = wanted[lines.records]
                 if chosen.any():
-                    texts = [document if isinstance(document, str) else ingest.conversation_text(document)
-                             for document in lines.values(chosen)]
-                    yield lines.records[chosen], texts
+                    yield lines.records[chosen], [_text(document) for document in lines.values(chosen)]
     return documents
+
+
+def _text(document: str | ingest.Messages) -> str:
+    """A spooled document's text: a conversation's is its messages' contents (what `scan` keyed and signed)."""
+    return document if isinstance(document, str) else ingest.conversation_text(document)
 
 
 def _spool_lines(path: Path) -> Iterator[_Lines]:
@@ -272,8 +275,7 @@ def pack_split(spool: Path, status: np.ndarray, loaded: tokenizers.Loaded, super
 
     def documents() -> Iterator:
         for block in _SplitSpool.blocks(spool, status):
-            texts = [document if isinstance(document, str) else ingest.conversation_text(document)
-                     for document in block]
+            texts = [_text(document) for document in block]
             result.bytes += len("".join(texts).encode("utf-8"))  # one call: the sum of each one's UTF-8 length
             counted(len(block))
             yield from block
