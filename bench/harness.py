@@ -10,6 +10,7 @@ reports anyway, marked, for a figure that is only looked at, never recorded in b
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -59,6 +60,33 @@ def report(name: str, project: float, baseline: float, unit: str, baseline_is: s
               f"baseline={baseline:.{digits}f}{unit}). Run it alone.", file=sys.stderr)
         sys.exit(BUSY_EXIT)
     print(line + (" [busy: not for RESULTS.md]" if busy else ""))
+
+
+HOST_LOOP = 20_000_000  # iterations of `_cpu_loop`: 1.5-4 s alone on this project's 2-core hosts
+
+
+def _cpu_loop(iterations: int = HOST_LOOP) -> float:
+    """Seconds a fixed amount of pure-Python integer work takes: no I/O, no memory traffic, nothing shared."""
+    begun = time.perf_counter()
+    total = 0
+    for value in range(iterations):
+        total += value ^ (value >> 3)
+    return time.perf_counter() - begun
+
+
+def host_scaling(processes: int = 2, iterations: int = HOST_LOOP) -> float:
+    """What this host gives `processes` processes at once, as a speed-up: `processes` × the time of `_cpu_loop`
+    alone (the mean of a run before and one after) / the wall time of `processes` copies started together. It
+    bounds any "N processes vs 1" ratio taken in the same minutes: on a virtual machine two vCPUs are not always
+    two free cores (on this project's 2-vCPU KVM hosts it was measured anywhere from 1.25 to 1.9 minutes apart),
+    so a benchmark of scaling prints it beside its own ratio."""
+    before = _cpu_loop(iterations)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        begun = time.perf_counter()
+        pool.map(_cpu_loop, [iterations] * processes)
+        together = time.perf_counter() - begun
+    after = _cpu_loop(iterations)
+    return processes * (before + after) / 2 / together
 
 
 def settle(limit_s: float, poll_s: float = 5.0) -> float:

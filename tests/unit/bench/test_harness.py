@@ -1,6 +1,10 @@
-"""A benchmark's BENCH line is printed only from a machine that was quiet when it started."""
+"""A benchmark's BENCH line is printed only from a machine that was quiet when it started; what the host gives two
+processes at once is measured beside a scaling ratio."""
 
 from __future__ import annotations
+
+import fcntl
+import time
 
 import pytest
 
@@ -39,3 +43,34 @@ def test_settling_waits_for_the_load_to_fall_and_gives_up_at_its_limit(monkeypat
     assert harness.settle(60) == harness.cores() - 0.5  # waited twice, then quiet
     monkeypatch.setattr(harness.os, "getloadavg", lambda: (harness.cores() + 3.0, 0.0, 0.0))
     assert harness.settle(0) == harness.cores() + 3.0  # still busy at the limit: the benchmark then refuses
+
+
+_LOCK_PATH = "/tmp/llmp-test-harness-serial.lock"
+
+
+def _sleeping(iterations: int) -> float:
+    """A stand-in for the CPU loop that two processes run fully side by side."""
+    begun = time.perf_counter()
+    time.sleep(0.3)
+    return time.perf_counter() - begun
+
+
+def _serialised(iterations: int) -> float:
+    """A stand-in whose copies cannot overlap: a host giving its processes one core between them."""
+    begun = time.perf_counter()
+    with open(_LOCK_PATH, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        time.sleep(0.3)
+    return time.perf_counter() - begun
+
+
+def test_host_scaling_is_two_when_both_run_at_once_and_one_when_they_take_turns(monkeypatch):
+    monkeypatch.setattr(harness, "_cpu_loop", _sleeping)
+    assert 1.6 < harness.host_scaling(2) <= 2.05
+    monkeypatch.setattr(harness, "_cpu_loop", _serialised)
+    assert 0.8 < harness.host_scaling(2) < 1.2
+
+
+def test_the_cpu_loop_takes_time_in_proportion_to_its_work():
+    short, long = harness._cpu_loop(200_000), harness._cpu_loop(2_000_000)
+    assert long > 3 * short > 0
