@@ -62,7 +62,7 @@ def report(name: str, project: float, baseline: float, unit: str, baseline_is: s
     print(line + (" [busy: not for RESULTS.md]" if busy else ""))
 
 
-HOST_LOOP = 20_000_000  # iterations of `_cpu_loop`: 1.5-4 s alone on this project's 2-core hosts
+HOST_LOOP = 20_000_000  # iterations of `_cpu_loop`: 1.4-2.5 s alone on a 2-vCPU AMD EPYC guest
 
 
 def _cpu_loop(iterations: int = HOST_LOOP) -> float:
