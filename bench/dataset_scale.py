@@ -20,7 +20,7 @@ lines:
   stages and the tokenizer run in the coordinator either way, so they bound the ratio (Amdahl). So does the host:
   before each build the benchmark measures what 2 processes at once get from it at all (`harness.host_scaling`:
   a pure-Python loop alone, then two copies together), printed per round and in the BENCH line. On a 2-vCPU
-  virtual machine that ceiling moves between ~1.25 and ~1.9 from one minute to the next. And the stages that do
+  virtual machine that ceiling moved between 1.29 and 2.09 from one build to the next. And the stages that do
   not scale with workers: the ratio the round would have had, were the 2 workers' scan exactly twice as fast as the
   1 worker's and every other stage as long as measured with 2, is printed too (one worker process already packs on
   both cores, through the tokenizers library's threads).

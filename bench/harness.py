@@ -78,8 +78,8 @@ def host_scaling(processes: int = 2, iterations: int = HOST_LOOP) -> float:
     """What this host gives `processes` processes at once, as a speed-up: `processes` × the time of `_cpu_loop`
     alone (the mean of a run before and one after) / the wall time of `processes` copies started together. It
     bounds any "N processes vs 1" ratio taken in the same minutes: on a virtual machine two vCPUs are not always
-    two free cores (on this project's 2-vCPU KVM hosts it was measured anywhere from 1.25 to 1.9 minutes apart),
-    so a benchmark of scaling prints it beside its own ratio."""
+    two free cores (on a 2-vCPU KVM guest it was measured anywhere from 1.29 to 2.09 a minute apart), so a
+    benchmark of scaling prints it beside its own ratio."""
     before = _cpu_loop(iterations)
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         begun = time.perf_counter()
