@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 BUSY_EXIT = 3
 _started_load = os.getloadavg()[0]  # when the benchmark's module was imported, before its own work
@@ -80,13 +81,27 @@ def host_scaling(processes: int = 2, iterations: int = HOST_LOOP) -> float:
     bounds any "N processes vs 1" ratio taken in the same minutes: on a virtual machine two vCPUs are not always
     two free cores (on a 2-vCPU KVM guest it was measured anywhere from 1.29 to 2.09 a minute apart), so a
     benchmark of scaling prints it beside its own ratio."""
+    context = multiprocessing.get_context("fork")
     before = _cpu_loop(iterations)
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        begun = time.perf_counter()
-        pool.map(_cpu_loop, [iterations] * processes)
-        together = time.perf_counter() - begun
+    start, spans = context.Barrier(processes), context.Array("d", 2 * processes)
+    copies = [context.Process(target=_loop_after, args=(start, spans, index, iterations)) for index in range(processes)]
+    for copy in copies:
+        copy.start()
+    for copy in copies:
+        copy.join()
+    # from the first copy's start to the last one's end, as the copies saw them (perf_counter is the system's
+    # monotonic clock, the same in every process): neither the forks (slow from a large parent such as a test run)
+    # nor the parent's own scheduling is timed
+    together = max(spans[1::2]) - min(spans[0::2])
     after = _cpu_loop(iterations)
     return processes * (before + after) / 2 / together
+
+
+def _loop_after(start: Any, spans: Any, index: int, iterations: int) -> None:
+    start.wait()  # every copy forked: they run side by side
+    spans[2 * index] = time.perf_counter()
+    _cpu_loop(iterations)
+    spans[2 * index + 1] = time.perf_counter()
 
 
 def settle(limit_s: float, poll_s: float = 5.0) -> float:
