@@ -5,6 +5,9 @@ drop by half), so a benchmark refuses to report when the load average was above 
 prints why instead of the BENCH line and exits 3. Only the start counts: by its end the benchmark's own processes
 (servers, load generators) are in the average. The end's load is printed beside it. `LLMP_BENCH_ALLOW_BUSY=1`
 reports anyway, marked, for a figure that is only looked at, never recorded in bench/RESULTS.md.
+
+A benchmark of scaling (N processes vs 1) also prints `host_scaling`: what the host itself gives N processes at
+once in the same minutes, the ceiling its own ratio is read against.
 """
 
 from __future__ import annotations
