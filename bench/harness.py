@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 BUSY_EXIT = 3
@@ -78,32 +78,35 @@ def _cpu_loop(iterations: int = HOST_LOOP) -> float:
     return time.perf_counter() - begun
 
 
-def host_scaling(processes: int = 2, iterations: int = HOST_LOOP) -> float:
-    """What this host gives `processes` processes at once, as a speed-up: `processes` × the time of `_cpu_loop`
-    alone (the mean of a run before and one after) / the wall time of `processes` copies started together. It
+def host_scaling(processes: int = 2, iterations: int = HOST_LOOP, loop: Callable[[int], float] = _cpu_loop) -> float:
+    """What this host gives `processes` processes at once, as a speed-up: `processes` × the time of `loop`
+    alone (the mean of a run before and one after) / the span of `processes` copies released together by a barrier,
+    from the first one's start to the last one's end as they saw them (perf_counter is the system's monotonic
+    clock, the same in every process), so neither starting them nor the parent's own scheduling is timed. It
     bounds any "N processes vs 1" ratio taken in the same minutes: on a virtual machine two vCPUs are not always
     two free cores (on a 2-vCPU KVM guest it was measured anywhere from 1.29 to 2.09 a minute apart), so a
-    benchmark of scaling prints it beside its own ratio."""
-    context = multiprocessing.get_context("fork")
-    before = _cpu_loop(iterations)
+    benchmark of scaling prints it beside its own ratio.
+
+    The copies are spawned, not forked: a fork of a process whose other threads hold locks (gRPC's, in a test
+    run) can hang in the child. `loop` must therefore be importable by name (a module-level function)."""
+    context = multiprocessing.get_context("spawn")
+    before = loop(iterations)
     start, spans = context.Barrier(processes), context.Array("d", 2 * processes)
-    copies = [context.Process(target=_loop_after, args=(start, spans, index, iterations)) for index in range(processes)]
+    copies = [context.Process(target=_loop_after, args=(start, spans, index, iterations, loop))
+              for index in range(processes)]
     for copy in copies:
         copy.start()
     for copy in copies:
         copy.join()
-    # from the first copy's start to the last one's end, as the copies saw them (perf_counter is the system's
-    # monotonic clock, the same in every process): neither the forks (slow from a large parent such as a test run)
-    # nor the parent's own scheduling is timed
     together = max(spans[1::2]) - min(spans[0::2])
-    after = _cpu_loop(iterations)
+    after = loop(iterations)
     return processes * (before + after) / 2 / together
 
 
-def _loop_after(start: Any, spans: Any, index: int, iterations: int) -> None:
-    start.wait()  # every copy forked: they run side by side
+def _loop_after(start: Any, spans: Any, index: int, iterations: int, loop: Callable[[int], float]) -> None:
+    start.wait()  # every copy started: they run side by side
     spans[2 * index] = time.perf_counter()
-    _cpu_loop(iterations)
+    loop(iterations)
     spans[2 * index + 1] = time.perf_counter()
 
 

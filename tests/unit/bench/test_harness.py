@@ -64,11 +64,9 @@ def _serialised(iterations: int) -> float:
     return time.perf_counter() - begun
 
 
-def test_host_scaling_is_two_when_both_run_at_once_and_one_when_they_take_turns(monkeypatch):
-    monkeypatch.setattr(harness, "_cpu_loop", _sleeping)
-    assert 1.6 < harness.host_scaling(2) < 2.3  # the sleeps alone may overshoot a little
-    monkeypatch.setattr(harness, "_cpu_loop", _serialised)
-    assert 0.8 < harness.host_scaling(2) < 1.2
+def test_host_scaling_is_two_when_both_run_at_once_and_one_when_they_take_turns():
+    assert 1.6 < harness.host_scaling(2, loop=_sleeping) < 2.3  # the sleeps alone may overshoot a little
+    assert 0.8 < harness.host_scaling(2, loop=_serialised) < 1.2
 
 
 def test_the_cpu_loop_takes_time_in_proportion_to_its_work():
