@@ -98,13 +98,19 @@ def host_scaling(processes: int = 2, iterations: int = HOST_LOOP, loop: Callable
         copy.start()
     for copy in copies:
         copy.join()
+    failed = [copy.exitcode for copy in copies if copy.exitcode]
+    if failed:  # a copy that never started its loop left its span at zero: there is no figure
+        raise RuntimeError(f"{len(failed)} of {processes} copies of {loop.__name__} failed (exit codes {failed})")
     together = max(spans[1::2]) - min(spans[0::2])
     after = loop(iterations)
     return processes * (before + after) / 2 / together
 
 
+_START_SECONDS = 120.0  # for every copy to reach the barrier: a spawn imports the parent's main module again
+
+
 def _loop_after(start: Any, spans: Any, index: int, iterations: int, loop: Callable[[int], float]) -> None:
-    start.wait()  # every copy started: they run side by side
+    start.wait(timeout=_START_SECONDS)  # every copy started: they run side by side (a copy that died breaks it)
     spans[2 * index] = time.perf_counter()
     loop(iterations)
     spans[2 * index + 1] = time.perf_counter()

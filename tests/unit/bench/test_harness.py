@@ -4,6 +4,8 @@ processes at once is measured beside a scaling ratio."""
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
+import os
 import time
 
 import pytest
@@ -45,7 +47,7 @@ def test_settling_waits_for_the_load_to_fall_and_gives_up_at_its_limit(monkeypat
     assert harness.settle(0) == harness.cores() + 3.0  # still busy at the limit: the benchmark then refuses
 
 
-_LOCK_PATH = "/tmp/llmp-test-harness-serial.lock"
+_LOCK_ENV = "LLMP_TEST_SERIAL_LOCK"  # the lock file's path: the spawned copies inherit the environment
 
 
 def _sleeping(iterations: int) -> float:
@@ -58,13 +60,14 @@ def _sleeping(iterations: int) -> float:
 def _serialised(iterations: int) -> float:
     """A stand-in whose copies cannot overlap: a host giving its processes one core between them."""
     begun = time.perf_counter()
-    with open(_LOCK_PATH, "w") as handle:
+    with open(os.environ[_LOCK_ENV], "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         time.sleep(0.3)
     return time.perf_counter() - begun
 
 
-def test_host_scaling_is_two_when_both_run_at_once_and_one_when_they_take_turns():
+def test_host_scaling_is_two_when_both_run_at_once_and_one_when_they_take_turns(monkeypatch, tmp_path):
+    monkeypatch.setenv(_LOCK_ENV, str(tmp_path / "serial.lock"))  # this run's own: another run's cannot slow it
     assert 1.6 < harness.host_scaling(2, loop=_sleeping) < 2.3  # the sleeps alone may overshoot a little
     assert 0.8 < harness.host_scaling(2, loop=_serialised) < 1.2
 
@@ -72,3 +75,15 @@ def test_host_scaling_is_two_when_both_run_at_once_and_one_when_they_take_turns(
 def test_the_cpu_loop_takes_time_in_proportion_to_its_work():
     short, long = harness._cpu_loop(200_000), harness._cpu_loop(2_000_000)
     assert long > 3 * short > 0
+
+
+def _failing_in_copies(iterations: int) -> float:
+    """Runs alone in the parent; raises in the spawned copies."""
+    if multiprocessing.parent_process() is not None:
+        raise RuntimeError("a copy that dies")
+    return 0.3
+
+
+def test_a_copy_that_dies_fails_the_measurement_instead_of_giving_a_figure():
+    with pytest.raises(RuntimeError, match="2 of 2 copies of _failing_in_copies failed"):
+        harness.host_scaling(2, loop=_failing_in_copies)
