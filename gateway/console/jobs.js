@@ -184,7 +184,8 @@ export async function show([id], signal) {
     head.replaceChildren(summary(job));
     tail.replaceChildren(finalMetrics(metrics) ?? "");
     cancel.hidden = FINAL.has(job.state);
-    redraw();
+    // Drawn now rather than at the next frame, so the page never shows a final state beside a stale chart.
+    plots.replaceChildren(...charts(curves));
   };
 
   (async () => { // follow the job live until it ends or the user leaves

@@ -207,10 +207,12 @@ def test_a_jobs_loss_curve_is_drawn_live(browser, console_url, stack, first_job)
     seen_points = set()
 
     def finished(driver):
-        points = driver.execute_script(
-            "return +(document.querySelector('#loss-chart path[data-series=train_loss]')?.dataset.points ?? 0)")
+        # One script reads both, so no event can be handled between reading the chart and the badge.
+        points, state = driver.execute_script(
+            "return [+(document.querySelector('#loss-chart path[data-series=train_loss]')?.dataset.points ?? 0),"
+            " document.querySelector('#job-summary .badge')?.innerText.trim() ?? '']")
         seen_points.add(points)
-        return text(driver, "#job-summary .badge") == "SUCCEEDED"
+        return state == "SUCCEEDED"
 
     wait(browser, finished, timeout=240, message="the job to succeed on the page")
     metrics = stack.client().call("GET", job_path + "/metrics")
