@@ -20,9 +20,10 @@ $(PY):
 	$(PYTHON_SYSTEM) -m venv $(VENV)
 
 # Written once the install succeeded.
-$(INSTALLED): requirements.lock pyproject.toml | $(PY)
+$(INSTALLED): requirements.lock requirements-transformers4.lock pyproject.toml | $(PY)
 	$(PIP) install --quiet --upgrade "pip==26.3"
 	$(PIP) install --quiet --no-deps -r requirements.lock
+	$(PIP) install --quiet --no-deps --upgrade --target $(VENV)/transformers4 -r requirements-transformers4.lock
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -6,7 +6,7 @@ the character vocabulary also has `<|unk|>` for characters the train split never
 conversations (format pairs or chat) also has the ChatML markers `contracts.CHAT_SPECIAL_TOKENS` as
 special tokens and `contracts.DEFAULT_CHAT_TEMPLATE` as the `chat_template` of its
 `tokenizer_config.json` (docs/CONTRACTS.md, "Conversations"). The saved folder loads with
-`transformers.PreTrainedTokenizerFast.from_pretrained(folder)`.
+`transformers.AutoTokenizer.from_pretrained(folder)`, transformers 4 or 5.
 
 A model's tokenizer (`tokenizer=model`) is never rewritten: its files are copied into the version
 byte for byte, so its `tokenizer.json` keeps the SHA-256 that identifies it, and it is read the way
@@ -110,21 +110,24 @@ def file_sha256(path: Path) -> str:
 def save(tokenizer: Tokenizer, kind: str, folder: Path, chat: bool = False) -> list[Path]:
     """Write the Hugging Face files into `folder`; return their paths. A chat tokenizer gets its template.
 
-    The files are written directly, with the content transformers' `PreTrainedTokenizerFast.save_pretrained`
-    writes (tests/unit/dataset checks transformers reads them back as the tokenizer built): importing
-    transformers costs a build about a second, more than writing them.
+    The files are written directly, with the content transformers 5's `PreTrainedTokenizerFast.save_pretrained`
+    writes but for two names that transformers 4 reads too (tests/unit/dataset checks both versions read them
+    back as the tokenizer built): importing transformers costs a build about a second, more than writing them.
     """
     folder.mkdir(parents=True, exist_ok=True)
     special: dict = {"bos_token": EOS, "eos_token": EOS, "pad_token": PAD}
     if kind == "char":
         special["unk_token"] = UNK
+    # Names both transformers 4 and 5 read: transformers 5 writes `TokenizersBackend` (4 has no such class) and
+    # `extra_special_tokens` as a list (4 wants a mapping there and fails); 5 reads the class by its old name
+    # and `additional_special_tokens` as its extra special tokens.
     config = {"backend": "tokenizers", **special, "model_max_length": NO_MAX_LENGTH,
-              "tokenizer_class": "TokenizersBackend"}
+              "tokenizer_class": "PreTrainedTokenizerFast"}
     if chat:
         # The template inside tokenizer_config.json (not transformers 5's separate chat_template.jinja): one file
         # every reader of the contract looks in.
         config["chat_template"] = contracts.DEFAULT_CHAT_TEMPLATE
-        config["extra_special_tokens"] = list(contracts.CHAT_SPECIAL_TOKENS)
+        config["additional_special_tokens"] = list(contracts.CHAT_SPECIAL_TOKENS)
         special["additional_special_tokens"] = list(contracts.CHAT_SPECIAL_TOKENS)
     tokenizer.save(str(folder / TOKENIZER_JSON), pretty=True)
     _write_json(folder / "tokenizer_config.json", config)

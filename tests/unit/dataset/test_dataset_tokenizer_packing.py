@@ -1,5 +1,8 @@
 """Tokenizers (BPE and char, saved in Hugging Face format) and the packing round trip."""
 
+import itertools
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +72,7 @@ def test_saved_folder_loads_with_transformers_as_the_tokenizer_built(tmp_path, k
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
 @pytest.mark.parametrize("kind", ["bpe", "char"])
-def test_saved_files_are_the_bytes_transformers_writes(tmp_path, kind, chat):
+def test_saved_files_are_what_transformers_5_writes_but_for_two_names_4_reads(tmp_path, kind, chat):
     tokenizer = tokenizers.train_bpe(TEXTS, 300, chat=chat) if kind == "bpe" else \
         tokenizers.build_char("".join(TEXTS), chat=chat)
     tokenizers.save(tokenizer, kind, tmp_path / "ours", chat=chat)
@@ -81,8 +84,68 @@ def test_saved_files_are_the_bytes_transformers_writes(tmp_path, kind, chat):
     if chat:
         fast.chat_template = contracts.DEFAULT_CHAT_TEMPLATE
     fast.save_pretrained(str(tmp_path / "transformers"), save_jinja_files=False)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # special_tokens_map.json: transformers 5 has none
-        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "transformers" / name).read_bytes(), name
+    assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "transformers" / "tokenizer.json").read_bytes()
+    ours, theirs = (json.loads((tmp_path / side / "tokenizer_config.json").read_text())
+                    for side in ("ours", "transformers"))
+    assert (ours.pop("tokenizer_class"), theirs.pop("tokenizer_class")) == \
+        ("PreTrainedTokenizerFast", "TokenizersBackend")
+    if chat:
+        assert ours.pop("additional_special_tokens") == theirs.pop("extra_special_tokens") == \
+            list(contracts.CHAT_SPECIAL_TOKENS)
+    assert ours == theirs  # special_tokens_map.json: transformers 5 writes none
+
+
+# What each transformers reads from the folders given after the text and the conversation (JSON on stdout).
+_READ_BACK = """
+import json, sys
+import transformers
+from transformers import AutoTokenizer
+text, messages = sys.argv[1], json.loads(sys.argv[2])
+read = {"version": transformers.__version__}
+for folder in sys.argv[3:]:
+    loaded = AutoTokenizer.from_pretrained(folder)
+    ids = loaded(text)["input_ids"]
+    read[folder] = {"special": [loaded.bos_token, loaded.eos_token, loaded.pad_token, loaded.unk_token],
+                    "all_special": loaded.all_special_tokens, "ids": ids, "decoded": loaded.decode(ids),
+                    "size": len(loaded),
+                    "chat": loaded.apply_chat_template(messages, tokenize=False) if loaded.chat_template else None}
+print(json.dumps(read))
+"""
+TRANSFORMERS_4 = Path(sys.prefix) / "transformers4"  # `make install` puts transformers 4 there (pip --target)
+
+
+@pytest.mark.parametrize("major", [4, 5])
+def test_transformers_4_and_5_read_the_saved_folders_as_the_tokenizers_built(tmp_path, major):
+    built = {}
+    for kind, chat in itertools.product(("bpe", "char"), (False, True)):
+        tokenizer = tokenizers.train_bpe(TEXTS, 300, chat=chat) if kind == "bpe" else \
+            tokenizers.build_char("".join(TEXTS), chat=chat)
+        folder = tmp_path / f"{kind}-{'chat' if chat else 'plain'}"
+        tokenizers.save(tokenizer, kind, folder, chat=chat)
+        built[str(folder)] = (tokenizer, kind, chat)
+    environment = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    if major == 4:
+        assert (TRANSFORMERS_4 / "transformers").is_dir(), f"no transformers 4 in {TRANSFORMERS_4}: make install"
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRANSFORMERS_4), os.environ.get("PYTHONPATH")]))
+    text = "You are a bold one.\nHé, ünïcode! <|im_start|>assistant"
+    messages = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "General Kenobi."}]
+    result = subprocess.run([sys.executable, "-c", _READ_BACK, text, json.dumps(messages), *built],
+                            env=environment, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = json.loads(result.stdout)
+    assert read.pop("version").split(".")[0] == str(major)
+    for folder, (tokenizer, kind, chat) in built.items():
+        ids = tokenizer.encode(text).ids
+        chat_tokens = list(contracts.CHAT_SPECIAL_TOKENS) if chat else []
+        unk = [tokenizers.UNK] if kind == "char" else []
+        assert read[folder] == {
+            "special": [tokenizers.EOS, tokenizers.EOS, tokenizers.PAD, tokenizers.UNK if kind == "char" else None],
+            "all_special": [tokenizers.EOS, *unk, tokenizers.PAD, *chat_tokens],
+            "ids": ids, "decoded": tokenizer.decode(ids, skip_special_tokens=False),
+            "size": tokenizer.get_vocab_size(with_added_tokens=True),
+            "chat": "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\nGeneral Kenobi.<|im_end|>\n"
+            if chat else None}, folder
 
 
 def test_saving_does_not_import_transformers(tmp_path):
