@@ -27,10 +27,10 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
-from services.common import cleaning
+from services.common import cleaning, dedup
 from services.common.contracts import SPLITS
 from services.common.errors import ValidationFailed
-from services.dataset import conversations, dedup, ingest, packing, splits
+from services.dataset import conversations, ingest, packing, splits
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions
 

@@ -57,12 +57,13 @@ import numpy as np
 from celery import Celery
 from kombu.exceptions import ChannelError
 
+from services.common import dedup
 from services.common.config import DEFAULTS, Settings
 from services.common.contracts import DATASETS, SOURCES, SPLITS
 from services.common.errors import Internal, InvalidArgument, LlmpError, ValidationFailed
 from services.common.queues import DATA_QUEUE, PACK_TASK_NAME, SCAN_TASK_NAME, make_producer
 from services.common.s3 import ObjectStore
-from services.dataset import dedup, packing, pipeline
+from services.dataset import packing, pipeline
 from services.dataset import tokenizer as tokenizers
 from services.dataset.options import DatasetOptions
 

@@ -11,7 +11,7 @@ document of a non-train split with every earlier split (train, then validation, 
 removes it from its own split when an exact copy (`cleaning.leak_key`) or a near copy (MinHash LSH)
 sits there. Training data is never removed.
 
-A build runs that check partitioned on disk (`services.dataset.dedup`); `SplitIndex` and `find_leaks` are its
+A build runs that check partitioned on disk (`services.common.dedup`); `SplitIndex` and `find_leaks` are its
 in-memory form, for a handful of documents, and the reference the partitioned stages are tested against.
 """
 

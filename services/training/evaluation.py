@@ -342,8 +342,9 @@ class EvaluationRunner:
             training[f"{name}@{version}"] = await asyncio.to_thread(
                 data.fetch_dataset, store, key, work / "lineage" / f"{name}-v{version}")
         threshold = float(dataset.info.options.get("near_dup_threshold") or contamination.DEFAULT_NEAR_DUP_THRESHOLD)
-        evaluated = contamination.documents(dataset, split_names(spec["split"]))
-        return await asyncio.to_thread(contamination.measure, evaluated, training, threshold)
+        splits = split_names(spec["split"])
+        return await asyncio.to_thread(contamination.measure, lambda: contamination.documents(dataset, splits),
+                                       training, work / "contamination", threshold)
 
 
 async def training_datasets(settings: Settings, job, model: str, version: int) -> list[tuple[str, int]]:

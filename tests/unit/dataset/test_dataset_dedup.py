@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.common import cleaning
+from services.common import cleaning, dedup
 from services.common.contracts import SPLITS
-from services.dataset import dedup, splits
+from services.dataset import splits
 from services.dataset.options import Fractions
 
 ROOT = Path(__file__).resolve().parents[3]

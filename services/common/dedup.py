@@ -1,5 +1,8 @@
 """Exact and near-duplicate detection and the cross-split leak check, partitioned on local disk.
 
+Dataset builds run it (services/dataset/pipeline.py, shards.py), and so do evaluation jobs, to find the
+evaluated documents their model was trained on (services/training/contamination.py).
+
 A build's memory must not grow with its number of documents, so nothing here keeps per-document state in
 Python containers. The scan (`Scan.add`, called by the pipeline once per document that passed the length
 filters, in corpus order) gives each such document a dense record number and appends, in fixed-size
