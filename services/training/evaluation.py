@@ -21,12 +21,13 @@ queue machinery, leases, events and cancel. Its worker (`EvaluationRunner`, the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,17 +280,23 @@ class EvaluationRunner:
         store = ObjectStore(self.settings.s3)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         prefix = contracts.model_version_prefix(job.tenant, spec["model"]["name"], int(spec["model"]["version"]))
-        dataset = await asyncio.to_thread(data.fetch_dataset, store, job.dataset_manifest_key, work / "dataset")
-        folder = await asyncio.to_thread(fetch_model, store, prefix, work / "model")
-        model = await asyncio.to_thread(load_model, folder, device)
-        found = job.environment.get("contamination")
-        if not found:  # measured once; a resumed attempt keeps it
-            found = (await self._contamination(job, store, dataset, work)).as_dict()
-            if not await coordinator.record(assignment, [Update(environment={"contamination": found})]):
-                return "lost"
-        flagged = frozenset(found.get("flagged", ()))
-        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        plan = batches(dataset, spec["split"], context_length(model), self.batch_size, pad_id, flagged)
+        async with kept_lease(coordinator, assignment) as lease:
+            dataset = await asyncio.to_thread(data.fetch_dataset, store, job.dataset_manifest_key, work / "dataset")
+            folder = await asyncio.to_thread(fetch_model, store, prefix, work / "model")
+            model = await asyncio.to_thread(load_model, folder, device)
+            found = job.environment.get("contamination")
+            if not found:  # measured once; a resumed attempt keeps it
+                found = (await self._contamination(job, store, dataset, work)).as_dict()
+                if not await coordinator.record(assignment, [Update(environment={"contamination": found})]):
+                    return "lost"
+            flagged = frozenset(found.get("flagged", ()))
+            pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+            plan = await asyncio.to_thread(batches, dataset, spec["split"], context_length(model), self.batch_size,
+                                           pad_id, flagged)
+        if lease.lost:
+            return "lost"
+        if lease.cancel_requested:
+            return "cancelled"
         await coordinator.set_max_steps(assignment, len(plan))
 
         resumed = await coordinator.last_checkpoint(job.id)
@@ -345,6 +352,40 @@ class EvaluationRunner:
         splits = split_names(spec["split"])
         return await asyncio.to_thread(contamination.measure, lambda: contamination.documents(dataset, splits),
                                        training, work / "contamination", threshold)
+
+
+@dataclass
+class Lease:
+    """What the heartbeats of `kept_lease` heard."""
+
+    lost: bool = False
+    cancel_requested: bool = False
+
+
+@contextlib.asynccontextmanager
+async def kept_lease(coordinator: Coordinator, assignment: Assignment) -> AsyncIterator[Lease]:
+    """Renews the node's lease every `HEARTBEAT_SECONDS_SHARE` of it while the block runs. Fetching the model
+    and the datasets and measuring contamination run in threads for minutes on big inputs, well past a lease
+    (30 s by default): unrenewed, the coordinator's reaper would hand the job to another worker meanwhile."""
+    lease = Lease()
+
+    async def beat() -> None:
+        while not lease.lost:
+            await asyncio.sleep(assignment.job.lease_seconds * HEARTBEAT_SECONDS_SHARE)
+            try:
+                heartbeat = await coordinator.heartbeat(assignment)
+            except Exception as error:  # the database restarting: the next beat may get through
+                log.warning("lease renewal failed", extra={"job_id": assignment.job_id, "error": str(error)})
+                continue
+            lease.lost, lease.cancel_requested = not heartbeat.held, heartbeat.cancel_requested
+
+    task = asyncio.create_task(beat())
+    try:
+        yield lease
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def training_datasets(settings: Settings, job, model: str, version: int) -> list[tuple[str, int]]:

@@ -1,9 +1,11 @@
 """Evaluation jobs in the coordinator against a real PostgreSQL: their own kind and queue, kept apart from
-training jobs, idempotent, and resumed from their recorded sums after their worker is lost."""
+training jobs, idempotent, resumed from their recorded sums after their worker is lost, and kept by a worker
+whose preparation outlasts the lease."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from services.common.errors import Conflict, NotFound
 from services.common.identity import Caller
 from services.training import coordinator as coord
 from services.training.coordinator import Coordinator, JobKind, JobState, Update
-from services.training.evaluation import Sums
+from services.training.evaluation import Sums, kept_lease
 
 pytestmark = pytest.mark.integration
 MIGRATIONS = Path(coord.__file__).parent / "migrations"
@@ -91,3 +93,37 @@ async def test_a_lost_evaluation_is_dispatched_again_and_resumes_from_its_sums(d
     assert done.state == JobState.SUCCEEDED and done.latest_metrics == {"loss": 1.0}
     cancelled, _ = await submit(coordinator, caller, request={**REQUEST, "split": "validation"})
     assert (await coordinator.cancel(caller.tenant, cancelled.id, JobKind.EVALUATION)).state == JobState.CANCELLED
+
+
+async def test_a_preparation_longer_than_the_lease_keeps_the_job_and_hears_a_cancel(db, caller):
+    coordinator = Coordinator(db, KindRecorder(), lease_seconds=1.2)
+    reaped: list[str] = []
+
+    async def reaper() -> None:  # what the training server runs every third of the lease
+        while True:
+            reaped.extend(await coordinator.reap())
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(reaper())
+    try:
+        job, _ = await submit(coordinator, caller)
+        slow = await coordinator.claim("slow", "host", JobKind.EVALUATION)
+        async with kept_lease(coordinator, slow) as lease:
+            await asyncio.to_thread(time.sleep, 4.0)  # fetching and measuring in a thread: over three leases
+        assert reaped == [] and not lease.lost and not lease.cancel_requested
+        await coordinator.cancel(caller.tenant, job.id, JobKind.EVALUATION)
+        async with kept_lease(coordinator, slow) as lease:
+            await asyncio.to_thread(time.sleep, 1.0)
+        assert lease.cancel_requested and not lease.lost
+
+        # The same wait unrenewed: the reaper hands the job back to the queue, and the worker hears it lost.
+        other, _ = await submit(coordinator, caller, request={**REQUEST, "split": "validation"})
+        unrenewed = await coordinator.claim("slow", "host", JobKind.EVALUATION)
+        assert unrenewed.job_id == other.id
+        await asyncio.to_thread(time.sleep, 3.0)
+        assert reaped == [other.id]
+        async with kept_lease(coordinator, unrenewed) as lease:
+            await asyncio.sleep(1.0)
+        assert lease.lost
+    finally:
+        task.cancel()
