@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 LLMP := $(VENV)/bin/llmp
 INSTALLED := $(VENV)/.installed
-BENCHES := dataset dataset-scale training registry inference gateway finetune embeddings chat eval
+BENCHES := dataset dataset-scale training registry inference gateway finetune embeddings chat eval contamination
 
 .PHONY: help install protos protos-check lint test test-unit test-integration test-e2e test-reliability \
         up down status demo bench $(addprefix bench-,$(BENCHES)) clean
