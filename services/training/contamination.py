@@ -11,8 +11,8 @@ The comparison runs on the dataset build's partitioned machinery (services/commo
 the training documents are records of split `train`, the evaluated ones of split `test`, and an evaluated
 document is contaminated exactly when that build's leak check would remove it from `test` (a training
 document shares its leak key, or a verified LSH pair joins them). Memory does not grow with the training
-data (an in-memory LSH index took 6.5 KiB per training document: 6 GiB for a million); the documents are
-decoded twice, once for the scan and once for the signatures of the candidate pairs.
+data (an in-memory LSH index took 6.5 KiB per training document: 6 GiB for a million). The scan decodes
+every document; the signatures of the candidate pairs' documents are then computed from those decoded again.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -92,17 +92,26 @@ def _ends(stream: data.TokenStream, eos: int) -> Iterator[int]:
 def documents(dataset: data.LocalDataset, splits: tuple[str, ...]) -> Iterator[str]:
     """The normalised text of every document of `splits` (in `spans` order), decoded with the dataset's
     own tokenizer: a plain split's documents end with the end-of-text token, a supervised split's are its examples."""
-    tokenizer = Tokenizer.from_file(str(dataset.tokenizer_dir / "tokenizer.json"))
-    eos = dataset.info.eos_token_id
-    streams: dict[str, Any] = {}
-    for span in spans(dataset, splits):
-        stream = streams.get(span.split) or streams.setdefault(span.split, dataset.stream(span.split))
+    return map(_Decoder(dataset), spans(dataset, splits))
+
+
+class _Decoder:
+    """One document of a dataset, by its span: what `documents` yields for it."""
+
+    def __init__(self, dataset: data.LocalDataset) -> None:
+        self.dataset = dataset
+        self.tokenizer = Tokenizer.from_file(str(dataset.tokenizer_dir / "tokenizer.json"))
+        self.eos = dataset.info.eos_token_id
+        self.streams: dict[str, Any] = {}
+
+    def __call__(self, span: Span) -> str:
+        stream = self.streams.get(span.split) or self.streams.setdefault(span.split, self.dataset.stream(span.split))
         if span.example:
             ids, _ = stream.example(span.start, int(stream.lengths[span.start]))
             ids = ids.tolist()
         else:
-            ids = [token for token in stream.read(span.start, span.end + 1 - span.start).tolist() if token != eos]
-        yield cleaning.normalise(tokenizer.decode(ids))
+            ids = [token for token in stream.read(span.start, span.end + 1 - span.start).tolist() if token != self.eos]
+        return cleaning.normalise(self.tokenizer.decode(ids))
 
 
 def token_mask(dataset: data.LocalDataset, split: str, flagged: set[int], splits: tuple[str, ...]) -> np.ndarray | None:
@@ -123,22 +132,43 @@ def measure(evaluated: Callable[[], Iterator[str]], training: dict[str, data.Loc
             threshold: float = DEFAULT_NEAR_DUP_THRESHOLD) -> Contamination:
     """Compare the evaluated documents (`evaluated()` gives them, each call from the start, in `spans` order)
     with the train split of every dataset in `training` ("name@version"), on disk under `folder`."""
+    present_path = folder / "present.u1"  # one byte per training document: 1 when it has text (a record)
 
-    def trained() -> Iterator[str]:
+    def trained(present: BinaryIO) -> Iterator[str]:
         for dataset in training.values():
-            yield from (text for text in documents(dataset, ("train",)) if text)
+            for text in documents(dataset, ("train",)):
+                present.write(b"\x01" if text else b"\x00")
+                if text:
+                    yield text
 
-    def texts(wanted: np.ndarray) -> Iterator[tuple[np.ndarray, list[str]]]:  # the records' texts, for signatures
+    def wanted_texts(wanted: np.ndarray) -> Iterator[tuple[int, str]]:
+        """(record, text) of the wanted records, in record order: only those training documents are decoded
+        again (decoding and normalising took half of the first pass)."""
+        present = np.memmap(present_path, dtype=np.uint8, mode="r") if present_path.stat().st_size else b""
+        ordinal = record = 0
+        for dataset in training.values():
+            decode = _Decoder(dataset)
+            for span in spans(dataset, ("train",)):
+                if present[ordinal]:
+                    if wanted[record]:
+                        yield record, decode(span)
+                    record += 1
+                ordinal += 1
+        for text in evaluated():
+            if text:
+                if wanted[record]:
+                    yield record, text
+                record += 1
+
+    def texts(wanted: np.ndarray) -> Iterator[tuple[np.ndarray, list[str]]]:  # the blocks signature_stage reads
         numbers: list[int] = []
         block: list[str] = []
-        every = itertools.chain(trained(), (text for text in evaluated() if text))
-        for record, text in enumerate(every):
-            if wanted[record]:
-                numbers.append(record)
-                block.append(text)
-                if len(block) >= dedup.BATCH:
-                    yield np.array(numbers, dtype=np.uint64), block
-                    numbers, block = [], []
+        for record, text in wanted_texts(wanted):
+            numbers.append(record)
+            block.append(text)
+            if len(block) >= dedup.BATCH:
+                yield np.array(numbers, dtype=np.uint64), block
+                numbers, block = [], []
         if block:
             yield np.array(numbers, dtype=np.uint64), block
 
@@ -148,9 +178,10 @@ def measure(evaluated: Callable[[], Iterator[str]], training: dict[str, data.Loc
         scan = dedup.Scan(work, threshold)
         ordinals = array.array("q")  # the evaluated document each `test` record is (empty ones are counted)
         try:
-            for text in trained():
-                key = cleaning.leak_key(text)
-                scan.add("train", key, key, text)  # as exact key too: no exact stage runs, every document stays
+            with open(present_path, "wb") as present:
+                for text in trained(present):
+                    key = cleaning.leak_key(text)
+                    scan.add("train", key, key, text)  # as exact key too: no exact stage runs, every document stays
             first = scan.records
             for ordinal, text in enumerate(evaluated()):
                 if text:

@@ -7,11 +7,13 @@ under test."""
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 
 from services.common import cleaning, dedup
 from services.training import contamination, data
+from tests import tiny_dataset
 
 THRESHOLD = cleaning.DEFAULT_NEAR_DUP_THRESHOLD
 
@@ -35,13 +37,21 @@ def reference(evaluated: list[str], trained: list[str]) -> tuple[int, list[int],
 
 
 @pytest.fixture(scope="module")
-def lineage(tmp_path_factory, write_dataset) -> dict[str, data.LocalDataset]:
-    """Two versions whose train splits overlap (the second's corpus starts with the first's)."""
+def lineage(tmp_path_factory) -> dict[str, data.LocalDataset]:
+    """Three versions whose train splits overlap (each corpus starts with the one before's), the last with
+    documents that normalise to nothing (control characters only) among its paragraphs."""
+    text = tiny_dataset.SHAKESPEARE.read_text()
+    paragraphs = text[:60_000].split("\n\n")
+    blanks = "\n\n".join(paragraph if number % 7 else "\x07\x07" for number, paragraph in enumerate(paragraphs))
+    corpora = {1: text[:40_000], 2: text[:60_000], 3: blanks}
     found = {}
-    for version, chars in ((1, 40_000), (2, 60_000)):
+    for version, corpus in corpora.items():
         root = tmp_path_factory.mktemp(f"lineage-v{version}")
-        write_dataset(root, chars=chars, version=version)
-        found[f"shakespeare@{version}"] = data.LocalDataset.open(root)
+        (root / "corpus.txt").write_text(corpus)
+        with mock.patch.object(tiny_dataset, "SHAKESPEARE", root / "corpus.txt"):
+            tiny_dataset.write_dataset(root / "version", chars=len(corpus), version=version)
+        found[f"shakespeare@{version}"] = data.LocalDataset.open(root / "version")
+    assert "" in contamination.documents(found["shakespeare@3"], ("train",))  # blank documents are read
     return found
 
 
