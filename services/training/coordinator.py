@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,7 +48,8 @@ from services.training.spec import FleetLimits, JobSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEASE_SECONDS = 30.0  # a node's lease; its worker renews it every third of that
+DEFAULT_LEASE_SECONDS = 30.0  # a node's lease; its worker renews it every `RENEWAL_SHARE` of that
+RENEWAL_SHARE = 1 / 3
 DEFAULT_MAX_ATTEMPTS = 3  # runs a job gets when its workers keep dying; then FAILED
 WATCH_POLL_SECONDS = 0.25
 _CLAIM_LOCK = 7_212_052  # advisory lock serialising claims (any value unique among llmp's locks)
@@ -720,3 +722,38 @@ class Coordinator:
     async def _event(conn, job_id, kind: str, payload: dict[str, Any]) -> None:
         await conn.execute("INSERT INTO training_job_events (job_id, kind, payload) VALUES (%s, %s, %s)",
                            (job_id, kind, Jsonb(payload)))
+
+
+@dataclass
+class Lease:
+    """What the heartbeats of `kept_lease` heard."""
+
+    lost: bool = False
+    cancel_requested: bool = False
+
+
+@contextlib.asynccontextmanager
+async def kept_lease(coordinator: Coordinator, assignment: Assignment) -> AsyncIterator[Lease]:
+    """Renews the node's lease every `RENEWAL_SHARE` of it while the block runs, for a worker's work that runs
+    for minutes without a loop of its own to renew it (an evaluation fetching the model and datasets and measuring
+    contamination in threads; a finished run registering its model): unrenewed, `reap` would hand the job to
+    another worker meanwhile."""
+    lease = Lease()
+
+    async def beat() -> None:
+        while not lease.lost:
+            await asyncio.sleep(assignment.job.lease_seconds * RENEWAL_SHARE)
+            try:
+                heartbeat = await coordinator.heartbeat(assignment)
+            except Exception as error:  # the database restarting: the next beat may get through
+                log.warning("lease renewal failed", extra={"job_id": assignment.job_id, "error": str(error)})
+                continue
+            lease.lost, lease.cancel_requested = not heartbeat.held, heartbeat.cancel_requested
+
+    task = asyncio.create_task(beat())
+    try:
+        yield lease
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

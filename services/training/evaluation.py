@@ -21,13 +21,12 @@ queue machinery, leases, events and cancel. Its worker (`EvaluationRunner`, the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from services.common.db import Database
 from services.common.errors import LlmpError, ValidationFailed
 from services.common.s3 import ObjectStore
 from services.training import contamination, data, supervised
-from services.training.coordinator import Assignment, Coordinator, JobKind, JobState, Update
+from services.training.coordinator import RENEWAL_SHARE, Assignment, Coordinator, JobKind, JobState, Update, kept_lease
 from services.training.models import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 ECE_BINS = 15
 DEFAULT_BATCH_SIZE = 8
 CHECKPOINT_SECONDS = 5.0  # how often the running sums are recorded (what a resumed attempt starts from)
-HEARTBEAT_SECONDS_SHARE = 1 / 3  # of the lease
 METRICS = ("loss", "perplexity", "token_accuracy", "expected_calibration_error", "tokens")
 
 
@@ -305,7 +303,7 @@ class EvaluationRunner:
         clean = (Sums.from_dict(resumed["clean"]) if resumed and "clean" in resumed else Sums()) if flagged else None
         if sums.batches:
             log.info("evaluation resumed", extra={"job_id": job.id, "batches": sums.batches})
-        beat_every = job.lease_seconds * HEARTBEAT_SECONDS_SHARE
+        beat_every = job.lease_seconds * RENEWAL_SHARE
         last_beat = last_mark = time.monotonic()
         while sums.batches < len(plan):
             await asyncio.to_thread(evaluate_batch, model, plan[sums.batches], sums, device, clean)
@@ -352,40 +350,6 @@ class EvaluationRunner:
         splits = split_names(spec["split"])
         return await asyncio.to_thread(contamination.measure, lambda: contamination.documents(dataset, splits),
                                        training, work / "contamination", threshold)
-
-
-@dataclass
-class Lease:
-    """What the heartbeats of `kept_lease` heard."""
-
-    lost: bool = False
-    cancel_requested: bool = False
-
-
-@contextlib.asynccontextmanager
-async def kept_lease(coordinator: Coordinator, assignment: Assignment) -> AsyncIterator[Lease]:
-    """Renews the node's lease every `HEARTBEAT_SECONDS_SHARE` of it while the block runs. Fetching the model
-    and the datasets and measuring contamination run in threads for minutes on big inputs, well past a lease
-    (30 s by default): unrenewed, the coordinator's reaper would hand the job to another worker meanwhile."""
-    lease = Lease()
-
-    async def beat() -> None:
-        while not lease.lost:
-            await asyncio.sleep(assignment.job.lease_seconds * HEARTBEAT_SECONDS_SHARE)
-            try:
-                heartbeat = await coordinator.heartbeat(assignment)
-            except Exception as error:  # the database restarting: the next beat may get through
-                log.warning("lease renewal failed", extra={"job_id": assignment.job_id, "error": str(error)})
-                continue
-            lease.lost, lease.cancel_requested = not heartbeat.held, heartbeat.cancel_requested
-
-    task = asyncio.create_task(beat())
-    try:
-        yield lease
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def training_datasets(settings: Settings, job, model: str, version: int) -> list[tuple[str, int]]:

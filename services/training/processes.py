@@ -51,7 +51,7 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import LlmpError, Unavailable
 from services.training import events, publish, warm
-from services.training.coordinator import Assignment, Coordinator, JobState, Update
+from services.training.coordinator import Assignment, Coordinator, JobState, Update, kept_lease
 from services.training.guard import KILL_GRACE, guard, term_with_parent
 
 log = logging.getLogger(__name__)
@@ -312,31 +312,24 @@ class NodeRunner:
 
     async def _succeed(self, coordinator: Coordinator, assignment: Assignment, outcome: Outcome, root: Path) -> str:
         # Keep the lease alive while the model is uploaded and the registry verifies it.
-        keepalive = asyncio.create_task(self._keep_lease(coordinator, assignment))
         try:
-            for attempt in range(REGISTER_ATTEMPTS):
-                try:
-                    version = await self.register(self.settings, coordinator, assignment, outcome.finished)
-                    break
-                except Unavailable as error:  # the registry is restarting: wait for it (publish.py resumes)
-                    if attempt == REGISTER_ATTEMPTS - 1:
-                        raise
-                    log.warning("registry unavailable; retrying", extra={"job_id": assignment.job_id,
-                                                                         "error": str(error)})
-                    await asyncio.sleep(2 ** attempt)
+            async with kept_lease(coordinator, assignment):
+                for attempt in range(REGISTER_ATTEMPTS):
+                    try:
+                        version = await self.register(self.settings, coordinator, assignment, outcome.finished)
+                        break
+                    except Unavailable as error:  # the registry is restarting: wait for it (publish.py resumes)
+                        if attempt == REGISTER_ATTEMPTS - 1:
+                            raise
+                        log.warning("registry unavailable; retrying", extra={"job_id": assignment.job_id,
+                                                                             "error": str(error)})
+                        await asyncio.sleep(2 ** attempt)
         except LlmpError as error:
             await coordinator.finish(assignment, JobState.FAILED, error=f"registering the model failed: {error}")
             return "failed"
-        finally:
-            keepalive.cancel()
         await coordinator.finish(assignment, JobState.SUCCEEDED, model_version=version)
         shutil.rmtree(root, ignore_errors=True)
         return "succeeded"
-
-    async def _keep_lease(self, coordinator: Coordinator, assignment: Assignment) -> None:
-        while True:
-            await asyncio.sleep(assignment.job.lease_seconds / 3)
-            await coordinator.heartbeat(assignment)
 
     async def _rendezvous(self, coordinator: Coordinator, assignment: Assignment) -> str | None:
         if assignment.job.nnodes == 1:

@@ -15,8 +15,8 @@ from services.common.db import Database
 from services.common.errors import Conflict, NotFound
 from services.common.identity import Caller
 from services.training import coordinator as coord
-from services.training.coordinator import Coordinator, JobKind, JobState, Update
-from services.training.evaluation import Sums, kept_lease
+from services.training.coordinator import Coordinator, JobKind, JobState, Update, kept_lease
+from services.training.evaluation import Sums
 
 pytestmark = pytest.mark.integration
 MIGRATIONS = Path(coord.__file__).parent / "migrations"
