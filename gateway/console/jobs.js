@@ -172,11 +172,12 @@ export async function show([id], signal) {
     onclick: async () => { cancel.disabled = true; await api(path, { method: "DELETE" }).catch(() => {}); },
   }, "Cancel job");
 
+  const draw = () => plots.replaceChildren(...charts(curves));
   let pending = false;
   const redraw = () => { // at most one redraw per frame, however fast events arrive
     if (pending) return;
     pending = true;
-    requestAnimationFrame(() => { pending = false; plots.replaceChildren(...charts(curves)); });
+    requestAnimationFrame(() => { pending = false; draw(); });
   };
   const refresh = async () => {
     [job, metrics] = await Promise.all([api(path, { signal }), api(`${path}/metrics`, { signal })]);
@@ -184,8 +185,7 @@ export async function show([id], signal) {
     head.replaceChildren(summary(job));
     tail.replaceChildren(finalMetrics(metrics) ?? "");
     cancel.hidden = FINAL.has(job.state);
-    // Drawn now rather than at the next frame, so the page never shows a final state beside a stale chart.
-    plots.replaceChildren(...charts(curves));
+    draw(); // now rather than at the next frame, so the page never shows a final state beside a stale chart
   };
 
   (async () => { // follow the job live until it ends or the user leaves

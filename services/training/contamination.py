@@ -11,8 +11,9 @@ The comparison runs on the dataset build's partitioned machinery (services/commo
 the training documents are records of split `train`, the evaluated ones of split `test`, and an evaluated
 document is contaminated exactly when that build's leak check would remove it from `test` (a training
 document shares its leak key, or a verified LSH pair joins them). Memory does not grow with the training
-data (an in-memory LSH index took 6.5 KiB per training document: 6 GiB for a million). The scan decodes
-every document; the signatures of the candidate pairs' documents are then computed from those decoded again.
+data (an in-memory LSH index took ~7.8 KiB per training document: 7.6 GiB for a million, bench/contamination.py).
+The scan decodes every document; the signatures of the candidate pairs' documents are then computed from those
+decoded again.
 """
 
 from __future__ import annotations
